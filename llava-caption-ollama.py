@@ -1,0 +1,768 @@
+#!/usr/bin/env python3
+"""Caption every image of a folder with a vision model served by a local Ollama.
+
+    python llava-caption-ollama.py DIR [PROMPT_FILE]
+
+Each caption is written as <image stem>.txt beside its image (the Kohya convention),
+atomically: a caption file is either complete or absent.  The work itself is
+caption_folder(), usable without the command line; main() parses and calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+try:
+    import httpx
+    import ollama
+    from PIL import Image, UnidentifiedImageError
+except ImportError as missing:  # a user can cause this, so no traceback
+    print(f"error: {missing.name} is not installed; run: pip install -r requirements.txt", file=sys.stderr)
+    sys.exit(2)
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DEFAULT_MODEL = "llava:13b"
+DEFAULT_HOST = "http://127.0.0.1:11434"
+DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent / "prompt.txt"
+IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"])
+# llava 1.6 turns one image into up to ~2,880 tokens, so a 2,048 context yields empty
+# answers (ollama-facts.md §2.7). Sent unchanged on every request: a changed load-time
+# option makes Ollama reload the model (§2.6).
+REQUEST_OPTIONS = {"num_ctx": 4096}
+
+
+class CaptionError(Exception):
+    """Something a user (or their server, or their files) caused: reported in one line."""
+
+
+class ServerUnreachable(CaptionError):
+    """Nothing answers at the Ollama address: no further image can succeed."""
+
+
+class ModelMissing(CaptionError):
+    """The server answered 404 for the model."""
+
+
+# ---------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    folder: Path
+    prompt: str
+    model: str = DEFAULT_MODEL
+    host: str = DEFAULT_HOST
+    timeout: float = 600.0
+    max_size: int = 1344
+    caption_ext: str = ".txt"
+    existing: str = "skip"
+    recursive: bool = False
+    pull: bool = False
+    dry_run: bool = False
+    limit: int | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-caption-ollama.py",
+        description="Caption every image of a folder with a vision model served by Ollama, "
+        "writing <image stem>.txt beside each image.",
+    )
+    parser.add_argument("folder", type=Path, help="folder of images")
+    parser.add_argument(
+        "prompt_file",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_PROMPT_FILE,
+        help="text file with the instruction sent with every image (default: prompt.txt beside this script)",
+    )
+    parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="Ollama vision model (default: %(default)s)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST,
+        help=f"Ollama server (default: $OLLAMA_HOST, else {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds to wait for one answer, queueing included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=non_negative_int,
+        default=1344,
+        help="downscale so the longer side is at most this many pixels; "
+        "0 sends every file's original bytes untouched (default: %(default)s)",
+    )
+    parser.add_argument("--ext", default=".txt", help="caption file extension (default: %(default)s)")
+    parser.add_argument(
+        "--existing",
+        choices=("skip", "overwrite", "append", "prepend"),
+        default="skip",
+        help="what to do where a non-empty caption exists (default: %(default)s)",
+    )
+    parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
+    parser.add_argument("--limit", type=positive_int, help="caption at most N images")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
+    chatter.add_argument("-v", "--verbose", action="store_true", help="also print each caption")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        folder=args.folder,
+        prompt=read_prompt(args.prompt_file),
+        model=args.model,
+        host=args.host,
+        timeout=args.timeout,
+        max_size=args.max_size,
+        caption_ext=caption_extension(args.ext),
+        existing=args.existing,
+        recursive=args.recursive,
+        pull=args.pull,
+        dry_run=args.dry_run,
+        limit=args.limit,
+    )
+
+
+def read_prompt(path: Path) -> str:
+    try:
+        prompt = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaptionError(f"cannot read prompt file {path}: {reason(exc)}") from None
+    if not prompt:
+        raise CaptionError(f"prompt file {path} is empty")
+    return prompt
+
+
+def caption_extension(ext: str) -> str:
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext == "." or "/" in ext or os.sep in ext:
+        raise CaptionError(f"--ext {ext!r} is not a file extension")
+    if ext.lower() in IMAGE_EXTENSIONS:
+        raise CaptionError(f"--ext {ext} would overwrite images")
+    return ext
+
+
+# ---------------------------------------------------------------------------
+# The run: find the images, drop those already captioned, caption, write
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    to_caption: list[Path] = field(default_factory=list)
+    captioned: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before its last image
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def not_attempted(self) -> int:
+        return len(self.to_caption) - len(self.captioned) - self.failed_while_captioning
+
+    @property
+    def failed_while_captioning(self) -> int:
+        attempted = set(self.to_caption)
+        return sum(1 for image, _ in self.failed if image in attempted)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_SOME_FAILED if self.failed or self.stopped else EXIT_OK
+
+
+def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
+    """Caption the images of config.folder; raise CaptionError if the run cannot start."""
+    progress = progress or Progress(config.folder, verbosity=0)
+    # Pillow only warns between 1x and 2x its pixel limit, and then decodes a 632-byte file
+    # into 645 MB (image-facts.md §5): make the warning an error, once, before any decoding.
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    summary = Summary()
+    started = time.monotonic()
+    images = find_images(config.folder, config.recursive)
+    todo, summary.skipped, summary.failed = plan(images, config.caption_ext, config.existing)
+    summary.to_caption = todo[: config.limit]
+    if config.dry_run:
+        progress.list_planned(summary)
+        return summary
+    client = connect(config.host, config.timeout)
+    try:
+        preflight(client, config, progress)
+        progress.start(len(summary.to_caption), len(summary.skipped), summary.failed)
+        caption_images(client, config, summary, progress)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        client.close()
+        summary.seconds = time.monotonic() - started
+    return summary
+
+
+def caption_images(client: ollama.Client, config: Config, summary: Summary, progress: Progress) -> None:
+    for image in summary.to_caption:
+        progress.image_started(image)
+        try:
+            caption = caption_one(client, config, image)
+        except ServerUnreachable as exc:
+            summary.stopped = f"{exc} at {config.host}"
+            return
+        except CaptionError as exc:
+            summary.failed.append((image, str(exc)))
+            progress.image_failed(image, str(exc))
+        else:
+            summary.captioned.append(image)
+            progress.image_captioned(image, caption)
+
+
+def caption_one(client: ollama.Client, config: Config, image: Path) -> str:
+    picture = prepare_image(image, config.max_size)
+    caption = clean_caption(request_caption(client, config, picture))
+    write_caption(caption_path(image, config.caption_ext), caption, config.existing)
+    return caption
+
+
+# ---------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------
+
+
+def find_images(folder: Path, recursive: bool) -> list[Path]:
+    if not folder.is_dir():
+        raise CaptionError(f"{folder} is not a folder")
+    found: list[Path] = []
+    seen_folders = set()
+    for here, subfolders, files in os.walk(folder, followlinks=True, onerror=raise_unreadable):
+        # Following links lets a dataset be assembled from linked folders; remembering each
+        # real folder keeps a link back to a parent from looping forever.
+        identity = folder_identity(here)
+        if identity in seen_folders:
+            subfolders[:] = []
+            continue
+        seen_folders.add(identity)
+        subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith("."))
+        found.extend(Path(here, name) for name in files if is_image_name(name))
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+
+
+def raise_unreadable(exc: OSError) -> None:
+    raise CaptionError(f"cannot list {exc.filename}: {exc.strerror}")
+
+
+def folder_identity(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def is_image_name(name: str) -> bool:
+    # Our own temporary files start with a dot too, so hiding dot files covers them.
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def caption_path(image: Path, caption_ext: str) -> Path:
+    return image.with_name(image.stem + caption_ext)
+
+
+def plan(
+    images: Sequence[Path], caption_ext: str, existing: str
+) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """Split images into (to caption, skipped, failed); same-stem images fail together."""
+    sharing: dict[Path, list[Path]] = {}
+    for image in images:
+        sharing.setdefault(caption_path(image, caption_ext), []).append(image)
+    todo: list[Path] = []
+    skipped: list[Path] = []
+    failed: list[tuple[Path, str]] = []
+    for image in images:
+        caption = caption_path(image, caption_ext)
+        twins = [other.name for other in sharing[caption] if other != image]
+        if twins:
+            # One caption would describe only one of the pictures: caption neither.
+            failed.append((image, f"shares {caption.name} with {', '.join(twins)}; rename one of them"))
+        elif existing == "skip" and has_caption(caption):
+            skipped.append(image)
+        else:
+            todo.append(image)
+    return todo, skipped, failed
+
+
+def has_caption(path: Path) -> bool:
+    try:
+        return bool(path.read_bytes().strip())
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # unreadable but present: never overwrite what we cannot see
+
+
+# ---------------------------------------------------------------------------
+# Image preparation (measurements behind each choice: image-facts.md)
+# ---------------------------------------------------------------------------
+
+PASS_THROUGH_MAX_BYTES = 1_500_000
+JPEG_QUALITY = 90
+EXIF_ORIENTATION = 0x0112
+UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def prepare_image(path: Path, max_size: int) -> bytes:
+    """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CaptionError(f"cannot read: {reason(exc)}") from None
+    if max_size == 0:
+        return data
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            if is_ready_to_send(picture, data, max_size):
+                return data
+            return encode_jpeg(shrink_upright_rgb(picture, max_size))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise CaptionError(
+            f"refused: more pixels than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
+            "(a possible decompression bomb)"
+        ) from None
+    except UnidentifiedImageError:
+        raise CaptionError("not an image (or a format Pillow cannot read)") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's plugins raise all three
+        raise CaptionError(f"cannot decode: {reason(exc)}") from None
+
+
+def is_ready_to_send(picture: Image.Image, data: bytes, max_size: int) -> bool:
+    # Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
+    # bytes (image-facts.md §1), so send those as they are, if the whole file is there.
+    if picture.format == "JPEG":
+        upright = picture.getexif().get(EXIF_ORIENTATION, 1) == 1
+        complete = data.rstrip(b"\0").endswith(b"\xff\xd9")
+    elif picture.format == "PNG":
+        # Only JPEG's EXIF is free to read; a PNG that has EXIF at all is re-encoded instead.
+        upright = "exif" not in picture.info
+        complete = data.endswith(PNG_TRAILER)
+    else:
+        return False
+    return (
+        upright
+        and complete
+        and picture.mode in ("RGB", "L")
+        and "transparency" not in picture.info
+        and not getattr(picture, "is_animated", False)
+        and max(picture.size) <= max_size
+        and len(data) <= PASS_THROUGH_MAX_BYTES
+    )
+
+
+def shrink_upright_rgb(picture: Image.Image, max_size: int) -> Image.Image:
+    orientation = picture.getexif().get(EXIF_ORIENTATION, 1)
+    target = fitted_size(picture.size, max_size)
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: 3x faster and 7x less memory for a 24 MP
+    # photo. Asked for the fitted size, not a square, or it decodes everything (§1 "Gotcha").
+    picture.draft(picture.mode, target)
+    rgb = flatten_to_rgb(picture)
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=1.0)
+    # Rotating after shrinking touches 20x fewer pixels (§2).
+    if orientation in UNDO_ORIENTATION:
+        rgb = rgb.transpose(UNDO_ORIENTATION[orientation])
+    return rgb
+
+
+def fitted_size(size: tuple[int, int], max_size: int) -> tuple[int, int]:
+    width, height = size
+    scale = max_size / max(width, height)
+    if scale >= 1:
+        return size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def flatten_to_rgb(picture: Image.Image) -> Image.Image:
+    if picture.mode.startswith("I;16") or picture.mode == "I":
+        # 16-bit values would clip to white if converted directly.
+        picture = picture.convert("I").point(lambda value: value / 256).convert("L")
+    if picture.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in picture.info:
+        rgba = picture.convert("RGBA")
+        white = Image.new("RGB", rgba.size, "white")
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return picture if picture.mode == "RGB" else picture.convert("RGB")
+
+
+def encode_jpeg(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Request
+# ---------------------------------------------------------------------------
+
+
+def connect(host: str, timeout: float) -> ollama.Client:
+    # The client waits forever by default (ollama-facts.md §1.1). A queued request gets no
+    # byte until a slot frees, so the read timeout must be generous; connecting need not be.
+    return ollama.Client(host=host, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+
+
+def preflight(client: ollama.Client, config: Config, progress: Progress) -> None:
+    """Before any image is sent: the server answers, has the model, and the model can see."""
+    try:
+        with server_errors():
+            client.list()
+    except ServerUnreachable:
+        raise CaptionError(
+            f"cannot reach Ollama at {config.host}; start it with 'ollama serve' "
+            "or point --host (or OLLAMA_HOST) at it"
+        ) from None
+    except CaptionError as exc:
+        raise CaptionError(f"{config.host} does not answer like an Ollama server: {exc}") from None
+    details = show_model(client, config, progress)
+    capabilities = details.capabilities or []
+    families = (details.details.families if details.details else None) or []
+    # Ollama does not refuse images sent to a text model: it ignores them and the model
+    # invents a caption (ollama-facts.md §2.5). Servers before 0.6.8 list no capabilities;
+    # there a vision model shows the "clip" family (§1.7).
+    can_see = "vision" in capabilities if capabilities else "clip" in families
+    if not can_see:
+        raise CaptionError(
+            f"model {config.model} cannot see images (it lacks the 'vision' capability); "
+            "choose a vision model such as llava"
+        )
+
+
+def show_model(client: ollama.Client, config: Config, progress: Progress) -> ollama.ShowResponse:
+    try:
+        with server_errors():
+            return client.show(config.model)
+    except ModelMissing:
+        if not config.pull:
+            raise CaptionError(
+                f"model {config.model} is not on the server; run 'ollama pull {config.model}' or add --pull"
+            ) from None
+    pull_model(client, config.model, progress)
+    with server_errors():
+        return client.show(config.model)
+
+
+def pull_model(client: ollama.Client, model: str, progress: Progress) -> None:
+    try:
+        with server_errors():
+            for update in client.pull(model, stream=True):
+                progress.pulling(model, update.status or "", update.completed, update.total)
+    except CaptionError as exc:
+        raise CaptionError(f"could not pull {model}: {exc}") from None
+    finally:
+        progress.end_live_line()
+
+
+def request_caption(client: ollama.Client, config: Config, picture: bytes) -> str:
+    """Send one image; return the model's whole answer."""
+    message = {"role": "user", "content": config.prompt, "images": [picture]}
+    parts = []
+    with server_errors():
+        # Streamed, so the read timeout bounds the silence before and between tokens rather
+        # than the whole answer, and an answer cut off mid-way is told from a complete one.
+        for part in client.chat(model=config.model, messages=[message], stream=True, options=REQUEST_OPTIONS):
+            parts.append(part.message.content or "")
+            if part.done:
+                return "".join(parts)
+    raise CaptionError("the answer broke off before the model finished")
+
+
+# What the client raises (ollama-facts.md §1.6): ValueError covers undecodable JSON and
+# pydantic's validation errors; httpx.HTTPError covers timeouts and broken connections.
+CLIENT_ERRORS = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
+
+
+@contextmanager
+def server_errors() -> Iterator[None]:
+    """Turn every way a server or connection can fail into a CaptionError."""
+    try:
+        yield
+    except CLIENT_ERRORS as exc:
+        if isinstance(exc, ollama.ResponseError) and exc.status_code == 404:
+            raise ModelMissing(exc.error) from None
+        if isinstance(exc, (ConnectionError, httpx.ConnectError)):
+            raise ServerUnreachable("cannot reach the Ollama server") from None
+        raise CaptionError(explain(exc)) from None
+
+
+def explain(exc: BaseException) -> str:
+    if isinstance(exc, ollama.ResponseError):
+        if exc.status_code == -1:
+            return f"Ollama failed mid-answer: {exc.error.strip()}"
+        return f"Ollama answered {exc.status_code}: {exc.error.strip()}"
+    if isinstance(exc, httpx.TimeoutException):
+        return "no answer within the timeout (raise --timeout if the server is only busy)"
+    if isinstance(exc, httpx.TransportError):
+        return f"the connection to Ollama broke: {reason(exc)}"
+    if isinstance(exc, ValueError):
+        return "the server's answer is not Ollama's JSON"
+    return reason(exc)
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Caption
+# ---------------------------------------------------------------------------
+
+
+def clean_caption(answer: str) -> str:
+    # A caption file holds one line: trainers read it as a single prompt.
+    caption = " ".join(answer.split())
+    if not caption:
+        raise CaptionError("the model answered with an empty caption")
+    return caption
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+
+def write_caption(path: Path, caption: str, existing: str) -> None:
+    if existing in ("append", "prepend"):
+        old = read_existing(path)
+        if old:
+            caption = f"{old}, {caption}" if existing == "append" else f"{caption}, {old}"
+    write_atomically(path, caption)
+
+
+def read_existing(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CaptionError(f"cannot read the existing {path.name} to extend it: {reason(exc)}") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part, even after a crash."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "x", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as exc:
+        raise CaptionError(f"cannot write {path.name}: {reason(exc)}") from None
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+
+class Progress:
+    """Everything the run tells a person, on stderr: a live bar on a terminal, lines in a log."""
+
+    BAR_WIDTH = 24
+
+    def __init__(self, folder: Path, verbosity: int = 0, stream: TextIO | None = None) -> None:
+        self.folder = folder
+        self.verbosity = verbosity  # -1 quiet, 0 normal, 1 captions too
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() and verbosity >= 0
+        self.total = 0
+        self.done = 0
+        self.sending_since = 0.0
+        self.image_since = 0.0
+        self.live_line_shown = False
+        self.last_pull_status = ""
+
+    def name(self, image: Path) -> str:
+        try:
+            return str(image.relative_to(self.folder))
+        except ValueError:
+            return str(image)
+
+    def start(self, total: int, skipped: int, failed: Sequence[tuple[Path, str]]) -> None:
+        self.total = total
+        self.sending_since = time.monotonic()
+        for image, why in failed:
+            self.image_failed(image, why, counted=False)
+        if self.verbosity >= 0:
+            self.say(f"{total} to caption, {skipped} already captioned")
+
+    def image_started(self, image: Path) -> None:
+        self.image_since = time.monotonic()
+        if self.live:
+            self.draw_bar(self.name(image))
+
+    def image_captioned(self, image: Path, caption: str) -> None:
+        self.done += 1
+        seconds = time.monotonic() - self.image_since
+        if self.verbosity >= 0 and not self.live:
+            self.say(f"[{self.done}/{self.total}] {self.name(image)} {seconds:.1f}s, ETA {self.eta()}")
+        if self.verbosity > 0:
+            self.say(f"    {caption}")
+        if self.live:
+            self.draw_bar(self.name(image))
+
+    def image_failed(self, image: Path, why: str, counted: bool = True) -> None:
+        self.done += counted
+        self.say(f"FAILED {self.name(image)}: {why}")
+
+    def eta(self) -> str:
+        if not self.done:
+            return "unknown"
+        per_image = (time.monotonic() - self.sending_since) / self.done
+        return duration(per_image * (self.total - self.done))
+
+    def draw_bar(self, current: str) -> None:
+        filled = self.BAR_WIDTH * self.done // max(self.total, 1)
+        elapsed = time.monotonic() - self.sending_since
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        self.draw_live_line(
+            f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {self.done}/{self.total} "
+            f"{rate:.2f} img/s ETA {self.eta()}  {current}"
+        )
+
+    def draw_live_line(self, line: str) -> None:
+        self.stream.write("\r\x1b[K" + line)
+        self.stream.flush()
+        self.live_line_shown = True
+
+    def end_live_line(self) -> None:
+        if self.live_line_shown:
+            self.stream.write("\n")
+            self.live_line_shown = False
+
+    def say(self, line: str) -> None:
+        if self.live_line_shown:
+            self.stream.write("\r\x1b[K")
+            self.live_line_shown = False
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def pulling(self, model: str, status: str, completed: int | None, total: int | None) -> None:
+        if self.live:
+            share = f" {100 * completed // total}%" if completed and total else ""
+            self.draw_live_line(f"pulling {model}: {status}{share}")
+        elif status != self.last_pull_status:
+            self.say(f"pulling {model}: {status}")
+        self.last_pull_status = status
+
+    def list_planned(self, summary: Summary) -> None:
+        for image, why in summary.failed:
+            self.image_failed(image, why, counted=False)
+        for image in summary.to_caption:
+            print(self.name(image))
+        self.say(
+            f"dry run: would caption {len(summary.to_caption)}, "
+            f"skip {len(summary.skipped)} already captioned; nothing was sent"
+        )
+
+    def finish(self, summary: Summary) -> None:
+        rate = len(summary.captioned) / summary.seconds if summary.seconds else 0.0
+        line = (
+            f"captioned {len(summary.captioned)}, skipped {len(summary.skipped)}, "
+            f"failed {len(summary.failed)} in {duration(summary.seconds)} ({rate:.2f} images/s)"
+        )
+        if summary.interrupted:
+            line = f"interrupted: {line}"
+        if summary.stopped:
+            line += f"\nstopped: {summary.stopped}; {summary.not_attempted} images not attempted"
+        self.say(line)
+        for image, why in summary.failed:
+            self.say(f"  failed {self.name(image)}: {why}")
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help)
+        return int(exc.code or 0)
+    progress = Progress(args.folder, verbosity=-1 if args.quiet else int(args.verbose))
+    try:
+        summary = caption_folder(config_from_args(args), progress)
+    except CaptionError as exc:
+        progress.say(f"error: {exc}")
+        return EXIT_CANNOT_START
+    except KeyboardInterrupt:
+        progress.say("interrupted before the first image")
+        return EXIT_INTERRUPTED
+    if not args.dry_run:
+        progress.finish(summary)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Fixtures: the stand-in server, the script run in-process or as a subprocess, test pictures."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from stand_in_ollama import StandInOllama
+
+SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("llava_caption_ollama", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+captioner = load_script()
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def server():
+    with StandInOllama() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+def caption(server, capsys):
+    """Run main() in this process against the stand-in server."""
+
+    def run(*args: object, host: str | None = None) -> Run:
+        code = captioner.main([str(arg) for arg in args] + ["--host", host or server.url])
+        out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+def run_script(*args: object, cwd: Path | None = None, env: dict | None = None, timeout: float = 60):
+    """Run the script as a user would: a separate process, its own exit code and output."""
+    environment = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def picture(path: Path, size=(64, 48), color="red", mode="RGB", **save) -> Path:
+    """Save a plain picture; the format follows the file extension unless given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **save)
+    return path
+
+
+def closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def leftovers(folder: Path) -> list:
+    """Temporary files the captioner may have left behind."""
+    return [p.name for p in folder.rglob(".*") if p.is_file()]

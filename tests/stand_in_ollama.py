@@ -1,0 +1,377 @@
+"""A stand-in Ollama server on 127.0.0.1 for the tests and the benchmark.
+
+It speaks the parts of Ollama's HTTP API the captioner uses, with the shapes, status codes
+and error strings of ../shared/ollama-facts.md (§2.1-§2.6): GET/HEAD /, /api/version,
+/api/tags, /api/ps, POST /api/show, /api/pull (NDJSON progress) and /api/chat (NDJSON by
+default, one JSON object with "stream": false). Like llava's stb_image decoder it accepts
+only JPEG, PNG, BMP and GIF. It records every chat request, counts requests in flight,
+and can be scripted to answer each image differently: an error status, an error line
+mid-stream, a stream that ends without "done", silence, a dropped connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Optional, Union
+
+from PIL import Image
+
+LLAVA_DECODABLE = {"JPEG", "PNG", "BMP", "GIF"}
+VISION_MODEL = {"capabilities": ["completion", "vision"], "families": ["llama", "clip"]}
+TEXT_MODEL = {"capabilities": ["completion"], "families": ["llama"]}
+# Servers before 0.6.4 list no capabilities; a projector model shows the "clip" family.
+OLD_VISION_MODEL = {"capabilities": None, "families": ["llama", "clip"]}
+BUSY = "server busy, please try again.  maximum pending requests exceeded"
+RUNNER_CRASH = (
+    "model runner has unexpectedly stopped, this may be due to resource limitations "
+    "or an internal error, check ollama server logs for details"
+)
+
+
+@dataclass
+class Chat:
+    """One /api/chat request as the server received it."""
+
+    model: str
+    prompt: str
+    images: list  # decoded bytes of each image
+    options: dict
+    keep_alive: Any
+    stream: bool
+
+    def picture(self, index: int = 0) -> Image.Image:
+        return Image.open(io.BytesIO(self.images[index]))
+
+
+@dataclass
+class Reply:
+    """How to answer one chat request; the default is a caption naming what was seen."""
+
+    text: Optional[str] = None
+    status: int = 200
+    error: Optional[str] = None  # with status 200 and streaming: an error line mid-stream
+    done: bool = True  # False: the stream ends without its final "done" line
+    delay: float = 0.0  # seconds of silence before the first byte
+    drop: bool = False  # close the connection without answering
+    done_reason: str = "stop"
+
+
+Answer = Callable[[Chat], Union[Reply, str]]
+
+
+def describe(chat: Chat) -> str:
+    """Default answer: llava-like (leading space, a newline) and naming what arrived."""
+    picture = chat.picture()
+    return f" A {picture.format} picture,\n{picture.width}x{picture.height} pixels. "
+
+
+@dataclass
+class StandInOllama:
+    models: dict = field(default_factory=lambda: {"llava:13b": VISION_MODEL})
+    pullable: dict = field(default_factory=dict)  # models /api/pull can fetch
+    answer: Answer = describe
+    latency: float = 0.0  # seconds each answer takes once it has a slot
+    slots: int = 1  # like OLLAMA_NUM_PARALLEL: more requests wait without a byte
+    version: str = "0.12.6"
+
+    def __post_init__(self) -> None:
+        self.chats: list = []
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.slot_gate = threading.Semaphore(self.slots)
+        handler = type("Handler", (Handler,), {"stand_in": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def start(self) -> StandInOllama:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> StandInOllama:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def normalized(name: str) -> str:
+    return name if ":" in name else name + ":latest"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class Handler(BaseHTTPRequestHandler):
+    stand_in: StandInOllama
+    protocol_version = "HTTP/1.1"  # keep-alive and chunked NDJSON, as Go's server
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    # -- plumbing ---------------------------------------------------------
+
+    def send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_error_json(self, status: int, message: str) -> None:
+        self.send_json(status, {"error": message})
+
+    def start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def stream_line(self, body: dict) -> None:
+        data = json.dumps(body).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_stream(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def read_body(self) -> Optional[dict]:
+        length = int(self.headers.get("Content-Length") or 0)
+        if not length:
+            self.send_error_json(400, "missing request body")
+            return None
+        try:
+            return json.loads(self.rfile.read(length))
+        except json.JSONDecodeError as exc:
+            self.send_error_json(400, str(exc))
+            return None
+
+    # -- routes -----------------------------------------------------------
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        stand_in = self.stand_in
+        if self.path == "/":
+            data = b"Ollama is running"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        elif self.path == "/api/version":
+            self.send_json(200, {"version": stand_in.version})
+        elif self.path == "/api/tags":
+            self.send_json(200, {"models": [self.model_entry(name) for name in stand_in.models]})
+        elif self.path == "/api/ps":
+            self.send_json(200, {"models": []})
+        else:
+            self.not_found()
+
+    def do_POST(self) -> None:
+        routes = {"/api/show": self.show, "/api/pull": self.pull, "/api/chat": self.chat}
+        route = routes.get(self.path)
+        if route is None:
+            self.not_found()
+            return
+        body = self.read_body()
+        if body is not None:
+            route(body)
+
+    def not_found(self) -> None:
+        data = b"404 page not found"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def model_entry(self, name: str) -> dict:
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": "2025-05-04T17:37:44.706015396-07:00",
+            "size": 8011256494,
+            "digest": "0" * 64,
+            "details": self.details(name),
+        }
+
+    def details(self, name: str) -> dict:
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": self.stand_in.models[name]["families"],
+            "parameter_size": "13B",
+            "quantization_level": "Q4_0",
+        }
+
+    def show(self, body: dict) -> None:
+        name = normalized(body.get("model") or body.get("name") or "")
+        if name == ":latest":
+            self.send_error_json(400, "model is required")
+            return
+        if name not in self.stand_in.models:
+            self.send_error_json(404, f"model '{body.get('model')}' not found")
+            return
+        answer = {
+            "modelfile": "# Modelfile generated by \"ollama show\"\n",
+            "parameters": 'stop "USER:"\nstop "ASSISTANT:"',
+            "template": "{{ .Prompt }}",
+            "details": self.details(name),
+            "model_info": {"general.architecture": "llama", "llama.context_length": 4096},
+            "modified_at": "2025-05-04T17:37:44.706015396-07:00",
+        }
+        capabilities = self.stand_in.models[name]["capabilities"]
+        if capabilities is not None:
+            answer["capabilities"] = capabilities
+        self.send_json(200, answer)
+
+    def pull(self, body: dict) -> None:
+        name = normalized(body.get("model") or "")
+        known = name in self.stand_in.pullable
+        if not body.get("stream", True):
+            if known:
+                self.stand_in.models[name] = self.stand_in.pullable[name]
+                self.send_json(200, {"status": "success"})
+            else:
+                self.send_error_json(500, "pull model manifest: file does not exist")
+            return
+        self.start_stream()
+        self.stream_line({"status": "pulling manifest"})
+        if not known:
+            self.stream_line({"error": "pull model manifest: file does not exist"})
+            self.end_stream()
+            return
+        digest = "sha256:0b8c8265e78b" + "0" * 52
+        for completed in (0, 2_000_000_000, 4_000_000_000, 7_870_000_000):
+            line = {"status": f"pulling {digest[7:19]}", "digest": digest, "total": 7_870_000_000}
+            if completed:
+                line["completed"] = completed
+            self.stream_line(line)
+        for status in ("verifying sha256 digest", "writing manifest", "removing unused layers"):
+            self.stream_line({"status": status})
+        self.stand_in.models[name] = self.stand_in.pullable[name]
+        self.stream_line({"status": "success"})
+        self.end_stream()
+
+    def chat(self, body: dict) -> None:
+        stand_in = self.stand_in
+        model = body.get("model") or ""
+        if normalized(model) not in stand_in.models:
+            self.send_error_json(404, f"model '{model}' not found")
+            return
+        messages = body.get("messages") or []
+        images = []
+        for message in messages:
+            for encoded in message.get("images") or []:
+                decoded = strict_base64(encoded)
+                if isinstance(decoded, str):
+                    self.send_error_json(400, decoded)
+                    return
+                images.append(decoded)
+        if not all(decodable_by_llava(image) for image in images):
+            self.send_error_json(400, "Failed to load image or audio file")
+            return
+        chat = Chat(
+            model=model,
+            prompt="".join(m.get("content") or "" for m in messages),
+            images=images,
+            options=body.get("options") or {},
+            keep_alive=body.get("keep_alive"),
+            stream=body.get("stream", True),
+        )
+        with stand_in.lock:
+            stand_in.chats.append(chat)
+            stand_in.in_flight += 1
+            stand_in.most_in_flight = max(stand_in.most_in_flight, stand_in.in_flight)
+        try:
+            with stand_in.slot_gate:
+                reply = stand_in.answer(chat)
+                reply = reply if isinstance(reply, Reply) else Reply(text=reply)
+                time.sleep(stand_in.latency + reply.delay)
+                self.send_reply(model, reply, chat.stream)
+        finally:
+            with stand_in.lock:
+                stand_in.in_flight -= 1
+
+    def send_reply(self, model: str, reply: Reply, stream: bool) -> None:
+        if reply.drop:
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if reply.status != 200:
+            self.send_error_json(reply.status, reply.error or "")
+            return
+        text = reply.text or ""
+        final = {
+            "model": model,
+            "created_at": now(),
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": reply.done_reason,
+            "total_duration": 2104512300,
+            "load_duration": 21045000,
+            "prompt_eval_count": 612,
+            "prompt_eval_duration": 402113000,
+            "eval_count": max(1, len(text.split())),
+            "eval_duration": 1602331000,
+        }
+        if not stream:
+            if reply.error:
+                self.send_error_json(500, reply.error)
+                return
+            final["message"]["content"] = text
+            self.send_json(200, final)
+            return
+        self.start_stream()
+        for token in re.findall(r"\S+\s*|\s+", text):
+            piece = {"role": "assistant", "content": token}
+            self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
+        if reply.error:
+            self.stream_line({"error": reply.error})
+        elif reply.done:
+            self.stream_line(final)
+        self.end_stream()
+
+
+def strict_base64(encoded: str) -> Union[bytes, str]:
+    """The image bytes, or Go's error for a string that is not standard base64 (§2.1)."""
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        alphabet = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+        position = next((i for i, byte in enumerate(encoded.encode()) if byte not in alphabet), 0)
+        return f"illegal base64 data at input byte {position}"
+
+
+def decodable_by_llava(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            return picture.format in LLAVA_DECODABLE
+    except Exception:
+        return False
