@@ -362,6 +362,8 @@ def prepare_image(path: Path, max_size: int) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise CaptionError(f"cannot read: {reason(exc)}") from None
+    if not data:
+        raise CaptionError("empty file")
     if max_size == 0:
         return data
     try:

@@ -16,6 +16,8 @@ import binascii
 import io
 import json
 import re
+import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -313,11 +315,24 @@ class Handler(BaseHTTPRequestHandler):
             with stand_in.slot_gate:
                 reply = stand_in.answer(chat)
                 reply = reply if isinstance(reply, Reply) else Reply(text=reply)
-                time.sleep(stand_in.latency + reply.delay)
-                self.send_reply(model, reply, chat.stream)
+                if self.client_stays(stand_in.latency + reply.delay):
+                    self.send_reply(model, reply, chat.stream)
         finally:
             with stand_in.lock:
                 stand_in.in_flight -= 1
+
+    def client_stays(self, seconds: float) -> bool:
+        """Wait, but give the slot up when the client hangs up, as Ollama cancels the request."""
+        deadline = time.monotonic() + seconds
+        while True:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                self.close_connection = True
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(left, 0.01))
 
     def send_reply(self, model: str, reply: Reply, stream: bool) -> None:
         if reply.drop:

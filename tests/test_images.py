@@ -1,0 +1,132 @@
+"""What reaches the model: every picture arrives upright, RGB, small enough, in a format llava decodes."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from conftest import picture
+from PIL import Image
+
+
+def received(server, index: int = 0) -> Image.Image:
+    return server.chats[index].picture()
+
+
+def two_band_photo(path, size=(600, 400), **save):
+    """Top half red, bottom half blue: which way up it arrives shows at a glance."""
+    image = Image.new("RGB", size, "red")
+    image.paste(Image.new("RGB", (size[0], size[1] // 2), "blue"), (0, size[1] // 2))
+    image.save(path, **save)
+    return path
+
+
+@pytest.mark.parametrize("name", ["a.webp", "a.tiff", "a.bmp", "a.gif", "a.avif"])
+def test_formats_llava_cannot_read_arrive_as_jpeg(tmp_path, caption, server, name):
+    picture(tmp_path / name, size=(320, 200), color=(30, 120, 200))
+
+    run = caption(tmp_path)
+
+    assert run.code == 0, run.err
+    sent = received(server)
+    assert sent.format == "JPEG" and sent.mode == "RGB" and sent.size == (320, 200)
+    assert max(abs(a - b) for a, b in zip(sent.getpixel((160, 100)), (30, 120, 200))) < 8
+    assert (tmp_path / "a.txt").read_text() == "A JPEG picture, 320x200 pixels."
+
+
+def test_a_large_photo_arrives_no_larger_than_1344_pixels(tmp_path, caption, server):
+    two_band_photo(tmp_path / "big.jpg", size=(6000, 4000), quality=85)
+    caption(tmp_path)
+    assert received(server).size == (1344, 896)
+
+
+def test_max_size_sets_the_longer_side(tmp_path, caption, server):
+    two_band_photo(tmp_path / "tall.png", size=(400, 1000))
+    caption(tmp_path, "--max-size", 500)
+    assert received(server).size == (200, 500)
+
+
+def test_exif_rotated_photo_arrives_upright(tmp_path, caption, server):
+    # Stored sideways (the red band on the right), with orientation 6: "rotate 90° clockwise to view".
+    upright = Image.open(two_band_photo(tmp_path / "upright.png", size=(600, 400)))
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    (tmp_path / "upright.png").unlink()
+
+    caption(tmp_path)
+
+    sent = received(server)
+    assert sent.size == (600, 400)
+    assert sent.getpixel((300, 50))[0] > 200 and sent.getpixel((300, 350))[2] > 200  # red on top
+
+
+def test_transparency_is_flattened_onto_white(tmp_path, caption, server):
+    picture(tmp_path / "logo.png", size=(100, 100), mode="RGBA", color=(0, 0, 0, 0))
+    caption(tmp_path)
+    assert received(server).getpixel((50, 50)) == (255, 255, 255)
+
+
+def test_cmyk_and_16_bit_pictures_arrive_with_their_colours(tmp_path, caption, server):
+    picture(tmp_path / "print.jpg", mode="CMYK", color=(0, 255, 255, 0), quality=95)  # red ink
+    Image.new("I;16", (64, 48), 32768).save(tmp_path / "scan.png")  # mid grey, 16-bit
+
+    caption(tmp_path)
+
+    red, grey = received(server, 0), received(server, 1)
+    assert red.mode == "RGB" and red.getpixel((32, 24))[0] > 200 and red.getpixel((32, 24))[1] < 60
+    assert 110 < grey.getpixel((32, 24))[0] < 146
+
+
+def test_animation_sends_its_first_frame(tmp_path, caption, server):
+    frames = [Image.new("RGB", (80, 60), color) for color in ("lime", "red", "blue")]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+
+    caption(tmp_path)
+
+    assert received(server).getpixel((40, 30))[1] > 200
+
+
+def test_a_small_plain_jpeg_or_png_is_sent_byte_for_byte(tmp_path, caption, server):
+    photo = picture(tmp_path / "a.jpg", size=(800, 600), quality=92).read_bytes()
+    screenshot = picture(tmp_path / "b.png", size=(800, 600)).read_bytes()
+
+    caption(tmp_path)
+
+    assert [chat.images[0] for chat in server.chats] == [photo, screenshot]
+
+
+def test_max_size_zero_sends_the_original_bytes(tmp_path, caption, server):
+    original = two_band_photo(tmp_path / "big.jpg", size=(3000, 2000), quality=85).read_bytes()
+    caption(tmp_path, "--max-size", 0)
+    assert server.chats[0].images[0] == original
+
+
+def broken_files(folder):
+    whole = two_band_photo(folder / "whole.jpg", size=(800, 600), quality=90).read_bytes()
+    (folder / "half.jpg").write_bytes(whole[: len(whole) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "letter.jpg").write_text("Dear Sir, this is not a photo.")
+    # A 13000x13000 header with almost no data: Pillow would inflate it to 645 MB.
+    bomb = io.BytesIO()
+    Image.new("L", (13000, 13000)).save(bomb, "PNG", optimize=False)  # compresses to ~160 KB
+    (folder / "bomb.png").write_bytes(bomb.getvalue())
+
+
+def test_broken_files_fail_one_by_one_and_the_rest_is_captioned(tmp_path, caption, server):
+    broken_files(tmp_path)
+
+    run = caption(tmp_path)
+
+    assert run.code == 1
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["whole.txt"]
+    failures = [line for line in run.err.splitlines() if line.startswith("  failed ")]
+    assert failures[:2] == [
+        "  failed bomb.png: refused: more pixels than Pillow's safety limit of 89,478,485 "
+        "(a possible decompression bomb)",
+        "  failed empty.png: empty file",
+    ]
+    assert failures[2].startswith("  failed half.jpg: cannot decode: image file is truncated")
+    assert failures[3] == "  failed letter.jpg: not an image (or a format Pillow cannot read)"
+    assert "Traceback" not in run.err

@@ -1,0 +1,157 @@
+"""Talking to Ollama: the preflight before any image, the request itself, and every way it can fail."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+from conftest import closed_port_url, leftovers, picture
+from stand_in_ollama import BUSY, OLD_VISION_MODEL, RUNNER_CRASH, TEXT_MODEL, VISION_MODEL, Reply
+
+
+def test_each_request_carries_the_prompt_one_image_and_constant_options(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    picture(tmp_path / "b.jpg")
+    prompt = tmp_path / "prompt.md"
+    prompt.write_text("Describe the picture.\n\nUse commas, {not a template}.\n")
+
+    run = caption(tmp_path, prompt, "--model", "llava:13b")
+
+    assert run.code == 0
+    assert [chat.prompt for chat in server.chats] == ["Describe the picture.\n\nUse commas, {not a template}."] * 2
+    assert all(len(chat.images) == 1 and chat.model == "llava:13b" for chat in server.chats)
+    assert server.chats[0].options == server.chats[1].options == {"num_ctx": 4096}
+
+
+def test_unreachable_server_stops_before_anything_with_exit_2(tmp_path, caption):
+    picture(tmp_path / "a.jpg")
+    url = closed_port_url()
+    run = caption(tmp_path, host=url)
+    assert run.code == 2
+    assert run.err.strip() == (
+        f"error: cannot reach Ollama at {url}; start it with 'ollama serve' or point --host (or OLLAMA_HOST) at it"
+    )
+    assert not (tmp_path / "a.txt").exists()
+
+
+def test_something_else_listening_is_not_taken_for_ollama(tmp_path, caption):
+    picture(tmp_path / "a.jpg")
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        run = caption(tmp_path, host=f"http://127.0.0.1:{web.server_address[1]}")
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert run.code == 2
+    assert "does not answer like an Ollama server" in run.err
+
+
+def test_missing_model_says_how_to_pull_it_and_sends_nothing(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    run = caption(tmp_path, "--model", "llava:34b")
+    assert run.code == 2
+    assert "model llava:34b is not on the server; run 'ollama pull llava:34b' or add --pull" in run.err
+    assert server.chats == []
+
+
+def test_pull_fetches_a_missing_model_with_progress_and_goes_on(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    server.pullable["llava:7b"] = VISION_MODEL
+
+    run = caption(tmp_path, "--model", "llava:7b", "--pull")
+
+    assert run.code == 0, run.err
+    assert "pulling llava:7b: pulling manifest" in run.err
+    assert "pulling llava:7b: success" in run.err
+    assert [chat.model for chat in server.chats] == ["llava:7b"]
+
+
+def test_pull_of_an_unknown_model_fails_with_exit_2(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    run = caption(tmp_path, "--model", "no-such-model", "--pull")
+    assert run.code == 2
+    assert "could not pull no-such-model: Ollama failed mid-answer: pull model manifest: file does not exist" in run.err
+
+
+def test_a_model_that_cannot_see_is_refused_before_it_invents_captions(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    server.models["llama3:8b"] = TEXT_MODEL
+    run = caption(tmp_path, "--model", "llama3:8b")
+    assert run.code == 2
+    assert "model llama3:8b cannot see images" in run.err
+    assert server.chats == []
+
+
+def test_servers_too_old_to_list_capabilities_are_judged_by_the_clip_family(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    server.models["llava:7b"] = OLD_VISION_MODEL
+    assert caption(tmp_path, "--model", "llava:7b").code == 0
+
+
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        (Reply(status=500, error=RUNNER_CRASH), f"Ollama answered 500: {RUNNER_CRASH}"),
+        (Reply(status=503, error=BUSY), f"Ollama answered 503: {BUSY}"),
+        (Reply(text="A cat", error="an error was encountered while running the model"),
+         "Ollama failed mid-answer: an error was encountered while running the model"),
+        (Reply(text="A cat sitting on", done=False), "the answer broke off before the model finished"),
+        (Reply(text=" \n "), "the model answered with an empty caption"),
+        (Reply(drop=True), "the connection to Ollama broke: Server disconnected without sending a response."),
+    ],
+    ids=["runner-crash", "busy", "mid-stream-error", "no-done", "empty", "dropped"],
+)
+def test_a_failed_answer_fails_that_image_only_and_writes_nothing(tmp_path, caption, server, reply, reason):
+    for name in "abc":
+        picture(tmp_path / f"{name}.jpg")
+    server.answer = lambda chat: reply if len(server.chats) == 2 else "A red square"
+
+    run = caption(tmp_path)
+
+    assert run.code == 1
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "c.txt"]
+    assert f"FAILED b.jpg: {reason}" in run.err
+    assert f"  failed b.jpg: {reason}" in run.err
+    assert leftovers(tmp_path) == []
+
+
+def test_an_answer_slower_than_the_timeout_fails_that_image(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    picture(tmp_path / "b.jpg")
+    server.answer = lambda chat: Reply(text="late", delay=2) if len(server.chats) == 1 else "on time"
+
+    run = caption(tmp_path, "--timeout", 0.5)
+
+    assert run.code == 1
+    assert "FAILED a.jpg: no answer within the timeout" in run.err
+    assert (tmp_path / "b.txt").read_text() == "on time"
+
+
+def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, caption, server):
+    for name in "abcd":
+        picture(tmp_path / f"{name}.jpg")
+
+    def answer_then_vanish(chat):
+        if len(server.chats) == 2:
+            threading.Thread(target=server.stop).start()  # stop listening after this answer
+        return "A red square"
+
+    server.answer = answer_then_vanish
+
+    run = caption(tmp_path)
+
+    assert run.code == 1
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "b.txt"]
+    assert f"stopped: cannot reach the Ollama server at {server.url}; 2 images not attempted" in run.err
+    assert "Traceback" not in run.err
+
+
+def test_ollama_host_is_the_default_host(tmp_path, server, monkeypatch, capsys):
+    from conftest import captioner
+
+    picture(tmp_path / "a.jpg")
+    monkeypatch.setenv("OLLAMA_HOST", server.url)
+    assert captioner.main([str(tmp_path)]) == 0
+    assert len(server.chats) == 1

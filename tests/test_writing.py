@@ -1,0 +1,99 @@
+"""Caption files: where they go, what they hold, and that nothing a user has is lost."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import leftovers, picture
+
+
+def test_caption_is_one_stripped_line_beside_the_image_named_after_its_stem(tmp_path, caption, server):
+    picture(tmp_path / "holiday.photo.JPG", size=(40, 30))
+    server.answer = lambda chat: '  Un café à Paris,\n\n  warm light,  cobblestones \n'
+
+    run = caption(tmp_path)
+
+    assert run.code == 0
+    assert (tmp_path / "holiday.photo.txt").read_text(encoding="utf-8") == "Un café à Paris, warm light, cobblestones"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_rerun_sends_nothing_and_changes_nothing(tmp_path, caption, server):
+    for name in "abc":
+        picture(tmp_path / f"{name}.png")
+    assert caption(tmp_path).code == 0
+    before = {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in tmp_path.glob("*.txt")}
+
+    run = caption(tmp_path)
+
+    assert run.code == 0
+    assert len(server.chats) == 3
+    assert {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in tmp_path.glob("*.txt")} == before
+    assert "captioned 0, skipped 3, failed 0" in run.err
+
+
+def test_an_empty_or_blank_caption_file_does_not_count_as_captioned(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    picture(tmp_path / "b.jpg")
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_text(" \n")
+    server.answer = lambda chat: "A red square"
+
+    assert caption(tmp_path).code == 0
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text() == "A red square"
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("skip", "my tags\n"),  # untouched
+        ("overwrite", "A red square"),
+        ("append", "my tags, A red square"),
+        ("prepend", "A red square, my tags"),
+    ],
+)
+def test_existing_captions(tmp_path, caption, server, mode, expected):
+    picture(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("my tags\n")
+    server.answer = lambda chat: "A red square"
+
+    assert caption(tmp_path, "--existing", mode).code == 0
+    assert (tmp_path / "a.txt").read_text() == expected
+
+
+def test_a_failed_answer_leaves_the_existing_caption_alone(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("my tags")
+    server.answer = lambda chat: " "
+
+    assert caption(tmp_path, "--existing", "overwrite").code == 1
+    assert (tmp_path / "a.txt").read_text() == "my tags"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("ext", [".caption", "caption"])
+def test_caption_extension(tmp_path, caption, ext):
+    picture(tmp_path / "a.jpg")
+    assert caption(tmp_path, "--ext", ext).code == 0
+    assert (tmp_path / "a.caption").exists() and not (tmp_path / "a.txt").exists()
+
+
+def test_an_image_extension_for_captions_is_refused(tmp_path, caption):
+    original = picture(tmp_path / "a.png").read_bytes()
+    picture(tmp_path / "a.jpg")
+    run = caption(tmp_path, "--ext", ".PNG")
+    assert run.code == 2
+    assert "--ext .PNG would overwrite images" in run.err
+    assert (tmp_path / "a.png").read_bytes() == original
+
+
+def test_an_unwritable_caption_fails_that_image_with_the_reason(tmp_path, caption):
+    picture(tmp_path / "a.jpg")
+    picture(tmp_path / "b.jpg")
+    (tmp_path / "a.txt").mkdir()  # in the way, whatever our privileges
+
+    run = caption(tmp_path, "--existing", "overwrite")
+
+    assert run.code == 1
+    assert "FAILED a.jpg: cannot write a.txt: Is a directory" in run.err
+    assert (tmp_path / "b.txt").exists()
+    assert leftovers(tmp_path) == []
