@@ -661,7 +661,7 @@ class Progress:
         if self.verbosity > 0:
             self.say(f"    {caption}")
         if self.live:
-            self.draw_bar(self.name(image))
+            self.draw_bar(f"{self.name(image)} {seconds:.1f}s")
 
     def image_failed(self, image: Path, why: str, counted: bool = True) -> None:
         self.done += counted

@@ -64,6 +64,7 @@ class Reply:
     done: bool = True  # False: the stream ends without its final "done" line
     delay: float = 0.0  # seconds of silence before the first byte
     drop: bool = False  # close the connection without answering
+    vanish: bool = False  # the server stops listening before this answer's last line
     done_reason: str = "stop"
 
 
@@ -105,8 +106,9 @@ class StandInOllama:
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.thread.is_alive():
+            self.httpd.shutdown()
+            self.httpd.server_close()
 
     def __enter__(self) -> StandInOllama:
         return self.start()
@@ -144,10 +146,13 @@ class Handler(BaseHTTPRequestHandler):
     def send_error_json(self, status: int, message: str) -> None:
         self.send_json(status, {"error": message})
 
-    def start_stream(self) -> None:
+    def start_stream(self, last: bool = False) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
+        if last:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
 
     def stream_line(self, body: dict) -> None:
@@ -363,10 +368,12 @@ class Handler(BaseHTTPRequestHandler):
             final["message"]["content"] = text
             self.send_json(200, final)
             return
-        self.start_stream()
+        self.start_stream(last=reply.vanish)
         for token in re.findall(r"\S+\s*|\s+", text):
             piece = {"role": "assistant", "content": token}
             self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
+        if reply.vanish:
+            self.stand_in.stop()
         if reply.error:
             self.stream_line({"error": reply.error})
         elif reply.done:

@@ -133,12 +133,7 @@ def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, cap
     for name in "abcd":
         picture(tmp_path / f"{name}.jpg")
 
-    def answer_then_vanish(chat):
-        if len(server.chats) == 2:
-            threading.Thread(target=server.stop).start()  # stop listening after this answer
-        return "A red square"
-
-    server.answer = answer_then_vanish
+    server.answer = lambda chat: Reply(text="A red square", vanish=len(server.chats) == 2)
 
     run = caption(tmp_path)
 

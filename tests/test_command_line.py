@@ -1,0 +1,153 @@
+"""The script as a shell sees it: arguments, exit codes, what it prints, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import SCRIPT, closed_port_url, leftovers, picture, run_script
+from stand_in_ollama import Reply
+
+
+def test_default_prompt_is_the_one_beside_the_script_whatever_the_working_folder(tmp_path, server):
+    picture(tmp_path / "images" / "a.jpg")
+    (tmp_path / "prompt.txt").write_text("a decoy in the working folder")
+
+    result = run_script("images", "--host", server.url, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert server.chats[0].prompt == (SCRIPT.parent / "prompt.txt").read_text(encoding="utf-8").strip()
+
+
+def test_prompt_file_given_as_second_argument(tmp_path, server):
+    picture(tmp_path / "a.jpg")
+    (tmp_path / "tags.txt").write_text("List booru tags.")
+    assert run_script(tmp_path, tmp_path / "tags.txt", "--host", server.url).returncode == 0
+    assert server.chats[0].prompt == "List booru tags."
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{dir}", "{dir}/missing.txt"], "cannot read prompt file"),
+        (["{dir}", "{dir}/empty.txt"], "empty.txt is empty"),
+        (["{dir}/nope"], "nope is not a folder"),
+        (["{dir}", "--limit", "0"], "--limit: must be at least 1"),
+        (["{dir}", "--existing", "merge"], "invalid choice: 'merge'"),
+        (["{dir}", "-q", "-v"], "not allowed with argument"),
+        ([], "the following arguments are required: folder"),
+    ],
+)
+def test_what_stops_a_run_before_it_starts_exits_2(tmp_path, args, message):
+    picture(tmp_path / "a.jpg")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+
+    result = run_script(*[arg.format(dir=tmp_path) for arg in args], "--host", closed_port_url())
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_dead_server_costs_one_line_and_no_traceback(tmp_path):
+    picture(tmp_path / "a.jpg")
+    url = closed_port_url()
+    result = run_script(tmp_path, env={"OLLAMA_HOST": url})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: cannot reach Ollama at {url}; start it with 'ollama serve' or point --host (or OLLAMA_HOST) at it"
+    ]
+    assert result.stdout == ""
+
+
+def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, server):
+    for name in "abc":
+        picture(tmp_path / f"{name}.jpg")
+    (tmp_path / "a.txt").write_text("done before")
+    server.answer = lambda chat: "A red square"
+
+    lines = run_script(tmp_path, "--host", server.url).stderr.splitlines()
+
+    assert lines[0] == "2 to caption, 1 already captioned"
+    assert lines[1].startswith("[1/2] b.jpg ") and ", ETA " in lines[1]
+    assert lines[2].startswith("[2/2] c.jpg ") and lines[2].endswith(", ETA 0s")
+    assert lines[3].startswith("captioned 2, skipped 1, failed 0 in ")
+    assert lines[3].endswith(" images/s)")
+    assert len(lines) == 4
+
+
+def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp_path, server):
+    picture(tmp_path / "a.jpg")
+    picture(tmp_path / "b.jpg")
+    server.answer = lambda chat: "A red square" if len(server.chats) == 1 else Reply(status=500, error="boom")
+
+    verbose = run_script(tmp_path, "--host", server.url, "-v").stderr.splitlines()
+    assert verbose[2] == "    A red square"
+
+    (tmp_path / "a.txt").unlink()
+    server.chats.clear()
+    quiet = run_script(tmp_path, "--host", server.url, "-q").stderr.splitlines()
+    assert quiet[0] == "FAILED b.jpg: Ollama answered 500: boom"
+    assert quiet[1].startswith("captioned 1, skipped 0, failed 1 in ")
+    assert quiet[2:] == ["  failed b.jpg: Ollama answered 500: boom"]
+
+
+def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
+    for name in "abc":
+        picture(tmp_path / f"{name}.jpg")
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
+    )
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(controller)
+    assert process.wait(timeout=30) == 0
+    text = screen.decode()
+
+    assert "\r\x1b[K[" in text  # the bar redraws in place
+    assert "] 3/3 " in text and " img/s ETA " in text
+    assert "[1/3] a.jpg" not in text  # no log lines on a terminal
+    assert "captioned 3, skipped 0, failed 0" in text
+
+
+def test_ctrl_c_stops_at_once_keeps_finished_captions_and_a_rerun_does_the_rest(tmp_path, server):
+    for name in "abc":
+        picture(tmp_path / f"{name}.jpg")
+    server.answer = lambda chat: Reply(text="slow", delay=60) if len(server.chats) == 2 else "A red square"
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(server.chats) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+
+    assert process.returncode == 130
+    assert "interrupted: captioned 1, skipped 0, failed 0" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt"]
+    assert leftovers(tmp_path) == []
+
+    server.chats.clear()
+    server.answer = lambda chat: "A red square"
+    assert run_script(tmp_path, "--host", server.url).returncode == 0
+    assert len(server.chats) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "b.txt", "c.txt"]
