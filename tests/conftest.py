@@ -36,8 +36,9 @@ class Run:
 
 @pytest.fixture
 def server():
-    with StandInOllama() as stand_in:
-        yield stand_in
+    stand_in = StandInOllama().start()
+    yield stand_in
+    stand_in.stop()
 
 
 @pytest.fixture
@@ -61,6 +62,7 @@ def run_script(*args: object, cwd: Path | None = None, env: dict | None = None, 
         cwd=cwd,
         env=environment,
         capture_output=True,
+        check=False,
         text=True,
         timeout=timeout,
     )

@@ -103,7 +103,9 @@ def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
     controller, terminal = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
     )
     os.close(terminal)
     screen = b""
@@ -131,7 +133,9 @@ def test_ctrl_c_stops_at_once_keeps_finished_captions_and_a_rerun_does_the_rest(
     server.answer = lambda chat: Reply(text="slow", delay=60) if len(server.chats) == 2 else "A red square"
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while len(server.chats) < 2 and time.monotonic() < deadline:

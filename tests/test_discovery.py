@@ -20,7 +20,17 @@ def test_dry_run_lists_images_of_every_extension_in_sorted_order_and_sends_nothi
     run = caption(tmp_path, "--dry-run")
 
     assert run.code == 0
-    assert listed(run) == ["a.png", "b.JPG", "c.jpeg", "d.webp", "e.gif", "f.bmp", "g.tif", "h.TIFF", "i.avif"]
+    assert listed(run) == [
+        "a.png",
+        "b.JPG",
+        "c.jpeg",
+        "d.webp",
+        "e.gif",
+        "f.bmp",
+        "g.tif",
+        "h.TIFF",
+        "i.avif",
+    ]
     assert "would caption 9" in run.err
     assert server.chats == []
     assert [p.name for p in tmp_path.glob("*.txt")] == ["j.jpg.txt"]  # there before the run

@@ -123,8 +123,10 @@ def test_broken_files_fail_one_by_one_and_the_rest_is_captioned(tmp_path, captio
     assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["whole.txt"]
     failures = [line for line in run.err.splitlines() if line.startswith("  failed ")]
     assert failures[:2] == [
-        "  failed bomb.png: refused: more pixels than Pillow's safety limit of 89,478,485 "
-        "(a possible decompression bomb)",
+        (
+            "  failed bomb.png: refused: more pixels than Pillow's safety limit of 89,478,485 "
+            "(a possible decompression bomb)"
+        ),
         "  failed empty.png: empty file",
     ]
     assert failures[2].startswith("  failed half.jpg: cannot decode: image file is truncated")

@@ -19,7 +19,9 @@ def test_each_request_carries_the_prompt_one_image_and_constant_options(tmp_path
     run = caption(tmp_path, prompt, "--model", "llava:13b")
 
     assert run.code == 0
-    assert [chat.prompt for chat in server.chats] == ["Describe the picture.\n\nUse commas, {not a template}."] * 2
+    assert [chat.prompt for chat in server.chats] == [
+        "Describe the picture.\n\nUse commas, {not a template}."
+    ] * 2
     assert all(len(chat.images) == 1 and chat.model == "llava:13b" for chat in server.chats)
     assert server.chats[0].options == server.chats[1].options == {"num_ctx": 4096}
 
@@ -72,7 +74,10 @@ def test_pull_of_an_unknown_model_fails_with_exit_2(tmp_path, caption, server):
     picture(tmp_path / "a.jpg")
     run = caption(tmp_path, "--model", "no-such-model", "--pull")
     assert run.code == 2
-    assert "could not pull no-such-model: Ollama failed mid-answer: pull model manifest: file does not exist" in run.err
+    assert (
+        "could not pull no-such-model: Ollama failed mid-answer: pull model manifest: file does not exist"
+        in run.err
+    )
 
 
 def test_a_model_that_cannot_see_is_refused_before_it_invents_captions(tmp_path, caption, server):
@@ -95,8 +100,10 @@ def test_servers_too_old_to_list_capabilities_are_judged_by_the_clip_family(tmp_
     [
         (Reply(status=500, error=RUNNER_CRASH), f"Ollama answered 500: {RUNNER_CRASH}"),
         (Reply(status=503, error=BUSY), f"Ollama answered 503: {BUSY}"),
-        (Reply(text="A cat", error="an error was encountered while running the model"),
-         "Ollama failed mid-answer: an error was encountered while running the model"),
+        (
+            Reply(text="A cat", error="an error was encountered while running the model"),
+            "Ollama failed mid-answer: an error was encountered while running the model",
+        ),
         (Reply(text="A cat sitting on", done=False), "the answer broke off before the model finished"),
         (Reply(text=" \n "), "the model answered with an empty caption"),
         (Reply(drop=True), "the connection to Ollama broke: Server disconnected without sending a response."),

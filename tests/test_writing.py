@@ -8,12 +8,14 @@ from conftest import leftovers, picture
 
 def test_caption_is_one_stripped_line_beside_the_image_named_after_its_stem(tmp_path, caption, server):
     picture(tmp_path / "holiday.photo.JPG", size=(40, 30))
-    server.answer = lambda chat: '  Un café à Paris,\n\n  warm light,  cobblestones \n'
+    server.answer = lambda chat: "  Un café à Paris,\n\n  warm light,  cobblestones \n"
 
     run = caption(tmp_path)
 
     assert run.code == 0
-    assert (tmp_path / "holiday.photo.txt").read_text(encoding="utf-8") == "Un café à Paris, warm light, cobblestones"
+    assert (tmp_path / "holiday.photo.txt").read_text(
+        encoding="utf-8"
+    ) == "Un café à Paris, warm light, cobblestones"
     assert leftovers(tmp_path) == []
 
 
