@@ -199,15 +199,6 @@ class Summary:
     seconds: float = 0.0
 
     @property
-    def not_attempted(self) -> int:
-        return len(self.to_caption) - len(self.captioned) - self.failed_while_captioning
-
-    @property
-    def failed_while_captioning(self) -> int:
-        attempted = set(self.to_caption)
-        return sum(1 for image, _ in self.failed if image in attempted)
-
-    @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
@@ -242,12 +233,13 @@ def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
 
 
 def caption_images(client: ollama.Client, config: Config, summary: Summary, progress: Progress) -> None:
-    for image in summary.to_caption:
+    for position, image in enumerate(summary.to_caption):
         progress.image_started(image)
         try:
             caption = caption_one(client, config, image)
         except ServerUnreachable as exc:
-            summary.stopped = f"{exc} at {config.host}"
+            left = len(summary.to_caption) - position
+            summary.stopped = f"{exc} at {config.host}; {left} images not attempted"
             return
         except CaptionError as exc:
             summary.failed.append((image, str(exc)))
@@ -726,7 +718,7 @@ class Progress:
         if summary.interrupted:
             line = f"interrupted: {line}"
         if summary.stopped:
-            line += f"\nstopped: {summary.stopped}; {summary.not_attempted} images not attempted"
+            line += f"\nstopped: {summary.stopped}"
         self.say(line)
         for image, why in summary.failed:
             self.say(f"  failed {self.name(image)}: {why}")
