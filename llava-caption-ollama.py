@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import queue
+import re
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -47,8 +50,12 @@ class CaptionError(Exception):
     """Something a user (or their server, or their files) caused: reported in one line."""
 
 
-class ServerUnreachable(CaptionError):
-    """Nothing answers at the Ollama address: no further image can succeed."""
+class ConnectionTrouble(CaptionError):
+    """The connection to a server failed: the server is to blame, not (probably) the image."""
+
+
+class ServerUnreachable(ConnectionTrouble):
+    """Nothing answers at the Ollama address."""
 
 
 class ModelMissing(CaptionError):
@@ -65,7 +72,9 @@ class Config:
     folder: Path
     prompt: str
     model: str = DEFAULT_MODEL
-    host: str = DEFAULT_HOST
+    hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
+    jobs: int = 2
+    keep_alive: str | float = "30m"
     timeout: float = 600.0
     max_size: int = 1344
     caption_ext: str = ".txt"
@@ -94,8 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Ollama vision model (default: %(default)s)")
     parser.add_argument(
         "--host",
-        default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST,
-        help=f"Ollama server (default: $OLLAMA_HOST, else {DEFAULT_HOST})",
+        action="append",
+        help=f"Ollama server; give it several times to share the work among servers "
+        f"(default: $OLLAMA_HOST, else {DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=positive_int,
+        default=2,
+        help="requests in flight per server; set it to the server's OLLAMA_NUM_PARALLEL + 1 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=keep_alive_duration,
+        default="30m",
+        help="how long the server keeps the model loaded after each request, "
+        "as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
@@ -147,12 +172,27 @@ def positive_float(text: str) -> float:
     return value
 
 
+def keep_alive_duration(text: str) -> str | float:
+    # Ollama parses a string with Go's time.ParseDuration, so "5" without a unit is a 400
+    # error on every request (ollama-facts.md §1.4): send bare numbers as seconds.
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not re.fullmatch(r"-?(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or a duration like 30m")
+    return text
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
+    hosts = args.host or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
     return Config(
         folder=args.folder,
         prompt=read_prompt(args.prompt_file),
         model=args.model,
-        host=args.host,
+        hosts=list(dict.fromkeys(hosts)),
+        jobs=args.jobs,
+        keep_alive=args.keep_alive,
         timeout=args.timeout,
         max_size=args.max_size,
         caption_ext=caption_extension(args.ext),
@@ -194,6 +234,8 @@ class Summary:
     captioned: list[Path] = field(default_factory=list)
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
+    lost_servers: list[str] = field(default_factory=list)  # taken out of rotation, and why
     stopped: str | None = None  # why the run ended before its last image
     interrupted: bool = False
     seconds: float = 0.0
@@ -209,7 +251,7 @@ def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
     """Caption the images of config.folder; raise CaptionError if the run cannot start."""
     progress = progress or Progress(config.folder, verbosity=0)
     # Pillow only warns between 1x and 2x its pixel limit, and then decodes a 632-byte file
-    # into 645 MB (image-facts.md §5): make the warning an error, once, before any decoding.
+    # into 645 MB (image-facts.md §5): make the warning an error, once, before any thread.
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     summary = Summary()
     started = time.monotonic()
@@ -219,41 +261,51 @@ def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
     if config.dry_run:
         progress.list_planned(summary)
         return summary
-    client = connect(config.host, config.timeout)
+    servers = [Server(host, config.timeout) for host in config.hosts]
     try:
-        preflight(client, config, progress)
+        for server in servers:
+            preflight(server, config, progress)
         progress.start(len(summary.to_caption), len(summary.skipped), summary.failed)
-        caption_images(client, config, summary, progress)
+        caption_images(servers, config, summary, progress)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
-        client.close()
+        for server in servers:
+            server.client.close()
         summary.seconds = time.monotonic() - started
     return summary
 
 
-def caption_images(client: ollama.Client, config: Config, summary: Summary, progress: Progress) -> None:
-    for position, image in enumerate(summary.to_caption):
-        progress.image_started(image)
+def caption_images(servers: list[Server], config: Config, summary: Summary, progress: Progress) -> None:
+    left = len(summary.to_caption)
+    pipeline = Pipeline(summary.to_caption, servers, config)
+    pipeline.start()
+    try:
+        for outcome in pipeline.outcomes():
+            left -= 1
+            record(outcome, config, summary, progress)
+    finally:
+        pipeline.stop()
+        summary.lost_servers = [f"{server.host}: {server.lost}" for server in servers if server.lost]
+    if left:
+        summary.stopped = f"no Ollama server left to ask; {left} images not attempted"
+
+
+def record(outcome: Outcome, config: Config, summary: Summary, progress: Progress) -> None:
+    """Write one caption and account for it: the only place files are written or reported."""
+    error = outcome.error
+    if not error:
         try:
-            caption = caption_one(client, config, image)
-        except ServerUnreachable as exc:
-            left = len(summary.to_caption) - position
-            summary.stopped = f"{exc} at {config.host}; {left} images not attempted"
-            return
+            write_caption(caption_path(outcome.image, config.caption_ext), outcome.caption, config.existing)
         except CaptionError as exc:
-            summary.failed.append((image, str(exc)))
-            progress.image_failed(image, str(exc))
-        else:
-            summary.captioned.append(image)
-            progress.image_captioned(image, caption)
-
-
-def caption_one(client: ollama.Client, config: Config, image: Path) -> str:
-    picture = prepare_image(image, config.max_size)
-    caption = clean_caption(request_caption(client, config, picture))
-    write_caption(caption_path(image, config.caption_ext), caption, config.existing)
-    return caption
+            error = str(exc)
+    if error:
+        summary.failed.append((outcome.image, error))
+        progress.image_failed(outcome.image, error)
+    else:
+        summary.captioned.append(outcome.image)
+        summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
+        progress.image_captioned(outcome.image, outcome.caption, outcome.seconds)
 
 
 # ---------------------------------------------------------------------------
@@ -370,7 +422,9 @@ def prepare_image(path: Path, max_size: int) -> bytes:
         ) from None
     except UnidentifiedImageError:
         raise CaptionError("not an image (or a format Pillow cannot read)") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's plugins raise all three
+    except Exception as exc:  # noqa: BLE001
+        # On malformed data Pillow's plugins raise OSError, ValueError, SyntaxError, but also
+        # struct.error, IndexError, EOFError...: each is this file's failure, not the run's.
         raise CaptionError(f"cannot decode: {reason(exc)}") from None
 
 
@@ -439,29 +493,197 @@ def encode_jpeg(picture: Image.Image) -> bytes:
 
 
 # ---------------------------------------------------------------------------
+# Scheduling: images prepared a few ahead, --jobs requests in flight on every server
+# ---------------------------------------------------------------------------
+# Threads rather than asyncio: the official sync client is safe to share between threads
+# (one httpx pool), Pillow releases the GIL while it decodes and resizes (image-facts.md §3),
+# and a thread costs nothing next to seconds of inference. Workers only compute; the main
+# thread alone writes files and reports, so neither needs a lock.
+
+# More preparers than cores never helped (image-facts.md §3), and 2-4 keep ahead of any GPU.
+PREPARERS = min(4, os.cpu_count() or 1)
+# A connection that breaks this often while sending one image blames the image, not the server.
+ATTEMPTS_PER_IMAGE = 3
+POLL_SECONDS = 0.1  # how soon an idle worker or the main thread notices that the run is over
+
+
+@dataclass
+class Task:
+    image: Path
+    picture: bytes
+    attempts: int = 0
+
+
+@dataclass
+class Outcome:
+    image: Path
+    caption: str = ""
+    error: str = ""
+    seconds: float = 0.0
+    server: str = ""
+
+
+class Pipeline:
+    """Images flow: to prepare -> prepared (bounded) -> sent by any server -> done.
+
+    Every server's workers take from the one prepared queue, so a faster server does more.
+    At most one prepared image waits per request slot: memory stays flat however large the
+    folder, and the next image is ready the moment a request finishes.
+    """
+
+    def __init__(self, images: Sequence[Path], servers: list[Server], config: Config) -> None:
+        self.config = config
+        self.servers = servers
+        self.expected = len(images)
+        self.to_prepare: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        for image in images:
+            self.to_prepare.put(image)
+        self.prepared: queue.Queue[Task] = queue.Queue(maxsize=len(servers) * config.jobs)
+        self.given_back: queue.SimpleQueue[Task] = queue.SimpleQueue()  # by a failing server
+        self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.prepare_loop) for _ in range(PREPARERS)]
+        self.threads += [
+            threading.Thread(target=self.send_loop, args=(server,))
+            for server in servers
+            for _ in range(config.jobs)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            # Daemons: after Ctrl-C a request still in flight must not keep the process alive.
+            thread.daemon = True
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Each image's outcome as it comes; ends early once every server is out of rotation."""
+        for _ in range(self.expected):
+            while True:
+                if all(server.lost for server in self.servers):
+                    return
+                try:
+                    outcome = self.done.get(timeout=POLL_SECONDS)
+                    break
+                except queue.Empty:
+                    continue
+            yield outcome
+
+    def prepare_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                image = self.to_prepare.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                task = Task(image, prepare_image(image, self.config.max_size))
+            except CaptionError as exc:
+                self.done.put(Outcome(image, error=str(exc)))
+                continue
+            while not self.stopping.is_set():
+                try:
+                    self.prepared.put(task, timeout=POLL_SECONDS)
+                    break
+                except queue.Full:
+                    continue
+
+    def send_loop(self, server: Server) -> None:
+        while not self.stopping.is_set() and not server.lost:
+            task = self.next_task()
+            if task is None:
+                continue
+            try:
+                self.send(server, task)
+            except Exception as exc:  # noqa: BLE001
+                # Once the run is over, its clients are closed under requests still in flight.
+                # Before that, an unforeseen error must fail the image, not leave the run
+                # waiting forever for its outcome.
+                if not self.stopping.is_set():
+                    self.done.put(Outcome(task.image, error=f"unexpected error: {exc!r}"))
+
+    def send(self, server: Server, task: Task) -> None:
+        started = time.monotonic()
+        try:
+            caption = clean_caption(request_caption(server.client, self.config, task.picture))
+        except ConnectionTrouble as exc:
+            self.give_back(task, exc)
+            server.check_still_answers()
+        except CaptionError as exc:
+            self.done.put(Outcome(task.image, error=str(exc)))
+        else:
+            seconds = time.monotonic() - started
+            self.done.put(Outcome(task.image, caption=caption, seconds=seconds, server=server.host))
+
+    def next_task(self) -> Task | None:
+        try:
+            return self.given_back.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return self.prepared.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return None
+
+    def give_back(self, task: Task, trouble: ConnectionTrouble) -> None:
+        task.attempts += 1
+        if task.attempts < ATTEMPTS_PER_IMAGE:
+            self.given_back.put(task)
+        else:
+            self.done.put(Outcome(task.image, error=f"{trouble} (on each of {task.attempts} attempts)"))
+
+
+# ---------------------------------------------------------------------------
 # Request
 # ---------------------------------------------------------------------------
 
 
-def connect(host: str, timeout: float) -> ollama.Client:
-    # The client waits forever by default (ollama-facts.md §1.1). A queued request gets no
-    # byte until a slot frees, so the read timeout must be generous; connecting need not be.
-    return ollama.Client(host=host, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+# A server that breaks a connection is asked again after these pauses (seconds) before it
+# is taken out of rotation: enough to ride out a dropped connection, not a restart.
+PROBE_PAUSES = (0.25, 0.5, 1.0)
 
 
-def preflight(client: ollama.Client, config: Config, progress: Progress) -> None:
+class Server:
+    """One Ollama server of the run: its client, and why it left the rotation, if it did."""
+
+    def __init__(self, host: str, timeout: float) -> None:
+        self.host = host
+        # The client waits forever by default (ollama-facts.md §1.1). A queued request gets no
+        # byte until a slot frees, so the read timeout must be generous; connecting need not be.
+        self.client = ollama.Client(host=host, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+        self.lost = ""
+        self.probing = threading.Lock()
+
+    def check_still_answers(self) -> None:
+        """After a broken connection: ask a few times, and take the server out if it stays silent."""
+        with self.probing:  # one worker asks; the server's other workers wait for the verdict
+            if self.lost:
+                return
+            for pause in PROBE_PAUSES:
+                time.sleep(pause)
+                try:
+                    with server_errors():
+                        self.client.list()
+                    return
+                except CaptionError as exc:
+                    trouble = str(exc)
+            self.lost = trouble
+
+
+def preflight(server: Server, config: Config, progress: Progress) -> None:
     """Before any image is sent: the server answers, has the model, and the model can see."""
     try:
         with server_errors():
-            client.list()
+            server.client.list()
     except ServerUnreachable:
         raise CaptionError(
-            f"cannot reach Ollama at {config.host}; start it with 'ollama serve' "
+            f"cannot reach Ollama at {server.host}; start it with 'ollama serve' "
             "or point --host (or OLLAMA_HOST) at it"
         ) from None
     except CaptionError as exc:
-        raise CaptionError(f"{config.host} does not answer like an Ollama server: {exc}") from None
-    details = show_model(client, config, progress)
+        raise CaptionError(f"{server.host} does not answer like an Ollama server: {exc}") from None
+    details = show_model(server.client, server.host, config, progress)
     capabilities = details.capabilities or []
     families = (details.details.families if details.details else None) or []
     # Ollama does not refuse images sent to a text model: it ignores them and the model
@@ -470,19 +692,19 @@ def preflight(client: ollama.Client, config: Config, progress: Progress) -> None
     can_see = "vision" in capabilities if capabilities else "clip" in families
     if not can_see:
         raise CaptionError(
-            f"model {config.model} cannot see images (it lacks the 'vision' capability); "
+            f"model {config.model} on {server.host} cannot see images (it lacks the 'vision' capability); "
             "choose a vision model such as llava"
         )
 
 
-def show_model(client: ollama.Client, config: Config, progress: Progress) -> ollama.ShowResponse:
+def show_model(client: ollama.Client, host: str, config: Config, progress: Progress) -> ollama.ShowResponse:
     try:
         with server_errors():
             return client.show(config.model)
     except ModelMissing:
         if not config.pull:
             raise CaptionError(
-                f"model {config.model} is not on the server; run 'ollama pull {config.model}' or add --pull"
+                f"model {config.model} is not on {host}; run 'ollama pull {config.model}' or add --pull"
             ) from None
     pull_model(client, config.model, progress)
     with server_errors():
@@ -507,7 +729,13 @@ def request_caption(client: ollama.Client, config: Config, picture: bytes) -> st
     with server_errors():
         # Streamed, so the read timeout bounds the silence before and between tokens rather
         # than the whole answer, and an answer cut off mid-way is told from a complete one.
-        for part in client.chat(model=config.model, messages=[message], stream=True, options=REQUEST_OPTIONS):
+        for part in client.chat(
+            model=config.model,
+            messages=[message],
+            stream=True,
+            options=REQUEST_OPTIONS,
+            keep_alive=config.keep_alive,  # resets the unload timer with every request (§2.6)
+        ):
             parts.append(part.message.content or "")
             if part.done:
                 return "".join(parts)
@@ -529,6 +757,8 @@ def server_errors() -> Iterator[None]:
             raise ModelMissing(exc.error) from None
         if isinstance(exc, (ConnectionError, httpx.ConnectError)):
             raise ServerUnreachable("cannot reach the Ollama server") from None
+        if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.TimeoutException):
+            raise ConnectionTrouble(explain(exc)) from None
         raise CaptionError(explain(exc)) from None
 
 
@@ -622,7 +852,6 @@ class Progress:
         self.total = 0
         self.done = 0
         self.sending_since = 0.0
-        self.image_since = 0.0
         self.live_line_shown = False
         self.last_pull_status = ""
 
@@ -639,15 +868,11 @@ class Progress:
             self.image_failed(image, why, counted=False)
         if self.verbosity >= 0:
             self.say(f"{total} to caption, {skipped} already captioned")
-
-    def image_started(self, image: Path) -> None:
-        self.image_since = time.monotonic()
         if self.live:
-            self.draw_bar(self.name(image))
+            self.draw_bar("")
 
-    def image_captioned(self, image: Path, caption: str) -> None:
+    def image_captioned(self, image: Path, caption: str, seconds: float) -> None:
         self.done += 1
-        seconds = time.monotonic() - self.image_since
         if self.verbosity >= 0 and not self.live:
             self.say(f"[{self.done}/{self.total}] {self.name(image)} {seconds:.1f}s, ETA {self.eta()}")
         if self.verbosity > 0:
@@ -658,6 +883,8 @@ class Progress:
     def image_failed(self, image: Path, why: str, counted: bool = True) -> None:
         self.done += counted
         self.say(f"FAILED {self.name(image)}: {why}")
+        if self.live and counted:
+            self.draw_bar("")
 
     def eta(self) -> str:
         if not self.done:
@@ -717,10 +944,15 @@ class Progress:
         )
         if summary.interrupted:
             line = f"interrupted: {line}"
-        if summary.stopped:
-            line += f"\nstopped: {summary.stopped}"
         self.say(line)
-        for image, why in summary.failed:
+        if len(summary.by_server) > 1 or summary.lost_servers:
+            for server, count in summary.by_server.items():
+                self.say(f"  {server}: captioned {count}")
+            for lost in summary.lost_servers:
+                self.say(f"  taken out of rotation: {lost}")
+        if summary.stopped:
+            self.say(f"stopped: {summary.stopped}")
+        for image, why in sorted(summary.failed):
             self.say(f"  failed {self.name(image)}: {why}")
 
 

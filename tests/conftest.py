@@ -35,10 +35,27 @@ class Run:
 
 
 @pytest.fixture
-def server():
-    stand_in = StandInOllama().start()
-    yield stand_in
-    stand_in.stop()
+def make_server():
+    """Start stand-in servers with their own slots and latency; all stop after the test."""
+    started = []
+
+    def make(**settings) -> StandInOllama:
+        started.append(StandInOllama(**settings).start())
+        return started[-1]
+
+    yield make
+    for stand_in in started:
+        stand_in.stop()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+def by_width(replies: dict, default="A red square"):
+    """An answer chosen by which picture arrived (its width), whatever the arrival order."""
+    return lambda chat: replies.get(chat.picture().width, default)
 
 
 @pytest.fixture

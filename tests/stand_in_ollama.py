@@ -64,7 +64,7 @@ class Reply:
     done: bool = True  # False: the stream ends without its final "done" line
     delay: float = 0.0  # seconds of silence before the first byte
     drop: bool = False  # close the connection without answering
-    vanish: bool = False  # the server stops listening before this answer's last line
+    vanish: bool = False  # the server dies before this answer's last line, which it still sends
     done_reason: str = "stop"
 
 
@@ -88,6 +88,7 @@ class StandInOllama:
 
     def __post_init__(self) -> None:
         self.chats: list = []
+        self.connections: set = set()
         self.lock = threading.Lock()
         self.in_flight = 0
         self.most_in_flight = 0
@@ -105,10 +106,18 @@ class StandInOllama:
         self.thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, spare: socket.socket | None = None) -> None:
+        """Die as a killed server does: stop listening and cut every open connection."""
         if self.thread.is_alive():
             self.httpd.shutdown()
             self.httpd.server_close()
+        with self.lock:
+            doomed = [connection for connection in self.connections if connection is not spare]
+        for connection in doomed:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 def normalized(name: str) -> str:
@@ -125,6 +134,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.stand_in.lock:
+            self.stand_in.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.stand_in.lock:
+            self.stand_in.connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass  # the connection was cut by stop()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:
+            pass  # the connection was cut by stop(), as when a server dies
 
     # -- plumbing ---------------------------------------------------------
 
@@ -367,7 +395,7 @@ class Handler(BaseHTTPRequestHandler):
             piece = {"role": "assistant", "content": token}
             self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
         if reply.vanish:
-            self.stand_in.stop()
+            self.stand_in.stop(spare=self.connection)
         if reply.error:
             self.stream_line({"error": reply.error})
         elif reply.done:

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import SCRIPT, closed_port_url, leftovers, picture, run_script
+from conftest import SCRIPT, by_width, closed_port_url, leftovers, picture, run_script
 from stand_in_ollama import Reply
 
 
@@ -74,20 +74,22 @@ def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, s
     lines = run_script(tmp_path, "--host", server.url).stderr.splitlines()
 
     assert lines[0] == "2 to caption, 1 already captioned"
-    assert lines[1].startswith("[1/2] b.jpg ") and ", ETA " in lines[1]
-    assert lines[2].startswith("[2/2] c.jpg ") and lines[2].endswith(", ETA 0s")
+    assert lines[1].startswith(("[1/2] b.jpg ", "[1/2] c.jpg ")) and ", ETA " in lines[1]
+    assert lines[2].startswith(("[2/2] b.jpg ", "[2/2] c.jpg ")) and lines[2].endswith(", ETA 0s")
+    assert lines[1][6:11] != lines[2][6:11]
     assert lines[3].startswith("captioned 2, skipped 1, failed 0 in ")
     assert lines[3].endswith(" images/s)")
     assert len(lines) == 4
 
 
 def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp_path, server):
-    picture(tmp_path / "a.jpg")
-    picture(tmp_path / "b.jpg")
-    server.answer = lambda chat: "A red square" if len(server.chats) == 1 else Reply(status=500, error="boom")
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    server.answer = by_width({65: Reply(status=500, error="boom")})
 
     verbose = run_script(tmp_path, "--host", server.url, "-v").stderr.splitlines()
-    assert verbose[2] == "    A red square"
+    a_line = next(i for i, line in enumerate(verbose) if line.startswith("[") and " a.jpg " in line)
+    assert verbose[a_line + 1] == "    A red square"
 
     (tmp_path / "a.txt").unlink()
     server.chats.clear()
@@ -127,31 +129,33 @@ def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
     assert "captioned 3, skipped 0, failed 0" in text
 
 
-def test_ctrl_c_stops_at_once_keeps_finished_captions_and_a_rerun_does_the_rest(tmp_path, server):
-    for name in "abc":
-        picture(tmp_path / f"{name}.jpg")
-    server.answer = lambda chat: Reply(text="slow", delay=60) if len(server.chats) == 2 else "A red square"
+def test_ctrl_c_stops_at_once_keeps_finished_captions_and_a_rerun_does_the_rest(tmp_path, make_server):
+    for width, name in enumerate("abc", start=64):
+        picture(tmp_path / f"{name}.jpg", size=(width, 48))
+    server = make_server(slots=3, answer=by_width({65: Reply(text="slow", delay=60)}))
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
+        [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url, "--jobs", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     deadline = time.monotonic() + 30
-    while len(server.chats) < 2 and time.monotonic() < deadline:
+    while (
+        not ((tmp_path / "a.txt").exists() and (tmp_path / "c.txt").exists()) and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
 
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
 
     assert process.returncode == 130
-    assert "interrupted: captioned 1, skipped 0, failed 0" in err
+    assert "interrupted: captioned 2, skipped 0, failed 0" in err
     assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "c.txt"]
     assert leftovers(tmp_path) == []
 
     server.chats.clear()
     server.answer = lambda chat: "A red square"
     assert run_script(tmp_path, "--host", server.url).returncode == 0
-    assert len(server.chats) == 2
+    assert [chat.picture().width for chat in server.chats] == [65]
     assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "b.txt", "c.txt"]

@@ -6,7 +6,7 @@ import http.server
 import threading
 
 import pytest
-from conftest import closed_port_url, leftovers, picture
+from conftest import by_width, closed_port_url, leftovers, picture
 from stand_in_ollama import BUSY, OLD_VISION_MODEL, RUNNER_CRASH, TEXT_MODEL, VISION_MODEL, Reply
 
 
@@ -54,7 +54,7 @@ def test_missing_model_says_how_to_pull_it_and_sends_nothing(tmp_path, caption, 
     picture(tmp_path / "a.jpg")
     run = caption(tmp_path, "--model", "llava:34b")
     assert run.code == 2
-    assert "model llava:34b is not on the server; run 'ollama pull llava:34b' or add --pull" in run.err
+    assert f"model llava:34b is not on {server.url}; run 'ollama pull llava:34b' or add --pull" in run.err
     assert server.chats == []
 
 
@@ -85,7 +85,7 @@ def test_a_model_that_cannot_see_is_refused_before_it_invents_captions(tmp_path,
     server.models["llama3:8b"] = TEXT_MODEL
     run = caption(tmp_path, "--model", "llama3:8b")
     assert run.code == 2
-    assert "model llama3:8b cannot see images" in run.err
+    assert f"model llama3:8b on {server.url} cannot see images" in run.err
     assert server.chats == []
 
 
@@ -106,14 +106,13 @@ def test_servers_too_old_to_list_capabilities_are_judged_by_the_clip_family(tmp_
         ),
         (Reply(text="A cat sitting on", done=False), "the answer broke off before the model finished"),
         (Reply(text=" \n "), "the model answered with an empty caption"),
-        (Reply(drop=True), "the connection to Ollama broke: Server disconnected without sending a response."),
     ],
-    ids=["runner-crash", "busy", "mid-stream-error", "no-done", "empty", "dropped"],
+    ids=["runner-crash", "busy", "mid-stream-error", "no-done", "empty"],
 )
 def test_a_failed_answer_fails_that_image_only_and_writes_nothing(tmp_path, caption, server, reply, reason):
-    for name in "abc":
-        picture(tmp_path / f"{name}.jpg")
-    server.answer = lambda chat: reply if len(server.chats) == 2 else "A red square"
+    for width, name in enumerate("abc", start=64):
+        picture(tmp_path / f"{name}.jpg", size=(width, 48))
+    server.answer = by_width({65: reply})
 
     run = caption(tmp_path)
 
@@ -125,11 +124,12 @@ def test_a_failed_answer_fails_that_image_only_and_writes_nothing(tmp_path, capt
 
 
 def test_an_answer_slower_than_the_timeout_fails_that_image(tmp_path, caption, server):
-    picture(tmp_path / "a.jpg")
-    picture(tmp_path / "b.jpg")
-    server.answer = lambda chat: Reply(text="late", delay=2) if len(server.chats) == 1 else "on time"
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    server.answer = by_width({64: Reply(text="late", delay=2)}, default="on time")
 
-    run = caption(tmp_path, "--timeout", 0.5)
+    # One at a time: a request queued behind the slow one would wait past the timeout too.
+    run = caption(tmp_path, "--timeout", 0.5, "--jobs", 1)
 
     assert run.code == 1
     assert "FAILED a.jpg: no answer within the timeout" in run.err
@@ -139,15 +139,52 @@ def test_an_answer_slower_than_the_timeout_fails_that_image(tmp_path, caption, s
 def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, caption, server):
     for name in "abcd":
         picture(tmp_path / f"{name}.jpg")
-
     server.answer = lambda chat: Reply(text="A red square", vanish=len(server.chats) == 2)
+
+    run = caption(tmp_path, "--jobs", 1)  # one at a time, so the second answer is the last
+
+    assert run.code == 1
+    assert len(list(tmp_path.glob("*.txt"))) == 2
+    assert f"  taken out of rotation: {server.url}: cannot reach the Ollama server" in run.err
+    assert "stopped: no Ollama server left to ask; 2 images not attempted" in run.err
+    assert "Traceback" not in run.err
+
+
+def test_a_dropped_connection_is_retried(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    dropped = []
+
+    def drop_once(chat):
+        if chat.picture().width == 65 and not dropped:
+            dropped.append(chat)
+            return Reply(drop=True)
+        return "A red square"
+
+    server.answer = drop_once
+
+    run = caption(tmp_path)
+
+    assert run.code == 0, run.err
+    assert len(dropped) == 1 and len(server.chats) == 3
+    assert (tmp_path / "b.txt").read_text() == "A red square"
+
+
+def test_an_image_that_breaks_the_connection_every_time_fails_after_three_attempts(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    server.answer = by_width({65: Reply(drop=True)})
 
     run = caption(tmp_path)
 
     assert run.code == 1
-    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "b.txt"]
-    assert f"stopped: cannot reach the Ollama server at {server.url}; 2 images not attempted" in run.err
-    assert "Traceback" not in run.err
+    assert [chat.picture().width for chat in server.chats].count(65) == 3
+    assert (
+        "FAILED b.jpg: the connection to Ollama broke: Server disconnected without sending a response. "
+        "(on each of 3 attempts)"
+    ) in run.err
+    assert (tmp_path / "a.txt").exists()
+    assert "taken out of rotation" not in run.err
 
 
 def test_ollama_host_is_the_default_host(tmp_path, server, monkeypatch, capsys):
