@@ -286,7 +286,8 @@ def caption_images(servers: list[Server], config: Config, summary: Summary, prog
             record(outcome, config, summary, progress)
     finally:
         pipeline.stop()
-        summary.lost_servers = [f"{server.host}: {server.lost}" for server in servers if server.lost]
+    pipeline.wait_for_probes()
+    summary.lost_servers = [f"{server.host}: {server.lost}" for server in servers if server.lost]
     if left:
         summary.stopped = f"no Ollama server left to ask; {left} images not attempted"
 
@@ -557,6 +558,12 @@ class Pipeline:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def wait_for_probes(self) -> None:
+        """Let workers still asking a failing server finish, so the summary knows its fate."""
+        deadline = time.monotonic() + sum(PROBE_PAUSES) + 2 * POLL_SECONDS
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def outcomes(self) -> Iterator[Outcome]:
         """Each image's outcome as it comes; ends early once every server is out of rotation."""
