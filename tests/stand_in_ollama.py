@@ -49,6 +49,8 @@ class Chat:
     options: dict
     keep_alive: Any
     stream: bool
+    received_at: float = 0.0  # time.monotonic() when the request arrived
+    answered_at: float = 0.0  # and when its answer was sent in full
 
     def picture(self, index: int = 0) -> Image.Image:
         return Image.open(io.BytesIO(self.images[index]))
@@ -333,6 +335,7 @@ class Handler(BaseHTTPRequestHandler):
             options=body.get("options") or {},
             keep_alive=body.get("keep_alive"),
             stream=body.get("stream", True),
+            received_at=time.monotonic(),
         )
         with stand_in.lock:
             stand_in.chats.append(chat)
@@ -344,6 +347,7 @@ class Handler(BaseHTTPRequestHandler):
                 reply = reply if isinstance(reply, Reply) else Reply(text=reply)
                 if self.client_stays(stand_in.latency + reply.delay):
                     self.send_reply(model, reply, chat.stream)
+                    chat.answered_at = time.monotonic()
         finally:
             with stand_in.lock:
                 stand_in.in_flight -= 1
