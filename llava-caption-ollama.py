@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import queue
+import random
 import re
+import string
 import sys
 import threading
 import time
@@ -41,9 +44,11 @@ DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent / "prompt.txt"
 IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"])
 # llava 1.6 turns one image into up to ~2,880 tokens, so a 2,048 context yields empty
-# answers (ollama-facts.md §2.7). Sent unchanged on every request: a changed load-time
-# option makes Ollama reload the model (§2.6).
-REQUEST_OPTIONS = {"num_ctx": 4096}
+# answers (ollama-facts.md §2.7).
+DEFAULT_NUM_CTX = 4096
+CLIP_TOKENS = 77  # what Stable Diffusion's text encoder reads of a caption
+# What a prompt file may ask for, filled in for each image (see prompt_for()).
+PLACEHOLDERS = ("name", "folder", "class", "existing")
 
 
 class CaptionError(Exception):
@@ -83,6 +88,21 @@ class Config:
     pull: bool = False
     dry_run: bool = False
     limit: int | None = None
+    prefix: str = ""
+    suffix: str = ""
+    raw: bool = False
+    retries: int = 3
+    temperature: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    num_ctx: int = DEFAULT_NUM_CTX
+    jsonl: Path | None = None
+
+    def options(self) -> dict:
+        """Sampling and load options, the same on every request: a changed load-time option
+        makes Ollama reload the model (ollama-facts.md §2.6)."""
+        chosen = {"temperature": self.temperature, "seed": self.seed, "num_predict": self.max_tokens}
+        return {"num_ctx": self.num_ctx, **{key: value for key, value in chosen.items() if value is not None}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="skip",
         help="what to do where a non-empty caption exists (default: %(default)s)",
     )
+    parser.add_argument("--prefix", default="", help="text put first in every caption, e.g. a trigger word")
+    parser.add_argument("--suffix", default="", help="text put last in every caption")
+    parser.add_argument("--raw", action="store_true", help="write the model's answer without cleaning it up")
+    parser.add_argument(
+        "--retries",
+        type=non_negative_int,
+        default=3,
+        help="times to ask again, with a new seed, after an empty, refused, looping or cut-off "
+        "answer (default: %(default)s)",
+    )
+    parser.add_argument("--temperature", type=non_negative_float, help="sampling temperature (model default)")
+    parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
+    parser.add_argument("--max-tokens", type=positive_int, help="longest answer in tokens (num_predict)")
+    parser.add_argument(
+        "--num-ctx", type=positive_int, default=DEFAULT_NUM_CTX, help="context length (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--jsonl",
+        type=Path,
+        help="also keep this metadata.jsonl (Hugging Face imagefolder format) of every caption written",
+    )
     parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
     parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
     parser.add_argument("--limit", type=positive_int, help="caption at most N images")
@@ -162,6 +203,13 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 
@@ -201,6 +249,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         pull=args.pull,
         dry_run=args.dry_run,
         limit=args.limit,
+        prefix=args.prefix.strip(),
+        suffix=args.suffix.strip(),
+        raw=args.raw,
+        retries=args.retries,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        num_ctx=args.num_ctx,
+        jsonl=args.jsonl,
     )
 
 
@@ -211,7 +268,24 @@ def read_prompt(path: Path) -> str:
         raise CaptionError(f"cannot read prompt file {path}: {reason(exc)}") from None
     if not prompt:
         raise CaptionError(f"prompt file {path} is empty")
+    check_template(prompt, path)
     return prompt
+
+
+def check_template(prompt: str, path: Path) -> None:
+    # An unknown placeholder silently filled with nothing would change every caption of the
+    # run (peers.md: "Silent prompt changes"), so it stops the run before any request.
+    try:
+        fields = [parsed[1:] for parsed in string.Formatter().parse(prompt) if parsed[1] is not None]
+    except ValueError as exc:
+        raise CaptionError(f"prompt file {path}: {exc}; write {{{{ or }}}} for a literal brace") from None
+    for name, spec, conversion in fields:
+        if name not in PLACEHOLDERS or spec or conversion:
+            known = ", ".join(f"{{{known}}}" for known in PLACEHOLDERS)
+            raise CaptionError(
+                f"prompt file {path} asks for {{{name}}}, which is not one of {known}; "
+                "write {{ or }} for a literal brace"
+            )
 
 
 def caption_extension(ext: str) -> str:
@@ -237,14 +311,19 @@ class Summary:
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     lost_servers: list[str] = field(default_factory=list)  # taken out of rotation, and why
     stopped: str | None = None  # why the run ended before its last image
+    metadata_error: str = ""  # the --jsonl file could not be written
     interrupted: bool = False
     seconds: float = 0.0
+    tokens: int = 0  # generated, as the servers counted them
+    generation_ns: int = 0
+    words: int = 0  # in the captions written
+    over_clip_limit: int = 0  # captions estimated longer than CLIP's 77 tokens
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_SOME_FAILED if self.failed or self.stopped else EXIT_OK
+        return EXIT_SOME_FAILED if self.failed or self.stopped or self.metadata_error else EXIT_OK
 
 
 def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
@@ -261,29 +340,33 @@ def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
     if config.dry_run:
         progress.list_planned(summary)
         return summary
+    metadata = Metadata(config.jsonl) if config.jsonl else None
     servers = [Server(host, config.timeout) for host in config.hosts]
     try:
         for server in servers:
             preflight(server, config, progress)
         progress.start(len(summary.to_caption), len(summary.skipped), summary.failed)
-        caption_images(servers, config, summary, progress)
+        caption_images(servers, config, summary, progress, metadata)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         for server in servers:
             server.client.close()
+        save_metadata(metadata, summary)
         summary.seconds = time.monotonic() - started
     return summary
 
 
-def caption_images(servers: list[Server], config: Config, summary: Summary, progress: Progress) -> None:
+def caption_images(
+    servers: list[Server], config: Config, summary: Summary, progress: Progress, metadata: Metadata | None
+) -> None:
     left = len(summary.to_caption)
     pipeline = Pipeline(summary.to_caption, servers, config)
     pipeline.start()
     try:
         for outcome in pipeline.outcomes():
             left -= 1
-            record(outcome, config, summary, progress)
+            record(outcome, config, summary, progress, metadata)
     finally:
         pipeline.stop()
     pipeline.wait_for_probes()
@@ -292,21 +375,39 @@ def caption_images(servers: list[Server], config: Config, summary: Summary, prog
         summary.stopped = f"no Ollama server left to ask; {left} images not attempted"
 
 
-def record(outcome: Outcome, config: Config, summary: Summary, progress: Progress) -> None:
+def record(
+    outcome: Outcome, config: Config, summary: Summary, progress: Progress, metadata: Metadata | None
+) -> None:
     """Write one caption and account for it: the only place files are written or reported."""
-    error = outcome.error
-    if not error:
+    try:
+        if outcome.error:
+            raise CaptionError(outcome.error)
+        text = write_caption(outcome.image, outcome.caption, config)
+    except CaptionError as exc:
+        summary.failed.append((outcome.image, str(exc)))
+        progress.image_failed(outcome.image, str(exc))
+        return
+    summary.captioned.append(outcome.image)
+    summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
+    summary.tokens += outcome.tokens
+    summary.generation_ns += outcome.generation_ns
+    summary.words += len(text.split())
+    summary.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
+    progress.image_captioned(outcome.image, text, outcome.seconds)
+    if metadata:
+        extra = {"model": config.model, "seconds": round(outcome.seconds, 2), "tokens": outcome.tokens}
         try:
-            write_caption(caption_path(outcome.image, config.caption_ext), outcome.caption, config.existing)
+            metadata.add(outcome.image, text, **extra)
+        except CaptionError as exc:  # the last save, at the end of the run, tries again
+            progress.say(f"warning: {exc}")
+
+
+def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
+    if metadata:
+        try:
+            metadata.save()
         except CaptionError as exc:
-            error = str(exc)
-    if error:
-        summary.failed.append((outcome.image, error))
-        progress.image_failed(outcome.image, error)
-    else:
-        summary.captioned.append(outcome.image)
-        summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
-        progress.image_captioned(outcome.image, outcome.caption, outcome.seconds)
+            summary.metadata_error = str(exc)
 
 
 # ---------------------------------------------------------------------------
@@ -512,6 +613,7 @@ POLL_SECONDS = 0.1  # how soon an idle worker or the main thread notices that th
 class Task:
     image: Path
     picture: bytes
+    prompt: str
     attempts: int = 0
 
 
@@ -522,6 +624,8 @@ class Outcome:
     error: str = ""
     seconds: float = 0.0
     server: str = ""
+    tokens: int = 0  # generated, as the server counted them
+    generation_ns: int = 0
 
 
 class Pipeline:
@@ -585,7 +689,8 @@ class Pipeline:
             except queue.Empty:
                 return
             try:
-                task = Task(image, prepare_image(image, self.config.max_size))
+                prompt = prompt_for(self.config.prompt, image, self.config.caption_ext)
+                task = Task(image, prepare_image(image, self.config.max_size), prompt)
             except CaptionError as exc:
                 self.done.put(Outcome(image, error=str(exc)))
                 continue
@@ -613,7 +718,7 @@ class Pipeline:
     def send(self, server: Server, task: Task) -> None:
         started = time.monotonic()
         try:
-            caption = clean_caption(request_caption(server.client, self.config, task.picture))
+            caption, answer = ask_until_acceptable(server.client, self.config, task)
         except ConnectionTrouble as exc:
             self.give_back(task, exc)
             server.check_still_answers()
@@ -621,7 +726,10 @@ class Pipeline:
             self.done.put(Outcome(task.image, error=str(exc)))
         else:
             seconds = time.monotonic() - started
-            self.done.put(Outcome(task.image, caption=caption, seconds=seconds, server=server.host))
+            outcome = Outcome(
+                task.image, caption, "", seconds, server.host, answer.tokens, answer.generation_ns
+            )
+            self.done.put(outcome)
 
     def next_task(self) -> Task | None:
         try:
@@ -729,9 +837,31 @@ def pull_model(client: ollama.Client, model: str, progress: Progress) -> None:
         progress.end_live_line()
 
 
-def request_caption(client: ollama.Client, config: Config, picture: bytes) -> str:
+def prompt_for(template: str, image: Path, caption_ext: str) -> str:
+    """The prompt file's text with this image's placeholders filled in."""
+    used = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+    values = {
+        "name": image.stem,
+        "folder": image.parent.name,
+        # Kohya's folder convention "15_guideboat": 15 repeats of the class "guideboat".
+        "class": re.sub(r"^\d+_(?=.)", "", image.parent.name),
+        "existing": read_existing(caption_path(image, caption_ext)) if "existing" in used else "",
+    }
+    return template.format(**values)
+
+
+@dataclass
+class Answer:
+    text: str
+    done_reason: str
+    tokens: int
+    generation_ns: int
+
+
+def request_caption(client: ollama.Client, config: Config, task: Task, seed: int | None) -> Answer:
     """Send one image; return the model's whole answer."""
-    message = {"role": "user", "content": config.prompt, "images": [picture]}
+    message = {"role": "user", "content": task.prompt, "images": [task.picture]}
+    options = config.options() if seed is None else {**config.options(), "seed": seed}
     parts = []
     with server_errors():
         # Streamed, so the read timeout bounds the silence before and between tokens rather
@@ -740,12 +870,14 @@ def request_caption(client: ollama.Client, config: Config, picture: bytes) -> st
             model=config.model,
             messages=[message],
             stream=True,
-            options=REQUEST_OPTIONS,
+            options=options,
             keep_alive=config.keep_alive,  # resets the unload timer with every request (§2.6)
         ):
             parts.append(part.message.content or "")
             if part.done:
-                return "".join(parts)
+                return Answer(
+                    "".join(parts), part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
+                )
     raise CaptionError("the answer broke off before the model finished")
 
 
@@ -795,12 +927,92 @@ def reason(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 
-def clean_caption(answer: str) -> str:
-    # A caption file holds one line: trainers read it as a single prompt.
-    caption = " ".join(answer.split())
+# The cleanup rules, few on purpose so that a user can predict them (README "Cleanup").
+LABEL = re.compile(r"^(?:caption|description)\s*:\s*", re.IGNORECASE)
+LEAD_IN = re.compile(
+    r"^(?:(?:the|this) (?:image|picture|photo|photograph) (?:shows|depicts|features|captures|is of)"
+    r"|in (?:the|this) (?:image|picture|photo|photograph)"
+    r"|this is (?:an? )?(?:image|picture|photo|photograph) of)\b[\s,:]*",
+    re.IGNORECASE,
+)
+QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
+REFUSAL = re.compile(
+    r"^(?:i'?m sorry|i am sorry|sorry\b|i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)"
+    r"|as an ai\b|unfortunately,? i\b)",
+    re.IGNORECASE,
+)
+# A phrase of 3 to 80 characters said four or more times in a row: the model is looping.
+LOOP = re.compile(r"\b(\w.{2,79}?)(?:[\s,;.]+\1\b){3,}", re.IGNORECASE | re.DOTALL)
+
+
+def ask_until_acceptable(client: ollama.Client, config: Config, task: Task) -> tuple[str, Answer]:
+    """Ask, and ask again with a new seed while the answer is not fit to train on."""
+    for attempt in range(config.retries + 1):
+        answer = request_caption(client, config, task, seed_for(config.seed, attempt))
+        caption = answer.text.strip() if config.raw else tidy(answer.text)
+        problem = caption_problem(answer, caption)
+        if not problem:
+            return caption, answer
+    tries = f" (on each of {config.retries + 1} tries)" if config.retries else ""
+    raise CaptionError(problem + tries)
+
+
+def seed_for(seed: int | None, attempt: int) -> int | None:
+    # A retry needs a seed of its own, or a seeded model says the same thing again; a fixed
+    # --seed still makes the whole run, retries included, reproducible.
+    if attempt == 0:
+        return seed
+    return (seed if seed is not None else random.randrange(2**31)) + attempt
+
+
+def tidy(answer: str) -> str:
+    caption = " ".join(answer.split())  # one line: trainers read a caption file as one prompt
+    caption = unquote(LABEL.sub("", caption, count=1))
+    return LEAD_IN.sub("", caption, count=1)
+
+
+def unquote(text: str) -> str:
+    if len(text) >= 2 and QUOTE_PAIRS.get(text[0]) == text[-1]:
+        return text[1:-1].strip()
+    return text
+
+
+def caption_problem(answer: Answer, caption: str) -> str:
+    """Why this caption must not reach a training set, or "" if it may."""
+    if answer.done_reason == "length":
+        return "the answer was cut off at the token limit (raise --max-tokens or --num-ctx)"
     if not caption:
-        raise CaptionError("the model answered with an empty caption")
+        return "the model answered with an empty caption"
+    if REFUSAL.match(caption.replace("\u2019", "'")):
+        return f"the model refused: {shortened(caption)}"
+    if LOOP.search(caption):
+        return f"the answer repeats itself: {shortened(caption)}"
+    return ""
+
+
+def shortened(text: str, length: int = 60) -> str:
+    return repr(text if len(text) <= length else text[: length - 1] + "\u2026")
+
+
+def finished_caption(caption: str, old: str, config: Config) -> str:
+    """The text to write: merged with an existing caption if asked, trigger words in place."""
+    if old and config.existing == "append":
+        caption = f"{old}, {caption}"
+    elif old and config.existing == "prepend":
+        caption = f"{caption}, {old}"
+    # A trigger word the model (or an earlier run) already put in place is not repeated.
+    if config.prefix and not caption.lower().startswith(config.prefix.lower()):
+        caption = f"{config.prefix}, {caption}"
+    if config.suffix and not caption.lower().rstrip(" .").endswith(config.suffix.lower()):
+        caption = f"{caption}, {config.suffix}"
     return caption
+
+
+def estimated_clip_tokens(caption: str) -> int:
+    # CLIP's tokenizer gives most words one token and each punctuation mark one more, plus
+    # a start and an end token: close enough to count captions that overflow 77, without
+    # a tokenizer dependency.
+    return len(caption.split()) + len(re.findall(r"[^\w\s]", caption)) + 2
 
 
 # ---------------------------------------------------------------------------
@@ -808,12 +1020,13 @@ def clean_caption(answer: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def write_caption(path: Path, caption: str, existing: str) -> None:
-    if existing in ("append", "prepend"):
-        old = read_existing(path)
-        if old:
-            caption = f"{old}, {caption}" if existing == "append" else f"{caption}, {old}"
-    write_atomically(path, caption)
+def write_caption(image: Path, caption: str, config: Config) -> str:
+    """Write the caption beside its image; return the text written."""
+    path = caption_path(image, config.caption_ext)
+    old = read_existing(path) if config.existing in ("append", "prepend") else ""
+    text = finished_caption(caption, old, config)
+    write_atomically(path, text)
+    return text
 
 
 def read_existing(path: Path) -> str:
@@ -822,7 +1035,56 @@ def read_existing(path: Path) -> str:
     except FileNotFoundError:
         return ""
     except (OSError, UnicodeDecodeError) as exc:
-        raise CaptionError(f"cannot read the existing {path.name} to extend it: {reason(exc)}") from None
+        raise CaptionError(f"cannot read the existing {path.name}: {reason(exc)}") from None
+
+
+class Metadata:
+    """The --jsonl file: every caption written, one JSON object a line (Hugging Face
+    imagefolder's metadata.jsonl). Kept in memory by file name, so a caption written again
+    replaces its line, and rewritten whole and atomically, so it is never half-written."""
+
+    SAVE_EVERY = 10.0  # seconds: what a crash can cost the JSONL (the .txt files stay)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries = self.load(path)
+        self.saved_at = time.monotonic()
+        self.unsaved = False
+
+    @staticmethod
+    def load(path: Path) -> dict[str, dict]:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CaptionError(f"cannot read {path}: {reason(exc)}") from None
+        entries = {}
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                entries[entry["file_name"]] = entry
+            except (ValueError, TypeError, KeyError):
+                raise CaptionError(
+                    f"{path} line {number} is not a metadata entry; fix or remove it"
+                ) from None
+        return entries
+
+    def add(self, image: Path, text: str, **extra: object) -> None:
+        file_name = os.path.relpath(image, self.path.parent).replace(os.sep, "/")
+        self.entries[file_name] = {"file_name": file_name, "text": text, **extra}
+        self.unsaved = True
+        if time.monotonic() - self.saved_at > self.SAVE_EVERY:
+            self.save()
+
+    def save(self) -> None:
+        if self.unsaved:
+            lines = (json.dumps(entry, ensure_ascii=False) + "\n" for entry in self.entries.values())
+            write_atomically(self.path, "".join(lines))
+            self.unsaved = False
+        self.saved_at = time.monotonic()
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -957,10 +1219,24 @@ class Progress:
                 self.say(f"  {server}: captioned {count}")
             for lost in summary.lost_servers:
                 self.say(f"  taken out of rotation: {lost}")
+        if summary.captioned:
+            self.say(caption_statistics(summary))
         if summary.stopped:
             self.say(f"stopped: {summary.stopped}")
+        if summary.metadata_error:
+            self.say(f"error: {summary.metadata_error}")
         for image, why in sorted(summary.failed):
             self.say(f"  failed {self.name(image)}: {why}")
+
+
+def caption_statistics(summary: Summary) -> str:
+    count = len(summary.captioned)
+    speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
+    return (
+        f"  {speed:.1f} tokens/s generated; captions average {summary.words / count:.0f} words; "
+        f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
+        "(estimated from words and punctuation)"
+    )
 
 
 def duration(seconds: float) -> str:

@@ -79,7 +79,8 @@ def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, s
     assert lines[1][6:11] != lines[2][6:11]
     assert lines[3].startswith("captioned 2, skipped 1, failed 0 in ")
     assert lines[3].endswith(" images/s)")
-    assert len(lines) == 4
+    assert lines[4].startswith("  ") and " tokens/s generated; captions average 3 words; " in lines[4]
+    assert len(lines) == 5
 
 
 def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp_path, server):
@@ -96,7 +97,8 @@ def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp
     quiet = run_script(tmp_path, "--host", server.url, "-q").stderr.splitlines()
     assert quiet[0] == "FAILED b.jpg: Ollama answered 500: boom"
     assert quiet[1].startswith("captioned 1, skipped 0, failed 1 in ")
-    assert quiet[2:] == ["  failed b.jpg: Ollama answered 500: boom"]
+    assert " tokens/s generated" in quiet[2]
+    assert quiet[3:] == ["  failed b.jpg: Ollama answered 500: boom"]
 
 
 def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):

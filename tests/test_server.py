@@ -14,14 +14,12 @@ def test_each_request_carries_the_prompt_one_image_and_constant_options(tmp_path
     picture(tmp_path / "a.jpg")
     picture(tmp_path / "b.jpg")
     prompt = tmp_path / "prompt.md"
-    prompt.write_text("Describe the picture.\n\nUse commas, {not a template}.\n")
+    prompt.write_text("Describe the picture.\n\nUse commas, {{like this}}.\n")
 
     run = caption(tmp_path, prompt, "--model", "llava:13b")
 
     assert run.code == 0
-    assert [chat.prompt for chat in server.chats] == [
-        "Describe the picture.\n\nUse commas, {not a template}."
-    ] * 2
+    assert [chat.prompt for chat in server.chats] == ["Describe the picture.\n\nUse commas, {like this}."] * 2
     assert all(len(chat.images) == 1 and chat.model == "llava:13b" for chat in server.chats)
     assert server.chats[0].options == server.chats[1].options == {"num_ctx": 4096}
 
