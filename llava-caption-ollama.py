@@ -11,6 +11,7 @@ caption_folder(), usable without the command line; main() parses and calls it.
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -55,8 +56,16 @@ class CaptionError(Exception):
     """Something a user (or their server, or their files) caused: reported in one line."""
 
 
-class ConnectionTrouble(CaptionError):
-    """The connection to a server failed: the server is to blame, not (probably) the image."""
+class Transient(CaptionError):
+    """A failure that another try may not repeat: a busy or crashed runner, a timeout."""
+
+
+class BadAnswer(Transient):
+    """An answer unfit to train on (empty, refused, looping, cut off): ask again."""
+
+
+class ConnectionTrouble(Transient):
+    """The connection to a server broke: the server is to blame, not (probably) the image."""
 
 
 class ServerUnreachable(ConnectionTrouble):
@@ -92,6 +101,7 @@ class Config:
     suffix: str = ""
     raw: bool = False
     retries: int = 3
+    wait_server: float = 300.0
     temperature: float | None = None
     seed: int | None = None
     max_tokens: int | None = None
@@ -169,8 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--retries",
         type=non_negative_int,
         default=3,
-        help="times to ask again, with a new seed, after an empty, refused, looping or cut-off "
-        "answer (default: %(default)s)",
+        help="times to try an image again after an answer unfit to train on (with a new seed), "
+        "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--wait-server",
+        type=non_negative_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for a server that stopped answering before giving up on it "
+        "(default: %(default)s)",
     )
     parser.add_argument("--temperature", type=non_negative_float, help="sampling temperature (model default)")
     parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
@@ -253,6 +271,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         suffix=args.suffix.strip(),
         raw=args.raw,
         retries=args.retries,
+        wait_server=args.wait_server,
         temperature=args.temperature,
         seed=args.seed,
         max_tokens=args.max_tokens,
@@ -309,7 +328,8 @@ class Summary:
     skipped: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
-    lost_servers: list[str] = field(default_factory=list)  # taken out of rotation, and why
+    orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
+    server_trouble: list[str] = field(default_factory=list)  # servers lost or silent, and why
     stopped: str | None = None  # why the run ended before its last image
     metadata_error: str = ""  # the --jsonl file could not be written
     interrupted: bool = False
@@ -334,7 +354,7 @@ def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     summary = Summary()
     started = time.monotonic()
-    images = find_images(config.folder, config.recursive)
+    images, summary.orphans = find_images(config.folder, config.recursive, config.caption_ext)
     todo, summary.skipped, summary.failed = plan(images, config.caption_ext, config.existing)
     summary.to_caption = todo[: config.limit]
     if config.dry_run:
@@ -345,7 +365,7 @@ def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
     try:
         for server in servers:
             preflight(server, config, progress)
-        progress.start(len(summary.to_caption), len(summary.skipped), summary.failed)
+        progress.start(summary)
         caption_images(servers, config, summary, progress, metadata)
     except KeyboardInterrupt:
         summary.interrupted = True
@@ -367,10 +387,23 @@ def caption_images(
         for outcome in pipeline.outcomes():
             left -= 1
             record(outcome, config, summary, progress, metadata)
+    except KeyboardInterrupt:
+        progress.say(
+            f"stopping: waiting up to {DRAIN_SECONDS:.0f}s for the answers on their way "
+            "(Ctrl-C again to quit at once)"
+        )
+        for outcome in pipeline.outcomes_in_flight():
+            record(outcome, config, summary, progress, metadata)
+        raise
     finally:
         pipeline.stop()
-    pipeline.wait_for_probes()
-    summary.lost_servers = [f"{server.host}: {server.lost}" for server in servers if server.lost]
+        summary.server_trouble = [
+            f"{server.host} taken out of rotation: {server.lost}"
+            if server.lost
+            else f"{server.host} was not answering when the run ended: {server.trouble}"
+            for server in servers
+            if server.lost or server.trouble
+        ]
     if left:
         summary.stopped = f"no Ollama server left to ask; {left} images not attempted"
 
@@ -415,10 +448,12 @@ def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
 # ---------------------------------------------------------------------------
 
 
-def find_images(folder: Path, recursive: bool) -> list[Path]:
+def find_images(folder: Path, recursive: bool, caption_ext: str) -> tuple[list[Path], list[Path]]:
+    """The images below folder, and the caption files that belong to none of them."""
     if not folder.is_dir():
         raise CaptionError(f"{folder} is not a folder")
     found: list[Path] = []
+    captions: list[Path] = []
     seen_folders = set()
     for here, subfolders, files in os.walk(folder, followlinks=True, onerror=raise_unreadable):
         # Following links lets a dataset be assembled from linked folders; remembering each
@@ -430,7 +465,10 @@ def find_images(folder: Path, recursive: bool) -> list[Path]:
         seen_folders.add(identity)
         subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith("."))
         found.extend(Path(here, name) for name in files if is_image_name(name))
-    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+        captions.extend(Path(here, name) for name in files if name.endswith(caption_ext))
+    wanted = {caption_path(image, caption_ext) for image in found}
+    orphans = sorted(caption for caption in captions if caption not in wanted)
+    return sorted(found, key=lambda path: path.relative_to(folder).parts), orphans
 
 
 def raise_unreadable(exc: OSError) -> None:
@@ -477,10 +515,10 @@ def plan(
 def has_caption(path: Path) -> bool:
     try:
         return bool(path.read_bytes().strip())
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # unreadable but present: never overwrite what we cannot see
+    except OSError as exc:
+        # Absent, or a name too long to exist, is no caption; anything else is one we cannot
+        # read, and what we cannot see we never overwrite.
+        return exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG)
 
 
 # ---------------------------------------------------------------------------
@@ -604,9 +642,9 @@ def encode_jpeg(picture: Image.Image) -> bytes:
 
 # More preparers than cores never helped (image-facts.md §3), and 2-4 keep ahead of any GPU.
 PREPARERS = min(4, os.cpu_count() or 1)
-# A connection that breaks this often while sending one image blames the image, not the server.
-ATTEMPTS_PER_IMAGE = 3
 POLL_SECONDS = 0.1  # how soon an idle worker or the main thread notices that the run is over
+# After the first Ctrl-C, answers already being generated may take this long to arrive.
+DRAIN_SECONDS = 20.0
 
 
 @dataclass
@@ -614,7 +652,7 @@ class Task:
     image: Path
     picture: bytes
     prompt: str
-    attempts: int = 0
+    attempts: int = 0  # tries that failed in a way worth another try
 
 
 @dataclass
@@ -644,9 +682,12 @@ class Pipeline:
         for image in images:
             self.to_prepare.put(image)
         self.prepared: queue.Queue[Task] = queue.Queue(maxsize=len(servers) * config.jobs)
-        self.given_back: queue.SimpleQueue[Task] = queue.SimpleQueue()  # by a failing server
+        self.given_back: queue.SimpleQueue[Task] = queue.SimpleQueue()  # to be tried again
         self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.stopping = threading.Event()
+        self.stopping = threading.Event()  # the run is over: every worker leaves
+        self.draining = threading.Event()  # Ctrl-C: finish what is in flight, start nothing
+        self.in_flight = 0  # tasks a worker holds
+        self.counting = threading.Lock()
         self.threads = [threading.Thread(target=self.prepare_loop) for _ in range(PREPARERS)]
         self.threads += [
             threading.Thread(target=self.send_loop, args=(server,))
@@ -656,18 +697,13 @@ class Pipeline:
 
     def start(self) -> None:
         for thread in self.threads:
-            # Daemons: after Ctrl-C a request still in flight must not keep the process alive.
+            # Daemons: after a second Ctrl-C a request still in flight must not keep the
+            # process alive.
             thread.daemon = True
             thread.start()
 
     def stop(self) -> None:
         self.stopping.set()
-
-    def wait_for_probes(self) -> None:
-        """Let workers still asking a failing server finish, so the summary knows its fate."""
-        deadline = time.monotonic() + sum(PROBE_PAUSES) + 2 * POLL_SECONDS
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
     def outcomes(self) -> Iterator[Outcome]:
         """Each image's outcome as it comes; ends early once every server is out of rotation."""
@@ -682,8 +718,18 @@ class Pipeline:
                     continue
             yield outcome
 
+    def outcomes_in_flight(self) -> Iterator[Outcome]:
+        """After a first Ctrl-C: no new request, only the answers already on their way."""
+        self.draining.set()
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while time.monotonic() < deadline and (self.in_flight or not self.done.empty()):
+            try:
+                yield self.done.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+
     def prepare_loop(self) -> None:
-        while not self.stopping.is_set():
+        while not (self.stopping.is_set() or self.draining.is_set()):
             try:
                 image = self.to_prepare.get_nowait()
             except queue.Empty:
@@ -694,7 +740,7 @@ class Pipeline:
             except CaptionError as exc:
                 self.done.put(Outcome(image, error=str(exc)))
                 continue
-            while not self.stopping.is_set():
+            while not (self.stopping.is_set() or self.draining.is_set()):
                 try:
                     self.prepared.put(task, timeout=POLL_SECONDS)
                     break
@@ -706,25 +752,51 @@ class Pipeline:
             task = self.next_task()
             if task is None:
                 continue
+            with self.counting:
+                self.in_flight += 1
             try:
-                self.send(server, task)
+                if not self.draining.is_set():  # checked after counting, so a drain waits for it
+                    self.send(server, task)
             except Exception as exc:  # noqa: BLE001
                 # Once the run is over, its clients are closed under requests still in flight.
                 # Before that, an unforeseen error must fail the image, not leave the run
                 # waiting forever for its outcome.
                 if not self.stopping.is_set():
                     self.done.put(Outcome(task.image, error=f"unexpected error: {exc!r}"))
+            finally:
+                with self.counting:
+                    self.in_flight -= 1
 
     def send(self, server: Server, task: Task) -> None:
+        """One try; an image that may succeed later goes back to the queue (retry policy:
+        ollama-facts.md §1.6 and §2.5)."""
         started = time.monotonic()
         try:
-            caption, answer = ask_until_acceptable(server.client, self.config, task)
-        except ConnectionTrouble as exc:
-            self.give_back(task, exc)
-            server.check_still_answers()
+            caption, answer = ask(server.client, self.config, task)
+        except ServerUnreachable as exc:
+            # The server is down, not the image at fault: wait for it without using up tries.
+            self.given_back.put(task)
+            server.wait_until_back(str(exc), self.config.wait_server)
+        except ModelMissing as exc:
+            self.given_back.put(task)
+            server.take_out(f"the model is no longer there ({exc})")
+        except Transient as exc:
+            task.attempts += 1
+            if task.attempts > self.config.retries:
+                tries = f" (after {task.attempts} tries)" if task.attempts > 1 else ""
+                self.done.put(Outcome(task.image, error=f"{exc}{tries}"))
+                return
+            if isinstance(exc, ConnectionTrouble):  # asking the server is pause enough
+                self.given_back.put(task)
+                server.wait_until_back(str(exc), self.config.wait_server)
+                return
+            if not isinstance(exc, BadAnswer):  # a busy or crashed runner needs a moment
+                self.stopping.wait(backoff(task.attempts))
+            self.given_back.put(task)
         except CaptionError as exc:
             self.done.put(Outcome(task.image, error=str(exc)))
         else:
+            server.trouble = ""
             seconds = time.monotonic() - started
             outcome = Outcome(
                 task.image, caption, "", seconds, server.host, answer.tokens, answer.generation_ns
@@ -732,6 +804,9 @@ class Pipeline:
             self.done.put(outcome)
 
     def next_task(self) -> Task | None:
+        if self.draining.is_set():
+            self.stopping.wait(POLL_SECONDS)
+            return None
         try:
             return self.given_back.get_nowait()
         except queue.Empty:
@@ -741,22 +816,15 @@ class Pipeline:
         except queue.Empty:
             return None
 
-    def give_back(self, task: Task, trouble: ConnectionTrouble) -> None:
-        task.attempts += 1
-        if task.attempts < ATTEMPTS_PER_IMAGE:
-            self.given_back.put(task)
-        else:
-            self.done.put(Outcome(task.image, error=f"{trouble} (on each of {task.attempts} attempts)"))
+
+def backoff(attempt: int) -> float:
+    # Exponential, with jitter so that the workers of several runs do not retry in step.
+    return min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
 # ---------------------------------------------------------------------------
 # Request
 # ---------------------------------------------------------------------------
-
-
-# A server that breaks a connection is asked again after these pauses (seconds) before it
-# is taken out of rotation: enough to ride out a dropped connection, not a restart.
-PROBE_PAUSES = (0.25, 0.5, 1.0)
 
 
 class Server:
@@ -767,23 +835,33 @@ class Server:
         # The client waits forever by default (ollama-facts.md §1.1). A queued request gets no
         # byte until a slot frees, so the read timeout must be generous; connecting need not be.
         self.client = ollama.Client(host=host, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
-        self.lost = ""
+        self.trouble = ""  # why it last failed to answer, until it answers again
+        self.lost = ""  # why it was taken out of rotation
         self.probing = threading.Lock()
 
-    def check_still_answers(self) -> None:
-        """After a broken connection: ask a few times, and take the server out if it stays silent."""
-        with self.probing:  # one worker asks; the server's other workers wait for the verdict
-            if self.lost:
-                return
-            for pause in PROBE_PAUSES:
-                time.sleep(pause)
+    def wait_until_back(self, trouble: str, wait_seconds: float) -> None:
+        """Ask the server, more and more slowly, until it answers; past wait_seconds, take
+        it out of rotation. One worker asks; the server's other workers wait for the verdict."""
+        self.trouble = trouble
+        with self.probing:
+            deadline = time.monotonic() + wait_seconds
+            pause = 0.25
+            while not self.lost:
                 try:
                     with server_errors():
                         self.client.list()
+                    self.trouble = ""
                     return
                 except CaptionError as exc:
-                    trouble = str(exc)
-            self.lost = trouble
+                    self.trouble = str(exc)
+                if time.monotonic() + pause > deadline:
+                    self.take_out(f"{self.trouble} for more than {duration(wait_seconds)}")
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 15.0)
+
+    def take_out(self, why: str) -> None:
+        self.lost = why
 
 
 def preflight(server: Server, config: Config, progress: Progress) -> None:
@@ -878,27 +956,46 @@ def request_caption(client: ollama.Client, config: Config, task: Task, seed: int
                 return Answer(
                     "".join(parts), part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
                 )
-    raise CaptionError("the answer broke off before the model finished")
+    raise Transient("the answer broke off before the model finished")
 
 
 # What the client raises (ollama-facts.md §1.6): ValueError covers undecodable JSON and
 # pydantic's validation errors; httpx.HTTPError covers timeouts and broken connections.
 CLIENT_ERRORS = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
+# How each Ollama era says it could not decode an image (ollama-facts.md §2.5): the same
+# image will fail the same way, so no retry.
+UNDECODABLE = re.compile(
+    r"unable to make llava embedding|unable to tokenize mtmd embedding|image: unknown format"
+    r"|failed to load image|failed to decode image",
+    re.IGNORECASE,
+)
 
 
 @contextmanager
 def server_errors() -> Iterator[None]:
-    """Turn every way a server or connection can fail into a CaptionError."""
+    """Turn every way a server or connection can fail into a CaptionError of the right kind."""
     try:
         yield
     except CLIENT_ERRORS as exc:
-        if isinstance(exc, ollama.ResponseError) and exc.status_code == 404:
-            raise ModelMissing(exc.error) from None
-        if isinstance(exc, (ConnectionError, httpx.ConnectError)):
-            raise ServerUnreachable("cannot reach the Ollama server") from None
-        if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.TimeoutException):
-            raise ConnectionTrouble(explain(exc)) from None
-        raise CaptionError(explain(exc)) from None
+        raise classified(exc) from None
+
+
+def classified(exc: Exception) -> CaptionError:
+    if isinstance(exc, ollama.ResponseError):
+        if exc.status_code == 404:
+            return ModelMissing(exc.error)
+        # 400 is a request the server will never accept; 5xx (busy, runner crashed) and -1
+        # (an error line mid-answer) may pass on another try.
+        if exc.status_code == 400 or UNDECODABLE.search(exc.error):
+            return CaptionError(explain(exc))
+        return Transient(explain(exc))
+    if isinstance(exc, (ConnectionError, httpx.ConnectError)):
+        return ServerUnreachable("cannot reach the Ollama server")
+    if isinstance(exc, httpx.TimeoutException):
+        return Transient(explain(exc))
+    if isinstance(exc, httpx.TransportError):
+        return ConnectionTrouble(explain(exc))
+    return CaptionError(explain(exc))
 
 
 def explain(exc: BaseException) -> str:
@@ -945,16 +1042,14 @@ REFUSAL = re.compile(
 LOOP = re.compile(r"\b(\w.{2,79}?)(?:[\s,;.]+\1\b){3,}", re.IGNORECASE | re.DOTALL)
 
 
-def ask_until_acceptable(client: ollama.Client, config: Config, task: Task) -> tuple[str, Answer]:
-    """Ask, and ask again with a new seed while the answer is not fit to train on."""
-    for attempt in range(config.retries + 1):
-        answer = request_caption(client, config, task, seed_for(config.seed, attempt))
-        caption = answer.text.strip() if config.raw else tidy(answer.text)
-        problem = caption_problem(answer, caption)
-        if not problem:
-            return caption, answer
-    tries = f" (on each of {config.retries + 1} tries)" if config.retries else ""
-    raise CaptionError(problem + tries)
+def ask(client: ollama.Client, config: Config, task: Task) -> tuple[str, Answer]:
+    """One try: the caption, cleaned up, and the answer it came in; BadAnswer if unfit."""
+    answer = request_caption(client, config, task, seed_for(config.seed, task.attempts))
+    caption = answer.text.strip() if config.raw else tidy(answer.text)
+    problem = caption_problem(answer, caption)
+    if problem:
+        raise BadAnswer(problem)
+    return caption, answer
 
 
 def seed_for(seed: int | None, attempt: int) -> int | None:
@@ -1089,7 +1184,8 @@ class Metadata:
 
 def write_atomically(path: Path, text: str) -> None:
     """Readers see the old file or the whole new one, never a part, even after a crash."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    # Hidden, so discovery passes it over; short, so a long caption name still has room.
+    temporary = path.with_name(f".{path.name[:100]}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(temporary, "x", encoding="utf-8") as file:
             file.write(text)
@@ -1126,17 +1222,18 @@ class Progress:
 
     def name(self, image: Path) -> str:
         try:
-            return str(image.relative_to(self.folder))
+            name = str(image.relative_to(self.folder))
         except ValueError:
-            return str(image)
+            name = str(image)
+        # A newline or control character in a file name must not break the one-line report.
+        return name if name.isprintable() else repr(name)[1:-1]
 
-    def start(self, total: int, skipped: int, failed: Sequence[tuple[Path, str]]) -> None:
-        self.total = total
+    def start(self, summary: Summary) -> None:
+        self.total = len(summary.to_caption)
         self.sending_since = time.monotonic()
-        for image, why in failed:
-            self.image_failed(image, why, counted=False)
+        self.report_plan(summary)
         if self.verbosity >= 0:
-            self.say(f"{total} to caption, {skipped} already captioned")
+            self.say(f"{self.total} to caption, {len(summary.skipped)} already captioned")
         if self.live:
             self.draw_bar("")
 
@@ -1195,9 +1292,18 @@ class Progress:
             self.say(f"pulling {model}: {status}")
         self.last_pull_status = status
 
-    def list_planned(self, summary: Summary) -> None:
+    def report_plan(self, summary: Summary) -> None:
         for image, why in summary.failed:
             self.image_failed(image, why, counted=False)
+        if summary.orphans:
+            names = ", ".join(self.name(orphan) for orphan in summary.orphans[:5])
+            more = f" and {len(summary.orphans) - 5} more" if len(summary.orphans) > 5 else ""
+            self.say(
+                f"note: {len(summary.orphans)} caption files have no image (left untouched): {names}{more}"
+            )
+
+    def list_planned(self, summary: Summary) -> None:
+        self.report_plan(summary)
         for image in summary.to_caption:
             print(self.name(image))
         self.say(
@@ -1214,11 +1320,11 @@ class Progress:
         if summary.interrupted:
             line = f"interrupted: {line}"
         self.say(line)
-        if len(summary.by_server) > 1 or summary.lost_servers:
+        if len(summary.by_server) > 1 or summary.server_trouble:
             for server, count in summary.by_server.items():
                 self.say(f"  {server}: captioned {count}")
-            for lost in summary.lost_servers:
-                self.say(f"  taken out of rotation: {lost}")
+            for trouble in summary.server_trouble:
+                self.say(f"  {trouble}")
         if summary.captioned:
             self.say(caption_statistics(summary))
         if summary.stopped:

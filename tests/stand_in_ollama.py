@@ -87,6 +87,7 @@ class StandInOllama:
     latency: float = 0.0  # seconds each answer takes once it has a slot
     slots: int = 1  # like OLLAMA_NUM_PARALLEL: more requests wait without a byte
     version: str = "0.12.6"
+    port: int = 0  # 0: any free port; a stopped server's port: the same server restarted
 
     def __post_init__(self) -> None:
         self.chats: list = []
@@ -96,7 +97,7 @@ class StandInOllama:
         self.most_in_flight = 0
         self.slot_gate = threading.Semaphore(self.slots)
         handler = type("Handler", (Handler,), {"stand_in": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 

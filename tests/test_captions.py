@@ -75,7 +75,7 @@ def test_an_image_whose_answers_stay_bad_fails_and_nothing_is_written(tmp_path, 
     assert run.code == 1
     assert len(server.chats) == 3
     assert len({chat.options.get("seed") for chat in server.chats}) == 3  # none, then two fresh seeds
-    assert "FAILED a.jpg: the model refused: 'I cannot describe this image.' (on each of 3 tries)" in run.err
+    assert "FAILED a.jpg: the model refused: 'I cannot describe this image.' (after 3 tries)" in run.err
     assert not (tmp_path / "a.txt").exists()
 
 

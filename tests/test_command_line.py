@@ -86,7 +86,7 @@ def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, s
 def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp_path, server):
     picture(tmp_path / "a.jpg", size=(64, 48))
     picture(tmp_path / "b.jpg", size=(65, 48))
-    server.answer = by_width({65: Reply(status=500, error="boom")})
+    server.answer = by_width({65: Reply(status=400, error="boom")})
 
     verbose = run_script(tmp_path, "--host", server.url, "-v").stderr.splitlines()
     a_line = next(i for i, line in enumerate(verbose) if line.startswith("[") and " a.jpg " in line)
@@ -95,10 +95,10 @@ def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp
     (tmp_path / "a.txt").unlink()
     server.chats.clear()
     quiet = run_script(tmp_path, "--host", server.url, "-q").stderr.splitlines()
-    assert quiet[0] == "FAILED b.jpg: Ollama answered 500: boom"
+    assert quiet[0] == "FAILED b.jpg: Ollama answered 400: boom"
     assert quiet[1].startswith("captioned 1, skipped 0, failed 1 in ")
     assert " tokens/s generated" in quiet[2]
-    assert quiet[3:] == ["  failed b.jpg: Ollama answered 500: boom"]
+    assert quiet[3:] == ["  failed b.jpg: Ollama answered 400: boom"]
 
 
 def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
@@ -131,33 +131,54 @@ def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
     assert "captioned 3, skipped 0, failed 0" in text
 
 
-def test_ctrl_c_stops_at_once_keeps_finished_captions_and_a_rerun_does_the_rest(tmp_path, make_server):
-    for width, name in enumerate("abc", start=64):
-        picture(tmp_path / f"{name}.jpg", size=(width, 48))
-    server = make_server(slots=3, answer=by_width({65: Reply(text="slow", delay=60)}))
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url, "--jobs", "3"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while (
-        not ((tmp_path / "a.txt").exists() and (tmp_path / "c.txt").exists()) and time.monotonic() < deadline
-    ):
+def start_script(*args: object) -> subprocess.Popen:
+    command = [sys.executable, str(SCRIPT), *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(condition, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_rest(tmp_path, make_server):
+    for width, name in enumerate("abcdef", start=64):
+        picture(tmp_path / f"{name}.jpg", size=(width, 48))
+    server = make_server(slots=2, latency=1.0)
+    process = start_script(tmp_path, "--host", server.url, "--jobs", 2)
+    wait_until(lambda: server.in_flight == 2)
 
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
 
     assert process.returncode == 130
+    assert "stopping: waiting up to 20s for the answers on their way (Ctrl-C again to quit at once)" in err
     assert "interrupted: captioned 2, skipped 0, failed 0" in err
     assert "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "c.txt"]
+    assert len(list(tmp_path.glob("*.txt"))) == 2
     assert leftovers(tmp_path) == []
 
     server.chats.clear()
-    server.answer = lambda chat: "A red square"
-    assert run_script(tmp_path, "--host", server.url).returncode == 0
-    assert [chat.picture().width for chat in server.chats] == [65]
-    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["a.txt", "b.txt", "c.txt"]
+    assert run_script(tmp_path, "--host", server.url, "--jobs", 4).returncode == 0
+    assert len(server.chats) == 4
+    assert len(list(tmp_path.glob("*.txt"))) == 6
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path, server):
+    picture(tmp_path / "a.jpg")
+    server.answer = lambda chat: Reply(text="never in time", delay=60)
+    process = start_script(tmp_path, "--host", server.url)
+    wait_until(lambda: server.in_flight >= 1)
+
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=5)
+
+    assert process.returncode == 130
+    assert "interrupted: captioned 0, skipped 0, failed 0" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.glob("*.txt")) == []
+    assert leftovers(tmp_path) == []

@@ -1,0 +1,294 @@
+"""A night's run: faults of the server, restarts, Ctrl-C at any moment, write failures, hostile files."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SCRIPT, by_width, leftovers, picture, run_script
+from PIL import Image
+from stand_in_ollama import BUSY, RUNNER_CRASH, Reply, StandInOllama, describe
+
+
+def distinct_pictures(folder: Path, count: int) -> dict:
+    """Pictures that tell themselves apart by width: {caption file: the caption it must get}."""
+    expected = {}
+    for index in range(count):
+        picture(folder / f"img{index:02d}.png", size=(40 + index, 30))
+        expected[folder / f"img{index:02d}.txt"] = f"A PNG picture, {40 + index}x30 pixels."
+    return expected
+
+
+def every(k: int, fault: Reply, faulted: list):
+    """An answer that fails every k-th time (counted where answers are given, one at a time)."""
+    count = itertools.count(1)
+
+    def answer(chat):
+        if next(count) % k:
+            return describe(chat)
+        faulted.append(chat)
+        return fault
+
+    return answer
+
+
+FAULTS = {
+    "runner crash": Reply(status=500, error=RUNNER_CRASH),
+    "legacy runner crash": Reply(status=500, error="llama runner process has terminated: exit status 2"),
+    "busy": Reply(status=503, error=BUSY),
+    "dropped connection": Reply(drop=True),
+    "error mid-stream": Reply(text="A red", error="an error was encountered while running the model"),
+    "stream without end": Reply(text="A red", done=False),
+    "hang past the timeout": Reply(text="late", delay=3),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_every_third_answer_failing_still_captions_every_image_exactly_once(tmp_path, server, caption, fault):
+    expected = distinct_pictures(tmp_path, 9)
+    faulted = []
+    server.answer = every(3, fault, faulted)
+
+    run = caption(tmp_path, "--timeout", 1)
+
+    assert run.code == 0, run.err
+    assert {path: path.read_text() for path in expected} == expected
+    assert len(faulted) >= 3
+    answered = [chat.picture().width for chat in server.chats if chat not in faulted]
+    assert sorted(answered) == list(range(40, 49))  # each image answered once, none lost
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        (400, "Failed to load image or audio file"),
+        (
+            500,
+            "Failed to create new sequence: failed to process inputs: unable to make llava embedding from image",
+        ),
+        (400, "illegal base64 data at input byte 4"),
+    ],
+)
+def test_an_image_the_server_cannot_decode_fails_at_once(tmp_path, server, caption, error):
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    status, message = error
+    server.answer = by_width({65: Reply(status=status, error=message)})
+
+    run = caption(tmp_path)
+
+    assert run.code == 1
+    assert [chat.picture().width for chat in server.chats].count(65) == 1
+    assert f"FAILED b.jpg: Ollama answered {status}: {message}\n" in run.err
+
+
+def test_a_server_restarted_mid_run_is_waited_for_and_the_run_completes(tmp_path, server, caption):
+    expected = distinct_pictures(tmp_path, 10)
+    port = server.httpd.server_address[1]
+    answers = itertools.count(1)
+    restarted = []
+
+    def restart_later():
+        time.sleep(1.5)
+        restarted.append(StandInOllama(port=port).start())
+
+    def answer(chat):
+        if next(answers) == 4:  # the server dies after its fourth answer, and comes back
+            threading.Thread(target=restart_later).start()
+            return Reply(text=f"A PNG picture, {chat.picture().width}x30 pixels.", vanish=True)
+        return f"A PNG picture, {chat.picture().width}x30 pixels."
+
+    server.answer = answer
+    try:
+        run = caption(tmp_path)
+    finally:
+        for stand_in in restarted:
+            stand_in.stop()
+
+    assert run.code == 0, run.err
+    assert {path: path.read_text() for path in expected} == expected
+    assert len(server.chats) >= 4 and restarted[0].chats
+    assert "not answering" not in run.err and "taken out" not in run.err
+
+
+def test_a_model_removed_mid_run_takes_its_server_out(tmp_path, server, caption):
+    distinct_pictures(tmp_path, 6)
+    answers = itertools.count(1)
+
+    def answer_then_remove_model(chat):
+        if next(answers) == 2:
+            server.models.clear()
+        return "A red square"
+
+    server.answer = answer_then_remove_model
+
+    run = caption(tmp_path, "--jobs", 1)
+
+    assert run.code == 1
+    assert len(list(tmp_path.glob("*.txt"))) == 2
+    assert (
+        f"{server.url} taken out of rotation: the model is no longer there (model 'llava:13b' not found)"
+        in run.err
+    )
+    assert "stopped: no Ollama server left to ask; 4 images not attempted" in run.err
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ctrl_c_at_any_moment_leaves_only_whole_captions_and_a_rerun_finishes(tmp_path, make_server, seed):
+    chance = random.Random(seed)
+    expected = distinct_pictures(tmp_path, 12)
+    server = make_server(slots=2, latency=0.1)
+    command = [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url, "--jobs", "3"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(chance.uniform(0.3, 1.2))
+    process.send_signal(signal.SIGINT)
+    if seed % 2:  # and sometimes a second Ctrl-C, soon after
+        time.sleep(chance.uniform(0.0, 0.2))
+        process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+
+    # 0 if the run ended first; killed by the signal if it came as the interpreter shut down.
+    assert process.returncode in (0, 130, -signal.SIGINT), err
+    assert "Traceback" not in err
+    assert leftovers(tmp_path) == []
+    written = [path for path in expected if path.exists()]
+    assert all(path.read_text() == expected[path] for path in written)  # whole captions only
+
+    server.chats.clear()
+    assert run_script(tmp_path, "--host", server.url).returncode == 0
+    assert len(server.chats) == len(expected) - len(written)
+    assert {path: path.read_text() for path in expected} == expected
+
+
+def test_a_caption_name_too_long_for_the_file_system_fails_that_image(tmp_path, caption):
+    picture(tmp_path / ("x" * 245 + ".jpg"))
+    picture(tmp_path / "short.jpg")
+
+    run = caption(tmp_path, "--ext", ".caption-of-this-image")
+
+    assert run.code == 1
+    assert "cannot write " in run.err and ": File name too long" in run.err
+    assert (tmp_path / "short.caption-of-this-image").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB file system of its own, where the tests can fill the disk or make it read-only."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_fails_images_one_by_one_and_damages_no_caption(small_disk, caption, server):
+    picture(small_disk / "a.png")
+    picture(small_disk / "b.png")
+    (small_disk / "a.txt").write_text("my own tags")
+    with open(small_disk / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass  # the disk is full
+
+    run = caption(small_disk, "--existing", "append")
+
+    assert run.code == 1
+    assert "FAILED a.png: cannot write a.txt: No space left on device" in run.err
+    assert "FAILED b.png: cannot write b.txt: No space left on device" in run.err
+    assert (small_disk / "a.txt").read_text() == "my own tags"
+    assert not (small_disk / "b.txt").exists()
+    assert leftovers(small_disk) == []
+
+
+def test_a_read_only_folder_fails_images_one_by_one(small_disk, caption, server):
+    picture(small_disk / "a.png")
+    (small_disk / "a.txt").write_text("my own tags")
+    picture(small_disk / "b.png")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+
+    run = caption(small_disk, "--existing", "prepend")
+
+    assert run.code == 1
+    assert "FAILED a.png: cannot write a.txt: Read-only file system" in run.err
+    assert "FAILED b.png: cannot write b.txt: Read-only file system" in run.err
+    assert (small_disk / "a.txt").read_text() == "my own tags"
+
+
+def hostile_folder(folder: Path) -> None:
+    palette = Image.new("P", (60, 40), 1)
+    palette.putpalette([255, 255, 255, 200, 0, 0] + [0] * 762)
+    palette.save(folder / "palette.png", transparency=0)
+    Image.new("LA", (60, 40), (90, 128)).save(folder / "grey-alpha.png")
+    frames = [Image.new("RGB", (60, 40), colour) for colour in ("lime", "red")]
+    frames[0].save(folder / "moving.png", save_all=True, append_images=frames[1:])  # APNG
+    Image.new("RGB", (20000, 300), "navy").save(folder / "panorama.jpg")
+    whole = picture(folder / "whole.png", size=(300, 200)).read_bytes()
+    (folder / "half.png").write_bytes(whole[: len(whole) // 2])
+    (folder / "image.gif").write_bytes(b"GIF89a but nothing else")
+    picture(folder / "two words é.jpg")
+    picture(folder / "line\nbreak.jpg")
+    picture(folder / "-rf.jpg")
+    os.symlink(folder / "whole.png", folder / "link.png")
+    os.symlink(folder / "gone.png", folder / "vanished.png")  # listed, then not there to read
+
+
+def test_hostile_files_are_each_captioned_or_failed_with_a_reason(tmp_path, caption, server):
+    hostile_folder(tmp_path)
+
+    run = caption(tmp_path)
+
+    assert run.code == 1
+    assert "Traceback" not in run.err
+    captioned = sorted(path.name for path in tmp_path.glob("*.txt"))
+    assert captioned == sorted(
+        [
+            "-rf.txt",
+            "grey-alpha.txt",
+            "line\nbreak.txt",
+            "link.txt",
+            "moving.txt",
+            "palette.txt",
+            "panorama.txt",
+            "two words é.txt",
+            "whole.txt",
+        ]
+    )
+    failures = [line for line in run.err.splitlines() if line.startswith("  failed ")]
+    assert failures[0].startswith("  failed half.png: cannot decode: ")
+    assert failures[1:] == [
+        "  failed image.gif: not an image (or a format Pillow cannot read)",
+        "  failed vanished.png: cannot read: No such file or directory",
+    ]
+    assert "[" in run.err and "line\\nbreak.jpg" in run.err  # the report stays one line per image
+    sent = {chat.picture().size for chat in server.chats}
+    assert (1344, 20) in sent  # the panorama, shrunk
+    assert all(chat.picture().format == "JPEG" or chat.picture().format == "PNG" for chat in server.chats)
+
+
+def test_caption_files_without_an_image_are_reported_and_left_alone(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    (tmp_path / "deleted-photo.txt").write_text("a caption whose image is gone")
+
+    run = caption(tmp_path)
+
+    assert run.code == 0
+    assert "note: 1 caption files have no image (left untouched): deleted-photo.txt" in run.err
+    assert (tmp_path / "deleted-photo.txt").read_text() == "a caption whose image is gone"
