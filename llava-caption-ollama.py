@@ -24,9 +24,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TextIO
 
@@ -40,13 +40,9 @@ except ImportError as missing:  # a user can cause this, so no traceback
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-DEFAULT_MODEL = "llava:13b"
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent / "prompt.txt"
 IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"])
-# llava 1.6 turns one image into up to ~2,880 tokens, so a 2,048 context yields empty
-# answers (ollama-facts.md §2.7).
-DEFAULT_NUM_CTX = 4096
 CLIP_TOKENS = 77  # what Stable Diffusion's text encoder reads of a caption
 # What a prompt file may ask for, filled in for each image (see prompt_for()).
 PLACEHOLDERS = ("name", "folder", "class", "existing")
@@ -85,7 +81,7 @@ class ModelMissing(CaptionError):
 class Config:
     folder: Path
     prompt: str
-    model: str = DEFAULT_MODEL
+    model: str = "llava:13b"
     hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
     jobs: int = 2
     keep_alive: str | float = "30m"
@@ -105,7 +101,9 @@ class Config:
     temperature: float | None = None
     seed: int | None = None
     max_tokens: int | None = None
-    num_ctx: int = DEFAULT_NUM_CTX
+    # llava 1.6 turns one image into up to ~2,880 tokens: a 2,048 context gives empty
+    # answers (ollama-facts.md §2.7).
+    num_ctx: int = 4096
     jsonl: Path | None = None
 
     def options(self) -> dict:
@@ -130,71 +128,82 @@ def build_parser() -> argparse.ArgumentParser:
         help="text file with the instruction sent with every image (default: prompt.txt beside this script)",
     )
     parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Ollama vision model (default: %(default)s)")
+    parser.add_argument("--model", default=Config.model, help="Ollama vision model (default: %(default)s)")
     parser.add_argument(
         "--host",
         action="append",
+        dest="hosts",
         help=f"Ollama server; give it several times to share the work among servers "
         f"(default: $OLLAMA_HOST, else {DEFAULT_HOST})",
     )
     parser.add_argument(
         "-j",
         "--jobs",
-        type=positive_int,
-        default=2,
+        type=at_least(int, 1),
+        default=Config.jobs,
         help="requests in flight per server; set it to the server's OLLAMA_NUM_PARALLEL + 1 "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--keep-alive",
         type=keep_alive_duration,
-        default="30m",
+        default=Config.keep_alive,
         help="how long the server keeps the model loaded after each request, "
         "as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
-        default=600.0,
+        type=at_least(float, 0, above=True),
+        default=Config.timeout,
         help="seconds to wait for one answer, queueing included (default: %(default)s)",
     )
     parser.add_argument(
         "--max-size",
-        type=non_negative_int,
-        default=1344,
+        type=at_least(int, 0),
+        default=Config.max_size,
         help="downscale so the longer side is at most this many pixels; "
         "0 sends every file's original bytes untouched (default: %(default)s)",
     )
-    parser.add_argument("--ext", default=".txt", help="caption file extension (default: %(default)s)")
+    parser.add_argument(
+        "--ext",
+        dest="caption_ext",
+        default=Config.caption_ext,
+        help="caption file extension (default: %(default)s)",
+    )
     parser.add_argument(
         "--existing",
         choices=("skip", "overwrite", "append", "prepend"),
-        default="skip",
+        default=Config.existing,
         help="what to do where a non-empty caption exists (default: %(default)s)",
     )
-    parser.add_argument("--prefix", default="", help="text put first in every caption, e.g. a trigger word")
-    parser.add_argument("--suffix", default="", help="text put last in every caption")
+    parser.add_argument(
+        "--prefix", type=str.strip, default="", help="text put first in every caption, e.g. a trigger word"
+    )
+    parser.add_argument("--suffix", type=str.strip, default="", help="text put last in every caption")
     parser.add_argument("--raw", action="store_true", help="write the model's answer without cleaning it up")
     parser.add_argument(
         "--retries",
-        type=non_negative_int,
-        default=3,
+        type=at_least(int, 0),
+        default=Config.retries,
         help="times to try an image again after an answer unfit to train on (with a new seed), "
         "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
     )
     parser.add_argument(
         "--wait-server",
-        type=non_negative_float,
-        default=300.0,
+        type=at_least(float, 0),
+        default=Config.wait_server,
         metavar="SECONDS",
         help="how long to wait for a server that stopped answering before giving up on it "
         "(default: %(default)s)",
     )
-    parser.add_argument("--temperature", type=non_negative_float, help="sampling temperature (model default)")
+    parser.add_argument("--temperature", type=at_least(float, 0), help="sampling temperature (model default)")
     parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
-    parser.add_argument("--max-tokens", type=positive_int, help="longest answer in tokens (num_predict)")
+    parser.add_argument("--max-tokens", type=at_least(int, 1), help="longest answer in tokens (num_predict)")
     parser.add_argument(
-        "--num-ctx", type=positive_int, default=DEFAULT_NUM_CTX, help="context length (default: %(default)s)"
+        "--num-ctx",
+        type=at_least(int, 1),
+        default=Config.num_ctx,
+        help="context length (default: %(default)s)",
     )
     parser.add_argument(
         "--jsonl",
@@ -203,39 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
     parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
-    parser.add_argument("--limit", type=positive_int, help="caption at most N images")
+    parser.add_argument("--limit", type=at_least(int, 1), help="caption at most N images")
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     chatter.add_argument("-v", "--verbose", action="store_true", help="also print each caption")
     return parser
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def at_least(kind: type, minimum: float, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a number of kind, at least minimum (or, with above, more than it)."""
 
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not (value > minimum if above else value >= minimum):  # NaN fails both
+            raise argparse.ArgumentTypeError(
+                f"must be {'more than' if above else 'at least'} {minimum}, not {text}"
+            )
+        return value
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
 
 
 def keep_alive_duration(text: str) -> str | float:
@@ -251,33 +247,14 @@ def keep_alive_duration(text: str) -> str | float:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    hosts = args.host or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
-    return Config(
-        folder=args.folder,
+    settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
+    hosts = args.hosts or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
+    settings.update(
         prompt=read_prompt(args.prompt_file),
-        model=args.model,
         hosts=list(dict.fromkeys(hosts)),
-        jobs=args.jobs,
-        keep_alive=args.keep_alive,
-        timeout=args.timeout,
-        max_size=args.max_size,
-        caption_ext=caption_extension(args.ext),
-        existing=args.existing,
-        recursive=args.recursive,
-        pull=args.pull,
-        dry_run=args.dry_run,
-        limit=args.limit,
-        prefix=args.prefix.strip(),
-        suffix=args.suffix.strip(),
-        raw=args.raw,
-        retries=args.retries,
-        wait_server=args.wait_server,
-        temperature=args.temperature,
-        seed=args.seed,
-        max_tokens=args.max_tokens,
-        num_ctx=args.num_ctx,
-        jsonl=args.jsonl,
+        caption_ext=caption_extension(args.caption_ext),
     )
+    return Config(**settings)
 
 
 def read_prompt(path: Path) -> str:
