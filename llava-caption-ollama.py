@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--host",
         action="append",
         dest="hosts",
+        metavar="URL",
         help=f"Ollama server; give it several times to share the work among servers "
         f"(default: $OLLAMA_HOST, else {DEFAULT_HOST})",
     )
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ext",
         dest="caption_ext",
+        metavar="EXT",
         default=Config.caption_ext,
         help="caption file extension (default: %(default)s)",
     )
