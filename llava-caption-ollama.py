@@ -309,7 +309,7 @@ class Summary:
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
     server_trouble: list[str] = field(default_factory=list)  # servers lost or silent, and why
-    stopped: str | None = None  # why the run ended before its last image
+    stopped: str = ""  # why the run ended before its last image
     metadata_error: str = ""  # the --jsonl file could not be written
     interrupted: bool = False
     seconds: float = 0.0
@@ -390,7 +390,8 @@ def caption_images(
 def record(
     outcome: Outcome, config: Config, summary: Summary, progress: Progress, metadata: Metadata | None
 ) -> None:
-    """Write one caption and account for it: the only place files are written or reported."""
+    """Write one caption and account for it: the only place captions are written and images
+    reported."""
     try:
         if outcome.error:
             raise CaptionError(outcome.error)
@@ -718,6 +719,9 @@ class Pipeline:
                 task = Task(image, prepare_image(image, self.config.max_size), prompt)
             except CaptionError as exc:
                 self.done.put(Outcome(image, error=str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - see send_loop: no image may go missing
+                self.done.put(Outcome(image, error=f"unexpected error: {exc!r}"))
                 continue
             while not (self.stopping.is_set() or self.draining.is_set()):
                 try:
