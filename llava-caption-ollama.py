@@ -1231,7 +1231,8 @@ class Progress:
 
     def image_failed(self, image: Path, why: str, counted: bool = True) -> None:
         self.done += counted
-        self.say(f"FAILED {self.name(image)}: {why}")
+        position = f"[{self.done}/{self.total}] " if counted else ""
+        self.say(f"{position}FAILED {self.name(image)}: {why}")
         if self.live and counted:
             self.draw_bar("")
 

@@ -95,7 +95,10 @@ def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp
     (tmp_path / "a.txt").unlink()
     server.chats.clear()
     quiet = run_script(tmp_path, "--host", server.url, "-q").stderr.splitlines()
-    assert quiet[0] == "FAILED b.jpg: Ollama answered 400: boom"
+    assert quiet[0] in (
+        "[1/2] FAILED b.jpg: Ollama answered 400: boom",
+        "[2/2] FAILED b.jpg: Ollama answered 400: boom",
+    )
     assert quiet[1].startswith("captioned 1, skipped 0, failed 1 in ")
     assert " tokens/s generated" in quiet[2]
     assert quiet[3:] == ["  failed b.jpg: Ollama answered 400: boom"]
