@@ -1158,11 +1158,11 @@ class Metadata:
             self.save()
 
     def save(self) -> None:
+        self.saved_at = time.monotonic()  # a failed save is tried again 10 s later, not per image
         if self.unsaved:
             lines = (json.dumps(entry, ensure_ascii=False) + "\n" for entry in self.entries.values())
             write_atomically(self.path, "".join(lines))
             self.unsaved = False
-        self.saved_at = time.monotonic()
 
 
 def write_atomically(path: Path, text: str) -> None:
