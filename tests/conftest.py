@@ -92,6 +92,16 @@ def picture(path: Path, size=(64, 48), color="red", mode="RGB", **save) -> Path:
     return path
 
 
+def distinct_pictures(folder: Path, count: int) -> dict:
+    """PNGs that tell themselves apart by width (40, 41, ...): {caption file: the caption the
+    stand-in's default answer gives it}."""
+    expected = {}
+    for index in range(count):
+        picture(folder / f"img{index:03d}.png", size=(40 + index, 30))
+        expected[folder / f"img{index:03d}.txt"] = f"A PNG picture, {40 + index}x30 pixels."
+    return expected
+
+
 def closed_port_url() -> str:
     import socket
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import by_width, picture
+from conftest import by_width, leftovers, picture
 from stand_in_ollama import Reply
 
 
@@ -207,7 +207,7 @@ def test_a_rerun_keeps_earlier_entries_without_duplicating_them(tmp_path, captio
     entries = read_jsonl(jsonl)
     assert sorted(entry["file_name"] for entry in entries) == ["a.jpg", "b.jpg"]
     assert {entry["text"] for entry in entries} == {"second words"}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert leftovers(tmp_path) == []
 
 
 def test_a_jsonl_that_is_not_metadata_stops_the_run_before_any_request(tmp_path, caption, server):

@@ -6,24 +6,13 @@ import itertools
 import re
 
 import pytest
-from conftest import picture
+from conftest import distinct_pictures, picture
 from stand_in_ollama import Reply
 
 
-def distinct_pictures(folder, count: int) -> dict:
-    """Pictures that tell themselves apart by width: {caption file name: width}."""
-    widths = {}
-    for index in range(count):
-        width = 40 + index
-        picture(folder / f"img{index:03d}.png", size=(width, 30))
-        widths[f"img{index:03d}.txt"] = width
-    return widths
-
-
-def assert_each_captioned_once_with_its_own_caption(folder, widths: dict, chats: list) -> None:
-    assert sorted(chat.picture().width for chat in chats) == sorted(widths.values())
-    for name, width in widths.items():
-        assert (folder / name).read_text() == f"A PNG picture, {width}x30 pixels."
+def assert_each_captioned_once_with_its_own_caption(expected: dict, chats: list) -> None:
+    assert sorted(chat.picture().width for chat in chats) == list(range(40, 40 + len(expected)))
+    assert {path: path.read_text() for path in expected} == expected
 
 
 @pytest.mark.parametrize("slots, jobs", [(4, 4), (1, 3), (2, None)])
@@ -40,31 +29,31 @@ def test_jobs_requests_are_in_flight_at_once_whatever_the_servers_slots(
 
 
 def test_every_image_is_captioned_exactly_once_under_concurrency(tmp_path, make_server, caption):
-    widths = distinct_pictures(tmp_path, 40)
+    expected = distinct_pictures(tmp_path, 40)
     server = make_server(slots=8, latency=0.05)
 
     run = caption(tmp_path, "--jobs", 8, host=server.url)
 
     assert run.code == 0
-    assert_each_captioned_once_with_its_own_caption(tmp_path, widths, server.chats)
+    assert_each_captioned_once_with_its_own_caption(expected, server.chats)
 
 
 def test_two_servers_share_the_work(tmp_path, make_server, caption):
-    widths = distinct_pictures(tmp_path, 20)
+    expected = distinct_pictures(tmp_path, 20)
     first, second = make_server(latency=0.05), make_server(latency=0.05)
 
     run = caption(tmp_path, "--host", first.url, host=second.url)
 
     assert run.code == 0
     assert first.chats and second.chats
-    assert_each_captioned_once_with_its_own_caption(tmp_path, widths, first.chats + second.chats)
+    assert_each_captioned_once_with_its_own_caption(expected, first.chats + second.chats)
     counts = {url: len(server.chats) for url, server in [(first.url, first), (second.url, second)]}
     for url, count in counts.items():
         assert f"  {url}: captioned {count}" in run.err
 
 
 def test_a_server_that_dies_mid_run_hands_its_images_to_the_others(tmp_path, make_server, caption):
-    widths = distinct_pictures(tmp_path, 24)
+    expected = distinct_pictures(tmp_path, 24)
     steady = make_server(slots=2, latency=0.05)
     # Dies at its third answer, with more of our requests in flight or queued on it.
     dying = make_server(slots=1, latency=0.05)
@@ -76,12 +65,12 @@ def test_a_server_that_dies_mid_run_hands_its_images_to_the_others(tmp_path, mak
     assert run.code == 0, run.err
     # The run ends long before --wait-server (5 minutes) would give up on it.
     assert f"  {dying.url} was not answering when the run ended: cannot reach the Ollama server" in run.err
-    captions = {name: (tmp_path / name).read_text() for name in widths}
-    answered_by_dying = [name for name, text in captions.items() if text == "A dying answer"]
+    captions = {path: path.read_text() for path in expected}
+    answered_by_dying = [path for path, text in captions.items() if text == "A dying answer"]
     assert len(answered_by_dying) == 3
-    for name, width in widths.items():
-        if name not in answered_by_dying:
-            assert captions[name] == f"A PNG picture, {width}x30 pixels."
+    for path, caption_text in expected.items():
+        if path not in answered_by_dying:
+            assert captions[path] == caption_text
     assert len(steady.chats) == 24 - len(answered_by_dying)  # nothing captioned twice
 
 

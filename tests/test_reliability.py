@@ -13,18 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, by_width, leftovers, picture, run_script
+from conftest import SCRIPT, by_width, distinct_pictures, leftovers, picture, run_script
 from PIL import Image
 from stand_in_ollama import BUSY, RUNNER_CRASH, Reply, StandInOllama, describe
-
-
-def distinct_pictures(folder: Path, count: int) -> dict:
-    """Pictures that tell themselves apart by width: {caption file: the caption it must get}."""
-    expected = {}
-    for index in range(count):
-        picture(folder / f"img{index:02d}.png", size=(40 + index, 30))
-        expected[folder / f"img{index:02d}.txt"] = f"A PNG picture, {40 + index}x30 pixels."
-    return expected
 
 
 def every(k: int, fault: Reply, faulted: list):
