@@ -689,13 +689,14 @@ class Pipeline:
         """Each image's outcome as it comes; ends early once every server is out of rotation."""
         for _ in range(self.expected):
             while True:
-                if all(server.lost for server in self.servers):
-                    return
                 try:
                     outcome = self.done.get(timeout=POLL_SECONDS)
                     break
                 except queue.Empty:
-                    continue
+                    # Only once nothing is left on its way: an answer that came before its
+                    # server was lost is still written.
+                    if self.in_flight == 0 and all(server.lost for server in self.servers):
+                        return
             yield outcome
 
     def outcomes_in_flight(self) -> Iterator[Outcome]:
