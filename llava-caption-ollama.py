@@ -11,24 +11,32 @@ caption_folder(), usable without the command line; main() parses and calls it.
 from __future__ import annotations
 
 import argparse
+import enum
 import errno
+import hashlib
 import io
 import json
+import math
 import os
-import queue
 import random
 import re
+import signal
+import stat
 import string
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
+from urllib.parse import urlsplit
 
 try:
     import httpx
@@ -38,38 +46,82 @@ except ImportError as missing:  # a user can cause this, so no traceback
     print(f"error: {missing.name} is not installed; run: pip install -r requirements.txt", file=sys.stderr)
     sys.exit(2)
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START = 0, 1, 2
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent / "prompt.txt"
 IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"])
+# What trainers keep beside the images: latent and text-encoder caches (Kohya's .npz,
+# OneTrainer's and diffusers' tensors), masks and metadata, video clips. A caption path
+# ending in one of these would destroy it.
+DATASET_SIDE_EXTENSIONS = frozenset(
+    [".npz", ".npy", ".safetensors", ".pt", ".pth", ".ckpt", ".json", ".jsonl", ".toml", ".yaml", ".yml"]
+    + [".mp4", ".webm", ".mov", ".mkv", ".avi", ".heic", ".heif", ".jxl", ".psd", ".svg"]
+)
 CLIP_TOKENS = 77  # what Stable Diffusion's text encoder reads of a caption
-# What a prompt file may ask for, filled in for each image (see prompt_for()).
-PLACEHOLDERS = ("name", "folder", "class", "existing")
+PLACEHOLDERS = ("name", "folder", "class", "existing")  # what a prompt file may ask for
+# Every file the tool itself keeps in a dataset folder starts with this (hidden, so trainers
+# and discovery pass it over): the lock, the journal and temporary files.
+OWN_FILE_PREFIX = ".llava-caption-ollama"
+# A caption is one or two sentences of some 60-250 tokens; a model that loops goes on until
+# its context is full, so every answer is bounded.
+DEFAULT_MAX_TOKENS = 512
+# llava 1.6 turns one image into up to ~2,880 tokens, so Ollama's old 2,048 default context
+# gave empty answers (ollama/ollama#2813).
+DEFAULT_NUM_CTX = 4096
 
 
-class CaptionError(Exception):
-    """Something a user (or their server, or their files) caused: reported in one line."""
+def pause_scale() -> float:
+    # The tests shrink every pause the tool makes on its own (backoff, probes, the limit on
+    # calls that load no model) so that the suite waits less than it computes.
+    try:
+        scale = float(os.environ.get("LLAVA_CAPTION_PAUSE_SCALE", "1"))
+    except ValueError:
+        return 1.0
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
 
 
-class Transient(CaptionError):
-    """A failure that another try may not repeat: a busy or crashed runner, a timeout."""
+PAUSE_SCALE = pause_scale()
+BACKOFF_FIRST, BACKOFF_LONGEST = 0.5 * PAUSE_SCALE, 30.0 * PAUSE_SCALE
+PROBE_FIRST, PROBE_LONGEST = 0.25 * PAUSE_SCALE, 15.0 * PAUSE_SCALE
+# /api/version, /api/tags and /api/show load no model: a server answers them in milliseconds,
+# so a port that accepts and stays silent is found out in seconds, not after --timeout.
+QUICK_TIMEOUT = 10.0 * PAUSE_SCALE
+DRAIN_SECONDS = 20.0  # after the first Ctrl-C, how long answers already on their way may take
+POLL_SECONDS = 0.1  # how soon the coordinator notices a stop
+# A temporary file of ours lives for milliseconds; one this old was left by a killed run.
+STALE_SECONDS = 60.0
 
 
-class BadAnswer(Transient):
-    """An answer unfit to train on (empty, refused, looping, cut off): ask again."""
+class CannotStart(Exception):
+    """The run cannot start: bad arguments, a missing folder or prompt, no server, a model that
+    is not there or cannot see. Reported in one line, exit 2."""
 
 
-class ConnectionTrouble(Transient):
-    """The connection to a server broke: the server is to blame, not (probably) the image."""
+class Fault(enum.Enum):
+    """What went wrong with one try at one image: the retry policy (decide()) maps each to what
+    happens next."""
+
+    UNFIT_ANSWER = "an answer unfit to train on: empty, a refusal, a loop, cut off at the token limit"
+    SERVER_STRUGGLING = (
+        "503 busy, a 500 (runner crashed), an error line mid-answer, an answer that broke off, a timeout"
+    )
+    CONNECTION_BROKE = "the connection broke during the request"
+    SERVER_DOWN = "the server refuses connections, or a proxy in front of it answers 502 or 504"
+    MODEL_GONE = "the model is no longer on the server (404)"
+    ACCESS_DENIED = "the server (or a proxy) refuses us: 401 or 403"
+    REQUEST_REFUSED = "a request the server will never accept: 400, 413, 422, an image it cannot decode"
+    IMAGE_UNREADABLE = "the file cannot be read or decoded here"
+    DISK_UNWRITABLE = "the disk is full, read-only or over quota"
+    CAPTION_UNWRITABLE = "this one caption file cannot be written"
 
 
-class ServerUnreachable(ConnectionTrouble):
-    """Nothing answers at the Ollama address."""
+class TryFailed(Exception):
+    """One try at one image went wrong, for `fault`; the message is the reason a user reads."""
 
-
-class ModelMissing(CaptionError):
-    """The server answered 404 for the model."""
+    def __init__(self, fault: Fault, reason: str) -> None:
+        super().__init__(reason)
+        self.fault = fault
 
 
 # ---------------------------------------------------------------------------
@@ -77,10 +129,50 @@ class ModelMissing(CaptionError):
 # ---------------------------------------------------------------------------
 
 
+class Template:
+    """The prompt file's text, parsed once: {name} {folder} {class} {existing} are filled in for
+    each image, {{ and }} are literal braces."""
+
+    def __init__(self, text: str, source: str = "the prompt") -> None:
+        # An unknown placeholder silently filled with nothing would change every caption of the
+        # run (taggui drops unknown {vars} without a word), so it stops the run instead.
+        try:
+            parsed = list(string.Formatter().parse(text))
+        except ValueError as exc:
+            raise CannotStart(f"{source}: {exc}; write {{{{ or }}}} for a literal brace") from None
+        self.text = text
+        self.fields = {name for _, name, _, _ in parsed if name is not None}
+        for _, name, spec, conversion in parsed:
+            if name is not None and (name not in PLACEHOLDERS or spec or conversion):
+                known = ", ".join(f"{{{known}}}" for known in PLACEHOLDERS)
+                raise CannotStart(
+                    f"{source} asks for {{{name}}}, which is not one of {known}; "
+                    "write {{ or }} for a literal brace"
+                )
+
+    def fill(self, image: Path, existing: str) -> str:
+        if not self.fields:
+            return self.text.replace("{{", "{").replace("}}", "}")
+        folder = readable_name(image.parent.name)
+        return self.text.format(
+            name=readable_name(image.stem),
+            folder=folder,
+            # Kohya's folder convention "15_guideboat": 15 repeats of the class "guideboat".
+            **{"class": re.sub(r"^\d+_(?=.)", "", folder)},
+            existing=existing,
+        )
+
+
+def readable_name(name: str) -> str:
+    # A name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates,
+    # which no JSON encoder sends: the model gets U+FFFD in their place.
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 @dataclass
 class Config:
     folder: Path
-    prompt: str
+    prompt: Template
     model: str = "llava:13b"
     hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
     jobs: int = 2
@@ -89,6 +181,7 @@ class Config:
     max_size: int = 1344
     caption_ext: str = ".txt"
     existing: str = "skip"
+    fresh: bool = False
     recursive: bool = False
     pull: bool = False
     dry_run: bool = False
@@ -100,17 +193,31 @@ class Config:
     wait_server: float = 300.0
     temperature: float | None = None
     seed: int | None = None
-    max_tokens: int | None = None
-    # llava 1.6 turns one image into up to ~2,880 tokens: a 2,048 context gives empty
-    # answers (ollama-facts.md §2.7).
-    num_ctx: int = 4096
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    num_ctx: int = DEFAULT_NUM_CTX
     jsonl: Path | None = None
 
     def options(self) -> dict:
         """Sampling and load options, the same on every request: a changed load-time option
-        makes Ollama reload the model (ollama-facts.md §2.6)."""
-        chosen = {"temperature": self.temperature, "seed": self.seed, "num_predict": self.max_tokens}
-        return {"num_ctx": self.num_ctx, **{key: value for key, value in chosen.items() if value is not None}}
+        makes Ollama reload the model (server/sched.go, needsReload)."""
+        chosen = {"temperature": self.temperature, "seed": self.seed}
+        present = {key: value for key, value in chosen.items() if value is not None}
+        return {"num_ctx": self.num_ctx, "num_predict": self.max_tokens, **present}
+
+    def pass_identity(self) -> str:
+        """What makes two runs the same pass over a folder: every setting that changes a caption."""
+        settings = {
+            "prompt": self.prompt.text,
+            "model": self.model,
+            "existing": self.existing,
+            "options": self.options(),
+            "max_size": self.max_size,
+            "raw": self.raw,
+            "prefix": self.prefix,
+            "suffix": self.suffix,
+            "caption_ext": self.caption_ext,
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="text file with the instruction sent with every image (default: prompt.txt beside this script)",
     )
     parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
-    parser.add_argument("--model", default=Config.model, help="Ollama vision model (default: %(default)s)")
+    parser.add_argument("--model", default="llava:13b", help="Ollama vision model (default: %(default)s)")
     parser.add_argument(
         "--host",
         action="append",
         dest="hosts",
+        type=server_url,
         metavar="URL",
         help=f"Ollama server; give it several times to share the work among servers "
         f"(default: $OLLAMA_HOST, else {DEFAULT_HOST})",
@@ -140,28 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-j",
         "--jobs",
-        type=at_least(int, 1),
-        default=Config.jobs,
+        type=number(int, at_least=1),
+        default=2,
         help="requests in flight per server; set it to the server's OLLAMA_NUM_PARALLEL + 1 "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--keep-alive",
         type=keep_alive_duration,
-        default=Config.keep_alive,
+        default="30m",
         help="how long the server keeps the model loaded after each request, "
         "as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=at_least(float, 0, above=True),
-        default=Config.timeout,
+        type=number(float, more_than=0),
+        default=600.0,
         help="seconds to wait for one answer, queueing included (default: %(default)s)",
     )
     parser.add_argument(
         "--max-size",
-        type=at_least(int, 0),
-        default=Config.max_size,
+        type=number(int, at_least=0),
+        default=1344,
         help="downscale so the longer side is at most this many pixels; "
         "0 sends every file's original bytes untouched (default: %(default)s)",
     )
@@ -169,67 +277,86 @@ def build_parser() -> argparse.ArgumentParser:
         "--ext",
         dest="caption_ext",
         metavar="EXT",
-        default=Config.caption_ext,
-        help="caption file extension (default: %(default)s)",
+        default=".txt",
+        help="caption file extension (default: .txt)",
     )
     parser.add_argument(
         "--existing",
         choices=("skip", "overwrite", "append", "prepend"),
-        default=Config.existing,
+        default="skip",
         help="what to do where a non-empty caption exists (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --existing overwrite/append/prepend: forget which images earlier runs of the same "
+        "settings already did, and do them all again",
     )
     parser.add_argument(
         "--prefix", type=str.strip, default="", help="text put first in every caption, e.g. a trigger word"
     )
     parser.add_argument("--suffix", type=str.strip, default="", help="text put last in every caption")
-    parser.add_argument("--raw", action="store_true", help="write the model's answer without cleaning it up")
+    parser.add_argument(
+        "--raw", action="store_true", help="write the model's answer without cleaning it up (see README)"
+    )
     parser.add_argument(
         "--retries",
-        type=at_least(int, 0),
-        default=Config.retries,
+        type=number(int, at_least=0),
+        default=3,
         help="times to try an image again after an answer unfit to train on (with a new seed), "
         "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
     )
     parser.add_argument(
         "--wait-server",
-        type=at_least(float, 0),
-        default=Config.wait_server,
+        type=number(float, at_least=0),
+        default=300.0,
         metavar="SECONDS",
         help="how long to wait for a server that stopped answering before giving up on it "
         "(default: %(default)s)",
     )
-    parser.add_argument("--temperature", type=at_least(float, 0), help="sampling temperature (model default)")
+    parser.add_argument(
+        "--temperature", type=number(float, at_least=0), help="sampling temperature (model default)"
+    )
     parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
-    parser.add_argument("--max-tokens", type=at_least(int, 1), help="longest answer in tokens (num_predict)")
+    parser.add_argument(
+        "--max-tokens",
+        type=number(int, at_least=1),
+        default=DEFAULT_MAX_TOKENS,
+        help="longest answer in tokens (num_predict); longer answers fail as cut off (default: %(default)s)",
+    )
     parser.add_argument(
         "--num-ctx",
-        type=at_least(int, 1),
-        default=Config.num_ctx,
+        type=number(int, at_least=1),
+        default=DEFAULT_NUM_CTX,
         help="context length (default: %(default)s)",
     )
     parser.add_argument(
         "--jsonl",
         type=Path,
-        help="also keep this metadata.jsonl (Hugging Face imagefolder format) of every caption written",
+        help="also keep this metadata.jsonl (Hugging Face imagefolder format) of every caption",
     )
     parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
     parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
-    parser.add_argument("--limit", type=at_least(int, 1), help="caption at most N images")
+    parser.add_argument("--limit", type=number(int, at_least=1), help="caption at most N images")
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
     chatter.add_argument("-v", "--verbose", action="store_true", help="also print each caption")
     return parser
 
 
-def at_least(kind: type, minimum: float, above: bool = False) -> Callable[[str], float]:
-    """An argparse type: a number of kind, at least minimum (or, with above, more than it)."""
+def number(
+    kind: type, at_least: float | None = None, more_than: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type: a finite number of kind, at least or more than a bound."""
 
     def parse(text: str) -> float:
         value = kind(text)
-        if not (value > minimum if above else value >= minimum):  # NaN fails both
-            raise argparse.ArgumentTypeError(
-                f"must be {'more than' if above else 'at least'} {minimum}, not {text}"
-            )
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be at least {at_least}, not {text}")
+        if more_than is not None and value <= more_than:
+            raise argparse.ArgumentTypeError(f"must be more than {more_than}, not {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
@@ -237,10 +364,10 @@ def at_least(kind: type, minimum: float, above: bool = False) -> Callable[[str],
 
 
 def keep_alive_duration(text: str) -> str | float:
-    # Ollama parses a string with Go's time.ParseDuration, so "5" without a unit is a 400
-    # error on every request (ollama-facts.md §1.4): send bare numbers as seconds.
+    # Ollama parses a string with Go's time.ParseDuration, so "5" without a unit is a 400 on
+    # every request (api.Duration.UnmarshalJSON): bare numbers are sent as seconds.
     try:
-        return float(text)
+        return number(float)(text)
     except ValueError:
         pass
     if not re.fullmatch(r"-?(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+", text):
@@ -248,9 +375,38 @@ def keep_alive_duration(text: str) -> str | float:
     return text
 
 
+def server_url(text: str) -> str:
+    """The one spelling of a server's address, read as the ollama client reads OLLAMA_HOST
+    (ollama/_client.py, _parse_host): a bare host gets port 11434, http:// port 80, https://
+    port 443; and localhost is 127.0.0.1, so the same server given two ways is one server."""
+    given = text.strip()
+    scheme, has_scheme = "http", "://" in given
+    try:
+        parts = urlsplit(given if has_scheme else f"http://{given}")
+        port = parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a server address (the port must be 1-65535)"
+        ) from None
+    if has_scheme:
+        scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or (not parts.hostname and not parts.netloc.startswith(":")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server address such as http://127.0.0.1:11434")
+    host = (parts.hostname or "127.0.0.1").lower()
+    host = "127.0.0.1" if host == "localhost" else host
+    if port is None:
+        port = (443 if scheme == "https" else 80) if has_scheme else 11434
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server address (the port must be 1-65535)")
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
-    hosts = args.hosts or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
+    hosts = args.hosts or [server_url_from_environment()]
+    if args.jsonl and not args.jsonl.parent.is_dir():
+        raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
     settings.update(
         prompt=read_prompt(args.prompt_file),
         hosts=list(dict.fromkeys(hosts)),
@@ -259,39 +415,35 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**settings)
 
 
-def read_prompt(path: Path) -> str:
+def server_url_from_environment() -> str:
     try:
-        prompt = path.read_text(encoding="utf-8").strip()
+        return server_url(os.environ.get("OLLAMA_HOST") or DEFAULT_HOST)
+    except argparse.ArgumentTypeError as exc:
+        raise CannotStart(f"OLLAMA_HOST: {exc}") from None
+
+
+def read_prompt(path: Path) -> Template:
+    try:
+        data = read_regular_file(path)
+        # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
+        text = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CaptionError(f"cannot read prompt file {path}: {reason(exc)}") from None
-    if not prompt:
-        raise CaptionError(f"prompt file {path} is empty")
-    check_template(prompt, path)
-    return prompt
-
-
-def check_template(prompt: str, path: Path) -> None:
-    # An unknown placeholder silently filled with nothing would change every caption of the
-    # run (peers.md: "Silent prompt changes"), so it stops the run before any request.
-    try:
-        fields = [parsed[1:] for parsed in string.Formatter().parse(prompt) if parsed[1] is not None]
-    except ValueError as exc:
-        raise CaptionError(f"prompt file {path}: {exc}; write {{{{ or }}}} for a literal brace") from None
-    for name, spec, conversion in fields:
-        if name not in PLACEHOLDERS or spec or conversion:
-            known = ", ".join(f"{{{known}}}" for known in PLACEHOLDERS)
-            raise CaptionError(
-                f"prompt file {path} asks for {{{name}}}, which is not one of {known}; "
-                "write {{ or }} for a literal brace"
-            )
+        raise CannotStart(f"cannot read prompt file {path}: {reason(exc)}") from None
+    if not text:
+        raise CannotStart(f"prompt file {path} is empty")
+    return Template(text, source=f"prompt file {path}")
 
 
 def caption_extension(ext: str) -> str:
     ext = ext if ext.startswith(".") else "." + ext
     if ext == "." or "/" in ext or os.sep in ext:
-        raise CaptionError(f"--ext {ext!r} is not a file extension")
-    if ext.lower() in IMAGE_EXTENSIONS:
-        raise CaptionError(f"--ext {ext} would overwrite images")
+        raise CannotStart(f"--ext {ext!r} is not a file extension")
+    # Judged by the final suffix: "--ext .1.jpg" would make photo.1.jpg's caption photo.1.jpg.
+    final = os.path.splitext("x" + ext)[1].lower()
+    if final in IMAGE_EXTENSIONS:
+        raise CannotStart(f"--ext {ext} would overwrite images")
+    if final in DATASET_SIDE_EXTENSIONS:
+        raise CannotStart(f"--ext {ext} would overwrite files a trainer keeps beside the images ({final})")
     return ext
 
 
@@ -304,14 +456,17 @@ def caption_extension(ext: str) -> str:
 class Summary:
     to_caption: list[Path] = field(default_factory=list)
     captioned: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # already captioned, or done by this pass before
     failed: list[tuple[Path, str]] = field(default_factory=list)
-    by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
+    settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
+    unlisted: list[tuple[Path, str]] = field(default_factory=list)  # folders that could not be read
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
-    server_trouble: list[str] = field(default_factory=list)  # servers lost or silent, and why
+    by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
+    server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
     stopped: str = ""  # why the run ended before its last image
     metadata_error: str = ""  # the --jsonl file could not be written
     interrupted: bool = False
+    dry_run: bool = False
     seconds: float = 0.0
     tokens: int = 0  # generated, as the servers counted them
     generation_ns: int = 0
@@ -319,108 +474,113 @@ class Summary:
     over_clip_limit: int = 0  # captions estimated longer than CLIP's 77 tokens
 
     @property
+    def left(self) -> int:
+        return 0 if self.dry_run else len(self.to_caption) - self.settled
+
+    @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_SOME_FAILED if self.failed or self.stopped or self.metadata_error else EXIT_OK
+        trouble = self.failed or self.unlisted or self.stopped or self.metadata_error or self.left
+        return EXIT_SOME_FAILED if trouble else EXIT_OK
 
 
-def caption_folder(config: Config, progress: Progress | None = None) -> Summary:
-    """Caption the images of config.folder; raise CaptionError if the run cannot start."""
-    progress = progress or Progress(config.folder, verbosity=0)
-    # Pillow only warns between 1x and 2x its pixel limit, and then decodes a 632-byte file
-    # into 645 MB (image-facts.md §5): make the warning an error, once, before any thread.
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
-    summary = Summary()
+def caption_folder(
+    config: Config, progress: Progress | None = None, stop: threading.Event | None = None
+) -> Summary:
+    """Caption the images of config.folder and return what happened.
+
+    Raises CannotStart if the run cannot start. Setting `stop` ends the run as a first Ctrl-C
+    does: nothing new is sent, and the answers already on their way are written.
+    """
+    progress = progress or Progress(config.folder)
+    stop = stop or threading.Event()
     started = time.monotonic()
-    images, summary.orphans = find_images(config.folder, config.recursive, config.caption_ext)
-    todo, summary.skipped, summary.failed = plan(images, config.caption_ext, config.existing)
-    summary.to_caption = todo[: config.limit]
+    summary = Summary(dry_run=config.dry_run)
+    found = find_images(config.folder, config.recursive, config.caption_ext)
+    summary.orphans, summary.unlisted = found.orphans, found.unlisted
+    journal = Journal(config) if config.existing != "skip" else None
+    tasks, summary.skipped, summary.failed = plan(found, config, journal)
+    tasks = tasks[: config.limit]
+    summary.to_caption = [task.image for task in tasks]
     if config.dry_run:
         progress.list_planned(summary)
         return summary
-    metadata = Metadata(config.jsonl) if config.jsonl else None
-    servers = [Server(host, config.timeout) for host in config.hosts]
-    try:
-        for server in servers:
-            preflight(server, config, progress)
-        progress.start(summary)
-        caption_images(servers, config, summary, progress, metadata)
-    except KeyboardInterrupt:
-        summary.interrupted = True
-    finally:
-        for server in servers:
-            server.client.close()
-        save_metadata(metadata, summary)
-        summary.seconds = time.monotonic() - started
+    progress.report_plan(summary)
+    metadata = Metadata(config.jsonl, config.model, config.caption_ext) if config.jsonl else None
+    if not tasks or stop.is_set():  # nothing to send: no lock, no server
+        summary.interrupted = stop.is_set()
+        finish_metadata(metadata, found, summary)
+        return summary
+    with folder_lock(config.folder):
+        remove_stale_temporaries(found.stale)
+        servers = ready_servers(config, progress)
+        pipeline = Pipeline(tasks, servers, config, stop, progress)
+        try:
+            progress.start(summary)
+            for outcome in pipeline.outcomes():
+                write_and_count(outcome, config, summary, progress, metadata, journal, pipeline)
+            summary.stopped = pipeline.stopped_because(summary.left)
+            summary.interrupted = stop.is_set()
+        except KeyboardInterrupt:  # a second Ctrl-C: give up on what is still on its way
+            summary.interrupted = True
+        finally:
+            pipeline.close()
+            summary.server_trouble += [
+                server.trouble_report() for server in servers if server.trouble_report()
+            ]
+            for server in servers:
+                server.close()
+            if journal:
+                journal.close()
+            finish_metadata(metadata, found, summary)
+            summary.seconds = time.monotonic() - started
     return summary
 
 
-def caption_images(
-    servers: list[Server], config: Config, summary: Summary, progress: Progress, metadata: Metadata | None
+def write_and_count(
+    outcome: Outcome,
+    config: Config,
+    summary: Summary,
+    progress: Progress,
+    metadata: Metadata | None,
+    journal: Journal | None,
+    pipeline: Pipeline,
 ) -> None:
-    left = len(summary.to_caption)
-    pipeline = Pipeline(summary.to_caption, servers, config)
-    pipeline.start()
+    """Write one answer's caption and account for it: the only place captions are written and
+    the only place an image's end is counted and reported."""
+    summary.settled += 1
+    task = outcome.task
     try:
-        for outcome in pipeline.outcomes():
-            left -= 1
-            record(outcome, config, summary, progress, metadata)
-    except KeyboardInterrupt:
-        progress.say(
-            f"stopping: waiting up to {DRAIN_SECONDS:.0f}s for the answers on their way "
-            "(Ctrl-C again to quit at once)"
-        )
-        for outcome in pipeline.outcomes_in_flight():
-            record(outcome, config, summary, progress, metadata)
-        raise
-    finally:
-        pipeline.stop()
-        summary.server_trouble = [
-            f"{server.host} taken out of rotation: {server.lost}"
-            if server.lost
-            else f"{server.host} was not answering when the run ended: {server.trouble}"
-            for server in servers
-            if server.lost or server.trouble
-        ]
-    if left:
-        summary.stopped = f"no Ollama server left to ask; {left} images not attempted"
-
-
-def record(
-    outcome: Outcome, config: Config, summary: Summary, progress: Progress, metadata: Metadata | None
-) -> None:
-    """Write one caption and account for it: the only place captions are written and images
-    reported."""
-    try:
-        if outcome.error:
-            raise CaptionError(outcome.error)
-        text = write_caption(outcome.image, outcome.caption, config)
-    except CaptionError as exc:
-        summary.failed.append((outcome.image, str(exc)))
-        progress.image_failed(outcome.image, str(exc))
+        if outcome.failure:
+            raise TryFailed(Fault.CAPTION_UNWRITABLE, outcome.failure)  # reported as it came
+        text = finished_caption(outcome.caption, task.existing, config)
+        if journal:
+            journal.add(task.image, text)  # before the caption: see Journal
+        write_caption(task.image, text, config.caption_ext)
+    except TryFailed as failure:
+        if decide(failure.fault, 0, config.retries)[0] is Action.STOP_RUN:
+            pipeline.halt(str(failure))
+        summary.failed.append((task.image, str(failure)))
+        progress.image_failed(task.image, str(failure))
         return
-    summary.captioned.append(outcome.image)
+    summary.captioned.append(task.image)
     summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
-    summary.tokens += outcome.tokens
-    summary.generation_ns += outcome.generation_ns
+    summary.tokens += outcome.answer.tokens
+    summary.generation_ns += outcome.answer.generation_ns
     summary.words += len(text.split())
     summary.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
-    progress.image_captioned(outcome.image, text, outcome.seconds)
+    progress.image_captioned(task.image, text, outcome.seconds)
     if metadata:
-        extra = {"model": config.model, "seconds": round(outcome.seconds, 2), "tokens": outcome.tokens}
-        try:
-            metadata.add(outcome.image, text, **extra)
-        except CaptionError as exc:  # the last save, at the end of the run, tries again
-            progress.say(f"warning: {exc}")
+        metadata.add(task.image, text, seconds=round(outcome.seconds, 2), tokens=outcome.answer.tokens)
+        metadata.save_now_and_then(progress)
 
 
-def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
+def finish_metadata(metadata: Metadata | None, found: Found, summary: Summary) -> None:
     if metadata:
         try:
+            metadata.recover_missing(found, summary.captioned)
             metadata.save()
-        except CaptionError as exc:
-            summary.metadata_error = str(exc)
+        except OSError as exc:
+            summary.metadata_error = f"cannot write {metadata.path}: {reason(exc)}"
 
 
 # ---------------------------------------------------------------------------
@@ -428,83 +588,190 @@ def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
 # ---------------------------------------------------------------------------
 
 
-def find_images(folder: Path, recursive: bool, caption_ext: str) -> tuple[list[Path], list[Path]]:
-    """The images below folder, and the caption files that belong to none of them."""
+@dataclass
+class Found:
+    images: list[Path] = field(default_factory=list)
+    not_images: list[tuple[Path, str]] = field(default_factory=list)  # image names, not regular files
+    caption_names: dict[str, set[str]] = field(default_factory=dict)  # folder: caption files listed there
+    orphans: list[Path] = field(default_factory=list)
+    unlisted: list[tuple[Path, str]] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)  # temporary files a killed run left behind
+
+    def caption_listed(self, caption: Path) -> bool:
+        return caption.name in self.caption_names.get(str(caption.parent), ())
+
+
+def find_images(folder: Path, recursive: bool, caption_ext: str) -> Found:
+    """The images below folder, and what else a run needs to know of the listing."""
     if not folder.is_dir():
-        raise CaptionError(f"{folder} is not a folder")
-    found: list[Path] = []
-    captions: list[Path] = []
+        raise CannotStart(f"{folder} is not a folder")
+    found = Found()
     seen_folders = set()
-    for here, subfolders, files in os.walk(folder, followlinks=True, onerror=raise_unreadable):
-        # Following links lets a dataset be assembled from linked folders; remembering each
-        # real folder keeps a link back to a parent from looping forever.
-        identity = folder_identity(here)
-        if identity in seen_folders:
-            subfolders[:] = []
+    to_list = [folder]
+    while to_list:
+        here = to_list.pop()
+        try:
+            # Following links lets a dataset be assembled from linked folders; remembering
+            # each real folder keeps a link back to a parent from looping forever.
+            identity = folder_identity(here)
+            if identity in seen_folders:
+                continue
+            seen_folders.add(identity)
+            with os.scandir(here) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            if here == folder:
+                raise CannotStart(f"cannot list {folder}: {reason(exc)}") from None
+            found.unlisted.append((here, reason(exc)))  # lost+found on a data disk, say
             continue
-        seen_folders.add(identity)
-        subfolders[:] = sorted(d for d in subfolders if recursive and not d.startswith("."))
-        found.extend(Path(here, name) for name in files if is_image_name(name))
-        captions.extend(Path(here, name) for name in files if name.endswith(caption_ext))
-    wanted = {caption_path(image, caption_ext) for image in found}
-    orphans = sorted(caption for caption in captions if caption not in wanted)
-    return sorted(found, key=lambda path: path.relative_to(folder).parts), orphans
+        captions = set()
+        for entry in entries:
+            name = entry.name
+            if name.startswith(OWN_FILE_PREFIX) and name.endswith(".tmp") and is_stale(entry):
+                found.stale.append(Path(entry.path))
+            if name.startswith("."):
+                continue
+            if name.endswith(caption_ext):
+                captions.add(name)  # whatever it is: existing_caption() looks closer
+            if entry.is_dir():
+                if recursive:
+                    to_list.append(Path(entry.path))
+            elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                if entry.is_file():
+                    found.images.append(Path(entry.path))
+                else:
+                    found.not_images.append((Path(entry.path), why_not_a_file(entry.path)))
+        found.caption_names[str(here)] = captions
+    found.images.sort(key=lambda path: path.relative_to(folder).parts)
+    found.orphans = orphan_captions(found, caption_ext)
+    return found
 
 
-def raise_unreadable(exc: OSError) -> None:
-    raise CaptionError(f"cannot list {exc.filename}: {exc.strerror}")
+def folder_identity(path: Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
-def folder_identity(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
+def is_stale(entry: os.DirEntry) -> bool:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
+    except OSError:
+        return False
 
 
-def is_image_name(name: str) -> bool:
-    # Our own temporary files start with a dot too, so hiding dot files covers them.
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def why_not_a_file(path: str) -> str:
+    # Only regular files are images: a named pipe would block the run forever, and a link to
+    # /dev/zero would be read without end.
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"cannot read: {reason(exc)}"
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
+    kind = next((what for test, what in kinds.items() if test(mode)), "not a plain file")
+    return f"not an image file but {kind}"
+
+
+def orphan_captions(found: Found, caption_ext: str) -> list[Path]:
+    wanted: dict[str, set[str]] = {}
+    for image in found.images:
+        wanted.setdefault(str(image.parent), set()).add(image.stem + caption_ext)
+    return sorted(
+        Path(folder, name)
+        for folder, names in found.caption_names.items()
+        for name in names - wanted.get(folder, set())
+    )
 
 
 def caption_path(image: Path, caption_ext: str) -> Path:
     return image.with_name(image.stem + caption_ext)
 
 
+@dataclass
+class Task:
+    """One image on its way: planned, prepared, sent, perhaps sent again."""
+
+    image: Path
+    existing: str = ""  # the caption already there, where --existing or {existing} uses it
+    prompt: str = ""  # filled in by preparation
+    payload: bytes = b""  # the encoded image to send, filled in by preparation
+    tries: int = 0  # tries that failed in a way that counts against --retries
+    not_before: float = 0.0  # time.monotonic() before which it must not be sent again
+
+
 def plan(
-    images: Sequence[Path], caption_ext: str, existing: str
-) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
-    """Split images into (to caption, skipped, failed); same-stem images fail together."""
+    found: Found, config: Config, journal: Journal | None
+) -> tuple[list[Task], list[Path], list[tuple[Path, str]]]:
+    """Split the images into (to caption, skipped, failed); same-stem images fail together."""
     sharing: dict[Path, list[Path]] = {}
-    for image in images:
-        sharing.setdefault(caption_path(image, caption_ext), []).append(image)
-    todo: list[Path] = []
+    for image in found.images:
+        sharing.setdefault(caption_path(image, config.caption_ext), []).append(image)
+    todo: list[Task] = []
     skipped: list[Path] = []
-    failed: list[tuple[Path, str]] = []
-    for image in images:
-        caption = caption_path(image, caption_ext)
+    failed = list(found.not_images)
+    wants_text = config.existing in ("append", "prepend") or "existing" in config.prompt.fields
+    for image in found.images:
+        caption = caption_path(image, config.caption_ext)
         twins = [other.name for other in sharing[caption] if other != image]
         if twins:
             # One caption would describe only one of the pictures: caption neither.
             failed.append((image, f"shares {caption.name} with {', '.join(twins)}; rename one of them"))
-        elif existing == "skip" and has_caption(caption):
-            skipped.append(image)
-        else:
-            todo.append(image)
+            continue
+        try:
+            existing = existing_caption(caption, found.caption_listed(caption))
+            already = config.existing == "skip" and existing.strip()
+            if already or (journal and journal.done(image, existing)):
+                skipped.append(image)
+            else:
+                todo.append(Task(image, caption_text(caption, existing) if wants_text else ""))
+        except TryFailed as failure:
+            failed.append((image, str(failure)))
+    failed.sort()
     return todo, skipped, failed
 
 
-def has_caption(path: Path) -> bool:
+def existing_caption(path: Path, listed: bool) -> bytes:
+    """The bytes of the caption file beside an image (b"" if there is none). Raises TryFailed
+    if something is in the way: a folder, a special file, a file that cannot be read."""
+    if not listed:  # the folder's listing already says it is not there: no open() needed
+        return b""
     try:
-        return bool(path.read_bytes().strip())
+        return read_regular_file(path)
+    except FileNotFoundError:
+        return b""
     except OSError as exc:
-        # Absent, or a name too long to exist, is no caption; anything else is one we cannot
-        # read, and what we cannot see we never overwrite.
-        return exc.errno not in (errno.ENOENT, errno.ENAMETOOLONG)
+        what = f"the existing {path.name}"
+        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason(exc)}") from None
+
+
+def caption_text(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        # What we cannot read we cannot merge, and never overwrite.
+        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"the existing {path.name} is not UTF-8 text") from None
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file; OSError for anything else. Opened without blocking, so a
+    named pipe or a device in its place is refused, never read."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(descriptor, "rb") as file:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return file.read()
 
 
 # ---------------------------------------------------------------------------
-# Image preparation (measurements behind each choice: image-facts.md)
+# Image preparation
 # ---------------------------------------------------------------------------
+# Measured with Pillow 13 on 2 cores (6000x4000 JPEG): a full decode + LANCZOS takes ~330 ms
+# and 118 MB; decoding at reduced DCT scale first takes ~105 ms and 16 MB.
 
+# Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
+# bytes, so files up to this size that need no change are sent as they are.
 PASS_THROUGH_MAX_BYTES = 1_500_000
 JPEG_QUALITY = 90
 EXIF_ORIENTATION = 0x0112
@@ -520,42 +787,63 @@ UNDO_ORIENTATION = {
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
+def prepare(task: Task, config: Config) -> Task:
+    """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
+    task.prompt = config.prompt.fill(task.image, task.existing)
+    task.payload = prepare_image(task.image, config.max_size)
+    return task
+
+
 def prepare_image(path: Path, max_size: int) -> bytes:
     """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except OSError as exc:
-        raise CaptionError(f"cannot read: {reason(exc)}") from None
+        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot read: {reason(exc)}") from None
     if not data:
-        raise CaptionError("empty file")
+        raise TryFailed(Fault.IMAGE_UNREADABLE, "empty file")
     if max_size == 0:
         return data
     try:
         with Image.open(io.BytesIO(data)) as picture:
-            if is_ready_to_send(picture, data, max_size):
+            refuse_bombs(picture)
+            orientation = picture.getexif().get(EXIF_ORIENTATION, 1) if picture.format == "JPEG" else None
+            if is_ready_to_send(picture, data, max_size, orientation):
                 return data
-            return encode_jpeg(shrink_upright_rgb(picture, max_size))
+            return encode_jpeg(shrink_upright_rgb(picture, max_size, orientation))
+    except TryFailed:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise CaptionError(
-            f"refused: more pixels than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
-            "(a possible decompression bomb)"
-        ) from None
+        raise TryFailed(Fault.IMAGE_UNREADABLE, bomb_reason()) from None
     except UnidentifiedImageError:
-        raise CaptionError("not an image (or a format Pillow cannot read)") from None
+        raise TryFailed(Fault.IMAGE_UNREADABLE, "not an image (or a format Pillow cannot read)") from None
     except Exception as exc:  # noqa: BLE001
         # On malformed data Pillow's plugins raise OSError, ValueError, SyntaxError, but also
         # struct.error, IndexError, EOFError...: each is this file's failure, not the run's.
-        raise CaptionError(f"cannot decode: {reason(exc)}") from None
+        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot decode: {reason(exc)}") from None
 
 
-def is_ready_to_send(picture: Image.Image, data: bytes, max_size: int) -> bool:
-    # Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
-    # bytes (image-facts.md §1), so send those as they are, if the whole file is there.
+def refuse_bombs(picture: Image.Image) -> None:
+    # Pillow only warns between 1x and 2x its pixel limit, and then inflates a 632-byte
+    # JPEG into 645 MB. Checked here from the header, whatever the warnings filter says.
+    if picture.width * picture.height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise TryFailed(Fault.IMAGE_UNREADABLE, bomb_reason())
+
+
+def bomb_reason() -> str:
+    return (
+        f"refused: more pixels than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
+        "(a possible decompression bomb)"
+    )
+
+
+def is_ready_to_send(picture: Image.Image, data: bytes, max_size: int, orientation: int | None) -> bool:
     if picture.format == "JPEG":
-        upright = picture.getexif().get(EXIF_ORIENTATION, 1) == 1
+        upright = orientation == 1
         complete = data.rstrip(b"\0").endswith(b"\xff\xd9")
     elif picture.format == "PNG":
-        # Only JPEG's EXIF is free to read; a PNG that has EXIF at all is re-encoded instead.
+        # A PNG's EXIF costs a full decode to read (~23 ms for 1200x800), so a PNG that has
+        # EXIF at all is re-encoded instead.
         upright = "exif" not in picture.info
         complete = data.endswith(PNG_TRAILER)
     else:
@@ -571,16 +859,17 @@ def is_ready_to_send(picture: Image.Image, data: bytes, max_size: int) -> bool:
     )
 
 
-def shrink_upright_rgb(picture: Image.Image, max_size: int) -> Image.Image:
-    orientation = picture.getexif().get(EXIF_ORIENTATION, 1)
+def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | None) -> Image.Image:
+    if orientation is None:  # not JPEG: its EXIF, if any, is read from the decoded picture
+        orientation = picture.getexif().get(EXIF_ORIENTATION, 1)
     target = fitted_size(picture.size, max_size)
-    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: 3x faster and 7x less memory for a 24 MP
-    # photo. Asked for the fitted size, not a square, or it decodes everything (§1 "Gotcha").
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale. Asked for the fitted size, not a square
+    # such as thumbnail() asks for, or a 3:2 photo is decoded whole.
     picture.draft(picture.mode, target)
     rgb = flatten_to_rgb(picture)
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=1.0)
-    # Rotating after shrinking touches 20x fewer pixels (§2).
+    # Rotating after shrinking touches 20x fewer pixels (105 ms against 265 ms for 24 MP).
     if orientation in UNDO_ORIENTATION:
         rgb = rgb.transpose(UNDO_ORIENTATION[orientation])
     return rgb
@@ -612,198 +901,11 @@ def encode_jpeg(picture: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-# ---------------------------------------------------------------------------
-# Scheduling: images prepared a few ahead, --jobs requests in flight on every server
-# ---------------------------------------------------------------------------
-# Threads rather than asyncio: the official sync client is safe to share between threads
-# (one httpx pool), Pillow releases the GIL while it decodes and resizes (image-facts.md §3),
-# and a thread costs nothing next to seconds of inference. Workers only compute; the main
-# thread alone writes files and reports, so neither needs a lock.
-
-# More preparers than cores never helped (image-facts.md §3), and 2-4 keep ahead of any GPU.
-PREPARERS = min(4, os.cpu_count() or 1)
-POLL_SECONDS = 0.1  # how soon an idle worker or the main thread notices that the run is over
-# After the first Ctrl-C, answers already being generated may take this long to arrive.
-DRAIN_SECONDS = 20.0
-
-
-@dataclass
-class Task:
-    image: Path
-    picture: bytes
-    prompt: str
-    attempts: int = 0  # tries that failed in a way worth another try
-
-
-@dataclass
-class Outcome:
-    image: Path
-    caption: str = ""
-    error: str = ""
-    seconds: float = 0.0
-    server: str = ""
-    tokens: int = 0  # generated, as the server counted them
-    generation_ns: int = 0
-
-
-class Pipeline:
-    """Images flow: to prepare -> prepared (bounded) -> sent by any server -> done.
-
-    Every server's workers take from the one prepared queue, so a faster server does more.
-    At most one prepared image waits per request slot: memory stays flat however large the
-    folder, and the next image is ready the moment a request finishes.
-    """
-
-    def __init__(self, images: Sequence[Path], servers: list[Server], config: Config) -> None:
-        self.config = config
-        self.servers = servers
-        self.expected = len(images)
-        self.to_prepare: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        for image in images:
-            self.to_prepare.put(image)
-        self.prepared: queue.Queue[Task] = queue.Queue(maxsize=len(servers) * config.jobs)
-        self.given_back: queue.SimpleQueue[Task] = queue.SimpleQueue()  # to be tried again
-        self.done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-        self.stopping = threading.Event()  # the run is over: every worker leaves
-        self.draining = threading.Event()  # Ctrl-C: finish what is in flight, start nothing
-        self.in_flight = 0  # tasks a worker holds
-        self.counting = threading.Lock()
-        self.threads = [threading.Thread(target=self.prepare_loop) for _ in range(PREPARERS)]
-        self.threads += [
-            threading.Thread(target=self.send_loop, args=(server,))
-            for server in servers
-            for _ in range(config.jobs)
-        ]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            # Daemons: after a second Ctrl-C a request still in flight must not keep the
-            # process alive.
-            thread.daemon = True
-            thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def outcomes(self) -> Iterator[Outcome]:
-        """Each image's outcome as it comes; ends early once every server is out of rotation."""
-        for _ in range(self.expected):
-            while True:
-                try:
-                    outcome = self.done.get(timeout=POLL_SECONDS)
-                    break
-                except queue.Empty:
-                    # Only once nothing is left on its way: an answer that came before its
-                    # server was lost is still written.
-                    if self.in_flight == 0 and all(server.lost for server in self.servers):
-                        return
-            yield outcome
-
-    def outcomes_in_flight(self) -> Iterator[Outcome]:
-        """After a first Ctrl-C: no new request, only the answers already on their way."""
-        self.draining.set()
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while time.monotonic() < deadline and (self.in_flight or not self.done.empty()):
-            try:
-                yield self.done.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
-
-    def prepare_loop(self) -> None:
-        while not (self.stopping.is_set() or self.draining.is_set()):
-            try:
-                image = self.to_prepare.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                prompt = prompt_for(self.config.prompt, image, self.config.caption_ext)
-                task = Task(image, prepare_image(image, self.config.max_size), prompt)
-            except CaptionError as exc:
-                self.done.put(Outcome(image, error=str(exc)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - see send_loop: no image may go missing
-                self.done.put(Outcome(image, error=f"unexpected error: {exc!r}"))
-                continue
-            while not (self.stopping.is_set() or self.draining.is_set()):
-                try:
-                    self.prepared.put(task, timeout=POLL_SECONDS)
-                    break
-                except queue.Full:
-                    continue
-
-    def send_loop(self, server: Server) -> None:
-        while not self.stopping.is_set() and not server.lost:
-            task = self.next_task()
-            if task is None:
-                continue
-            with self.counting:
-                self.in_flight += 1
-            try:
-                if not self.draining.is_set():  # checked after counting, so a drain waits for it
-                    self.send(server, task)
-            except Exception as exc:  # noqa: BLE001
-                # Once the run is over, its clients are closed under requests still in flight.
-                # Before that, an unforeseen error must fail the image, not leave the run
-                # waiting forever for its outcome.
-                if not self.stopping.is_set():
-                    self.done.put(Outcome(task.image, error=f"unexpected error: {exc!r}"))
-            finally:
-                with self.counting:
-                    self.in_flight -= 1
-
-    def send(self, server: Server, task: Task) -> None:
-        """One try; an image that may succeed later goes back to the queue (retry policy:
-        ollama-facts.md §1.6 and §2.5)."""
-        started = time.monotonic()
-        try:
-            caption, answer = ask(server.client, self.config, task)
-        except ServerUnreachable as exc:
-            # The server is down, not the image at fault: wait for it without using up tries.
-            self.given_back.put(task)
-            server.wait_until_back(str(exc), self.config.wait_server)
-        except ModelMissing as exc:
-            self.given_back.put(task)
-            server.take_out(f"the model is no longer there ({exc})")
-        except Transient as exc:
-            task.attempts += 1
-            if task.attempts > self.config.retries:
-                tries = f" (after {task.attempts} tries)" if task.attempts > 1 else ""
-                self.done.put(Outcome(task.image, error=f"{exc}{tries}"))
-                return
-            if isinstance(exc, ConnectionTrouble):  # asking the server is pause enough
-                self.given_back.put(task)
-                server.wait_until_back(str(exc), self.config.wait_server)
-                return
-            if not isinstance(exc, BadAnswer):  # a busy or crashed runner needs a moment
-                self.stopping.wait(backoff(task.attempts))
-            self.given_back.put(task)
-        except CaptionError as exc:
-            self.done.put(Outcome(task.image, error=str(exc)))
-        else:
-            server.trouble = ""
-            seconds = time.monotonic() - started
-            outcome = Outcome(
-                task.image, caption, "", seconds, server.host, answer.tokens, answer.generation_ns
-            )
-            self.done.put(outcome)
-
-    def next_task(self) -> Task | None:
-        if self.draining.is_set():
-            self.stopping.wait(POLL_SECONDS)
-            return None
-        try:
-            return self.given_back.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            return self.prepared.get(timeout=POLL_SECONDS)
-        except queue.Empty:
-            return None
-
-
-def backoff(attempt: int) -> float:
-    # Exponential, with jitter so that the workers of several runs do not retry in step.
-    return min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+def usable_cpus() -> int:
+    # The CPUs this process may run on (taskset, containers), not the machine's.
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------
@@ -812,104 +914,157 @@ def backoff(attempt: int) -> float:
 
 
 class Server:
-    """One Ollama server of the run: its client, and why it left the rotation, if it did."""
+    """One Ollama server of the run: its clients, its free slots, and whether it answers."""
 
-    def __init__(self, host: str, timeout: float) -> None:
-        self.host = host
-        # The client waits forever by default (ollama-facts.md §1.1). A queued request gets no
-        # byte until a slot frees, so the read timeout must be generous; connecting need not be.
-        self.client = ollama.Client(host=host, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
-        self.trouble = ""  # why it last failed to answer, until it answers again
+    def __init__(self, url: str, timeout: float, jobs: int) -> None:
+        self.url = url
+        self.jobs = jobs
+        # The client waits forever by default. A queued request gets no byte until a slot
+        # frees, so the read timeout of a caption request must be generous; connecting, and
+        # the calls that load no model, need not be.
+        self.client = ollama.Client(
+            host=url, timeout=httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        )
+        self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
+        self.in_flight = 0
+        self.dead = ""  # why it did not answer at the start
         self.lost = ""  # why it was taken out of rotation
-        self.probing = threading.Lock()
+        self.trouble = ""  # why it is not answering, while it is not
+        self.quiet_since = 0.0
+        self.next_probe = 0.0
+        self.probe_pause = PROBE_FIRST
 
-    def wait_until_back(self, trouble: str, wait_seconds: float) -> None:
-        """Ask the server, more and more slowly, until it answers; past wait_seconds, take
-        it out of rotation. One worker asks; the server's other workers wait for the verdict."""
+    def free_slots(self) -> int:
+        return 0 if self.dead or self.lost or self.trouble else self.jobs - self.in_flight
+
+    def went_quiet(self, why: str) -> None:
+        if not self.trouble:
+            self.trouble, self.quiet_since = why, time.monotonic()
+            self.next_probe, self.probe_pause = self.quiet_since, PROBE_FIRST
+
+    def probe_due(self) -> bool:
+        return bool(self.trouble) and not self.lost and time.monotonic() >= self.next_probe
+
+    def probe(self) -> str:
+        """Ask the server whether it answers (on a worker thread); why not, or ""."""
+        try:
+            with server_errors():
+                self.quick.list()
+        except TryFailed as failure:
+            return str(failure)
+        return ""
+
+    def probed(self, trouble: str, wait_seconds: float) -> None:
+        """Take in a probe's verdict: back in rotation, asked again later and more slowly, or,
+        past wait_seconds, out of rotation."""
+        now = time.monotonic()
         self.trouble = trouble
-        with self.probing:
-            deadline = time.monotonic() + wait_seconds
-            pause = 0.25
-            while not self.lost:
-                try:
-                    with server_errors():
-                        self.client.list()
-                    self.trouble = ""
-                    return
-                except CaptionError as exc:
-                    self.trouble = str(exc)
-                if time.monotonic() + pause > deadline:
-                    self.take_out(f"{self.trouble} for more than {duration(wait_seconds)}")
-                    return
-                time.sleep(pause)
-                pause = min(pause * 2, 15.0)
+        if not trouble:
+            return
+        if now + self.probe_pause - self.quiet_since > wait_seconds:
+            self.lost = f"{trouble} for more than {duration(wait_seconds)}"
+            return
+        self.next_probe = now + self.probe_pause
+        self.probe_pause = min(self.probe_pause * 2, PROBE_LONGEST)
 
     def take_out(self, why: str) -> None:
         self.lost = why
 
+    def trouble_report(self) -> str:
+        if self.dead:
+            return f"{self.url} did not answer at the start: {self.dead}"
+        if self.lost:
+            return f"{self.url} taken out of rotation: {self.lost}"
+        if self.trouble:
+            return f"{self.url} was not answering when the run ended: {self.trouble}"
+        return ""
 
-def preflight(server: Server, config: Config, progress: Progress) -> None:
-    """Before any image is sent: the server answers, has the model, and the model can see."""
+    def close(self) -> None:
+        self.client.close()
+        self.quick.close()
+
+
+def ready_servers(config: Config, progress: Progress) -> list[Server]:
+    """Every server checked at once; those that do not answer are named and left out. Raises
+    CannotStart if none answers, or if one lacks the model or has one that cannot see."""
+    servers = [Server(url, config.timeout, config.jobs) for url in config.hosts]
+    with ThreadPoolExecutor(len(servers)) as pool:
+        verdicts = list(pool.map(lambda server: preflight(server, config, progress), servers))
+    for server, dead in zip(servers, verdicts):
+        server.dead = dead
+    if all(server.dead for server in servers):
+        for server in servers:
+            server.close()
+        if len(servers) == 1:
+            raise CannotStart(servers[0].dead)
+        raise CannotStart("no server answers: " + "; ".join(server.dead for server in servers))
+    for server in servers:
+        if server.dead:
+            progress.say(f"warning: {server.trouble_report()}; captioning with the others")
+    return servers
+
+
+def preflight(server: Server, config: Config, progress: Progress) -> str:
+    """Before any image is sent: the server answers, has the model, and the model can see.
+    Returns why the server does not answer (or ""); raises CannotStart for the model."""
     try:
         with server_errors():
-            server.client.list()
-    except ServerUnreachable:
-        raise CaptionError(
-            f"cannot reach Ollama at {server.host}; start it with 'ollama serve' "
-            "or point --host (or OLLAMA_HOST) at it"
-        ) from None
-    except CaptionError as exc:
-        raise CaptionError(f"{server.host} does not answer like an Ollama server: {exc}") from None
-    details = show_model(server.client, server.host, config, progress)
-    capabilities = details.capabilities or []
-    families = (details.details.families if details.details else None) or []
-    # Ollama does not refuse images sent to a text model: it ignores them and the model
-    # invents a caption (ollama-facts.md §2.5). Servers before 0.6.8 list no capabilities;
-    # there a vision model shows the "clip" family (§1.7).
-    can_see = "vision" in capabilities if capabilities else "clip" in families
-    if not can_see:
-        raise CaptionError(
-            f"model {config.model} on {server.host} cannot see images (it lacks the 'vision' capability); "
+            server.quick.list()
+    except TryFailed as failure:
+        if failure.fault is Fault.SERVER_DOWN:
+            return (
+                f"cannot reach Ollama at {server.url}; start it with 'ollama serve' "
+                "or point --host (or OLLAMA_HOST) at it"
+            )
+        return f"{server.url} does not answer like an Ollama server: {failure}"
+    details = show_model(server, config, progress)
+    if not can_see(details):
+        raise CannotStart(
+            f"model {config.model} on {server.url} cannot see images (it lacks the 'vision' capability); "
             "choose a vision model such as llava"
         )
+    return ""
 
 
-def show_model(client: ollama.Client, host: str, config: Config, progress: Progress) -> ollama.ShowResponse:
+def can_see(details: ollama.ShowResponse) -> bool:
+    # Ollama does not refuse images sent to a text model: it ignores them and the model
+    # invents a caption (ollama/ollama#7791). "vision" is listed for projector models such as
+    # llava only from 0.6.8 (PR #10509): before, capabilities is absent (< 0.6.4) or just
+    # ["completion"] (0.6.4-0.6.7), and a vision model shows itself by its "clip" projector
+    # family or by <arch>.vision.* keys, as Ollama's own CLI checks (cmd/cmd.go).
+    families = (details.details.families if details.details else None) or []
+    vision_keys = any(".vision." in key for key in (details.modelinfo or {}))
+    return "vision" in (details.capabilities or []) or "clip" in families or vision_keys
+
+
+def show_model(server: Server, config: Config, progress: Progress) -> ollama.ShowResponse:
     try:
         with server_errors():
-            return client.show(config.model)
-    except ModelMissing:
+            return server.quick.show(config.model)
+    except TryFailed as failure:
+        if failure.fault is not Fault.MODEL_GONE:
+            raise CannotStart(f"{server.url} could not show model {config.model}: {failure}") from None
         if not config.pull:
-            raise CaptionError(
-                f"model {config.model} is not on {host}; run 'ollama pull {config.model}' or add --pull"
+            raise CannotStart(
+                f"model {config.model} is not on {server.url}; run 'ollama pull {config.model}' or add --pull"
             ) from None
-    pull_model(client, config.model, progress)
-    with server_errors():
-        return client.show(config.model)
-
-
-def pull_model(client: ollama.Client, model: str, progress: Progress) -> None:
+    pull_model(server, config.model, progress)
     try:
         with server_errors():
-            for update in client.pull(model, stream=True):
+            return server.quick.show(config.model)
+    except TryFailed as failure:
+        raise CannotStart(f"{server.url} could not show model {config.model}: {failure}") from None
+
+
+def pull_model(server: Server, model: str, progress: Progress) -> None:
+    try:
+        with server_errors():
+            for update in server.client.pull(model, stream=True):
                 progress.pulling(model, update.status or "", update.completed, update.total)
-    except CaptionError as exc:
-        raise CaptionError(f"could not pull {model}: {exc}") from None
+    except TryFailed as failure:
+        raise CannotStart(f"could not pull {model}: {failure}") from None
     finally:
         progress.end_live_line()
-
-
-def prompt_for(template: str, image: Path, caption_ext: str) -> str:
-    """The prompt file's text with this image's placeholders filled in."""
-    used = {field for _, field, _, _ in string.Formatter().parse(template) if field}
-    values = {
-        "name": image.stem,
-        "folder": image.parent.name,
-        # Kohya's folder convention "15_guideboat": 15 repeats of the class "guideboat".
-        "class": re.sub(r"^\d+_(?=.)", "", image.parent.name),
-        "existing": read_existing(caption_path(image, caption_ext)) if "existing" in used else "",
-    }
-    return template.format(**values)
 
 
 @dataclass
@@ -920,34 +1075,66 @@ class Answer:
     generation_ns: int
 
 
-def request_caption(client: ollama.Client, config: Config, task: Task, seed: int | None) -> Answer:
+# How often, in streamed pieces, a growing answer is checked for a loop.
+LOOP_CHECK_EVERY = 16
+
+
+def request_caption(server: Server, config: Config, task: Task, seed: int | None) -> Answer:
     """Send one image; return the model's whole answer."""
-    message = {"role": "user", "content": task.prompt, "images": [task.picture]}
+    message = {"role": "user", "content": task.prompt, "images": [task.payload]}
     options = config.options() if seed is None else {**config.options(), "seed": seed}
-    parts = []
+    parts: list[str] = []
     with server_errors():
         # Streamed, so the read timeout bounds the silence before and between tokens rather
-        # than the whole answer, and an answer cut off mid-way is told from a complete one.
-        for part in client.chat(
+        # than the whole answer, an answer cut off mid-way is told from a complete one, and a
+        # looping answer can be stopped as it loops.
+        stream = server.client.chat(
             model=config.model,
             messages=[message],
             stream=True,
             options=options,
-            keep_alive=config.keep_alive,  # resets the unload timer with every request (§2.6)
-        ):
-            parts.append(part.message.content or "")
-            if part.done:
-                return Answer(
-                    "".join(parts), part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
-                )
-    raise Transient("the answer broke off before the model finished")
+            keep_alive=config.keep_alive,  # resets the unload timer with every request
+        )
+        with closing(stream):  # closing the stream hangs up; Ollama then stops generating
+            for part in stream:
+                parts.append(part.message.content or "")
+                if part.done:
+                    tokens, spent = part.eval_count or 0, part.eval_duration or 0
+                    return Answer("".join(parts), part.done_reason or "", tokens, spent)
+                if len(parts) % LOOP_CHECK_EVERY == 0 and is_looping("".join(parts)):
+                    raise TryFailed(
+                        Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(parts))}"
+                    )
+    raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
 
 
-# What the client raises (ollama-facts.md §1.6): ValueError covers undecodable JSON and
-# pydantic's validation errors; httpx.HTTPError covers timeouts and broken connections.
+def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
+    """One try (on a worker thread): the caption, cleaned up, and the answer it came in."""
+    answer = request_caption(server, config, task, seed_for(config.seed, task.tries))
+    caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
+    if not config.raw:
+        caption = tidy(caption)
+    problem = caption_problem(answer, caption)
+    if problem:
+        raise TryFailed(Fault.UNFIT_ANSWER, problem)
+    return caption, answer
+
+
+def seed_for(seed: int | None, tries: int) -> int | None:
+    # A retry needs a seed of its own, or a seeded model says the same thing again; a fixed
+    # --seed still makes the whole run, retries included, reproducible.
+    if tries == 0:
+        return seed
+    return (seed if seed is not None else random.randrange(2**31)) + tries
+
+
+# What the client raises (ollama 0.6.3, _client.py): ResponseError for an error status or an
+# error line mid-stream (status -1), the builtin ConnectionError or httpx.ConnectError when
+# nothing listens, other httpx errors for timeouts and broken connections, ValueError for
+# undecodable JSON and pydantic's validation errors.
 CLIENT_ERRORS = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
-# How each Ollama era says it could not decode an image (ollama-facts.md §2.5): the same
-# image will fail the same way, so no retry.
+# How each Ollama era says it could not decode an image: v0.4-0.11.4 (llava embedding),
+# v0.11.5-0.29 (mtmd), the Go engine (image: unknown format), v0.30+ llama-server (400).
 UNDECODABLE = re.compile(
     r"unable to make llava embedding|unable to tokenize mtmd embedding|image: unknown format"
     r"|failed to load image|failed to decode image",
@@ -957,43 +1144,63 @@ UNDECODABLE = re.compile(
 
 @contextmanager
 def server_errors() -> Iterator[None]:
-    """Turn every way a server or connection can fail into a CaptionError of the right kind."""
+    """Turn every way a server or connection can fail into a TryFailed with its fault."""
     try:
         yield
     except CLIENT_ERRORS as exc:
         raise classified(exc) from None
 
 
-def classified(exc: Exception) -> CaptionError:
+def classified(exc: Exception) -> TryFailed:
+    """What an exception of the client means: the one place where errors get their fault."""
     if isinstance(exc, ollama.ResponseError):
-        if exc.status_code == 404:
-            return ModelMissing(exc.error)
-        # 400 is a request the server will never accept; 5xx (busy, runner crashed) and -1
-        # (an error line mid-answer) may pass on another try.
-        if exc.status_code == 400 or UNDECODABLE.search(exc.error):
-            return CaptionError(explain(exc))
-        return Transient(explain(exc))
-    if isinstance(exc, (ConnectionError, httpx.ConnectError)):
-        return ServerUnreachable("cannot reach the Ollama server")
+        return TryFailed(status_fault(exc.status_code, exc.error), explain(exc))
+    if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
+        return TryFailed(Fault.SERVER_DOWN, "cannot reach the Ollama server")
     if isinstance(exc, httpx.TimeoutException):
-        return Transient(explain(exc))
+        return TryFailed(
+            Fault.SERVER_STRUGGLING,
+            "no answer within the timeout (raise --timeout if the server is only busy)",
+        )
     if isinstance(exc, httpx.TransportError):
-        return ConnectionTrouble(explain(exc))
-    return CaptionError(explain(exc))
-
-
-def explain(exc: BaseException) -> str:
-    if isinstance(exc, ollama.ResponseError):
-        if exc.status_code == -1:
-            return f"Ollama failed mid-answer: {exc.error.strip()}"
-        return f"Ollama answered {exc.status_code}: {exc.error.strip()}"
-    if isinstance(exc, httpx.TimeoutException):
-        return "no answer within the timeout (raise --timeout if the server is only busy)"
-    if isinstance(exc, httpx.TransportError):
-        return f"the connection to Ollama broke: {reason(exc)}"
+        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to Ollama broke: {reason(exc)}")
     if isinstance(exc, ValueError):
-        return "the server's answer is not Ollama's JSON"
-    return reason(exc)
+        return TryFailed(Fault.REQUEST_REFUSED, "the server's answer is not Ollama's JSON")
+    return TryFailed(Fault.REQUEST_REFUSED, reason(exc))
+
+
+def status_fault(status: int, error: str) -> Fault:
+    if status == 404:
+        return Fault.MODEL_GONE
+    if status in (401, 403):
+        return Fault.ACCESS_DENIED
+    if status in (502, 504):  # a reverse proxy whose Ollama is restarting
+        return Fault.SERVER_DOWN
+    if status in (400, 413, 422) or UNDECODABLE.search(error):
+        return Fault.REQUEST_REFUSED
+    return Fault.SERVER_STRUGGLING  # 500 (runner crashed), 503 (busy), -1 (error mid-answer)
+
+
+def explain(exc: ollama.ResponseError) -> str:
+    said = shown(server_message(exc.error))
+    if exc.status_code == -1:
+        return f"Ollama failed mid-answer: {said}"
+    advice = {
+        401: "; the server or a proxy in front of it wants credentials (OLLAMA_API_KEY is sent when set)",
+        403: "; the server or a proxy in front of it refuses this client (check OLLAMA_ORIGINS or the proxy)",
+        413: "; the image is too large for this server: lower --max-size",
+    }.get(exc.status_code, "")
+    return f"Ollama answered {exc.status_code}: {said}{advice}"
+
+
+def server_message(text: str) -> str:
+    """A server's error body as one line: an HTML error page (nginx's 502, say) is reduced to
+    its title."""
+    if re.search(r"<html|<!doctype", text, re.IGNORECASE):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        text = title.group(1) if title else re.sub(r"<[^>]*>", " ", text)
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text if len(text) <= 300 else text[:299] + "\u2026"
 
 
 def reason(exc: BaseException) -> str:
@@ -1001,6 +1208,254 @@ def reason(exc: BaseException) -> str:
         return exc.strerror
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------
+# Retry policy: what follows each fault, in one place
+# ---------------------------------------------------------------------------
+
+
+class Action(enum.Enum):
+    RETRY_NOW_NEW_SEED = "ask again at once, with a new seed"
+    RETRY_AFTER_PAUSE = "ask again after a pause that doubles each time"
+    WAIT_FOR_SERVER = "back to the queue; the server is probed, more and more slowly, until it answers"
+    TAKE_SERVER_OUT = "back to the queue; that server gets no more requests"
+    STOP_RUN = "end the run: summary, exit 1; what is left waits for a rerun"
+    FAIL_IMAGE = "the image fails with the reason"
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: Action
+    uses_a_try: bool  # counts against --retries; past them the image fails
+
+
+POLICY = {
+    Fault.UNFIT_ANSWER: Rule(Action.RETRY_NOW_NEW_SEED, uses_a_try=True),
+    Fault.SERVER_STRUGGLING: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True),
+    # The image may be to blame, so it uses a try; asking the server is pause enough.
+    Fault.CONNECTION_BROKE: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True),
+    # The server is to blame, not the image: waiting uses none of its tries.
+    Fault.SERVER_DOWN: Rule(Action.WAIT_FOR_SERVER, uses_a_try=False),
+    Fault.MODEL_GONE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
+    Fault.ACCESS_DENIED: Rule(Action.STOP_RUN, uses_a_try=False),
+    Fault.REQUEST_REFUSED: Rule(Action.FAIL_IMAGE, uses_a_try=False),
+    Fault.IMAGE_UNREADABLE: Rule(Action.FAIL_IMAGE, uses_a_try=False),
+    # Every further caption would fail the same way while the server works for nothing.
+    Fault.DISK_UNWRITABLE: Rule(Action.STOP_RUN, uses_a_try=False),
+    Fault.CAPTION_UNWRITABLE: Rule(Action.FAIL_IMAGE, uses_a_try=False),
+}
+
+
+def decide(fault: Fault, tries: int, retries: int) -> tuple[Action, int]:
+    """What follows a fault for an image that had already failed `tries` counted tries; and
+    its count of tries after this one."""
+    rule = POLICY[fault]
+    if not rule.uses_a_try:
+        return rule.action, tries
+    if tries + 1 > retries:
+        return Action.FAIL_IMAGE, tries + 1
+    return rule.action, tries + 1
+
+
+def backoff(tries: int) -> float:
+    # Exponential, with jitter so that the workers of several runs do not retry in step.
+    return min(BACKOFF_LONGEST, BACKOFF_FIRST * 2 ** (tries - 1)) * random.uniform(0.5, 1.5)
+
+
+def write_fault(exc: OSError) -> Fault:
+    if exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return Fault.DISK_UNWRITABLE
+    return Fault.CAPTION_UNWRITABLE
+
+
+# ---------------------------------------------------------------------------
+# Scheduling: images prepared a few ahead, --jobs requests in flight on every server
+# ---------------------------------------------------------------------------
+# One thread (the caller's) owns every queue and counter and makes every decision; two pools
+# of threads only compute: preparing (Pillow releases the GIL while it decodes and resizes:
+# 1.8-2.0x on 2 cores) and sending (the official sync client is safe to share between
+# threads, and a thread costs nothing next to seconds of inference). concurrent.futures says
+# this with less machinery than hand-made worker loops: no locks, no events, no daemon
+# threads, and nothing in flight that the end-of-run test cannot see. It measured the same
+# share of a server's capacity as the worker loops it replaced (tests/bench.py).
+
+
+@dataclass
+class Outcome:
+    task: Task
+    caption: str = ""  # cleaned up, before trigger words and merging
+    failure: str = ""
+    answer: Answer = field(default_factory=lambda: Answer("", "", 0, 0))
+    server: str = ""
+    seconds: float = 0.0
+
+
+class Pipeline:
+    """Images flow: waiting -> preparing -> ready -> sent to any server with a free slot -> done.
+
+    Every server takes from the one ready queue, so a faster server does more. At most one
+    image per request slot is prepared or being prepared: memory stays flat however large the
+    folder, and the next image is ready the moment a request finishes.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        servers: list[Server],
+        config: Config,
+        stop: threading.Event,
+        progress: Progress,
+    ) -> None:
+        self.config = config
+        self.servers = servers
+        self.stop = stop
+        self.progress = progress
+        self.waiting = deque(tasks)  # not prepared yet
+        self.ready: deque[Task] = deque()  # prepared, to be sent
+        self.delayed: list[Task] = []  # to be sent again once their pause is over
+        self.preparing: dict[Future, Task] = {}
+        self.sending: dict[Future, tuple[Server, Task, float]] = {}
+        self.probing: dict[Future, Server] = {}
+        self.halted = ""  # why the run must end early (the retry policy said so)
+        self.preparers = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="prepare")
+        self.senders = ThreadPoolExecutor(len(servers) * (config.jobs + 1), thread_name_prefix="send")
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Each image's outcome as it comes. Ends when every image has one, when no server is
+        left, or after a stop, once the answers already on their way are in."""
+        while self.has_work():
+            if self.stop.is_set() or self.halted:
+                yield from self.drain()
+                return
+            self.start_work()
+            for future in self.wait_for_any():
+                outcome = self.settle(future)
+                if outcome:
+                    yield outcome
+
+    def close(self) -> None:
+        """Cancel what has not started; what runs ends with its request, or when the clients
+        are closed under it."""
+        self.preparers.shutdown(wait=False, cancel_futures=True)
+        self.senders.shutdown(wait=False, cancel_futures=True)
+
+    def halt(self, why: str) -> None:
+        self.halted = self.halted or why
+
+    def stopped_because(self, left: int) -> str:
+        if not left:
+            return ""
+        if self.halted:
+            return f"{self.halted}; {left} images left for a rerun"
+        if self.stop.is_set():
+            return ""  # interrupted: the summary says so
+        return f"no Ollama server left to ask; {left} images left for a rerun"
+
+    def has_work(self) -> bool:
+        if self.sending or self.preparing:
+            return True
+        if not (self.waiting or self.ready or self.delayed):
+            return False
+        # Images are left, but once every server is out of rotation nobody can take them.
+        return any(not (server.dead or server.lost) for server in self.servers)
+
+    def start_work(self) -> None:
+        now = time.monotonic()
+        for task in [task for task in self.delayed if task.not_before <= now]:
+            self.delayed.remove(task)
+            self.ready.append(task)
+        for server in self.servers:
+            if server.probe_due() and server not in self.probing.values():
+                self.probing[self.senders.submit(server.probe)] = server
+        for server in self.servers:
+            while server.free_slots() > 0 and self.ready:
+                task = self.ready.popleft()
+                server.in_flight += 1
+                self.sending[self.senders.submit(ask, server, self.config, task)] = (server, task, now)
+        slots = sum(server.jobs for server in self.servers if not (server.dead or server.lost))
+        while self.waiting and len(self.ready) + len(self.preparing) < max(1, slots):
+            task = self.waiting.popleft()
+            self.preparing[self.preparers.submit(prepare, task, self.config)] = task
+
+    def wait_for_any(self) -> set[Future]:
+        running = [*self.preparing, *self.sending, *self.probing]
+        timeout = POLL_SECONDS
+        if self.delayed:
+            timeout = min(timeout, max(0.0, min(task.not_before for task in self.delayed) - time.monotonic()))
+        if not running:
+            self.stop.wait(timeout)
+            return set()
+        return wait(running, timeout=timeout, return_when=FIRST_COMPLETED)[0]
+
+    def settle(self, future: Future) -> Outcome | None:
+        """Take in one finished piece of work; an image's outcome if it has one now."""
+        if future in self.probing:
+            server = self.probing.pop(future)
+            server.probed(future.result(), self.config.wait_server)
+            if not server.trouble:
+                self.progress.say(f"{server.url} answers again")
+            return None
+        if future in self.preparing:
+            task = self.preparing.pop(future)
+            server = None
+        else:
+            server, task, started = self.sending.pop(future)
+            server.in_flight -= 1
+        try:
+            result = future.result()
+        except TryFailed as failure:
+            return self.after_failure(server, task, failure)
+        except Exception as exc:  # noqa: BLE001 - a defect must fail its image, never lose it
+            return Outcome(task, failure=f"unexpected error: {exc!r}")
+        if server is None:
+            self.ready.append(result)
+            return None
+        caption, answer = result
+        return Outcome(task, caption, answer=answer, server=server.url, seconds=time.monotonic() - started)
+
+    def after_failure(self, server: Server | None, task: Task, failure: TryFailed) -> Outcome | None:
+        """Carry out the retry policy's decision for one failed try."""
+        action, task.tries = decide(failure.fault, task.tries, self.config.retries)
+        if action is Action.FAIL_IMAGE:
+            tries = f" (after {task.tries} tries)" if task.tries > 1 else ""
+            return Outcome(task, failure=f"{failure}{tries}")
+        if action is Action.RETRY_AFTER_PAUSE:
+            task.not_before = time.monotonic() + backoff(task.tries)
+            self.delayed.append(task)
+            return None
+        self.ready.appendleft(task)
+        if server is None:
+            return None
+        if action is Action.WAIT_FOR_SERVER and not server.trouble:
+            server.went_quiet(str(failure))
+            self.progress.say(
+                f"{server.url} stopped answering ({failure}); "
+                f"waiting up to {duration(self.config.wait_server)} for it"
+            )
+        elif action is Action.TAKE_SERVER_OUT and not server.lost:
+            server.take_out(str(failure))
+        elif action is Action.STOP_RUN:
+            self.halt(f"{server.url}: {failure}")
+        return None
+
+    def drain(self) -> Iterator[Outcome]:
+        """After a stop: start nothing more; the answers already on their way (for at most
+        DRAIN_SECONDS) are still written."""
+        for future in self.preparing:
+            future.cancel()
+        if self.sending and not self.halted:
+            self.progress.say(
+                f"stopping: waiting up to {DRAIN_SECONDS:.0f}s for the answers on their way "
+                "(Ctrl-C again to quit at once)"
+            )
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while self.sending and time.monotonic() < deadline:
+            done = wait(list(self.sending), timeout=min(POLL_SECONDS, deadline - time.monotonic()))[0]
+            for future in done:
+                outcome = self.settle(future)
+                if outcome:
+                    yield outcome
 
 
 # ---------------------------------------------------------------------------
@@ -1022,26 +1477,11 @@ REFUSAL = re.compile(
     r"|as an ai\b|unfortunately,? i\b)",
     re.IGNORECASE,
 )
-# A phrase of 3 to 80 characters said four or more times in a row: the model is looping.
-LOOP = re.compile(r"\b(\w.{2,79}?)(?:[\s,;.]+\1\b){3,}", re.IGNORECASE | re.DOTALL)
-
-
-def ask(client: ollama.Client, config: Config, task: Task) -> tuple[str, Answer]:
-    """One try: the caption, cleaned up, and the answer it came in; BadAnswer if unfit."""
-    answer = request_caption(client, config, task, seed_for(config.seed, task.attempts))
-    caption = answer.text.strip() if config.raw else tidy(answer.text)
-    problem = caption_problem(answer, caption)
-    if problem:
-        raise BadAnswer(problem)
-    return caption, answer
-
-
-def seed_for(seed: int | None, attempt: int) -> int | None:
-    # A retry needs a seed of its own, or a seeded model says the same thing again; a fixed
-    # --seed still makes the whole run, retries included, reproducible.
-    if attempt == 0:
-        return seed
-    return (seed if seed is not None else random.randrange(2**31)) + attempt
+# A loop is a runaway, not emphasis: a phrase of 3 to 80 characters said three or more times
+# in a row, the repeats spanning at least LOOP_SPAN characters. "a very very very very good
+# dog" is not one; "a red car, a red car, a red car, ..." until the token limit is.
+REPEATS = re.compile(r"\b(\w.{2,79}?)(?:[\s,;.]+\1\b){2,}", re.IGNORECASE | re.DOTALL)
+LOOP_SPAN = 60
 
 
 def tidy(answer: str) -> str:
@@ -1056,15 +1496,34 @@ def unquote(text: str) -> str:
     return text
 
 
+def without_invisibles(text: str, keep_lines: bool) -> str:
+    """The text without control and format characters (escape sequences, zero-width spaces,
+    byte-order marks): a caption file holds only what a trainer should read. Other white space
+    becomes a space, but for line breaks and tabs where keep_lines says so."""
+    return "".join(visible(char, keep_lines) for char in text)
+
+
+def visible(char: str, keep_lines: bool) -> str:
+    if char in "\n\t" and keep_lines:
+        return char
+    if char.isspace():
+        return " "
+    return "" if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") else char
+
+
+def is_looping(text: str) -> bool:
+    return any(match.end() - match.start() >= LOOP_SPAN for match in REPEATS.finditer(text))
+
+
 def caption_problem(answer: Answer, caption: str) -> str:
     """Why this caption must not reach a training set, or "" if it may."""
     if answer.done_reason == "length":
         return "the answer was cut off at the token limit (raise --max-tokens or --num-ctx)"
-    if not caption:
+    if not re.search(r"\w", caption):  # "The image shows." leaves only "."
         return "the model answered with an empty caption"
     if REFUSAL.match(caption.replace("\u2019", "'")):
         return f"the model refused: {shortened(caption)}"
-    if LOOP.search(caption):
+    if is_looping(caption):
         return f"the answer repeats itself: {shortened(caption)}"
     return ""
 
@@ -1079,19 +1538,27 @@ def finished_caption(caption: str, old: str, config: Config) -> str:
         caption = f"{old}, {caption}"
     elif old and config.existing == "prepend":
         caption = f"{caption}, {old}"
-    # A trigger word the model (or an earlier run) already put in place is not repeated.
-    if config.prefix and not caption.lower().startswith(config.prefix.lower()):
+    # A trigger word the model (or an earlier run) already put in place is not repeated; it
+    # must be there as whole words: "man" is not in place at the start of "many people".
+    if config.prefix and not re.match(rf"{re.escape(config.prefix)}(?!\w)", caption, re.IGNORECASE):
         caption = f"{config.prefix}, {caption}"
-    if config.suffix and not caption.lower().rstrip(" .").endswith(config.suffix.lower()):
+    if config.suffix and not re.search(rf"(?<!\w){re.escape(config.suffix)}[\s.]*$", caption, re.IGNORECASE):
         caption = f"{caption}, {config.suffix}"
     return caption
 
 
 def estimated_clip_tokens(caption: str) -> int:
-    # CLIP's tokenizer gives most words one token and each punctuation mark one more, plus
-    # a start and an end token: close enough to count captions that overflow 77, without
-    # a tokenizer dependency.
-    return len(caption.split()) + len(re.findall(r"[^\w\s]", caption)) + 2
+    # CLIP's BPE gives a common word one token, a long or rare word one per ~6 characters, a
+    # CJK character one or more, and each punctuation mark one, plus a start and an end token:
+    # close enough to count captions that overflow 77, without a tokenizer dependency.
+    words = re.findall(r"[^\W\d_]+|\d+", caption)
+    ideographs = sum(1 for char in caption if unicodedata.east_asian_width(char) in ("W", "F"))
+    word_tokens = sum(
+        max(1, math.ceil(len(word) / 6))
+        for word in words
+        if not any(unicodedata.east_asian_width(char) in ("W", "F") for char in word)
+    )
+    return word_tokens + ideographs + len(re.findall(r"[^\w\s]", caption)) + 2
 
 
 # ---------------------------------------------------------------------------
@@ -1099,33 +1566,165 @@ def estimated_clip_tokens(caption: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def write_caption(image: Path, caption: str, config: Config) -> str:
-    """Write the caption beside its image; return the text written."""
-    path = caption_path(image, config.caption_ext)
-    old = read_existing(path) if config.existing in ("append", "prepend") else ""
-    text = finished_caption(caption, old, config)
-    write_atomically(path, text)
-    return text
-
-
-def read_existing(path: Path) -> str:
+def write_caption(image: Path, text: str, caption_ext: str) -> None:
+    path = caption_path(image, caption_ext)
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return ""
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CaptionError(f"cannot read the existing {path.name}: {reason(exc)}") from None
+        write_atomically(path, text)
+    except OSError as exc:
+        raise TryFailed(write_fault(exc), f"cannot write {shown(path.name)}: {reason(exc)}") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part, even after a crash."""
+    # A short name of our own, whatever the length of the caption's (255 bytes is the limit,
+    # reached by ~80 CJK characters), hidden from discovery and trainers, and found again
+    # and removed if a killed run leaves it behind.
+    temporary = path.with_name(f"{OWN_FILE_PREFIX}-{uuid.uuid4().hex[:12]}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    try:
+        # 0o666 less the umask, the mode of any file a user creates (mkstemp would give 0o600).
+        with open(os.open(temporary, flags, 0o666), "wb") as file:
+            file.write(text.encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass  # renamed into place, or never created
+
+
+def remove_stale_temporaries(paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One run at a time in a folder: a second one, started by a double-started loop, refuses
+    and names the first. The lock is the operating system's (flock, or msvcrt on Windows), so
+    it dies with the process that held it, however that process ended."""
+    path = folder / f"{OWN_FILE_PREFIX}.lock"
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
+    with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
+        try:
+            lock_file(file)
+        except OSError:
+            holder = file.read().decode("utf-8", "replace").strip() or "another process"
+            raise CannotStart(
+                f"another run is captioning {folder} ({holder}); wait for it to end, or stop it"
+            ) from None
+        try:  # who holds it, for the message of a run refused
+            file.seek(0)
+            file.truncate()
+            file.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        except OSError as exc:  # a full disk: no caption could be written either
+            raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
+        try:
+            yield
+        finally:
+            # Removed while still held, so that finished folders carry no trace of the lock.
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def lock_file(file: io.BufferedRandom) -> None:
+    """Lock an open file without waiting; OSError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class Journal:
+    """Which images this pass over a folder has already captioned, where the caption file
+    cannot tell: with --existing overwrite, append or prepend, a rerun after an interruption
+    must not caption (or append to) those images again.
+
+    A pass is identified by every setting that changes a caption (Config.pass_identity): a
+    changed prompt or model is a new pass, and its journal replaces the old one. The file is
+    hidden in the folder, one line per image: its path and a hash of the caption written. The
+    line is written before the caption file, so a crash between the two leaves a journal that
+    names a text the caption file does not hold, and the image is done again: an image counts
+    as done only while its caption file holds exactly what this pass wrote.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.folder = config.folder
+        self.path = config.folder / f"{OWN_FILE_PREFIX}.journal"
+        self.identity = config.pass_identity()
+        self.done_by_name: dict[str, str] = {} if config.fresh else self.read()
+        self.file: TextIO | None = None
+
+    def read(self) -> dict[str, str]:
+        try:
+            lines = read_regular_file(self.path).decode("utf-8", "surrogateescape").splitlines()
+        except OSError:
+            return {}
+        if not lines or lines[0] != f"pass {self.identity}":
+            return {}
+        entries = (line.rpartition(" ") for line in lines[1:])
+        return {name: digest for name, _, digest in entries if name}
+
+    def done(self, image: Path, caption: bytes) -> bool:
+        written = self.done_by_name.get(self.name(image))
+        return written is not None and written == digest(caption.decode("utf-8", "replace").strip())
+
+    def add(self, image: Path, text: str) -> None:
+        try:
+            if self.file is None:
+                self.file = self.start()
+            self.file.write(f"{self.name(image)} {digest(text)}\n")
+            self.file.flush()  # in the operating system's hands before the caption is
+        except OSError as exc:
+            raise TryFailed(write_fault(exc), f"cannot write {self.path.name}: {reason(exc)}") from None
+
+    def start(self) -> TextIO:
+        """Open the journal for appending; a new pass starts a new journal."""
+        if self.done_by_name:
+            return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
+        write_atomically(self.path, f"pass {self.identity}\n")
+        return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
+
+    def name(self, image: Path) -> str:
+        return os.path.relpath(image, self.folder).replace(os.sep, "/")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 class Metadata:
-    """The --jsonl file: every caption written, one JSON object a line (Hugging Face
-    imagefolder's metadata.jsonl). Kept in memory by file name, so a caption written again
-    replaces its line, and rewritten whole and atomically, so it is never half-written."""
+    """The --jsonl file: one JSON object a line (Hugging Face imagefolder's metadata.jsonl).
+    Kept in memory by file name, so a caption written again replaces its line, and rewritten
+    whole and atomically, so it is never half-written. The caption files are the truth: at the
+    end of every run, an image whose caption file has no line, or a different text, gets a
+    line rebuilt from the file, marked "recovered"."""
 
-    SAVE_EVERY = 10.0  # seconds: what a crash can cost the JSONL (the .txt files stay)
+    SAVE_EVERY = 10.0  # seconds: what a crash can cost the JSONL until the next run mends it
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, model: str, caption_ext: str) -> None:
         self.path = path
+        self.model = model
+        self.caption_ext = caption_ext
         self.entries = self.load(path)
         self.saved_at = time.monotonic()
         self.unsaved = False
@@ -1133,11 +1732,11 @@ class Metadata:
     @staticmethod
     def load(path: Path) -> dict[str, dict]:
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_regular_file(path).decode("utf-8").splitlines()
         except FileNotFoundError:
             return {}
         except (OSError, UnicodeDecodeError) as exc:
-            raise CaptionError(f"cannot read {path}: {reason(exc)}") from None
+            raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
         entries = {}
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -1146,41 +1745,53 @@ class Metadata:
                 entry = json.loads(line)
                 entries[entry["file_name"]] = entry
             except (ValueError, TypeError, KeyError):
-                raise CaptionError(
-                    f"{path} line {number} is not a metadata entry; fix or remove it"
-                ) from None
+                raise CannotStart(f"{path} line {number} is not a metadata entry; fix or remove it") from None
         return entries
 
+    def file_name(self, image: Path) -> str:
+        return os.path.relpath(image, self.path.parent).replace(os.sep, "/")
+
     def add(self, image: Path, text: str, **extra: object) -> None:
-        file_name = os.path.relpath(image, self.path.parent).replace(os.sep, "/")
-        self.entries[file_name] = {"file_name": file_name, "text": text, **extra}
+        file_name = self.file_name(image)
+        self.entries[file_name] = {"file_name": file_name, "text": text, "model": self.model, **extra}
         self.unsaved = True
+
+    def save_now_and_then(self, progress: Progress) -> None:
         if time.monotonic() - self.saved_at > self.SAVE_EVERY:
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:  # the save at the end of the run tries again
+                progress.say(f"warning: cannot write {self.path}: {reason(exc)}")
+
+    def recover_missing(self, found: Found, written: list[Path]) -> None:
+        """Lines for the captions beside the images this run found, where the JSONL lacks them
+        or says otherwise (a crash between saves, an earlier run without --jsonl, an edit)."""
+        written_now = set(written)
+        for image in found.images:
+            file_name = self.file_name(image)
+            if image in written_now or file_name.startswith("../"):
+                continue  # written with its line, or not covered by this JSONL
+            caption = caption_path(image, self.caption_ext)
+            if not found.caption_listed(caption):
+                continue
+            try:
+                text = read_regular_file(caption).decode("utf-8-sig").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            entry = self.entries.get(file_name)
+            if text and (entry is None or entry.get("text") != text):
+                self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True}
+                self.unsaved = True
 
     def save(self) -> None:
         self.saved_at = time.monotonic()  # a failed save is tried again 10 s later, not per image
         if self.unsaved:
+            # A name that is not valid UTF-8 keeps its bad bytes as \udcXX escapes, which
+            # json.loads gives back as the same name for open().
             lines = (json.dumps(entry, ensure_ascii=False) + "\n" for entry in self.entries.values())
-            write_atomically(self.path, "".join(lines))
+            text = "".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
+            write_atomically(self.path, text)
             self.unsaved = False
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part, even after a crash."""
-    # Hidden, so discovery passes it over; short, so a long caption name still has room.
-    temporary = path.with_name(f".{path.name[:100]}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temporary, "x", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise CaptionError(f"cannot write {path.name}: {reason(exc)}") from None
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 # ---------------------------------------------------------------------------
@@ -1189,7 +1800,9 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class Progress:
-    """Everything the run tells a person, on stderr: a live bar on a terminal, lines in a log."""
+    """Everything the run tells a person, on stderr: a live bar on a terminal, lines in a log.
+    Every line passes through shown(), so no file name, caption or server message can move
+    the cursor, clear the screen or set the window title."""
 
     BAR_WIDTH = 24
 
@@ -1203,19 +1816,17 @@ class Progress:
         self.sending_since = 0.0
         self.live_line_shown = False
         self.last_pull_status = ""
+        self.writing = threading.Lock()  # servers are checked, and may pull, in parallel
 
     def name(self, image: Path) -> str:
         try:
-            name = str(image.relative_to(self.folder))
+            return str(image.relative_to(self.folder))
         except ValueError:
-            name = str(image)
-        # A newline or control character in a file name must not break the one-line report.
-        return name if name.isprintable() else repr(name)[1:-1]
+            return str(image)
 
     def start(self, summary: Summary) -> None:
         self.total = len(summary.to_caption)
         self.sending_since = time.monotonic()
-        self.report_plan(summary)
         if self.verbosity >= 0:
             self.say(f"{self.total} to caption, {len(summary.skipped)} already captioned")
         if self.live:
@@ -1253,21 +1864,29 @@ class Progress:
         )
 
     def draw_live_line(self, line: str) -> None:
-        self.stream.write("\r\x1b[K" + line)
-        self.stream.flush()
+        self.write("\r\x1b[K" + shown(line))
         self.live_line_shown = True
 
     def end_live_line(self) -> None:
         if self.live_line_shown:
-            self.stream.write("\n")
+            self.write("\n")
             self.live_line_shown = False
 
     def say(self, line: str) -> None:
-        if self.live_line_shown:
-            self.stream.write("\r\x1b[K")
-            self.live_line_shown = False
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        with self.writing:
+            if self.live_line_shown:
+                self.write("\r\x1b[K")
+                self.live_line_shown = False
+            self.write(shown(line) + "\n")
+
+    def write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            # The reader went away (a closed pipe, `| head`): the run goes on, unheard, and
+            # still writes its captions and its JSONL.
+            self.stream = io.StringIO()
 
     def pulling(self, model: str, status: str, completed: int | None, total: int | None) -> None:
         if self.live:
@@ -1278,6 +1897,8 @@ class Progress:
         self.last_pull_status = status
 
     def report_plan(self, summary: Summary) -> None:
+        for folder, why in summary.unlisted:
+            self.say(f"FAILED to list {self.name(folder)}: {why}; its images are left out")
         for image, why in summary.failed:
             self.image_failed(image, why, counted=False)
         if summary.orphans:
@@ -1289,8 +1910,14 @@ class Progress:
 
     def list_planned(self, summary: Summary) -> None:
         self.report_plan(summary)
-        for image in summary.to_caption:
-            print(self.name(image))
+        listing = "".join(shown(self.name(image)) + "\n" for image in summary.to_caption)
+        try:
+            sys.stdout.write(listing)
+            sys.stdout.flush()
+        except OSError:
+            # `--dry-run | head`: the reader has all it wanted. Later writes to the closed pipe
+            # (Python's own flush at exit) go nowhere instead of printing an error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         self.say(
             f"dry run: would caption {len(summary.to_caption)}, "
             f"skip {len(summary.skipped)} already captioned; nothing was sent"
@@ -1303,7 +1930,7 @@ class Progress:
             f"failed {len(summary.failed)} in {duration(summary.seconds)} ({rate:.2f} images/s)"
         )
         if summary.interrupted:
-            line = f"interrupted: {line}"
+            line = f"interrupted: {line}; {summary.left} left for a rerun"
         self.say(line)
         if len(summary.by_server) > 1 or summary.server_trouble:
             for server, count in summary.by_server.items():
@@ -1316,6 +1943,8 @@ class Progress:
             self.say(f"stopped: {summary.stopped}")
         if summary.metadata_error:
             self.say(f"error: {summary.metadata_error}")
+        for folder, why in summary.unlisted:
+            self.say(f"  could not list {self.name(folder)}: {why}")
         for image, why in sorted(summary.failed):
             self.say(f"  failed {self.name(image)}: {why}")
 
@@ -1328,6 +1957,21 @@ def caption_statistics(summary: Summary) -> str:
         f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
         "(estimated from words and punctuation)"
     )
+
+
+def shown(text: str) -> str:
+    """Text as a terminal may show it: control and format characters escaped (\\x1b, \\n,
+    \\u202e), and the bytes of a name that is not UTF-8 as \\xNN."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else escaped(char) for char in text)
+
+
+def escaped(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return repr(char)[1:-1]
 
 
 def duration(seconds: float) -> str:
@@ -1344,24 +1988,116 @@ def duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------
 
 
+class Signals:
+    """The command line's answer to Ctrl-C (INT), kill and timeout (TERM) and a closed
+    terminal (HUP): the first ends the run through `stop` (answers on their way are written,
+    the summary printed); the second gives up at once; a third kills outright. Afterwards the
+    process dies by the first signal, as a program that handles a signal must: a shell loop
+    over folders sees the death (status 130/143/129) and stops too, where an exit(130) would
+    make it carry on with the next folder."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")  # Windows has no SIGHUP
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    @contextmanager
+    def handled(self) -> Iterator[Signals]:
+        """Handle the signals while the run lasts; then whatever handled them before."""
+        if threading.current_thread() is threading.main_thread():  # the only one allowed to
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self.previous[number] = signal.signal(number, self.handle)
+        try:
+            yield self
+        finally:
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
+
+    def handle(self, number: int, frame: object) -> None:
+        if self.received is None:
+            self.received = number
+            self.stop.set()
+            return
+        for each in self.previous:
+            signal.signal(each, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    def die(self) -> int:
+        """End the process by the signal received. Where a process cannot kill itself by a
+        signal (Windows), exit with that platform's status for it: 0xC000013A for Ctrl-C."""
+        number = self.received if self.received is not None else signal.SIGINT
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        if os.name == "nt":
+            return 0xC000013A if number == signal.SIGINT else 128 + number
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        time.sleep(5)  # the signal ends the process before this does
+        return 128 + number
+
+
+@contextmanager
+def library_chatter_silenced() -> Iterator[None]:
+    """What the command line sets up for the process: libraries' own messages (Pillow's
+    warnings, libtiff writing "LZWDecode: Not enough data..." straight to file descriptor 2)
+    are silenced; what matters of them is in the image's failure reason. Python's sys.stderr,
+    where the tool reports, keeps the real stderr."""
+    with warnings.catch_warnings(), ExitStack() as restore:
+        warnings.simplefilter("ignore")
+        try:
+            real_stderr = os.dup(2)
+        except OSError:  # no file descriptor 2 to speak of
+            yield
+            return
+        restore.callback(os.close, real_stderr)
+        if stream_on_descriptor(sys.stderr, 2):
+            encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+            ours = restore.enter_context(open(real_stderr, "w", encoding=encoding, closefd=False))
+            restore.callback(setattr, sys, "stderr", sys.stderr)
+            sys.stderr = ours
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        restore.callback(os.dup2, real_stderr, 2)
+        yield
+
+
+def stream_on_descriptor(stream: TextIO, descriptor: int) -> bool:
+    try:
+        return stream.fileno() == descriptor
+    except (AttributeError, OSError, ValueError):  # a test's capture, say
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # Intermixed, so that options may stand between the positionals: DIR -r PROMPT.
+        args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
-    progress = Progress(args.folder, verbosity=-1 if args.quiet else int(args.verbose))
-    try:
-        summary = caption_folder(config_from_args(args), progress)
-    except CaptionError as exc:
-        progress.say(f"error: {exc}")
-        return EXIT_CANNOT_START
-    except KeyboardInterrupt:
-        progress.say("interrupted before the first image")
-        return EXIT_INTERRUPTED
-    if not args.dry_run:
-        progress.finish(summary)
-    return summary.exit_code
+    stop = threading.Event()
+    with Signals(stop).handled() as signals, library_chatter_silenced():
+        progress = Progress(args.folder, verbosity=-1 if args.quiet else int(args.verbose))
+        try:
+            summary = caption_folder(config_from_args(args), progress, stop)
+        except CannotStart as exc:
+            progress.say(f"error: {exc}")
+            summary = None
+        except KeyboardInterrupt:
+            progress.say("interrupted before the first image")
+            summary = None
+        if summary and not args.dry_run:
+            progress.finish(summary)
+    if signals.received is not None:
+        return signals.die()
+    return summary.exit_code if summary else EXIT_CANNOT_START
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def remove_captions(folder: Path) -> None:
         caption.unlink()
 
 
-# The child's own peak RSS: ru_maxrss would include this process's pages, which a child
-# inherits at fork (image-facts.md §4), so the child reports VmHWM itself as it exits.
+# The child's own peak RSS: a forked child's ru_maxrss starts from its parent's peak
+# (getrusage(2): "the maximum resident set size ... of the parent at fork"), so the child
+# reports its VmHWM itself as it exits.
 RUN_AND_REPORT_PEAK = """
 import atexit, runpy, sys
 script, out = sys.argv[1], sys.argv[2]

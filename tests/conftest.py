@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from PIL import Image
 from stand_in_ollama import StandInOllama
 
 SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"
+# The tool's own pauses (backoff, server probes, the limit on calls that load no model) at a
+# tenth, here and in every subprocess the tests start: the suite waits less, asserts the same.
+os.environ["LLAVA_CAPTION_PAUSE_SCALE"] = "0.1"
 
 
 def load_script():
@@ -85,6 +89,31 @@ def run_script(*args: object, cwd: Path | None = None, env: dict | None = None, 
     )
 
 
+@pytest.fixture
+def spawn():
+    """Start the script as a user's shell would; whatever still runs when the test ends is killed."""
+    started = []
+
+    def start(*args: object, **popen) -> subprocess.Popen:
+        command = [sys.executable, str(SCRIPT), *map(str, args)]
+        popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+        started.append(subprocess.Popen(command, **popen))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def wait_until(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def picture(path: Path, size=(64, 48), color="red", mode="RGB", **save) -> Path:
     """Save a plain picture; the format follows the file extension unless given."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +140,10 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+JOURNAL = ".llava-caption-ollama.journal"
+
+
 def leftovers(folder: Path) -> list:
-    """Temporary files the captioner may have left behind."""
-    return [p.name for p in folder.rglob(".*") if p.is_file()]
+    """Files the captioner may have left behind: temporary files, its lock (the journal of a
+    pass is meant to stay)."""
+    return [p.name for p in folder.rglob(".*") if p.is_file() and p.name != JOURNAL]

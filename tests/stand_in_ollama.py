@@ -1,7 +1,7 @@
 """A stand-in Ollama server on 127.0.0.1 for the tests and the benchmark.
 
 It speaks the parts of Ollama's HTTP API the captioner uses, with the shapes, status codes
-and error strings of ../shared/ollama-facts.md (§2.1-§2.6): GET/HEAD /, /api/version,
+and error strings of Ollama's server/routes.go and api/types.go: GET/HEAD /, /api/version,
 /api/tags, /api/ps, POST /api/show, /api/pull (NDJSON progress) and /api/chat (NDJSON by
 default, one JSON object with "stream": false). Like llava's stb_image decoder it accepts
 only JPEG, PNG, BMP and GIF. It records every chat request, counts requests in flight,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import itertools
 import json
 import re
 import select
@@ -33,6 +34,11 @@ TEXT_MODEL = {"capabilities": ["completion"], "families": ["llama"]}
 # Servers before 0.6.4 list no capabilities; a projector model shows the "clip" family.
 OLD_VISION_MODEL = {"capabilities": None, "families": ["llama", "clip"]}
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
+NGINX_502 = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
 RUNNER_CRASH = (
     "model runner has unexpectedly stopped, this may be due to resource limitations "
     "or an internal error, check ollama server logs for details"
@@ -51,6 +57,8 @@ class Chat:
     stream: bool
     received_at: float = 0.0  # time.monotonic() when the request arrived
     answered_at: float = 0.0  # and when its answer was sent in full
+    tokens_sent: int = 0
+    hung_up: bool = False  # the client went away before the answer ended
 
     def picture(self, index: int = 0) -> Image.Image:
         return Image.open(io.BytesIO(self.images[index]))
@@ -68,6 +76,8 @@ class Reply:
     drop: bool = False  # close the connection without answering
     vanish: bool = False  # the server dies before this answer's last line, which it still sends
     done_reason: str = "stop"
+    endless: bool = False  # repeat text token by token until the client hangs up (a runaway)
+    body: str | None = None  # with an error status: this raw text/html body instead of JSON
 
 
 Answer = Callable[[Chat], Union[Reply, str]]
@@ -89,8 +99,13 @@ class StandInOllama:
     version: str = "0.12.6"
     port: int = 0  # 0: any free port; a stopped server's port: the same server restarted
 
+    # Every endpoint answers 502 with nginx's page, as a reverse proxy does while its Ollama
+    # restarts.
+    down: bool = False
+
     def __post_init__(self) -> None:
         self.chats: list = []
+        self.requests: list = []  # (time.monotonic(), method, path) of every request
         self.connections: set = set()
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -202,11 +217,32 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes -----------------------------------------------------------
 
+    def proxy_says_down(self) -> bool:
+        with self.stand_in.lock:
+            self.stand_in.requests.append((time.monotonic(), self.command, self.path))
+        if not self.stand_in.down:
+            return False
+        if self.command == "POST":
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_text(502, NGINX_502, "text/html")
+        return True
+
+    def send_text(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
         stand_in = self.stand_in
+        if self.proxy_says_down():
+            return
         if self.path == "/":
             data = b"Ollama is running"
             self.send_response(200)
@@ -227,6 +263,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         routes = {"/api/show": self.show, "/api/pull": self.pull, "/api/chat": self.chat}
         route = routes.get(self.path)
+        if self.proxy_says_down():
+            return
         if route is None:
             self.not_found()
             return
@@ -342,16 +380,30 @@ class Handler(BaseHTTPRequestHandler):
             stand_in.chats.append(chat)
             stand_in.in_flight += 1
             stand_in.most_in_flight = max(stand_in.most_in_flight, stand_in.in_flight)
+        self.slot_held = False
         try:
-            with stand_in.slot_gate:
-                reply = stand_in.answer(chat)
-                reply = reply if isinstance(reply, Reply) else Reply(text=reply)
-                if self.client_stays(stand_in.latency + reply.delay):
-                    self.send_reply(model, reply, chat.stream)
-                    chat.answered_at = time.monotonic()
+            stand_in.slot_gate.acquire()
+            self.slot_held = True
+            reply = stand_in.answer(chat)
+            reply = reply if isinstance(reply, Reply) else Reply(text=reply)
+            if self.client_stays(stand_in.latency + reply.delay):
+                self.send_reply(model, reply, chat)
+                chat.answered_at = time.monotonic()
+            else:
+                chat.hung_up = True
         finally:
-            with stand_in.lock:
-                stand_in.in_flight -= 1
+            self.request_done()
+
+    def request_done(self) -> None:
+        """The model has finished with this request: its slot is free and it is no longer in
+        flight. Called before the last line goes out, as Ollama frees the slot when generation
+        ends: a client that sends its next request the moment it reads "done" must find the
+        count already lowered."""
+        if self.slot_held:
+            self.slot_held = False
+            with self.stand_in.lock:
+                self.stand_in.in_flight -= 1
+            self.stand_in.slot_gate.release()
 
     def client_stays(self, seconds: float) -> bool:
         """Wait, but give the slot up when the client hangs up, as Ollama cancels the request."""
@@ -366,13 +418,18 @@ class Handler(BaseHTTPRequestHandler):
                 return True
             time.sleep(min(left, 0.01))
 
-    def send_reply(self, model: str, reply: Reply, stream: bool) -> None:
+    def send_reply(self, model: str, reply: Reply, chat: Chat) -> None:
+        stream = chat.stream
         if reply.drop:
             self.close_connection = True
             self.connection.shutdown(2)
             return
         if reply.status != 200:
-            self.send_error_json(reply.status, reply.error or "")
+            self.request_done()
+            if reply.body is not None:
+                self.send_text(reply.status, reply.body, "text/html")
+            else:
+                self.send_error_json(reply.status, reply.error or "")
             return
         text = reply.text or ""
         final = {
@@ -389,6 +446,7 @@ class Handler(BaseHTTPRequestHandler):
             "eval_duration": 1602331000,
         }
         if not stream:
+            self.request_done()
             if reply.error:
                 self.send_error_json(500, reply.error)
                 return
@@ -396,9 +454,19 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, final)
             return
         self.start_stream(last=reply.vanish)
-        for token in re.findall(r"\S+\s*|\s+", text):
-            piece = {"role": "assistant", "content": token}
-            self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
+        tokens = re.findall(r"\S+\s*|\s+", text)
+        try:
+            for token in itertools.cycle(tokens) if reply.endless else tokens:
+                piece = {"role": "assistant", "content": token}
+                self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
+                chat.tokens_sent += 1
+                if reply.endless:
+                    time.sleep(0.001)
+        except OSError:  # the client hung up: Ollama cancels the request and stops generating
+            chat.hung_up = True
+            self.close_connection = True
+            return
+        self.request_done()
         if reply.vanish:
             self.stand_in.stop(spare=self.connection)
         if reply.error:
@@ -409,7 +477,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def strict_base64(encoded: str) -> bytes | str:
-    """The image bytes, or Go's error for a string that is not standard base64 (§2.1)."""
+    """The image bytes, or Go's error for a string that is not standard base64 (Go's
+    encoding/json decodes []byte with StdEncoding)."""
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):

@@ -21,7 +21,8 @@ def test_each_request_carries_the_prompt_one_image_and_constant_options(tmp_path
     assert run.code == 0
     assert [chat.prompt for chat in server.chats] == ["Describe the picture.\n\nUse commas, {like this}."] * 2
     assert all(len(chat.images) == 1 and chat.model == "llava:13b" for chat in server.chats)
-    assert server.chats[0].options == server.chats[1].options == {"num_ctx": 4096}
+    # A token limit always: a model that never stops must not hold a slot forever.
+    assert server.chats[0].options == server.chats[1].options == {"num_ctx": 4096, "num_predict": 512}
 
 
 def test_unreachable_server_stops_before_anything_with_exit_2(tmp_path, caption):
@@ -144,7 +145,7 @@ def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, cap
     assert run.code == 1
     assert len(list(tmp_path.glob("*.txt"))) == 2
     assert f"  {server.url} taken out of rotation: cannot reach the Ollama server for more than 1s" in run.err
-    assert "stopped: no Ollama server left to ask; 2 images not attempted" in run.err
+    assert "stopped: no Ollama server left to ask; 2 images left for a rerun" in run.err
     assert "Traceback" not in run.err
 
 

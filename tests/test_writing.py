@@ -88,14 +88,16 @@ def test_an_image_extension_for_captions_is_refused(tmp_path, caption):
     assert (tmp_path / "a.png").read_bytes() == original
 
 
-def test_an_unwritable_caption_fails_that_image_with_the_reason(tmp_path, caption):
-    picture(tmp_path / "a.jpg")
-    picture(tmp_path / "b.jpg")
+def test_a_folder_where_the_caption_would_go_fails_that_image_before_any_request(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
     (tmp_path / "a.txt").mkdir()  # in the way, whatever our privileges
 
-    run = caption(tmp_path, "--existing", "overwrite")
+    for mode in ("skip", "overwrite"):
+        run = caption(tmp_path, "--existing", mode)
 
-    assert run.code == 1
-    assert "FAILED a.jpg: cannot write a.txt: Is a directory" in run.err
-    assert (tmp_path / "b.txt").exists()
+        assert run.code == 1
+        assert "FAILED a.jpg: cannot read the existing a.txt: Is a directory" in run.err
+    assert [chat.picture().width for chat in server.chats] == [65, 65]  # a.jpg was never sent
+    assert (tmp_path / "b.txt").exists() and (tmp_path / "a.txt").is_dir()
     assert leftovers(tmp_path) == []
