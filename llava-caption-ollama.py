@@ -38,6 +38,10 @@ from pathlib import Path
 from typing import Callable, TextIO
 from urllib.parse import urlsplit
 
+# The ollama package builds a default Client as it is imported (ollama/__init__.py), which
+# parses OLLAMA_HOST and raises ValueError on a malformed one; this tool reads OLLAMA_HOST
+# itself (server_url()), so the import must not see it.
+_ollama_host = os.environ.pop("OLLAMA_HOST", None)
 try:
     import httpx
     import ollama
@@ -45,6 +49,9 @@ try:
 except ImportError as missing:  # a user can cause this, so no traceback
     print(f"error: {missing.name} is not installed; run: pip install -r requirements.txt", file=sys.stderr)
     sys.exit(2)
+finally:
+    if _ollama_host is not None:
+        os.environ["OLLAMA_HOST"] = _ollama_host
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START = 0, 1, 2
 
@@ -220,8 +227,14 @@ class Config:
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, as every other reason a run cannot start: the usage is a --help away.
+        self.exit(EXIT_CANNOT_START, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="llava-caption-ollama.py",
         description="Caption every image of a folder with a vision model served by Ollama, "
         "writing <image stem>.txt beside each image.",
@@ -1016,6 +1029,8 @@ def preflight(server: Server, config: Config, progress: Progress) -> str:
                 f"cannot reach Ollama at {server.url}; start it with 'ollama serve' "
                 "or point --host (or OLLAMA_HOST) at it"
             )
+        if failure.fault is Fault.SERVER_STRUGGLING:  # a wrong port, an SSH server, a stuck proxy
+            return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it Ollama?"
         return f"{server.url} does not answer like an Ollama server: {failure}"
     details = show_model(server, config, progress)
     if not can_see(details):

@@ -114,6 +114,31 @@ def wait_until(condition, seconds: float = 20) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB file system of its own, where the tests can fill the disk or make it read-only."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill_disk(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass  # the disk is full
+
+
 def picture(path: Path, size=(64, 48), color="red", mode="RGB", **save) -> Path:
     """Save a plain picture; the format follows the file extension unless given."""
     path.parent.mkdir(parents=True, exist_ok=True)

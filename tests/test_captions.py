@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import by_width, leftovers, picture
+from conftest import by_width, fill_disk, leftovers, picture
 from stand_in_ollama import Reply
 
 
@@ -201,6 +201,9 @@ def test_a_rerun_keeps_earlier_entries_without_duplicating_them(tmp_path, captio
     assert len(read_jsonl(jsonl)) == 1
 
     assert caption(tmp_path, "--jsonl", jsonl).code == 0  # captions b only
+    first = {entry["file_name"]: entry for entry in read_jsonl(jsonl)}
+    assert first["a.jpg"]["text"] == "first words" and first["a.jpg"]["model"] == "llava:13b"
+    assert "recovered" not in first["a.jpg"]  # kept from the first run, not rebuilt
     server.answer = lambda chat: "second words"
     assert caption(tmp_path, "--jsonl", jsonl, "--existing", "overwrite").code == 0  # both again
 
@@ -235,3 +238,99 @@ def test_summary_reports_speed_length_and_captions_too_long_for_clip(tmp_path, c
     tokens_per_second = (2 + 80) / (2 * 1.602331)
     assert f"  {tokens_per_second:.1f} tokens/s generated; captions average 41 words; " in run.err
     assert "1 of 2 longer than 77 CLIP tokens" in run.err
+
+
+def test_a_caption_with_no_word_left_after_cleanup_is_refused(tmp_path, caption, server):
+    one_picture(tmp_path)
+    answers = iter(["The image shows.", "\u200b\u200b \u2060", "a red fox"])
+    server.answer = lambda chat: next(answers)
+
+    run = caption(tmp_path)
+
+    assert run.code == 0, run.err
+    assert (tmp_path / "a.txt").read_text() == "a red fox"
+    assert len(server.chats) == 3  # "." and invisible characters alone are no caption
+
+
+@pytest.mark.parametrize(
+    "answer, written",
+    [
+        ("many people in a square", "man, many people in a square, art"),
+        ("a red heart", "man, a red heart, art"),
+        ("Man in a red coat, pop art.", "Man in a red coat, pop art."),
+        ("man, in a red coat, art", "man, in a red coat, art"),
+    ],
+)
+def test_trigger_words_are_matched_as_whole_words(tmp_path, caption, server, answer, written):
+    one_picture(tmp_path)
+    server.answer = lambda chat: answer
+    assert caption(tmp_path, "--prefix", "man", "--suffix", "art").code == 0
+    assert (tmp_path / "a.txt").read_text() == written
+
+
+def test_control_characters_never_reach_a_caption_file_or_the_terminal(tmp_path, caption, server):
+    one_picture(tmp_path, "a.jpg")
+    one_picture(tmp_path, "b.jpg")
+    hostile = "\x1b[2J\x1b]0;pwned\x07a red\u200b fox\u202e"
+    server.answer = lambda chat: hostile
+
+    run = caption(tmp_path, "-v")
+    assert caption(tmp_path, "--raw", "--existing", "overwrite").code == 0
+
+    assert run.code == 0
+    assert "\x1b" not in run.err and "\x07" not in run.err and "\u202e" not in run.err
+    assert (tmp_path / "a.txt").read_text() == "[2J]0;pwneda red fox"  # raw included
+    assert not any(char in (tmp_path / "b.txt").read_text() for char in "\x1b\x07\u200b\u202e")
+
+
+def test_raw_keeps_line_breaks_but_drops_control_characters(tmp_path, caption, server):
+    one_picture(tmp_path)
+    server.answer = lambda chat: " The image shows a fox,\n\tin snow\x0b\x1b[0m. "
+    assert caption(tmp_path, "--raw").code == 0
+    assert (tmp_path / "a.txt").read_text() == "The image shows a fox,\n\tin snow [0m."
+
+
+def test_a_byte_order_mark_is_not_part_of_the_prompt(tmp_path, caption, server):
+    one_picture(tmp_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("\ufeffDescribe the picture.\n".encode())
+    assert caption(tmp_path, prompt).code == 0
+    assert server.chats[0].prompt == "Describe the picture."
+
+    prompt.write_bytes("\ufeff\n".encode())
+    run = caption(tmp_path, prompt, "--existing", "overwrite")
+    assert run.code == 2 and "prompt.txt is empty" in run.err
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--keep-alive", "inf"), ("--keep-alive", "nan"), ("--temperature", "inf"), ("--timeout", "nan")],
+)
+def test_numbers_ollama_cannot_take_are_refused_before_any_request(tmp_path, caption, server, option, value):
+    one_picture(tmp_path)
+    run = caption(tmp_path, option, value)
+    assert run.code == 2
+    assert f"argument {option}: " in run.err and len(run.err.splitlines()) == 1
+    assert server.chats == []
+
+
+def test_options_may_stand_between_the_folder_and_the_prompt_file(tmp_path, caption, server):
+    picture(tmp_path / "sub" / "a.jpg")
+    prompt = tmp_path / "tags.txt"
+    prompt.write_text("List tags.")
+    run = caption(tmp_path, "-r", prompt, "--seed", 3)
+    assert run.code == 0, run.err
+    assert [chat.prompt for chat in server.chats] == ["List tags."]
+
+
+def test_a_jsonl_that_cannot_be_saved_makes_the_exit_code_1(tmp_path, small_disk, caption, server):
+    one_picture(tmp_path)
+    jsonl = small_disk / "metadata.jsonl"
+    server.answer = lambda chat: fill_disk(small_disk) or "a red fox"
+
+    run = caption(tmp_path, "--jsonl", jsonl)
+
+    assert run.code == 1
+    assert (tmp_path / "a.txt").read_text() == "a red fox"  # the caption itself is safe
+    assert f"error: cannot write {jsonl}: No space left on device" in run.err
+

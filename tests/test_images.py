@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from conftest import picture
+from conftest import picture, run_script
 from PIL import Image
 
 
@@ -46,7 +46,7 @@ def test_max_size_sets_the_longer_side(tmp_path, caption, server):
     assert received(server).size == (200, 500)
 
 
-def test_exif_rotated_photo_arrives_upright(tmp_path, caption, server):
+def test_exif_rotated_photo_arrives_upright_and_at_the_right_size(tmp_path, caption, server):
     # Stored sideways (the red band on the right), with orientation 6: "rotate 90° clockwise to view".
     upright = Image.open(two_band_photo(tmp_path / "upright.png", size=(600, 400)))
     sideways = upright.transpose(Image.Transpose.ROTATE_90)
@@ -132,3 +132,74 @@ def test_broken_files_fail_one_by_one_and_the_rest_is_captioned(tmp_path, captio
     assert failures[2].startswith("  failed half.jpg: cannot decode: image file is truncated")
     assert failures[3] == "  failed letter.jpg: not an image (or a format Pillow cannot read)"
     assert "Traceback" not in run.err
+
+
+def quadrant_photo(size=(200, 120)) -> Image.Image:
+    """Red top-left quadrant on blue: any rotation or mirror moves the red."""
+    image = Image.new("RGB", size, "blue")
+    image.paste(Image.new("RGB", (size[0] // 2, size[1] // 2), "red"), (0, 0))
+    return image
+
+
+# What a camera stores for each EXIF orientation: the upright picture transformed so that the
+# viewer's correction (the tag) brings it back.
+STORED = {
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_90],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_270],
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+def test_every_exif_orientation_arrives_upright(tmp_path, caption, server, orientation):
+    stored = quadrant_photo()
+    for step in STORED[orientation]:
+        stored = stored.transpose(step)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+
+    assert caption(tmp_path).code == 0
+
+    sent = received(server)
+    assert sent.size == (200, 120)
+    assert sent.getpixel((20, 20))[0] > 200  # red top-left
+    assert sent.getpixel((180, 20))[2] > 200 and sent.getpixel((20, 100))[2] > 200
+
+
+def test_an_animated_or_transparent_png_is_never_sent_as_it_is(tmp_path, caption, server):
+    frames = [Image.new("RGB", (60, 40), colour) for colour in ("lime", "red")]
+    frames[0].save(tmp_path / "moving.png", save_all=True, append_images=frames[1:])
+    picture(tmp_path / "glass.png", size=(61, 40), mode="RGBA", color=(0, 0, 0, 0))
+    originals = {path.read_bytes() for path in tmp_path.glob("*.png")}
+
+    assert caption(tmp_path).code == 0
+
+    assert {chat.images[0] for chat in server.chats}.isdisjoint(originals)
+    assert {(chat.picture().format, chat.picture().size) for chat in server.chats} == {
+        ("JPEG", (60, 40)),
+        ("JPEG", (61, 40)),
+    }
+
+
+def test_library_chatter_stays_out_of_the_output(tmp_path, server):
+    # A TIFF damaged mid-strip: libtiff writes "LZWDecode: Not enough data..." to file
+    # descriptor 2 by itself, and Pillow warns about its EXIF.
+    whole = io.BytesIO()
+    Image.effect_noise((200, 200), 60).convert("RGB").save(whole, "TIFF", compression="tiff_lzw")
+    data = whole.getvalue()
+    (tmp_path / "damaged.tif").write_bytes(data[: len(data) // 2] + b"\0" * 100 + data[len(data) // 2 + 100 :])
+    (tmp_path / "short.tif").write_bytes(data[:300])
+    picture(tmp_path / "fine.jpg")
+
+    result = run_script(tmp_path, "--host", server.url)
+
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert not [line for line in lines if "LZWDecode" in line or "Warning" in line or "warn" in line]
+    assert any(line.startswith("  failed damaged.tif: cannot decode: ") for line in lines)
+    assert (tmp_path / "fine.txt").exists()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import by_width, distinct_pictures, leftovers, picture, run_script, wait_until
+from conftest import by_width, distinct_pictures, fill_disk, leftovers, picture, run_script, wait_until
 from PIL import Image
 from stand_in_ollama import BUSY, RUNNER_CRASH, Reply, StandInOllama, describe
 
@@ -171,31 +171,6 @@ def test_a_caption_name_too_long_for_the_file_system_fails_that_image(tmp_path, 
     assert leftovers(tmp_path) == []
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB file system of its own, where the tests can fill the disk or make it read-only."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(disk: Path) -> None:
-    with open(disk / "filler", "wb", buffering=0) as filler:
-        try:
-            while True:
-                filler.write(b"\0" * 4096)
-        except OSError:
-            pass  # the disk is full
-
-
 def test_a_disk_that_fills_up_ends_the_run_at_the_first_failed_write(small_disk, caption, server):
     for name in "abcde":
         picture(small_disk / f"{name}.png", size=(40 + ord(name), 30))
@@ -204,7 +179,7 @@ def test_a_disk_that_fills_up_ends_the_run_at_the_first_failed_write(small_disk,
 
     def answer_then_fill_the_disk(chat):
         if next(answers) == 1:
-            fill(small_disk)
+            fill_disk(small_disk)
         return "A red square"
 
     server.answer = answer_then_fill_the_disk
@@ -223,7 +198,7 @@ def test_a_disk_that_fills_up_ends_the_run_at_the_first_failed_write(small_disk,
 
 def test_a_full_disk_stops_the_run_before_any_request(small_disk, caption, server):
     picture(small_disk / "a.png")
-    fill(small_disk)
+    fill_disk(small_disk)
 
     run = caption(small_disk)
 

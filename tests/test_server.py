@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import http.server
+import itertools
+import socket
 import threading
 
 import pytest
-from conftest import by_width, closed_port_url, leftovers, picture
+from conftest import by_width, closed_port_url, distinct_pictures, leftovers, picture, run_script
 from stand_in_ollama import BUSY, OLD_VISION_MODEL, RUNNER_CRASH, TEXT_MODEL, VISION_MODEL, Reply
 
 
@@ -193,3 +195,165 @@ def test_ollama_host_is_the_default_host(tmp_path, server, monkeypatch, capsys):
     monkeypatch.setenv("OLLAMA_HOST", server.url)
     assert captioner.main([str(tmp_path)]) == 0
     assert len(server.chats) == 1
+
+
+def test_a_port_that_accepts_but_never_answers_is_named_in_seconds(tmp_path, caption):
+    picture(tmp_path / "a.jpg")
+    with socket.socket() as silent:  # listens, so connections complete, but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        run = caption(tmp_path, "--timeout", 600, host=url)  # --timeout is for answers, not this
+    assert run.code == 2
+    assert f"error: {url} accepts connections but sent no answer in " in run.err
+    assert not (tmp_path / "a.txt").exists()
+
+
+def test_a_dead_server_among_several_is_named_and_the_others_caption(tmp_path, make_server, caption):
+    expected = distinct_pictures(tmp_path, 4)
+    alive, dead = make_server(), closed_port_url()
+
+    run = caption(tmp_path, "--host", dead, host=alive.url)
+
+    assert run.code == 0, run.err
+    assert {path: path.read_text() for path in expected} == expected
+    assert run.err.startswith(f"warning: {dead} did not answer at the start: cannot reach Ollama at {dead}")
+    assert f"  {dead} did not answer at the start: cannot reach Ollama" in run.err  # and in the summary
+
+
+def test_when_no_server_answers_the_run_cannot_start(tmp_path, caption):
+    picture(tmp_path / "a.jpg")
+    first, second = closed_port_url(), closed_port_url()
+    run = caption(tmp_path, "--host", first, host=second)
+    assert run.code == 2
+    assert run.err.startswith("error: no server answers: cannot reach Ollama at ")
+
+
+def test_the_same_server_written_two_ways_is_one_server(tmp_path, make_server, caption):
+    distinct_pictures(tmp_path, 6)
+    server = make_server(slots=4, latency=0.2)
+    port = server.httpd.server_address[1]
+
+    run = caption(tmp_path, "--jobs", 2, "--host", f"http://localhost:{port}/", host=f"127.0.0.1:{port}")
+
+    assert run.code == 0, run.err
+    assert server.most_in_flight == 2  # one server's --jobs, not two servers' worth
+    assert ": captioned 6" not in run.err  # no per-server lines: there is one server
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:99999", "127.0.0.1:port", "ftp://127.0.0.1:21"])
+def test_a_malformed_host_is_one_line_and_exit_2(tmp_path, host):
+    picture(tmp_path / "a.jpg")
+    for result in (run_script(tmp_path, "--host", host), run_script(tmp_path, env={"OLLAMA_HOST": host})):
+        assert result.returncode == 2
+        assert len(result.stderr.splitlines()) == 1 and "is not a server address" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_ollama_host_with_a_trailing_space_still_works(tmp_path, server):
+    picture(tmp_path / "a.jpg")
+    result = run_script(tmp_path, env={"OLLAMA_HOST": server.url + " "})
+    assert result.returncode == 0, result.stderr
+    assert len(server.chats) == 1
+
+
+def test_llava_on_ollama_0_6_4_to_0_6_7_is_a_vision_model(tmp_path, caption, server):
+    # Those versions list capabilities but give llava only "completion" (PR #10509 fixed it).
+    picture(tmp_path / "a.jpg")
+    server.models["llava:13b"] = {"capabilities": ["completion"], "families": ["llama", "clip"]}
+    run = caption(tmp_path)
+    assert run.code == 0, run.err
+    assert len(server.chats) == 1
+
+
+@pytest.mark.parametrize(
+    "status, advice",
+    [(401, "wants credentials"), (403, "refuses this client")],
+)
+def test_a_server_that_refuses_us_stops_the_run_with_the_fix(tmp_path, caption, server, status, advice):
+    distinct_pictures(tmp_path, 5)
+    server.answer = lambda chat: Reply(status=status, error="unauthorized")
+
+    run = caption(tmp_path, "--jobs", 1)
+
+    assert run.code == 1
+    assert len(server.chats) == 1  # not one request per image, not a retry
+    assert f"stopped: {server.url}: Ollama answered {status}: unauthorized; " in run.err
+    assert advice in run.err and "5 images left for a rerun" in run.err
+    assert list(tmp_path.glob("*.txt")) == []
+
+
+@pytest.mark.parametrize(
+    "status, error, said",
+    [
+        (413, "request entity too large", "the image is too large for this server: lower --max-size"),
+        (422, "unprocessable entity", "Ollama answered 422: unprocessable entity"),
+    ],
+)
+def test_a_request_the_server_will_never_take_fails_that_image_at_once(tmp_path, caption, server, status, error, said):
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    server.answer = by_width({65: Reply(status=status, error=error)})
+
+    run = caption(tmp_path)
+
+    assert run.code == 1
+    assert [chat.picture().width for chat in server.chats].count(65) == 1
+    assert "FAILED b.jpg: " in run.err and said in run.err
+    assert (tmp_path / "a.txt").exists()
+
+
+def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp_path, caption, server):
+    expected = distinct_pictures(tmp_path, 3)
+    answers = itertools.count(1)
+
+    def answer(chat):
+        if next(answers) == 1:  # the proxy's Ollama goes down for a while after the first answer
+            server.down = True
+            threading.Timer(1.0, setattr, (server, "down", False)).start()
+        return f"A PNG picture, {chat.picture().width}x30 pixels."
+
+    server.answer = answer
+
+    run = caption(tmp_path, "--retries", 0, "--jobs", 1)
+
+    assert run.code == 0, run.err
+    assert {path: path.read_text() for path in expected} == expected
+    # One line for the outage, with nginx's page reduced to its title; and one when it is over.
+    assert f"{server.url} stopped answering (Ollama answered 502: 502 Bad Gateway); waiting up to 5m" in run.err
+    assert f"{server.url} answers again" in run.err
+    assert "<html>" not in run.err and "<center>" not in run.err
+    probes = [at for at, method, path in server.requests if path == "/api/tags"][1:]  # after preflight
+    gaps = [later - earlier for earlier, later in zip(probes, probes[1:])]
+    assert len(gaps) >= 3
+    assert gaps[-1] > 2.5 * gaps[0]  # asked more and more slowly
+
+
+def test_a_runaway_answer_is_cut_short_as_it_loops_and_asked_again(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    answers = iter([Reply(text="a cat on a mat, ", endless=True), "a cat on a mat"])
+    server.answer = lambda chat: next(answers)
+
+    run = caption(tmp_path, "--seed", 1)
+
+    assert run.code == 0, run.err
+    assert (tmp_path / "a.txt").read_text() == "a cat on a mat"
+    runaway = server.chats[0]
+    assert runaway.hung_up and runaway.tokens_sent < 200  # closed as soon as the loop showed
+    assert [chat.options["seed"] for chat in server.chats] == [1, 2]
+
+
+def test_answers_on_their_way_when_the_last_server_is_lost_are_still_written(tmp_path, make_server, caption):
+    distinct_pictures(tmp_path, 4)
+    server = make_server(slots=2)
+    # The first image's answer says the model is gone; the second is already being answered.
+    server.answer = by_width(
+        {40: Reply(status=404, error="model 'llava:13b' not found")},
+        default=Reply(text="a slow but good caption", delay=0.5),
+    )
+
+    run = caption(tmp_path, "--jobs", 2, host=server.url)
+
+    assert run.code == 1
+    assert (tmp_path / "img001.txt").read_text() == "a slow but good caption"
+    assert "stopped: no Ollama server left to ask; 3 images left for a rerun" in run.err

@@ -101,3 +101,34 @@ def test_a_folder_where_the_caption_would_go_fails_that_image_before_any_request
     assert [chat.picture().width for chat in server.chats] == [65, 65]  # a.jpg was never sent
     assert (tmp_path / "b.txt").exists() and (tmp_path / "a.txt").is_dir()
     assert leftovers(tmp_path) == []
+
+
+def test_a_write_that_breaks_off_leaves_the_old_caption_whole_and_no_temporary_file(tmp_path, monkeypatch):
+    from conftest import captioner
+
+    caption_file = tmp_path / "a.txt"
+    caption_file.write_text("my tags")
+    seen = []
+    real_fsync = captioner.os.fsync
+
+    def fsync_then_break(descriptor):
+        seen.extend(path.name for path in tmp_path.iterdir() if path.name != "a.txt")
+        real_fsync(descriptor)
+        raise KeyboardInterrupt  # Ctrl-C, or a crash, between writing and renaming
+
+    monkeypatch.setattr(captioner.os, "fsync", fsync_then_break)
+    with pytest.raises(KeyboardInterrupt):
+        captioner.write_atomically(caption_file, "a new caption, whole or not at all")
+
+    assert caption_file.read_text() == "my tags"
+    assert len(seen) == 1 and seen[0].startswith(".llava-caption-ollama-")  # hidden, in the same folder
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_long_caption_name_still_gets_a_temporary_name_that_fits(tmp_path):
+    from conftest import captioner
+
+    long_name = tmp_path / ("\u732b" * 83 + ".txt")  # 253 bytes: the longest a name may be, nearly
+    captioner.write_atomically(long_name, "a cat")
+    assert long_name.read_text() == "a cat"
+    assert leftovers(tmp_path) == []
