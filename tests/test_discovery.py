@@ -46,7 +46,6 @@ def test_dry_run_needs_no_server(tmp_path, caption):
 def test_hidden_files_and_temporary_files_are_ignored(tmp_path, caption):
     picture(tmp_path / "a.jpg")
     picture(tmp_path / ".hidden.jpg")
-    picture(tmp_path / ".a.txt.1f2e3d4c.tmp", format="JPEG")
     picture(tmp_path / ".thumbs" / "b.jpg")
     assert listed(caption(tmp_path, "--dry-run", "-r")) == ["a.jpg"]
 
