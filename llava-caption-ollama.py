@@ -77,6 +77,13 @@ DEFAULT_MAX_TOKENS = 512
 # gave empty answers (ollama/ollama#2813).
 DEFAULT_NUM_CTX = 4096
 
+# Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
+# bytes, so files up to this size that need no change are sent as they are.
+PASS_THROUGH_MAX_BYTES = 1_500_000
+JPEG_QUALITY = 90  # a longer side of 1344 px at q90 is 0.47-0.53 MB of base64 per photo
+LOOP_SPAN = 60  # characters of repeats that make a loop (see REPEATS)
+LOOP_CHECK_EVERY = 16  # streamed pieces between two loop checks of a growing answer
+
 
 def pause_scale() -> float:
     # The tests shrink every pause the tool makes on its own (backoff, probes, the limit on
@@ -496,16 +503,25 @@ class Summary:
         return EXIT_SOME_FAILED if trouble else EXIT_OK
 
 
-def caption_folder(
-    config: Config, progress: Progress | None = None, stop: threading.Event | None = None
-) -> Summary:
+class Stop:
+    """How a run is asked to end early, from any thread: asked once, it sends nothing more and
+    writes the answers already on their way; asked again, it waits for them no longer."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.hurried = threading.Event()
+
+    def ask(self) -> None:
+        (self.hurried if self.asked.is_set() else self.asked).set()
+
+
+def caption_folder(config: Config, reporter: Reporter | None = None, stop: Stop | None = None) -> Summary:
     """Caption the images of config.folder and return what happened.
 
-    Raises CannotStart if the run cannot start. Setting `stop` ends the run as a first Ctrl-C
-    does: nothing new is sent, and the answers already on their way are written.
+    Raises CannotStart if the run cannot start; `stop` ends it early (see Stop).
     """
-    progress = progress or Progress(config.folder)
-    stop = stop or threading.Event()
+    reporter = reporter or Reporter(config.folder)
+    stop = stop or Stop()
     started = time.monotonic()
     summary = Summary(dry_run=config.dry_run)
     found = find_images(config.folder, config.recursive, config.caption_ext)
@@ -515,31 +531,27 @@ def caption_folder(
     tasks = tasks[: config.limit]
     summary.to_caption = [task.image for task in tasks]
     if config.dry_run:
-        progress.list_planned(summary)
+        reporter.list_planned(summary)
         return summary
-    progress.report_plan(summary)
+    reporter.report_plan(summary)
     metadata = Metadata(config.jsonl, config.model, config.caption_ext) if config.jsonl else None
-    if not tasks or stop.is_set():  # nothing to send: no lock, no server
-        summary.interrupted = stop.is_set()
+    if not tasks or stop.asked.is_set():  # nothing to send: no lock, no server
+        summary.interrupted = stop.asked.is_set()
         finish_metadata(metadata, found, summary)
         return summary
     with folder_lock(config.folder):
         remove_stale_temporaries(found.stale)
-        servers = ready_servers(config, progress)
-        pipeline = Pipeline(tasks, servers, config, stop, progress)
+        servers = ready_servers(config, reporter, stop)
+        pipeline = Pipeline(tasks, servers, config, stop, reporter)
         try:
-            progress.start(summary)
+            reporter.start(summary)
             for outcome in pipeline.outcomes():
-                write_and_count(outcome, config, summary, progress, metadata, journal, pipeline)
+                write_and_count(outcome, config, summary, reporter, metadata, journal, pipeline)
             summary.stopped = pipeline.stopped_because(summary.left)
-            summary.interrupted = stop.is_set()
-        except KeyboardInterrupt:  # a second Ctrl-C: give up on what is still on its way
-            summary.interrupted = True
+            summary.interrupted = stop.asked.is_set()
         finally:
             pipeline.close()
-            summary.server_trouble += [
-                server.trouble_report() for server in servers if server.trouble_report()
-            ]
+            summary.server_trouble += [server.report() for server in servers if server.report()]
             for server in servers:
                 server.close()
             if journal:
@@ -553,7 +565,7 @@ def write_and_count(
     outcome: Outcome,
     config: Config,
     summary: Summary,
-    progress: Progress,
+    reporter: Reporter,
     metadata: Metadata | None,
     journal: Journal | None,
     pipeline: Pipeline,
@@ -573,7 +585,7 @@ def write_and_count(
         if decide(failure.fault, 0, config.retries)[0] is Action.STOP_RUN:
             pipeline.halt(str(failure))
         summary.failed.append((task.image, str(failure)))
-        progress.image_failed(task.image, str(failure))
+        reporter.image_failed(task.image, str(failure))
         return
     summary.captioned.append(task.image)
     summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
@@ -581,10 +593,10 @@ def write_and_count(
     summary.generation_ns += outcome.answer.generation_ns
     summary.words += len(text.split())
     summary.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
-    progress.image_captioned(task.image, text, outcome.seconds)
+    reporter.image_captioned(task.image, text, outcome.seconds)
     if metadata:
         metadata.add(task.image, text, seconds=round(outcome.seconds, 2), tokens=outcome.answer.tokens)
-        metadata.save_now_and_then(progress)
+        metadata.save_now_and_then(reporter)
 
 
 def finish_metadata(metadata: Metadata | None, found: Found, summary: Summary) -> None:
@@ -783,10 +795,6 @@ def read_regular_file(path: Path) -> bytes:
 # Measured with Pillow 13 on 2 cores (6000x4000 JPEG): a full decode + LANCZOS takes ~330 ms
 # and 118 MB; decoding at reduced DCT scale first takes ~105 ms and 16 MB.
 
-# Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
-# bytes, so files up to this size that need no change are sent as they are.
-PASS_THROUGH_MAX_BYTES = 1_500_000
-JPEG_QUALITY = 90
 EXIF_ORIENTATION = 0x0112
 UNDO_ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -926,6 +934,13 @@ def usable_cpus() -> int:
 # ---------------------------------------------------------------------------
 
 
+class State(enum.Enum):
+    ANSWERING = "answering"
+    QUIET = "not answering; probed until it does"
+    OUT = "taken out of rotation"
+    DEAD = "did not answer at the start"
+
+
 class Server:
     """One Ollama server of the run: its clients, its free slots, and whether it answers."""
 
@@ -940,23 +955,26 @@ class Server:
         )
         self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
         self.in_flight = 0
-        self.dead = ""  # why it did not answer at the start
-        self.lost = ""  # why it was taken out of rotation
-        self.trouble = ""  # why it is not answering, while it is not
+        self.state = State.ANSWERING
+        self.why = ""  # what went wrong, in every state but ANSWERING
         self.quiet_since = 0.0
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
 
+    @property
+    def in_rotation(self) -> bool:
+        return self.state in (State.ANSWERING, State.QUIET)
+
     def free_slots(self) -> int:
-        return 0 if self.dead or self.lost or self.trouble else self.jobs - self.in_flight
+        return self.jobs - self.in_flight if self.state is State.ANSWERING else 0
 
     def went_quiet(self, why: str) -> None:
-        if not self.trouble:
-            self.trouble, self.quiet_since = why, time.monotonic()
+        if self.state is State.ANSWERING:
+            self.state, self.why, self.quiet_since = State.QUIET, why, time.monotonic()
             self.next_probe, self.probe_pause = self.quiet_since, PROBE_FIRST
 
     def probe_due(self) -> bool:
-        return bool(self.trouble) and not self.lost and time.monotonic() >= self.next_probe
+        return self.state is State.QUIET and time.monotonic() >= self.next_probe
 
     def probe(self) -> str:
         """Ask the server whether it answers (on a worker thread); why not, or ""."""
@@ -970,54 +988,58 @@ class Server:
     def probed(self, trouble: str, wait_seconds: float) -> None:
         """Take in a probe's verdict: back in rotation, asked again later and more slowly, or,
         past wait_seconds, out of rotation."""
-        now = time.monotonic()
-        self.trouble = trouble
+        if self.state is not State.QUIET:
+            return
         if not trouble:
+            self.state, self.why = State.ANSWERING, ""
             return
+        now = time.monotonic()
         if now + self.probe_pause - self.quiet_since > wait_seconds:
-            self.lost = f"{trouble} for more than {duration(wait_seconds)}"
+            self.take_out(f"{trouble} for more than {duration(wait_seconds)}")
             return
+        self.why = trouble
         self.next_probe = now + self.probe_pause
         self.probe_pause = min(self.probe_pause * 2, PROBE_LONGEST)
 
     def take_out(self, why: str) -> None:
-        self.lost = why
+        if self.in_rotation:
+            self.state, self.why = State.OUT, why
 
-    def trouble_report(self) -> str:
-        if self.dead:
-            return f"{self.url} did not answer at the start: {self.dead}"
-        if self.lost:
-            return f"{self.url} taken out of rotation: {self.lost}"
-        if self.trouble:
-            return f"{self.url} was not answering when the run ended: {self.trouble}"
-        return ""
+    def report(self) -> str:
+        """What the summary says of this server, if anything went wrong with it."""
+        if self.state is State.ANSWERING:
+            return ""
+        if self.state is State.QUIET:
+            return f"{self.url} was not answering when the run ended: {self.why}"
+        return f"{self.url} {self.state.value}: {self.why}"
 
     def close(self) -> None:
         self.client.close()
         self.quick.close()
 
 
-def ready_servers(config: Config, progress: Progress) -> list[Server]:
+def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server]:
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
     servers = [Server(url, config.timeout, config.jobs) for url in config.hosts]
     with ThreadPoolExecutor(len(servers)) as pool:
-        verdicts = list(pool.map(lambda server: preflight(server, config, progress), servers))
+        verdicts = list(pool.map(lambda server: preflight(server, config, reporter, stop), servers))
     for server, dead in zip(servers, verdicts):
-        server.dead = dead
-    if all(server.dead for server in servers):
+        if dead:
+            server.state, server.why = State.DEAD, dead
+    if not any(server.in_rotation for server in servers):
         for server in servers:
             server.close()
         if len(servers) == 1:
-            raise CannotStart(servers[0].dead)
-        raise CannotStart("no server answers: " + "; ".join(server.dead for server in servers))
+            raise CannotStart(servers[0].why)
+        raise CannotStart("no server answers: " + "; ".join(server.why for server in servers))
     for server in servers:
-        if server.dead:
-            progress.say(f"warning: {server.trouble_report()}; captioning with the others")
+        if server.state is State.DEAD:
+            reporter.say(f"warning: {server.report()}; captioning with the others")
     return servers
 
 
-def preflight(server: Server, config: Config, progress: Progress) -> str:
+def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
     """Before any image is sent: the server answers, has the model, and the model can see.
     Returns why the server does not answer (or ""); raises CannotStart for the model."""
     try:
@@ -1032,7 +1054,7 @@ def preflight(server: Server, config: Config, progress: Progress) -> str:
         if failure.fault is Fault.SERVER_STRUGGLING:  # a wrong port, an SSH server, a stuck proxy
             return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it Ollama?"
         return f"{server.url} does not answer like an Ollama server: {failure}"
-    details = show_model(server, config, progress)
+    details = show_model(server, config, reporter, stop)
     if not can_see(details):
         raise CannotStart(
             f"model {config.model} on {server.url} cannot see images (it lacks the 'vision' capability); "
@@ -1052,7 +1074,7 @@ def can_see(details: ollama.ShowResponse) -> bool:
     return "vision" in (details.capabilities or []) or "clip" in families or vision_keys
 
 
-def show_model(server: Server, config: Config, progress: Progress) -> ollama.ShowResponse:
+def show_model(server: Server, config: Config, reporter: Reporter, stop: Stop) -> ollama.ShowResponse:
     try:
         with server_errors():
             return server.quick.show(config.model)
@@ -1063,7 +1085,7 @@ def show_model(server: Server, config: Config, progress: Progress) -> ollama.Sho
             raise CannotStart(
                 f"model {config.model} is not on {server.url}; run 'ollama pull {config.model}' or add --pull"
             ) from None
-    pull_model(server, config.model, progress)
+    pull_model(server, config.model, reporter, stop)
     try:
         with server_errors():
             return server.quick.show(config.model)
@@ -1071,15 +1093,17 @@ def show_model(server: Server, config: Config, progress: Progress) -> ollama.Sho
         raise CannotStart(f"{server.url} could not show model {config.model}: {failure}") from None
 
 
-def pull_model(server: Server, model: str, progress: Progress) -> None:
+def pull_model(server: Server, model: str, reporter: Reporter, stop: Stop) -> None:
     try:
         with server_errors():
             for update in server.client.pull(model, stream=True):
-                progress.pulling(model, update.status or "", update.completed, update.total)
+                reporter.pulling(model, update.status or "", update.completed, update.total)
+                if stop.asked.is_set():  # a pull takes minutes: it must not outlast a Ctrl-C
+                    raise CannotStart(f"interrupted while pulling {model}")
     except TryFailed as failure:
         raise CannotStart(f"could not pull {model}: {failure}") from None
     finally:
-        progress.end_live_line()
+        reporter.end_live_line()
 
 
 @dataclass
@@ -1090,8 +1114,6 @@ class Answer:
     generation_ns: int
 
 
-# How often, in streamed pieces, a growing answer is checked for a loop.
-LOOP_CHECK_EVERY = 16
 
 
 def request_caption(server: Server, config: Config, task: Task, seed: int | None) -> Answer:
@@ -1319,13 +1341,13 @@ class Pipeline:
         tasks: Sequence[Task],
         servers: list[Server],
         config: Config,
-        stop: threading.Event,
-        progress: Progress,
+        stop: Stop,
+        reporter: Reporter,
     ) -> None:
         self.config = config
         self.servers = servers
         self.stop = stop
-        self.progress = progress
+        self.reporter = reporter
         self.waiting = deque(tasks)  # not prepared yet
         self.ready: deque[Task] = deque()  # prepared, to be sent
         self.delayed: list[Task] = []  # to be sent again once their pause is over
@@ -1340,7 +1362,7 @@ class Pipeline:
         """Each image's outcome as it comes. Ends when every image has one, when no server is
         left, or after a stop, once the answers already on their way are in."""
         while self.has_work():
-            if self.stop.is_set() or self.halted:
+            if self.stop.asked.is_set() or self.halted:
                 yield from self.drain()
                 return
             self.start_work()
@@ -1363,7 +1385,7 @@ class Pipeline:
             return ""
         if self.halted:
             return f"{self.halted}; {left} images left for a rerun"
-        if self.stop.is_set():
+        if self.stop.asked.is_set():
             return ""  # interrupted: the summary says so
         return f"no Ollama server left to ask; {left} images left for a rerun"
 
@@ -1373,7 +1395,7 @@ class Pipeline:
         if not (self.waiting or self.ready or self.delayed):
             return False
         # Images are left, but once every server is out of rotation nobody can take them.
-        return any(not (server.dead or server.lost) for server in self.servers)
+        return any(server.in_rotation for server in self.servers)
 
     def start_work(self) -> None:
         now = time.monotonic()
@@ -1388,7 +1410,7 @@ class Pipeline:
                 task = self.ready.popleft()
                 server.in_flight += 1
                 self.sending[self.senders.submit(ask, server, self.config, task)] = (server, task, now)
-        slots = sum(server.jobs for server in self.servers if not (server.dead or server.lost))
+        slots = sum(server.jobs for server in self.servers if server.in_rotation)
         while self.waiting and len(self.ready) + len(self.preparing) < max(1, slots):
             task = self.waiting.popleft()
             self.preparing[self.preparers.submit(prepare, task, self.config)] = task
@@ -1399,7 +1421,7 @@ class Pipeline:
         if self.delayed:
             timeout = min(timeout, max(0.0, min(task.not_before for task in self.delayed) - time.monotonic()))
         if not running:
-            self.stop.wait(timeout)
+            self.stop.asked.wait(timeout)
             return set()
         return wait(running, timeout=timeout, return_when=FIRST_COMPLETED)[0]
 
@@ -1408,8 +1430,8 @@ class Pipeline:
         if future in self.probing:
             server = self.probing.pop(future)
             server.probed(future.result(), self.config.wait_server)
-            if not server.trouble:
-                self.progress.say(f"{server.url} answers again")
+            if server.state is State.ANSWERING:
+                self.reporter.say(f"{server.url} answers again")
             return None
         if future in self.preparing:
             task = self.preparing.pop(future)
@@ -1442,13 +1464,13 @@ class Pipeline:
         self.ready.appendleft(task)
         if server is None:
             return None
-        if action is Action.WAIT_FOR_SERVER and not server.trouble:
+        if action is Action.WAIT_FOR_SERVER and server.state is State.ANSWERING:
             server.went_quiet(str(failure))
-            self.progress.say(
+            self.reporter.say(
                 f"{server.url} stopped answering ({failure}); "
                 f"waiting up to {duration(self.config.wait_server)} for it"
             )
-        elif action is Action.TAKE_SERVER_OUT and not server.lost:
+        elif action is Action.TAKE_SERVER_OUT:
             server.take_out(str(failure))
         elif action is Action.STOP_RUN:
             self.halt(f"{server.url}: {failure}")
@@ -1460,12 +1482,12 @@ class Pipeline:
         for future in self.preparing:
             future.cancel()
         if self.sending and not self.halted:
-            self.progress.say(
+            self.reporter.say(
                 f"stopping: waiting up to {DRAIN_SECONDS:.0f}s for the answers on their way "
                 "(Ctrl-C again to quit at once)"
             )
         deadline = time.monotonic() + DRAIN_SECONDS
-        while self.sending and time.monotonic() < deadline:
+        while self.sending and time.monotonic() < deadline and not self.stop.hurried.is_set():
             done = wait(list(self.sending), timeout=min(POLL_SECONDS, deadline - time.monotonic()))[0]
             for future in done:
                 outcome = self.settle(future)
@@ -1496,7 +1518,6 @@ REFUSAL = re.compile(
 # in a row, the repeats spanning at least LOOP_SPAN characters. "a very very very very good
 # dog" is not one; "a red car, a red car, a red car, ..." until the token limit is.
 REPEATS = re.compile(r"\b(\w.{2,79}?)(?:[\s,;.]+\1\b){2,}", re.IGNORECASE | re.DOTALL)
-LOOP_SPAN = 60
 
 
 def tidy(answer: str) -> str:
@@ -1629,6 +1650,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
     except OSError as exc:
         raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
     with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise CannotStart(f"{path} is in the way: it is not a file of this tool's; remove it")
         try:
             lock_file(file)
         except OSError:
@@ -1771,12 +1794,12 @@ class Metadata:
         self.entries[file_name] = {"file_name": file_name, "text": text, "model": self.model, **extra}
         self.unsaved = True
 
-    def save_now_and_then(self, progress: Progress) -> None:
+    def save_now_and_then(self, reporter: Reporter) -> None:
         if time.monotonic() - self.saved_at > self.SAVE_EVERY:
             try:
                 self.save()
             except OSError as exc:  # the save at the end of the run tries again
-                progress.say(f"warning: cannot write {self.path}: {reason(exc)}")
+                reporter.say(f"warning: cannot write {self.path}: {reason(exc)}")
 
     def recover_missing(self, found: Found, written: list[Path]) -> None:
         """Lines for the captions beside the images this run found, where the JSONL lacks them
@@ -1810,11 +1833,11 @@ class Metadata:
 
 
 # ---------------------------------------------------------------------------
-# Progress
+# Reporter
 # ---------------------------------------------------------------------------
 
 
-class Progress:
+class Reporter:
     """Everything the run tells a person, on stderr: a live bar on a terminal, lines in a log.
     Every line passes through shown(), so no file name, caption or server message can move
     the cursor, clear the screen or set the window title."""
@@ -2005,17 +2028,17 @@ def duration(seconds: float) -> str:
 
 class Signals:
     """The command line's answer to Ctrl-C (INT), kill and timeout (TERM) and a closed
-    terminal (HUP): the first ends the run through `stop` (answers on their way are written,
-    the summary printed); the second gives up at once; a third kills outright. Afterwards the
-    process dies by the first signal, as a program that handles a signal must: a shell loop
-    over folders sees the death (status 130/143/129) and stops too, where an exit(130) would
-    make it carry on with the next folder."""
+    terminal (HUP): the first asks the run to stop (answers on their way are written, the
+    summary printed), the second hurries it (they are not waited for), a third kills outright.
+    At its end the process dies by the first signal, as a program that handles a signal must:
+    a shell loop over folders sees the death ($? 130, 143, 129) and stops too, where an exit
+    status of 130 would make bash go on with the next folder."""
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")  # Windows has no SIGHUP
 
-    def __init__(self, stop: threading.Event) -> None:
+    def __init__(self, stop: Stop) -> None:
         self.stop = stop
-        self.received: int | None = None
+        self.received: list[int] = []
         self.previous: dict[int, object] = {}
 
     @contextmanager
@@ -2033,18 +2056,17 @@ class Signals:
                 signal.signal(number, handler)
 
     def handle(self, number: int, frame: object) -> None:
-        if self.received is None:
-            self.received = number
-            self.stop.set()
+        self.received.append(number)
+        if len(self.received) <= 2:
+            self.stop.ask()
             return
-        for each in self.previous:
-            signal.signal(each, signal.SIG_DFL)
-        raise KeyboardInterrupt
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
 
     def die(self) -> int:
-        """End the process by the signal received. Where a process cannot kill itself by a
-        signal (Windows), exit with that platform's status for it: 0xC000013A for Ctrl-C."""
-        number = self.received if self.received is not None else signal.SIGINT
+        """End the process by the first signal received. Where a process cannot kill itself by
+        a signal (Windows), return that platform's status for it: 0xC000013A for Ctrl-C."""
+        number = self.received[0]
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -2097,23 +2119,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
-    stop = threading.Event()
+    stop = Stop()
     with Signals(stop).handled() as signals, library_chatter_silenced():
-        progress = Progress(args.folder, verbosity=-1 if args.quiet else int(args.verbose))
+        reporter = Reporter(args.folder, verbosity=-1 if args.quiet else int(args.verbose))
         try:
-            summary = caption_folder(config_from_args(args), progress, stop)
+            summary = caption_folder(config_from_args(args), reporter, stop)
         except CannotStart as exc:
-            progress.say(f"error: {exc}")
-            summary = None
-        except KeyboardInterrupt:
-            progress.say("interrupted before the first image")
+            reporter.say(f"error: {exc}")
             summary = None
         if summary and not args.dry_run:
-            progress.finish(summary)
-    if signals.received is not None:
+            reporter.finish(summary)
+    if signals.received:
         return signals.die()
     return summary.exit_code if summary else EXIT_CANNOT_START
-
 
 if __name__ == "__main__":
     sys.exit(main())

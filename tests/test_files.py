@@ -207,7 +207,7 @@ def test_an_unusual_caption_extension_is_used(tmp_path, caption):
 # --- folders that cannot be listed ------------------------------------------------------------
 
 
-LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
+LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None  # loaded before any fork
 
 
 def without_file_permission_overrides() -> None:

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,17 @@ def with_old_captions(folder: Path, count: int) -> dict:
     return expected
 
 
+@contextmanager
+def inherited(number: int, disposition) -> Iterator[None]:
+    """Processes started meanwhile begin with this disposition of the signal (SIG_IGN is
+    inherited; a Python handler becomes SIG_DFL in the child)."""
+    previous = signal.signal(number, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(number, previous)
+
+
 def contents(expected: dict) -> dict:
     return {path: path.read_text(encoding="utf-8") if path.exists() else None for path in expected}
 
@@ -48,7 +61,7 @@ def test_term_or_hup_mid_run_writes_what_came_and_dies_by_the_signal(
     tmp_path, make_server, spawn, signal_number
 ):
     expected = distinct_pictures(tmp_path, 8)
-    server = make_server(slots=2, latency=0.3)
+    server = make_server(slots=2, latency=0.15)
     process = spawn(tmp_path, "--host", server.url, "--jobs", 2, "--jsonl", tmp_path / "meta.jsonl")
     wait_until(lambda: len(server.chats) >= 3)  # one answered, two on their way
 
@@ -96,11 +109,35 @@ def test_second_term_during_the_wait_quits_at_once_and_still_keeps_the_jsonl(tmp
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="Signals.handled() installs its handler for SIGHUP even where the run started with "
+    "SIGHUP ignored (nohup): the hang-up interrupts the run and the process kills itself by SIGHUP",
+)
+def test_a_run_under_nohup_goes_on_when_the_terminal_hangs_up(tmp_path, make_server, spawn):
+    """`nohup python llava-caption-ollama.py DIR &` and log out: nohup starts the run with SIGHUP
+    ignored, which the run must leave so, as every program does (Python itself leaves an ignored
+    SIGINT alone)."""
+    expected = distinct_pictures(tmp_path, 3)
+    server = make_server(slots=1, latency=0.1)
+    with inherited(signal.SIGHUP, signal.SIG_IGN):  # what nohup does
+        process = spawn(tmp_path, "--host", server.url, "--jobs", 1)
+    wait_until(lambda: server.in_flight >= 1)
+
+    process.send_signal(signal.SIGHUP)  # the terminal closes
+    _, err = process.communicate(timeout=20)
+
+    assert contents(expected) == expected
+    assert "captioned 3, skipped 0, failed 0" in err
+    assert "interrupted" not in err
+    assert process.returncode == 0
+
+
 def test_ctrl_c_stops_a_shell_loop_over_folders(tmp_path, make_server):
     """A terminal's Ctrl-C reaches the whole foreground group: bash and the captioner. Bash
     stops its loop only if the child died by SIGINT: after a plain exit(130) it would go on to
     dir2 and dir3 and print LOOP-FINISHED (bash's "wait and cooperative exit")."""
-    server = make_server(slots=1, latency=0.3)
+    server = make_server(slots=1, latency=0.15)
     folders = []
     for number in (1, 2, 3):  # each folder's pictures have widths of their own: 100, 200, 300
         folders.append(tmp_path / f"dir{number}")
@@ -109,14 +146,17 @@ def test_ctrl_c_stops_a_shell_loop_over_folders(tmp_path, make_server):
     loop = 'for d in "$@"; do "$PYTHON" "$SCRIPT" "$d" --host "$HOST"; done; echo LOOP-FINISHED'
     environment = {key: value for key, value in os.environ.items() if key != "OLLAMA_HOST"}
     environment.update(PYTHON=sys.executable, SCRIPT=str(SCRIPT), HOST=server.url)
-    shell = subprocess.Popen(
-        ["bash", "-c", loop, "_", *map(str, folders)],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # a process group of its own, as a terminal's foreground job
-    )
+    # As in a terminal's foreground job, Ctrl-C is not ignored, even where pytest itself runs
+    # in the background of a script (which ignores SIGINT, and bash then could not undo it).
+    with inherited(signal.SIGINT, signal.default_int_handler):  # a handler: the default in a child
+        shell = subprocess.Popen(
+            ["bash", "-c", loop, "_", *map(str, folders)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a process group of its own, as a terminal's foreground job
+        )
     try:
         wait_until(lambda: server.in_flight >= 1)
         os.killpg(shell.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
@@ -138,9 +178,10 @@ def test_ctrl_c_stops_a_shell_loop_over_folders(tmp_path, make_server):
 
 def test_an_interrupted_append_pass_rerun_appends_to_each_caption_once(tmp_path, make_server, spawn, caption):
     expected = with_old_captions(tmp_path, 6)
-    server = make_server(slots=1, latency=0.15)
+    server = make_server(slots=1, latency=0.1)
     command = (tmp_path, "--jobs", 1, "--existing", "append")
-    process = spawn(*command, "--host", server.url)
+    with inherited(signal.SIGINT, signal.default_int_handler):  # not ignored, as in a terminal
+        process = spawn(*command, "--host", server.url)
     wait_until(lambda: len(server.chats) >= 3)  # two answered, the third on its way
 
     process.send_signal(signal.SIGINT)
@@ -172,7 +213,7 @@ def test_a_prepend_pass_killed_outright_is_finished_by_a_rerun_and_the_jsonl_men
     rebuilt from their files."""
     expected = with_old_captions(tmp_path, 6)
     meta = tmp_path / "meta.jsonl"
-    server = make_server(slots=1, latency=0.15)
+    server = make_server(slots=1, latency=0.1)
     command = (tmp_path, "--jobs", 1, "--existing", "prepend", "--jsonl", meta)
     process = spawn(*command, "--host", server.url)
     wait_until(lambda: len(server.chats) >= 3)
@@ -355,7 +396,7 @@ def test_a_reader_that_closes_stderr_early_does_not_change_the_outcome(tmp_path,
     """`... 2>&1 | head -1`: the reader goes away after the first line; the run goes on
     unheard, captions everything, keeps its JSONL and exits 0."""
     expected = distinct_pictures(tmp_path, 4)
-    server = make_server(slots=1, latency=0.1)
+    server = make_server(slots=1, latency=0.05)
     meta = tmp_path / "meta.jsonl"
     process = spawn(tmp_path, "--host", server.url, "--jobs", 1, "--jsonl", meta)
 
