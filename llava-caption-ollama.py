@@ -1645,34 +1645,43 @@ def folder_lock(folder: Path) -> Iterator[None]:
     and names the first. The lock is the operating system's (flock, or msvcrt on Windows), so
     it dies with the process that held it, however that process ended."""
     path = folder / f"{OWN_FILE_PREFIX}.lock"
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
-    with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise CannotStart(f"{path} is in the way: it is not a file of this tool's; remove it")
+    while True:
         try:
-            lock_file(file)
-        except OSError:
-            holder = file.read().decode("utf-8", "replace").strip() or "another process"
-            raise CannotStart(
-                f"another run is captioning {folder} ({holder}); wait for it to end, or stop it"
-            ) from None
-        try:  # who holds it, for the message of a run refused
-            file.seek(0)
-            file.truncate()
-            file.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        except OSError as exc:  # a full disk: no caption could be written either
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
             raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
-        try:
-            yield
-        finally:
-            # Removed while still held, so that finished folders carry no trace of the lock.
+        with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise CannotStart(f"{path} is in the way: it is not a file of this tool's; remove it")
             try:
-                os.unlink(path)
+                lock_file(file)
             except OSError:
-                pass
+                holder = file.read().decode("utf-8", "replace").strip() or "another process"
+                raise CannotStart(
+                    f"another run is captioning {folder} ({holder}); wait for it to end, or stop it"
+                ) from None
+            if not is_still_at(descriptor, path):
+                continue  # locked a file the run before us had just removed: lock the new one
+            try:  # who holds it, for the message of a run refused
+                file.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+            except OSError as exc:  # a full disk: no caption could be written either
+                raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
+            try:
+                yield
+            finally:
+                # Removed while still held, so that finished folders carry no trace of it.
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            return
+
+
+def is_still_at(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except OSError:
+        return False
 
 
 def lock_file(file: io.BufferedRandom) -> None:
@@ -2046,8 +2055,10 @@ class Signals:
         """Handle the signals while the run lasts; then whatever handled them before."""
         if threading.current_thread() is threading.main_thread():  # the only one allowed to
             for name in self.NAMES:
-                if hasattr(signal, name):
-                    number = getattr(signal, name)
+                number = getattr(signal, name, None)
+                # A signal ignored from the start stays ignored: nohup's HUP, the INT of a
+                # shell script's background job.
+                if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
                     self.previous[number] = signal.signal(number, self.handle)
         try:
             yield self
@@ -2096,13 +2107,21 @@ def library_chatter_silenced() -> Iterator[None]:
         restore.callback(os.close, real_stderr)
         if stream_on_descriptor(sys.stderr, 2):
             encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
-            ours = restore.enter_context(open(real_stderr, "w", encoding=encoding, closefd=False))
+            ours = open(real_stderr, "w", encoding=encoding, closefd=False)  # noqa: SIM115 - closed below
+            restore.callback(close_quietly, ours)
             restore.callback(setattr, sys, "stderr", sys.stderr)
             sys.stderr = ours
         with open(os.devnull, "wb") as devnull:
             os.dup2(devnull.fileno(), 2)
         restore.callback(os.dup2, real_stderr, 2)
         yield
+
+
+def close_quietly(stream: TextIO) -> None:
+    try:
+        stream.close()
+    except OSError:  # what it still held was for a reader that went away (`| head`)
+        pass
 
 
 def stream_on_descriptor(stream: TextIO, descriptor: int) -> bool:

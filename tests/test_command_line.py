@@ -136,7 +136,7 @@ def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
 def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_rest(tmp_path, make_server, spawn):
     for width, name in enumerate("abcdef", start=64):
         picture(tmp_path / f"{name}.jpg", size=(width, 48))
-    server = make_server(slots=2, latency=1.0)
+    server = make_server(slots=2, latency=0.4)
     process = spawn(tmp_path, "--host", server.url, "--jobs", 2)
     wait_until(lambda: server.in_flight == 2)
 

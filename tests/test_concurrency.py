@@ -19,7 +19,7 @@ def assert_each_captioned_once_with_its_own_caption(expected: dict, chats: list)
 def test_jobs_requests_are_in_flight_at_once_whatever_the_servers_slots(
     tmp_path, make_server, caption, slots, jobs
 ):
-    distinct_pictures(tmp_path, 2 * (jobs or 2))
+    distinct_pictures(tmp_path, (jobs or 2) + 1)
     # The stand-in lowers its count before an answer's last line, as Ollama frees the slot
     # when generation ends, so a request sent the moment "done" is read never counts twice.
     server = make_server(slots=slots, latency=0.15)

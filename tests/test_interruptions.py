@@ -109,11 +109,6 @@ def test_second_term_during_the_wait_quits_at_once_and_still_keeps_the_jsonl(tmp
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Signals.handled() installs its handler for SIGHUP even where the run started with "
-    "SIGHUP ignored (nohup): the hang-up interrupts the run and the process kills itself by SIGHUP",
-)
 def test_a_run_under_nohup_goes_on_when_the_terminal_hangs_up(tmp_path, make_server, spawn):
     """`nohup python llava-caption-ollama.py DIR &` and log out: nohup starts the run with SIGHUP
     ignored, which the run must leave so, as every program does (Python itself leaves an ignored
@@ -386,12 +381,6 @@ def test_jsonl_in_a_missing_folder_stops_the_run_before_any_request(tmp_path, se
     assert list(tmp_path.glob("*.txt")) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="main(): the line whose write failed stays buffered in the stderr stream that "
-    "library_chatter_silenced() opened; closing it at the end of main() raises BrokenPipeError, "
-    "which escapes main(): exit status 1 instead of 0",
-)
 def test_a_reader_that_closes_stderr_early_does_not_change_the_outcome(tmp_path, make_server, spawn):
     """`... 2>&1 | head -1`: the reader goes away after the first line; the run goes on
     unheard, captions everything, keeps its JSONL and exits 0."""

@@ -38,7 +38,7 @@ FAULTS = {
     "dropped connection": Reply(drop=True),
     "error mid-stream": Reply(text="A red", error="an error was encountered while running the model"),
     "stream without end": Reply(text="A red", done=False),
-    "hang past the timeout": Reply(text="late", delay=3),
+    "hang past the timeout": Reply(text="late", delay=1.5),
 }
 
 
@@ -49,7 +49,7 @@ def test_every_third_answer_failing_still_captions_every_image_exactly_once(tmp_
     server.answer = every(3, fault, faulted)
 
     # One at a time where answers hang: a request queued behind a hung one waits too.
-    run = caption(tmp_path, "--timeout", 1, *(["--jobs", 1] if fault.delay else []))
+    run = caption(tmp_path, "--timeout", 0.4, *(["--jobs", 1] if fault.delay else []))
 
     assert run.code == 0, run.err
     assert {path: path.read_text() for path in expected} == expected
@@ -90,7 +90,7 @@ def test_a_server_restarted_mid_run_is_waited_for_and_the_run_completes(tmp_path
     restarted = []
 
     def restart_later():
-        time.sleep(1.5)
+        time.sleep(0.5)
         restarted.append(StandInOllama(port=port).start())
 
     def answer(chat):
@@ -135,7 +135,7 @@ def test_a_model_removed_mid_run_takes_its_server_out(tmp_path, server, caption)
 def test_ctrl_c_at_any_moment_leaves_only_whole_captions_and_a_rerun_finishes(tmp_path, make_server, spawn, seed):
     chance = random.Random(seed)
     expected = distinct_pictures(tmp_path, 16)
-    server = make_server(slots=2, latency=0.1)
+    server = make_server(slots=2, latency=0.05)
     process = spawn(tmp_path, "--host", server.url, "--jobs", 3, stdout=subprocess.DEVNULL)
     # Somewhere in the run, never after its end: after 1 to 8 of the 16 requests have come.
     arrived = chance.randint(1, 8)

@@ -310,7 +310,7 @@ def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp
     def answer(chat):
         if next(answers) == 1:  # the proxy's Ollama goes down for a while after the first answer
             server.down = True
-            threading.Timer(1.0, setattr, (server, "down", False)).start()
+            threading.Timer(0.6, setattr, (server, "down", False)).start()
         return f"A PNG picture, {chat.picture().width}x30 pixels."
 
     server.answer = answer
