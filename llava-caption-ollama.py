@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import enum
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -573,19 +574,20 @@ def write_and_count(
     """Write one answer's caption and account for it: the only place captions are written and
     the only place an image's end is counted and reported."""
     summary.settled += 1
-    task = outcome.task
-    try:
-        if outcome.failure:
-            raise TryFailed(Fault.CAPTION_UNWRITABLE, outcome.failure)  # reported as it came
+    task, failure = outcome.task, outcome.failure
+    if not failure:
         text = finished_caption(outcome.caption, task.existing, config)
-        if journal:
-            journal.add(task.image, text)  # before the caption: see Journal
-        write_caption(task.image, text, config.caption_ext)
-    except TryFailed as failure:
-        if decide(failure.fault, 0, config.retries)[0] is Action.STOP_RUN:
-            pipeline.halt(str(failure))
-        summary.failed.append((task.image, str(failure)))
-        reporter.image_failed(task.image, str(failure))
+        try:
+            if journal:
+                journal.add(task.image, text)  # before the caption: see Journal
+            write_caption(task.image, text, config.caption_ext)
+        except TryFailed as write_failed:
+            failure = str(write_failed)
+            if decide(write_failed.fault, 0, config.retries)[0] is Action.STOP_RUN:
+                pipeline.halt(failure)
+    if failure:
+        summary.failed.append((task.image, failure))
+        reporter.image_failed(task.image, failure)
         return
     summary.captioned.append(task.image)
     summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
@@ -741,6 +743,11 @@ def plan(
             # One caption would describe only one of the pictures: caption neither.
             failed.append((image, f"shares {caption.name} with {', '.join(twins)}; rename one of them"))
             continue
+        if len(os.fsencode(caption.name)) > longest_name(caption.parent):
+            failed.append(
+                (image, f"its caption's name would be too long for the file system ({caption.name})")
+            )
+            continue
         try:
             existing = existing_caption(caption, found.caption_listed(caption))
             already = config.existing == "skip" and existing.strip()
@@ -752,6 +759,14 @@ def plan(
             failed.append((image, str(failure)))
     failed.sort()
     return todo, skipped, failed
+
+
+@functools.cache
+def longest_name(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf; NTFS allows 255
+        return 255
 
 
 def existing_caption(path: Path, listed: bool) -> bytes:
@@ -1112,8 +1127,6 @@ class Answer:
     done_reason: str
     tokens: int
     generation_ns: int
-
-
 
 
 def request_caption(server: Server, config: Config, task: Task, seed: int | None) -> Answer:
@@ -2151,6 +2164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if signals.received:
         return signals.die()
     return summary.exit_code if summary else EXIT_CANNOT_START
+
 
 if __name__ == "__main__":
     sys.exit(main())

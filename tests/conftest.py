@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,17 +78,16 @@ def caption(server, capsys):
 
 def run_script(*args: object, cwd: Path | None = None, env: dict | None = None, timeout: float = 60):
     """Run the script as a user would: a separate process, its own exit code and output."""
-    environment = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        check=False,
-        text=True,
-        timeout=timeout,
-    )
+    with as_from_a_terminal():
+        return subprocess.run(
+            [sys.executable, str(SCRIPT), *map(str, args)],
+            cwd=cwd,
+            env=child_environment(env),
+            capture_output=True,
+            check=False,
+            text=True,
+            timeout=timeout,
+        )
 
 
 @pytest.fixture
@@ -94,10 +95,11 @@ def spawn():
     """Start the script as a user's shell would; whatever still runs when the test ends is killed."""
     started = []
 
-    def start(*args: object, **popen) -> subprocess.Popen:
+    def start(*args: object, env: dict | None = None, ignoring=(), **popen) -> subprocess.Popen:
         command = [sys.executable, str(SCRIPT), *map(str, args)]
         popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
-        started.append(subprocess.Popen(command, **popen))
+        with as_from_a_terminal(ignoring):
+            started.append(subprocess.Popen(command, env=child_environment(env), **popen))
         return started[-1]
 
     yield start
@@ -105,6 +107,32 @@ def spawn():
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def child_environment(env: dict | None) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
+    environment.update(env or {})
+    return environment
+
+
+@contextmanager
+def as_from_a_terminal(ignoring=()):
+    """Children start with INT, TERM and HUP at their defaults, as from a terminal, even where
+    the tests themselves were started with one ignored (a shell script's background job
+    ignores INT): an ignored signal is inherited, a handler becomes the default. Those in
+    `ignoring` start ignored, as nohup leaves HUP."""
+    previous = {
+        number: signal.signal(number, signal.SIG_IGN if number in ignoring else lambda *_: None)
+        for number in TERMINAL_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def wait_until(condition, seconds: float = 20) -> None:

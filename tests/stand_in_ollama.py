@@ -114,7 +114,7 @@ class StandInOllama:
         handler = type("Handler", (Handler,), {"stand_in": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.005,), daemon=True)
 
     @property
     def url(self) -> str:

@@ -333,4 +333,3 @@ def test_a_jsonl_that_cannot_be_saved_makes_the_exit_code_1(tmp_path, small_disk
     assert run.code == 1
     assert (tmp_path / "a.txt").read_text() == "a red fox"  # the caption itself is safe
     assert f"error: cannot write {jsonl}: No space left on device" in run.err
-

@@ -6,7 +6,6 @@ import os
 import pty
 import signal
 import subprocess
-import sys
 
 import pytest
 from conftest import SCRIPT, by_width, closed_port_url, leftovers, picture, run_script, wait_until
@@ -103,15 +102,12 @@ def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp
     assert quiet[3:] == ["  failed b.jpg: Ollama answered 400: boom"]
 
 
-def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
+def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server, spawn):
     for name in "abc":
         picture(tmp_path / f"{name}.jpg")
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=terminal,
+    process = spawn(
+        tmp_path, "--host", server.url, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal
     )
     os.close(terminal)
     screen = b""
@@ -133,7 +129,9 @@ def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server):
     assert "captioned 3, skipped 0, failed 0" in text
 
 
-def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_rest(tmp_path, make_server, spawn):
+def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_rest(
+    tmp_path, make_server, spawn
+):
     for width, name in enumerate("abcdef", start=64):
         picture(tmp_path / f"{name}.jpg", size=(width, 48))
     server = make_server(slots=2, latency=0.4)
@@ -176,3 +174,24 @@ def test_second_ctrl_c_quits_at_once(tmp_path, server, spawn):
     assert "Traceback" not in err
     assert list(tmp_path.glob("*.txt")) == []
     assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_the_only_server_is_down_ends_at_once(tmp_path, server, spawn):
+    for name in "abc":
+        picture(tmp_path / f"{name}.jpg")
+
+    def go_down(chat):
+        server.down = True  # a proxy's Ollama went away: every request now gets 502
+        return "A red square"
+
+    server.answer = go_down
+    process = spawn(tmp_path, "--host", server.url, "--jobs", 1)
+    for line in process.stderr:
+        if " stopped answering " in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=5)  # not the 20 s kept for answers on their way
+
+    assert process.returncode == -signal.SIGINT
+    assert "stopping: waiting" not in err  # no answer can be on its way
+    assert "interrupted: captioned 1, skipped 0, failed 0 in " in err and "; 2 left for a rerun" in err

@@ -192,7 +192,9 @@ def test_library_chatter_stays_out_of_the_output(tmp_path, server):
     whole = io.BytesIO()
     Image.effect_noise((200, 200), 60).convert("RGB").save(whole, "TIFF", compression="tiff_lzw")
     data = whole.getvalue()
-    (tmp_path / "damaged.tif").write_bytes(data[: len(data) // 2] + b"\0" * 100 + data[len(data) // 2 + 100 :])
+    (tmp_path / "damaged.tif").write_bytes(
+        data[: len(data) // 2] + b"\0" * 100 + data[len(data) // 2 + 100 :]
+    )
     (tmp_path / "short.tif").write_bytes(data[:300])
     picture(tmp_path / "fine.jpg")
 

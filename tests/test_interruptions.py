@@ -10,12 +10,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, distinct_pictures, leftovers, picture, run_script, wait_until
+from conftest import SCRIPT, as_from_a_terminal, distinct_pictures, leftovers, picture, run_script, wait_until
 from stand_in_ollama import Reply, describe
 
 LOCK = ".llava-caption-ollama.lock"
@@ -36,17 +34,6 @@ def with_old_captions(folder: Path, count: int) -> dict:
     for path in expected:
         path.write_text("old", encoding="utf-8")
     return expected
-
-
-@contextmanager
-def inherited(number: int, disposition) -> Iterator[None]:
-    """Processes started meanwhile begin with this disposition of the signal (SIG_IGN is
-    inherited; a Python handler becomes SIG_DFL in the child)."""
-    previous = signal.signal(number, disposition)
-    try:
-        yield
-    finally:
-        signal.signal(number, previous)
 
 
 def contents(expected: dict) -> dict:
@@ -115,8 +102,7 @@ def test_a_run_under_nohup_goes_on_when_the_terminal_hangs_up(tmp_path, make_ser
     SIGINT alone)."""
     expected = distinct_pictures(tmp_path, 3)
     server = make_server(slots=1, latency=0.1)
-    with inherited(signal.SIGHUP, signal.SIG_IGN):  # what nohup does
-        process = spawn(tmp_path, "--host", server.url, "--jobs", 1)
+    process = spawn(tmp_path, "--host", server.url, "--jobs", 1, ignoring=(signal.SIGHUP,))  # nohup
     wait_until(lambda: server.in_flight >= 1)
 
     process.send_signal(signal.SIGHUP)  # the terminal closes
@@ -141,9 +127,7 @@ def test_ctrl_c_stops_a_shell_loop_over_folders(tmp_path, make_server):
     loop = 'for d in "$@"; do "$PYTHON" "$SCRIPT" "$d" --host "$HOST"; done; echo LOOP-FINISHED'
     environment = {key: value for key, value in os.environ.items() if key != "OLLAMA_HOST"}
     environment.update(PYTHON=sys.executable, SCRIPT=str(SCRIPT), HOST=server.url)
-    # As in a terminal's foreground job, Ctrl-C is not ignored, even where pytest itself runs
-    # in the background of a script (which ignores SIGINT, and bash then could not undo it).
-    with inherited(signal.SIGINT, signal.default_int_handler):  # a handler: the default in a child
+    with as_from_a_terminal():
         shell = subprocess.Popen(
             ["bash", "-c", loop, "_", *map(str, folders)],
             env=environment,
@@ -175,8 +159,7 @@ def test_an_interrupted_append_pass_rerun_appends_to_each_caption_once(tmp_path,
     expected = with_old_captions(tmp_path, 6)
     server = make_server(slots=1, latency=0.1)
     command = (tmp_path, "--jobs", 1, "--existing", "append")
-    with inherited(signal.SIGINT, signal.default_int_handler):  # not ignored, as in a terminal
-        process = spawn(*command, "--host", server.url)
+    process = spawn(*command, "--host", server.url)
     wait_until(lambda: len(server.chats) >= 3)  # two answered, the third on its way
 
     process.send_signal(signal.SIGINT)

@@ -70,7 +70,11 @@ def test_the_readme_table_says_what_the_policy_does():
         (500, "model runner has unexpectedly stopped", Fault.SERVER_STRUGGLING),
         (-1, "an error was encountered while running the model", Fault.SERVER_STRUGGLING),
         (500, "failed to process inputs: unable to make llava embedding from image", Fault.REQUEST_REFUSED),
-        (500, "Failed to create new sequence: failed to process inputs: image: unknown format", Fault.REQUEST_REFUSED),
+        (
+            500,
+            "Failed to create new sequence: failed to process inputs: image: unknown format",
+            Fault.REQUEST_REFUSED,
+        ),
     ],
 )
 def test_each_status_has_its_fault(status, text, fault):

@@ -132,7 +132,9 @@ def test_a_model_removed_mid_run_takes_its_server_out(tmp_path, server, caption)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_ctrl_c_at_any_moment_leaves_only_whole_captions_and_a_rerun_finishes(tmp_path, make_server, spawn, seed):
+def test_ctrl_c_at_any_moment_leaves_only_whole_captions_and_a_rerun_finishes(
+    tmp_path, make_server, spawn, seed
+):
     chance = random.Random(seed)
     expected = distinct_pictures(tmp_path, 16)
     server = make_server(slots=2, latency=0.05)
@@ -160,14 +162,17 @@ def test_ctrl_c_at_any_moment_leaves_only_whole_captions_and_a_rerun_finishes(tm
     assert {path: path.read_text() for path in expected} == expected
 
 
-def test_a_caption_name_too_long_for_the_file_system_fails_that_image(tmp_path, caption):
-    picture(tmp_path / ("x" * 245 + ".jpg"))
-    picture(tmp_path / "short.jpg")
+def test_a_caption_name_too_long_for_the_file_system_fails_that_image_before_any_request(
+    tmp_path, caption, server
+):
+    picture(tmp_path / ("x" * 245 + ".jpg"), size=(64, 48))  # legal: 249 bytes
+    picture(tmp_path / "short.jpg", size=(65, 48))
 
     run = caption(tmp_path, "--ext", ".caption-of-this-image")
 
     assert run.code == 1
-    assert "cannot write " in run.err and ": File name too long" in run.err
+    assert "FAILED " + "x" * 245 + ".jpg: its caption's name would be too long for the file system" in run.err
+    assert [chat.picture().width for chat in server.chats] == [65]  # no request wasted on it
     assert (tmp_path / "short.caption-of-this-image").exists()
     assert leftovers(tmp_path) == []
 

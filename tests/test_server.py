@@ -290,7 +290,9 @@ def test_a_server_that_refuses_us_stops_the_run_with_the_fix(tmp_path, caption, 
         (422, "unprocessable entity", "Ollama answered 422: unprocessable entity"),
     ],
 )
-def test_a_request_the_server_will_never_take_fails_that_image_at_once(tmp_path, caption, server, status, error, said):
+def test_a_request_the_server_will_never_take_fails_that_image_at_once(
+    tmp_path, caption, server, status, error, said
+):
     picture(tmp_path / "a.jpg", size=(64, 48))
     picture(tmp_path / "b.jpg", size=(65, 48))
     server.answer = by_width({65: Reply(status=status, error=error)})
@@ -320,7 +322,9 @@ def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp
     assert run.code == 0, run.err
     assert {path: path.read_text() for path in expected} == expected
     # One line for the outage, with nginx's page reduced to its title; and one when it is over.
-    assert f"{server.url} stopped answering (Ollama answered 502: 502 Bad Gateway); waiting up to 5m" in run.err
+    assert (
+        f"{server.url} stopped answering (Ollama answered 502: 502 Bad Gateway); waiting up to 5m" in run.err
+    )
     assert f"{server.url} answers again" in run.err
     assert "<html>" not in run.err and "<center>" not in run.err
     probes = [at for at, method, path in server.requests if path == "/api/tags"][1:]  # after preflight

@@ -132,3 +132,17 @@ def test_a_long_caption_name_still_gets_a_temporary_name_that_fits(tmp_path):
     captioner.write_atomically(long_name, "a cat")
     assert long_name.read_text() == "a cat"
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_a_caption_that_cannot_be_read_is_never_merged_into_or_overwritten(tmp_path, caption, server, mode):
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "b.jpg", size=(65, 48))
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9, old tags")  # Latin-1, as another tool wrote it
+
+    run = caption(tmp_path, "--existing", mode)
+
+    assert run.code == 1
+    assert "FAILED a.jpg: the existing a.txt is not UTF-8 text" in run.err
+    assert (tmp_path / "a.txt").read_bytes() == b"caf\xe9, old tags"
+    assert [chat.picture().width for chat in server.chats] == [65]
