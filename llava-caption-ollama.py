@@ -1430,9 +1430,9 @@ class Pipeline:
 
     def wait_for_any(self) -> set[Future]:
         running = [*self.preparing, *self.sending, *self.probing]
-        timeout = POLL_SECONDS
-        if self.delayed:
-            timeout = min(timeout, max(0.0, min(task.not_before for task in self.delayed) - time.monotonic()))
+        due = [task.not_before for task in self.delayed]
+        due += [server.next_probe for server in self.servers if server.state is State.QUIET]
+        timeout = min([POLL_SECONDS] + [max(0.0, when - time.monotonic()) for when in due])
         if not running:
             self.stop.asked.wait(timeout)
             return set()

@@ -2,6 +2,7 @@
 
     python tests/bench.py            # the whole table (about 4 minutes on 2 cores)
     python tests/bench.py --quick    # fewer images, same rows
+    python tests/bench.py --script OTHER.py   # the same rows for another version of the script
 
 The captioner runs as a real subprocess against stand-in servers (tests/stand_in_ollama.py)
 whose every answer takes a fixed latency once it has one of the server's slots. The server's
@@ -27,7 +28,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from stand_in_ollama import StandInOllama
 
-SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"  # or --script
 CAPTION = "a red vintage car parked on a cobblestone street, warm evening light, film photograph"
 LATENCY = 0.25
 
@@ -76,13 +77,16 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+script = SCRIPT
+
+
 def run_captioner(folder: Path, servers: list[StandInOllama], jobs: int, *extra: str) -> dict:
     """Run the real script once; return its wall time, CPU seconds and peak RSS."""
     remove_captions(folder)
     hosts = [arg for server in servers for arg in ("--host", server.url)]
     status_file = folder.parent / "status.txt"
     arguments = [str(folder), *hosts, "--jobs", str(jobs), "-q", *extra]
-    command = [sys.executable, "-c", RUN_AND_REPORT_PEAK, str(SCRIPT), str(status_file), *arguments]
+    command = [sys.executable, "-c", RUN_AND_REPORT_PEAK, str(script), str(status_file), *arguments]
     started = time.monotonic()
     process = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
     wall = time.monotonic() - started
@@ -127,7 +131,10 @@ def throughput_row(folder: Path, slots: int, jobs: int, servers: int = 1) -> tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images per row")
+    parser.add_argument("--script", type=Path, default=SCRIPT, help="the captioner to measure")
     args = parser.parse_args()
+    global script
+    script = args.script.resolve()
     scale = 4 if args.quick else 1
     root = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     try:
