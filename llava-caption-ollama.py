@@ -36,7 +36,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import BinaryIO, Callable, TextIO
 from urllib.parse import urlsplit
 
 # The ollama package builds a default Client as it is imported (ollama/__init__.py), which
@@ -50,6 +50,9 @@ try:
 except ImportError as missing:  # a user can cause this, so no traceback
     print(f"error: {missing.name} is not installed; run: pip install -r requirements.txt", file=sys.stderr)
     sys.exit(2)
+except KeyboardInterrupt:  # Ctrl-C in the first fraction of a second: die by it, quietly
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 finally:
     if _ollama_host is not None:
         os.environ["OLLAMA_HOST"] = _ollama_host
@@ -158,12 +161,14 @@ class Template:
         self.text = text
         self.fields = {name for _, name, _, _ in parsed if name is not None}
         for _, name, spec, conversion in parsed:
-            if name is not None and (name not in PLACEHOLDERS or spec or conversion):
+            if name is not None and name not in PLACEHOLDERS:
                 known = ", ".join(f"{{{known}}}" for known in PLACEHOLDERS)
                 raise CannotStart(
                     f"{source} asks for {{{name}}}, which is not one of {known}; "
                     "write {{ or }} for a literal brace"
                 )
+            if name is not None and (spec or conversion):
+                raise CannotStart(f"{source}: write {{{name}}} alone, without a conversion or a format")
 
     def fill(self, image: Path, existing: str) -> str:
         if not self.fields:
@@ -283,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=number(float, more_than=0),
+        type=number(float, more_than=0, at_most=86400),
         default=600.0,
         help="seconds to wait for one answer, queueing included (default: %(default)s)",
     )
@@ -314,9 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
         "settings already did, and do them all again",
     )
     parser.add_argument(
-        "--prefix", type=str.strip, default="", help="text put first in every caption, e.g. a trigger word"
+        "--prefix",
+        type=caption_text_argument,
+        default="",
+        help="text put first in every caption, e.g. a trigger word",
     )
-    parser.add_argument("--suffix", type=str.strip, default="", help="text put last in every caption")
+    parser.add_argument(
+        "--suffix", type=caption_text_argument, default="", help="text put last in every caption"
+    )
     parser.add_argument(
         "--raw", action="store_true", help="write the model's answer without cleaning it up (see README)"
     )
@@ -329,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--wait-server",
-        type=number(float, at_least=0),
+        type=number(float, at_least=0, at_most=86400 * 7),
         default=300.0,
         metavar="SECONDS",
         help="how long to wait for a server that stopped answering before giving up on it "
@@ -366,14 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def number(
-    kind: type, at_least: float | None = None, more_than: float | None = None
+    kind: type, at_least: float | None = None, more_than: float | None = None, at_most: float = 1e9
 ) -> Callable[[str], float]:
-    """An argparse type: a finite number of kind, at least or more than a bound."""
+    """An argparse type: a finite number of kind, at least or more than a bound, and not so large
+    that a timer or a server cannot take it."""
 
     def parse(text: str) -> float:
         value = kind(text)
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+        if not math.isfinite(value) or abs(value) > at_most:
+            raise argparse.ArgumentTypeError(f"must be a number up to {at_most:g}, not {text}")
         if at_least is not None and value < at_least:
             raise argparse.ArgumentTypeError(f"must be at least {at_least}, not {text}")
         if more_than is not None and value <= more_than:
@@ -382,6 +393,18 @@ def number(
 
     parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
     return parse
+
+
+def caption_text_argument(text: str) -> str:
+    # A byte that is not UTF-8 (typed in a Latin-1 terminal) reaches Python as a lone
+    # surrogate, which no caption file can hold.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text"
+        ) from None
+    return without_invisibles(text, keep_lines=False).strip()
 
 
 def keep_alive_duration(text: str) -> str | float:
@@ -428,12 +451,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
     hosts = args.hosts or [server_url_from_environment()]
     if args.jsonl and not args.jsonl.parent.is_dir():
         raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
+    if args.jsonl and not is_below(args.folder, args.jsonl.parent):
+        # imagefolder reads file_name relative to the JSONL's folder, with no "..".
+        raise CannotStart(f"--jsonl must be in {args.folder} or a folder above it, whose images it lists")
     settings.update(
         prompt=read_prompt(args.prompt_file),
         hosts=list(dict.fromkeys(hosts)),
         caption_ext=caption_extension(args.caption_ext),
     )
     return Config(**settings)
+
+
+def is_below(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def server_url_from_environment() -> str:
@@ -525,22 +559,20 @@ def caption_folder(config: Config, reporter: Reporter | None = None, stop: Stop 
     stop = stop or Stop()
     started = time.monotonic()
     summary = Summary(dry_run=config.dry_run)
-    found = find_images(config.folder, config.recursive, config.caption_ext)
-    summary.orphans, summary.unlisted = found.orphans, found.unlisted
-    journal = Journal(config) if config.existing != "skip" else None
-    tasks, summary.skipped, summary.failed = plan(found, config, journal)
-    tasks = tasks[: config.limit]
-    summary.to_caption = [task.image for task in tasks]
-    if config.dry_run:
+    if config.dry_run:  # reads only: needs no lock
+        survey(config, summary)
         reporter.list_planned(summary)
         return summary
-    reporter.report_plan(summary)
-    metadata = Metadata(config.jsonl, config.model, config.caption_ext) if config.jsonl else None
-    if not tasks or stop.asked.is_set():  # nothing to send: no lock, no server
-        summary.interrupted = stop.asked.is_set()
-        finish_metadata(metadata, found, summary)
-        return summary
-    with folder_lock(config.folder):
+    with folder_lock(config.folder, config.recursive) as unwritable:
+        found, journal, tasks = survey(config, summary)
+        reporter.report_plan(summary)
+        metadata = Metadata(config.jsonl, config.model, config.caption_ext) if config.jsonl else None
+        if not tasks or stop.asked.is_set():  # nothing to send: no server needed
+            summary.interrupted = stop.asked.is_set()
+            finish_metadata(metadata, found, summary)
+            return summary
+        if unwritable:
+            raise CannotStart(f"cannot write in {config.folder}: {unwritable}")
         remove_stale_temporaries(found.stale)
         servers = ready_servers(config, reporter, stop)
         pipeline = Pipeline(tasks, servers, config, stop, reporter)
@@ -562,6 +594,19 @@ def caption_folder(config: Config, reporter: Reporter | None = None, stop: Stop 
     return summary
 
 
+def survey(config: Config, summary: Summary) -> tuple[Found, Journal | None, list[Task]]:
+    """Find the images and drop those already captioned; what is left to caption."""
+    found = find_images(config.folder, config.recursive, config.caption_ext)
+    if not config.dry_run:
+        refuse_if_held_below(found)
+    summary.orphans, summary.unlisted = found.orphans, found.unlisted
+    journal = Journal(config) if config.existing != "skip" else None
+    tasks, summary.skipped, summary.failed = plan(found, config, journal)
+    tasks = tasks[: config.limit]
+    summary.to_caption = [task.image for task in tasks]
+    return found, journal, tasks
+
+
 def write_and_count(
     outcome: Outcome,
     config: Config,
@@ -580,7 +625,7 @@ def write_and_count(
         try:
             if journal:
                 journal.add(task.image, text)  # before the caption: see Journal
-            write_caption(task.image, text, config.caption_ext)
+            write_caption(task.image, text, config)
         except TryFailed as write_failed:
             failure = str(write_failed)
             if decide(write_failed.fault, 0, config.retries)[0] is Action.STOP_RUN:
@@ -623,6 +668,7 @@ class Found:
     orphans: list[Path] = field(default_factory=list)
     unlisted: list[tuple[Path, str]] = field(default_factory=list)
     stale: list[Path] = field(default_factory=list)  # temporary files a killed run left behind
+    locks_below: list[Path] = field(default_factory=list)  # other runs' locks in subfolders
 
     def caption_listed(self, caption: Path) -> bool:
         return caption.name in self.caption_names.get(str(caption.parent), ())
@@ -656,6 +702,8 @@ def find_images(folder: Path, recursive: bool, caption_ext: str) -> Found:
             name = entry.name
             if name.startswith(OWN_FILE_PREFIX) and name.endswith(".tmp") and is_stale(entry):
                 found.stale.append(Path(entry.path))
+            if name == LOCK_NAME and here != folder:
+                found.locks_below.append(Path(entry.path))
             if name.startswith("."):
                 continue
             if name.endswith(caption_ext):
@@ -722,6 +770,7 @@ class Task:
     prompt: str = ""  # filled in by preparation
     payload: bytes = b""  # the encoded image to send, filled in by preparation
     tries: int = 0  # tries that failed in a way that counts against --retries
+    faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
     not_before: float = 0.0  # time.monotonic() before which it must not be sent again
 
 
@@ -792,16 +841,22 @@ def caption_text(path: Path, data: bytes) -> str:
 
 
 def read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file; OSError for anything else. Opened without blocking, so a
-    named pipe or a device in its place is refused, never read."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with open(descriptor, "rb") as file:
-        mode = os.fstat(descriptor).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+    with open_regular_file(path) as file:
         return file.read()
+
+
+def open_regular_file(path: Path) -> BinaryIO:
+    """A regular file, open for reading; OSError for anything else. Opened without blocking, so
+    a named pipe or a device in its place is refused, never read."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    file = open(descriptor, "rb")  # noqa: SIM115 - returned to a with block
+    mode = os.fstat(descriptor).st_mode
+    if stat.S_ISREG(mode):
+        return file
+    file.close()
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+    raise OSError(errno.EINVAL, "not a regular file")
 
 
 # ---------------------------------------------------------------------------
@@ -833,19 +888,26 @@ def prepare(task: Task, config: Config) -> Task:
 def prepare_image(path: Path, max_size: int) -> bytes:
     """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
     try:
-        data = read_regular_file(path)
+        file = open_regular_file(path)
     except OSError as exc:
         raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot read: {reason(exc)}") from None
-    if not data:
-        raise TryFailed(Fault.IMAGE_UNREADABLE, "empty file")
-    if max_size == 0:
-        return data
+    # Pillow reads from the file what it needs, so a huge file is never held whole in memory.
+    with file:
+        if not os.fstat(file.fileno()).st_size:
+            raise TryFailed(Fault.IMAGE_UNREADABLE, "empty file")
+        if max_size == 0:
+            return file.read()
+        return prepared(file, max_size)
+
+
+def prepared(file: BinaryIO, max_size: int) -> bytes:
     try:
-        with Image.open(io.BytesIO(data)) as picture:
+        with Image.open(file) as picture:
             refuse_bombs(picture)
             orientation = picture.getexif().get(EXIF_ORIENTATION, 1) if picture.format == "JPEG" else None
-            if is_ready_to_send(picture, data, max_size, orientation):
-                return data
+            if is_ready_to_send(picture, file, max_size, orientation):
+                file.seek(0)
+                return file.read()
             return encode_jpeg(shrink_upright_rgb(picture, max_size, orientation))
     except TryFailed:
         raise
@@ -873,7 +935,13 @@ def bomb_reason() -> str:
     )
 
 
-def is_ready_to_send(picture: Image.Image, data: bytes, max_size: int, orientation: int | None) -> bool:
+def is_ready_to_send(picture: Image.Image, file: BinaryIO, max_size: int, orientation: int | None) -> bool:
+    if os.fstat(file.fileno()).st_size > PASS_THROUGH_MAX_BYTES or max(picture.size) > max_size:
+        return False
+    position = file.tell()
+    file.seek(0)
+    data = file.read()
+    file.seek(position)
     if picture.format == "JPEG":
         upright = orientation == 1
         complete = data.rstrip(b"\0").endswith(b"\xff\xd9")
@@ -890,8 +958,6 @@ def is_ready_to_send(picture: Image.Image, data: bytes, max_size: int, orientati
         and picture.mode in ("RGB", "L")
         and "transparency" not in picture.info
         and not getattr(picture, "is_animated", False)
-        and max(picture.size) <= max_size
-        and len(data) <= PASS_THROUGH_MAX_BYTES
     )
 
 
@@ -1037,9 +1103,12 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
     servers = [Server(url, config.timeout, config.jobs) for url in config.hosts]
-    with ThreadPoolExecutor(len(servers)) as pool:
-        verdicts = list(pool.map(lambda server: preflight(server, config, reporter, stop), servers))
-    for server, dead in zip(servers, verdicts):
+    checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
+    while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
+        if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
+            raise CannotStart("interrupted while checking the servers")
+    for server, check in zip(servers, checks):
+        dead = check.result()  # raises what the check raised: CannotStart
         if dead:
             server.state, server.why = State.DEAD, dead
     if not any(server.in_rotation for server in servers):
@@ -1278,6 +1347,13 @@ class Action(enum.Enum):
 class Rule:
     action: Action
     uses_a_try: bool  # counts against --retries; past them the image fails
+    free_times: int = 0  # times it happens to an image before it starts to use its tries
+
+    def says_of_tries(self) -> str:
+        """The rule's "uses a try" column in the README."""
+        if not self.uses_a_try:
+            return "no"
+        return f"after {self.free_times} times" if self.free_times else "yes"
 
 
 POLICY = {
@@ -1285,8 +1361,10 @@ POLICY = {
     Fault.SERVER_STRUGGLING: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True),
     # The image may be to blame, so it uses a try; asking the server is pause enough.
     Fault.CONNECTION_BROKE: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True),
-    # The server is to blame, not the image: waiting uses none of its tries.
-    Fault.SERVER_DOWN: Rule(Action.WAIT_FOR_SERVER, uses_a_try=False),
+    # The server is to blame, not the image: waiting uses none of its tries. But an image the
+    # server went down on five times (a proxy's 504 for it alone, a server that crashes on it)
+    # is suspected: without a bound it would be sent forever.
+    Fault.SERVER_DOWN: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True, free_times=5),
     Fault.MODEL_GONE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
     Fault.ACCESS_DENIED: Rule(Action.STOP_RUN, uses_a_try=False),
     Fault.REQUEST_REFUSED: Rule(Action.FAIL_IMAGE, uses_a_try=False),
@@ -1297,11 +1375,11 @@ POLICY = {
 }
 
 
-def decide(fault: Fault, tries: int, retries: int) -> tuple[Action, int]:
-    """What follows a fault for an image that had already failed `tries` counted tries; and
-    its count of tries after this one."""
+def decide(fault: Fault, tries: int, retries: int, times: int = 1) -> tuple[Action, int]:
+    """What follows a fault that has now happened `times` times to an image that had already
+    failed `tries` counted tries; and its count of tries after this one."""
     rule = POLICY[fault]
-    if not rule.uses_a_try:
+    if not rule.uses_a_try or times <= rule.free_times:
         return rule.action, tries
     if tries + 1 > retries:
         return Action.FAIL_IMAGE, tries + 1
@@ -1322,13 +1400,31 @@ def write_fault(exc: OSError) -> Fault:
 # ---------------------------------------------------------------------------
 # Scheduling: images prepared a few ahead, --jobs requests in flight on every server
 # ---------------------------------------------------------------------------
-# One thread (the caller's) owns every queue and counter and makes every decision; two pools
-# of threads only compute: preparing (Pillow releases the GIL while it decodes and resizes:
-# 1.8-2.0x on 2 cores) and sending (the official sync client is safe to share between
-# threads, and a thread costs nothing next to seconds of inference). concurrent.futures says
-# this with less machinery than hand-made worker loops: no locks, no events, no daemon
-# threads, and nothing in flight that the end-of-run test cannot see. It measured the same
-# share of a server's capacity as the worker loops it replaced (tests/bench.py).
+# One thread (the caller's) owns every queue and counter and makes every decision; the other
+# threads only compute and hand back a future: a pool prepares images (Pillow releases the
+# GIL while it decodes and resizes: 1.8-2.0x on 2 cores), and each request runs on a thread
+# of its own (the official sync client is safe to share between threads). Futures say this
+# with less machinery than the worker loops they replaced: no locks, no events, and nothing
+# in flight that the end of the run cannot see. The benchmark measured the same share of a
+# server's capacity for both (README, "Speed").
+
+
+def in_the_background(work: Callable[..., object], *args: object) -> Future:
+    """Run work on a thread of its own and return its future. A request can wait minutes for an
+    answer nobody will read any more (after a Ctrl-C, a 401, a lost server): its thread is a
+    daemon, so it never keeps the process alive, where a ThreadPoolExecutor's threads are
+    joined at exit. A thread costs some 50 microseconds against seconds of inference."""
+    future: Future = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(work(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever reads the future
+                future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 @dataclass
@@ -1369,7 +1465,6 @@ class Pipeline:
         self.probing: dict[Future, Server] = {}
         self.halted = ""  # why the run must end early (the retry policy said so)
         self.preparers = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="prepare")
-        self.senders = ThreadPoolExecutor(len(servers) * (config.jobs + 1), thread_name_prefix="send")
 
     def outcomes(self) -> Iterator[Outcome]:
         """Each image's outcome as it comes. Ends when every image has one, when no server is
@@ -1385,10 +1480,9 @@ class Pipeline:
                     yield outcome
 
     def close(self) -> None:
-        """Cancel what has not started; what runs ends with its request, or when the clients
-        are closed under it."""
+        """Cancel the preparation that has not started. A request still in flight is left to its
+        daemon thread, which holds up nothing."""
         self.preparers.shutdown(wait=False, cancel_futures=True)
-        self.senders.shutdown(wait=False, cancel_futures=True)
 
     def halt(self, why: str) -> None:
         self.halted = self.halted or why
@@ -1417,12 +1511,12 @@ class Pipeline:
             self.ready.append(task)
         for server in self.servers:
             if server.probe_due() and server not in self.probing.values():
-                self.probing[self.senders.submit(server.probe)] = server
+                self.probing[in_the_background(server.probe)] = server
         for server in self.servers:
             while server.free_slots() > 0 and self.ready:
                 task = self.ready.popleft()
                 server.in_flight += 1
-                self.sending[self.senders.submit(ask, server, self.config, task)] = (server, task, now)
+                self.sending[in_the_background(ask, server, self.config, task)] = (server, task, now)
         slots = sum(server.jobs for server in self.servers if server.in_rotation)
         while self.waiting and len(self.ready) + len(self.preparing) < max(1, slots):
             task = self.waiting.popleft()
@@ -1466,7 +1560,10 @@ class Pipeline:
 
     def after_failure(self, server: Server | None, task: Task, failure: TryFailed) -> Outcome | None:
         """Carry out the retry policy's decision for one failed try."""
-        action, task.tries = decide(failure.fault, task.tries, self.config.retries)
+        task.faults[failure.fault] = task.faults.get(failure.fault, 0) + 1
+        action, task.tries = decide(
+            failure.fault, task.tries, self.config.retries, task.faults[failure.fault]
+        )
         if action is Action.FAIL_IMAGE:
             tries = f" (after {task.tries} tries)" if task.tries > 1 else ""
             return Outcome(task, failure=f"{failure}{tries}")
@@ -1615,16 +1712,23 @@ def estimated_clip_tokens(caption: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def write_caption(image: Path, text: str, caption_ext: str) -> None:
-    path = caption_path(image, caption_ext)
+def write_caption(image: Path, text: str, config: Config) -> None:
+    path = caption_path(image, config.caption_ext)
     try:
-        write_atomically(path, text)
+        # With --existing skip, a caption that appeared during the run (written by hand, or by
+        # another tool) is not ours to replace.
+        write_atomically(path, text, replace=config.existing != "skip")
+    except FileExistsError:
+        raise TryFailed(
+            Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} appeared beside it during the run"
+        ) from None
     except OSError as exc:
         raise TryFailed(write_fault(exc), f"cannot write {shown(path.name)}: {reason(exc)}") from None
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part, even after a crash."""
+def write_atomically(path: Path, text: str, replace: bool = True) -> None:
+    """Readers see the old file or the whole new one, never a part, even after a crash. Without
+    replace, FileExistsError if a non-blank file is already there."""
     # A short name of our own, whatever the length of the caption's (255 bytes is the limit,
     # reached by ~80 CJK characters), hidden from discovery and trainers, and found again
     # and removed if a killed run leaves it behind.
@@ -1636,12 +1740,33 @@ def write_atomically(path: Path, text: str) -> None:
             file.write(text.encode("utf-8"))
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        if replace or not put_in_place_if_absent(temporary, path):
+            os.replace(temporary, path)
     finally:
         try:
             os.unlink(temporary)
         except OSError:
             pass  # renamed into place, or never created
+
+
+def put_in_place_if_absent(temporary: Path, path: Path) -> bool:
+    """Give the temporary file the name path unless a non-blank file has it (FileExistsError);
+    False where the name is blank or the file system has no hard links (FAT, exFAT), and the
+    caller may replace it."""
+    try:
+        os.link(temporary, path)  # atomic: fails if anything has the name
+        return True
+    except FileExistsError:
+        try:
+            if read_regular_file(path).strip():
+                raise
+        except FileNotFoundError:
+            pass
+        return False
+    except OSError:  # no hard links here: check, then rename (a race of microseconds)
+        if path.exists() and path.stat().st_size:
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+        return False
 
 
 def remove_stale_temporaries(paths: list[Path]) -> None:
@@ -1652,35 +1777,47 @@ def remove_stale_temporaries(paths: list[Path]) -> None:
             pass  # gone already, or not ours to remove
 
 
+LOCK_NAME = f"{OWN_FILE_PREFIX}.lock"
+# Where the operating system has it, a lock or journal that is a link is refused rather than
+# followed: a link in a downloaded dataset must not make the tool write outside it.
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 @contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """One run at a time in a folder: a second one, started by a double-started loop, refuses
-    and names the first. The lock is the operating system's (flock, or msvcrt on Windows), so
-    it dies with the process that held it, however that process ended."""
-    path = folder / f"{OWN_FILE_PREFIX}.lock"
+def folder_lock(folder: Path, recursive: bool) -> Iterator[str]:
+    """One run at a time in a folder (and, for a run with subfolders, below it): a second one,
+    started by a double-started loop, refuses and names the first. The lock is the operating
+    system's (flock, or msvcrt on Windows), so it dies with the process that held it, however
+    that process ended. Yields "" once the folder is this run's, or why nothing can be written
+    in it (read-only, full): a run with nothing to do may still end well."""
+    refuse_if_held_above(folder)
+    path = folder / LOCK_NAME
     while True:
         try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
         except OSError as exc:
-            raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
+            if exc.errno == errno.ELOOP:
+                raise CannotStart(f"{path} is in the way: it is a link; remove it") from None
+            yield reason(exc)
+            return
         with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
             if not stat.S_ISREG(os.fstat(descriptor).st_mode):
                 raise CannotStart(f"{path} is in the way: it is not a file of this tool's; remove it")
             try:
                 lock_file(file)
             except OSError:
-                holder = file.read().decode("utf-8", "replace").strip() or "another process"
                 raise CannotStart(
-                    f"another run is captioning {folder} ({holder}); wait for it to end, or stop it"
+                    f"another run is captioning {folder} ({holder_of(file)}); wait for it to end, or stop it"
                 ) from None
             if not is_still_at(descriptor, path):
                 continue  # locked a file the run before us had just removed: lock the new one
             try:  # who holds it, for the message of a run refused
-                file.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+                file.write(holder_line(recursive).encode())
+                unwritable = ""
             except OSError as exc:  # a full disk: no caption could be written either
-                raise CannotStart(f"cannot write in {folder}: {reason(exc)}") from None
+                unwritable = reason(exc)
             try:
-                yield
+                yield unwritable
             finally:
                 # Removed while still held, so that finished folders carry no trace of it.
                 try:
@@ -1688,6 +1825,53 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 except OSError:
                     pass
             return
+
+
+def holder_line(recursive: bool) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"pid {os.getpid()}, started {started}" + (", with its subfolders" if recursive else "")
+
+
+def holder_of(file: io.RawIOBase) -> str:
+    try:
+        file.seek(0)
+        return file.read(200).decode("utf-8", "replace").strip() or "another process"
+    except OSError:  # Windows does not let others read a locked byte
+        return "another process"
+
+
+def held_by_another_run(path: Path) -> str:
+    """Who holds the lock file at path, or "" if nobody does (or there is none)."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | NO_FOLLOW)
+    except OSError:
+        return ""
+    with open(descriptor, "r+b", buffering=0) as file:
+        try:
+            lock_file(file)
+        except OSError:
+            return holder_of(file)
+        return ""  # closing releases what was only a test
+
+
+def refuse_if_held_above(folder: Path) -> None:
+    """A run over a parent folder with its subfolders is captioning this one too."""
+    for parent in folder.resolve().parents:
+        holder = held_by_another_run(parent / LOCK_NAME)
+        if holder.endswith("with its subfolders"):
+            raise CannotStart(
+                f"another run is captioning {parent} ({holder}); wait for it to end, or stop it"
+            )
+
+
+def refuse_if_held_below(found: Found) -> None:
+    """This run's subfolders are being captioned by a run of their own."""
+    for path in found.locks_below:
+        holder = held_by_another_run(path)
+        if holder:
+            raise CannotStart(
+                f"another run is captioning {path.parent} ({holder}); wait for it to end, or stop it"
+            )
 
 
 def is_still_at(descriptor: int, path: Path) -> bool:
@@ -1726,50 +1910,68 @@ class Journal:
     def __init__(self, config: Config) -> None:
         self.folder = config.folder
         self.path = config.folder / f"{OWN_FILE_PREFIX}.journal"
-        self.identity = config.pass_identity()
+        self.header = json.dumps({"pass": config.pass_identity()})
         self.done_by_name: dict[str, str] = {} if config.fresh else self.read()
-        self.file: TextIO | None = None
+        self.descriptor: int | None = None
 
     def read(self) -> dict[str, str]:
         try:
-            lines = read_regular_file(self.path).decode("utf-8", "surrogateescape").splitlines()
+            # Split on "\n" alone: every line is JSON with its other line breaks escaped.
+            lines = read_regular_file(self.path).decode("utf-8", "replace").split("\n")
         except OSError:
             return {}
-        if not lines or lines[0] != f"pass {self.identity}":
+        if lines[0] != self.header:
             return {}
-        entries = (line.rpartition(" ") for line in lines[1:])
-        return {name: digest for name, _, digest in entries if name}
+        done = {}
+        for line in lines[1:]:
+            try:
+                name, written = json.loads(line)
+                done[name] = written
+            except (ValueError, TypeError):
+                pass  # the last line of a run killed as it wrote: that image was not written
+        return done
 
     def done(self, image: Path, caption: bytes) -> bool:
         written = self.done_by_name.get(self.name(image))
         return written is not None and written == digest(caption.decode("utf-8", "replace").strip())
 
     def add(self, image: Path, text: str) -> None:
+        line = json.dumps([self.name(image), digest(text)]) + "\n"  # ASCII: names are escaped
         try:
-            if self.file is None:
-                self.file = self.start()
-            self.file.write(f"{self.name(image)} {digest(text)}\n")
-            self.file.flush()  # in the operating system's hands before the caption is
+            if self.descriptor is None:
+                self.descriptor = self.start()
+            # Unbuffered: the line is in the operating system's hands before the caption is.
+            os.write(self.descriptor, line.encode())
         except OSError as exc:
             raise TryFailed(write_fault(exc), f"cannot write {self.path.name}: {reason(exc)}") from None
 
-    def start(self) -> TextIO:
+    def start(self) -> int:
         """Open the journal for appending; a new pass starts a new journal."""
-        if self.done_by_name:
-            return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
-        write_atomically(self.path, f"pass {self.identity}\n")
-        return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
+        if not self.done_by_name:
+            write_atomically(self.path, self.header + "\n")
+        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0))
+        # A line half-written by a run that died (a full disk) must not swallow the next one.
+        os.lseek(descriptor, -1, os.SEEK_END)
+        if os.read(descriptor, 1) != b"\n":
+            os.write(descriptor, b"\n")
+        return descriptor
 
     def name(self, image: Path) -> str:
         return os.path.relpath(image, self.folder).replace(os.sep, "/")
 
     def close(self) -> None:
-        if self.file:
-            self.file.close()
+        if self.descriptor is not None:
+            os.close(self.descriptor)
 
 
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+# Written as escapes: a name's bytes that are not UTF-8 (lone surrogates, which json.loads
+# gives back as the same name for open()), and what readers that split on every line break
+# (Python's splitlines) would take for the end of a line.
+JSON_ESCAPES = {code: f"\\u{code:04x}" for code in [0x85, 0x2028, 0x2029, *range(0xDC80, 0xDD00)]}
 
 
 class Metadata:
@@ -1792,7 +1994,9 @@ class Metadata:
     @staticmethod
     def load(path: Path) -> dict[str, dict]:
         try:
-            lines = read_regular_file(path).decode("utf-8").splitlines()
+            # utf-8-sig: a file saved by Notepad starts with a byte-order mark. Lines end at
+            # "\n" alone, as JSON Lines says: U+2028 in a caption is no line break.
+            lines = read_regular_file(path).decode("utf-8-sig").split("\n")
         except FileNotFoundError:
             return {}
         except (OSError, UnicodeDecodeError) as exc:
@@ -1846,11 +2050,8 @@ class Metadata:
     def save(self) -> None:
         self.saved_at = time.monotonic()  # a failed save is tried again 10 s later, not per image
         if self.unsaved:
-            # A name that is not valid UTF-8 keeps its bad bytes as \udcXX escapes, which
-            # json.loads gives back as the same name for open().
             lines = (json.dumps(entry, ensure_ascii=False) + "\n" for entry in self.entries.values())
-            text = "".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
-            write_atomically(self.path, text)
+            write_atomically(self.path, "".join(lines).translate(JSON_ESCAPES))
             self.unsaved = False
 
 
@@ -1869,7 +2070,7 @@ class Reporter:
     def __init__(self, folder: Path, verbosity: int = 0, stream: TextIO | None = None) -> None:
         self.folder = folder
         self.verbosity = verbosity  # -1 quiet, 0 normal, 1 captions too
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stderr or io.StringIO()  # None when started with 2>&-
         self.live = self.stream.isatty() and verbosity >= 0
         self.total = 0
         self.done = 0
@@ -1943,6 +2144,9 @@ class Reporter:
         try:
             self.stream.write(text)
             self.stream.flush()
+        except UnicodeEncodeError:  # a terminal that is not UTF-8 (a Latin-1 locale): escape
+            encoding = getattr(self.stream, "encoding", None) or "ascii"
+            self.write(text.encode(encoding, "backslashreplace").decode(encoding))
         except (OSError, ValueError):
             # The reader went away (a closed pipe, `| head`): the run goes on, unheard, and
             # still writes its captions and its JSONL.
@@ -1972,8 +2176,11 @@ class Reporter:
         self.report_plan(summary)
         listing = "".join(shown(self.name(image)) + "\n" for image in summary.to_caption)
         try:
-            sys.stdout.write(listing)
-            sys.stdout.flush()
+            if sys.stdout:  # None when started with >&-
+                sys.stdout.write(
+                    listing.encode(sys.stdout.encoding, "backslashreplace").decode(sys.stdout.encoding)
+                )
+                sys.stdout.flush()
         except OSError:
             # `--dry-run | head`: the reader has all it wanted. Later writes to the closed pipe
             # (Python's own flush at exit) go nowhere instead of printing an error.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import by_width, fill_disk, leftovers, picture
+from conftest import by_width, leftovers, picture
 from stand_in_ollama import Reply
 
 
@@ -124,7 +124,7 @@ def test_prompt_placeholders_are_filled_for_each_image(tmp_path, caption, server
             "Describe {subject}.",
             "asks for {subject}, which is not one of {name}, {folder}, {class}, {existing}",
         ),
-        ("Describe {name!r}.", "asks for {name}"),
+        ("Describe {name!r}.", "write {name} alone, without a conversion or a format"),
         ("Describe { this.", "expected '}' before end of string"),
         ("Describe } this.", "Single '}' encountered"),
     ],
@@ -323,13 +323,28 @@ def test_options_may_stand_between_the_folder_and_the_prompt_file(tmp_path, capt
     assert [chat.prompt for chat in server.chats] == ["List tags."]
 
 
-def test_a_jsonl_that_cannot_be_saved_makes_the_exit_code_1(tmp_path, small_disk, caption, server):
+def test_a_jsonl_that_cannot_be_saved_makes_the_exit_code_1(tmp_path, caption, server):
     one_picture(tmp_path)
-    jsonl = small_disk / "metadata.jsonl"
-    server.answer = lambda chat: fill_disk(small_disk) or "a red fox"
+    jsonl = tmp_path / "metadata.jsonl"
+
+    def answer_then_block_the_jsonl(chat):
+        (jsonl / "in-the-way").mkdir(parents=True)  # a folder where the JSONL must go
+        return "a red fox"
+
+    server.answer = answer_then_block_the_jsonl
 
     run = caption(tmp_path, "--jsonl", jsonl)
 
     assert run.code == 1
     assert (tmp_path / "a.txt").read_text() == "a red fox"  # the caption itself is safe
-    assert f"error: cannot write {jsonl}: No space left on device" in run.err
+    assert f"error: cannot write {jsonl}: " in run.err
+
+
+def test_a_jsonl_must_be_where_it_can_list_the_images(tmp_path, caption, server):
+    one_picture(tmp_path / "data")
+    run = caption(tmp_path / "data", "--jsonl", tmp_path / "elsewhere" / "metadata.jsonl")
+    assert run.code == 2 and "--jsonl: the folder" in run.err
+    (tmp_path / "elsewhere").mkdir()
+    run = caption(tmp_path / "data", "--jsonl", tmp_path / "elsewhere" / "metadata.jsonl")
+    assert run.code == 2 and "--jsonl must be in " in run.err
+    assert server.chats == []
