@@ -135,6 +135,15 @@ def as_from_a_terminal(ignoring=()):
 TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def signal_twice(process, number: int) -> None:
+    """A signal, and once the run says it waits for the answers on their way, a second one."""
+    process.send_signal(number)
+    for line in process.stderr:
+        if line.startswith("stopping: waiting"):
+            break
+    process.send_signal(number)
+
+
 def wait_until(condition, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not condition():

@@ -144,17 +144,29 @@ def test_a_prompt_with_an_unknown_placeholder_stops_before_any_request(
 
 
 @pytest.mark.parametrize(
-    "answer, written",
+    "prefix, suffix, answer, written",
     [
-        ("a man in a red coat", "ohwx man, a man in a red coat, film grain"),
-        ("Ohwx man in a red coat", "Ohwx man in a red coat, film grain"),
-        ("ohwx man in a red coat, film grain.", "ohwx man in a red coat, film grain."),
+        ("ohwx man", "film grain", "a man in a red coat", "ohwx man, a man in a red coat, film grain"),
+        ("ohwx man", "film grain", "Ohwx man in a red coat", "Ohwx man in a red coat, film grain"),
+        (
+            "ohwx man",
+            "film grain",
+            "ohwx man in a red coat, film grain.",
+            "ohwx man in a red coat, film grain.",
+        ),
+        # Whole words: "man" is not in place at the start of "many", nor "art" at the end of "heart".
+        ("man", "art", "many people in a square", "man, many people in a square, art"),
+        ("man", "art", "a red heart", "man, a red heart, art"),
+        ("man", "art", "Man in a red coat, pop art.", "Man in a red coat, pop art."),
+        ("man", "art", "man, in a red coat, art", "man, in a red coat, art"),
     ],
 )
-def test_trigger_words_are_added_once(tmp_path, caption, server, answer, written):
+def test_trigger_words_are_added_once_as_whole_words(
+    tmp_path, caption, server, prefix, suffix, answer, written
+):
     one_picture(tmp_path)
     server.answer = lambda chat: answer
-    assert caption(tmp_path, "--prefix", "ohwx man", "--suffix", "film grain").code == 0
+    assert caption(tmp_path, "--prefix", prefix, "--suffix", suffix).code == 0
     assert (tmp_path / "a.txt").read_text() == written
 
 
@@ -250,22 +262,6 @@ def test_a_caption_with_no_word_left_after_cleanup_is_refused(tmp_path, caption,
     assert run.code == 0, run.err
     assert (tmp_path / "a.txt").read_text() == "a red fox"
     assert len(server.chats) == 3  # "." and invisible characters alone are no caption
-
-
-@pytest.mark.parametrize(
-    "answer, written",
-    [
-        ("many people in a square", "man, many people in a square, art"),
-        ("a red heart", "man, a red heart, art"),
-        ("Man in a red coat, pop art.", "Man in a red coat, pop art."),
-        ("man, in a red coat, art", "man, in a red coat, art"),
-    ],
-)
-def test_trigger_words_are_matched_as_whole_words(tmp_path, caption, server, answer, written):
-    one_picture(tmp_path)
-    server.answer = lambda chat: answer
-    assert caption(tmp_path, "--prefix", "man", "--suffix", "art").code == 0
-    assert (tmp_path / "a.txt").read_text() == written
 
 
 def test_control_characters_never_reach_a_caption_file_or_the_terminal(tmp_path, caption, server):

@@ -8,7 +8,16 @@ import signal
 import subprocess
 
 import pytest
-from conftest import SCRIPT, by_width, closed_port_url, leftovers, picture, run_script, wait_until
+from conftest import (
+    SCRIPT,
+    by_width,
+    closed_port_url,
+    leftovers,
+    picture,
+    run_script,
+    signal_twice,
+    wait_until,
+)
 from stand_in_ollama import Reply
 
 
@@ -162,11 +171,7 @@ def test_second_ctrl_c_quits_at_once(tmp_path, server, spawn):
     process = spawn(tmp_path, "--host", server.url)
     wait_until(lambda: server.in_flight >= 1)
 
-    process.send_signal(signal.SIGINT)
-    for line in process.stderr:  # the first is taken in: the run now waits for the answer
-        if line.startswith("stopping: waiting"):
-            break
-    process.send_signal(signal.SIGINT)
+    signal_twice(process, signal.SIGINT)
     _, err = process.communicate(timeout=5)
 
     assert process.returncode == -signal.SIGINT

@@ -13,7 +13,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPT, as_from_a_terminal, distinct_pictures, leftovers, picture, run_script, wait_until
+from conftest import (
+    SCRIPT,
+    as_from_a_terminal,
+    distinct_pictures,
+    leftovers,
+    picture,
+    run_script,
+    signal_twice,
+    wait_until,
+)
 from stand_in_ollama import Reply, describe
 
 LOCK = ".llava-caption-ollama.lock"
@@ -78,11 +87,7 @@ def test_second_term_during_the_wait_quits_at_once_and_still_keeps_the_jsonl(tmp
     process = spawn(tmp_path, "--host", server.url, "--jobs", 2, "--jsonl", tmp_path / "meta.jsonl")
     wait_until(lambda: (tmp_path / "img000.txt").exists() and server.in_flight == 2)
 
-    process.send_signal(signal.SIGTERM)
-    for line in process.stderr:  # the first is taken in: the run now waits for the answers
-        if line.startswith("stopping: waiting"):
-            break
-    process.send_signal(signal.SIGTERM)
+    signal_twice(process, signal.SIGTERM)
     _, err = process.communicate(timeout=5)
 
     assert process.returncode == -signal.SIGTERM
