@@ -1588,7 +1588,7 @@ class Pipeline:
 
     def drain(self) -> Iterator[Outcome]:
         """After a stop: start nothing more; the answers already on their way (for at most
-        DRAIN_SECONDS) are still written."""
+        DRAIN_SECONDS) are still written, unless the run was halted."""
         for future in self.preparing:
             future.cancel()
         if self.sending and not self.halted:
@@ -1597,7 +1597,9 @@ class Pipeline:
                 "(Ctrl-C again to quit at once)"
             )
         deadline = time.monotonic() + DRAIN_SECONDS
-        while self.sending and time.monotonic() < deadline and not self.stop.hurried.is_set():
+        # After a halt (401, a full disk) the answers on their way are not waited for: they are
+        # left for the rerun, with the rest.
+        while self.sending and time.monotonic() < deadline and not (self.stop.hurried.is_set() or self.halted):
             done = wait(list(self.sending), timeout=min(POLL_SECONDS, deadline - time.monotonic()))[0]
             for future in done:
                 outcome = self.settle(future)
@@ -1812,6 +1814,7 @@ def folder_lock(folder: Path, recursive: bool) -> Iterator[str]:
             if not is_still_at(descriptor, path):
                 continue  # locked a file the run before us had just removed: lock the new one
             try:  # who holds it, for the message of a run refused
+                file.truncate(0)  # a killed run's line may still be there
                 file.write(holder_line(recursive).encode())
                 unwritable = ""
             except OSError as exc:  # a full disk: no caption could be written either
