@@ -98,3 +98,25 @@ def test_a_keep_alive_ollama_would_reject_is_refused_at_once(tmp_path, caption, 
     assert run.code == 2
     assert re.search(r"--keep-alive: '5 minutes' is not a number of seconds or a duration", run.err)
     assert server.chats == []
+
+
+def test_no_more_images_are_prepared_ahead_than_there_are_request_slots(
+    tmp_path, make_server, caption, monkeypatch
+):
+    from conftest import captioner
+
+    distinct_pictures(tmp_path, 12)
+    server = make_server(slots=2, latency=0.05)
+    prepared = []
+    real_prepare = captioner.prepare
+    monkeypatch.setattr(
+        captioner, "prepare", lambda task, config: prepared.append(task) or real_prepare(task, config)
+    )
+    ahead = []
+    server.answer = lambda chat: ahead.append(len(prepared) - len(server.chats)) or "A red square"
+
+    run = caption(tmp_path, "--jobs", 2, host=server.url)
+
+    assert run.code == 0 and len(prepared) == 12
+    # Memory stays flat: besides the requests in flight, at most one image per slot is ready.
+    assert max(ahead) <= 2

@@ -175,6 +175,7 @@ def test_an_animated_or_transparent_png_is_never_sent_as_it_is(tmp_path, caption
     frames = [Image.new("RGB", (60, 40), colour) for colour in ("lime", "red")]
     frames[0].save(tmp_path / "moving.png", save_all=True, append_images=frames[1:])
     picture(tmp_path / "glass.png", size=(61, 40), mode="RGBA", color=(0, 0, 0, 0))
+    picture(tmp_path / "keyed.png", size=(62, 40), color=(0, 255, 0), transparency=(0, 255, 0))  # tRNS
     originals = {path.read_bytes() for path in tmp_path.glob("*.png")}
 
     assert caption(tmp_path).code == 0
@@ -183,6 +184,7 @@ def test_an_animated_or_transparent_png_is_never_sent_as_it_is(tmp_path, caption
     assert {(chat.picture().format, chat.picture().size) for chat in server.chats} == {
         ("JPEG", (60, 40)),
         ("JPEG", (61, 40)),
+        ("JPEG", (62, 40)),
     }
 
 

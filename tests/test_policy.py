@@ -184,3 +184,26 @@ def test_an_html_error_page_is_reduced_to_its_title():
     page = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<h1>502</h1>\r\n</body></html>"
     assert captioner.server_message(page) == "502 Bad Gateway"
     assert captioner.server_message("a plain\nerror") == "a plain error"
+
+
+def test_a_silent_server_is_probed_more_and_more_slowly_and_anew_after_each_outage():
+    server = captioner.Server("http://127.0.0.1:9", timeout=5, jobs=1)
+    first = captioner.PROBE_FIRST
+    try:
+        for outage in range(2):
+            server.went_quiet("cannot reach the Ollama server")
+            assert server.probe_due()  # the first probe goes at once
+            pauses = []
+            for _ in range(4):
+                before = time_now()
+                server.probed("cannot reach the Ollama server", wait_seconds=3600)
+                pauses.append(server.next_probe - before)
+            assert [round(pause / first) for pause in pauses] == [1, 2, 4, 8], outage
+            server.probed("", wait_seconds=3600)  # it answers again
+            assert server.state is captioner.State.ANSWERING and server.free_slots() == 1
+    finally:
+        server.close()
+
+
+def time_now() -> float:
+    return captioner.time.monotonic()

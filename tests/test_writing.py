@@ -146,3 +146,17 @@ def test_a_caption_that_cannot_be_read_is_never_merged_into_or_overwritten(tmp_p
     assert "FAILED a.jpg: the existing a.txt is not UTF-8 text" in run.err
     assert (tmp_path / "a.txt").read_bytes() == b"caf\xe9, old tags"
     assert [chat.picture().width for chat in server.chats] == [65]
+
+
+def test_the_journal_line_comes_before_the_caption(tmp_path, caption, server):
+    # If the journal cannot be written, neither is the caption: a caption written without its
+    # journal line would be appended to again by the rerun.
+    picture(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("my tags")
+    (tmp_path / ".llava-caption-ollama.journal").mkdir()  # in the way
+
+    run = caption(tmp_path, "--existing", "append")
+
+    assert run.code == 1
+    assert "FAILED a.jpg: cannot write .llava-caption-ollama.journal: " in run.err
+    assert (tmp_path / "a.txt").read_text() == "my tags"
