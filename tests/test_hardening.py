@@ -227,7 +227,7 @@ def test_a_refusal_ends_the_run_without_waiting_for_a_slow_answer(tmp_path, make
     server = refusal_beside_a_slow_answer(tmp_path, make_server)
     process = spawn(tmp_path, "--host", server.url, "--jobs", 2)
 
-    _, err = process.communicate(timeout=3)  # the slow answer would take 30 s
+    _, err = process.communicate(timeout=10)  # the slow answer would take 30 s
 
     assert process.returncode == 1
     assert f"stopped: {server.url}: Ollama answered 401: unauthorized" in err
