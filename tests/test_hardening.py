@@ -76,7 +76,7 @@ def test_a_run_with_subfolders_keeps_a_run_on_a_subfolder_out(parent_and_sub, ma
     server = make_server(slots=2)
     go_on = held_for(server, 40)
     first = spawn(parent, "-r", "--host", server.url)
-    wait_until(lambda: server.in_flight >= 1)
+    wait_until(lambda: len(server.chats) == 2)  # both of its images sent: nothing more will come
     requests_before = len(server.requests)
 
     try:
