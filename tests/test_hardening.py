@@ -5,6 +5,7 @@ output streams, arguments that cannot be used, and files that appear or point el
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
 import os
 import signal
@@ -212,19 +213,16 @@ def test_an_image_a_proxy_always_answers_504_for_fails_after_its_free_outages_an
     assert "<html>" not in run.err
 
 
-def refusal_beside_a_slow_answer(tmp_path, make_server):
+def test_a_refusal_ends_the_run_without_waiting_for_a_slow_answer(tmp_path, make_server, spawn):
     distinct_pictures(tmp_path, 3)
     server = make_server(slots=2)
+    answers = itertools.count()
+    # Whichever image comes first is answered slowly; the second is refused.
     server.answer = lambda chat: (
-        Reply(status=401, error="unauthorized")
-        if chat.picture().width == 40
-        else Reply(text="a slow caption", delay=30)
+        Reply(text="a slow caption", delay=30)
+        if next(answers) == 0
+        else Reply(status=401, error="unauthorized")
     )
-    return server
-
-
-def test_a_refusal_ends_the_run_without_waiting_for_a_slow_answer(tmp_path, make_server, spawn):
-    server = refusal_beside_a_slow_answer(tmp_path, make_server)
     process = spawn(tmp_path, "--host", server.url, "--jobs", 2)
 
     _, err = process.communicate(timeout=10)  # the slow answer would take 30 s
