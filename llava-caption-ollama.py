@@ -905,10 +905,8 @@ def prepared(file: BinaryIO, max_size: int) -> bytes:
         with Image.open(file) as picture:
             refuse_bombs(picture)
             orientation = picture.getexif().get(EXIF_ORIENTATION, 1) if picture.format == "JPEG" else None
-            if is_ready_to_send(picture, file, max_size, orientation):
-                file.seek(0)
-                return file.read()
-            return encode_jpeg(shrink_upright_rgb(picture, max_size, orientation))
+            as_it_is = sendable_as_it_is(picture, file, max_size, orientation)
+            return as_it_is or encode_jpeg(shrink_upright_rgb(picture, max_size, orientation))
     except TryFailed:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -935,9 +933,10 @@ def bomb_reason() -> str:
     )
 
 
-def is_ready_to_send(picture: Image.Image, file: BinaryIO, max_size: int, orientation: int | None) -> bool:
+def sendable_as_it_is(picture: Image.Image, file: BinaryIO, max_size: int, orientation: int | None) -> bytes:
+    """The file's bytes where they are fit to send as they are, else b""."""
     if os.fstat(file.fileno()).st_size > PASS_THROUGH_MAX_BYTES or max(picture.size) > max_size:
-        return False
+        return b""
     position = file.tell()
     file.seek(0)
     data = file.read()
@@ -951,14 +950,10 @@ def is_ready_to_send(picture: Image.Image, file: BinaryIO, max_size: int, orient
         upright = "exif" not in picture.info
         complete = data.endswith(PNG_TRAILER)
     else:
-        return False
-    return (
-        upright
-        and complete
-        and picture.mode in ("RGB", "L")
-        and "transparency" not in picture.info
-        and not getattr(picture, "is_animated", False)
-    )
+        return b""
+    plain = picture.mode in ("RGB", "L") and "transparency" not in picture.info
+    still = not getattr(picture, "is_animated", False)
+    return data if upright and complete and plain and still else b""
 
 
 def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | None) -> Image.Image:
@@ -1349,12 +1344,6 @@ class Rule:
     uses_a_try: bool  # counts against --retries; past them the image fails
     free_times: int = 0  # times it happens to an image before it starts to use its tries
 
-    def says_of_tries(self) -> str:
-        """The rule's "uses a try" column in the README."""
-        if not self.uses_a_try:
-            return "no"
-        return f"after {self.free_times} times" if self.free_times else "yes"
-
 
 POLICY = {
     Fault.UNFIT_ANSWER: Rule(Action.RETRY_NOW_NEW_SEED, uses_a_try=True),
@@ -1599,7 +1588,9 @@ class Pipeline:
         deadline = time.monotonic() + DRAIN_SECONDS
         # After a halt (401, a full disk) the answers on their way are not waited for: they are
         # left for the rerun, with the rest.
-        while self.sending and time.monotonic() < deadline and not (self.stop.hurried.is_set() or self.halted):
+        while (
+            self.sending and time.monotonic() < deadline and not (self.stop.hurried.is_set() or self.halted)
+        ):
             done = wait(list(self.sending), timeout=min(POLL_SECONDS, deadline - time.monotonic()))[0]
             for future in done:
                 outcome = self.settle(future)
