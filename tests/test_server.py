@@ -330,7 +330,9 @@ def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp
     probes = [at for at, method, path in server.requests if path == "/api/tags"][1:]  # after preflight
     gaps = [later - earlier for earlier, later in zip(probes, probes[1:])]
     assert len(gaps) >= 3
-    assert max(gaps) > 3 * min(gaps)  # asked more and more slowly
+    # Asked more and more slowly (the pauses double: test_policy.py checks them exactly; here
+    # each gap also holds a request's own time, which a loaded machine stretches).
+    assert max(gaps) > 1.5 * min(gaps)
 
 
 def test_a_runaway_answer_is_cut_short_as_it_loops_and_asked_again(tmp_path, caption, server):
