@@ -75,8 +75,10 @@ PLACEHOLDERS = ("name", "folder", "class", "existing")  # what a prompt file may
 # and discovery pass it over): the lock, the journal and temporary files.
 OWN_FILE_PREFIX = ".llava-caption-ollama"
 # A caption is one or two sentences of some 60-250 tokens; a model that loops goes on until
-# its context is full, so every answer is bounded.
+# its context is full, so every answer is bounded. Thinking spends the same budget (ollama/
+# ollama#16184): a model allowed to think gets room for some 1,500 tokens of it.
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_TOKENS_THINKING = 2048
 # llava 1.6 turns one image into up to ~2,880 tokens, so Ollama's old 2,048 default context
 # gave empty answers (ollama/ollama#2813).
 DEFAULT_NUM_CTX = 4096
@@ -214,6 +216,7 @@ class Config:
     temperature: float | None = None
     seed: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
+    think: bool = False
     num_ctx: int = DEFAULT_NUM_CTX
     jsonl: Path | None = None
 
@@ -231,6 +234,7 @@ class Config:
             "model": self.model,
             "existing": self.existing,
             "options": self.options(),
+            "think": self.think,
             "max_size": self.max_size,
             "raw": self.raw,
             "prefix": self.prefix,
@@ -352,8 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-tokens",
         type=number(int, at_least=1),
-        default=DEFAULT_MAX_TOKENS,
-        help="longest answer in tokens (num_predict); longer answers fail as cut off (default: %(default)s)",
+        help=f"longest answer in tokens (num_predict), thinking included; longer answers fail as cut off "
+        f"(default: {DEFAULT_MAX_TOKENS}, with --think {DEFAULT_MAX_TOKENS_THINKING})",
+    )
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        help="let a model that can think (qwen3-vl, qwen3.5...) think before it captions: sometimes a better "
+        "caption, always slower; by default thinking is turned off",
     )
     parser.add_argument(
         "--num-ctx",
@@ -455,6 +465,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         # imagefolder reads file_name relative to the JSONL's folder, with no "..".
         raise CannotStart(f"--jsonl must be in {args.folder} or a folder above it, whose images it lists")
     settings.update(
+        max_tokens=args.max_tokens or (DEFAULT_MAX_TOKENS_THINKING if args.think else DEFAULT_MAX_TOKENS),
         prompt=read_prompt(args.prompt_file),
         hosts=list(dict.fromkeys(hosts)),
         caption_ext=caption_extension(args.caption_ext),
@@ -527,6 +538,7 @@ class Summary:
     generation_ns: int = 0
     words: int = 0  # in the captions written
     over_clip_limit: int = 0  # captions estimated longer than CLIP's 77 tokens
+    thought: bool = False  # some answers came with thinking, counted in the tokens
 
     @property
     def left(self) -> int:
@@ -634,6 +646,12 @@ def write_and_count(
         summary.failed.append((task.image, failure))
         reporter.image_failed(task.image, failure)
         return
+    if outcome.answer.thought and not (config.think or summary.thought):
+        reporter.say(
+            f"warning: {config.model} thinks although asked not to (a thinking-only tag?): every caption "
+            "costs its thinking time; choose a tag that does not think, such as an -instruct one"
+        )
+    summary.thought = summary.thought or outcome.answer.thought
     summary.captioned.append(task.image)
     summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
     summary.tokens += outcome.answer.tokens
@@ -1031,6 +1049,7 @@ class Server:
         )
         self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
         self.in_flight = 0
+        self.thinks = False  # the model can think (its /api/show capabilities say so)
         self.state = State.ANSWERING
         self.why = ""  # what went wrong, in every state but ANSWERING
         self.quiet_since = 0.0
@@ -1139,6 +1158,10 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
             f"model {config.model} on {server.url} cannot see images (it lacks the 'vision' capability); "
             "choose a vision model such as llava"
         )
+    server.thinks = "thinking" in (details.capabilities or [])
+    if config.think and not server.thinks:
+        # Ollama answers every such request 400 "... does not support thinking".
+        raise CannotStart(f"model {config.model} on {server.url} cannot think; run without --think")
     return ""
 
 
@@ -1189,8 +1212,9 @@ def pull_model(server: Server, model: str, reporter: Reporter, stop: Stop) -> No
 class Answer:
     text: str
     done_reason: str
-    tokens: int
+    tokens: int  # generated, thinking included
     generation_ns: int
+    thought: bool = False  # thinking came back, in message.thinking or as a <think> block
 
 
 def request_caption(server: Server, config: Config, task: Task, seed: int | None) -> Answer:
@@ -1198,6 +1222,7 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
     message = {"role": "user", "content": task.prompt, "images": [task.payload]}
     options = config.options() if seed is None else {**config.options(), "seed": seed}
     parts: list[str] = []
+    thought = False
     with server_errors():
         # Streamed, so the read timeout bounds the silence before and between tokens rather
         # than the whole answer, an answer cut off mid-way is told from a complete one, and a
@@ -1208,14 +1233,22 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
             stream=True,
             options=options,
             keep_alive=config.keep_alive,  # resets the unload timer with every request
+            # Since Ollama 0.12.4 a model that can think does so unless told not to: hundreds of
+            # tokens before every caption. Sent only to such models (others answer 400).
+            think=config.think if server.thinks else None,
         )
         with closing(stream):  # closing the stream hangs up; Ollama then stops generating
             for part in stream:
                 parts.append(part.message.content or "")
+                thought = thought or bool(part.message.thinking)  # never part of a caption
                 if part.done:
                     tokens, spent = part.eval_count or 0, part.eval_duration or 0
-                    return Answer("".join(parts), part.done_reason or "", tokens, spent)
-                if len(parts) % LOOP_CHECK_EVERY == 0 and is_looping("".join(parts)):
+                    text = "".join(parts)
+                    thought = thought or bool(THINK_BLOCK.match(text))
+                    return Answer(
+                        THINK_BLOCK.sub("", text, count=1), part.done_reason or "", tokens, spent, thought
+                    )
+                if len(parts) % LOOP_CHECK_EVERY == 0 and is_looping(THINK_BLOCK.sub("", "".join(parts))):
                     raise TryFailed(
                         Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(parts))}"
                     )
@@ -1611,6 +1644,9 @@ LEAD_IN = re.compile(
     r"|this is (?:an? )?(?:image|picture|photo|photograph) of)\b[\s,:]*",
     re.IGNORECASE,
 )
+# Thinking written inline, at the start of the content (Ollama 0.9-0.12.3 without "think",
+# custom-imported models today); an unclosed block was cut off while the model still thought.
+THINK_BLOCK = re.compile(r"^\s*<think>.*?(?:</think>|$)", re.DOTALL)
 QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
 REFUSAL = re.compile(
     r"^(?:i'?m sorry|i am sorry|sorry\b|i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)"
@@ -1656,6 +1692,11 @@ def is_looping(text: str) -> bool:
 
 def caption_problem(answer: Answer, caption: str) -> str:
     """Why this caption must not reach a training set, or "" if it may."""
+    if answer.done_reason == "length" and answer.thought and not caption:
+        return (
+            "the model spent its answer thinking (raise --max-tokens, or choose a tag that does not think, "
+            "such as an -instruct one)"
+        )
     if answer.done_reason == "length":
         return "the answer was cut off at the token limit (raise --max-tokens or --num-ctx)"
     if not re.search(r"\w", caption):  # "The image shows." leaves only "."
@@ -2213,8 +2254,9 @@ class Reporter:
 def caption_statistics(summary: Summary) -> str:
     count = len(summary.captioned)
     speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
+    thinking = " (thinking included)" if summary.thought else ""
     return (
-        f"  {speed:.1f} tokens/s generated; captions average {summary.words / count:.0f} words; "
+        f"  {speed:.1f} tokens/s generated{thinking}; captions average {summary.words / count:.0f} words; "
         f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
         "(estimated from words and punctuation)"
     )

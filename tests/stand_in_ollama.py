@@ -33,6 +33,21 @@ VISION_MODEL = {"capabilities": ["completion", "vision"], "families": ["llama", 
 TEXT_MODEL = {"capabilities": ["completion"], "families": ["llama"]}
 # Servers before 0.6.4 list no capabilities; a projector model shows the "clip" family.
 OLD_VISION_MODEL = {"capabilities": None, "families": ["llama", "clip"]}
+# A model that can think (qwen3-vl, qwen3.5): since Ollama 0.12.4 it thinks unless the request
+# says think:false (server/routes.go, ChatHandler).
+THINKING_MODEL = {"capabilities": ["completion", "vision", "thinking"], "families": ["qwen3vl"]}
+# A thinking-only tag ignores think:false (ollama/ollama#14798).
+THINKING_ONLY_MODEL = {**THINKING_MODEL, "thinking_only": True}
+# A custom-imported model (or a server of 0.9-0.12.3) thinks inline, <think>...</think> in content.
+INLINE_THINKING_MODEL = {
+    "capabilities": ["completion", "vision"],
+    "families": ["qwen3vl"],
+    "inline_thinking": True,
+}
+THOUGHT = " ".join(  # 90 tokens of what a model thinks
+    f"Step {step}: the user wants a caption, so I look at part {step} of the picture and note what I see."
+    for step in range(1, 6)
+)
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 NGINX_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -59,6 +74,8 @@ class Chat:
     answered_at: float = 0.0  # and when its answer was sent in full
     tokens_sent: int = 0
     hung_up: bool = False  # the client went away before the answer ended
+    think: Any = None  # the request's "think", as sent
+    thinking_sent: int = 0  # tokens streamed in message.thinking
 
     def picture(self, index: int = 0) -> Image.Image:
         return Image.open(io.BytesIO(self.images[index]))
@@ -367,6 +384,10 @@ class Handler(BaseHTTPRequestHandler):
         if not all(decodable_by_llava(image) for image in images):
             self.send_error_json(400, "Failed to load image or audio file")
             return
+        entry = stand_in.models[normalized(model)]
+        if body.get("think") and "thinking" not in (entry.get("capabilities") or []):
+            self.send_error_json(400, f'"{model}" does not support thinking')
+            return
         chat = Chat(
             model=model,
             prompt="".join(m.get("content") or "" for m in messages),
@@ -375,6 +396,7 @@ class Handler(BaseHTTPRequestHandler):
             keep_alive=body.get("keep_alive"),
             stream=body.get("stream", True),
             received_at=time.monotonic(),
+            think=body.get("think"),
         )
         with stand_in.lock:
             stand_in.chats.append(chat)
@@ -393,6 +415,14 @@ class Handler(BaseHTTPRequestHandler):
                 chat.hung_up = True
         finally:
             self.request_done()
+
+    def thought(self, chat: Chat) -> str:
+        """What the model thinks before it answers, as Ollama 0.12.4+ decides it."""
+        entry = self.stand_in.models.get(normalized(chat.model), {})
+        can_think = "thinking" in (entry.get("capabilities") or []) or entry.get("inline_thinking")
+        if not can_think:
+            return ""
+        return THOUGHT if chat.think is None or chat.think or entry.get("thinking_only") else ""
 
     def request_done(self) -> None:
         """The model has finished with this request: its slot is free and it is no longer in
@@ -432,17 +462,26 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_error_json(reply.status, reply.error or "")
             return
         text = reply.text or ""
+        thought = self.thought(chat)
+        if thought and self.stand_in.models.get(normalized(model), {}).get("inline_thinking"):
+            text, thought = f"<think>{thought}</think>{text}", ""
+        pieces = [("thinking", token) for token in re.findall(r"\S+\s*", thought)]
+        pieces += [("content", token) for token in re.findall(r"\S+\s*|\s+", text)]
+        done_reason = reply.done_reason
+        limit = chat.options.get("num_predict") or -1
+        if 0 < limit < len(pieces) and not reply.endless:  # thinking spends num_predict too
+            pieces, done_reason = pieces[:limit], "length"
         final = {
             "model": model,
             "created_at": now(),
             "message": {"role": "assistant", "content": ""},
             "done": True,
-            "done_reason": reply.done_reason,
+            "done_reason": done_reason,
             "total_duration": 2104512300,
             "load_duration": 21045000,
             "prompt_eval_count": 612,
             "prompt_eval_duration": 402113000,
-            "eval_count": max(1, len(text.split())),
+            "eval_count": max(1, len(pieces)),
             "eval_duration": 1602331000,
         }
         if not stream:
@@ -454,12 +493,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, final)
             return
         self.start_stream(last=reply.vanish)
-        tokens = re.findall(r"\S+\s*|\s+", text)
         try:
-            for token in itertools.cycle(tokens) if reply.endless else tokens:
-                piece = {"role": "assistant", "content": token}
+            for kind, token in itertools.cycle(pieces) if reply.endless else pieces:
+                piece = {"role": "assistant", "content": "", kind: token}
                 self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
                 chat.tokens_sent += 1
+                chat.thinking_sent += kind == "thinking"
                 if reply.endless:
                     time.sleep(0.001)
         except OSError:  # the client hung up: Ollama cancels the request and stops generating

@@ -1,0 +1,111 @@
+"""Models people run now: thinking models, in every era's wording."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import distinct_pictures, picture
+from stand_in_ollama import INLINE_THINKING_MODEL, THINKING_MODEL, THINKING_ONLY_MODEL, THOUGHT, VISION_MODEL
+
+MODEL = "qwen3-vl:8b"
+
+
+def with_model(server, entry) -> None:
+    server.models[MODEL] = entry
+
+
+def test_a_model_that_can_think_is_told_not_to_and_captions_without_thinking(tmp_path, caption, server):
+    expected = distinct_pictures(tmp_path, 3)
+    with_model(server, THINKING_MODEL)
+
+    run = caption(tmp_path, "--model", MODEL)
+
+    assert run.code == 0, run.err
+    assert [chat.think for chat in server.chats] == [False] * 3
+    assert [chat.thinking_sent for chat in server.chats] == [0] * 3  # as fast as a model that cannot think
+    assert {path: path.read_text() for path in expected} == expected
+    assert "thinking included" not in run.err and "thinks although" not in run.err
+
+
+def test_a_model_that_cannot_think_is_sent_no_think_at_all(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    assert caption(tmp_path).code == 0
+    assert server.chats[0].think is None  # llava: "think" would be a 400 on v0.12.4 alone
+
+
+def test_think_lets_it_think_with_a_larger_budget_and_never_writes_the_thinking(tmp_path, caption, server):
+    expected = distinct_pictures(tmp_path, 2)
+    with_model(server, THINKING_MODEL)
+
+    run = caption(tmp_path, "--model", MODEL, "--think")
+
+    assert run.code == 0, run.err
+    assert [chat.think for chat in server.chats] == [True, True]
+    assert all(chat.thinking_sent > 50 for chat in server.chats)
+    assert [chat.options["num_predict"] for chat in server.chats] == [2048, 2048]
+    assert {path: path.read_text() for path in expected} == expected  # no thinking
+    assert "tokens/s generated (thinking included)" in run.err
+
+
+def test_think_with_a_model_that_cannot_think_stops_before_any_request(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    run = caption(tmp_path, "--think")
+    assert run.code == 2
+    assert "model llava:13b on " in run.err and "cannot think; run without --think" in run.err
+    assert server.chats == []
+
+
+def test_a_thinking_only_model_is_named_once_and_its_captions_are_clean(tmp_path, caption, server):
+    expected = distinct_pictures(tmp_path, 3)
+    with_model(server, THINKING_ONLY_MODEL)
+
+    run = caption(tmp_path, "--model", MODEL)
+
+    assert run.code == 0, run.err
+    assert run.err.count("thinks although asked not to") == 1
+    assert "such as an -instruct one" in run.err
+    assert {path: path.read_text() for path in expected} == expected
+
+
+def test_thinking_that_spends_the_whole_budget_says_so(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    with_model(server, THINKING_ONLY_MODEL)
+
+    run = caption(tmp_path, "--model", MODEL, "--max-tokens", 50, "--retries", 0)
+
+    assert run.code == 1
+    assert "FAILED a.jpg: the model spent its answer thinking (raise --max-tokens" in run.err
+    assert "cut off at the token limit" not in run.err
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_inline_thinking_never_reaches_a_caption(tmp_path, caption, server, raw):
+    expected = distinct_pictures(tmp_path, 2)
+    with_model(server, INLINE_THINKING_MODEL)
+
+    run = caption(tmp_path, "--model", MODEL, *(["--raw"] if raw else []))
+
+    assert run.code == 0, run.err
+    written = {path: path.read_text() for path in expected}
+    assert {path: " ".join(text.split()) for path, text in written.items()} == expected
+    assert not any(THOUGHT.split()[0] in text for text in written.values())
+
+
+def test_the_stand_in_thinks_by_itself_when_think_is_left_out():
+    # What the tests above rest on: since Ollama 0.12.4 a model that can think does so unless
+    # the request says otherwise.
+    import json
+    import urllib.request
+
+    from stand_in_ollama import StandInOllama
+
+    server = StandInOllama(
+        models={MODEL: THINKING_MODEL, "llava:13b": VISION_MODEL}, answer=lambda chat: "hi"
+    ).start()
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        request = urllib.request.Request(f"{server.url}/api/chat", json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            lines = [json.loads(line) for line in answer.read().splitlines()]
+    finally:
+        server.stop()
+    assert lines[0]["message"]["thinking"] and not lines[0]["message"]["content"]
