@@ -129,6 +129,10 @@ class Fault(enum.Enum):
     CONNECTION_BROKE = "the connection broke during the request"
     SERVER_DOWN = "the server refuses connections, or a proxy in front of it answers 502 or 504"
     MODEL_GONE = "the model is no longer on the server (404)"
+    MODEL_UNUSABLE = (
+        "the server cannot run the model as asked: an architecture it cannot load, a context too small "
+        "for image and prompt, too little memory"
+    )
     ACCESS_DENIED = "the server (or a proxy) refuses us: 401 or 403"
     REQUEST_REFUSED = "a request the server will never accept: 400, 413, 422, an image it cannot decode"
     IMAGE_UNREADABLE = "the file cannot be read or decoded here"
@@ -1242,6 +1246,7 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
                 parts.append(part.message.content or "")
                 thought = thought or bool(part.message.thinking)  # never part of a caption
                 if part.done:
+                    refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
                     tokens, spent = part.eval_count or 0, part.eval_duration or 0
                     text = "".join(parts)
                     thought = thought or bool(THINK_BLOCK.match(text))
@@ -1253,6 +1258,18 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
                         Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(parts))}"
                     )
     raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
+
+
+def refuse_cut_prompt(prompt_tokens: int, num_ctx: int) -> None:
+    # Before Ollama 0.30 a prompt longer than the context was cut silently (a log line,
+    # "truncating input prompt", and the image chunk dropped): the model captioned a picture
+    # it never saw. A prompt that fills the whole context is the only sign.
+    if prompt_tokens >= num_ctx:
+        raise TryFailed(
+            Fault.MODEL_UNUSABLE,
+            f"the prompt filled the whole context ({prompt_tokens} tokens), so the model did not see all "
+            f"of the image: raise --num-ctx to {context_for(prompt_tokens)}",
+        )
 
 
 def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
@@ -1317,6 +1334,8 @@ def classified(exc: Exception) -> TryFailed:
 
 
 def status_fault(status: int, error: str) -> Fault:
+    if unusable_model_fix(error):
+        return Fault.MODEL_UNUSABLE
     if status == 404:
         return Fault.MODEL_GONE
     if status in (401, 403):
@@ -1330,6 +1349,9 @@ def status_fault(status: int, error: str) -> Fault:
 
 def explain(exc: ollama.ResponseError) -> str:
     said = shown(server_message(exc.error))
+    fix = unusable_model_fix(exc.error)
+    if fix:
+        return f"{fix} (Ollama said: {said})"
     if exc.status_code == -1:
         return f"Ollama failed mid-answer: {said}"
     advice = {
@@ -1338,6 +1360,46 @@ def explain(exc: ollama.ResponseError) -> str:
         413: "; the image is too large for this server: lower --max-size",
     }.get(exc.status_code, "")
     return f"Ollama answered {exc.status_code}: {said}{advice}"
+
+
+# How each Ollama era says that the run's model or settings cannot work on a server, and the fix.
+# The context message is llama-server's, passed through since Ollama 0.30; older servers cut the
+# prompt silently instead (see refuse_cut_prompt()).
+UNUSABLE_MODEL = [
+    (
+        re.compile(r"unknown model architecture: '?([\w.-]+)", re.IGNORECASE),
+        (
+            "this Ollama version cannot run the model (its architecture {0} is unknown to it, as "
+            "llama3.2-vision's mllama is to Ollama 0.30+): choose another model, or an Ollama that runs it"
+        ),
+    ),
+    (
+        re.compile(
+            r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", re.IGNORECASE
+        ),
+        "image and prompt take {0} tokens but the context holds {1}: raise --num-ctx to {2}",
+    ),
+    (
+        re.compile(
+            r"model requires more system memory \(([^)]*)\) than is available \(([^)]*)\)", re.IGNORECASE
+        ),
+        "the server has too little memory for the model ({0} needed, {1} free): choose a smaller model",
+    ),
+]
+
+
+def unusable_model_fix(error: str) -> str:
+    for pattern, fix in UNUSABLE_MODEL:
+        found = pattern.search(error)
+        if found:
+            needed = int(found.group(1)) if found.group(1).isdigit() else 0
+            return fix.format(*found.groups(), context_for(needed))
+    return ""
+
+
+def context_for(tokens: int) -> int:
+    # Room for the prompt and a caption's tokens, rounded up to a multiple of 1024.
+    return math.ceil((tokens + DEFAULT_MAX_TOKENS) / 1024) * 1024
 
 
 def server_message(text: str) -> str:
@@ -1388,6 +1450,8 @@ POLICY = {
     # is suspected: without a bound it would be sent forever.
     Fault.SERVER_DOWN: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True, free_times=5),
     Fault.MODEL_GONE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
+    # Every further request to that server would fail the same way: a night of nothing.
+    Fault.MODEL_UNUSABLE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
     Fault.ACCESS_DENIED: Rule(Action.STOP_RUN, uses_a_try=False),
     Fault.REQUEST_REFUSED: Rule(Action.FAIL_IMAGE, uses_a_try=False),
     Fault.IMAGE_UNREADABLE: Rule(Action.FAIL_IMAGE, uses_a_try=False),

@@ -95,6 +95,7 @@ class Reply:
     done_reason: str = "stop"
     endless: bool = False  # repeat text token by token until the client hangs up (a runaway)
     body: str | None = None  # with an error status: this raw text/html body instead of JSON
+    prompt_tokens: int = 612  # prompt_eval_count: the prompt's tokens, image included
 
 
 Answer = Callable[[Chat], Union[Reply, str]]
@@ -479,7 +480,7 @@ class Handler(BaseHTTPRequestHandler):
             "done_reason": done_reason,
             "total_duration": 2104512300,
             "load_duration": 21045000,
-            "prompt_eval_count": 612,
+            "prompt_eval_count": reply.prompt_tokens,
             "prompt_eval_duration": 402113000,
             "eval_count": max(1, len(pieces)),
             "eval_duration": 1602331000,

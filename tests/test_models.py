@@ -1,10 +1,18 @@
-"""Models people run now: thinking models, in every era's wording."""
+"""Models people run now: thinking models, and models a server cannot run, in every era's wording."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import distinct_pictures, picture
-from stand_in_ollama import INLINE_THINKING_MODEL, THINKING_MODEL, THINKING_ONLY_MODEL, THOUGHT, VISION_MODEL
+from stand_in_ollama import (
+    INLINE_THINKING_MODEL,
+    THINKING_MODEL,
+    THINKING_ONLY_MODEL,
+    THOUGHT,
+    VISION_MODEL,
+    Reply,
+    describe,
+)
 
 MODEL = "qwen3-vl:8b"
 
@@ -109,3 +117,51 @@ def test_the_stand_in_thinks_by_itself_when_think_is_left_out():
     finally:
         server.stop()
     assert lines[0]["message"]["thinking"] and not lines[0]["message"]["content"]
+
+
+@pytest.mark.parametrize(
+    "reply, said",
+    [
+        (
+            Reply(
+                status=500,
+                error="llama runner process has terminated: error loading model: unknown model architecture: 'mllama'",
+            ),
+            "this Ollama version cannot run the model (its architecture mllama is unknown to it",
+        ),
+        (
+            Reply(
+                status=400,
+                error="request (4563 tokens) exceeds the available context size (4096 tokens), try increasing it",
+            ),
+            "image and prompt take 4563 tokens but the context holds 4096: raise --num-ctx to 5120",
+        ),
+        (
+            Reply(text="a caption of a picture the model never saw", prompt_tokens=4096),
+            (
+                "the prompt filled the whole context (4096 tokens), so the model did not see all of the image: "
+                "raise --num-ctx to 5120"
+            ),
+        ),
+    ],
+    ids=["architecture", "context", "silently-cut"],
+)
+def test_a_model_the_server_cannot_run_ends_the_run_after_the_first_answer_and_a_rerun_does_the_rest(
+    tmp_path, caption, server, reply, said
+):
+    expected = distinct_pictures(tmp_path, 6)
+    server.answer = lambda chat: reply if chat.options["num_ctx"] == 4096 else describe(chat)
+
+    run = caption(tmp_path, "--jobs", 1)
+
+    assert run.code == 1
+    assert len(server.chats) == 1  # not one request per image, not a retry
+    assert f"taken out of rotation: {said}" in run.err
+    assert "stopped: no Ollama server left to ask; 6 images left for a rerun" in run.err
+    assert list(tmp_path.glob("*.txt")) == []
+
+    server.chats.clear()
+    rerun = caption(tmp_path, "--num-ctx", 8192)  # the fix; the stand-in now answers
+    assert rerun.code == 0, rerun.err
+    assert len(server.chats) == 6
+    assert {path: path.read_text() for path in expected} == expected
