@@ -1702,21 +1702,30 @@ class Pipeline:
 
 # The cleanup rules, few on purpose so that a user can predict them (README "Cleanup").
 LABEL = re.compile(r"^(?:caption|description)\s*:\s*", re.IGNORECASE)
-LEAD_IN = re.compile(
-    r"^(?:(?:the|this) (?:image|picture|photo|photograph) (?:shows|depicts|features|captures|is of)"
-    r"|in (?:the|this) (?:image|picture|photo|photograph)"
-    r"|this is (?:an? )?(?:image|picture|photo|photograph) of)\b[\s,:]*",
-    re.IGNORECASE,
-)
+PICTURE = "(?:image|picture|photo|photograph)"
+# Lead-ins dropped from the start of an answer (only one), each a habit of a model:
+LEAD_INS = [
+    rf"(?:the|this) {PICTURE} (?:shows|depicts|features|captures|is of)",  # llava, "The image shows ..."
+    rf"in (?:the|this) {PICTURE}",  # "In this image, a fox ..."
+    rf"this is (?:an? )?{PICTURE} of",  # "This is a photograph of ..."
+]
+LEAD_IN = re.compile(rf"^(?:{'|'.join(LEAD_INS)})\b[\s,:]*", re.IGNORECASE)
 # Thinking written inline, at the start of the content (Ollama 0.9-0.12.3 without "think",
 # custom-imported models today); an unclosed block was cut off while the model still thought.
 THINK_BLOCK = re.compile(r"^\s*<think>.*?(?:</think>|$)", re.DOTALL)
 QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
-REFUSAL = re.compile(
-    r"^(?:i'?m sorry|i am sorry|sorry\b|i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)"
-    r"|as an ai\b|unfortunately,? i\b)",
-    re.IGNORECASE,
-)
+# Answers that are no caption, recognised by how they start, each with why it is refused.
+NOT_A_CAPTION = [
+    (
+        r"i'?m sorry|i am sorry|sorry\b|i apologi[sz]e\b",
+        "the model refused",
+    ),  # granite: "I apologize, but ..."
+    (r"i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)", "the model refused"),
+    (r"as an ai\b|unfortunately,? i\b", "the model refused"),
+    # moondream answers a caption prompt with a box: "[0.64, 0.50, 0.91, 0.88]" (ollama/ollama#6365)
+    (r"\[\s*-?[\d.]+\s*(?:,\s*-?[\d.]+\s*){3}\]", "the model answered with box coordinates"),
+]
+NOT_A_CAPTION_START = [(re.compile(rf"^(?:{pattern})", re.IGNORECASE), why) for pattern, why in NOT_A_CAPTION]
 # A loop is a runaway, not emphasis: a phrase of 3 to 80 characters said three or more times
 # in a row, the repeats spanning at least LOOP_SPAN characters. "a very very very very good
 # dog" is not one; "a red car, a red car, a red car, ..." until the token limit is.
@@ -1765,8 +1774,9 @@ def caption_problem(answer: Answer, caption: str) -> str:
         return "the answer was cut off at the token limit (raise --max-tokens or --num-ctx)"
     if not re.search(r"\w", caption):  # "The image shows." leaves only "."
         return "the model answered with an empty caption"
-    if REFUSAL.match(caption.replace("\u2019", "'")):
-        return f"the model refused: {shortened(caption)}"
+    for pattern, why in NOT_A_CAPTION_START:
+        if pattern.match(caption.replace("\u2019", "'")):
+            return f"{why}: {shortened(caption)}"
     if is_looping(caption):
         return f"the answer repeats itself: {shortened(caption)}"
     return ""

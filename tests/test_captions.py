@@ -344,3 +344,22 @@ def test_a_jsonl_must_be_where_it_can_list_the_images(tmp_path, caption, server)
     run = caption(tmp_path / "data", "--jsonl", tmp_path / "elsewhere" / "metadata.jsonl")
     assert run.code == 2 and "--jsonl must be in " in run.err
     assert server.chats == []
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ("I apologize, but I am unable to view images.", "the model refused: "),
+        ("[0.64, 0.50, 0.91, 0.88]", "the model answered with box coordinates: "),
+        ("[0.1,0.2,0.3,0.4] a dog", "the model answered with box coordinates: "),
+    ],
+)
+def test_answers_that_are_no_caption_are_refused(tmp_path, caption, server, answer, reason):
+    one_picture(tmp_path)
+    server.answer = lambda chat: answer
+
+    run = caption(tmp_path, "--retries", 0)
+
+    assert run.code == 1
+    assert f"FAILED a.jpg: {reason}" in run.err
+    assert not (tmp_path / "a.txt").exists()
