@@ -87,6 +87,10 @@ DEFAULT_NUM_CTX = 4096
 # bytes, so files up to this size that need no change are sent as they are.
 PASS_THROUGH_MAX_BYTES = 1_500_000
 JPEG_QUALITY = 90  # a longer side of 1344 px at q90 is 0.47-0.53 MB of base64 per photo
+# Some vision encoders crash the runner on a side under 28-32 px (qwen2.5vl, ollama/ollama#11297)
+# or an aspect ratio beyond ~200:1 (ollama/ollama#13113): such pictures are padded with white.
+SMALLEST_SIDE = 32
+WIDEST_ASPECT = 50
 LOOP_SPAN = 60  # characters of repeats that make a loop (see REPEATS)
 LOOP_CHECK_EVERY = 16  # streamed pieces between two loop checks of a growing answer
 
@@ -928,7 +932,7 @@ def prepared(file: BinaryIO, max_size: int) -> bytes:
             refuse_bombs(picture)
             orientation = picture.getexif().get(EXIF_ORIENTATION, 1) if picture.format == "JPEG" else None
             as_it_is = sendable_as_it_is(picture, file, max_size, orientation)
-            return as_it_is or encode_jpeg(shrink_upright_rgb(picture, max_size, orientation))
+            return as_it_is or encode_jpeg(padded(shrink_upright_rgb(picture, max_size, orientation)))
     except TryFailed:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -958,6 +962,8 @@ def bomb_reason() -> str:
 def sendable_as_it_is(picture: Image.Image, file: BinaryIO, max_size: int, orientation: int | None) -> bytes:
     """The file's bytes where they are fit to send as they are, else b""."""
     if os.fstat(file.fileno()).st_size > PASS_THROUGH_MAX_BYTES or max(picture.size) > max_size:
+        return b""
+    if padded_size(picture.size) != picture.size:
         return b""
     position = file.tell()
     file.seek(0)
@@ -992,6 +998,24 @@ def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | N
     if orientation in UNDO_ORIENTATION:
         rgb = rgb.transpose(UNDO_ORIENTATION[orientation])
     return rgb
+
+
+def padded(picture: Image.Image) -> Image.Image:
+    """The picture centred on white, where it is too small or too thin for vision encoders."""
+    size = padded_size(picture.size)
+    if size == picture.size:
+        return picture
+    canvas = Image.new("RGB", size, "white")
+    canvas.paste(picture, ((size[0] - picture.width) // 2, (size[1] - picture.height) // 2))
+    return canvas
+
+
+def padded_size(size: tuple[int, int]) -> tuple[int, int]:
+    width, height = size
+    return (
+        max(width, SMALLEST_SIDE, math.ceil(height / WIDEST_ASPECT)),
+        max(height, SMALLEST_SIDE, math.ceil(width / WIDEST_ASPECT)),
+    )
 
 
 def fitted_size(size: tuple[int, int], max_size: int) -> tuple[int, int]:

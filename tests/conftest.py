@@ -188,8 +188,8 @@ def distinct_pictures(folder: Path, count: int) -> dict:
     stand-in's default answer gives it}."""
     expected = {}
     for index in range(count):
-        picture(folder / f"img{index:03d}.png", size=(40 + index, 30))
-        expected[folder / f"img{index:03d}.txt"] = f"A PNG picture, {40 + index}x30 pixels."
+        picture(folder / f"img{index:03d}.png", size=(40 + index, 32))
+        expected[folder / f"img{index:03d}.txt"] = f"A PNG picture, {40 + index}x32 pixels."
     return expected
 
 

@@ -67,8 +67,8 @@ def one_line(err: str) -> str:
 def parent_and_sub(tmp_path):
     parent = tmp_path.resolve() / "parent"  # the lock messages name resolved folders
     sub = parent / "sub"
-    picture(parent / "top.png", size=(40, 30))
-    picture(sub / "inner.png", size=(41, 30))
+    picture(parent / "top.png", size=(40, 32))
+    picture(sub / "inner.png", size=(41, 32))
     return parent, sub
 
 
@@ -94,8 +94,8 @@ def test_a_run_with_subfolders_keeps_a_run_on_a_subfolder_out(parent_and_sub, ma
     _, err = first.communicate(timeout=20)
     assert first.returncode == 0, err
     assert texts([parent / "top.txt", sub / "inner.txt"]) == {
-        parent / "top.txt": "A PNG picture, 40x30 pixels.",
-        sub / "inner.txt": "A PNG picture, 41x30 pixels.",
+        parent / "top.txt": "A PNG picture, 40x32 pixels.",
+        sub / "inner.txt": "A PNG picture, 41x32 pixels.",
     }
     assert leftovers(parent) == []
 
@@ -122,7 +122,7 @@ def test_a_run_on_a_subfolder_keeps_a_run_with_subfolders_out(parent_and_sub, ma
     assert not (parent / LOCK).exists()  # the refused run leaves no lock of its own behind
     _, err = first.communicate(timeout=20)
     assert first.returncode == 0, err
-    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x30 pixels."
+    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
 
 
 def test_a_run_on_a_parent_without_subfolders_does_not_keep_a_subfolder_run_out(
@@ -140,10 +140,10 @@ def test_a_run_on_a_parent_without_subfolders_does_not_keep_a_subfolder_run_out(
         go_on.set()
 
     assert beside.code == 0, beside.err
-    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x30 pixels."
+    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
     _, err = first.communicate(timeout=20)
     assert first.returncode == 0, err
-    assert (parent / "top.txt").read_text(encoding="utf-8") == "A PNG picture, 40x30 pixels."
+    assert (parent / "top.txt").read_text(encoding="utf-8") == "A PNG picture, 40x32 pixels."
     assert sorted(widths(server)) == [40, 41]
 
 
@@ -152,8 +152,8 @@ def test_a_run_on_a_parent_without_subfolders_does_not_keep_a_subfolder_run_out(
 
 def test_the_journal_survives_a_name_with_a_newline(tmp_path, server, caption):
     odd, plain = tmp_path / "new\nline.png", tmp_path / "plain.png"
-    picture(odd, size=(40, 30))
-    picture(plain, size=(41, 30))
+    picture(odd, size=(40, 32))
+    picture(plain, size=(41, 32))
     captions = [tmp_path / "new\nline.txt", tmp_path / "plain.txt"]
     for path in captions:
         path.write_text("old tags", encoding="utf-8")
@@ -166,8 +166,8 @@ def test_the_journal_survives_a_name_with_a_newline(tmp_path, server, caption):
     assert "captioned 0, skipped 2, failed 0" in again.err
     assert sorted(widths(server)) == [40, 41]  # the second run sent nothing
     assert texts(captions) == {
-        captions[0]: "old tags, A PNG picture, 40x30 pixels.",
-        captions[1]: "old tags, A PNG picture, 41x30 pixels.",
+        captions[0]: "old tags, A PNG picture, 40x32 pixels.",
+        captions[1]: "old tags, A PNG picture, 41x32 pixels.",
     }
 
 
@@ -309,8 +309,8 @@ def test_ctrl_c_during_a_pull_that_stalls_ends_the_run_at_once(tmp_path, spawn, 
 
 
 def test_the_jsonl_keeps_line_separators_inside_its_lines(tmp_path, server, caption):
-    picture(tmp_path / "new\u2028name.png", size=(40, 30))
-    picture(tmp_path / "old.png", size=(41, 30))
+    picture(tmp_path / "new\u2028name.png", size=(40, 32))
+    picture(tmp_path / "old.png", size=(41, 32))
     (tmp_path / "old.txt").write_text("a\u2028b", encoding="utf-8")
     meta = tmp_path / "meta.jsonl"
 
@@ -323,7 +323,7 @@ def test_the_jsonl_keeps_line_separators_inside_its_lines(tmp_path, server, capt
     content = meta.read_text(encoding="utf-8")
     entries = [json.loads(line) for line in content.split("\n") if line]
     assert {entry["file_name"]: entry["text"] for entry in entries} == {
-        "new\u2028name.png": "A PNG picture, 40x30 pixels.",
+        "new\u2028name.png": "A PNG picture, 40x32 pixels.",
         "old.png": "a\u2028b",
     }
     # Readers that end a line at U+2028 too (Python's splitlines) see the same two lines.
@@ -338,7 +338,7 @@ def test_the_jsonl_keeps_line_separators_inside_its_lines(tmp_path, server, capt
 def test_a_jsonl_written_by_another_tool_is_read(tmp_path, server, caption, start):
     """Notepad's byte-order mark; a raw U+2028 inside a string, valid JSON Lines as
     json.dumps(ensure_ascii=False) writes it."""
-    picture(tmp_path / "a.png", size=(40, 30))
+    picture(tmp_path / "a.png", size=(40, 32))
     meta = tmp_path / "meta.jsonl"
     kept = {"file_name": "elsewhere/b.png", "text": "kept\u2028as it is"}
     meta.write_text(start + json.dumps(kept, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -349,7 +349,7 @@ def test_a_jsonl_written_by_another_tool_is_read(tmp_path, server, caption, star
     entries = [json.loads(line) for line in meta.read_text(encoding="utf-8").split("\n") if line]
     assert {entry["file_name"]: entry["text"] for entry in entries} == {
         "elsewhere/b.png": "kept\u2028as it is",
-        "a.png": "A PNG picture, 40x30 pixels.",
+        "a.png": "A PNG picture, 40x32 pixels.",
     }
 
 
@@ -472,8 +472,8 @@ def test_a_timeout_no_timer_can_take_is_one_line_and_exit_2(tmp_path, server, ca
 
 
 def test_a_caption_written_by_hand_during_a_skip_run_is_left_alone(tmp_path, server, caption):
-    picture(tmp_path / "a.png", size=(40, 30))
-    picture(tmp_path / "b.png", size=(41, 30))
+    picture(tmp_path / "a.png", size=(40, 32))
+    picture(tmp_path / "b.png", size=(41, 32))
     by_hand = tmp_path / "b.txt"
 
     def answer(chat):
@@ -487,7 +487,7 @@ def test_a_caption_written_by_hand_during_a_skip_run_is_left_alone(tmp_path, ser
 
     assert run.code == 1
     assert by_hand.read_text(encoding="utf-8") == "written by hand"
-    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "A PNG picture, 40x30 pixels."
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "A PNG picture, 40x32 pixels."
     assert "FAILED b.png: left alone: b.txt appeared beside it during the run" in run.err
     assert "captioned 1, skipped 0, failed 1" in run.err
     assert leftovers(tmp_path) == []
@@ -526,6 +526,6 @@ def test_a_lock_left_by_a_killed_run_with_subfolders_does_not_make_a_later_run_c
         go_on.set()
 
     assert beside.code == 0, beside.err
-    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x30 pixels."
+    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
     _, err = first.communicate(timeout=20)
     assert first.returncode == 0, err

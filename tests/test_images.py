@@ -207,3 +207,27 @@ def test_library_chatter_stays_out_of_the_output(tmp_path, server):
     assert not [line for line in lines if "LZWDecode" in line or "Warning" in line or "warn" in line]
     assert any(line.startswith("  failed damaged.tif: cannot decode: ") for line in lines)
     assert (tmp_path / "fine.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "size, sent",
+    [
+        ((10, 12), (32, 32)),  # a favicon: some encoders crash the runner under 28-32 px
+        ((3000, 20), (1344, 32)),  # a strip: shrunk to 1344x9, then padded
+        ((60, 4000), (32, 1344)),  # 20x1344 after shrinking: padded to 32 wide (at most 1:50)
+        ((2000, 400), (1344, 269)),  # an ordinary panorama is left as it is
+    ],
+)
+def test_pictures_too_small_or_too_thin_for_vision_encoders_are_padded_with_white(
+    tmp_path, caption, server, size, sent
+):
+    picture(tmp_path / "a.png", size=size, color="blue")
+
+    assert caption(tmp_path).code == 0
+
+    received_picture = received(server)
+    assert received_picture.size == sent
+    centre = received_picture.getpixel((sent[0] // 2, sent[1] // 2))
+    assert centre[2] > 200 and centre[0] < 60  # the picture itself, in the middle
+    if sent != size and sent[1] > size[1]:
+        assert min(received_picture.getpixel((sent[0] // 2, 0))) > 245  # white around it (JPEG)

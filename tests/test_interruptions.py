@@ -131,7 +131,7 @@ def test_ctrl_c_stops_a_shell_loop_over_folders(tmp_path, make_server):
     for number in (1, 2, 3):  # each folder's pictures have widths of their own: 100, 200, 300
         folders.append(tmp_path / f"dir{number}")
         for width in (100 * number, 100 * number + 1):
-            picture(folders[-1] / f"w{width}.png", size=(width, 30))
+            picture(folders[-1] / f"w{width}.png", size=(width, 32))
     loop = 'for d in "$@"; do "$PYTHON" "$SCRIPT" "$d" --host "$HOST"; done; echo LOOP-FINISHED'
     environment = {key: value for key, value in os.environ.items() if key != "OLLAMA_HOST"}
     environment.update(PYTHON=sys.executable, SCRIPT=str(SCRIPT), HOST=server.url)
@@ -323,10 +323,10 @@ def test_a_second_run_on_the_same_folder_refuses_and_names_the_first(tmp_path, s
     assert not (tmp_path / LOCK).exists()
     assert leftovers(tmp_path) == []
 
-    picture(tmp_path / "late.png", size=(90, 30))
+    picture(tmp_path / "late.png", size=(90, 32))
     after = run_script(tmp_path, "--host", server.url)
     assert after.returncode == 0, after.stderr
-    assert (tmp_path / "late.txt").read_text(encoding="utf-8") == "A PNG picture, 90x30 pixels."
+    assert (tmp_path / "late.txt").read_text(encoding="utf-8") == "A PNG picture, 90x32 pixels."
     assert not (tmp_path / LOCK).exists()
 
 

@@ -96,8 +96,8 @@ def test_a_server_restarted_mid_run_is_waited_for_and_the_run_completes(tmp_path
     def answer(chat):
         if next(answers) == 4:  # the server dies after its fourth answer, and comes back
             threading.Thread(target=restart_later).start()
-            return Reply(text=f"A PNG picture, {chat.picture().width}x30 pixels.", vanish=True)
-        return f"A PNG picture, {chat.picture().width}x30 pixels."
+            return Reply(text=f"A PNG picture, {chat.picture().width}x32 pixels.", vanish=True)
+        return f"A PNG picture, {chat.picture().width}x32 pixels."
 
     server.answer = answer
     try:
@@ -179,7 +179,7 @@ def test_a_caption_name_too_long_for_the_file_system_fails_that_image_before_any
 
 def test_a_disk_that_fills_up_ends_the_run_at_the_first_failed_write(small_disk, caption, server):
     for name in "abcde":
-        picture(small_disk / f"{name}.png", size=(40 + ord(name), 30))
+        picture(small_disk / f"{name}.png", size=(40 + ord(name), 32))
     (small_disk / "e.txt").write_text("my own tags")
     answers = itertools.count(1)
 
@@ -275,7 +275,7 @@ def test_hostile_files_are_each_captioned_or_failed_with_a_reason(tmp_path, capt
     # The report stays one line per image, the newline in the name shown as \n.
     assert re.search(r"^\[\d+/\d+\] line\\nbreak\.jpg \d+\.\ds, ETA ", run.err, re.MULTILINE)
     sent = {chat.picture().size for chat in server.chats}
-    assert (1344, 20) in sent  # the panorama, shrunk
+    assert (1344, 32) in sent  # the panorama, shrunk, padded to the 32 px vision encoders need
     assert all(chat.picture().format == "JPEG" or chat.picture().format == "PNG" for chat in server.chats)
 
 

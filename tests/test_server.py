@@ -313,7 +313,7 @@ def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp
         if next(answers) == 1:  # the proxy's Ollama goes down for a while after the first answer
             server.down = True
             threading.Timer(0.8, setattr, (server, "down", False)).start()
-        return f"A PNG picture, {chat.picture().width}x30 pixels."
+        return f"A PNG picture, {chat.picture().width}x32 pixels."
 
     server.answer = answer
 

@@ -7,7 +7,7 @@ from conftest import leftovers, picture
 
 
 def test_caption_is_one_stripped_line_beside_the_image_named_after_its_stem(tmp_path, caption, server):
-    picture(tmp_path / "holiday.photo.JPG", size=(40, 30))
+    picture(tmp_path / "holiday.photo.JPG", size=(40, 32))
     server.answer = lambda chat: "  Un café à Paris,\n\n  warm light,  cobblestones \n"
 
     run = caption(tmp_path)
