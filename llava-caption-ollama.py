@@ -1187,10 +1187,21 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
             "choose a vision model such as llava"
         )
     server.thinks = "thinking" in (details.capabilities or [])
+    architecture = str((details.modelinfo or {}).get("general.architecture", ""))
+    if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
+        reporter.say(
+            f"note: {config.model} ({architecture}) answers one request at a time on {server.url}, whatever "
+            f"OLLAMA_NUM_PARALLEL says: --jobs {config.jobs} only queues there"
+        )
     if config.think and not server.thinks:
         # Ollama answers every such request 400 "... does not support thinking".
         raise CannotStart(f"model {config.model} on {server.url} cannot think; run without --think")
     return ""
+
+
+# Architectures that Ollama runs one request at a time whatever OLLAMA_NUM_PARALLEL says
+# (server/sched.go at v0.33: "model architecture does not currently support parallel requests").
+ONE_AT_A_TIME = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "nemotron_h")
 
 
 def can_see(details: ollama.ShowResponse) -> bool:

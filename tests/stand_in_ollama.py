@@ -35,7 +35,11 @@ TEXT_MODEL = {"capabilities": ["completion"], "families": ["llama"]}
 OLD_VISION_MODEL = {"capabilities": None, "families": ["llama", "clip"]}
 # A model that can think (qwen3-vl, qwen3.5): since Ollama 0.12.4 it thinks unless the request
 # says think:false (server/routes.go, ChatHandler).
-THINKING_MODEL = {"capabilities": ["completion", "vision", "thinking"], "families": ["qwen3vl"]}
+THINKING_MODEL = {
+    "capabilities": ["completion", "vision", "thinking"],
+    "families": ["qwen3vl"],
+    "architecture": "qwen3vl",
+}
 # A thinking-only tag ignores think:false (ollama/ollama#14798).
 THINKING_ONLY_MODEL = {**THINKING_MODEL, "thinking_only": True}
 # A custom-imported model (or a server of 0.9-0.12.3) thinks inline, <think>...</think> in content.
@@ -331,7 +335,10 @@ class Handler(BaseHTTPRequestHandler):
             "parameters": 'stop "USER:"\nstop "ASSISTANT:"',
             "template": "{{ .Prompt }}",
             "details": self.details(name),
-            "model_info": {"general.architecture": "llama", "llama.context_length": 4096},
+            "model_info": {
+                "general.architecture": self.stand_in.models[name].get("architecture", "llama"),
+                "llama.context_length": 4096,
+            },
             "modified_at": "2025-05-04T17:37:44.706015396-07:00",
         }
         capabilities = self.stand_in.models[name]["capabilities"]

@@ -165,3 +165,21 @@ def test_a_model_the_server_cannot_run_ends_the_run_after_the_first_answer_and_a
     assert rerun.code == 0, rerun.err
     assert len(server.chats) == 6
     assert {path: path.read_text() for path in expected} == expected
+
+
+@pytest.mark.parametrize("jobs, said", [(3, True), (1, False)])
+def test_a_model_ollama_runs_one_request_at_a_time_is_named_when_jobs_would_only_queue(
+    tmp_path, caption, server, jobs, said
+):
+    picture(tmp_path / "a.jpg")
+    with_model(server, THINKING_MODEL)  # qwen3vl
+
+    run = caption(tmp_path, "--model", MODEL, "--jobs", jobs)
+
+    assert run.code == 0, run.err
+    note = f"note: {MODEL} (qwen3vl) answers one request at a time on {server.url}"
+    assert (note in run.err) is said
+    assert (
+        "llava:13b (llama) answers one request"
+        in caption(tmp_path, "--existing", "overwrite", "--jobs", 3).err
+    ) is False
