@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from stand_in_ollama import StandInOllama
+from stand_in_ollama import THINKING_MODEL, VISION_MODEL, StandInOllama
 
 SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"  # or --script
 CAPTION = "a red vintage car parked on a cobblestone street, warm evening light, film photograph"
@@ -128,6 +128,28 @@ def throughput_row(folder: Path, slots: int, jobs: int, servers: int = 1) -> tup
     return rate, rate / capacity
 
 
+def thinking_rows(root: Path, scale: int) -> None:
+    """A model that can think, with thinking turned off (the default) and on (--think), against one
+    that cannot: every token, thinking included, takes 10 ms, as on a GPU at 100 tokens/s."""
+    folder = folder_of_photos(root, "thinking", max(4, 16 // scale), (800, 600))
+    models = {"llava:13b": VISION_MODEL, "qwen3-vl:8b": THINKING_MODEL}
+    rows = [("a model that cannot think", "llava:13b", ()), ("a thinking model (default)", "qwen3-vl:8b", ())]
+    rows.append(("the thinking model with --think", "qwen3-vl:8b", ("--think",)))
+    print("| model | images/s | thinking tokens sent |")
+    print("|---|---:|---:|")
+    for label, model, extra in rows:
+        server = StandInOllama(
+            models=models, slots=2, token_latency=0.01, answer=lambda chat: CAPTION
+        ).start()
+        try:
+            result = run_captioner(folder, [server], 2, "--model", model, *extra)
+        finally:
+            server.stop()
+        thinking = sum(chat.thinking_sent for chat in result["chats"])
+        print(f"| {label} | {served_rate(result['chats']):.2f} | {thinking} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images per row")
@@ -158,6 +180,8 @@ def report(root: Path, scale: int) -> None:
             f"| {slots} | {slots + 1} | {count} | {rate:.2f} | {share:.1%} | {baseline:.2f} | {rate / baseline:.2f}x |"
         )
     print()
+
+    thinking_rows(root, scale)
 
     folder = folder_of_photos(root, "two", 160 // scale, (1600, 1200))
     one, _ = throughput_row(folder, slots=4, jobs=5, servers=1)

@@ -117,6 +117,7 @@ class StandInOllama:
     pullable: dict = field(default_factory=dict)  # models /api/pull can fetch
     answer: Answer = describe
     latency: float = 0.0  # seconds each answer takes once it has a slot
+    token_latency: float = 0.0  # and each token streamed (thinking too), as a GPU generates
     slots: int = 1  # like OLLAMA_NUM_PARALLEL: more requests wait without a byte
     version: str = "0.12.6"
     port: int = 0  # 0: any free port; a stopped server's port: the same server restarted
@@ -507,6 +508,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
                 chat.tokens_sent += 1
                 chat.thinking_sent += kind == "thinking"
+                if self.stand_in.token_latency:
+                    time.sleep(self.stand_in.token_latency)
                 if reply.endless:
                     time.sleep(0.001)
         except OSError:  # the client hung up: Ollama cancels the request and stops generating
