@@ -125,6 +125,19 @@ def test_a_run_on_a_subfolder_keeps_a_run_with_subfolders_out(parent_and_sub, ma
     assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
 
 
+def a_subfolder_run_goes_on_beside(first, sub, server, go_on, caption) -> None:
+    """While `first`, a run on the parent without -r, is answered, a run on the subfolder works."""
+    wait_until(lambda: server.in_flight >= 1)
+    try:
+        beside = caption(sub, host=server.url)
+    finally:
+        go_on.set()
+    assert beside.code == 0, beside.err
+    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
+    _, err = first.communicate(timeout=20)
+    assert first.returncode == 0, err
+
+
 def test_a_run_on_a_parent_without_subfolders_does_not_keep_a_subfolder_run_out(
     parent_and_sub, make_server, spawn, caption
 ):
@@ -132,17 +145,7 @@ def test_a_run_on_a_parent_without_subfolders_does_not_keep_a_subfolder_run_out(
     server = make_server(slots=2)
     go_on = held_for(server, 40)  # the parent's own picture
     first = spawn(parent, "--host", server.url)
-    wait_until(lambda: server.in_flight >= 1)
-
-    try:
-        beside = caption(sub, host=server.url)
-    finally:
-        go_on.set()
-
-    assert beside.code == 0, beside.err
-    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
-    _, err = first.communicate(timeout=20)
-    assert first.returncode == 0, err
+    a_subfolder_run_goes_on_beside(first, sub, server, go_on, caption)
     assert (parent / "top.txt").read_text(encoding="utf-8") == "A PNG picture, 40x32 pixels."
     assert sorted(widths(server)) == [40, 41]
 
@@ -518,14 +521,4 @@ def test_a_lock_left_by_a_killed_run_with_subfolders_does_not_make_a_later_run_c
     assert (parent / LOCK).exists()
     wait_until(lambda: server.in_flight == 0)
     first = spawn(parent, "--host", server.url)  # without -r: the subfolder is not its own
-    wait_until(lambda: server.in_flight >= 1)
-
-    try:
-        beside = caption(sub, host=server.url)
-    finally:
-        go_on.set()
-
-    assert beside.code == 0, beside.err
-    assert (sub / "inner.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
-    _, err = first.communicate(timeout=20)
-    assert first.returncode == 0, err
+    a_subfolder_run_goes_on_beside(first, sub, server, go_on, caption)
