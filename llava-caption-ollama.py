@@ -2180,12 +2180,10 @@ class Metadata:
             if image in written_now or file_name.startswith("../"):
                 continue  # written with its line, or not covered by this JSONL
             caption = caption_path(image, self.caption_ext)
-            if not found.caption_listed(caption):
-                continue
-            try:
-                text = read_regular_file(caption).decode("utf-8-sig").strip()
-            except (OSError, UnicodeDecodeError):
-                continue
+            try:  # read as planning reads it
+                text = caption_text(caption, existing_caption(caption, found.caption_listed(caption)))
+            except TryFailed:
+                continue  # not readable: planning named it
             entry = self.entries.get(file_name)
             if text and (entry is None or entry.get("text") != text):
                 self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True}
