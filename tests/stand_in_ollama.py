@@ -7,6 +7,12 @@ default, one JSON object with "stream": false). Like llava's stb_image decoder i
 only JPEG, PNG, BMP and GIF. It records every chat request, counts requests in flight,
 and can be scripted to answer each image differently: an error status, an error line
 mid-stream, a stream that ends without "done", silence, a dropped connection.
+
+The same server also speaks the OpenAI-compatible API that vLLM, SGLang, llama.cpp's
+llama-server, LM Studio and Ollama itself serve under /v1: GET /v1/models and POST
+/v1/chat/completions (server-sent events with "stream": true, one chat.completion object
+otherwise), images as data URIs. `flavour` picks whose error bodies, reasoning field and
+final chunk it imitates; the same `answer` script and Reply fields drive both APIs.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import io
 import itertools
 import json
 import re
+import secrets
 import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Union
 
@@ -48,7 +56,7 @@ INLINE_THINKING_MODEL = {
     "families": ["qwen3vl"],
     "inline_thinking": True,
 }
-THOUGHT = " ".join(  # 90 tokens of what a model thinks
+THOUGHT = " ".join(  # 105 tokens of what a model thinks
     f"Step {step}: the user wants a caption, so I look at part {step} of the picture and note what I see."
     for step in range(1, 6)
 )
@@ -58,6 +66,16 @@ NGINX_502 = (
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n"
     "</body>\r\n</html>\r\n"
 )
+# llama-server's words for an image sent to a model loaded without its projector.
+NO_MMPROJ = "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj"
+# Whose OpenAI-compatible server the /v1 routes imitate. vLLM nests its error object since
+# 0.10.1 ("vllm"); before, it was flat ("vllm-old").
+FLAVOURS = ("vllm", "vllm-old", "llama-server", "lmstudio", "ollama")
+VLLM = ("vllm", "vllm-old")
+# Ollama's /v1 takes only these data URI types (openai/openai.go, decodeImageURL); "" is data:;base64,
+OLLAMA_IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", ""}
+DATA_URI = re.compile(r"data:([^;,]*)(;base64)?,(.*)", re.DOTALL)
+MODELS_CREATED = 1746405464  # the models' modified_at below, in Unix seconds
 RUNNER_CRASH = (
     "model runner has unexpectedly stopped, this may be due to resource limitations "
     "or an internal error, check ollama server logs for details"
@@ -66,7 +84,7 @@ RUNNER_CRASH = (
 
 @dataclass
 class Chat:
-    """One /api/chat request as the server received it."""
+    """One chat request (/api/chat or /v1/chat/completions) as the server received it."""
 
     model: str
     prompt: str
@@ -78,8 +96,10 @@ class Chat:
     answered_at: float = 0.0  # and when its answer was sent in full
     tokens_sent: int = 0
     hung_up: bool = False  # the client went away before the answer ended
-    think: Any = None  # the request's "think", as sent
-    thinking_sent: int = 0  # tokens streamed in message.thinking
+    think: Any = None  # the request's "think", as sent; on /v1 False when it turned thinking off
+    thinking_sent: int = 0  # tokens streamed in message.thinking (on /v1: the reasoning field)
+    api: str = "ollama"  # "openai": it came to /v1/chat/completions
+    body: dict = field(default_factory=dict)  # a /v1 request's JSON as sent (options stays {})
 
     def picture(self, index: int = 0) -> Image.Image:
         return Image.open(io.BytesIO(self.images[index]))
@@ -100,6 +120,12 @@ class Reply:
     endless: bool = False  # repeat text token by token until the client hangs up (a runaway)
     body: str | None = None  # with an error status: this raw text/html body instead of JSON
     prompt_tokens: int = 612  # prompt_eval_count: the prompt's tokens, image included
+    # With an error status: a Retry-After header of this many seconds, as a busy server or
+    # proxy sends with 429 or 503.
+    retry_after: float | None = None
+    # /v1 with error and status 200: the error body as a 200 JSON answer, as LM Studio sends
+    # some failures (lmstudio-ai/lms#362), streaming asked for or not.
+    error_in_200: bool = False
 
 
 Answer = Callable[[Chat], Union[Reply, str]]
@@ -121,12 +147,15 @@ class StandInOllama:
     slots: int = 1  # like OLLAMA_NUM_PARALLEL: more requests wait without a byte
     version: str = "0.12.6"
     port: int = 0  # 0: any free port; a stopped server's port: the same server restarted
+    flavour: str = "vllm"  # whose /v1 API to imitate: one of FLAVOURS
 
     # Every endpoint answers 502 with nginx's page, as a reverse proxy does while its Ollama
     # restarts.
     down: bool = False
 
     def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, not {self.flavour!r}")
         self.chats: list = []
         self.requests: list = []  # (time.monotonic(), method, path) of every request
         self.connections: set = set()
@@ -197,11 +226,13 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------
 
-    def send_json(self, status: int, body: dict) -> None:
+    def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -209,33 +240,41 @@ class Handler(BaseHTTPRequestHandler):
     def send_error_json(self, status: int, message: str) -> None:
         self.send_json(status, {"error": message})
 
-    def start_stream(self, last: bool = False) -> None:
+    def start_stream(self, last: bool = False, content_type: str = "application/x-ndjson") -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
         if last:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
 
-    def stream_line(self, body: dict) -> None:
-        data = json.dumps(body).encode() + b"\n"
+    def stream_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
+
+    def stream_line(self, body: dict) -> None:
+        self.stream_chunk(json.dumps(body).encode() + b"\n")
+
+    def stream_event(self, body: dict | str) -> None:
+        """One server-sent event, as the /v1 servers frame each chunk (and the final [DONE])."""
+        data = body if isinstance(body, str) else json.dumps(body)
+        self.stream_chunk(b"data: %s\n\n" % data.encode())
 
     def end_stream(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def read_body(self) -> dict | None:
+    def read_body(self, refuse: Callable[[int, str], None] | None = None) -> dict | None:
+        refuse = refuse or self.send_error_json
         length = int(self.headers.get("Content-Length") or 0)
         if not length:
-            self.send_error_json(400, "missing request body")
+            refuse(400, "missing request body")
             return None
         try:
             return json.loads(self.rfile.read(length))
         except json.JSONDecodeError as exc:
-            self.send_error_json(400, str(exc))
+            refuse(400, str(exc))
             return None
 
     # -- routes -----------------------------------------------------------
@@ -250,11 +289,19 @@ class Handler(BaseHTTPRequestHandler):
         self.send_text(502, NGINX_502, "text/html")
         return True
 
-    def send_text(self, status: int, text: str, content_type: str = "text/plain; charset=utf-8") -> None:
+    def send_text(
+        self,
+        status: int,
+        text: str,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict | None = None,
+    ) -> None:
         data = text.encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -280,22 +327,36 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"models": [self.model_entry(name) for name in stand_in.models]})
         elif self.path == "/api/ps":
             self.send_json(200, {"models": []})
+        elif self.path == "/v1/models":
+            self.send_json(200, self.model_list())
         else:
             self.not_found()
 
     def do_POST(self) -> None:
-        routes = {"/api/show": self.show, "/api/pull": self.pull, "/api/chat": self.chat}
+        routes = {
+            "/api/show": self.show,
+            "/api/pull": self.pull,
+            "/api/chat": self.chat,
+            "/v1/chat/completions": self.openai_chat,
+        }
         route = routes.get(self.path)
         if self.proxy_says_down():
             return
         if route is None:
             self.not_found()
             return
-        body = self.read_body()
+        body = self.read_body(self.send_openai_error if self.path.startswith("/v1/") else None)
         if body is not None:
             route(body)
 
     def not_found(self) -> None:
+        if self.stand_in.flavour == "lmstudio":
+            # LM Studio answers a route it does not know with 200 and an error body, as when a
+            # client leaves /v1 out of its base URL (lmstudio-ai/lmstudio-bug-tracker#618).
+            if self.command == "POST":
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_json(200, {"error": f"Unexpected endpoint or method. ({self.command} {self.path})"})
+            return
         data = b"404 page not found"
         self.send_response(404)
         self.send_header("Content-Type", "text/plain")
@@ -407,6 +468,12 @@ class Handler(BaseHTTPRequestHandler):
             received_at=time.monotonic(),
             think=body.get("think"),
         )
+        self.serve(chat, lambda reply: self.send_reply(model, reply, chat))
+
+    def serve(self, chat: Chat, send: Callable[[Reply], None]) -> None:
+        """Record the chat, wait for a slot, ask the script how to answer and send that, unless
+        the client hangs up first. Both APIs share it: one model, one queue of slots."""
+        stand_in = self.stand_in
         with stand_in.lock:
             stand_in.chats.append(chat)
             stand_in.in_flight += 1
@@ -418,20 +485,42 @@ class Handler(BaseHTTPRequestHandler):
             reply = stand_in.answer(chat)
             reply = reply if isinstance(reply, Reply) else Reply(text=reply)
             if self.client_stays(stand_in.latency + reply.delay):
-                self.send_reply(model, reply, chat)
+                send(reply)
                 chat.answered_at = time.monotonic()
             else:
                 chat.hung_up = True
         finally:
             self.request_done()
 
+    def entry(self, name: str, api: str = "ollama") -> dict | None:
+        """The model's entry in `models`. Ollama, on either API, completes a bare name with
+        ":latest"; vLLM, llama-server and LM Studio match the name as sent."""
+        if api == "openai" and self.stand_in.flavour != "ollama":
+            return self.stand_in.models.get(name)
+        return self.stand_in.models.get(normalized(name))
+
     def thought(self, chat: Chat) -> str:
         """What the model thinks before it answers, as Ollama 0.12.4+ decides it."""
-        entry = self.stand_in.models.get(normalized(chat.model), {})
+        entry = self.entry(chat.model, chat.api) or {}
         can_think = "thinking" in (entry.get("capabilities") or []) or entry.get("inline_thinking")
         if not can_think:
             return ""
         return THOUGHT if chat.think is None or chat.think or entry.get("thinking_only") else ""
+
+    def pieces(self, chat: Chat, reply: Reply, limit: int) -> tuple[str, list, str]:
+        """The answer as the model generates it: the whole text (inline thinking included), its
+        tokens as (kind, token) pairs with the thinking first, and why generation ended. A token
+        limit cuts thinking and answer alike, as thinking spends num_predict and max_tokens."""
+        text = reply.text or ""
+        thought = self.thought(chat)
+        if thought and (self.entry(chat.model, chat.api) or {}).get("inline_thinking"):
+            text, thought = f"<think>{thought}</think>{text}", ""
+        pieces = [("thinking", token) for token in re.findall(r"\S+\s*", thought)]
+        pieces += [("content", token) for token in re.findall(r"\S+\s*|\s+", text)]
+        done_reason = reply.done_reason
+        if 0 < limit < len(pieces) and not reply.endless:
+            pieces, done_reason = pieces[:limit], "length"
+        return text, pieces, done_reason
 
     def request_done(self) -> None:
         """The model has finished with this request: its slot is free and it is no longer in
@@ -457,29 +546,23 @@ class Handler(BaseHTTPRequestHandler):
                 return True
             time.sleep(min(left, 0.01))
 
+    def drop(self) -> None:
+        self.close_connection = True
+        self.connection.shutdown(2)
+
     def send_reply(self, model: str, reply: Reply, chat: Chat) -> None:
         stream = chat.stream
         if reply.drop:
-            self.close_connection = True
-            self.connection.shutdown(2)
+            self.drop()
             return
         if reply.status != 200:
             self.request_done()
             if reply.body is not None:
-                self.send_text(reply.status, reply.body, "text/html")
+                self.send_text(reply.status, reply.body, "text/html", retry_after(reply))
             else:
-                self.send_error_json(reply.status, reply.error or "")
+                self.send_json(reply.status, {"error": reply.error or ""}, retry_after(reply))
             return
-        text = reply.text or ""
-        thought = self.thought(chat)
-        if thought and self.stand_in.models.get(normalized(model), {}).get("inline_thinking"):
-            text, thought = f"<think>{thought}</think>{text}", ""
-        pieces = [("thinking", token) for token in re.findall(r"\S+\s*", thought)]
-        pieces += [("content", token) for token in re.findall(r"\S+\s*|\s+", text)]
-        done_reason = reply.done_reason
-        limit = chat.options.get("num_predict") or -1
-        if 0 < limit < len(pieces) and not reply.endless:  # thinking spends num_predict too
-            pieces, done_reason = pieces[:limit], "length"
+        text, pieces, done_reason = self.pieces(chat, reply, chat.options.get("num_predict") or -1)
         final = {
             "model": model,
             "created_at": now(),
@@ -508,10 +591,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
                 chat.tokens_sent += 1
                 chat.thinking_sent += kind == "thinking"
-                if self.stand_in.token_latency:
-                    time.sleep(self.stand_in.token_latency)
-                if reply.endless:
-                    time.sleep(0.001)
+                self.generation_pause(reply)
         except OSError:  # the client hung up: Ollama cancels the request and stops generating
             chat.hung_up = True
             self.close_connection = True
@@ -524,6 +604,287 @@ class Handler(BaseHTTPRequestHandler):
         elif reply.done:
             self.stream_line(final)
         self.end_stream()
+
+    def generation_pause(self, reply: Reply) -> None:
+        """The time a GPU takes for a token; a runaway's loop yields so a hang-up is noticed."""
+        if self.stand_in.token_latency:
+            time.sleep(self.stand_in.token_latency)
+        if reply.endless:
+            time.sleep(0.001)
+
+    # -- the OpenAI-compatible API (/v1) --------------------------------------
+
+    def model_list(self) -> dict:
+        flavour = self.stand_in.flavour
+        owner = {"llama-server": "llamacpp", "lmstudio": "organization_owner", "ollama": "library"}
+        models = []
+        for name in self.stand_in.models:
+            card = {"id": name, "object": "model", "created": MODELS_CREATED}
+            card["owned_by"] = owner.get(flavour, "vllm")
+            if flavour in VLLM:  # vLLM's ModelCard also names the context it was started with
+                card.update(root=name, parent=None, max_model_len=4096)
+            models.append(card)
+        return {"object": "list", "data": models}
+
+    def openai_error(self, status: int, message: str) -> dict:
+        """The error body of this flavour's server."""
+        flavour = self.stand_in.flavour
+        if flavour == "lmstudio":
+            return {"error": message}
+        if flavour in VLLM:
+            names = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+            error = {"message": message, "type": names.get(status) or error_name(status)}
+            error.update(param=None, code=status)
+            return {"object": "error", **error} if flavour == "vllm-old" else {"error": error}
+        if flavour == "llama-server":  # server-common.cpp, format_error_response
+            names = {
+                400: "invalid_request_error",
+                401: "authentication_error",
+                403: "permission_error",
+                404: "not_found_error",
+                501: "not_supported_error",
+                503: "unavailable_error",
+            }
+            fallback = "server_error" if status >= 500 else "invalid_request_error"
+            return {"error": {"code": status, "message": message, "type": names.get(status, fallback)}}
+        # Ollama's openai.NewError
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+    def send_openai_error(self, status: int, message: str, headers: dict | None = None) -> None:
+        self.send_json(status, self.openai_error(status, message), headers)
+
+    def openai_chat(self, body: dict) -> None:
+        flavour = self.stand_in.flavour
+        model = body.get("model") or ""
+        entry = self.entry(model, "openai")
+        if entry is None:
+            if flavour == "ollama":
+                self.send_openai_error(404, f"model '{model}' not found")
+            else:
+                self.send_openai_error(404, f"The model `{model}` does not exist.")
+            return
+        messages = body.get("messages") or []
+        if not messages:
+            self.send_openai_error(400, "[] is too short - 'messages'")
+            return
+        try:
+            prompt, images = self.openai_content(messages, entry)
+        except Refused as refusal:
+            self.send_openai_error(refusal.status, str(refusal))
+            return
+        chat = Chat(
+            model=model,
+            prompt=prompt,
+            images=images,
+            options={},
+            keep_alive=None,
+            stream=bool(body.get("stream")),  # OpenAI's default is one object, not a stream
+            received_at=time.monotonic(),
+            think=False if self.thinking_off(body) else None,
+            api="openai",
+            body=body,
+        )
+        self.completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.serve(chat, lambda reply: self.send_openai_reply(reply, chat))
+
+    def openai_content(self, messages: list, entry: dict) -> tuple[str, list]:
+        """The prompt (every text part) and the decoded images of the messages."""
+        texts, images = [], []
+        for message in messages:
+            content = message.get("content")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+            for part in parts:
+                if part.get("type") == "text":
+                    texts.append(part.get("text") or "")
+                elif part.get("type") == "image_url":
+                    if not sees(entry):
+                        # llama-server throws a runtime_error here, which it answers as a 500
+                        # server_error, not a 400 (oaicompat_chat_params_parse).
+                        raise Refused(500 if self.stand_in.flavour == "llama-server" else 400, NO_MMPROJ)
+                    images.append(self.image_from(part.get("image_url")))
+        return "".join(texts), images
+
+    def image_from(self, image_url: Any) -> bytes:
+        """The bytes of a data URI image, or the flavour's refusal."""
+        flavour = self.stand_in.flavour
+        if isinstance(image_url, str) and flavour == "ollama":  # Ollama also takes a bare string
+            url = image_url
+        elif isinstance(image_url, dict):
+            url = image_url.get("url") or ""
+        else:
+            raise Refused(400, "image_url must be an object with a url")
+        if url.startswith(("http://", "https://")):  # vLLM and llama-server would fetch it
+            raise Refused(
+                400,
+                "image URLs are not currently supported, please use base64 encoded data instead"
+                if flavour == "ollama"
+                else "the stand-in fetches no image URLs: send a data URI",
+            )
+        match = DATA_URI.fullmatch(url)
+        if flavour == "ollama" and not (match and match[2] and match[1] in OLLAMA_IMAGE_TYPES):
+            raise Refused(400, "invalid image input")
+        data = strict_base64(match[3]) if match and match[2] else "not a base64 data URI"
+        picture = image_format(data) if isinstance(data, bytes) else None
+        # llama-server decodes with stb_image; the others take what Pillow-like decoders take.
+        if flavour == "llama-server" and picture not in LLAVA_DECODABLE:
+            raise Refused(400, "Failed to load image or audio file")
+        if picture is None:
+            reason = data if isinstance(data, str) else "cannot identify image file"
+            raise Refused(400, "invalid image input" if flavour == "ollama" else f"Invalid image: {reason}")
+        return data
+
+    def thinking_off(self, body: dict) -> bool:
+        """Whether the request turns thinking off in a way this flavour's server reads: Ollama
+        maps reasoning_effort "none" to think:false, vLLM hands chat_template_kwargs to the
+        template, llama-server reads both."""
+        by_template = (body.get("chat_template_kwargs") or {}).get("enable_thinking") is False
+        by_effort = body.get("reasoning_effort") == "none"
+        flavour = self.stand_in.flavour
+        if flavour == "ollama":
+            return by_effort
+        if flavour in VLLM:
+            return by_template
+        return by_template or by_effort
+
+    def reasoning_field(self) -> str:
+        # llama-server (and vLLM before it renamed the field) stream reasoning_content.
+        return "reasoning_content" if self.stand_in.flavour in ("llama-server", "vllm-old") else "reasoning"
+
+    def openai_object(self, chat: Chat, kind: str, **fields: Any) -> dict:
+        made = {"id": self.completion_id, "object": kind, "created": self.created, "model": chat.model}
+        if self.stand_in.flavour == "ollama":
+            made["system_fingerprint"] = "fp_ollama"
+        return {**made, **fields}
+
+    def chunk(self, chat: Chat, delta: dict, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return self.openai_object(chat, "chat.completion.chunk", choices=[choice])
+
+    def delta(self, kind: str, token: str) -> dict:
+        if kind == "content":
+            return {"role": "assistant", "content": token}
+        if self.stand_in.flavour == "ollama":  # Ollama's thinking chunks carry an empty content
+            return {"role": "assistant", "content": "", "reasoning": token}
+        return {"role": "assistant", self.reasoning_field(): token}
+
+    def usage(self, reply: Reply, pieces: list) -> dict:
+        generated = len(pieces)
+        return {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": reply.prompt_tokens + generated,
+        }
+
+    def send_openai_reply(self, reply: Reply, chat: Chat) -> None:
+        if reply.drop:
+            self.drop()
+            return
+        if reply.status != 200:
+            self.request_done()
+            if reply.body is not None:
+                self.send_text(reply.status, reply.body, "text/html", retry_after(reply))
+            else:
+                self.send_openai_error(reply.status, reply.error or "", retry_after(reply))
+            return
+        if reply.error and reply.error_in_200:
+            self.request_done()
+            self.send_json(200, self.openai_error(500, reply.error))
+            return
+        body = chat.body
+        # Ollama's /v1 reads only max_tokens; vLLM prefers max_completion_tokens.
+        limit = body.get("max_tokens")
+        if self.stand_in.flavour != "ollama":
+            limit = body.get("max_completion_tokens") or limit
+        _, pieces, finish_reason = self.pieces(chat, reply, limit if isinstance(limit, int) else -1)
+        if chat.stream:
+            self.stream_openai(reply, chat, pieces, finish_reason)
+            return
+        self.request_done()
+        if reply.error:
+            self.send_openai_error(500, reply.error)
+            return
+        message = {"role": "assistant", "content": "".join(t for kind, t in pieces if kind == "content")}
+        thinking = "".join(token for kind, token in pieces if kind == "thinking")
+        if thinking:
+            message[self.reasoning_field()] = thinking
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason}
+        usage = self.usage(reply, pieces)
+        self.send_json(200, self.openai_object(chat, "chat.completion", choices=[choice], usage=usage))
+
+    def send_piece(self, chat: Chat, kind: str, token: str, finish_reason: str | None = None) -> None:
+        self.stream_event(self.chunk(chat, self.delta(kind, token), finish_reason))
+        chat.tokens_sent += 1
+        chat.thinking_sent += kind == "thinking"
+
+    def stream_openai(self, reply: Reply, chat: Chat, pieces: list, finish_reason: str) -> None:
+        """Server-sent events token by token. vLLM puts finish_reason on the chunk of the last
+        token; Ollama and llama-server send it in a chunk of its own. Then the usage chunk, when
+        asked for, and [DONE]."""
+        flavour = self.stand_in.flavour
+        held = 1 if flavour in VLLM and pieces and not reply.endless else 0
+        leading, last = pieces[: len(pieces) - held], pieces[len(pieces) - held :]
+        self.start_stream(last=reply.vanish, content_type="text/event-stream")
+        try:
+            for kind, token in itertools.cycle(leading) if reply.endless else leading:
+                self.send_piece(chat, kind, token)
+                self.generation_pause(reply)
+        except OSError:  # the client hung up: the server cancels the request
+            chat.hung_up = True
+            self.close_connection = True
+            return
+        self.request_done()
+        if reply.vanish:
+            self.stand_in.stop(spare=self.connection)
+        for kind, token in last:
+            self.send_piece(chat, kind, token, finish_reason if reply.done and not reply.error else None)
+        if reply.error:
+            # vLLM wraps its error object (flat before 0.10.1) in "error" and still ends with
+            # [DONE]; llama-server sends {"error": ...} and stops.
+            status = 400 if flavour in VLLM else 500
+            error = self.openai_error(status, reply.error)
+            self.stream_event({"error": error} if flavour == "vllm-old" else error)
+            if flavour in VLLM:
+                self.stream_event("[DONE]")
+        elif reply.done:
+            if not last:
+                ending = {"role": "assistant", "content": ""} if flavour in (*VLLM, "ollama") else {}
+                self.stream_event(self.chunk(chat, ending, finish_reason))
+            if (chat.body.get("stream_options") or {}).get("include_usage"):
+                usage = self.usage(reply, pieces)
+                self.stream_event(self.openai_object(chat, "chat.completion.chunk", choices=[], usage=usage))
+            self.stream_event("[DONE]")
+        self.end_stream()
+
+
+class Refused(Exception):
+    """A request the server turns down before generating: its status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def sees(entry: dict) -> bool:
+    """Whether the model takes images: its vision capability, or on servers before Ollama
+    0.6.4 (no capabilities) a projector in its families."""
+    capabilities = entry.get("capabilities")
+    if capabilities is None:
+        return "clip" in (entry.get("families") or [])
+    return "vision" in capabilities
+
+
+def error_name(status: int) -> str:
+    """vLLM-style type for other statuses: 503 is "ServiceUnavailableError"."""
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "").replace("-", "") + "Error"
+    except ValueError:  # a status no standard names, as a proxy's 529
+        return "Error"
+
+
+def retry_after(reply: Reply) -> dict:
+    return {} if reply.retry_after is None else {"Retry-After": f"{reply.retry_after:g}"}
 
 
 def strict_base64(encoded: str) -> bytes | str:
@@ -538,8 +899,13 @@ def strict_base64(encoded: str) -> bytes | str:
 
 
 def decodable_by_llava(data: bytes) -> bool:
+    return image_format(data) in LLAVA_DECODABLE
+
+
+def image_format(data: bytes) -> str | None:
+    """Pillow's name for the image's format, or None for bytes that are no image."""
     try:
         with Image.open(io.BytesIO(data)) as picture:
-            return picture.format in LLAVA_DECODABLE
+            return picture.format
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return False
+        return None
