@@ -36,26 +36,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import BinaryIO, Callable, TextIO
+from typing import Any, BinaryIO, Callable, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-# The ollama package builds a default Client as it is imported (ollama/__init__.py), which
-# parses OLLAMA_HOST and raises ValueError on a malformed one; this tool reads OLLAMA_HOST
-# itself (server_url()), so the import must not see it.
-_ollama_host = os.environ.pop("OLLAMA_HOST", None)
-try:
-    import httpx
-    import ollama
-    from PIL import Image, UnidentifiedImageError
-except ImportError as missing:  # a user can cause this, so no traceback
-    print(f"error: {missing.name} is not installed; run: pip install -r requirements.txt", file=sys.stderr)
-    sys.exit(2)
-except KeyboardInterrupt:  # Ctrl-C in the first fraction of a second: die by it, quietly
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
-finally:
-    if _ollama_host is not None:
-        os.environ["OLLAMA_HOST"] = _ollama_host
+# The libraries only a run that sends images needs, imported by import_run_libraries().
+httpx: Any = None
+ollama: Any = None
+Image: Any = None
+UnidentifiedImageError: Any = None
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START = 0, 1, 2
 
@@ -152,6 +140,28 @@ class TryFailed(Exception):
         self.fault = fault
 
 
+def import_run_libraries() -> None:
+    """Import what only a run that sends images needs: the ollama client (with httpx and
+    pydantic: 0.19 s of a 0.25 s start, measured here) and Pillow. An invocation with nothing
+    to caption, as most of a shell loop's over captioned folders are, never pays for them."""
+    global httpx, ollama, Image, UnidentifiedImageError
+    if ollama is not None:
+        return
+    # The ollama package builds a default Client as it is imported (ollama/__init__.py), which
+    # parses OLLAMA_HOST and raises ValueError on a malformed one; this tool reads OLLAMA_HOST
+    # itself (server_url()), so the import must not see it.
+    ollama_host = os.environ.pop("OLLAMA_HOST", None)
+    try:
+        import httpx
+        import ollama
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as missing:  # a user can cause this, so no traceback
+        raise CannotStart(f"{missing.name} is not installed; run: pip install -r requirements.txt") from None
+    finally:
+        if ollama_host is not None:
+            os.environ["OLLAMA_HOST"] = ollama_host
+
+
 # ---------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------
@@ -201,8 +211,9 @@ def readable_name(name: str) -> str:
 
 @dataclass
 class Config:
-    folder: Path
+    folders: list[Path]
     prompt: Template
+    folder_prompt: str = ""  # a file of this name in a folder is the prompt for its images
     model: str = "llava:13b"
     hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
     jobs: int = 2
@@ -216,8 +227,8 @@ class Config:
     pull: bool = False
     dry_run: bool = False
     limit: int | None = None
-    prefix: str = ""
-    suffix: str = ""
+    prefix: Template = field(default_factory=lambda: Template(""))
+    suffix: Template = field(default_factory=lambda: Template(""))
     raw: bool = False
     retries: int = 3
     wait_server: float = 300.0
@@ -239,14 +250,15 @@ class Config:
         """What makes two runs the same pass over a folder: every setting that changes a caption."""
         settings = {
             "prompt": self.prompt.text,
+            "folder_prompt": self.folder_prompt,
             "model": self.model,
             "existing": self.existing,
             "options": self.options(),
             "think": self.think,
             "max_size": self.max_size,
             "raw": self.raw,
-            "prefix": self.prefix,
-            "suffix": self.suffix,
+            "prefix": self.prefix.text,
+            "suffix": self.suffix.text,
             "caption_ext": self.caption_ext,
         }
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -261,16 +273,30 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="llava-caption-ollama.py",
-        description="Caption every image of a folder with a vision model served by Ollama, "
+        usage="%(prog)s [options] DIR [PROMPT_FILE]\n       %(prog)s [options] DIR [DIR ...] [--prompt PROMPT_FILE]",
+        description="Caption every image of one or more folders with a vision model served by Ollama, "
         "writing <image stem>.txt beside each image.",
     )
-    parser.add_argument("folder", type=Path, help="folder of images")
     parser.add_argument(
-        "prompt_file",
+        "paths",
         type=Path,
-        nargs="?",
-        default=DEFAULT_PROMPT_FILE,
+        nargs="+",
+        metavar="DIR",
+        help="folder of images; several folders are captioned in one run. DIR PROMPT_FILE, a folder and "
+        "then a file, gives the prompt file as --prompt does",
+    )
+    parser.add_argument(
+        "--prompt",
+        type=Path,
+        metavar="FILE",
         help="text file with the instruction sent with every image (default: prompt.txt beside this script)",
+    )
+    parser.add_argument(
+        "--folder-prompt",
+        metavar="NAME",
+        default="",
+        help="a file NAME in a folder (or in a folder above it, up to the DIR given) is the prompt for that "
+        "folder's images, instead of --prompt",
     )
     parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
     parser.add_argument("--model", default="llava:13b", help="Ollama vision model (default: %(default)s)")
@@ -467,18 +493,65 @@ def server_url(text: str) -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
     hosts = args.hosts or [server_url_from_environment()]
+    folders, prompt_file = folders_and_prompt(args.paths, args.prompt)
+    refuse_folders_inside_others(folders, args.recursive)
     if args.jsonl and not args.jsonl.parent.is_dir():
         raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
-    if args.jsonl and not is_below(args.folder, args.jsonl.parent):
-        # imagefolder reads file_name relative to the JSONL's folder, with no "..".
-        raise CannotStart(f"--jsonl must be in {args.folder} or a folder above it, whose images it lists")
+    for folder in folders:
+        if args.jsonl and not is_below(folder, args.jsonl.parent):
+            # imagefolder reads file_name relative to the JSONL's folder, with no "..".
+            raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
+    if os.sep in args.folder_prompt or "/" in args.folder_prompt or args.folder_prompt in (".", ".."):
+        raise CannotStart(f"--folder-prompt takes a file name, not a path: {args.folder_prompt}")
     settings.update(
+        folders=folders,
         max_tokens=args.max_tokens or (DEFAULT_MAX_TOKENS_THINKING if args.think else DEFAULT_MAX_TOKENS),
-        prompt=read_prompt(args.prompt_file),
+        prompt=read_prompt(prompt_file),
+        prefix=Template(args.prefix, source="--prefix"),
+        suffix=Template(args.suffix, source="--suffix"),
         hosts=list(dict.fromkeys(hosts)),
         caption_ext=caption_extension(args.caption_ext),
     )
     return Config(**settings)
+
+
+def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Path], Path]:
+    """The folders to caption and the prompt file. DIR PROMPT_FILE is the form the tool always
+    had; otherwise every path is a folder: a file in a shell glob's expansion (datasets/* with a
+    notes.md in it) must never silently become the prompt."""
+    if prompt is None and len(paths) == 2 and not paths[1].is_dir():
+        if not paths[0].is_dir():
+            refuse_not_folder(paths[0])
+        return [paths[0]], paths[1]
+    folders: list[Path] = []
+    seen = set()
+    for path in paths:
+        if not path.is_dir():
+            refuse_not_folder(path, several=len(paths) > 1)
+        if os.path.realpath(path) not in seen:  # given twice: captioned once
+            seen.add(os.path.realpath(path))
+            folders.append(path)
+    return folders, prompt or DEFAULT_PROMPT_FILE
+
+
+def refuse_not_folder(path: Path, several: bool = False) -> NoReturn:
+    hint = (
+        "; with several folders, give the prompt file as --prompt FILE" if several and path.is_file() else ""
+    )
+    raise CannotStart(f"{path} is not a folder{hint}")
+
+
+def refuse_folders_inside_others(folders: list[Path], recursive: bool) -> None:
+    # With --recursive a folder inside another given one would be captioned twice, and its lock
+    # would look like another run's.
+    if not recursive:
+        return
+    for inner in folders:
+        for outer in folders:
+            if inner is not outer and is_below(inner, outer):
+                raise CannotStart(
+                    f"{inner} is inside {outer}, which --recursive already covers; give one of them"
+                )
 
 
 def is_below(path: Path, folder: Path) -> bool:
@@ -527,14 +600,23 @@ def caption_extension(ext: str) -> str:
 
 
 @dataclass
+class FolderCount:
+    captioned: int = 0
+    skipped: int = 0
+    failed: int = 0
+
+
+@dataclass
 class Summary:
-    to_caption: list[Path] = field(default_factory=list)
-    captioned: list[Path] = field(default_factory=list)
-    skipped: list[Path] = field(default_factory=list)  # already captioned, or done by this pass before
+    to_caption: int = 0  # images planned for captioning so far (at most --limit)
+    listed: bool = False  # every folder is listed and planned: to_caption is final
+    captioned: int = 0
+    skipped: int = 0  # already captioned, or done by this pass before
     failed: list[tuple[Path, str]] = field(default_factory=list)
     settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
     unlisted: list[tuple[Path, str]] = field(default_factory=list)  # folders that could not be read
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
+    by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
     stopped: str = ""  # why the run ended before its last image
@@ -550,12 +632,15 @@ class Summary:
 
     @property
     def left(self) -> int:
-        return 0 if self.dry_run else len(self.to_caption) - self.settled
+        return 0 if self.dry_run else self.to_caption - self.settled
 
     @property
     def exit_code(self) -> int:
         trouble = self.failed or self.unlisted or self.stopped or self.metadata_error or self.left
         return EXIT_SOME_FAILED if trouble else EXIT_OK
+
+    def folder(self, root: Path) -> FolderCount:
+        return self.by_folder.setdefault(root, FolderCount())
 
 
 class Stop:
@@ -570,89 +655,68 @@ class Stop:
         (self.hurried if self.asked.is_set() else self.asked).set()
 
 
-def caption_folder(config: Config, reporter: Reporter | None = None, stop: Stop | None = None) -> Summary:
-    """Caption the images of config.folder and return what happened.
+def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop | None = None) -> Summary:
+    """Caption the images of config.folders and return what happened.
 
     Raises CannotStart if the run cannot start; `stop` ends it early (see Stop).
     """
-    reporter = reporter or Reporter(config.folder)
+    reporter = reporter or Reporter()
+    reporter.name_relative_to(config.folders)
     stop = stop or Stop()
     started = time.monotonic()
     summary = Summary(dry_run=config.dry_run)
-    if config.dry_run:  # reads only: needs no lock
-        survey(config, summary)
-        reporter.list_planned(summary)
-        return summary
-    with folder_lock(config.folder, config.recursive) as unwritable:
-        found, journal, tasks = survey(config, summary)
-        reporter.report_plan(summary)
+    with ExitStack() as run:
+        # A dry run only reads: it needs no lock.
+        unwritable = (
+            {}
+            if config.dry_run
+            else {root: run.enter_context(folder_lock(root, config.recursive)) for root in config.folders}
+        )
         metadata = Metadata(config.jsonl, config.model, config.caption_ext) if config.jsonl else None
-        if not tasks or stop.asked.is_set():  # nothing to send: no server needed
-            summary.interrupted = stop.asked.is_set()
-            finish_metadata(metadata, found, summary)
+        discovery = Discovery(config, summary, reporter, metadata, unwritable)
+        run.callback(discovery.close)
+        if config.dry_run:
+            discovery.list_all(stop)
+            reporter.dry_run_done(summary)
             return summary
-        if unwritable:
-            raise CannotStart(f"cannot write in {config.folder}: {unwritable}")
-        remove_stale_temporaries(found.stale)
+        discovery.until_something_to_send(stop)
+        if not discovery.waiting or stop.asked.is_set():  # nothing to send: no server needed
+            summary.interrupted = stop.asked.is_set()
+            save_metadata(metadata, summary)
+            return summary
         servers = ready_servers(config, reporter, stop)
-        pipeline = Pipeline(tasks, servers, config, stop, reporter)
+        discovery.sending = True
+        writer = Writer()
+        pipeline = Pipeline(discovery, writer, servers, config, stop, reporter)
         try:
             reporter.start(summary)
             for outcome in pipeline.outcomes():
-                write_and_count(outcome, config, summary, reporter, metadata, journal, pipeline)
+                count(outcome, config, summary, reporter, metadata)
+            if not stop.hurried.is_set():  # the images a stopped run leaves are counted
+                discovery.list_all(stop)
             summary.stopped = pipeline.stopped_because(summary.left)
             summary.interrupted = stop.asked.is_set()
         finally:
             pipeline.close()
+            writer.close()
             summary.server_trouble += [server.report() for server in servers if server.report()]
             for server in servers:
                 server.close()
-            if journal:
-                journal.close()
-            finish_metadata(metadata, found, summary)
+            save_metadata(metadata, summary)
             summary.seconds = time.monotonic() - started
     return summary
 
 
-def survey(config: Config, summary: Summary) -> tuple[Found, Journal | None, list[Task]]:
-    """Find the images and drop those already captioned; what is left to caption."""
-    found = find_images(config.folder, config.recursive, config.caption_ext)
-    if not config.dry_run:
-        refuse_if_held_below(found)
-    summary.orphans, summary.unlisted = found.orphans, found.unlisted
-    journal = Journal(config) if config.existing != "skip" else None
-    tasks, summary.skipped, summary.failed = plan(found, config, journal)
-    tasks = tasks[: config.limit]
-    summary.to_caption = [task.image for task in tasks]
-    return found, journal, tasks
-
-
-def write_and_count(
-    outcome: Outcome,
-    config: Config,
-    summary: Summary,
-    reporter: Reporter,
-    metadata: Metadata | None,
-    journal: Journal | None,
-    pipeline: Pipeline,
+def count(
+    outcome: Outcome, config: Config, summary: Summary, reporter: Reporter, metadata: Metadata | None
 ) -> None:
-    """Write one answer's caption and account for it: the only place captions are written and
-    the only place an image's end is counted and reported."""
+    """Account for one image's end: the only place it is counted and reported."""
     summary.settled += 1
-    task, failure = outcome.task, outcome.failure
-    if not failure:
-        text = finished_caption(outcome.caption, task.existing, config)
-        try:
-            if journal:
-                journal.add(task.image, text)  # before the caption: see Journal
-            write_caption(task.image, text, config)
-        except TryFailed as write_failed:
-            failure = str(write_failed)
-            if decide(write_failed.fault, 0, config.retries)[0] is Action.STOP_RUN:
-                pipeline.halt(failure)
-    if failure:
-        summary.failed.append((task.image, failure))
-        reporter.image_failed(task.image, failure)
+    task = outcome.task
+    if outcome.failure:
+        summary.failed.append((task.image, outcome.failure))
+        summary.folder(task.root).failed += 1
+        reporter.image_failed(task.image, outcome.failure)
         return
     if outcome.answer.thought and not (config.think or summary.thought):
         reporter.say(
@@ -660,95 +724,305 @@ def write_and_count(
             "costs its thinking time; choose a tag that does not think, such as an -instruct one"
         )
     summary.thought = summary.thought or outcome.answer.thought
-    summary.captioned.append(task.image)
+    summary.captioned += 1
+    summary.folder(task.root).captioned += 1
     summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
     summary.tokens += outcome.answer.tokens
     summary.generation_ns += outcome.answer.generation_ns
-    summary.words += len(text.split())
-    summary.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
-    reporter.image_captioned(task.image, text, outcome.seconds)
+    summary.words += len(outcome.text.split())
+    summary.over_clip_limit += estimated_clip_tokens(outcome.text) > CLIP_TOKENS
+    reporter.image_captioned(task.image, outcome.text, outcome.seconds)
     if metadata:
-        metadata.add(task.image, text, seconds=round(outcome.seconds, 2), tokens=outcome.answer.tokens)
+        metadata.add(
+            task.image, outcome.text, seconds=round(outcome.seconds, 2), tokens=outcome.answer.tokens
+        )
         metadata.save_now_and_then(reporter)
 
 
-def finish_metadata(metadata: Metadata | None, found: Found, summary: Summary) -> None:
+def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
     if metadata:
         try:
-            metadata.recover_missing(found, summary.captioned)
             metadata.save()
         except OSError as exc:
             summary.metadata_error = f"cannot write {metadata.path}: {reason(exc)}"
 
 
 # ---------------------------------------------------------------------------
-# Discovery
+# Discovery: list the folders and plan each image, a step at a time
 # ---------------------------------------------------------------------------
 
 
 @dataclass
-class Found:
-    images: list[Path] = field(default_factory=list)
-    not_images: list[tuple[Path, str]] = field(default_factory=list)  # image names, not regular files
-    caption_names: dict[str, set[str]] = field(default_factory=dict)  # folder: caption files listed there
-    orphans: list[Path] = field(default_factory=list)
-    unlisted: list[tuple[Path, str]] = field(default_factory=list)
-    stale: list[Path] = field(default_factory=list)  # temporary files a killed run left behind
-    locks_below: list[Path] = field(default_factory=list)  # other runs' locks in subfolders
+class Planned:
+    """An image that needs a caption, as discovery keeps it until it is prepared: a few strings,
+    so that a folder of 100,000 images costs some 15 MB."""
 
-    def caption_listed(self, caption: Path) -> bool:
-        return caption.name in self.caption_names.get(str(caption.parent), ())
+    root: Path  # the folder given, below which the image was found
+    image: str
+    existing: str  # the caption already there, where --existing or {existing} uses it
+    prompt: Template
 
 
-def find_images(folder: Path, recursive: bool, caption_ext: str) -> Found:
-    """The images below folder, and what else a run needs to know of the listing."""
-    if not folder.is_dir():
-        raise CannotStart(f"{folder} is not a folder")
-    found = Found()
-    seen_folders = set()
-    to_list = [folder]
-    while to_list:
-        here = to_list.pop()
+@dataclass
+class Task:
+    """One image on its way: prepared, sent, perhaps sent again."""
+
+    image: Path
+    root: Path
+    existing: str
+    template: Template
+    prompt: str = ""  # filled in by preparation
+    payload: bytes = b""  # the encoded image to send, filled in by preparation
+    tries: int = 0  # tries that failed in a way that counts against --retries
+    faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
+    not_before: float = 0.0  # time.monotonic() before which it must not be sent again
+
+    @classmethod
+    def of(cls, planned: Planned) -> Task:
+        return cls(Path(planned.image), planned.root, planned.existing, planned.prompt)
+
+
+@dataclass
+class Listing:
+    """One folder's listing, by name: its images and subfolders in sorted order, the caption
+    files the listing showed, and the prompt that holds for its images."""
+
+    path: str
+    entries: list[tuple[str, bool]]  # (name, is a folder), sorted by name
+    captions: set[str]
+    sharing: dict[str, int]  # caption name: images that would write it
+    prompt: Template
+    position: int = 0
+
+    def next_entry(self) -> tuple[str, bool] | None:
+        if self.position == len(self.entries):
+            return None
+        self.position += 1
+        return self.entries[self.position - 1]
+
+
+class Discovery:
+    """The images below the run's folders, found and planned a step at a time: the first image
+    is sent while a huge folder is still being planned, and the total is known once the last
+    folder is. Whether a caption exists is read from the folder's listing, so no file that is
+    not there is ever opened. Images are planned in order, each folder's entries by name (the
+    order of their relative paths)."""
+
+    STEP = 256  # images planned per step: some 5 ms, so an answer is never kept waiting long
+
+    def __init__(
+        self,
+        config: Config,
+        summary: Summary,
+        reporter: Reporter,
+        metadata: Metadata | None,
+        unwritable: dict[Path, str],
+    ) -> None:
+        self.config = config
+        self.summary = summary
+        self.reporter = reporter
+        self.metadata = metadata
+        self.unwritable = unwritable
+        self.waiting: deque[Planned] = deque()  # to caption, not prepared yet
+        self.journals: dict[Path, Journal] = {}
+        self.seen_folders: set[tuple[int, int]] = set()
+        self.wants_text = config.existing in ("append", "prepend") or "existing" in config.prompt.fields
+        self.sending = False  # images are on their way: a folder found unwritable fails its images
+        self.finished = False
+        self.steps = self.walk_every_folder()
+
+    def step(self) -> None:
+        """Plan the next few images (or list the next folder)."""
+        if self.finished:
+            return
         try:
-            # Following links lets a dataset be assembled from linked folders; remembering
-            # each real folder keeps a link back to a parent from looping forever.
-            identity = folder_identity(here)
-            if identity in seen_folders:
+            next(self.steps)
+        except StopIteration:
+            self.finished = self.summary.listed = True
+            self.reporter.listed(self.summary)
+
+    def until_something_to_send(self, stop: Stop) -> None:
+        while not (self.waiting or self.finished or stop.asked.is_set()):
+            self.step()
+
+    def list_all(self, stop: Stop) -> None:
+        """Plan what is left; a dry run lists each image to caption as it is planned."""
+        while not self.finished and not stop.hurried.is_set():
+            self.step()
+            if self.config.dry_run:
+                self.reporter.list_planned([Path(planned.image) for planned in self.waiting])
+                self.waiting.clear()
+
+    def close(self) -> None:
+        self.steps.close()
+        for journal in self.journals.values():
+            journal.close()
+
+    def walk_every_folder(self) -> Iterator[None]:
+        for root in self.config.folders:
+            if self.config.existing != "skip":
+                self.journals[root] = Journal(self.config, root)
+            yield from self.walk(root)
+
+    def walk(self, root: Path) -> Iterator[None]:
+        first = self.listing(str(root), root, self.config.prompt)
+        stack = [first] if first else []
+        planned = 0
+        while stack:
+            entry = stack[-1].next_entry()
+            if entry is None:
+                stack.pop()
                 continue
-            seen_folders.add(identity)
-            with os.scandir(here) as listing:
-                entries = list(listing)
+            name, is_folder = entry
+            path = os.path.join(stack[-1].path, name)
+            if is_folder:
+                below = self.listing(path, root, stack[-1].prompt)
+                stack += [below] if below else []
+                yield  # a folder listed is a step: it may have held 100,000 names
+                continue
+            self.plan(root, stack[-1], path)
+            planned += 1
+            if planned % self.STEP == 0:
+                yield
+
+    def listing(self, path: str, root: Path, prompt: Template) -> Listing | None:
+        """The folder at path, listed; None (and the folder reported) if it cannot be read."""
+        try:
+            # Following links lets a dataset be assembled from linked folders; remembering each
+            # real folder keeps a link back to a parent from looping forever.
+            identity = folder_identity(path)
+            if identity in self.seen_folders:
+                return None
+            self.seen_folders.add(identity)
+            with os.scandir(path) as listed:
+                entries = list(listed)
         except OSError as exc:
-            if here == folder:
-                raise CannotStart(f"cannot list {folder}: {reason(exc)}") from None
-            found.unlisted.append((here, reason(exc)))  # lost+found on a data disk, say
-            continue
+            if len(self.config.folders) == 1 and path == str(root):
+                raise CannotStart(f"cannot list {root}: {reason(exc)}") from None
+            self.folder_left_out(path, reason(exc))  # lost+found on a data disk, say
+            return None
+        return self.listing_of(path, root, entries, prompt)
+
+    def listing_of(
+        self, path: str, root: Path, entries: list[os.DirEntry], prompt: Template
+    ) -> Listing | None:
+        ext = self.config.caption_ext
+        names: list[tuple[str, bool]] = []
         captions = set()
         for entry in entries:
             name = entry.name
-            if name.startswith(OWN_FILE_PREFIX) and name.endswith(".tmp") and is_stale(entry):
-                found.stale.append(Path(entry.path))
-            if name == LOCK_NAME and here != folder:
-                found.locks_below.append(Path(entry.path))
+            if name.startswith(OWN_FILE_PREFIX):
+                trouble = self.own_file(path, root, entry)
+                if trouble:
+                    self.folder_left_out(path, trouble)
+                    return None
             if name.startswith("."):
                 continue
-            if name.endswith(caption_ext):
+            if name.endswith(ext):
                 captions.add(name)  # whatever it is: existing_caption() looks closer
             if entry.is_dir():
-                if recursive:
-                    to_list.append(Path(entry.path))
+                if self.config.recursive:
+                    names.append((name, True))
             elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 if entry.is_file():
-                    found.images.append(Path(entry.path))
+                    names.append((name, False))
                 else:
-                    found.not_images.append((Path(entry.path), why_not_a_file(entry.path)))
-        found.caption_names[str(here)] = captions
-    found.images.sort(key=lambda path: path.relative_to(folder).parts)
-    found.orphans = orphan_captions(found, caption_ext)
-    return found
+                    self.fail(root, Path(entry.path), why_not_a_file(entry.path))
+        if self.config.folder_prompt and self.config.folder_prompt in (entry.name for entry in entries):
+            try:
+                prompt = read_prompt(Path(path, self.config.folder_prompt))
+            except CannotStart as exc:
+                self.folder_left_out(path, str(exc))
+                return None
+        names.sort()
+        sharing: dict[str, int] = {}
+        for name, is_folder in names:
+            if not is_folder:
+                caption = os.path.splitext(name)[0] + ext
+                sharing[caption] = sharing.get(caption, 0) + 1
+        captions.discard(self.config.folder_prompt)
+        self.summary.orphans += [Path(path, name) for name in sorted(captions - sharing.keys())]
+        return Listing(path, names, captions, sharing, prompt)
+
+    def own_file(self, path: str, root: Path, entry: os.DirEntry) -> str:
+        """Deal with a file of this tool's in a listing: a killed run's temporary file is removed,
+        and a lock below the folder given means that a run of its own is captioning it there."""
+        if entry.name.endswith(".tmp") and not self.config.dry_run and is_stale(entry):
+            remove_quietly(entry.path)
+        if entry.name == LOCK_NAME and path != str(root) and not self.config.dry_run:
+            holder = held_by_another_run(Path(entry.path))
+            if holder:
+                return f"another run is captioning it ({holder})"
+        return ""
+
+    def folder_left_out(self, path: str, why: str) -> None:
+        self.summary.unlisted.append((Path(path), why))
+        self.reporter.say(f"FAILED to list {self.reporter.name(Path(path))}: {why}; its images are left out")
+
+    def fail(self, root: Path, image: Path, why: str) -> None:
+        self.summary.failed.append((image, why))
+        self.summary.folder(root).failed += 1
+        self.reporter.image_failed(image, why, counted=False)
+
+    def plan(self, root: Path, listing: Listing, path: str) -> None:
+        """Decide for one image: to caption, already captioned, or failed before it is sent."""
+        name = os.path.basename(path)
+        caption = os.path.splitext(name)[0] + self.config.caption_ext
+        image = Path(path)
+        if listing.sharing[caption] > 1:
+            # One caption would describe only one of the pictures: caption neither.
+            twins = [
+                other
+                for other, is_folder in listing.entries
+                if not is_folder and other != name and caption_name(other, self.config) == caption
+            ]
+            self.fail(root, image, f"shares {caption} with {', '.join(twins)}; rename one of them")
+            return
+        if caption == self.config.folder_prompt:
+            self.fail(root, image, f"its caption would overwrite the folder's prompt file {caption}")
+            return
+        if len(os.fsencode(caption)) > longest_name(listing.path):
+            self.fail(root, image, f"its caption's name would be too long for the file system ({caption})")
+            return
+        caption_file = Path(listing.path, caption)
+        try:
+            existing = existing_caption(caption_file, caption in listing.captions)
+        except TryFailed as failure:
+            self.fail(root, image, str(failure))
+            return
+        if self.metadata:
+            self.metadata.recover(image, caption_file, existing)
+        journal = self.journals.get(root)
+        already = self.config.existing == "skip" and existing.strip()
+        if already or (journal and journal.done(image, existing, listing.prompt)):
+            self.summary.skipped += 1
+            self.summary.folder(root).skipped += 1
+            return
+        try:
+            text = caption_text(caption_file, existing) if self.wants_text else ""
+        except TryFailed as failure:
+            self.fail(root, image, str(failure))
+            return
+        if self.config.limit is not None and self.summary.to_caption >= self.config.limit:
+            return
+        if self.unwritable.get(root):
+            if not self.sending:  # nothing sent yet: the run cannot start
+                raise CannotStart(f"cannot write in {root}: {self.unwritable[root]}")
+            self.fail(root, image, f"cannot write in {root}: {self.unwritable[root]}")
+            return
+        self.summary.to_caption += 1
+        self.waiting.append(Planned(root, path, text, listing.prompt))
 
 
-def folder_identity(path: Path) -> tuple[int, int]:
+def caption_name(image_name: str, config: Config) -> str:
+    return os.path.splitext(image_name)[0] + config.caption_ext
+
+
+def caption_path(image: Path, caption_ext: str) -> Path:
+    return image.with_name(image.stem + caption_ext)
+
+
+def folder_identity(path: str) -> tuple[int, int]:
     info = os.stat(path)
     return info.st_dev, info.st_ino
 
@@ -772,72 +1046,8 @@ def why_not_a_file(path: str) -> str:
     return f"not an image file but {kind}"
 
 
-def orphan_captions(found: Found, caption_ext: str) -> list[Path]:
-    wanted: dict[str, set[str]] = {}
-    for image in found.images:
-        wanted.setdefault(str(image.parent), set()).add(image.stem + caption_ext)
-    return sorted(
-        Path(folder, name)
-        for folder, names in found.caption_names.items()
-        for name in names - wanted.get(folder, set())
-    )
-
-
-def caption_path(image: Path, caption_ext: str) -> Path:
-    return image.with_name(image.stem + caption_ext)
-
-
-@dataclass
-class Task:
-    """One image on its way: planned, prepared, sent, perhaps sent again."""
-
-    image: Path
-    existing: str = ""  # the caption already there, where --existing or {existing} uses it
-    prompt: str = ""  # filled in by preparation
-    payload: bytes = b""  # the encoded image to send, filled in by preparation
-    tries: int = 0  # tries that failed in a way that counts against --retries
-    faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
-    not_before: float = 0.0  # time.monotonic() before which it must not be sent again
-
-
-def plan(
-    found: Found, config: Config, journal: Journal | None
-) -> tuple[list[Task], list[Path], list[tuple[Path, str]]]:
-    """Split the images into (to caption, skipped, failed); same-stem images fail together."""
-    sharing: dict[Path, list[Path]] = {}
-    for image in found.images:
-        sharing.setdefault(caption_path(image, config.caption_ext), []).append(image)
-    todo: list[Task] = []
-    skipped: list[Path] = []
-    failed = list(found.not_images)
-    wants_text = config.existing in ("append", "prepend") or "existing" in config.prompt.fields
-    for image in found.images:
-        caption = caption_path(image, config.caption_ext)
-        twins = [other.name for other in sharing[caption] if other != image]
-        if twins:
-            # One caption would describe only one of the pictures: caption neither.
-            failed.append((image, f"shares {caption.name} with {', '.join(twins)}; rename one of them"))
-            continue
-        if len(os.fsencode(caption.name)) > longest_name(caption.parent):
-            failed.append(
-                (image, f"its caption's name would be too long for the file system ({caption.name})")
-            )
-            continue
-        try:
-            existing = existing_caption(caption, found.caption_listed(caption))
-            already = config.existing == "skip" and existing.strip()
-            if already or (journal and journal.done(image, existing)):
-                skipped.append(image)
-            else:
-                todo.append(Task(image, caption_text(caption, existing) if wants_text else ""))
-        except TryFailed as failure:
-            failed.append((image, str(failure)))
-    failed.sort()
-    return todo, skipped, failed
-
-
 @functools.cache
-def longest_name(folder: Path) -> int:
+def longest_name(folder: str) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # Windows has no pathconf; NTFS allows 255
@@ -892,27 +1102,28 @@ def open_regular_file(path: Path) -> BinaryIO:
 # and 118 MB; decoding at reduced DCT scale first takes ~105 ms and 16 MB.
 
 EXIF_ORIENTATION = 0x0112
-UNDO_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+UNDO_ORIENTATION = {  # EXIF orientation: the Image.Transpose that makes the picture upright
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
 }
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 def prepare(task: Task, config: Config) -> Task:
     """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
-    task.prompt = config.prompt.fill(task.image, task.existing)
+    task.prompt = task.template.fill(task.image, task.existing)
     task.payload = prepare_image(task.image, config.max_size)
     return task
 
 
 def prepare_image(path: Path, max_size: int) -> bytes:
     """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
+    import_run_libraries()
     try:
         file = open_regular_file(path)
     except OSError as exc:
@@ -996,7 +1207,7 @@ def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | N
         rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=1.0)
     # Rotating after shrinking touches 20x fewer pixels (105 ms against 265 ms for 24 MP).
     if orientation in UNDO_ORIENTATION:
-        rgb = rgb.transpose(UNDO_ORIENTATION[orientation])
+        rgb = rgb.transpose(getattr(Image.Transpose, UNDO_ORIENTATION[orientation]))
     return rgb
 
 
@@ -1069,6 +1280,7 @@ class Server:
     def __init__(self, url: str, timeout: float, jobs: int) -> None:
         self.url = url
         self.jobs = jobs
+        import_run_libraries()
         # The client waits forever by default. A queued request gets no byte until a slot
         # frees, so the read timeout of a caption request must be generous; connecting, and
         # the calls that load no model, need not be.
@@ -1331,7 +1543,6 @@ def seed_for(seed: int | None, tries: int) -> int | None:
 # error line mid-stream (status -1), the builtin ConnectionError or httpx.ConnectError when
 # nothing listens, other httpx errors for timeouts and broken connections, ValueError for
 # undecodable JSON and pydantic's validation errors.
-CLIENT_ERRORS = (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError)
 # How each Ollama era says it could not decode an image: v0.4-0.11.4 (llava embedding),
 # v0.11.5-0.29 (mtmd), the Go engine (image: unknown format), v0.30+ llama-server (400).
 UNDECODABLE = re.compile(
@@ -1346,7 +1557,7 @@ def server_errors() -> Iterator[None]:
     """Turn every way a server or connection can fail into a TryFailed with its fault."""
     try:
         yield
-    except CLIENT_ERRORS as exc:
+    except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
         raise classified(exc) from None
 
 
@@ -1551,7 +1762,7 @@ def in_the_background(work: Callable[..., object], *args: object) -> Future:
 @dataclass
 class Outcome:
     task: Task
-    caption: str = ""  # cleaned up, before trigger words and merging
+    text: str = ""  # the caption as written
     failure: str = ""
     answer: Answer = field(default_factory=lambda: Answer("", "", 0, 0))
     server: str = ""
@@ -1559,30 +1770,35 @@ class Outcome:
 
 
 class Pipeline:
-    """Images flow: waiting -> preparing -> ready -> sent to any server with a free slot -> done.
+    """Images flow: planned -> preparing -> ready -> sent to any server with a free slot ->
+    writing -> done.
 
     Every server takes from the one ready queue, so a faster server does more. At most one
     image per request slot is prepared or being prepared: memory stays flat however large the
-    folder, and the next image is ready the moment a request finishes.
+    folder, and the next image is ready the moment a request finishes. While discovery has
+    folders left to plan, it takes a step between two looks at the work in flight.
     """
 
     def __init__(
         self,
-        tasks: Sequence[Task],
+        discovery: Discovery,
+        writer: Writer,
         servers: list[Server],
         config: Config,
         stop: Stop,
         reporter: Reporter,
     ) -> None:
+        self.discovery = discovery
+        self.writer = writer
         self.config = config
         self.servers = servers
         self.stop = stop
         self.reporter = reporter
-        self.waiting = deque(tasks)  # not prepared yet
         self.ready: deque[Task] = deque()  # prepared, to be sent
         self.delayed: list[Task] = []  # to be sent again once their pause is over
         self.preparing: dict[Future, Task] = {}
         self.sending: dict[Future, tuple[Server, Task, float]] = {}
+        self.writing: dict[Future, Outcome] = {}
         self.probing: dict[Future, Server] = {}
         self.halted = ""  # why the run must end early (the retry policy said so)
         self.preparers = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="prepare")
@@ -1595,7 +1811,10 @@ class Pipeline:
                 yield from self.drain()
                 return
             self.start_work()
-            for future in self.wait_for_any():
+            planning = not self.discovery.finished
+            if planning:
+                self.discovery.step()
+            for future in self.wait_for_any(at_once=planning):
                 outcome = self.settle(future)
                 if outcome:
                     yield outcome
@@ -1618,9 +1837,9 @@ class Pipeline:
         return f"no Ollama server left to ask; {left} images left for a rerun"
 
     def has_work(self) -> bool:
-        if self.sending or self.preparing:
+        if self.sending or self.preparing or self.writing:
             return True
-        if not (self.waiting or self.ready or self.delayed):
+        if not (self.discovery.waiting or self.ready or self.delayed or not self.discovery.finished):
             return False
         # Images are left, but once every server is out of rotation nobody can take them.
         return any(server.in_rotation for server in self.servers)
@@ -1639,15 +1858,20 @@ class Pipeline:
                 server.in_flight += 1
                 self.sending[in_the_background(ask, server, self.config, task)] = (server, task, now)
         slots = sum(server.jobs for server in self.servers if server.in_rotation)
-        while self.waiting and len(self.ready) + len(self.preparing) < max(1, slots):
-            task = self.waiting.popleft()
+        waiting = self.discovery.waiting
+        while waiting and len(self.ready) + len(self.preparing) < max(1, slots):
+            task = Task.of(waiting.popleft())
             self.preparing[self.preparers.submit(prepare, task, self.config)] = task
 
-    def wait_for_any(self) -> set[Future]:
-        running = [*self.preparing, *self.sending, *self.probing]
+    def wait_for_any(self, at_once: bool = False) -> set[Future]:
+        """The work that finished, waiting for some unless at_once; a stop is noticed within
+        POLL_SECONDS."""
+        running = [*self.preparing, *self.sending, *self.writing, *self.probing]
         due = [task.not_before for task in self.delayed]
         due += [server.next_probe for server in self.servers if server.state is State.QUIET]
-        timeout = min([POLL_SECONDS] + [max(0.0, when - time.monotonic()) for when in due])
+        timeout = (
+            0.0 if at_once else min([POLL_SECONDS] + [max(0.0, when - time.monotonic()) for when in due])
+        )
         if not running:
             self.stop.asked.wait(timeout)
             return set()
@@ -1661,6 +1885,8 @@ class Pipeline:
             if server.state is State.ANSWERING:
                 self.reporter.say(f"{server.url} answers again")
             return None
+        if future in self.writing:
+            return self.written(future)
         if future in self.preparing:
             task = self.preparing.pop(future)
             server = None
@@ -1677,7 +1903,22 @@ class Pipeline:
             self.ready.append(result)
             return None
         caption, answer = result
-        return Outcome(task, caption, answer=answer, server=server.url, seconds=time.monotonic() - started)
+        outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
+        journal = self.discovery.journals.get(task.root)
+        self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
+        return None
+
+    def written(self, future: Future) -> Outcome:
+        outcome = self.writing.pop(future)
+        try:
+            outcome.text = future.result()
+        except TryFailed as failure:
+            outcome.failure = str(failure)
+            if decide(failure.fault, 0, self.config.retries)[0] is Action.STOP_RUN:
+                self.halt(outcome.failure)
+        except Exception as exc:  # noqa: BLE001 - a defect must fail its image, never lose it
+            outcome.failure = f"unexpected error: {exc!r}"
+        return outcome
 
     def after_failure(self, server: Server | None, task: Task, failure: TryFailed) -> Outcome | None:
         """Carry out the retry policy's decision for one failed try."""
@@ -1709,7 +1950,8 @@ class Pipeline:
 
     def drain(self) -> Iterator[Outcome]:
         """After a stop: start nothing more; the answers already on their way (for at most
-        DRAIN_SECONDS) are still written, unless the run was halted."""
+        DRAIN_SECONDS) are still written, unless the run was halted. A caption being written
+        is always waited for: it takes milliseconds."""
         for future in self.preparing:
             future.cancel()
         if self.sending and not self.halted:
@@ -1718,13 +1960,15 @@ class Pipeline:
                 "(Ctrl-C again to quit at once)"
             )
         deadline = time.monotonic() + DRAIN_SECONDS
-        # After a halt (401, a full disk) the answers on their way are not waited for: they are
-        # left for the rerun, with the rest.
-        while (
-            self.sending and time.monotonic() < deadline and not (self.stop.hurried.is_set() or self.halted)
-        ):
-            done = wait(list(self.sending), timeout=min(POLL_SECONDS, deadline - time.monotonic()))[0]
-            for future in done:
+        while True:
+            awaited = list(self.writing)
+            # After a halt (401, a full disk) the answers on their way are not waited for: they
+            # are left for the rerun, with the rest.
+            if time.monotonic() < deadline and not (self.stop.hurried.is_set() or self.halted):
+                awaited += self.sending
+            if not awaited:
+                return
+            for future in wait(awaited, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)[0]:
                 outcome = self.settle(future)
                 if outcome:
                     yield outcome
@@ -1821,18 +2065,21 @@ def shortened(text: str, length: int = 60) -> str:
     return repr(text if len(text) <= length else text[: length - 1] + "\u2026")
 
 
-def finished_caption(caption: str, old: str, config: Config) -> str:
+def finished_caption(caption: str, task: Task, config: Config) -> str:
     """The text to write: merged with an existing caption if asked, trigger words in place."""
+    old = task.existing
     if old and config.existing == "append":
         caption = f"{old}, {caption}"
     elif old and config.existing == "prepend":
         caption = f"{caption}, {old}"
+    prefix = config.prefix.fill(task.image, old)
+    suffix = config.suffix.fill(task.image, old)
     # A trigger word the model (or an earlier run) already put in place is not repeated; it
     # must be there as whole words: "man" is not in place at the start of "many people".
-    if config.prefix and not re.match(rf"{re.escape(config.prefix)}(?!\w)", caption, re.IGNORECASE):
-        caption = f"{config.prefix}, {caption}"
-    if config.suffix and not re.search(rf"(?<!\w){re.escape(config.suffix)}[\s.]*$", caption, re.IGNORECASE):
-        caption = f"{caption}, {config.suffix}"
+    if prefix and not re.match(rf"{re.escape(prefix)}(?!\w)", caption, re.IGNORECASE):
+        caption = f"{prefix}, {caption}"
+    if suffix and not re.search(rf"(?<!\w){re.escape(suffix)}[\s.]*$", caption, re.IGNORECASE):
+        caption = f"{caption}, {suffix}"
     return caption
 
 
@@ -1853,6 +2100,72 @@ def estimated_clip_tokens(caption: str) -> int:
 # ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
+
+
+def write_answer(task: Task, caption: str, config: Config, journal: Journal | None) -> str:
+    """Write one answer's caption (on a writer thread); the text written."""
+    text = finished_caption(caption, task, config)
+    if journal:
+        journal.add(task.image, text, task.template)  # before the caption: see Journal
+    write_caption(task.image, text, config)
+    return text
+
+
+class Writer:
+    """Writes captions on threads of its own, so that answers arriving faster than one thread can
+    write them never wait: an fsync waits for the disk, and several overlap. Measured on ext4
+    here: one thread writes 2,300 captions/s (temporary file, fsync, rename), four 3,400/s.
+    Each caption's content is on disk before its rename; the folders' own fsync, which makes
+    the renames durable, is batched: at most once a second, and at the end of the run."""
+
+    THREADS = 4
+    SYNC_EVERY = 1.0
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="write")
+        self.lock = threading.Lock()
+        self.unsynced: set[str] = set()
+        self.synced_at = time.monotonic()
+
+    def submit(self, work: Callable[..., str], task: Task, *args: object) -> Future:
+        return self.pool.submit(self.written_in, work, task, *args)
+
+    def written_in(self, work: Callable[..., str], task: Task, *args: object) -> str:
+        text = work(task, *args)
+        with self.lock:
+            self.unsynced.add(str(task.image.parent))
+            due = time.monotonic() - self.synced_at >= self.SYNC_EVERY
+        if due:
+            self.sync_folders()
+        return text
+
+    def sync_folders(self) -> None:
+        with self.lock:
+            folders, self.unsynced = self.unsynced, set()
+            self.synced_at = time.monotonic()
+        for folder in folders:
+            sync_folder(folder)
+
+    def close(self) -> None:
+        """Wait for the captions being written (milliseconds each), then make them durable."""
+        self.pool.shutdown(wait=True)
+        self.sync_folders()
+
+
+def sync_folder(folder: str) -> None:
+    # Windows cannot open a folder to fsync it; NTFS journals the rename itself.
+    if os.name == "nt":
+        return
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems (a FUSE mount, say) cannot: the rename is as durable as they make it
+    finally:
+        os.close(descriptor)
 
 
 def write_caption(image: Path, text: str, config: Config) -> None:
@@ -1912,12 +2225,11 @@ def put_in_place_if_absent(temporary: Path, path: Path) -> bool:
         return False
 
 
-def remove_stale_temporaries(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass  # gone already, or not ours to remove
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # gone already, or not ours to remove
 
 
 LOCK_NAME = f"{OWN_FILE_PREFIX}.lock"
@@ -2008,16 +2320,6 @@ def refuse_if_held_above(folder: Path) -> None:
             )
 
 
-def refuse_if_held_below(found: Found) -> None:
-    """This run's subfolders are being captioned by a run of their own."""
-    for path in found.locks_below:
-        holder = held_by_another_run(path)
-        if holder:
-            raise CannotStart(
-                f"another run is captioning {path.parent} ({holder}); wait for it to end, or stop it"
-            )
-
-
 def is_still_at(descriptor: int, path: Path) -> bool:
     try:
         return os.path.samestat(os.fstat(descriptor), os.stat(path))
@@ -2051,12 +2353,13 @@ class Journal:
     as done only while its caption file holds exactly what this pass wrote.
     """
 
-    def __init__(self, config: Config) -> None:
-        self.folder = config.folder
-        self.path = config.folder / f"{OWN_FILE_PREFIX}.journal"
+    def __init__(self, config: Config, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / f"{OWN_FILE_PREFIX}.journal"
         self.header = json.dumps({"pass": config.pass_identity()})
         self.done_by_name: dict[str, str] = {} if config.fresh else self.read()
         self.descriptor: int | None = None
+        self.opening = threading.Lock()  # captions are written on several threads
 
     def read(self) -> dict[str, str]:
         try:
@@ -2069,21 +2372,26 @@ class Journal:
         done = {}
         for line in lines[1:]:
             try:
-                name, written = json.loads(line)
-                done[name] = written
+                name, written, prompt = json.loads(line)
+                done[name] = written + prompt
             except (ValueError, TypeError):
                 pass  # the last line of a run killed as it wrote: that image was not written
         return done
 
-    def done(self, image: Path, caption: bytes) -> bool:
+    def done(self, image: Path, caption: bytes, prompt: Template) -> bool:
+        """This pass wrote the caption file's text, with the prompt that holds for the image now
+        (a folder's own prompt file may have changed since)."""
         written = self.done_by_name.get(self.name(image))
-        return written is not None and written == digest(caption.decode("utf-8", "replace").strip())
+        text = caption.decode("utf-8", "replace").strip()
+        return written is not None and written == digest(text) + digest(prompt.text)
 
-    def add(self, image: Path, text: str) -> None:
-        line = json.dumps([self.name(image), digest(text)]) + "\n"  # ASCII: names are escaped
+    def add(self, image: Path, text: str, prompt: Template) -> None:
+        # ASCII: names are escaped
+        line = json.dumps([self.name(image), digest(text), digest(prompt.text)]) + "\n"
         try:
-            if self.descriptor is None:
-                self.descriptor = self.start()
+            with self.opening:
+                if self.descriptor is None:
+                    self.descriptor = self.start()
             # Unbuffered: the line is in the operating system's hands before the caption is.
             os.write(self.descriptor, line.encode())
         except OSError as exc:
@@ -2121,9 +2429,9 @@ JSON_ESCAPES = {code: f"\\u{code:04x}" for code in [0x85, 0x2028, 0x2029, *range
 class Metadata:
     """The --jsonl file: one JSON object a line (Hugging Face imagefolder's metadata.jsonl).
     Kept in memory by file name, so a caption written again replaces its line, and rewritten
-    whole and atomically, so it is never half-written. The caption files are the truth: at the
-    end of every run, an image whose caption file has no line, or a different text, gets a
-    line rebuilt from the file, marked "recovered"."""
+    whole and atomically, so it is never half-written. The caption files are the truth: as a run
+    plans each image, one whose caption file has no line, or a different text, gets a line
+    rebuilt from the file, marked "recovered"."""
 
     SAVE_EVERY = 10.0  # seconds: what a crash can cost the JSONL until the next run mends it
 
@@ -2171,23 +2479,21 @@ class Metadata:
             except OSError as exc:  # the save at the end of the run tries again
                 reporter.say(f"warning: cannot write {self.path}: {reason(exc)}")
 
-    def recover_missing(self, found: Found, written: list[Path]) -> None:
-        """Lines for the captions beside the images this run found, where the JSONL lacks them
-        or says otherwise (a crash between saves, an earlier run without --jsonl, an edit)."""
-        written_now = set(written)
-        for image in found.images:
-            file_name = self.file_name(image)
-            if image in written_now or file_name.startswith("../"):
-                continue  # written with its line, or not covered by this JSONL
-            caption = caption_path(image, self.caption_ext)
-            try:  # read as planning reads it
-                text = caption_text(caption, existing_caption(caption, found.caption_listed(caption)))
-            except TryFailed:
-                continue  # not readable: planning named it
-            entry = self.entries.get(file_name)
-            if text and (entry is None or entry.get("text") != text):
-                self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True}
-                self.unsaved = True
+    def recover(self, image: Path, caption: Path, data: bytes) -> None:
+        """A line for the caption beside an image as planning found it, where the JSONL lacks it
+        or says otherwise (a crash between saves, an earlier run without --jsonl, an edit). A
+        caption this run writes replaces it."""
+        file_name = self.file_name(image)
+        if file_name.startswith("../"):
+            return  # not covered by this JSONL
+        try:
+            text = caption_text(caption, data)
+        except TryFailed:
+            return  # not readable: planning names it where it matters
+        entry = self.entries.get(file_name)
+        if text and (entry is None or entry.get("text") != text):
+            self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True}
+            self.unsaved = True
 
     def save(self) -> None:
         self.saved_at = time.monotonic()  # a failed save is tried again 10 s later, not per image
@@ -2209,36 +2515,62 @@ class Reporter:
 
     BAR_WIDTH = 24
 
-    def __init__(self, folder: Path, verbosity: int = 0, stream: TextIO | None = None) -> None:
-        self.folder = folder
+    def __init__(self, verbosity: int = 0, stream: TextIO | None = None) -> None:
         self.verbosity = verbosity  # -1 quiet, 0 normal, 1 captions too
         self.stream = stream or sys.stderr or io.StringIO()  # None when started with 2>&-
         self.live = self.stream.isatty() and verbosity >= 0
-        self.total = 0
+        self.base = Path()  # images are named relative to it
+        self.summary = Summary()
         self.done = 0
         self.sending_since = 0.0
         self.live_line_shown = False
         self.last_pull_status = ""
         self.writing = threading.Lock()  # servers are checked, and may pull, in parallel
 
+    def name_relative_to(self, folders: list[Path]) -> None:
+        """Images are named from the folder given, or with several from the folder they share:
+        datasets/a and datasets/b give a/x.jpg and b/y.jpg."""
+        try:
+            self.base = Path(os.path.commonpath(folders))
+        except ValueError:  # absolute and relative folders, or different Windows drives
+            self.base = Path()
+
     def name(self, image: Path) -> str:
         try:
-            return str(image.relative_to(self.folder))
+            return str(image.relative_to(self.base))
         except ValueError:
             return str(image)
 
     def start(self, summary: Summary) -> None:
-        self.total = len(summary.to_caption)
+        self.summary = summary
         self.sending_since = time.monotonic()
-        if self.verbosity >= 0:
-            self.say(f"{self.total} to caption, {len(summary.skipped)} already captioned")
+        if summary.listed:
+            self.say_plan(summary)
         if self.live:
             self.draw_bar("")
+
+    def listed(self, summary: Summary) -> None:
+        """Every folder is listed and planned: the total is known."""
+        if summary.orphans:
+            names = ", ".join(self.name(orphan) for orphan in summary.orphans[:5])
+            more = f" and {len(summary.orphans) - 5} more" if len(summary.orphans) > 5 else ""
+            self.say(
+                f"note: {len(summary.orphans)} caption files have no image (left untouched): {names}{more}"
+            )
+        if self.sending_since:
+            self.say_plan(summary)
+
+    def say_plan(self, summary: Summary) -> None:
+        if self.verbosity >= 0:
+            self.say(f"{summary.to_caption} to caption, {summary.skipped} already captioned")
+
+    def position(self) -> str:
+        return f"{self.done}/{self.summary.to_caption if self.summary.listed else '?'}"
 
     def image_captioned(self, image: Path, caption: str, seconds: float) -> None:
         self.done += 1
         if self.verbosity >= 0 and not self.live:
-            self.say(f"[{self.done}/{self.total}] {self.name(image)} {seconds:.1f}s, ETA {self.eta()}")
+            self.say(f"[{self.position()}] {self.name(image)} {seconds:.1f}s, ETA {self.eta()}")
         if self.verbosity > 0:
             self.say(f"    {caption}")
         if self.live:
@@ -2246,23 +2578,25 @@ class Reporter:
 
     def image_failed(self, image: Path, why: str, counted: bool = True) -> None:
         self.done += counted
-        position = f"[{self.done}/{self.total}] " if counted else ""
+        position = f"[{self.position()}] " if counted else ""
         self.say(f"{position}FAILED {self.name(image)}: {why}")
         if self.live and counted:
             self.draw_bar("")
 
     def eta(self) -> str:
+        if not self.summary.listed:
+            return "listing\u2026"
         if not self.done:
             return "unknown"
         per_image = (time.monotonic() - self.sending_since) / self.done
-        return duration(per_image * (self.total - self.done))
+        return duration(per_image * (self.summary.to_caption - self.done))
 
     def draw_bar(self, current: str) -> None:
-        filled = self.BAR_WIDTH * self.done // max(self.total, 1)
+        filled = self.BAR_WIDTH * self.done // max(self.summary.to_caption, 1) if self.summary.listed else 0
         elapsed = time.monotonic() - self.sending_since
         rate = self.done / elapsed if elapsed > 0 else 0.0
         self.draw_live_line(
-            f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {self.done}/{self.total} "
+            f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {self.position()} "
             f"{rate:.2f} img/s ETA {self.eta()}  {current}"
         )
 
@@ -2302,23 +2636,11 @@ class Reporter:
             self.say(f"pulling {model}: {status}")
         self.last_pull_status = status
 
-    def report_plan(self, summary: Summary) -> None:
-        for folder, why in summary.unlisted:
-            self.say(f"FAILED to list {self.name(folder)}: {why}; its images are left out")
-        for image, why in summary.failed:
-            self.image_failed(image, why, counted=False)
-        if summary.orphans:
-            names = ", ".join(self.name(orphan) for orphan in summary.orphans[:5])
-            more = f" and {len(summary.orphans) - 5} more" if len(summary.orphans) > 5 else ""
-            self.say(
-                f"note: {len(summary.orphans)} caption files have no image (left untouched): {names}{more}"
-            )
-
-    def list_planned(self, summary: Summary) -> None:
-        self.report_plan(summary)
-        listing = "".join(shown(self.name(image)) + "\n" for image in summary.to_caption)
+    def list_planned(self, images: list[Path]) -> None:
+        """A dry run's listing, on stdout: one image to caption a line."""
+        listing = "".join(shown(self.name(image)) + "\n" for image in images)
         try:
-            if sys.stdout:  # None when started with >&-
+            if sys.stdout and listing:  # None when started with >&-
                 sys.stdout.write(
                     listing.encode(sys.stdout.encoding, "backslashreplace").decode(sys.stdout.encoding)
                 )
@@ -2327,20 +2649,28 @@ class Reporter:
             # `--dry-run | head`: the reader has all it wanted. Later writes to the closed pipe
             # (Python's own flush at exit) go nowhere instead of printing an error.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    def dry_run_done(self, summary: Summary) -> None:
         self.say(
-            f"dry run: would caption {len(summary.to_caption)}, "
-            f"skip {len(summary.skipped)} already captioned; nothing was sent"
+            f"dry run: would caption {summary.to_caption}, "
+            f"skip {summary.skipped} already captioned; nothing was sent"
         )
 
     def finish(self, summary: Summary) -> None:
-        rate = len(summary.captioned) / summary.seconds if summary.seconds else 0.0
+        rate = summary.captioned / summary.seconds if summary.seconds else 0.0
         line = (
-            f"captioned {len(summary.captioned)}, skipped {len(summary.skipped)}, "
+            f"captioned {summary.captioned}, skipped {summary.skipped}, "
             f"failed {len(summary.failed)} in {duration(summary.seconds)} ({rate:.2f} images/s)"
         )
         if summary.interrupted:
             line = f"interrupted: {line}; {summary.left} left for a rerun"
         self.say(line)
+        if len(summary.by_folder) > 1:
+            for folder, counted in summary.by_folder.items():
+                self.say(
+                    f"  {folder}: captioned {counted.captioned}, "
+                    f"skipped {counted.skipped}, failed {counted.failed}"
+                )
         if len(summary.by_server) > 1 or summary.server_trouble:
             for server, count in summary.by_server.items():
                 self.say(f"  {server}: captioned {count}")
@@ -2359,7 +2689,7 @@ class Reporter:
 
 
 def caption_statistics(summary: Summary) -> str:
-    count = len(summary.captioned)
+    count = summary.captioned
     speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
     thinking = " (thinking included)" if summary.thought else ""
     return (
@@ -2503,9 +2833,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     stop = Stop()
     with Signals(stop).handled() as signals, library_chatter_silenced():
-        reporter = Reporter(args.folder, verbosity=-1 if args.quiet else int(args.verbose))
+        reporter = Reporter(verbosity=-1 if args.quiet else int(args.verbose))
         try:
-            summary = caption_folder(config_from_args(args), reporter, stop)
+            summary = caption_folders(config_from_args(args), reporter, stop)
         except CannotStart as exc:
             reporter.say(f"error: {exc}")
             summary = None

@@ -47,7 +47,7 @@ def test_prompt_file_given_as_second_argument(tmp_path, server):
         (["{dir}", "--limit", "0"], "--limit: must be at least 1"),
         (["{dir}", "--existing", "merge"], "invalid choice: 'merge'"),
         (["{dir}", "-q", "-v"], "not allowed with argument"),
-        ([], "the following arguments are required: folder"),
+        ([], "the following arguments are required: DIR"),
     ],
 )
 def test_what_stops_a_run_before_it_starts_exits_2(tmp_path, args, message):
