@@ -2,10 +2,11 @@
 """Caption every image of a folder with a vision model served by a local Ollama.
 
     python llava-caption-ollama.py DIR [PROMPT_FILE]
+    python llava-caption-ollama.py DIR [DIR ...] [--prompt PROMPT_FILE]
 
 Each caption is written as <image stem>.txt beside its image (the Kohya convention),
 atomically: a caption file is either complete or absent.  The work itself is
-caption_folder(), usable without the command line; main() parses and calls it.
+caption_folders(), usable without the command line; main() parses and calls it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, NoReturn, TextIO
+from typing import Any, BinaryIO, Callable, NamedTuple, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 # The libraries only a run that sends images needs, imported by import_run_libraries().
@@ -179,6 +180,7 @@ class Template:
         except ValueError as exc:
             raise CannotStart(f"{source}: {exc}; write {{{{ or }}}} for a literal brace") from None
         self.text = text
+        self.source = source
         self.fields = {name for _, name, _, _ in parsed if name is not None}
         for _, name, spec, conversion in parsed:
             if name is not None and name not in PLACEHOLDERS:
@@ -214,6 +216,7 @@ class Config:
     folders: list[Path]
     prompt: Template
     folder_prompt: str = ""  # a file of this name in a folder is the prompt for its images
+    announce_prompt: bool = False  # say which file is the prompt: it came as DIR PROMPT_FILE
     model: str = "llava:13b"
     hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
     jobs: int = 2
@@ -493,7 +496,7 @@ def server_url(text: str) -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
     hosts = args.hosts or [server_url_from_environment()]
-    folders, prompt_file = folders_and_prompt(args.paths, args.prompt)
+    folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
     if args.jsonl and not args.jsonl.parent.is_dir():
         raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
@@ -501,12 +504,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.jsonl and not is_below(folder, args.jsonl.parent):
             # imagefolder reads file_name relative to the JSONL's folder, with no "..".
             raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
-    if os.sep in args.folder_prompt or "/" in args.folder_prompt or args.folder_prompt in (".", ".."):
-        raise CannotStart(f"--folder-prompt takes a file name, not a path: {args.folder_prompt}")
+    refuse_folder_prompt_name(args.folder_prompt)
     settings.update(
         folders=folders,
         max_tokens=args.max_tokens or (DEFAULT_MAX_TOKENS_THINKING if args.think else DEFAULT_MAX_TOKENS),
         prompt=read_prompt(prompt_file),
+        # A glob that matched one folder and one file (datasets/* with a notes.md) takes this
+        # form too: the run says which file it took for the prompt.
+        announce_prompt=second_path,
         prefix=Template(args.prefix, source="--prefix"),
         suffix=Template(args.suffix, source="--suffix"),
         hosts=list(dict.fromkeys(hosts)),
@@ -515,23 +520,32 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**settings)
 
 
-def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Path], Path]:
+def refuse_folder_prompt_name(name: str) -> None:
+    if os.sep in name or "/" in name or name in (".", ".."):
+        raise CannotStart(f"--folder-prompt takes a file name, not a path: {name}")
+    if name.startswith(OWN_FILE_PREFIX):
+        raise CannotStart(f"--folder-prompt {name}: that name is this tool's own (its lock and journal)")
+    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        raise CannotStart(f"--folder-prompt {name}: that is an image's name")
+
+
+def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Path], Path, bool]:
     """The folders to caption and the prompt file. DIR PROMPT_FILE is the form the tool always
     had; otherwise every path is a folder: a file in a shell glob's expansion (datasets/* with a
     notes.md in it) must never silently become the prompt."""
     if prompt is None and len(paths) == 2 and not paths[1].is_dir():
         if not paths[0].is_dir():
             refuse_not_folder(paths[0])
-        return [paths[0]], paths[1]
+        return [paths[0]], paths[1], True
     folders: list[Path] = []
     seen = set()
     for path in paths:
         if not path.is_dir():
-            refuse_not_folder(path, several=len(paths) > 1)
+            refuse_not_folder(path, several=len(paths) > 1 and prompt is None)
         if os.path.realpath(path) not in seen:  # given twice: captioned once
             seen.add(os.path.realpath(path))
             folders.append(path)
-    return folders, prompt or DEFAULT_PROMPT_FILE
+    return folders, prompt or DEFAULT_PROMPT_FILE, False
 
 
 def refuse_not_folder(path: Path, several: bool = False) -> NoReturn:
@@ -614,7 +628,7 @@ class Summary:
     skipped: int = 0  # already captioned, or done by this pass before
     failed: list[tuple[Path, str]] = field(default_factory=list)
     settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
-    unlisted: list[tuple[Path, str]] = field(default_factory=list)  # folders that could not be read
+    left_out: list[tuple[Path, str]] = field(default_factory=list)  # folders not captioned, and why
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
     by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
@@ -623,6 +637,7 @@ class Summary:
     metadata_error: str = ""  # the --jsonl file could not be written
     interrupted: bool = False
     dry_run: bool = False
+    limit: int | None = None  # --limit: once reached, the total is known before the listing ends
     seconds: float = 0.0
     tokens: int = 0  # generated, as the servers counted them
     generation_ns: int = 0
@@ -636,8 +651,13 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        trouble = self.failed or self.unlisted or self.stopped or self.metadata_error or self.left
+        trouble = self.failed or self.left_out or self.stopped or self.metadata_error or self.left
+        trouble = trouble or not (self.listed or self.dry_run)
         return EXIT_SOME_FAILED if trouble else EXIT_OK
+
+    @property
+    def total_known(self) -> bool:
+        return self.listed or (self.limit is not None and self.to_caption >= self.limit)
 
     def folder(self, root: Path) -> FolderCount:
         return self.by_folder.setdefault(root, FolderCount())
@@ -664,8 +684,12 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
     reporter.name_relative_to(config.folders)
     stop = stop or Stop()
     started = time.monotonic()
-    summary = Summary(dry_run=config.dry_run)
+    summary = Summary(dry_run=config.dry_run, limit=config.limit)
+    summary.by_folder = {root: FolderCount() for root in config.folders}
+    if config.announce_prompt:
+        reporter.say(f"using the {config.prompt.source}")
     with ExitStack() as run:
+        run.callback(lambda: setattr(summary, "seconds", time.monotonic() - started))
         # A dry run only reads: it needs no lock.
         unwritable = (
             {}
@@ -685,16 +709,13 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
             save_metadata(metadata, summary)
             return summary
         servers = ready_servers(config, reporter, stop)
-        discovery.sending = True
         writer = Writer()
         pipeline = Pipeline(discovery, writer, servers, config, stop, reporter)
         try:
             reporter.start(summary)
             for outcome in pipeline.outcomes():
                 count(outcome, config, summary, reporter, metadata)
-            if not stop.hurried.is_set():  # the images a stopped run leaves are counted
-                discovery.list_all(stop)
-            summary.stopped = pipeline.stopped_because(summary.left)
+            summary.stopped = pipeline.stopped_because(summary)
             summary.interrupted = stop.asked.is_set()
         finally:
             pipeline.close()
@@ -703,7 +724,6 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
             for server in servers:
                 server.close()
             save_metadata(metadata, summary)
-            summary.seconds = time.monotonic() - started
     return summary
 
 
@@ -739,6 +759,13 @@ def count(
         metadata.save_now_and_then(reporter)
 
 
+def left_for_a_rerun(summary: Summary) -> str:
+    # A run that ends early does not plan the rest: planning reads every caption file, and a
+    # Ctrl-C must not wait for a listing of 100,000 files.
+    unplanned = "" if summary.listed else " and the images not yet planned"
+    return f"{summary.left} images{unplanned} left for a rerun"
+
+
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
     if metadata:
         try:
@@ -750,17 +777,6 @@ def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
 # ---------------------------------------------------------------------------
 # Discovery: list the folders and plan each image, a step at a time
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class Planned:
-    """An image that needs a caption, as discovery keeps it until it is prepared: a few strings,
-    so that a folder of 100,000 images costs some 15 MB."""
-
-    root: Path  # the folder given, below which the image was found
-    image: str
-    existing: str  # the caption already there, where --existing or {existing} uses it
-    prompt: Template
 
 
 @dataclass
@@ -779,26 +795,38 @@ class Task:
 
     @classmethod
     def of(cls, planned: Planned) -> Task:
-        return cls(Path(planned.image), planned.root, planned.existing, planned.prompt)
+        listing = planned.listing
+        return cls(Path(listing.path, planned.name), listing.root, planned.existing, listing.prompt)
 
 
 @dataclass
 class Listing:
     """One folder's listing, by name: its images and subfolders in sorted order, the caption
-    files the listing showed, and the prompt that holds for its images."""
+    files the listing showed, and the prompt that holds for its images. Names, not paths: a
+    folder of 100,000 images costs some 10 MB."""
 
     path: str
-    entries: list[tuple[str, bool]]  # (name, is a folder), sorted by name
-    captions: set[str]
-    sharing: dict[str, int]  # caption name: images that would write it
+    root: Path  # the folder given, below which this one was found
+    names: list[str]  # images and subfolders, sorted
+    folders: set[str]  # which of the names are subfolders
+    captions: set[str]  # caption files the listing showed
+    shared: dict[str, list[str]]  # caption name: the images that would all write it
     prompt: Template
     position: int = 0
 
-    def next_entry(self) -> tuple[str, bool] | None:
-        if self.position == len(self.entries):
+    def next_name(self) -> str | None:
+        if self.position == len(self.names):
             return None
         self.position += 1
-        return self.entries[self.position - 1]
+        return self.names[self.position - 1]
+
+
+class Planned(NamedTuple):
+    """An image that needs a caption, as discovery keeps it until it is prepared."""
+
+    listing: Listing
+    name: str
+    existing: str  # the caption already there, where --existing or {existing} uses it
 
 
 class Discovery:
@@ -826,8 +854,7 @@ class Discovery:
         self.waiting: deque[Planned] = deque()  # to caption, not prepared yet
         self.journals: dict[Path, Journal] = {}
         self.seen_folders: set[tuple[int, int]] = set()
-        self.wants_text = config.existing in ("append", "prepend") or "existing" in config.prompt.fields
-        self.sending = False  # images are on their way: a folder found unwritable fails its images
+        self.roots = {folder_identity(str(root)): root for root in config.folders}
         self.finished = False
         self.steps = self.walk_every_folder()
 
@@ -846,12 +873,11 @@ class Discovery:
             self.step()
 
     def list_all(self, stop: Stop) -> None:
-        """Plan what is left; a dry run lists each image to caption as it is planned."""
-        while not self.finished and not stop.hurried.is_set():
+        """A dry run: plan everything, listing each image to caption as it is planned."""
+        while not self.finished and not stop.asked.is_set():
             self.step()
-            if self.config.dry_run:
-                self.reporter.list_planned([Path(planned.image) for planned in self.waiting])
-                self.waiting.clear()
+            self.reporter.list_planned([Path(item.listing.path, item.name) for item in self.waiting])
+            self.waiting.clear()
 
     def close(self) -> None:
         self.steps.close()
@@ -869,18 +895,17 @@ class Discovery:
         stack = [first] if first else []
         planned = 0
         while stack:
-            entry = stack[-1].next_entry()
-            if entry is None:
+            here = stack[-1]
+            name = here.next_name()
+            if name is None:
                 stack.pop()
                 continue
-            name, is_folder = entry
-            path = os.path.join(stack[-1].path, name)
-            if is_folder:
-                below = self.listing(path, root, stack[-1].prompt)
+            if name in here.folders:
+                below = self.listing(os.path.join(here.path, name), root, here.prompt)
                 stack += [below] if below else []
                 yield  # a folder listed is a step: it may have held 100,000 names
                 continue
-            self.plan(root, stack[-1], path)
+            self.plan(here, name)
             planned += 1
             if planned % self.STEP == 0:
                 yield
@@ -891,24 +916,26 @@ class Discovery:
             # Following links lets a dataset be assembled from linked folders; remembering each
             # real folder keeps a link back to a parent from looping forever.
             identity = folder_identity(path)
-            if identity in self.seen_folders:
-                return None
+            if identity in self.seen_folders or (path != str(root) and identity in self.roots):
+                return None  # listed already, or given on the command line: captioned as such
             self.seen_folders.add(identity)
-            with os.scandir(path) as listed:
-                entries = list(listed)
+            with os.scandir(path) as entries:
+                return self.listing_of(path, root, entries, prompt)
         except OSError as exc:
             if len(self.config.folders) == 1 and path == str(root):
                 raise CannotStart(f"cannot list {root}: {reason(exc)}") from None
-            self.folder_left_out(path, reason(exc))  # lost+found on a data disk, say
+            # lost+found on a data disk, say
+            self.folder_left_out(path, f"cannot list it: {reason(exc)}; its images are left out")
             return None
-        return self.listing_of(path, root, entries, prompt)
 
     def listing_of(
-        self, path: str, root: Path, entries: list[os.DirEntry], prompt: Template
+        self, path: str, root: Path, entries: Iterator[os.DirEntry], prompt: Template
     ) -> Listing | None:
         ext = self.config.caption_ext
-        names: list[tuple[str, bool]] = []
+        names: list[str] = []
+        folders = set()
         captions = set()
+        has_own_prompt = False
         for entry in entries:
             name = entry.name
             if name.startswith(OWN_FILE_PREFIX):
@@ -916,33 +943,40 @@ class Discovery:
                 if trouble:
                     self.folder_left_out(path, trouble)
                     return None
+            has_own_prompt = has_own_prompt or name == self.config.folder_prompt
             if name.startswith("."):
                 continue
             if name.endswith(ext):
                 captions.add(name)  # whatever it is: existing_caption() looks closer
             if entry.is_dir():
                 if self.config.recursive:
-                    names.append((name, True))
+                    names.append(name)
+                    folders.add(name)
             elif os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 if entry.is_file():
-                    names.append((name, False))
+                    names.append(name)
                 else:
                     self.fail(root, Path(entry.path), why_not_a_file(entry.path))
-        if self.config.folder_prompt and self.config.folder_prompt in (entry.name for entry in entries):
+        if has_own_prompt:
             try:
                 prompt = read_prompt(Path(path, self.config.folder_prompt))
             except CannotStart as exc:
-                self.folder_left_out(path, str(exc))
+                below = " and those of its subfolders" if folders else ""
+                self.folder_left_out(path, f"{exc}; its images{below} are left out")
                 return None
         names.sort()
-        sharing: dict[str, int] = {}
-        for name, is_folder in names:
-            if not is_folder:
-                caption = os.path.splitext(name)[0] + ext
-                sharing[caption] = sharing.get(caption, 0) + 1
+        written: dict[str, int] = {}  # caption name: images that would write it
+        for name in names:
+            if name not in folders:
+                caption = caption_name(name, self.config)
+                written[caption] = written.get(caption, 0) + 1
+        shared: dict[str, list[str]] = {caption: [] for caption, images in written.items() if images > 1}
+        for name in names:
+            if shared and name not in folders and caption_name(name, self.config) in shared:
+                shared[caption_name(name, self.config)].append(name)
         captions.discard(self.config.folder_prompt)
-        self.summary.orphans += [Path(path, name) for name in sorted(captions - sharing.keys())]
-        return Listing(path, names, captions, sharing, prompt)
+        self.summary.orphans += [Path(path, name) for name in sorted(captions - written.keys())]
+        return Listing(path, root, names, folders, captions, shared, prompt)
 
     def own_file(self, path: str, root: Path, entry: os.DirEntry) -> str:
         """Deal with a file of this tool's in a listing: a killed run's temporary file is removed,
@@ -952,30 +986,25 @@ class Discovery:
         if entry.name == LOCK_NAME and path != str(root) and not self.config.dry_run:
             holder = held_by_another_run(Path(entry.path))
             if holder:
-                return f"another run is captioning it ({holder})"
+                return f"another run is captioning it ({holder}); its images are left out"
         return ""
 
     def folder_left_out(self, path: str, why: str) -> None:
-        self.summary.unlisted.append((Path(path), why))
-        self.reporter.say(f"FAILED to list {self.reporter.name(Path(path))}: {why}; its images are left out")
+        self.summary.left_out.append((Path(path), why))
+        self.reporter.say(f"FAILED {self.reporter.folder_name(Path(path))}: {why}")
 
     def fail(self, root: Path, image: Path, why: str) -> None:
         self.summary.failed.append((image, why))
         self.summary.folder(root).failed += 1
         self.reporter.image_failed(image, why, counted=False)
 
-    def plan(self, root: Path, listing: Listing, path: str) -> None:
+    def plan(self, listing: Listing, name: str) -> None:
         """Decide for one image: to caption, already captioned, or failed before it is sent."""
-        name = os.path.basename(path)
-        caption = os.path.splitext(name)[0] + self.config.caption_ext
-        image = Path(path)
-        if listing.sharing[caption] > 1:
+        caption = caption_name(name, self.config)
+        root, image = listing.root, Path(listing.path, name)
+        if caption in listing.shared:
             # One caption would describe only one of the pictures: caption neither.
-            twins = [
-                other
-                for other, is_folder in listing.entries
-                if not is_folder and other != name and caption_name(other, self.config) == caption
-            ]
+            twins = [other for other in listing.shared[caption] if other != name]
             self.fail(root, image, f"shares {caption} with {', '.join(twins)}; rename one of them")
             return
         if caption == self.config.folder_prompt:
@@ -999,27 +1028,29 @@ class Discovery:
             self.summary.folder(root).skipped += 1
             return
         try:
-            text = caption_text(caption_file, existing) if self.wants_text else ""
+            text = caption_text(caption_file, existing) if self.wants_text(listing.prompt) else ""
         except TryFailed as failure:
             self.fail(root, image, str(failure))
             return
         if self.config.limit is not None and self.summary.to_caption >= self.config.limit:
             return
         if self.unwritable.get(root):
-            if not self.sending:  # nothing sent yet: the run cannot start
+            # One folder: the run cannot start. One of several: its images fail, the others go on.
+            if len(self.config.folders) == 1:
                 raise CannotStart(f"cannot write in {root}: {self.unwritable[root]}")
             self.fail(root, image, f"cannot write in {root}: {self.unwritable[root]}")
             return
         self.summary.to_caption += 1
-        self.waiting.append(Planned(root, path, text, listing.prompt))
+        self.waiting.append(Planned(listing, name, text))
+
+    def wants_text(self, prompt: Template) -> bool:
+        """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
+        asked = prompt.fields | self.config.prefix.fields | self.config.suffix.fields
+        return self.config.existing in ("append", "prepend") or "existing" in asked
 
 
 def caption_name(image_name: str, config: Config) -> str:
     return os.path.splitext(image_name)[0] + config.caption_ext
-
-
-def caption_path(image: Path, caption_ext: str) -> Path:
-    return image.with_name(image.stem + caption_ext)
 
 
 def folder_identity(path: str) -> tuple[int, int]:
@@ -1827,14 +1858,13 @@ class Pipeline:
     def halt(self, why: str) -> None:
         self.halted = self.halted or why
 
-    def stopped_because(self, left: int) -> str:
-        if not left:
+    def stopped_because(self, summary: Summary) -> str:
+        if not summary.left and summary.listed:
             return ""
-        if self.halted:
-            return f"{self.halted}; {left} images left for a rerun"
-        if self.stop.asked.is_set():
+        if self.stop.asked.is_set() and not self.halted:
             return ""  # interrupted: the summary says so
-        return f"no Ollama server left to ask; {left} images left for a rerun"
+        why = self.halted or "no Ollama server left to ask"
+        return f"{why}; {left_for_a_rerun(summary)}"
 
     def has_work(self) -> bool:
         if self.sending or self.preparing or self.writing:
@@ -2169,7 +2199,7 @@ def sync_folder(folder: str) -> None:
 
 
 def write_caption(image: Path, text: str, config: Config) -> None:
-    path = caption_path(image, config.caption_ext)
+    path = image.with_name(caption_name(image.name, config))
     try:
         # With --existing skip, a caption that appeared during the run (written by hand, or by
         # another tool) is not ours to replace.
@@ -2541,6 +2571,10 @@ class Reporter:
         except ValueError:
             return str(image)
 
+    def folder_name(self, folder: Path) -> str:
+        name = self.name(folder)
+        return str(folder) if name == "." else name
+
     def start(self, summary: Summary) -> None:
         self.summary = summary
         self.sending_since = time.monotonic()
@@ -2565,7 +2599,7 @@ class Reporter:
             self.say(f"{summary.to_caption} to caption, {summary.skipped} already captioned")
 
     def position(self) -> str:
-        return f"{self.done}/{self.summary.to_caption if self.summary.listed else '?'}"
+        return f"{self.done}/{self.summary.to_caption if self.summary.total_known else '?'}"
 
     def image_captioned(self, image: Path, caption: str, seconds: float) -> None:
         self.done += 1
@@ -2584,7 +2618,7 @@ class Reporter:
             self.draw_bar("")
 
     def eta(self) -> str:
-        if not self.summary.listed:
+        if not self.summary.total_known:
             return "listing\u2026"
         if not self.done:
             return "unknown"
@@ -2592,7 +2626,9 @@ class Reporter:
         return duration(per_image * (self.summary.to_caption - self.done))
 
     def draw_bar(self, current: str) -> None:
-        filled = self.BAR_WIDTH * self.done // max(self.summary.to_caption, 1) if self.summary.listed else 0
+        filled = (
+            self.BAR_WIDTH * self.done // max(self.summary.to_caption, 1) if self.summary.total_known else 0
+        )
         elapsed = time.monotonic() - self.sending_since
         rate = self.done / elapsed if elapsed > 0 else 0.0
         self.draw_live_line(
@@ -2651,9 +2687,10 @@ class Reporter:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     def dry_run_done(self, summary: Summary) -> None:
+        unfinished = "" if summary.listed else " (interrupted before every folder was planned)"
         self.say(
             f"dry run: would caption {summary.to_caption}, "
-            f"skip {summary.skipped} already captioned; nothing was sent"
+            f"skip {summary.skipped} already captioned{unfinished}; nothing was sent"
         )
 
     def finish(self, summary: Summary) -> None:
@@ -2663,7 +2700,7 @@ class Reporter:
             f"failed {len(summary.failed)} in {duration(summary.seconds)} ({rate:.2f} images/s)"
         )
         if summary.interrupted:
-            line = f"interrupted: {line}; {summary.left} left for a rerun"
+            line = f"interrupted: {line}; {left_for_a_rerun(summary)}"
         self.say(line)
         if len(summary.by_folder) > 1:
             for folder, counted in summary.by_folder.items():
@@ -2682,8 +2719,8 @@ class Reporter:
             self.say(f"stopped: {summary.stopped}")
         if summary.metadata_error:
             self.say(f"error: {summary.metadata_error}")
-        for folder, why in summary.unlisted:
-            self.say(f"  could not list {self.name(folder)}: {why}")
+        for folder, why in summary.left_out:
+            self.say(f"  left out {self.folder_name(folder)}: {why}")
         for image, why in sorted(summary.failed):
             self.say(f"  failed {self.name(image)}: {why}")
 

@@ -213,26 +213,123 @@ def report(root: Path, scale: int) -> None:
     )
     print()
 
+    several_folders_rows(root, scale)
+    input_type_rows(root, scale)
+    huge_folder_rows(root, scale)
+    nothing_to_do_row(root)
+
+
+def several_folders_rows(root: Path, scale: int) -> None:
+    """The README's shell loop, one invocation per folder, against one run over every folder."""
+    count, size = 20 // (2 if scale > 1 else 1), 30 // scale
+    folders = []
+    for index in range(count):
+        folders.append(folder_of_photos(root, f"loop{index:02d}", size, (800, 600)))
+    capacity = 4 / LATENCY
+    rates = {}
+    for label in ("loop", "one run"):
+        stand_in = servers_with(1, slots=4)
+        try:
+            if label == "loop":
+                for folder in folders:
+                    run_captioner(folder, stand_in, 5)
+            else:
+                for folder in folders:
+                    remove_captions(folder)
+                run_captioner(folders[0], stand_in, 5, *map(str, folders[1:]))
+            rates[label] = served_rate(stand_in[0].chats)
+        finally:
+            stand_in[0].stop()
+    print(f"{count} folders x {size} images, 4 slots x {LATENCY} s, --jobs 5:")
+    print(
+        f"  a shell loop, one run per folder: {rates['loop']:.2f} images/s, {rates['loop'] / capacity:.1%} of capacity"
+    )
+    print(
+        f"  one run over every folder:        {rates['one run']:.2f} images/s, "
+        f"{rates['one run'] / capacity:.1%} of capacity ({rates['one run'] / rates['loop']:.2f}x)"
+    )
+    print()
+
+
+def input_type_rows(root: Path, scale: int) -> None:
+    """What the client can prepare per second, by input type, against a server that answers at
+    once (8 slots): the ceiling a fast GPU would meet."""
+    print(f"client ceiling against an instant server (8 slots, --jobs 9), {os.cpu_count()} cores:")
+    print("| input | images | images/s | client CPU per image |")
+    print("|---|---:|---:|---:|")
+    kinds = [
+        ("24 MP JPEG", "jpg", (6000, 4000)),
+        ("20 MP PNG", "png", (5472, 3648)),
+        ("12 MP WebP", "webp", (4240, 2832)),
+    ]
+    for label, ext, size in kinds:
+        folder = root / f"input-{ext}"
+        folder.mkdir()
+        template = folder / f"template.{ext}"
+        photo(template, size, seed=3)
+        count = max(8, 48 // scale)
+        for index in range(count):
+            os.link(template, folder / f"{index:05d}.{ext}")
+        template.unlink()
+        stand_in = servers_with(1, slots=8, latency=0.0)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            result = run_captioner(folder, stand_in, 9)
+        finally:
+            stand_in[0].stop()
+        cpu = result["cpu"] - (before.ru_utime + before.ru_stime)
+        print(f"| {label} | {count} | {served_rate(result['chats']):.1f} | {cpu / count * 1000:.0f} ms |")
+    print()
+
+
+def huge_folder_rows(root: Path, scale: int) -> None:
+    """A folder of 100,000 small images: how soon the first request goes, the memory the run
+    takes, and whether writing keeps up with a server that answers at once."""
     many = root / "many"
     many.mkdir()
-    Image.new("RGB", (64, 48), "red").save(many / "template.png")
-    count = 20000 // scale
+    count = 100_000 // scale
+    templates = []
+    for index in range(2):  # a file has at most 65,000 links on ext4
+        templates.append(many / f"template{index}.png")
+        Image.new("RGB", (64, 48), "red").save(templates[-1])
     for index in range(count):
-        os.link(many / "template.png", many / f"{index:05d}.png")
-    (many / "template.png").unlink()
+        os.link(templates[index % 2], many / f"{index:06d}.png")
+    for template in templates:
+        template.unlink()
     fast = servers_with(1, slots=8, latency=0.0)
+    wall_minus_monotonic = time.time() - time.monotonic()
     try:
         result = run_captioner(many, fast, 9)
     finally:
         fast[0].stop()
     first = min(chat.received_at for chat in result["chats"]) - result["started"]
-    print(f"folder of {count:,} small images:")
+    last_answer = max(chat.answered_at for chat in result["chats"]) + wall_minus_monotonic
+    with os.scandir(many) as listing:
+        last_written = max(entry.stat().st_mtime for entry in listing if entry.name.endswith(".txt"))
+    print(f"folder of {count:,} small images, instant server (8 slots, --jobs 9):")
     print(f"  first request {first:.2f} s after the command started (interpreter start-up included)")
-    print(
-        f"  peak RSS {result['peak_rss_mb']:.0f} MB; {count / result['wall']:.0f} images/s with an instant server"
-    )
+    print(f"  peak RSS {result['peak_rss_mb']:.0f} MB; {count / result['wall']:.0f} images/s")
+    print(f"  writer lag: last caption written {last_written - last_answer:.2f} s after the last answer")
     baseline = run_captioner(many, fast, 9, "--dry-run")["peak_rss_mb"]
-    print(f"  (a --dry-run over the same folder, which imports everything and lists it: {baseline:.0f} MB)")
+    print(f"  (a --dry-run over the same folder, which lists it and imports no client: {baseline:.0f} MB)")
+    print()
+
+
+def nothing_to_do_row(root: Path) -> None:
+    """An invocation of a shell loop over a folder that is already captioned, with no server."""
+    folder = folder_of_photos(root, "done", 50, (800, 600))
+    for image in folder.glob("*.jpg"):
+        image.with_suffix(".txt").write_text(CAPTION)
+    walls = []
+    for _ in range(5):
+        started = time.monotonic()
+        command = [sys.executable, str(script), str(folder), "--host", "127.0.0.1:9", "-q"]
+        process = subprocess.run(command, capture_output=True, check=False)
+        walls.append(time.monotonic() - started)
+        if process.returncode != 0:
+            sys.exit(f"the captioner failed:\n{process.stderr.decode()}")
+    walls.sort()
+    print(f"a folder of 50 images, all captioned, no server: {walls[2]:.3f} s wall (median of 5), exit 0")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_res
     assert process.returncode == -signal.SIGINT
     assert "stopping: waiting up to 20s for the answers on their way (Ctrl-C again to quit at once)" in err
     assert "interrupted: captioned 2, skipped 0, failed 0" in err
-    assert "; 4 left for a rerun" in err
+    assert "; 4 images left for a rerun" in err
     assert "Traceback" not in err
     assert len(list(tmp_path.glob("*.txt"))) == 2
     assert leftovers(tmp_path) == []
@@ -199,4 +199,4 @@ def test_ctrl_c_while_the_only_server_is_down_ends_at_once(tmp_path, server, spa
 
     assert process.returncode == -signal.SIGINT
     assert "stopping: waiting" not in err  # no answer can be on its way
-    assert "interrupted: captioned 1, skipped 0, failed 0 in " in err and "; 2 left for a rerun" in err
+    assert "interrupted: captioned 1, skipped 0, failed 0 in " in err and "; 2 images left for a rerun" in err

@@ -236,8 +236,8 @@ def test_a_subfolder_that_cannot_be_listed_is_named_and_the_rest_captioned(tmp_p
         (tmp_path / "closed").chmod(0o755)
 
     assert process.returncode == 1
-    assert err.startswith("FAILED to list closed: Permission denied; its images are left out\n")
-    assert "  could not list closed: Permission denied\n" in err
+    assert err.startswith("FAILED closed: cannot list it: Permission denied; its images are left out\n")
+    assert "  left out closed: cannot list it: Permission denied; its images are left out\n" in err
     assert widths_sent(server) == [64, 65]
     assert (tmp_path / "a.txt").exists() and (tmp_path / "open" / "b.txt").exists()
     assert not (tmp_path / "closed" / "c.txt").exists()

@@ -173,7 +173,7 @@ def test_an_unusable_folder_prompt_leaves_that_folder_out_and_the_run_goes_on(tm
     run = caption(broken, plain, "--folder-prompt", "prompt.md")
 
     assert run.code == 1
-    assert "FAILED to list broken: prompt file" in run.err and "asks for {colour}" in run.err
+    assert "FAILED broken: prompt file" in run.err and "asks for {colour}" in run.err
     assert [chat.picture().width for chat in server.chats] == [50]
 
 
@@ -225,3 +225,74 @@ def run_script_code(code: str) -> subprocess.CompletedProcess:
             timeout=60,
             check=False,
         )
+
+
+def test_the_old_form_says_which_file_it_took_for_the_prompt(tmp_path, server):
+    (folder,) = datasets(tmp_path, "a", count=1)
+    notes = tmp_path / "notes.md"
+    notes.write_text("what a glob over one folder and one file gives")
+    result = run_script(folder, notes, "--host", server.url)
+    assert result.returncode == 0
+    assert result.stderr.startswith(f"using the prompt file {notes}\n")
+
+
+def test_a_folder_given_and_also_reached_through_a_link_is_captioned_as_given(tmp_path, caption, server):
+    first, second = datasets(tmp_path, "a", "b", count=1)
+    (first / "link").symlink_to(second)
+
+    run = caption(first, second, "-r")
+
+    assert run.code == 0, run.err
+    assert sorted(chat.picture().width for chat in server.chats) == [40, 50]
+    assert f"  {second}: captioned 1, skipped 0, failed 0\n" in run.err
+
+
+def test_every_folder_has_its_summary_line_in_the_order_given(tmp_path, caption):
+    first, empty, last = tmp_path / "z", tmp_path / "empty", tmp_path / "a"
+    datasets(tmp_path, "z", "a", count=1)
+    empty.mkdir()
+    run = caption(first, empty, last)
+    assert run.code == 0, run.err
+    lines = [line for line in run.err.splitlines() if line.startswith(f"  {tmp_path}")]
+    assert lines == [
+        f"  {first}: captioned 1, skipped 0, failed 0",
+        f"  {empty}: captioned 0, skipped 0, failed 0",
+        f"  {last}: captioned 1, skipped 0, failed 0",
+    ]
+
+
+def test_existing_in_a_folder_prompt_or_a_prefix_is_the_caption_there(tmp_path, caption, server):
+    (folder,) = datasets(tmp_path, "a", count=1)
+    (folder / "img0.txt").write_text("old tags")
+    (folder / ".prompt").write_text("Refine: {existing}")
+
+    run = caption(
+        folder, "--folder-prompt", ".prompt", "--existing", "overwrite", "--suffix", "was {existing}"
+    )
+
+    assert run.code == 0, run.err
+    assert server.chats[0].prompt == "Refine: old tags"
+    assert (folder / "img0.txt").read_text() == "A PNG picture, 40x32 pixels., was old tags"
+
+
+def test_a_read_only_folder_among_several_fails_its_images_and_the_others_are_captioned(
+    tmp_path, small_disk, caption, server
+):
+    (folder,) = datasets(tmp_path, "a", count=1)
+    picture(small_disk / "b.png", size=(60, 32))
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+
+    run = caption(folder, small_disk)
+
+    assert run.code == 1
+    assert f"FAILED disk/b.png: cannot write in {small_disk}: Read-only file system" in run.err
+    assert (folder / "img0.txt").exists()
+    assert [chat.picture().width for chat in server.chats] == [40]
+
+
+def test_a_folder_prompt_name_of_an_image_or_of_the_tools_own_files_is_refused(tmp_path, caption, server):
+    datasets(tmp_path, "a", count=1)
+    for name in ("cover.jpg", ".llava-caption-ollama.lock"):
+        run = caption(tmp_path / "a", "--folder-prompt", name)
+        assert run.code == 2 and f"--folder-prompt {name}: " in run.err
+    assert server.requests == []

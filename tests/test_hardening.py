@@ -115,7 +115,7 @@ def test_a_run_with_subfolders_leaves_out_a_subfolder_that_a_run_of_its_own_is_c
         go_on.set()
 
     assert beside.code == 1  # not all of its images were done
-    assert f"FAILED to list sub: another run is captioning it (pid {first.pid}, started " in beside.err
+    assert f"FAILED sub: another run is captioning it (pid {first.pid}, started " in beside.err
     assert (parent / "top.txt").read_text(encoding="utf-8") == "A PNG picture, 40x32 pixels."
     assert not (parent / LOCK).exists()
     _, err = first.communicate(timeout=20)

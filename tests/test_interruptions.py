@@ -70,7 +70,7 @@ def test_term_or_hup_mid_run_writes_what_came_and_dies_by_the_signal(
     written = sorted(tmp_path.glob("*.txt"))
     assert 0 < len(written) < 8
     assert f"interrupted: captioned {len(written)}, skipped 0, failed 0 in " in err
-    assert f"; {8 - len(written)} left for a rerun" in err
+    assert f"; {8 - len(written)} images left for a rerun" in err
     for path in written:
         assert path.read_text(encoding="utf-8") == expected[path]  # complete, never a part
     assert leftovers(tmp_path) == []  # no temporary file, no lock
@@ -95,7 +95,7 @@ def test_second_term_during_the_wait_quits_at_once_and_still_keeps_the_jsonl(tmp
 
     assert process.returncode == -signal.SIGTERM
     assert "interrupted: captioned 1, skipped 0, failed 0 in " in err
-    assert "; 3 left for a rerun" in err
+    assert "; 3 images left for a rerun" in err
     assert "Traceback" not in err
     assert list(tmp_path.glob("*.txt")) == [first]
     assert [(line["file_name"], line["text"]) for line in jsonl_lines(tmp_path / "meta.jsonl")] == [
