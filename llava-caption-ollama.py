@@ -12,6 +12,7 @@ caption_folders(), usable without the command line; main() parses and calls it.
 from __future__ import annotations
 
 import argparse
+import base64
 import enum
 import errno
 import functools
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, NamedTuple, NoReturn, TextIO
 from urllib.parse import urlsplit
@@ -71,6 +72,13 @@ DEFAULT_MAX_TOKENS_THINKING = 2048
 # llava 1.6 turns one image into up to ~2,880 tokens, so Ollama's old 2,048 default context
 # gave empty answers (ollama/ollama#2813).
 DEFAULT_NUM_CTX = 4096
+DEFAULT_KEEP_ALIVE = "30m"
+DEFAULT_MODEL = "llava:13b"
+# An OpenAI-compatible server cannot say what temperature the model was made for, and Ollama's
+# /v1 uses 1.0 where its native API uses 0.8 (api/types.go DefaultOptions); 0.8 keeps both
+# APIs alike.
+OPENAI_TEMPERATURE = 0.8
+RETRY_AFTER_LONGEST = 300.0  # a Retry-After beyond this is read as this
 
 # Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
 # bytes, so files up to this size that need no change are sent as they are.
@@ -136,9 +144,10 @@ class Fault(enum.Enum):
 class TryFailed(Exception):
     """One try at one image went wrong, for `fault`; the message is the reason a user reads."""
 
-    def __init__(self, fault: Fault, reason: str) -> None:
+    def __init__(self, fault: Fault, reason: str, pause: float = 0.0) -> None:
         super().__init__(reason)
         self.fault = fault
+        self.pause = pause  # seconds the server asked us to wait (Retry-After) before asking again
 
 
 def import_run_libraries() -> None:
@@ -217,10 +226,12 @@ class Config:
     prompt: Template
     folder_prompt: str = ""  # a file of this name in a folder is the prompt for its images
     announce_prompt: bool = False  # say which file is the prompt: it came as DIR PROMPT_FILE
-    model: str = "llava:13b"
+    model: str = "llava:13b"  # "" with --api openai: the one model the server serves
+    api: str = "ollama"  # or "openai": POST /v1/chat/completions
+    api_key: str = field(default="", repr=False)  # sent as a bearer token to an OpenAI-compatible server
     hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
     jobs: int = 2
-    keep_alive: str | float = "30m"
+    keep_alive: str | float = DEFAULT_KEEP_ALIVE
     timeout: float = 600.0
     max_size: int = 1344
     caption_ext: str = ".txt"
@@ -302,15 +313,29 @@ def build_parser() -> argparse.ArgumentParser:
         "folder's images, instead of --prompt",
     )
     parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
-    parser.add_argument("--model", default="llava:13b", help="Ollama vision model (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        help=f"vision model (default: {DEFAULT_MODEL}; with --api openai, the one model the server serves)",
+    )
+    parser.add_argument(
+        "--api",
+        choices=("ollama", "openai"),
+        default="ollama",
+        help="the servers' API: Ollama's own, or the OpenAI-compatible one of vLLM, SGLang, llama.cpp's "
+        "llama-server and LM Studio (default: %(default)s)",
+    )
     parser.add_argument(
         "--host",
         action="append",
         dest="hosts",
-        type=server_url,
         metavar="URL",
-        help=f"Ollama server; give it several times to share the work among servers "
-        f"(default: $OLLAMA_HOST, else {DEFAULT_HOST})",
+        help=f"the server; give it several times to share the work among servers (default: $OLLAMA_HOST, "
+        f"else {DEFAULT_HOST}; with --api openai, $OPENAI_BASE_URL)",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="with --api openai: the environment variable holding the API key (default: OPENAI_API_KEY)",
     )
     parser.add_argument(
         "-j",
@@ -323,9 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-alive",
         type=keep_alive_duration,
-        default="30m",
         help="how long the server keeps the model loaded after each request, "
-        "as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: %(default)s)",
+        f"as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: {DEFAULT_KEEP_ALIVE})",
     )
     parser.add_argument(
         "--timeout",
@@ -405,8 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-ctx",
         type=number(int, at_least=1),
-        default=DEFAULT_NUM_CTX,
-        help="context length (default: %(default)s)",
+        help=f"context length (default: {DEFAULT_NUM_CTX})",
     )
     parser.add_argument(
         "--jsonl",
@@ -466,7 +489,7 @@ def keep_alive_duration(text: str) -> str | float:
     return text
 
 
-def server_url(text: str) -> str:
+def server_url(text: str, ollama_port: bool = True) -> str:
     """The one spelling of a server's address, read as the ollama client reads OLLAMA_HOST
     (ollama/_client.py, _parse_host): a bare host gets port 11434, http:// port 80, https://
     port 443; and localhost is 127.0.0.1, so the same server given two ways is one server."""
@@ -485,6 +508,8 @@ def server_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a server address such as http://127.0.0.1:11434")
     host = (parts.hostname or "127.0.0.1").lower()
     host = "127.0.0.1" if host == "localhost" else host
+    if port is None and not has_scheme and not ollama_port:
+        raise argparse.ArgumentTypeError(f"{text!r} needs its port, such as http://{text}:8000")
     if port is None:
         port = (443 if scheme == "https" else 80) if has_scheme else 11434
     if port == 0:
@@ -495,7 +520,7 @@ def server_url(text: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
-    hosts = args.hosts or [server_url_from_environment()]
+    settings.update(api_settings(args))
     folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
     if args.jsonl and not args.jsonl.parent.is_dir():
@@ -514,7 +539,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         announce_prompt=second_path,
         prefix=Template(args.prefix, source="--prefix"),
         suffix=Template(args.suffix, source="--suffix"),
-        hosts=list(dict.fromkeys(hosts)),
         caption_ext=caption_extension(args.caption_ext),
     )
     return Config(**settings)
@@ -576,11 +600,60 @@ def is_below(path: Path, folder: Path) -> bool:
     return True
 
 
-def server_url_from_environment() -> str:
-    try:
-        return server_url(os.environ.get("OLLAMA_HOST") or DEFAULT_HOST)
-    except argparse.ArgumentTypeError as exc:
-        raise CannotStart(f"OLLAMA_HOST: {exc}") from None
+def api_settings(args: argparse.Namespace) -> dict:
+    """What depends on the API: the servers' addresses, the model, the key, the options only
+    Ollama reads (refused with the reason for the other API, never silently ignored)."""
+    if args.api == "ollama":
+        if args.api_key_env:
+            raise CannotStart(
+                "--api-key-env is for --api openai; Ollama's client reads OLLAMA_API_KEY itself"
+            )
+        given = args.hosts or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
+        source = "--host" if args.hosts else "OLLAMA_HOST"
+        return {
+            "hosts": server_urls(given, source, ollama_port=True),
+            "model": args.model or DEFAULT_MODEL,
+            "keep_alive": DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
+            "num_ctx": args.num_ctx or DEFAULT_NUM_CTX,
+        }
+    for option, value in (
+        ("--num-ctx", args.num_ctx),
+        ("--keep-alive", args.keep_alive),
+        ("--pull", args.pull or None),
+    ):
+        if value is not None:
+            raise CannotStart(
+                f"{option} is Ollama's: an OpenAI-compatible server sets it when it starts (vLLM --max-model-len, "
+                "llama-server -c); run without it"
+            )
+    # Never OLLAMA_HOST: an OpenAI-compatible server is another server.
+    given = args.hosts or [os.environ.get("OPENAI_BASE_URL", "")]
+    if not given[0]:
+        raise CannotStart(
+            "--api openai needs the server's address: --host http://HOST:PORT (or OPENAI_BASE_URL)"
+        )
+    key_name = args.api_key_env or "OPENAI_API_KEY"
+    if args.api_key_env and args.api_key_env not in os.environ:
+        raise CannotStart(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    return {
+        "hosts": server_urls(given, "--host" if args.hosts else "OPENAI_BASE_URL", ollama_port=False),
+        "model": args.model or "",
+        "api_key": os.environ.get(key_name, ""),
+        "num_ctx": 0,
+    }
+
+
+def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
+    urls = []
+    for text in given:
+        try:
+            url = server_url(text, ollama_port)
+        except argparse.ArgumentTypeError as exc:
+            raise CannotStart(f"{source}: {exc}") from None
+        if not ollama_port:
+            url = re.sub(r"/v1$", "", url)  # the base URL with or without /v1, as clients take it
+        urls.append(url)
+    return list(dict.fromkeys(urls))  # one server given twice is one server
 
 
 def read_prompt(path: Path) -> Template:
@@ -709,6 +782,9 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
             save_metadata(metadata, summary)
             return summary
         servers = ready_servers(config, reporter, stop)
+        if not config.model:  # --api openai without --model: the one model the servers serve
+            config = replace(config, model=next(server.model for server in servers if server.in_rotation))
+            metadata = metadata and metadata.for_model(config.model)
         writer = Writer()
         pipeline = Pipeline(discovery, writer, servers, config, stop, reporter)
         try:
@@ -1306,19 +1382,27 @@ class State(enum.Enum):
 
 
 class Server:
-    """One Ollama server of the run: its clients, its free slots, and whether it answers."""
+    """One server of the run: its clients, its free slots, and whether it answers. An Ollama
+    server is asked through the official client; an OpenAI-compatible one through httpx."""
 
-    def __init__(self, url: str, timeout: float, jobs: int) -> None:
+    def __init__(self, url: str, timeout: float, jobs: int, api: str = "ollama", api_key: str = "") -> None:
         self.url = url
         self.jobs = jobs
+        self.api = api
+        self.model = ""  # as this server names it, once the preflight has checked it
         import_run_libraries()
-        # The client waits forever by default. A queued request gets no byte until a slot
-        # frees, so the read timeout of a caption request must be generous; connecting, and
-        # the calls that load no model, need not be.
-        self.client = ollama.Client(
-            host=url, timeout=httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
-        )
-        self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
+        # A client waits forever by default. A queued request gets no byte until a slot frees,
+        # so the read timeout of a caption request must be generous; connecting, and the calls
+        # that load no model, need not be.
+        patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        if api == "ollama":
+            self.client = ollama.Client(host=url, timeout=patient)
+            self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
+        else:
+            key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            self.client = httpx.Client(base_url=url, timeout=patient, headers=key)
+            self.quick = httpx.Client(base_url=url, timeout=QUICK_TIMEOUT, headers=key)
+        self.thinking_off: dict = {}  # what this OpenAI-compatible server reads as "do not think"
         self.in_flight = 0
         self.thinks = False  # the model can think (its /api/show capabilities say so)
         self.state = State.ANSWERING
@@ -1342,11 +1426,29 @@ class Server:
     def probe_due(self) -> bool:
         return self.state is State.QUIET and time.monotonic() >= self.next_probe
 
+    def models(self) -> list[dict]:
+        """The models the server has, each {"name": ..., "owner": ...}; asked with the quick
+        client. Raises what the client raises."""
+        if self.api == "ollama":
+            return [{"name": model.model, "owner": ""} for model in self.quick.list().models]
+        response = self.quick.get("/v1/models")
+        if response.status_code != 200:
+            raise ServerSaid(response.status_code, error_message(response.content), retry_after(response))
+        listed = response.json()
+        entries = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError("no list of models")  # noqa: TRY004 - what the client raises for bad JSON
+        return [
+            {"name": str(entry.get("id")), "owner": str(entry.get("owned_by", ""))}
+            for entry in entries
+            if isinstance(entry, dict)
+        ]
+
     def probe(self) -> str:
         """Ask the server whether it answers (on a worker thread); why not, or ""."""
         try:
-            with server_errors():
-                self.quick.list()
+            with server_errors(self.api):
+                self.models()
         except TryFailed as failure:
             return str(failure)
         return ""
@@ -1387,7 +1489,7 @@ class Server:
 def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server]:
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
-    servers = [Server(url, config.timeout, config.jobs) for url in config.hosts]
+    servers = [Server(url, config.timeout, config.jobs, config.api, config.api_key) for url in config.hosts]
     checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
     while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
         if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
@@ -1405,14 +1507,21 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     for server in servers:
         if server.state is State.DEAD:
             reporter.say(f"warning: {server.report()}; captioning with the others")
+    models = {server.model for server in servers if server.in_rotation}
+    if len(models) > 1:  # --api openai without --model, and servers that serve different models
+        served = ", ".join(f"{server.model} on {server.url}" for server in servers if server.in_rotation)
+        raise CannotStart(f"the servers serve different models ({served}): choose one with --model")
     return servers
 
 
 def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
     """Before any image is sent: the server answers, has the model, and the model can see.
     Returns why the server does not answer (or ""); raises CannotStart for the model."""
+    if server.api == "openai":
+        return preflight_openai(server, config)
+    server.model = config.model
     try:
-        with server_errors():
+        with server_errors(server.api):
             server.quick.list()
     except TryFailed as failure:
         if failure.fault is Fault.SERVER_DOWN:
@@ -1440,6 +1549,54 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
         # Ollama answers every such request 400 "... does not support thinking".
         raise CannotStart(f"model {config.model} on {server.url} cannot think; run without --think")
     return ""
+
+
+def preflight_openai(server: Server, config: Config) -> str:
+    """preflight() for an OpenAI-compatible server: it answers GET /v1/models, serves the model,
+    and the model takes a picture. No API of these servers says whether a model can see, so a
+    small picture is sent (64 px a side: some vision encoders crash the runner on tinier ones).
+    It loads the model, which can take minutes, so it may take up to --timeout."""
+    try:
+        with server_errors(server.api):
+            served = server.models()
+    except TryFailed as failure:
+        if failure.fault is Fault.SERVER_DOWN:
+            return (
+                f"cannot reach a server at {server.url}; start it, or point --host (or OPENAI_BASE_URL) at it"
+            )
+        if failure.fault is Fault.SERVER_STRUGGLING:
+            return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it the server?"
+        if failure.fault is Fault.ACCESS_DENIED:
+            raise CannotStart(f"{server.url}: {failure}") from None
+        return f"{server.url} does not answer like an OpenAI-compatible server (GET /v1/models): {failure}"
+    names = [model["name"] for model in served]
+    if not config.model and len(names) != 1:
+        listed = ", ".join(names) or "none"
+        raise CannotStart(f"{server.url} serves {len(names)} models ({listed}): choose one with --model")
+    if config.model and config.model not in names:
+        listed = ", ".join(names) or "none"
+        raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
+    server.model = config.model or names[0]
+    # Each server has its own switch for thinking: vLLM, SGLang and llama-server read the chat
+    # template's enable_thinking, Ollama's /v1 (whose models are owned by "library") reads only
+    # reasoning_effort "none", which vLLM would refuse.
+    server.thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
+    if any(model["owner"] == "library" for model in served):
+        server.thinking_off = {"reasoning_effort": "none"}
+    try:
+        openai_request(server, config, probe_task(), None, max_tokens=1)
+    except TryFailed as failure:
+        if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
+            return f"{server.url} stopped answering when asked to look at a picture: {failure}"
+        raise CannotStart(f"model {server.model} on {server.url} cannot take a picture: {failure}") from None
+    return ""
+
+
+def probe_task() -> Task:
+    picture = Image.new("RGB", (64, 64), "white")
+    return Task(
+        Path("a 64x64 probe picture"), Path(), "", Template(""), "What colour is this?", encode_jpeg(picture)
+    )
 
 
 # Architectures that Ollama runs one request at a time whatever OLLAMA_NUM_PARALLEL says
@@ -1501,16 +1658,17 @@ class Answer:
 
 def request_caption(server: Server, config: Config, task: Task, seed: int | None) -> Answer:
     """Send one image; return the model's whole answer."""
+    if server.api == "openai":
+        return openai_request(server, config, task, seed, config.max_tokens)
     message = {"role": "user", "content": task.prompt, "images": [task.payload]}
     options = config.options() if seed is None else {**config.options(), "seed": seed}
-    parts: list[str] = []
-    thought = False
-    with server_errors():
+    gathered = Gathered()
+    with server_errors(server.api):
         # Streamed, so the read timeout bounds the silence before and between tokens rather
         # than the whole answer, an answer cut off mid-way is told from a complete one, and a
         # looping answer can be stopped as it loops.
         stream = server.client.chat(
-            model=config.model,
+            model=server.model,
             messages=[message],
             stream=True,
             options=options,
@@ -1521,21 +1679,133 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
         )
         with closing(stream):  # closing the stream hangs up; Ollama then stops generating
             for part in stream:
-                parts.append(part.message.content or "")
-                thought = thought or bool(part.message.thinking)  # never part of a caption
+                gathered.add(part.message.content or "", bool(part.message.thinking))
                 if part.done:
                     refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
-                    tokens, spent = part.eval_count or 0, part.eval_duration or 0
-                    text = "".join(parts)
-                    thought = thought or bool(THINK_BLOCK.match(text))
-                    return Answer(
-                        THINK_BLOCK.sub("", text, count=1), part.done_reason or "", tokens, spent, thought
-                    )
-                if len(parts) % LOOP_CHECK_EVERY == 0 and is_looping(THINK_BLOCK.sub("", "".join(parts))):
-                    raise TryFailed(
-                        Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(parts))}"
+                    return gathered.answer(
+                        part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
                     )
     raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
+
+
+class Gathered:
+    """An answer as it streams in, from either API: its text, whether thinking came with it
+    (never part of a caption), and a check that it does not loop."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.thought = False
+
+    def add(self, content: str, thinking: bool) -> None:
+        self.parts.append(content)
+        self.thought = self.thought or thinking
+        if len(self.parts) % LOOP_CHECK_EVERY == 0 and is_looping(THINK_BLOCK.sub("", "".join(self.parts))):
+            raise TryFailed(
+                Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(self.parts))}"
+            )
+
+    def answer(self, done_reason: str, tokens: int, generation_ns: int) -> Answer:
+        text = "".join(self.parts)
+        thought = self.thought or bool(THINK_BLOCK.match(text))
+        return Answer(THINK_BLOCK.sub("", text, count=1), done_reason, tokens, generation_ns, thought)
+
+
+class ServerSaid(Exception):
+    """An OpenAI-compatible server's error: its status (-1 for an error in the middle of an
+    answer), its message, and how long it asked us to wait (Retry-After), if it did."""
+
+    def __init__(self, status: int, error: str, retry_after: float = 0.0) -> None:
+        super().__init__(error)
+        self.status_code = status
+        self.error = error
+        self.retry_after = retry_after
+
+
+def openai_request(server: Server, config: Config, task: Task, seed: int | None, max_tokens: int) -> Answer:
+    """Send one image to an OpenAI-compatible server (POST /v1/chat/completions, streamed as
+    server-sent events); return the model's whole answer. A few dozen lines over httpx, which
+    the ollama client brings anyway (README, "Dependencies")."""
+    content = [
+        {"type": "text", "text": task.prompt},
+        {"type": "image_url", "image_url": {"url": data_uri(task.payload)}},
+    ]
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,  # the one limit every server reads (Ollama's /v1 reads only it)
+        "temperature": OPENAI_TEMPERATURE if config.temperature is None else config.temperature,
+        **({} if seed is None else {"seed": seed}),
+        **({} if config.think else server.thinking_off),
+    }
+    gathered = Gathered()
+    started = time.monotonic()
+    finish, tokens = "", 0
+    with (
+        server_errors(server.api),
+        server.client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        if response.status_code != 200:
+            raise ServerSaid(response.status_code, error_message(response.read()), retry_after(response))
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
+        for line in response.iter_lines():
+            data = line[5:].strip() if line.startswith("data:") else ""
+            if data == "[DONE]":
+                break
+            if data:  # else a comment, a keep-alive or the blank line between events
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict) or "error" in chunk:  # an error mid-answer
+                    raise ServerSaid(-1, error_message(data.encode()))
+                finish = stream_choice(chunk, gathered) or finish
+                tokens = (chunk.get("usage") or {}).get("completion_tokens") or tokens
+    if not finish:
+        raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
+    # No server says how long it generated: the time from sending to the end stands in for it.
+    spent = int((time.monotonic() - started) * 1e9)
+    return gathered.answer("length" if finish == "length" else "stop", tokens, spent)
+
+
+def stream_choice(chunk: dict, gathered: Gathered) -> str:
+    """Take in one chunk's choice; its finish_reason, or ""."""
+    finish = ""
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        # vLLM and Ollama call the thinking "reasoning", llama-server "reasoning_content".
+        gathered.add(
+            delta.get("content") or "", bool(delta.get("reasoning") or delta.get("reasoning_content"))
+        )
+        finish = choice.get("finish_reason") or finish
+    return finish
+
+
+def data_uri(payload: bytes) -> str:
+    kind = "png" if payload.startswith(b"\x89PNG") else "jpeg"  # what preparation sends
+    return f"data:image/{kind};base64,{base64.b64encode(payload).decode('ascii')}"
+
+
+def error_message(body: bytes) -> str:
+    """The message in an error body, whichever server wrote it: vLLM's flat {"object": "error",
+    "message": ...} (before 0.10.1) or nested {"error": {"message": ...}} (also llama-server's and
+    Ollama's /v1), LM Studio's {"error": "..."}, or a proxy's text or HTML page."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def retry_after(response: httpx.Response) -> float:
+    # Seconds only: these servers send no HTTP dates, and without a number the backoff decides.
+    try:
+        return min(max(float(response.headers.get("retry-after", "")), 0.0), RETRY_AFTER_LONGEST)
+    except ValueError:
+        return 0.0
 
 
 def refuse_cut_prompt(prompt_tokens: int, num_ctx: int) -> None:
@@ -1584,29 +1854,38 @@ UNDECODABLE = re.compile(
 
 
 @contextmanager
-def server_errors() -> Iterator[None]:
+def server_errors(api: str = "ollama") -> Iterator[None]:
     """Turn every way a server or connection can fail into a TryFailed with its fault."""
     try:
         yield
-    except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:
-        raise classified(exc) from None
+    except (ollama.ResponseError, ServerSaid, ConnectionError, httpx.HTTPError, ValueError) as exc:
+        raise classified(exc, api) from None
 
 
-def classified(exc: Exception) -> TryFailed:
-    """What an exception of the client means: the one place where errors get their fault."""
-    if isinstance(exc, ollama.ResponseError):
-        return TryFailed(status_fault(exc.status_code, exc.error), explain(exc))
+def classified(exc: Exception, api: str = "ollama") -> TryFailed:
+    """What an exception of either client means: the one place where errors get their fault."""
+    server = "Ollama" if api == "ollama" else "the server"
+    if isinstance(exc, (ollama.ResponseError, ServerSaid)):
+        pause = getattr(exc, "retry_after", 0.0)
+        return TryFailed(
+            status_fault(exc.status_code, exc.error), explain(exc.status_code, exc.error, api), pause
+        )
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
-        return TryFailed(Fault.SERVER_DOWN, "cannot reach the Ollama server")
+        return TryFailed(
+            Fault.SERVER_DOWN, f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}"
+        )
     if isinstance(exc, httpx.TimeoutException):
         return TryFailed(
             Fault.SERVER_STRUGGLING,
             "no answer within the timeout (raise --timeout if the server is only busy)",
         )
     if isinstance(exc, httpx.TransportError):
-        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to Ollama broke: {reason(exc)}")
+        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to {server} broke: {reason(exc)}")
     if isinstance(exc, ValueError):
-        return TryFailed(Fault.REQUEST_REFUSED, "the server's answer is not Ollama's JSON")
+        return TryFailed(
+            Fault.REQUEST_REFUSED,
+            f"the server's answer is not {'Ollama' if api == 'ollama' else 'the API'}'s JSON",
+        )
     return TryFailed(Fault.REQUEST_REFUSED, reason(exc))
 
 
@@ -1617,26 +1896,30 @@ def status_fault(status: int, error: str) -> Fault:
         return Fault.MODEL_GONE
     if status in (401, 403):
         return Fault.ACCESS_DENIED
-    if status in (502, 504):  # a reverse proxy whose Ollama is restarting
+    if status in (502, 504):  # a reverse proxy whose server is restarting
         return Fault.SERVER_DOWN
     if status in (400, 413, 422) or UNDECODABLE.search(error):
         return Fault.REQUEST_REFUSED
-    return Fault.SERVER_STRUGGLING  # 500 (runner crashed), 503 (busy), -1 (error mid-answer)
+    return Fault.SERVER_STRUGGLING  # 500 (runner crashed), 503 (busy), 429, -1 (error mid-answer)
 
 
-def explain(exc: ollama.ResponseError) -> str:
-    said = shown(server_message(exc.error))
-    fix = unusable_model_fix(exc.error)
+def explain(status: int, error: str, api: str = "ollama") -> str:
+    server = "Ollama" if api == "ollama" else "the server"
+    said = shown(server_message(error))
+    fix = unusable_model_fix(error, api)
     if fix:
-        return f"{fix} (Ollama said: {said})"
-    if exc.status_code == -1:
-        return f"Ollama failed mid-answer: {said}"
+        return f"{fix} ({server} said: {said})"
+    if status == -1:
+        return f"{server} failed mid-answer: {said}"
+    key = "OLLAMA_API_KEY" if api == "ollama" else "the key in OPENAI_API_KEY or --api-key-env"
     advice = {
-        401: "; the server or a proxy in front of it wants credentials (OLLAMA_API_KEY is sent when set)",
-        403: "; the server or a proxy in front of it refuses this client (check OLLAMA_ORIGINS or the proxy)",
+        401: f"; the server or a proxy in front of it wants credentials ({key} is sent when set)",
+        403: "; the server or a proxy in front of it refuses this client (check OLLAMA_ORIGINS or the proxy)"
+        if api == "ollama"
+        else "; the server or a proxy in front of it refuses this client or key",
         413: "; the image is too large for this server: lower --max-size",
-    }.get(exc.status_code, "")
-    return f"Ollama answered {exc.status_code}: {said}{advice}"
+    }.get(status, "")
+    return f"{server[0].upper()}{server[1:]} answered {status}: {said}{advice}"
 
 
 # How each Ollama era says that the run's model or settings cannot work on a server, and the fix.
@@ -1662,16 +1945,37 @@ UNUSABLE_MODEL = [
         ),
         "the server has too little memory for the model ({0} needed, {1} free): choose a smaller model",
     ),
+    # vLLM: "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens".
+    (
+        re.compile(r"maximum context length is (\d+) tokens", re.IGNORECASE),
+        (
+            "the model's context holds only {0} tokens, too few for image, prompt and --max-tokens: start "
+            "vLLM with a longer --max-model-len, or lower --max-tokens"
+        ),
+    ),
+    # llama-server started without the model's vision projector (tools/server/server.cpp).
+    (
+        re.compile(r"image input is not supported.*mmproj()", re.IGNORECASE | re.DOTALL),
+        "the server was started without the model's vision projector: start llama-server with --mmproj FILE",
+    ),
 ]
 
 
-def unusable_model_fix(error: str) -> str:
+def unusable_model_fix(error: str, api: str = "ollama") -> str:
     for pattern, fix in UNUSABLE_MODEL:
         found = pattern.search(error)
         if found:
+            if "--num-ctx" in fix and api == "openai":  # the context is the server's, set as it starts
+                return OPENAI_CONTEXT_FIX
             needed = int(found.group(1)) if found.group(1).isdigit() else 0
             return fix.format(*found.groups(), context_for(needed))
     return ""
+
+
+OPENAI_CONTEXT_FIX = (
+    "image, prompt and --max-tokens do not fit the model's context: start the server with a longer one "
+    "(vLLM --max-model-len, llama-server -c, SGLang --context-length) or lower --max-tokens"
+)
 
 
 def context_for(tokens: int) -> int:
@@ -1960,7 +2264,7 @@ class Pipeline:
             tries = f" (after {task.tries} tries)" if task.tries > 1 else ""
             return Outcome(task, failure=f"{failure}{tries}")
         if action is Action.RETRY_AFTER_PAUSE:
-            task.not_before = time.monotonic() + backoff(task.tries)
+            task.not_before = time.monotonic() + max(backoff(task.tries), failure.pause)
             self.delayed.append(task)
             return None
         self.ready.appendleft(task)
@@ -2493,6 +2797,10 @@ class Metadata:
             except (ValueError, TypeError, KeyError):
                 raise CannotStart(f"{path} line {number} is not a metadata entry; fix or remove it") from None
         return entries
+
+    def for_model(self, model: str) -> Metadata:
+        self.model = model
+        return self
 
     def file_name(self, image: Path) -> str:
         return os.path.relpath(image, self.path.parent).replace(os.sep, "/")

@@ -214,6 +214,7 @@ def report(root: Path, scale: int) -> None:
     print()
 
     several_folders_rows(root, scale)
+    preparation_rows(root, scale)
     input_type_rows(root, scale)
     huge_folder_rows(root, scale)
     nothing_to_do_row(root)
@@ -251,26 +252,70 @@ def several_folders_rows(root: Path, scale: int) -> None:
     print()
 
 
+# The captioner's own preparation path, as its pipeline runs it: a pool as large as the CPUs
+# this process may use, each image opened, shrunk and encoded by prepare_image().
+PREPARE_ALONE = """
+import importlib.util, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("captioner", sys.argv[1])
+captioner = importlib.util.module_from_spec(spec)
+sys.modules["captioner"] = captioner
+spec.loader.exec_module(captioner)
+images = sorted(Path(sys.argv[2]).iterdir())
+started = time.monotonic()
+with ThreadPoolExecutor(captioner.usable_cpus()) as pool:
+    list(pool.map(lambda image: captioner.prepare_image(image, 1344), images))
+print(len(images) / (time.monotonic() - started))
+"""
+
+
+def preparation_rows(root: Path, scale: int) -> None:
+    """Image preparation alone (no server), on one core and on every core (taskset)."""
+    if not shutil.which("taskset"):
+        print("(taskset is not installed: no preparation rows)")
+        return
+    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+    print(f"image preparation alone, the captioner's own path and pool (images/s), 1 core vs {cores}:")
+    print("| input | 1 core | all cores | ratio |")
+    print("|---|---:|---:|---:|")
+    for label, ext, size in INPUT_TYPES:
+        folder = folder_of_inputs(root, f"prepare-{ext}", ext, size, max(6, 24 // scale))
+        rates = []
+        for cpus in ("0", cores):
+            command = ["taskset", "-c", cpus, sys.executable, "-c", PREPARE_ALONE, str(script), str(folder)]
+            rates.append(float(subprocess.run(command, capture_output=True, check=True, text=True).stdout))
+        print(f"| {label} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[1] / rates[0]:.2f}x |")
+    print()
+
+
+INPUT_TYPES = [
+    ("24 MP JPEG", "jpg", (6000, 4000)),
+    ("20 MP PNG", "png", (5472, 3648)),
+    ("12 MP WebP", "webp", (4240, 2832)),
+]
+
+
+def folder_of_inputs(root: Path, name: str, ext: str, size: tuple[int, int], count: int) -> Path:
+    folder = root / name
+    folder.mkdir()
+    template = folder / f"template.{ext}"
+    photo(template, size, seed=3)
+    for index in range(count):
+        os.link(template, folder / f"{index:05d}.{ext}")
+    template.unlink()
+    return folder
+
+
 def input_type_rows(root: Path, scale: int) -> None:
     """What the client can prepare per second, by input type, against a server that answers at
     once (8 slots): the ceiling a fast GPU would meet."""
     print(f"client ceiling against an instant server (8 slots, --jobs 9), {os.cpu_count()} cores:")
     print("| input | images | images/s | client CPU per image |")
     print("|---|---:|---:|---:|")
-    kinds = [
-        ("24 MP JPEG", "jpg", (6000, 4000)),
-        ("20 MP PNG", "png", (5472, 3648)),
-        ("12 MP WebP", "webp", (4240, 2832)),
-    ]
-    for label, ext, size in kinds:
-        folder = root / f"input-{ext}"
-        folder.mkdir()
-        template = folder / f"template.{ext}"
-        photo(template, size, seed=3)
+    for label, ext, size in INPUT_TYPES:
         count = max(8, 48 // scale)
-        for index in range(count):
-            os.link(template, folder / f"{index:05d}.{ext}")
-        template.unlink()
+        folder = folder_of_inputs(root, f"input-{ext}", ext, size, count)
         stand_in = servers_with(1, slots=8, latency=0.0)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
