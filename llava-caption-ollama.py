@@ -125,14 +125,14 @@ class Fault(enum.Enum):
 
     UNFIT_ANSWER = "an answer unfit to train on: empty, a refusal, a loop, cut off at the token limit"
     SERVER_STRUGGLING = (
-        "503 busy, a 500 (runner crashed), an error line mid-answer, an answer that broke off, a timeout"
+        "503 busy, 429, a 500 (runner crashed), an error mid-answer, an answer that broke off, a timeout"
     )
     CONNECTION_BROKE = "the connection broke during the request"
     SERVER_DOWN = "the server refuses connections, or a proxy in front of it answers 502 or 504"
     MODEL_GONE = "the model is no longer on the server (404)"
     MODEL_UNUSABLE = (
         "the server cannot run the model as asked: an architecture it cannot load, a context too small "
-        "for image and prompt, too little memory"
+        "for image and prompt, too little memory, no vision projector"
     )
     ACCESS_DENIED = "the server (or a proxy) refuses us: 401 or 403"
     REQUEST_REFUSED = "a request the server will never accept: 400, 413, 422, an image it cannot decode"
@@ -2007,7 +2007,10 @@ def reason(exc: BaseException) -> str:
 
 class Action(enum.Enum):
     RETRY_NOW_NEW_SEED = "ask again at once, with a new seed"
-    RETRY_AFTER_PAUSE = "ask again after a pause that doubles each time"
+    RETRY_AFTER_PAUSE = (
+        "ask again after a pause that doubles each time (or as long as the server's `Retry-After` asks, "
+        "if longer)"
+    )
     WAIT_FOR_SERVER = "back to the queue; the server is probed, more and more slowly, until it answers"
     TAKE_SERVER_OUT = "back to the queue; that server gets no more requests"
     STOP_RUN = "end the run: summary, exit 1; what is left waits for a rerun"

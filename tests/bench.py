@@ -150,6 +150,41 @@ def thinking_rows(root: Path, scale: int) -> None:
     print()
 
 
+def api_rows(root: Path, scale: int) -> None:
+    """The same 4-slot stand-in through each API, and what --jobs keeps 8 slots full."""
+    folder = folder_of_photos(root, "apis", 160 // scale, (1600, 1200))
+    print("| API | --jobs | images/s | share of capacity |")
+    print("|---|---:|---:|---:|")
+    for label, flavour, extra in (
+        ("Ollama", "", ()),
+        ("OpenAI-compatible (vLLM's shapes)", "vllm", ("--api", "openai")),
+    ):
+        settings = {"flavour": flavour} if flavour else {}
+        stand_in = StandInOllama(slots=4, latency=LATENCY, answer=lambda chat: CAPTION, **settings).start()
+        try:
+            result = run_captioner(folder, [stand_in], 5, *extra)
+        finally:
+            stand_in.stop()
+        chats = [chat for chat in result["chats"] if chat.picture().size != (64, 64)]  # not the probe
+        rate = served_rate(chats)
+        print(f"| {label} | 5 | {rate:.2f} | {rate / (4 / LATENCY):.1%} |")
+    print()
+    print("--jobs against an 8-slot OpenAI-compatible stand-in (share of capacity):")
+    shares = []
+    for jobs in (6, 8, 9, 10, 12):
+        stand_in = StandInOllama(
+            slots=8, latency=LATENCY, answer=lambda chat: CAPTION, flavour="vllm"
+        ).start()
+        try:
+            result = run_captioner(folder, [stand_in], jobs, "--api", "openai")
+        finally:
+            stand_in.stop()
+        chats = [chat for chat in result["chats"] if chat.picture().size != (64, 64)]
+        shares.append(f"--jobs {jobs}: {served_rate(chats) / (8 / LATENCY):.1%}")
+    print("  " + "; ".join(shares))
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images per row")
@@ -182,6 +217,7 @@ def report(root: Path, scale: int) -> None:
     print()
 
     thinking_rows(root, scale)
+    api_rows(root, scale)
 
     folder = folder_of_photos(root, "two", 160 // scale, (1600, 1200))
     one, _ = throughput_row(folder, slots=4, jobs=5, servers=1)

@@ -100,6 +100,7 @@ class Chat:
     thinking_sent: int = 0  # tokens streamed in message.thinking (on /v1: the reasoning field)
     api: str = "ollama"  # "openai": it came to /v1/chat/completions
     body: dict = field(default_factory=dict)  # a /v1 request's JSON as sent (options stays {})
+    authorization: str = ""  # the request's Authorization header, if any
 
     def picture(self, index: int = 0) -> Image.Image:
         return Image.open(io.BytesIO(self.images[index]))
@@ -684,6 +685,7 @@ class Handler(BaseHTTPRequestHandler):
             think=False if self.thinking_off(body) else None,
             api="openai",
             body=body,
+            authorization=self.headers.get("Authorization") or "",
         )
         self.completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())

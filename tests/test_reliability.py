@@ -198,7 +198,9 @@ def test_a_disk_that_fills_up_ends_the_run_at_the_first_failed_write(small_disk,
     # The first write failed; at most the next image was on its way, and its write failed too.
     assert len(server.chats) <= 2
     left = 4 - run.err.count("] FAILED ")
-    assert f"\nstopped: cannot write a.txt: No space left on device; {left} images left for a rerun\n" in run.err
+    assert (
+        f"\nstopped: cannot write a.txt: No space left on device; {left} images left for a rerun\n" in run.err
+    )
     assert (small_disk / "e.txt").read_text() == "my own tags"
     assert sorted(path.name for path in small_disk.glob("*.txt")) == ["e.txt"]
     assert leftovers(small_disk) == []

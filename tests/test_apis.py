@@ -1,0 +1,325 @@
+"""What concerns the server, against both APIs: Ollama's own (through the official client) and
+the OpenAI-compatible one of vLLM, SGLang, llama-server, LM Studio and Ollama's /v1 (through the
+captioner's httpx client). The same test runs against each; where the servers word things
+differently, the test says what each says."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import by_width, closed_port_url, distinct_pictures, picture, run_script
+from stand_in_ollama import (
+    BUSY,
+    FLAVOURS,
+    NO_MMPROJ,
+    TEXT_MODEL,
+    THINKING_MODEL,
+    Reply,
+)
+
+# "ollama" is Ollama's native API; every other name is an OpenAI-compatible server's flavour.
+EVERY_SERVER = ["ollama", *FLAVOURS]
+BOTH_APIS = ["ollama", "vllm"]
+
+
+@pytest.fixture
+def run_against(make_server, caption):
+    """Start a stand-in of the given kind and run the captioner against it with the matching
+    --api; returns (server, run)."""
+
+    def start(kind: str, **settings):
+        if kind != "ollama":
+            settings["flavour"] = kind
+        return make_server(**settings)
+
+    def run(kind: str, server, *args):
+        api = [] if kind == "ollama" else ["--api", "openai"]
+        return caption(*args, *api, host=server.url)
+
+    return start, run
+
+
+def captions_sent(server) -> list:
+    """The chats that were captions, not the OpenAI preflight's probe picture."""
+    return [chat for chat in server.chats if chat.picture().size != (64, 64)]
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_each_image_is_captioned_through_the_api(kind, tmp_path, run_against):
+    start, run = run_against
+    expected = distinct_pictures(tmp_path, 3)
+    server = start(kind)
+
+    result = run(kind, server, tmp_path, "--seed", 7)
+
+    assert result.code == 0, result.err
+    assert {path: path.read_text() for path in expected} == expected
+    sent = captions_sent(server)
+    assert len(sent) == 3 and all(chat.stream for chat in sent)
+    if kind != "ollama":
+        assert {chat.api for chat in sent} == {"openai"}
+        assert sent[0].body["max_tokens"] == 512 and sent[0].body["seed"] == 7
+        assert sent[0].body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_requests_are_in_flight_at_once(kind, tmp_path, run_against):
+    start, run = run_against
+    distinct_pictures(tmp_path, 6)
+    server = start(kind, slots=3, latency=0.2)
+    result = run(kind, server, tmp_path, "--jobs", 3)
+    assert result.code == 0, result.err
+    assert server.most_in_flight == 3
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_a_busy_server_is_asked_again(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind)
+    replies = iter([Reply(status=503, error=BUSY, retry_after=0.5)])
+    server.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+    first, second = captions_sent(server)
+    if kind != "ollama":  # the OpenAI-compatible servers' Retry-After is waited for
+        assert second.received_at - first.answered_at >= 0.5
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_an_error_in_the_middle_of_an_answer_is_retried(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind)
+    replies = iter([Reply(text="A red", error="CUDA error: out of memory")])
+    server.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+    assert len(captions_sent(server)) == 2
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_a_dropped_connection_is_retried(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind)
+    replies = iter([Reply(drop=True)])
+    server.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_a_refused_request_fails_its_image_once_and_names_the_servers_reason(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    picture(tmp_path / "b.png", size=(41, 32))
+    server = start(kind)
+    server.answer = by_width({40: Reply(status=400, error="image too strange")})
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 1
+    assert "FAILED a.png: " in result.err and "answered 400: image too strange" in result.err
+    assert [chat.picture().width for chat in captions_sent(server)].count(40) == 1  # not retried
+    assert (tmp_path / "b.txt").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, said",
+    [
+        ("ollama", "request (5120 tokens) exceeds the available context size (4096 tokens)"),
+        ("vllm", "This model's maximum context length is 4096 tokens. However, you requested 5120 tokens."),
+        ("llama-server", "request (5120 tokens) exceeds the available context size (4096 tokens)"),
+    ],
+)
+def test_a_context_too_small_is_never_retried_and_the_fix_is_named(kind, said, tmp_path, run_against):
+    start, run = run_against
+    distinct_pictures(tmp_path, 3)
+    server = start(kind)
+    server.answer = lambda chat: Reply(status=400, error=said) if chat.picture().width != 64 else "probe"
+
+    result = run(kind, server, tmp_path, "--jobs", 1)
+
+    assert result.code == 1
+    assert len(captions_sent(server)) == 1  # the server is taken out at the first
+    fix = "raise --num-ctx to" if kind == "ollama" else "--max-model-len"
+    assert fix in result.err and "images left for a rerun" in result.err
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_a_model_the_server_lacks_stops_the_run_before_any_image(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png")
+    server = start(kind, models={"qwen2.5vl:7b": THINKING_MODEL, "gemma3:4b": THINKING_MODEL})
+
+    result = run(kind, server, tmp_path, "--model", "llava:13b")
+
+    assert result.code == 2
+    assert "llava:13b" in result.err
+    if kind != "ollama":
+        assert "it serves: qwen2.5vl:7b, gemma3:4b" in result.err
+    assert server.chats == []
+
+
+def test_without_model_the_one_model_the_server_serves_is_used_and_two_are_named(tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png")
+    one = start("vllm", models={"Qwen/Qwen2.5-VL-7B-Instruct": THINKING_MODEL})
+    assert run("vllm", one, tmp_path).code == 0
+    assert {chat.body["model"] for chat in one.chats} == {"Qwen/Qwen2.5-VL-7B-Instruct"}
+
+    two = start("vllm", models={"a/vision": THINKING_MODEL, "b/vision": THINKING_MODEL})
+    result = run("vllm", two, tmp_path, "--existing", "overwrite")
+    assert result.code == 2
+    assert "serves 2 models (a/vision, b/vision): choose one with --model" in result.err
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_a_model_that_cannot_see_stops_the_run_before_any_image_with_the_fix(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png")
+    server = start(kind, models={"llava:13b": TEXT_MODEL})
+
+    result = run(kind, server, tmp_path, "--model", "llava:13b")
+
+    assert result.code == 2
+    if kind == "ollama":
+        assert "cannot see images" in result.err
+    else:  # only the probe picture was sent
+        assert (
+            "cannot take a picture: the server was started without the model's vision projector" in result.err
+        )
+        assert NO_MMPROJ in result.err
+    assert captions_sent(server) == []
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_credentials_refused_stop_the_run(kind, tmp_path, run_against):
+    start, run = run_against
+    distinct_pictures(tmp_path, 3)
+    server = start(kind)
+    server.answer = lambda chat: (
+        Reply(status=401, error="unauthorized") if chat.picture().width != 64 else "x"
+    )
+
+    result = run(kind, server, tmp_path, "--jobs", 1)
+
+    assert result.code == 1
+    assert "wants credentials" in result.err and "stopped: " in result.err
+    assert len(captions_sent(server)) == 1
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_nothing_listening_stops_the_run_with_the_address(kind, tmp_path):
+    picture(tmp_path / "a.png")
+    url = closed_port_url()
+    api = [] if kind == "ollama" else ["--api", "openai"]
+    result = run_script(tmp_path, "--host", url, *api)
+    assert result.returncode == 2
+    assert f"cannot reach {'Ollama at' if kind == 'ollama' else 'a server at'} {url}" in result.stderr
+
+
+@pytest.mark.parametrize("kind", EVERY_SERVER)
+def test_a_thinking_model_is_asked_not_to_think_and_thinking_never_reaches_a_caption(
+    kind, tmp_path, run_against
+):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind, models={"qwen3-vl:8b": THINKING_MODEL})
+
+    result = run(kind, server, tmp_path, "--model", "qwen3-vl:8b")
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A PNG picture, 40x32 pixels."
+    assert sum(chat.thinking_sent for chat in server.chats) == 0
+
+
+@pytest.mark.parametrize("kind", ["vllm", "llama-server"])
+def test_thinking_that_comes_anyway_is_left_out_of_the_caption(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind, models={"qwen3-vl:8b": {**THINKING_MODEL, "thinking_only": True}})
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A PNG picture, 40x32 pixels."
+    assert "thinks although asked not to" in result.err
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_a_runaway_answer_is_cut_off_as_it_loops_and_asked_again(kind, tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind)
+    replies = iter([Reply(text="a red car, ", endless=True)])
+    server.answer = lambda chat: next(replies, "A red car") if chat.picture().width == 40 else "probe"
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red car"
+    runaway = captions_sent(server)[0]
+    threading.Event().wait(0.2)  # the stand-in notes the hang-up as it next writes
+    assert runaway.hung_up and runaway.tokens_sent < 200
+
+
+def test_lm_studio_answering_an_error_with_200_is_an_error_and_retried(tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start("lmstudio")
+    replies = iter([Reply(error="Model unloaded", error_in_200=True)])
+    server.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run("lmstudio", server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+
+
+def test_the_openai_server_comes_from_openai_base_url_never_ollama_host_and_gets_the_key(
+    tmp_path, make_server
+):
+    picture(tmp_path / "a.png")
+    server = make_server(flavour="vllm")
+    environment = {
+        "OPENAI_BASE_URL": f"{server.url}/v1",
+        "OLLAMA_HOST": closed_port_url(),
+        "MY_KEY": "s3cret",
+    }
+
+    result = run_script(tmp_path, "--api", "openai", "--api-key-env", "MY_KEY", env=environment)
+
+    assert result.returncode == 0, result.stderr
+    assert {chat.authorization for chat in server.chats} == {"Bearer s3cret"}
+    assert "s3cret" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-ctx", "8192"], "--num-ctx is Ollama's"),
+        (["--keep-alive", "1h"], "--keep-alive is Ollama's"),
+        (["--pull"], "--pull is Ollama's"),
+        (["--api-key-env", "NOPE_NOT_SET"], "NOPE_NOT_SET is not set"),
+        (["--host", "gpu1"], "needs its port"),
+    ],
+)
+def test_what_means_nothing_to_an_openai_server_is_refused_with_the_reason(tmp_path, args, message, server):
+    picture(tmp_path / "a.png")
+    host = [] if "--host" in args else ["--host", server.url]
+    result = run_script(tmp_path, "--api", "openai", *host, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert server.requests == []
