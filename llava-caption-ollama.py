@@ -252,6 +252,9 @@ class Config:
     think: bool = False
     num_ctx: int = DEFAULT_NUM_CTX
     jsonl: Path | None = None
+    review: Path | None = None  # the review page to write
+    only: frozenset[str] | None = None  # --only: the real paths of the images to caption, and no others
+    failed_list: Path | None = None
 
     def options(self) -> dict:
         """Sampling and load options, the same on every request: a changed load-time option
@@ -436,6 +439,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="also keep this metadata.jsonl (Hugging Face imagefolder format) of every caption",
     )
+    parser.add_argument(
+        "--review",
+        type=Path,
+        metavar="PAGE.html",
+        help="write a page that shows every image beside its caption, to review them in a browser; with "
+        "--dry-run, of the folders as they are, sending nothing",
+    )
+    parser.add_argument(
+        "--only",
+        type=Path,
+        metavar="LIST",
+        help="caption exactly the images a list names (one path a line, as the review page's redo list or "
+        "--failed-list writes it), overwriting their captions",
+    )
+    parser.add_argument(
+        "--failed-list",
+        type=Path,
+        metavar="FILE",
+        help="write the images that failed to FILE, in the form --only reads",
+    )
     parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
     parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
     parser.add_argument("--limit", type=number(int, at_least=1), help="caption at most N images")
@@ -540,7 +563,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         prefix=Template(args.prefix, source="--prefix"),
         suffix=Template(args.suffix, source="--suffix"),
         caption_ext=caption_extension(args.caption_ext),
+        # A redo is what the user asked for: the listed images' captions are replaced.
+        only=frozenset(read_image_list(args.only)) if args.only else None,
+        existing="overwrite" if args.only and args.existing == "skip" else args.existing,
     )
+    for option, path in (("--review", args.review), ("--failed-list", args.failed_list)):
+        if path and not path.parent.is_dir():
+            raise CannotStart(f"{option}: the folder {path.parent} does not exist")
     return Config(**settings)
 
 
@@ -707,7 +736,7 @@ class Summary:
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
     stopped: str = ""  # why the run ended before its last image
-    metadata_error: str = ""  # the --jsonl file could not be written
+    output_errors: list[str] = field(default_factory=list)  # --jsonl, --review, --failed-list unwritten
     interrupted: bool = False
     dry_run: bool = False
     limit: int | None = None  # --limit: once reached, the total is known before the listing ends
@@ -724,7 +753,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        trouble = self.failed or self.left_out or self.stopped or self.metadata_error or self.left
+        trouble = self.failed or self.left_out or self.stopped or self.output_errors or self.left
         trouble = trouble or not (self.listed or self.dry_run)
         return EXIT_SOME_FAILED if trouble else EXIT_OK
 
@@ -761,8 +790,8 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
     summary.by_folder = {root: FolderCount() for root in config.folders}
     if config.announce_prompt:
         reporter.say(f"using the {config.prompt.source}")
+    review = Review(config.review, config) if config.review else None
     with ExitStack() as run:
-        run.callback(lambda: setattr(summary, "seconds", time.monotonic() - started))
         # A dry run only reads: it needs no lock.
         unwritable = (
             {}
@@ -770,45 +799,90 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
             else {root: run.enter_context(folder_lock(root, config.recursive)) for root in config.folders}
         )
         metadata = Metadata(config.jsonl, config.model, config.caption_ext) if config.jsonl else None
-        discovery = Discovery(config, summary, reporter, metadata, unwritable)
+        discovery = Discovery(config, summary, reporter, metadata, unwritable, review)
         run.callback(discovery.close)
-        if config.dry_run:
-            discovery.list_all(stop)
-            reporter.dry_run_done(summary)
-            return summary
-        discovery.until_something_to_send(stop)
-        if not discovery.waiting or stop.asked.is_set():  # nothing to send: no server needed
-            summary.interrupted = stop.asked.is_set()
-            save_metadata(metadata, summary)
-            return summary
-        servers = ready_servers(config, reporter, stop)
-        if not config.model:  # --api openai without --model: the one model the servers serve
-            config = replace(config, model=next(server.model for server in servers if server.in_rotation))
-            metadata = metadata and metadata.for_model(config.model)
-        writer = Writer()
-        pipeline = Pipeline(discovery, writer, servers, config, stop, reporter)
         try:
-            reporter.start(summary)
-            for outcome in pipeline.outcomes():
-                count(outcome, config, summary, reporter, metadata)
-            summary.stopped = pipeline.stopped_because(summary)
-            summary.interrupted = stop.asked.is_set()
+            if config.dry_run:
+                discovery.list_all(stop)
+                reporter.dry_run_done(summary)
+            else:
+                caption_what_is_planned(config, discovery, summary, reporter, stop, metadata, review)
         finally:
-            pipeline.close()
-            writer.close()
-            summary.server_trouble += [server.report() for server in servers if server.report()]
-            for server in servers:
-                server.close()
+            summary.seconds = time.monotonic() - started
             save_metadata(metadata, summary)
+        write_review_and_lists(config, review, summary, reporter, stop)
     return summary
 
 
+def caption_what_is_planned(
+    config: Config,
+    discovery: Discovery,
+    summary: Summary,
+    reporter: Reporter,
+    stop: Stop,
+    metadata: Metadata | None,
+    review: Review | None,
+) -> None:
+    """Send the images discovery plans, as it plans them, and write their captions."""
+    discovery.until_something_to_send(stop)
+    if not discovery.waiting or stop.asked.is_set():  # nothing to send: no server needed
+        summary.interrupted = stop.asked.is_set()
+        return
+    servers = ready_servers(config, reporter, stop)
+    if not config.model:  # --api openai without --model: the one model the servers serve
+        config = replace(config, model=next(server.model for server in servers if server.in_rotation))
+        metadata = metadata and metadata.for_model(config.model)
+        review = review and review.for_model(config.model)
+    writer = Writer()
+    pipeline = Pipeline(discovery, writer, servers, config, stop, reporter)
+    try:
+        reporter.start(summary)
+        for outcome in pipeline.outcomes():
+            count(outcome, config, summary, reporter, metadata, review)
+        summary.stopped = pipeline.stopped_because(summary)
+        summary.interrupted = stop.asked.is_set()
+    finally:
+        pipeline.close()
+        writer.close()
+        summary.server_trouble += [server.report() for server in servers if server.report()]
+        for server in servers:
+            server.close()
+
+
+def write_review_and_lists(
+    config: Config, review: Review | None, summary: Summary, reporter: Reporter, stop: Stop
+) -> None:
+    outputs: list[tuple[Path, Callable[[], None]]] = []
+    if review:
+        outputs.append((review.page, lambda: review.write(summary, stop)))
+    if config.failed_list:
+        failed = [image for image, _ in summary.failed]
+        outputs.append(
+            (config.failed_list, lambda: write_image_list(config.failed_list, failed, "images that failed"))
+        )
+    for path, write in outputs:
+        try:
+            write()
+        except OSError as exc:
+            summary.output_errors.append(f"cannot write {path}: {reason(exc)}")
+            continue
+        if path == config.review:
+            reporter.say(f"review page: {path} (open it in a browser)")
+
+
 def count(
-    outcome: Outcome, config: Config, summary: Summary, reporter: Reporter, metadata: Metadata | None
+    outcome: Outcome,
+    config: Config,
+    summary: Summary,
+    reporter: Reporter,
+    metadata: Metadata | None,
+    review: Review | None,
 ) -> None:
     """Account for one image's end: the only place it is counted and reported."""
     summary.settled += 1
     task = outcome.task
+    if review:
+        review.settled(outcome)
     if outcome.failure:
         summary.failed.append((task.image, outcome.failure))
         summary.folder(task.root).failed += 1
@@ -847,7 +921,7 @@ def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
         try:
             metadata.save()
         except OSError as exc:
-            summary.metadata_error = f"cannot write {metadata.path}: {reason(exc)}"
+            summary.output_errors.append(f"cannot write {metadata.path}: {reason(exc)}")
 
 
 # ---------------------------------------------------------------------------
@@ -865,6 +939,7 @@ class Task:
     template: Template
     prompt: str = ""  # filled in by preparation
     payload: bytes = b""  # the encoded image to send, filled in by preparation
+    thumbnail: bytes = b""  # for the review page, made from the payload by preparation
     tries: int = 0  # tries that failed in a way that counts against --retries
     faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
     not_before: float = 0.0  # time.monotonic() before which it must not be sent again
@@ -921,8 +996,11 @@ class Discovery:
         reporter: Reporter,
         metadata: Metadata | None,
         unwritable: dict[Path, str],
+        review: Review | None = None,
     ) -> None:
         self.config = config
+        self.review = review
+        self.only_found: set[str] = set()  # the --only images found so far
         self.summary = summary
         self.reporter = reporter
         self.metadata = metadata
@@ -942,6 +1020,10 @@ class Discovery:
             next(self.steps)
         except StopIteration:
             self.finished = self.summary.listed = True
+            for path in sorted((self.config.only or set()) - self.only_found):
+                self.fail(
+                    self.config.folders[0], Path(path), "listed by --only, but not found in the folders given"
+                )
             self.reporter.listed(self.summary)
 
     def until_something_to_send(self, stop: Stop) -> None:
@@ -962,7 +1044,8 @@ class Discovery:
 
     def walk_every_folder(self) -> Iterator[None]:
         for root in self.config.folders:
-            if self.config.existing != "skip":
+            # --only bypasses the record of what earlier runs did: the list says what to redo.
+            if self.config.existing != "skip" and self.config.only is None:
                 self.journals[root] = Journal(self.config, root)
             yield from self.walk(root)
 
@@ -1070,6 +1153,8 @@ class Discovery:
         self.reporter.say(f"FAILED {self.reporter.folder_name(Path(path))}: {why}")
 
     def fail(self, root: Path, image: Path, why: str) -> None:
+        if self.review:
+            self.review.image(image, "failed", reason=why)
         self.summary.failed.append((image, why))
         self.summary.folder(root).failed += 1
         self.reporter.image_failed(image, why, counted=False)
@@ -1078,6 +1163,11 @@ class Discovery:
         """Decide for one image: to caption, already captioned, or failed before it is sent."""
         caption = caption_name(name, self.config)
         root, image = listing.root, Path(listing.path, name)
+        if self.config.only is not None:
+            real = os.path.realpath(image)
+            if real not in self.config.only:
+                return  # not on the list: not this run's business
+            self.only_found.add(real)
         if caption in listing.shared:
             # One caption would describe only one of the pictures: caption neither.
             twins = [other for other in listing.shared[caption] if other != name]
@@ -1102,6 +1192,8 @@ class Discovery:
         if already or (journal and journal.done(image, existing, listing.prompt)):
             self.summary.skipped += 1
             self.summary.folder(root).skipped += 1
+            if self.review:
+                self.review.image(image, "before", readable_text(existing))
             return
         try:
             text = caption_text(caption_file, existing) if self.wants_text(listing.prompt) else ""
@@ -1118,6 +1210,8 @@ class Discovery:
             return
         self.summary.to_caption += 1
         self.waiting.append(Planned(listing, name, text))
+        if self.review:
+            self.review.image(image, "not_attempted", readable_text(existing))
 
     def wants_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
@@ -1175,6 +1269,10 @@ def existing_caption(path: Path, listed: bool) -> bytes:
         raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason(exc)}") from None
 
 
+def readable_text(data: bytes) -> str:
+    return data.decode("utf-8-sig", "replace").strip()
+
+
 def caption_text(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig").strip()
@@ -1225,6 +1323,8 @@ def prepare(task: Task, config: Config) -> Task:
     """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
     task.prompt = task.template.fill(task.image, task.existing)
     task.payload = prepare_image(task.image, config.max_size)
+    if config.review:  # from the picture as prepared: no second decode of a 24 MP original
+        task.thumbnail = thumbnail(io.BytesIO(task.payload))
     return task
 
 
@@ -2845,6 +2945,205 @@ class Metadata:
 
 
 # ---------------------------------------------------------------------------
+# Review page: every image of the run beside its caption, in one page for a browser
+# ---------------------------------------------------------------------------
+# The page is review-template.html (beside this script) with the run's data in it as JSON: a
+# file:// page may not fetch a sidecar JSON file. Thumbnails go to a hidden folder beside the
+# page as scripts (chunk-00000.js ...), which a file:// page may load, 100 to a file, so that a
+# page of 20,000 images opens at once and loads only what it shows. No image file is written:
+# no trainer can take a review thumbnail for a picture of the dataset.
+
+REVIEW_TEMPLATE = Path(__file__).resolve().parent / "review-template.html"
+THUMBNAIL_SIZE = 256
+THUMBNAIL_QUALITY = 70  # ~10 KB a thumbnail
+THUMBNAILS_PER_CHUNK = 100
+SHORT_CAPTION_WORDS = 6
+
+
+class Review:
+    """What the review page will show of each image, gathered as the run goes."""
+
+    def __init__(self, page: Path, config: Config) -> None:
+        self.page = page
+        self.config = config
+        self.records: dict[Path, dict] = {}
+        self.thumbnails = page.parent / f".{page.stem}-thumbnails"
+        self.chunk: list[str] = []  # data URIs of the chunk being filled
+        self.chunks_written = 0
+        self.started = False
+
+    def image(self, image: Path, status: str, caption: str = "", reason: str = "", **more: object) -> None:
+        record = self.records.setdefault(image, {"thumb": None})
+        record.update(status=status, caption=caption, reason=reason, seconds=None, tokens=None, flags=[])
+        record.update(more)
+
+    def for_model(self, model: str) -> Review:
+        self.config = replace(self.config, model=model)
+        return self
+
+    def settled(self, outcome: Outcome) -> None:
+        task = outcome.task
+        if outcome.failure:
+            self.image(task.image, "failed", reason=outcome.failure)
+        else:
+            recovered = ["recovered"] if Fault.UNFIT_ANSWER in task.faults else []
+            seconds, tokens = round(outcome.seconds, 2), outcome.answer.tokens
+            self.image(task.image, "captioned", outcome.text, seconds=seconds, tokens=tokens, flags=recovered)
+        self.thumbnail(task.image, task.thumbnail)
+
+    def thumbnail(self, image: Path, data: bytes) -> None:
+        """Keep the thumbnail of an image whose prepared picture is at hand (JPEG bytes)."""
+        if not data or image not in self.records:
+            return
+        if not self.started:  # a new review replaces the thumbnails of the last one
+            self.started = True
+            remove_thumbnail_chunks(self.thumbnails)
+        self.records[image]["thumb"] = [self.chunks_written, len(self.chunk)]
+        self.chunk.append("data:image/jpeg;base64," + base64.b64encode(data).decode("ascii"))
+        if len(self.chunk) == THUMBNAILS_PER_CHUNK:
+            self.write_chunk()
+
+    def write_chunk(self) -> None:
+        if not self.chunk:
+            return
+        self.thumbnails.mkdir(exist_ok=True)
+        script = f"reviewThumbnails({self.chunks_written}, {json.dumps(self.chunk)});\n"
+        write_atomically(self.thumbnails / f"chunk-{self.chunks_written:05d}.js", script)
+        self.chunk = []
+        self.chunks_written += 1
+
+    def write(self, summary: Summary, stop: Stop) -> None:
+        """Make the thumbnails the run did not have at hand, then write the page."""
+        missing = [image for image, record in self.records.items() if record["thumb"] is None]
+        with ThreadPoolExecutor(usable_cpus(), thread_name_prefix="thumbnail") as pool:
+            for image, data in zip(missing, pool.map(thumbnail_of_file, missing)):
+                if stop.hurried.is_set():
+                    break
+                self.thumbnail(image, data)
+        self.write_chunk()
+        data = {
+            "run": self.run_data(summary),
+            "images": [self.entry(image) for image in sorted(self.records)],
+        }
+        text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
+        write_atomically(self.page, read_review_template().replace("__REVIEW_DATA__", text, 1))
+
+    def run_data(self, summary: Summary) -> dict:
+        config = self.config
+        return {
+            "model": config.model,
+            "api": config.api,
+            "prompt": config.prompt.text,
+            "created": time.strftime("%Y-%m-%d %H:%M"),
+            "prefix": config.prefix.text,
+            "suffix": config.suffix.text,
+            "tokens_per_second": round(summary.tokens / (summary.generation_ns / 1e9), 1)
+            if summary.generation_ns
+            else 0.0,
+            "seconds": round(summary.seconds, 1),
+            "dry_run": config.dry_run,
+            "thumbnails": self.relative(self.thumbnails) if self.chunks_written else "",
+            "chunk_size": THUMBNAILS_PER_CHUNK,
+        }
+
+    def entry(self, image: Path) -> dict:
+        record = self.records[image]
+        caption = record["caption"]
+        flags = list(record["flags"])
+        if caption:
+            flags += ["over_clip"] if estimated_clip_tokens(caption) > CLIP_TOKENS else []
+            flags += ["short"] if len(caption.split()) < SHORT_CAPTION_WORDS else []
+            flags += ["no_trigger"] if not has_trigger_words(caption, image, self.config) else []
+        path = self.relative(image)
+        return {
+            **record,
+            "path": path,
+            "folder": path.rpartition("/")[0],
+            "clip_tokens": estimated_clip_tokens(caption) if caption else 0,
+            "words": len(caption.split()),
+            "flags": flags,
+        }
+
+    def relative(self, path: Path) -> str:
+        return readable_name(os.path.relpath(path, self.page.parent).replace(os.sep, "/"))
+
+
+# Inside <script>, "</script>" would end the data early and "<!--" change how it is parsed;
+# U+2028 and U+2029 end a line in older JavaScript. Escaped, JSON.parse gives the same text.
+SCRIPT_SAFE = {
+    ord("<"): "\\u003c",
+    ord(">"): "\\u003e",
+    ord("&"): "\\u0026",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def read_review_template() -> str:
+    try:
+        return REVIEW_TEMPLATE.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CannotStart(
+            f"cannot read {REVIEW_TEMPLATE}: {reason(exc)}; it belongs beside the script"
+        ) from None
+
+
+def remove_thumbnail_chunks(folder: Path) -> None:
+    if folder.is_dir():
+        for chunk in folder.glob("chunk-*.js"):
+            remove_quietly(str(chunk))
+
+
+def has_trigger_words(caption: str, image: Path, config: Config) -> bool:
+    prefix, suffix = config.prefix.fill(image, ""), config.suffix.fill(image, "")
+    return all(
+        re.search(rf"(?<!\w){re.escape(words)}(?!\w)", caption, re.IGNORECASE)
+        for words in (prefix, suffix)
+        if words
+    )
+
+
+def thumbnail(source: BinaryIO) -> bytes:
+    """A small JPEG of a picture (its prepared form, or the file), or b"" if it cannot be read."""
+    try:
+        with Image.open(source) as picture:
+            refuse_bombs(picture)
+            shrunk = shrink_upright_rgb(picture, THUMBNAIL_SIZE, None)
+            buffer = io.BytesIO()
+            shrunk.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
+            return buffer.getvalue()
+    except Exception:  # noqa: BLE001 - a picture that cannot be shown has no thumbnail, nothing more
+        return b""
+
+
+def thumbnail_of_file(image: Path) -> bytes:
+    import_run_libraries()
+    try:
+        with open_regular_file(image) as file:
+            return thumbnail(file)
+    except OSError:
+        return b""
+
+
+def read_image_list(path: Path) -> set[str]:
+    """--only: the images a list names, one a line (the review page's redo list, or a --failed-list),
+    relative to the list's folder or absolute; lines starting with # are comments."""
+    try:
+        lines = read_regular_file(path).decode("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return {os.path.realpath(path.parent / name) for name in names}
+
+
+def write_image_list(path: Path, images: list[Path], what: str) -> None:
+    """--failed-list: the images, relative to the list's folder, in the form --only reads."""
+    lines = [f"# {what}, {time.strftime('%Y-%m-%d %H:%M')}; caption them again with --only {path.name}"]
+    lines += [os.path.relpath(image, path.parent) for image in sorted(images)]
+    write_atomically(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------
 # Reporter
 # ---------------------------------------------------------------------------
 
@@ -3028,8 +3327,8 @@ class Reporter:
             self.say(caption_statistics(summary))
         if summary.stopped:
             self.say(f"stopped: {summary.stopped}")
-        if summary.metadata_error:
-            self.say(f"error: {summary.metadata_error}")
+        for error in summary.output_errors:
+            self.say(f"error: {error}")
         for folder, why in summary.left_out:
             self.say(f"  left out {self.folder_name(folder)}: {why}")
         for image, why in sorted(summary.failed):
