@@ -14,7 +14,6 @@ from conftest import (
     closed_port_url,
     distinct_pictures,
     picture,
-    run_script,
 )
 
 
@@ -64,31 +63,28 @@ def test_the_server_does_not_drain_between_folders(tmp_path, make_server, captio
     assert [path for _, _, path in server.requests].count("/api/tags") == 1  # one preflight for the run
 
 
-def test_a_file_among_several_folders_is_named_and_nothing_is_sent(tmp_path, server):
+def test_a_file_among_several_folders_is_named_and_nothing_is_sent(tmp_path, caption, server):
     first, second = datasets(tmp_path, "a", "b")
     notes = tmp_path / "notes.md"
     notes.write_text("what a shell glob such as datasets/* also picks up")
 
-    result = run_script(first, second, notes, "--host", server.url)
+    result = caption(first, second, notes)
 
-    assert result.returncode == 2
-    assert result.stderr == (
+    assert result.code == 2
+    assert result.err == (
         f"error: {notes} is not a folder; with several folders, give the prompt file as --prompt FILE\n"
     )
     assert server.requests == []
 
 
-def test_a_folder_and_a_file_stay_the_old_form_and_prompt_also_works_with_one_folder(tmp_path, server):
+def test_a_folder_and_a_file_stay_the_old_form_and_prompt_also_works_with_one_folder(
+    tmp_path, caption, server
+):
     (folder,) = datasets(tmp_path, "a", count=1)
     (tmp_path / "tags.txt").write_text("List booru tags.")
 
-    assert run_script(folder, "--prompt", tmp_path / "tags.txt", "--host", server.url).returncode == 0
-    assert (
-        run_script(
-            folder, "-r", tmp_path / "tags.txt", "--host", server.url, "--existing", "overwrite"
-        ).returncode
-        == 0
-    )
+    assert caption(folder, "--prompt", tmp_path / "tags.txt").code == 0
+    assert caption(folder, "-r", tmp_path / "tags.txt", "--existing", "overwrite").code == 0
     assert [chat.prompt for chat in server.chats] == ["List booru tags.", "List booru tags."]
 
 
@@ -206,13 +202,13 @@ def test_nothing_to_caption_contacts_no_server_and_imports_no_client(tmp_path):
     assert result.stderr == "captioned 0, skipped 3, failed 0 in 0s (0.00 images/s)\n"
 
 
-def test_nothing_to_caption_but_images_planning_failed_exits_1_without_a_server(tmp_path):
+def test_nothing_to_caption_but_images_planning_failed_exits_1_without_a_server(tmp_path, caption):
     picture(tmp_path / "a.jpg")
     picture(tmp_path / "a.png")
-    result = run_script(tmp_path, "--host", closed_port_url())
-    assert result.returncode == 1
-    assert "a.jpg: shares a.txt with a.png" in result.stderr
-    assert "cannot reach" not in result.stderr
+    result = caption(tmp_path, host=closed_port_url())
+    assert result.code == 1
+    assert "a.jpg: shares a.txt with a.png" in result.err
+    assert "cannot reach" not in result.err
 
 
 def run_script_code(code: str) -> subprocess.CompletedProcess:
@@ -227,13 +223,13 @@ def run_script_code(code: str) -> subprocess.CompletedProcess:
         )
 
 
-def test_the_old_form_says_which_file_it_took_for_the_prompt(tmp_path, server):
+def test_the_old_form_says_which_file_it_took_for_the_prompt(tmp_path, caption):
     (folder,) = datasets(tmp_path, "a", count=1)
     notes = tmp_path / "notes.md"
     notes.write_text("what a glob over one folder and one file gives")
-    result = run_script(folder, notes, "--host", server.url)
-    assert result.returncode == 0
-    assert result.stderr.startswith(f"using the prompt file {notes}\n")
+    result = caption(folder, notes)
+    assert result.code == 0
+    assert result.err.startswith(f"using the prompt file {notes}\n")
 
 
 def test_a_folder_given_and_also_reached_through_a_link_is_captioned_as_given(tmp_path, caption, server):

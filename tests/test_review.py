@@ -1,0 +1,725 @@
+"""The review page (--review) in a real browser: headless Chromium opens it from file:// and checks what
+a person would: cards with their thumbnails, search, filters and their counts, hostile names and captions
+shown as text, the redo list, and the review -> redo -> --only loop.
+
+Pages come two ways: from the captioner itself (`--review`), and from `build_page`, which fills the
+template exactly as the captioner does, for data no run produces on demand (hostile strings, 20,000
+images)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import pytest
+from browser import alert_shown, open_page, save_downloads_in, screenshot, start_chromium, wait_for_file
+from conftest import SCRIPT, distinct_pictures, picture, run_script
+from PIL import Image, ImageDraw, ImageFilter
+from stand_in_ollama import Reply, describe
+
+TEMPLATE = SCRIPT.parent / "review-template.html"
+TOKEN = "__REVIEW_DATA__"
+HOSTILE_SCRIPT = "<script>alert(1)</script>"
+HOSTILE_IMG = '"><img src=x onerror=window.pwned=1>'
+CHUNK_SIZE = 100
+
+
+# ---- The page as the captioner makes it ----
+
+
+def page_json(data: dict) -> str:
+    """The contract's substitution: JSON with <, >, &, U+2028 and U+2029 escaped."""
+    text = json.dumps(data, ensure_ascii=False)
+    for char in "<>&\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
+    return text
+
+
+def build_page(
+    page: Path, images: list, run: dict | None = None, thumbnails: str = ".review-thumbnails"
+) -> Path:
+    """Write `page` from the template for `images` (dicts as in the data; an optional "jpeg" key holds a
+    thumbnail's bytes, written into chunk scripts of CHUNK_SIZE beside the page)."""
+    chunks: list = []
+    records = []
+    for image in images:
+        record = {key: value for key, value in image.items() if key != "jpeg"}
+        if image.get("jpeg") is None:
+            record["thumb"] = None
+        else:
+            if not chunks or len(chunks[-1]) == CHUNK_SIZE:
+                chunks.append([])
+            record["thumb"] = [len(chunks) - 1, len(chunks[-1])]
+            chunks[-1].append("data:image/jpeg;base64," + base64.b64encode(image["jpeg"]).decode())
+        records.append(record)
+    if chunks:
+        folder = page.parent / thumbnails
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, chunk in enumerate(chunks):
+            (folder / f"chunk-{number:05d}.js").write_text(
+                f"reviewThumbnails({number}, {json.dumps(chunk)});\n", encoding="utf-8"
+            )
+    run = {
+        "model": "llava:13b",
+        "api": "ollama",
+        "prompt": "Describe the image in one line.",
+        "created": "2026-11-26 03:10",
+        "prefix": "",
+        "suffix": "",
+        "tokens_per_second": 41.5,
+        "seconds": 754.0,
+        "dry_run": False,
+        "thumbnails": thumbnails if chunks else "",
+        "chunk_size": CHUNK_SIZE,
+        **(run or {}),
+    }
+    template = TEMPLATE.read_text(encoding="utf-8")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(template.replace(TOKEN, page_json({"run": run, "images": records})), encoding="utf-8")
+    return page
+
+
+def image(path: str, status: str = "captioned", caption: str = "", **fields) -> dict:
+    words = len(caption.split())
+    return {
+        "path": path,
+        "folder": path.rpartition("/")[0],
+        "status": status,
+        "caption": caption,
+        "reason": "",
+        "seconds": 3.2 if status == "captioned" else None,
+        "tokens": 60 if status == "captioned" else None,
+        "clip_tokens": round(words * 1.3),
+        "words": words,
+        "flags": [],
+        **fields,
+    }
+
+
+def scene(seed: int, size=(512, 384)) -> Image.Image:
+    """A small generated landscape: sky, sun, two ridges of hills, a lake or a meadow."""
+    rnd = random.Random(seed)
+    width, height = size
+    palettes = [
+        ((255, 170, 110), (120, 80, 170), (70, 50, 110), (40, 30, 70)),
+        ((150, 205, 255), (230, 245, 255), (70, 120, 90), (35, 80, 55)),
+        ((255, 214, 150), (250, 120, 90), (110, 70, 80), (60, 40, 60)),
+        ((30, 40, 90), (110, 90, 170), (40, 50, 90), (20, 25, 50)),
+        ((200, 230, 250), (250, 250, 240), (150, 160, 175), (90, 100, 120)),
+    ]
+    top, bottom, far, near = palettes[seed % len(palettes)]
+    picture = Image.new("RGB", size)
+    draw = ImageDraw.Draw(picture)
+    for y in range(height):
+        t = y / height
+        draw.line([(0, y), (width, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)))
+    sun_x, sun_y = rnd.randint(width // 8, width * 7 // 8), rnd.randint(height // 8, height // 2)
+    radius = round(height * rnd.uniform(0.05, 0.1))
+    draw.ellipse([sun_x - radius, sun_y - radius, sun_x + radius, sun_y + radius], fill=(255, 240, 200))
+    for color, base, spread in ((far, 0.55, 0.25), (near, 0.72, 0.2)):
+        points = [(0, height)]
+        for x in range(0, width + 32, 32):
+            points.append((x, height * (base + rnd.uniform(-spread, spread) / 2)))
+        points.append((width, height))
+        draw.polygon(points, fill=color)
+    if seed % 3 == 0:
+        draw.rectangle([0, int(height * 0.85), width, height], fill=tuple(min(255, c + 40) for c in top))
+    return picture.filter(ImageFilter.SMOOTH)
+
+
+def jpeg(picture: Image.Image, side: int = 256) -> bytes:
+    thumbnail = picture.copy()
+    thumbnail.thumbnail((side, side))
+    out = io.BytesIO()
+    thumbnail.save(out, "JPEG", quality=70)
+    return out.getvalue()
+
+
+# path | status | flags | caption, or the reason of a failure
+SHOWCASE = """
+alps/IMG 0001.jpg | captioned | | ohwx style, snow-capped mountains at sunset, violet sky, dark pine ridge in the
+    foreground, watercolor, soft light
+alps/IMG 0002.jpg | captioned | | ohwx style, rolling green hills under a pale blue sky, low sun, quiet meadow, flat shading
+alps/IMG 0003.jpg | failed | | the model refused: I'm sorry, I can't help with that.
+alps/IMG 0004.jpg | captioned | | ohwx style, the image shows a night sky over mountains, a full moon, purple haze,
+    layered ridges, quiet and cold
+alps/IMG 0005.jpg | before | | ohwx style, misty grey peaks, pale sun, snowfield, muted tones, minimal composition
+alps/café #1 100%.jpg | captioned | short no_trigger | mountains.
+alps/IMG 0007.jpg | captioned | over_clip | ohwx style, an orange sunset over layered purple mountains, the sun half
+    hidden behind the second ridge, long rays through thin clouds, a cold blue valley below, pine trees in silhouette
+    on the nearest slope, soft watercolor washes with visible paper grain, calm and warm, wide panoramic composition
+alps/IMG 0008.jpg | captioned | recovered | ohwx style, warm evening light over two hill ridges, sun low on the left,
+    gradient sky, poster art
+coast/beach 01.jpg | captioned | | ohwx style, a calm lake below dark hills, orange sky, reflections, flat vector illustration
+coast/beach 02.jpg | failed | | Ollama answered 500: model runner has unexpectedly stopped
+coast/beach 03.jpg | not_attempted | |
+coast/beach 04.jpg | captioned | no_trigger | the image shows a sunrise over green hills, blue sky, small white sun,
+    bright and fresh
+coast/beach 05.jpg | before | | ohwx style, night over the bay, moon above the ridges, violet and navy, calm water
+coast/beach 06.jpg | captioned | over_clip | ohwx style, dusk over a quiet coast, long blue shadows across the sand,
+    peach and lilac sky, layered hills fading into haze, a thin crescent moon, calm water reflecting the last light,
+    flat poster illustration with gentle grain
+coast/beach 07.jpg | failed | | the model refused: I cannot describe this image.
+coast/beach 08.jpg | captioned | | ohwx style, overcast day, grey mountains, white sky, snow, minimal palette, wide view
+what?.png | not_attempted | |
+coast/beach 09.jpg | captioned | | ohwx style, the image shows warm hills at golden hour, hazy sun, pink clouds, painterly
+"""
+
+
+def showcase(folder: Path) -> list:
+    """A run of 18 images over two folders and the page's own: every status, reason and flag."""
+    images = []
+    for number, entry in enumerate(re.split(r"\n(?! )", SHOWCASE.strip())):
+        path, status, flags, text = (part.strip() for part in entry.split("|"))
+        text = " ".join(text.split())
+        picture = scene(number)
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        picture.save(folder / path, "PNG" if path.endswith(".png") else "JPEG", quality=85)
+        fields = {"flags": flags.split(), "jpeg": jpeg(picture)}
+        if status == "captioned":
+            fields.update(seconds=round(1.5 + number * 0.37, 1), tokens=40 + number * 7)
+        if status == "failed":
+            images.append(image(path, status, reason=text, **fields))
+        else:
+            images.append(image(path, status, text, **fields))
+    return images
+
+
+# ---- What the page shows, read back in the browser ----
+
+
+def shown_paths(driver) -> list:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#cards .card')].map(c => c.dataset.path)"
+    )
+
+
+def option_counts(driver) -> dict:
+    return driver.execute_script(
+        """const counts = {};
+        for (const row of document.querySelectorAll('#filters .opt')) {
+          (counts[row.dataset.group] ||= {})[row.dataset.value] =
+            Number(row.querySelector('.count').textContent.replace(/\\D/g, ''));
+        }
+        return counts;"""
+    )
+
+
+def toggle(driver, group: str, value: str) -> float:
+    """Click a filter option as a person would; the seconds it took to filter and show the cards."""
+    return driver.execute_script(
+        """const input = [...document.querySelectorAll('#filters input')]
+            .find(i => i.dataset.group === arguments[0] && i.value === arguments[1]);
+        const start = performance.now();
+        input.click();
+        document.body.offsetHeight;  // layout included
+        return (performance.now() - start) / 1000;""",
+        group,
+        value,
+    )
+
+
+def type_search(driver, text: str) -> float:
+    return driver.execute_script(
+        """const box = document.getElementById('search');
+        const start = performance.now();
+        box.value = arguments[0];
+        box.dispatchEvent(new Event('input'));
+        document.body.offsetHeight;
+        return (performance.now() - start) / 1000;""",
+        text,
+    )
+
+
+def wait_for_thumbnails(driver, everywhere: bool = False, seconds: float = 10) -> int:
+    """Wait until every thumbnail on screen (or on the page, scrolling down) is decoded; their number."""
+    check = """const all = arguments[0];
+        const imgs = [...document.querySelectorAll('#cards img')]
+            .filter(img => all || img.getBoundingClientRect().top < innerHeight);
+        return imgs.every(img => img.complete && img.naturalWidth > 0) ? imgs.length : -1;"""
+    if everywhere:
+        driver.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    deadline = time.monotonic() + seconds
+    while (loaded := driver.execute_script(check, everywhere)) < 0:
+        assert time.monotonic() < deadline, "thumbnails did not load"
+        time.sleep(0.02)
+    return loaded
+
+
+def reason_group(reason: str) -> str:
+    """The page's grouping of failure reasons: the text before the first ':', or the first 40 characters."""
+    text = reason.strip()
+    head = text.split(":", 1)[0].strip() if text.find(":") > 0 else text
+    return head if len(head) <= 40 else head[:40].rstrip() + "\u2026"
+
+
+def values(record: dict, group: str, marked=frozenset()) -> list:
+    folder = record["folder"] or "."
+    return {
+        "status": [record["status"]],
+        "reason": [reason_group(record["reason"])] if record["status"] == "failed" else [],
+        "flag": record["flags"],
+        "folder": [folder],
+        "redo": ["marked"] if record["path"] in marked else [],
+    }[group]
+
+
+def expected_counts(records: list, selected: dict, query: str = "") -> tuple:
+    """What the page must show: the images that match, and for each option of each group the images
+    that match the search and every other group (a faceted count)."""
+    groups = ("status", "reason", "flag", "folder", "redo")
+    query = query.lower()
+    matching, counts = [], {group: {} for group in groups}
+    for record in records:
+        if query not in "\n".join((record["caption"], record["path"], record["reason"])).lower():
+            continue
+        failing = [g for g in groups if selected.get(g) and not set(values(record, g)) & selected[g]]
+        if not failing:
+            matching.append(record["path"])
+        for group in groups if not failing else failing if len(failing) == 1 else ():
+            for value in values(record, group):
+                counts[group][value] = counts[group].get(value, 0) + 1
+    return matching, counts
+
+
+def assert_counts(driver, records: list, selected: dict, query: str = "") -> None:
+    matching, counts = expected_counts(records, selected, query)
+    assert sorted(shown_paths(driver)) == sorted(matching)
+    for group, options in option_counts(driver).items():
+        for value, count in options.items():
+            assert count == counts[group].get(value, 0), (group, value, selected, query)
+
+
+@pytest.fixture(scope="module")
+def chromium(tmp_path_factory):
+    driver = start_chromium(tmp_path_factory.mktemp("downloads"))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    """The module's Chromium, saving downloads into this test's tmp_path/downloads."""
+    save_downloads_in(chromium, tmp_path / "downloads")
+    yield chromium
+    chromium.get("about:blank")
+
+
+# ---- The template itself ----
+
+
+def test_the_template_takes_its_data_in_one_place_and_loads_nothing_from_the_network():
+    template = TEMPLATE.read_text(encoding="utf-8")
+    assert template.count(TOKEN) == 1
+    assert f'<script type="application/json" id="review-data">{TOKEN}</script>' in template
+    # Data reaches the page as text only; no code is made from strings; nothing comes from elsewhere.
+    never = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "Function(")
+    elsewhere = ("http:", "https:", "//cdn", "@import", "url(", "src=")
+    for word in never + elsewhere:
+        assert word not in template, word
+    scripts = re.findall(r"<script>(.*?)</script>", template, re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in template, (
+        f"the Content-Security-Policy must name the script's hash {digest}"
+    )
+
+
+@pytest.mark.browser
+def test_the_template_opened_as_it_is_says_what_it_lacks(browser):
+    with pytest.raises(AssertionError, match="holds no review data"):
+        open_page(browser, TEMPLATE)
+
+
+# ---- Pages built from the template ----
+
+
+@pytest.mark.browser
+def test_cards_show_thumbnails_captions_and_the_run(browser, tmp_path):
+    images = showcase(tmp_path)
+    page = build_page(tmp_path / "review.html", images, run={"prefix": "ohwx style"})
+    open_page(browser, page)
+
+    assert shown_paths(browser) == sorted((i["path"] for i in images), key=name_order)
+    assert wait_for_thumbnails(browser) >= 8
+    path = screenshot(browser, tmp_path / "review.png")
+    assert Image.open(path).size == (1280, 900)
+    assert wait_for_thumbnails(browser, everywhere=True) == len(images)
+
+    header = browser.execute_script("return document.getElementById('run').textContent")
+    assert "llava:13b" in header and "41.5" in header and "12 min 34 s" in header
+    assert (
+        "Most frequent words" in header
+        and "ohwx" in header
+        and "Captions open with the image shows 23%" in header
+    )
+    cards = {card["path"]: card for card in card_texts(browser)}
+    assert cards["alps/IMG 0003.jpg"]["reason"] == "the model refused: I'm sorry, I can't help with that."
+    assert cards["alps/IMG 0001.jpg"]["caption"] == images[0]["caption"]
+    assert cards["alps/café #1 100%.jpg"]["flags"] == ["short", "no_trigger"]
+    assert cards["what?.png"]["folder"] == "./"
+    # The thumbnail opens the original, its name encoded in the link.
+    for card in cards.values():
+        assert card["href"] == (tmp_path / card["path"]).as_uri()
+        assert (tmp_path / card["path"]).is_file()
+
+
+def name_order(path: str) -> str:
+    return path.lower()
+
+
+def card_texts(driver) -> list:
+    return driver.execute_script(
+        """return [...document.querySelectorAll('#cards .card')].map(card => ({
+          path: card.dataset.path,
+          name: card.querySelector('.name').textContent,
+          folder: card.querySelector('.folder').textContent,
+          caption: (card.querySelector('.caption:not(.empty)') || {}).textContent || '',
+          reason: (card.querySelector('.reason') || {}).textContent || '',
+          flags: [...card.querySelectorAll('[data-flag]')].map(b => b.dataset.flag),
+          href: card.querySelector('a.thumb').href,
+          text: card.innerText,
+        }));"""
+    )
+
+
+@pytest.mark.browser
+def test_each_filter_counts_what_it_shows(browser, tmp_path):
+    images = showcase(tmp_path)
+    open_page(browser, build_page(tmp_path / "review.html", images))
+    assert_counts(browser, images, {})
+    counts = option_counts(browser)
+    assert counts["status"] == {"captioned": 11, "before": 2, "failed": 3, "not_attempted": 2}
+    assert counts["reason"] == {"the model refused": 2, "Ollama answered 500": 1}
+    assert counts["flag"] == {"over_clip": 2, "short": 1, "no_trigger": 2, "recovered": 1}
+    assert counts["folder"] == {"alps": 8, "coast": 9, ".": 1}
+
+    # Each option alone shows as many cards as its count said.
+    for group, options in counts.items():
+        for value, count in options.items():
+            toggle(browser, group, value)
+            assert len(shown_paths(browser)) == count, (group, value)
+            toggle(browser, group, value)
+
+    # Together: options of a group add up, groups narrow each other, counts follow the others.
+    selected: dict = {}
+    for group, value in [
+        ("folder", "coast"),
+        ("status", "failed"),
+        ("status", "captioned"),
+        ("flag", "no_trigger"),
+    ]:
+        toggle(browser, group, value)
+        selected.setdefault(group, set()).add(value)
+        assert_counts(browser, images, selected)
+    assert shown_paths(browser) == ["coast/beach 04.jpg"]
+
+    browser.find_element("id", "clear-filters").click()
+    assert len(shown_paths(browser)) == len(images)
+
+
+@pytest.mark.browser
+def test_search_narrows_highlights_and_sorts(browser, tmp_path):
+    images = showcase(tmp_path)
+    open_page(browser, build_page(tmp_path / "review.html", images))
+
+    browser.find_element("id", "search").send_keys("The Image SHOWS")
+    assert_counts(browser, images, {}, "the image shows")
+    assert len(shown_paths(browser)) == 3
+    marks = browser.execute_script(
+        "return [...document.querySelectorAll('#cards .caption mark')].map(m => m.textContent)"
+    )
+    assert marks == ["the image shows"] * 3
+    assert "3 of 18 images" in browser.find_element("id", "shown-count").text
+
+    type_search(browser, "refused")  # failure reasons are searched too
+    assert sorted(shown_paths(browser)) == ["alps/IMG 0003.jpg", "coast/beach 07.jpg"]
+    type_search(browser, "#1 100%")  # and names, as typed
+    assert shown_paths(browser) == ["alps/café #1 100%.jpg"]
+    type_search(browser, "no such words")
+    assert shown_paths(browser) == [] and "No image matches" in browser.find_element("id", "cards").text
+    type_search(browser, "")
+
+    browser.execute_script(
+        "const s = document.getElementById('sort'); s.value = 'length'; s.dispatchEvent(new Event('change'))"
+    )
+    by_length = [p for p in shown_paths(browser)]
+    words = {i["path"]: i["words"] if i["caption"] else None for i in images}
+    lengths = [words[p] for p in by_length if words[p] is not None]
+    assert lengths == sorted(lengths) and all(words[p] is None for p in by_length[len(lengths) :])
+    browser.find_element("id", "sort-dir").click()
+    assert (
+        shown_paths(browser)[0] == max(images, key=lambda i: i["words"])["path"]
+    )  # the longest caption first
+
+    browser.execute_script(
+        "const s = document.getElementById('sort'); s.value = 'time'; s.dispatchEvent(new Event('change'))"
+    )
+    seconds = {i["path"]: i["seconds"] for i in images}
+    timed = [seconds[p] for p in shown_paths(browser) if seconds[p] is not None]
+    assert timed == sorted(timed, reverse=True) and len(timed) == 11
+
+
+@pytest.mark.browser
+def test_hostile_names_and_captions_stay_text(browser, tmp_path):
+    hostile = [
+        image(f"{HOSTILE_IMG}/{HOSTILE_IMG}.jpg", "captioned", f"a cat {HOSTILE_SCRIPT} {HOSTILE_IMG}"),
+        image("b/</script><script>window.pwned=3</script>.jpg", "failed", reason=f"bad: {HOSTILE_SCRIPT}"),
+        image(
+            "javascript:window.pwned=4.jpg",
+            "before",
+            "</script><img src=x onerror=window.pwned=5>\u2028&amp;",
+        ),
+    ]
+    for record in hostile:
+        record["flags"] = ["short"]
+    run = {"model": HOSTILE_SCRIPT, "prompt": f"{HOSTILE_IMG}\n{HOSTILE_SCRIPT}", "prefix": HOSTILE_IMG}
+    page = build_page(tmp_path / "review.html", hostile, run=run)
+    open_page(browser, page)
+
+    assert alert_shown(browser) is None
+    assert browser.execute_script("return typeof window.pwned") == "undefined"
+    assert (
+        browser.execute_script("return document.querySelectorAll('#cards img, #run img, script[src]').length")
+        == 0
+    )
+    cards = {card["path"]: card for card in card_texts(browser)}
+    first = cards[f"{HOSTILE_IMG}/{HOSTILE_IMG}.jpg"]
+    assert first["name"] == f"{HOSTILE_IMG}.jpg" and first["folder"] == f"{HOSTILE_IMG}/"
+    assert first["caption"] == f"a cat {HOSTILE_SCRIPT} {HOSTILE_IMG}"
+    assert cards["b/</script><script>window.pwned=3</script>.jpg"]["reason"] == f"bad: {HOSTILE_SCRIPT}"
+    third = cards["javascript:window.pwned=4.jpg"]
+    assert third["caption"] == "</script><img src=x onerror=window.pwned=5>\u2028&amp;"
+    assert third["href"] == (tmp_path / "javascript:window.pwned=4.jpg").as_uri()  # a file, not a script
+    assert first["href"].startswith(tmp_path.as_uri() + "/")
+    browser.find_element("tag name", "summary").click()
+    header = browser.find_element("id", "run").text
+    assert HOSTILE_SCRIPT in header and HOSTILE_IMG in header
+
+    type_search(browser, HOSTILE_SCRIPT)  # found and highlighted as text
+    assert (
+        browser.execute_script("return document.querySelector('#cards mark').textContent") == HOSTILE_SCRIPT
+    )
+    assert browser.execute_script("return typeof window.pwned") == "undefined"
+    assert alert_shown(browser) is None
+
+
+@pytest.mark.browser
+def test_the_redo_list_downloads_absolute_paths(browser, tmp_path):
+    images = showcase(tmp_path / "data")
+    page = build_page(tmp_path / "data" / "review.html", images)
+    open_page(browser, page)
+
+    for path in ("alps/café #1 100%.jpg", "what?.png"):
+        browser.execute_script(
+            "[...document.querySelectorAll('#cards .card')].find(c => c.dataset.path === arguments[0])"
+            ".querySelector('.redo-toggle').click()",
+            path,
+        )
+    toggle(browser, "status", "failed")
+    browser.find_element("id", "mark-shown").click()
+    button = browser.find_element("id", "download-redo")
+    assert button.text == "Download redo list (5)"
+    toggle(browser, "status", "failed")
+    toggle(browser, "redo", "marked")
+    assert len(shown_paths(browser)) == 5
+    assert all(
+        browser.execute_script(
+            "return [...document.querySelectorAll('#cards .card')].map(c => c.classList.contains('redo'))"
+        )
+    )
+    button.click()
+
+    lines = wait_for_file(tmp_path / "downloads" / "redo-list.txt").splitlines()
+    assert lines[0].startswith("# ") and "--only" in lines[0]
+    marked = [
+        "alps/IMG 0003.jpg",
+        "alps/café #1 100%.jpg",
+        "coast/beach 02.jpg",
+        "coast/beach 07.jpg",
+        "what?.png",
+    ]
+    assert lines[1:] == sorted((str(tmp_path / "data" / path) for path in marked), key=str.lower)
+
+    # The marks outlive a reload of the page.
+    open_page(browser, page)
+    assert browser.find_element("id", "download-redo").text == "Download redo list (5)"
+
+
+@pytest.mark.browser
+def test_twenty_thousand_images_open_and_filter_in_well_under_a_second(browser, tmp_path):
+    rnd = random.Random(7)
+    words = [
+        "red",
+        "blue",
+        "old",
+        "young",
+        "woman",
+        "man",
+        "dog",
+        "cat",
+        "street",
+        "field",
+        "forest",
+        "window",
+        "light",
+        "shadow",
+        "smiling",
+        "sitting",
+    ]
+    thumb = jpeg(scene(1, (64, 48)), 48)
+    statuses = ["captioned"] * 14 + ["before"] * 4 + ["failed", "not_attempted"]
+    images = []
+    for number in range(20_000):
+        status = rnd.choice(statuses)
+        caption = (
+            "" if status in ("failed", "not_attempted") else ", ".join(rnd.sample(words, rnd.randint(3, 12)))
+        )
+        flags = [flag for flag in ("over_clip", "short", "no_trigger", "recovered") if rnd.random() < 0.05]
+        reason = rnd.choice(["the model refused: no", "timed out after 600 s", "Ollama answered 500: boom"])
+        images.append(
+            image(
+                f"set{number % 20:02d}/img{number:05d}.jpg",
+                status,
+                caption,
+                flags=flags,
+                jpeg=thumb,
+                reason=reason if status == "failed" else "",
+                seconds=rnd.uniform(1, 9) if caption else None,
+            )
+        )
+    page = build_page(tmp_path / "review.html", images)
+
+    start = time.monotonic()
+    open_page(browser, page)
+    opened = time.monotonic() - start
+    assert len(shown_paths(browser)) == 120
+    wait_for_thumbnails(browser)
+    # Only the chunks of the cards near the screen are loaded: a few of the 200, not the 24 of the page.
+    assert browser.execute_script("return document.querySelectorAll('script[src]').length") <= 8
+
+    timings = {
+        "search": type_search(browser, "woman"),
+        "filter": toggle(browser, "status", "failed"),
+        "second filter": toggle(browser, "folder", "set07"),
+        "unfilter": toggle(browser, "status", "failed"),
+        "search cleared": type_search(browser, ""),
+    }
+    browser.execute_script(
+        "const s = document.getElementById('sort'); s.value = 'length'; s.dispatchEvent(new Event('change'))"
+    )
+    timings["next page"] = browser.execute_script(
+        "const t = performance.now(); document.getElementById('page-next').click(); document.body.offsetHeight;"
+        "return (performance.now() - t) / 1000;"
+    )
+    print(f"opened in {opened:.2f} s; " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
+    assert browser.find_element("id", "page-info").text == "page 2 of 9"
+    assert opened < 5
+    assert max(timings.values()) < 0.5, timings
+    toggle(browser, "status", "failed")
+    assert_counts(browser, images, {"status": {"failed"}, "folder": {"set07"}})
+
+
+# ---- Pages written by the captioner (--review) ----
+
+
+def review(folder: Path, page: Path, *args: object, host: str) -> None:
+    run = run_script(folder, "--review", page, "--host", host, *args)
+    assert page.is_file(), f"exit {run.returncode}: {run.stderr}"
+
+
+@pytest.mark.browser
+def test_a_run_writes_a_page_that_shows_it(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    expected = distinct_pictures(folder, 4)
+    hostile = picture(folder / f"{HOSTILE_IMG}.png", size=(50, 32))
+    said = f"A red square with {HOSTILE_SCRIPT} written on it"
+    special = {41: Reply(status=400, error="image too strange"), 50: said}
+    server = make_server(answer=lambda chat: special.get(chat.picture().width) or describe(chat))
+    review(folder, tmp_path / "review.html", host=server.url)
+    open_page(browser, tmp_path / "review.html")
+
+    assert (
+        alert_shown(browser) is None and browser.execute_script("return typeof window.pwned") == "undefined"
+    )
+    cards = {card["path"]: card for card in card_texts(browser)}
+    assert set(cards) == {f"photos/img00{n}.png" for n in range(4)} | {f"photos/{hostile.name}"}
+    for caption_file, caption in expected.items():
+        card = cards[f"photos/{caption_file.stem}.png"]
+        if caption_file.stem == "img001":
+            assert "image too strange" in card["reason"]
+        else:
+            assert card["caption"] == caption_file.read_text(encoding="utf-8") == caption
+    assert cards[f"photos/{hostile.name}"]["caption"] == hostile.with_suffix(".txt").read_text(
+        encoding="utf-8"
+    )
+    assert HOSTILE_SCRIPT in cards[f"photos/{hostile.name}"]["caption"]
+    assert cards[f"photos/{hostile.name}"]["href"] == hostile.as_uri()
+    assert wait_for_thumbnails(browser, everywhere=True) == 5
+    assert option_counts(browser)["status"] == {"captioned": 4, "before": 0, "failed": 1, "not_attempted": 0}
+    screenshot(browser, tmp_path / "review.png")
+    # Nothing of the review can be taken for a picture of the dataset.
+    assert sorted(p.name for p in folder.iterdir() if p.suffix != ".txt") == sorted(
+        [f"img00{n}.png" for n in range(4)] + [hostile.name]
+    )
+
+
+@pytest.mark.browser
+def test_a_dry_run_reviews_a_folder_as_it_is_without_sending_anything(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 3)
+    (folder / "img000.txt").write_text("an old caption, written by hand", encoding="utf-8")
+    (folder / "img002.txt").write_text("another old caption", encoding="utf-8")
+    server = make_server()
+    review(folder, tmp_path / "review.html", "--dry-run", host=server.url)
+    assert not server.chats
+    open_page(browser, tmp_path / "review.html")
+
+    cards = {card["path"]: card for card in card_texts(browser)}
+    assert cards["photos/img000.png"]["caption"] == "an old caption, written by hand"
+    assert browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#cards .card')].map(c => [c.dataset.path, c.dataset.status]))"
+    ) == {"photos/img000.png": "before", "photos/img001.png": "not_attempted", "photos/img002.png": "before"}
+    assert wait_for_thumbnails(browser, everywhere=True) == 3
+    assert "Dry run" in browser.find_element("id", "run").text
+
+
+@pytest.mark.browser
+def test_review_redo_list_and_only_close_the_loop(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 4)
+    review(folder, tmp_path / "review.html", host=make_server().url)
+    open_page(browser, tmp_path / "review.html")
+    for path in ("photos/img001.png", "photos/img003.png"):
+        browser.execute_script(
+            "[...document.querySelectorAll('#cards .card')].find(c => c.dataset.path === arguments[0])"
+            ".querySelector('.redo-toggle').click()",
+            path,
+        )
+    browser.find_element("id", "download-redo").click()
+    redo_list = tmp_path / "downloads" / "redo-list.txt"
+    assert wait_for_file(redo_list).splitlines()[1:] == [
+        str(folder / "img001.png"),
+        str(folder / "img003.png"),
+    ]
+
+    redoing = make_server(
+        answer=lambda chat: f"A redone caption of a {chat.picture().width} pixel wide square."
+    )
+    run = run_script(folder, "--only", redo_list, "--host", redoing.url)
+    assert run.returncode == 0, run.stderr
+    assert sorted(chat.picture().width for chat in redoing.chats if chat.picture().width != 64) == [41, 43]
+    assert (folder / "img001.txt").read_text(
+        encoding="utf-8"
+    ) == "A redone caption of a 41 pixel wide square."
+    assert (folder / "img000.txt").read_text(encoding="utf-8") == "A PNG picture, 40x32 pixels."
+
+    review(folder, tmp_path / "again.html", "--dry-run", host=redoing.url)
+    open_page(browser, tmp_path / "again.html")
+    cards = {card["path"]: card for card in card_texts(browser)}
+    assert cards["photos/img003.png"]["caption"] == "A redone caption of a 43 pixel wide square."
