@@ -254,6 +254,7 @@ def report(root: Path, scale: int) -> None:
     input_type_rows(root, scale)
     huge_folder_rows(root, scale)
     nothing_to_do_row(root)
+    review_rows(root, scale)
 
 
 def several_folders_rows(root: Path, scale: int) -> None:
@@ -393,6 +394,61 @@ def huge_folder_rows(root: Path, scale: int) -> None:
     print(f"  writer lag: last caption written {last_written - last_answer:.2f} s after the last answer")
     baseline = run_captioner(many, fast, 9, "--dry-run")["peak_rss_mb"]
     print(f"  (a --dry-run over the same folder, which lists it and imports no client: {baseline:.0f} MB)")
+    print()
+
+
+# Timed inside the page, layout included: what a person waits for after a click.
+TIMED_ACTION = """
+const start = performance.now();
+eval(arguments[0]);
+document.body.offsetHeight;
+return performance.now() - start;
+"""
+REVIEW_ACTIONS = {
+    "next page": "document.getElementById('page-next').click()",
+    "sort by length": "const s = document.getElementById('sort'); s.value = 'length'; s.dispatchEvent(new Event('change'))",
+    "search": "const b = document.getElementById('search'); b.value = 'cobblestone'; b.dispatchEvent(new Event('input'))",
+    "filter": "document.querySelector('#filters input[data-group=\"flag\"]').click()",
+}
+
+
+def review_rows(root: Path, scale: int) -> None:
+    """The review page of a folder of 20,000 captioned images (--review with --dry-run), opened
+    from file:// in headless Chromium: how long it takes to open and to answer each action."""
+    from browser import open_page, start_chromium
+
+    folder = root / "review"
+    folder.mkdir()
+    count = 20_000 // scale
+    template = folder / "template.png"
+    Image.new("RGB", (64, 48), "red").save(template)
+    words = ["red", "car", "street", "evening", "light", "old", "film", "photograph", "parked", "cobblestone"]
+    for index in range(count):
+        os.link(template, folder / f"{index:05d}.png")
+        caption = ", ".join(words[(index + k) % len(words)] for k in range(3 + index % 20))
+        (folder / f"{index:05d}.txt").write_text(caption)
+    template.unlink()
+    page = root / "review.html"
+    started = time.monotonic()
+    command = [sys.executable, str(script), str(folder), "--review", str(page), "--dry-run", "-q"]
+    subprocess.run(command, capture_output=True, check=True)
+    written = time.monotonic() - started
+    driver = start_chromium(root / "downloads")
+    try:
+        started = time.monotonic()
+        open_page(driver, page, seconds=60)
+        opened = time.monotonic() - started
+        timings = {
+            name: driver.execute_script(TIMED_ACTION, action) for name, action in REVIEW_ACTIONS.items()
+        }
+    finally:
+        driver.quit()
+    size = page.stat().st_size + sum(
+        chunk.stat().st_size for chunk in page.parent.glob(".review-thumbnails/*")
+    )
+    print(f"review page of {count:,} captioned images (--review with --dry-run), headless Chromium:")
+    print(f"  written in {written:.1f} s ({size / 1e6:.1f} MB with its thumbnails); opened in {opened:.2f} s")
+    print("  " + "; ".join(f"{name} {ms:.0f} ms" for name, ms in timings.items()))
     print()
 
 
