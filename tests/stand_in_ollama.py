@@ -551,17 +551,25 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.connection.shutdown(2)
 
-    def send_reply(self, model: str, reply: Reply, chat: Chat) -> None:
-        stream = chat.stream
+    def sent_failure(self, reply: Reply, send_error: Callable[[int, str, dict | None], None]) -> bool:
+        """Drop the connection or answer with an error status, as the reply asks; whether it did."""
         if reply.drop:
             self.drop()
-            return
-        if reply.status != 200:
-            self.request_done()
-            if reply.body is not None:
-                self.send_text(reply.status, reply.body, "text/html", retry_after(reply))
-            else:
-                self.send_json(reply.status, {"error": reply.error or ""}, retry_after(reply))
+            return True
+        if reply.status == 200:
+            return False
+        self.request_done()
+        if reply.body is not None:
+            self.send_text(reply.status, reply.body, "text/html", retry_after(reply))
+        else:
+            send_error(reply.status, reply.error or "", retry_after(reply))
+        return True
+
+    def send_reply(self, model: str, reply: Reply, chat: Chat) -> None:
+        stream = chat.stream
+        if self.sent_failure(
+            reply, lambda status, error, headers: self.send_json(status, {"error": error}, headers)
+        ):
             return
         text, pieces, done_reason = self.pieces(chat, reply, chat.options.get("num_predict") or -1)
         final = {
@@ -780,15 +788,7 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def send_openai_reply(self, reply: Reply, chat: Chat) -> None:
-        if reply.drop:
-            self.drop()
-            return
-        if reply.status != 200:
-            self.request_done()
-            if reply.body is not None:
-                self.send_text(reply.status, reply.body, "text/html", retry_after(reply))
-            else:
-                self.send_openai_error(reply.status, reply.error or "", retry_after(reply))
+        if self.sent_failure(reply, self.send_openai_error):
             return
         if reply.error and reply.error_in_200:
             self.request_done()
