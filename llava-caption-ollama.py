@@ -18,6 +18,7 @@ import errno
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -567,10 +568,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
         only=frozenset(read_image_list(args.only)) if args.only else None,
         existing="overwrite" if args.only and args.existing == "skip" else args.existing,
     )
-    for option, path in (("--review", args.review), ("--failed-list", args.failed_list)):
-        if path and not path.parent.is_dir():
-            raise CannotStart(f"{option}: the folder {path.parent} does not exist")
+    refuse_output_paths(args, settings["caption_ext"])
     return Config(**settings)
+
+
+def refuse_output_paths(args: argparse.Namespace, caption_ext: str) -> None:
+    """What the run writes besides captions must not land on an image, a caption, or each other."""
+    outputs = [("--review", args.review), ("--failed-list", args.failed_list), ("--jsonl", args.jsonl)]
+    given = [(option, path) for option, path in outputs if path]
+    for option, path in given:
+        if not path.parent.is_dir():
+            raise CannotStart(f"{option}: the folder {path.parent} does not exist")
+        if path.is_dir():
+            raise CannotStart(f"{option}: {path} is a folder; give a file name")
+        stem = path.name[: -len(caption_ext)] if path.name.endswith(caption_ext) else ""
+        a_caption = stem and any(path.with_name(stem + ext).exists() for ext in IMAGE_EXTENSIONS)
+        if path.suffix.lower() in IMAGE_EXTENSIONS or a_caption:
+            raise CannotStart(f"{option}: {path} would overwrite an image or a caption")
+    for (one, first), (other, second) in itertools.combinations(given, 2):
+        if os.path.abspath(first) == os.path.abspath(second):
+            raise CannotStart(f"{one} and {other} name the same file, {first}")
 
 
 def refuse_folder_prompt_name(name: str) -> None:
@@ -645,29 +662,37 @@ def api_settings(args: argparse.Namespace) -> dict:
             "keep_alive": DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
             "num_ctx": args.num_ctx or DEFAULT_NUM_CTX,
         }
-    for option, value in (
-        ("--num-ctx", args.num_ctx),
-        ("--keep-alive", args.keep_alive),
-        ("--pull", args.pull or None),
-    ):
+    refused = {
+        "--num-ctx": (
+            args.num_ctx,
+            "the context is set as the server starts (vLLM --max-model-len, llama-server -c)",
+        ),
+        "--keep-alive": (args.keep_alive, "the server keeps its model loaded as long as it runs"),
+        "--pull": (args.pull or None, "the server loads the model it was started with"),
+    }
+    for option, (value, why) in refused.items():
         if value is not None:
-            raise CannotStart(
-                f"{option} is Ollama's: an OpenAI-compatible server sets it when it starts (vLLM --max-model-len, "
-                "llama-server -c); run without it"
-            )
+            raise CannotStart(f"{option} is Ollama's: {why}; run without it")
     # Never OLLAMA_HOST: an OpenAI-compatible server is another server.
     given = args.hosts or [os.environ.get("OPENAI_BASE_URL", "")]
-    if not given[0]:
+    if not given[0] and args.dry_run:  # sends nothing: needs no server
+        given = []
+    elif not given[0]:
         raise CannotStart(
             "--api openai needs the server's address: --host http://HOST:PORT (or OPENAI_BASE_URL)"
         )
     key_name = args.api_key_env or "OPENAI_API_KEY"
     if args.api_key_env and args.api_key_env not in os.environ:
         raise CannotStart(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    key = os.environ.get(key_name, "")
+    if key and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise CannotStart(
+            f"the API key in {key_name} holds characters an HTTP header cannot carry (spaces, line breaks, accents)"
+        )
     return {
         "hosts": server_urls(given, "--host" if args.hosts else "OPENAI_BASE_URL", ollama_port=False),
         "model": args.model or "",
-        "api_key": os.environ.get(key_name, ""),
+        "api_key": key,
         "num_ctx": 0,
     }
 
@@ -866,8 +891,9 @@ def write_review_and_lists(
         except OSError as exc:
             summary.output_errors.append(f"cannot write {path}: {reason(exc)}")
             continue
-        if path == config.review:
+        if review and path == review.page:
             reporter.say(f"review page: {path} (open it in a browser)")
+            summary.output_errors += [review.broken] if review.broken else []
 
 
 def count(
@@ -1202,6 +1228,8 @@ class Discovery:
             self.fail(root, image, str(failure))
             return
         if self.config.limit is not None and self.summary.to_caption >= self.config.limit:
+            if self.review:  # left for a later run: still on the page
+                self.review.image(image, "not_attempted", readable_text(existing))
             return
         if self.unwritable.get(root):
             # One folder: the run cannot start. One of several: its images fail, the others go on.
@@ -2967,11 +2995,15 @@ class Review:
     def __init__(self, page: Path, config: Config) -> None:
         self.page = page
         self.config = config
+        self.template = read_review_template()  # at the start: a run must not end without its page
         self.records: dict[Path, dict] = {}
-        self.thumbnails = page.parent / f".{page.stem}-thumbnails"
+        # Each page has thumbnails of its own, in a folder of this run's: the page a rerun replaces
+        # keeps showing its own until the new one is in place, even if the rerun is killed.
+        self.thumbnail_folders = page.parent / f".{page.name}-thumbnails"
+        self.thumbnails = self.thumbnail_folders / uuid.uuid4().hex[:12]
         self.chunk: list[str] = []  # data URIs of the chunk being filled
         self.chunks_written = 0
-        self.started = False
+        self.broken = ""  # why no more thumbnails can be written
 
     def image(self, image: Path, status: str, caption: str = "", reason: str = "", **more: object) -> None:
         record = self.records.setdefault(image, {"thumb": None})
@@ -2994,40 +3026,47 @@ class Review:
 
     def thumbnail(self, image: Path, data: bytes) -> None:
         """Keep the thumbnail of an image whose prepared picture is at hand (JPEG bytes)."""
-        if not data or image not in self.records:
+        if not data or image not in self.records or self.broken:
             return
-        if not self.started:  # a new review replaces the thumbnails of the last one
-            self.started = True
-            remove_thumbnail_chunks(self.thumbnails)
         self.records[image]["thumb"] = [self.chunks_written, len(self.chunk)]
         self.chunk.append("data:image/jpeg;base64," + base64.b64encode(data).decode("ascii"))
         if len(self.chunk) == THUMBNAILS_PER_CHUNK:
             self.write_chunk()
 
     def write_chunk(self) -> None:
-        if not self.chunk:
+        if not self.chunk or self.broken:
             return
-        self.thumbnails.mkdir(exist_ok=True)
         script = f"reviewThumbnails({self.chunks_written}, {json.dumps(self.chunk)});\n"
-        write_atomically(self.thumbnails / f"chunk-{self.chunks_written:05d}.js", script)
+        try:
+            self.thumbnails.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.thumbnails / f"chunk-{self.chunks_written:05d}.js", script)
+        except OSError as exc:  # the page goes without thumbnails; the captions matter more
+            self.broken = f"cannot write the review's thumbnails in {self.thumbnails}: {reason(exc)}"
+            for record in self.records.values():
+                record["thumb"] = None
         self.chunk = []
         self.chunks_written += 1
 
     def write(self, summary: Summary, stop: Stop) -> None:
-        """Make the thumbnails the run did not have at hand, then write the page."""
+        """Make the thumbnails the run did not have at hand (not after a Ctrl-C), then write the
+        page, then remove the thumbnails of the page it replaced."""
         missing = [image for image, record in self.records.items() if record["thumb"] is None]
-        with ThreadPoolExecutor(usable_cpus(), thread_name_prefix="thumbnail") as pool:
-            for image, data in zip(missing, pool.map(thumbnail_of_file, missing)):
-                if stop.hurried.is_set():
-                    break
-                self.thumbnail(image, data)
+        if not stop.asked.is_set() and not self.broken:
+            with ThreadPoolExecutor(usable_cpus(), thread_name_prefix="thumbnail") as pool:
+                for image, data in zip(missing, pool.map(thumbnail_of_file, missing)):
+                    if stop.asked.is_set():
+                        break
+                    self.thumbnail(image, data)
         self.write_chunk()
         data = {
             "run": self.run_data(summary),
             "images": [self.entry(image) for image in sorted(self.records)],
         }
         text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
-        write_atomically(self.page, read_review_template().replace("__REVIEW_DATA__", text, 1))
+        write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
+        for older in self.thumbnail_folders.glob("*/"):
+            if older != self.thumbnails:
+                remove_thumbnail_chunks(older)
 
     def run_data(self, summary: Summary) -> dict:
         config = self.config
@@ -3090,9 +3129,12 @@ def read_review_template() -> str:
 
 
 def remove_thumbnail_chunks(folder: Path) -> None:
-    if folder.is_dir():
-        for chunk in folder.glob("chunk-*.js"):
-            remove_quietly(str(chunk))
+    for chunk in folder.glob("chunk-*.js"):
+        remove_quietly(str(chunk))
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # something not ours is in it: left alone
 
 
 def has_trigger_words(caption: str, image: Path, config: Config) -> bool:
@@ -3489,6 +3531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = None
         if summary and not args.dry_run:
             reporter.finish(summary)
+        elif summary:
+            for error in summary.output_errors:
+                reporter.say(f"error: {error}")
     if signals.received:
         return signals.die()
     return summary.exit_code if summary else EXIT_CANNOT_START
