@@ -145,10 +145,11 @@ class Fault(enum.Enum):
 class TryFailed(Exception):
     """One try at one image went wrong, for `fault`; the message is the reason a user reads."""
 
-    def __init__(self, fault: Fault, reason: str, pause: float = 0.0) -> None:
+    def __init__(self, fault: Fault, reason: str, pause: float = 0.0, status: int = 0) -> None:
         super().__init__(reason)
         self.fault = fault
         self.pause = pause  # seconds the server asked us to wait (Retry-After) before asking again
+        self.status = status  # the server's HTTP status, where it answered with one
 
 
 def import_run_libraries() -> None:
@@ -1070,8 +1071,7 @@ class Discovery:
 
     def walk_every_folder(self) -> Iterator[None]:
         for root in self.config.folders:
-            # --only bypasses the record of what earlier runs did: the list says what to redo.
-            if self.config.existing != "skip" and self.config.only is None:
+            if self.config.existing != "skip":
                 self.journals[root] = Journal(self.config, root)
             yield from self.walk(root)
 
@@ -1216,7 +1216,10 @@ class Discovery:
             self.metadata.recover(image, caption_file, existing)
         journal = self.journals.get(root)
         already = self.config.existing == "skip" and existing.strip()
-        if already or (journal and journal.done(image, existing, listing.prompt)):
+        # --only bypasses the record of what earlier runs did (the list says what to redo), but
+        # adds to it, so that a rerun of the pass does not undo the redo.
+        done_before = journal and self.config.only is None and journal.done(image, existing, listing.prompt)
+        if already or done_before:
             self.summary.skipped += 1
             self.summary.folder(root).skipped += 1
             if self.review:
@@ -1647,7 +1650,7 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
     """Before any image is sent: the server answers, has the model, and the model can see.
     Returns why the server does not answer (or ""); raises CannotStart for the model."""
     if server.api == "openai":
-        return preflight_openai(server, config)
+        return preflight_openai(server, config, reporter, stop)
     server.model = config.model
     try:
         with server_errors(server.api):
@@ -1680,14 +1683,13 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
     return ""
 
 
-def preflight_openai(server: Server, config: Config) -> str:
+def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
     """preflight() for an OpenAI-compatible server: it answers GET /v1/models, serves the model,
     and the model takes a picture. No API of these servers says whether a model can see, so a
     small picture is sent (64 px a side: some vision encoders crash the runner on tinier ones).
     It loads the model, which can take minutes, so it may take up to --timeout."""
     try:
-        with server_errors(server.api):
-            served = server.models()
+        served = patiently(server.models, server, config, reporter, stop)
     except TryFailed as failure:
         if failure.fault is Fault.SERVER_DOWN:
             return (
@@ -1707,18 +1709,70 @@ def preflight_openai(server: Server, config: Config) -> str:
         raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
     server.model = config.model or names[0]
     # Each server has its own switch for thinking: vLLM, SGLang and llama-server read the chat
-    # template's enable_thinking, Ollama's /v1 (whose models are owned by "library") reads only
-    # reasoning_effort "none", which vLLM would refuse.
+    # template's enable_thinking; Ollama's /v1 reads only reasoning_effort "none", which vLLM
+    # would refuse.
     server.thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
-    if any(model["owner"] == "library" for model in served):
+    if is_ollama(server):
         server.thinking_off = {"reasoning_effort": "none"}
+        refuse_blind_ollama_model(server)
+        reporter.say(
+            f"note: {server.url} is Ollama: --api ollama is its better path (--num-ctx, --keep-alive)"
+        )
+    probe = probe_task()
     try:
-        openai_request(server, config, probe_task(), None, max_tokens=1)
+        patiently(
+            lambda: openai_request(server, config, probe, None, max_tokens=1), server, config, reporter, stop
+        )
     except TryFailed as failure:
         if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
             return f"{server.url} stopped answering when asked to look at a picture: {failure}"
         raise CannotStart(f"model {server.model} on {server.url} cannot take a picture: {failure}") from None
     return ""
+
+
+def patiently(call: Callable[[], Any], server: Server, config: Config, reporter: Reporter, stop: Stop) -> Any:
+    """call(), asked again while the server answers that it is busy or still loading its model
+    (429, 503: llama-server says "Loading model"), for up to --wait-server."""
+    since, tries = time.monotonic(), 0
+    while True:
+        try:
+            with server_errors(server.api):
+                return call()
+        except TryFailed as failure:
+            waited = time.monotonic() - since
+            if failure.status not in (429, 503) or waited > config.wait_server or stop.asked.is_set():
+                raise
+            if not tries:
+                reporter.say(
+                    f"{server.url} is busy or loading ({failure}); waiting up to {duration(config.wait_server)}"
+                )
+            tries += 1
+            stop.asked.wait(max(backoff(tries), failure.pause))
+
+
+def is_ollama(server: Server) -> bool:
+    # Ollama answers GET /api/version with its version; the other servers with 404 (LM Studio:
+    # 200 and an error body).
+    try:
+        answer = server.quick.get("/api/version")
+        return answer.status_code == 200 and isinstance(answer.json().get("version"), str)
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+
+
+def refuse_blind_ollama_model(server: Server) -> None:
+    """Ollama does not refuse a picture sent to a model that cannot see (the probe would pass):
+    its own /api/show says whether the model can."""
+    try:
+        with server_errors(), ollama.Client(host=server.url, timeout=QUICK_TIMEOUT) as client:
+            details = client.show(server.model)
+    except TryFailed:
+        return  # the probe picture and the run say what is wrong
+    if not can_see(details):
+        raise CannotStart(
+            f"model {server.model} on {server.url} cannot see images (it lacks the 'vision' capability); "
+            "choose a vision model such as llava"
+        )
 
 
 def probe_task() -> Task:
@@ -1877,7 +1931,7 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
     ):
         if response.status_code != 200:
             raise ServerSaid(response.status_code, error_message(response.read()), retry_after(response))
-        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
         for line in response.iter_lines():
             data = line[5:].strip() if line.startswith("data:") else ""
@@ -1885,10 +1939,10 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
                 break
             if data:  # else a comment, a keep-alive or the blank line between events
                 chunk = json.loads(data)
-                if not isinstance(chunk, dict) or "error" in chunk:  # an error mid-answer
+                if not isinstance(chunk, dict) or chunk.get("error"):  # an error mid-answer
                     raise ServerSaid(-1, error_message(data.encode()))
                 finish = stream_choice(chunk, gathered) or finish
-                tokens = (chunk.get("usage") or {}).get("completion_tokens") or tokens
+                tokens = completion_tokens(chunk) or tokens
     if not finish:
         raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
     # No server says how long it generated: the time from sending to the end stands in for it.
@@ -1897,16 +1951,28 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
 
 
 def stream_choice(chunk: dict, gathered: Gathered) -> str:
-    """Take in one chunk's choice; its finish_reason, or ""."""
+    """Take in one chunk's choice; its finish_reason, or "". A field of another type than the API's
+    is read as absent: servers differ, and one odd chunk must not fail an image."""
     finish = ""
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta") or {}
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        delta = delta if isinstance(delta, dict) else {}
         # vLLM and Ollama call the thinking "reasoning", llama-server "reasoning_content".
-        gathered.add(
-            delta.get("content") or "", bool(delta.get("reasoning") or delta.get("reasoning_content"))
-        )
-        finish = choice.get("finish_reason") or finish
+        thinking = delta.get("reasoning") or delta.get("reasoning_content")
+        gathered.add(text_of(delta.get("content")), bool(text_of(thinking)))
+        finish = text_of(choice.get("finish_reason") if isinstance(choice, dict) else None) or finish
     return finish
+
+
+def text_of(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def completion_tokens(chunk: dict) -> int:
+    usage = chunk.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) else 0
 
 
 def data_uri(payload: bytes) -> str:
@@ -1996,9 +2062,8 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
     server = "Ollama" if api == "ollama" else "the server"
     if isinstance(exc, (ollama.ResponseError, ServerSaid)):
         pause = getattr(exc, "retry_after", 0.0)
-        return TryFailed(
-            status_fault(exc.status_code, exc.error), explain(exc.status_code, exc.error, api), pause
-        )
+        fault = status_fault(exc.status_code, exc.error)
+        return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
         return TryFailed(
             Fault.SERVER_DOWN, f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}"
@@ -2299,7 +2364,7 @@ class Pipeline:
             return ""
         if self.stop.asked.is_set() and not self.halted:
             return ""  # interrupted: the summary says so
-        why = self.halted or "no Ollama server left to ask"
+        why = self.halted or f"no {'Ollama ' if self.config.api == 'ollama' else ''}server left to ask"
         return f"{why}; {left_for_a_rerun(summary)}"
 
     def has_work(self) -> bool:
@@ -2516,7 +2581,7 @@ def caption_problem(answer: Answer, caption: str) -> str:
             "such as an -instruct one)"
         )
     if answer.done_reason == "length":
-        return "the answer was cut off at the token limit (raise --max-tokens or --num-ctx)"
+        return "the answer was cut off at the token limit (raise --max-tokens, or the server's context)"
     if not re.search(r"\w", caption):  # "The image shows." leaves only "."
         return "the model answered with an empty caption"
     for pattern, why in NOT_A_CAPTION_START:
@@ -2648,7 +2713,7 @@ def write_caption(image: Path, text: str, config: Config) -> None:
         raise TryFailed(write_fault(exc), f"cannot write {shown(path.name)}: {reason(exc)}") from None
 
 
-def write_atomically(path: Path, text: str, replace: bool = True) -> None:
+def write_atomically(path: Path, text: str | bytes, replace: bool = True) -> None:
     """Readers see the old file or the whole new one, never a part, even after a crash. Without
     replace, FileExistsError if a non-blank file is already there."""
     # A short name of our own, whatever the length of the caption's (255 bytes is the limit,
@@ -2659,7 +2724,7 @@ def write_atomically(path: Path, text: str, replace: bool = True) -> None:
     try:
         # 0o666 less the umask, the mode of any file a user creates (mkstemp would give 0o600).
         with open(os.open(temporary, flags, 0o666), "wb") as file:
-            file.write(text.encode("utf-8"))
+            file.write(text if isinstance(text, bytes) else text.encode("utf-8"))
             file.flush()
             os.fsync(file.fileno())
         if replace or not put_in_place_if_absent(temporary, path):
@@ -3170,20 +3235,25 @@ def thumbnail_of_file(image: Path) -> bytes:
 
 def read_image_list(path: Path) -> set[str]:
     """--only: the images a list names, one a line (the review page's redo list, or a --failed-list),
-    relative to the list's folder or absolute; lines starting with # are comments."""
+    relative to the list's folder or absolute; lines starting with "# " are comments. A line is
+    a name as it is, spaces included, and a name's bytes that are not UTF-8 are read back as they
+    were written."""
     try:
-        lines = read_regular_file(path).decode("utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_regular_file(path).decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    except OSError as exc:
         raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
-    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return {os.path.realpath(path.parent / name) for name in names}
+    names = [line.removesuffix("\r") for line in text.split("\n")]
+    return {os.path.realpath(path.parent / name) for name in names if name and not name.startswith("# ")}
 
 
 def write_image_list(path: Path, images: list[Path], what: str) -> None:
     """--failed-list: the images, relative to the list's folder, in the form --only reads."""
     lines = [f"# {what}, {time.strftime('%Y-%m-%d %H:%M')}; caption them again with --only {path.name}"]
-    lines += [os.path.relpath(image, path.parent) for image in sorted(images)]
-    write_atomically(path, "\n".join(lines) + "\n")
+    for image in sorted(images):
+        name = os.path.relpath(image, path.parent)
+        broken = "\n" in name or "\r" in name or name.startswith("# ")
+        lines.append(f"# not listed, as its name cannot be one line: {name!r}" if broken else name)
+    write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
 
 
 # ---------------------------------------------------------------------------

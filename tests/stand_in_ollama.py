@@ -149,6 +149,9 @@ class StandInOllama:
     version: str = "0.12.6"
     port: int = 0  # 0: any free port; a stopped server's port: the same server restarted
     flavour: str = "vllm"  # whose /v1 API to imitate: one of FLAVOURS
+    # Ollama's own API (/, /api/...) answers too, as on Ollama; False: only /v1, as on vLLM,
+    # SGLang, llama-server and LM Studio, which answer it 404.
+    native: bool = True
 
     # Every endpoint answers 502 with nginx's page, as a reverse proxy does while its Ollama
     # restarts.
@@ -314,6 +317,9 @@ class Handler(BaseHTTPRequestHandler):
         stand_in = self.stand_in
         if self.proxy_says_down():
             return
+        if not stand_in.native and not self.path.startswith("/v1/"):
+            self.not_found()
+            return
         if self.path == "/":
             data = b"Ollama is running"
             self.send_response(200)
@@ -343,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
         route = routes.get(self.path)
         if self.proxy_says_down():
             return
-        if route is None:
+        if route is None or (not self.stand_in.native and not self.path.startswith("/v1/")):
             self.not_found()
             return
         body = self.read_body(self.send_openai_error if self.path.startswith("/v1/") else None)

@@ -33,6 +33,7 @@ def run_against(make_server, caption):
     def start(kind: str, **settings):
         if kind != "ollama":
             settings["flavour"] = kind.removesuffix("-v1")
+            settings["native"] = kind == "ollama-v1"  # only Ollama answers its own API beside /v1
         return make_server(**settings)
 
     def run(kind: str, server, *args):
@@ -187,7 +188,7 @@ def test_without_model_the_one_model_the_server_serves_is_used_and_two_are_named
     assert "serves 2 models (a/vision, b/vision): choose one with --model" in result.err
 
 
-@pytest.mark.parametrize("kind", ["ollama", "llama-server"])
+@pytest.mark.parametrize("kind", ["ollama", "llama-server", "ollama-v1"])
 def test_a_model_that_cannot_see_stops_the_run_before_any_image_with_the_fix(kind, tmp_path, run_against):
     start, run = run_against
     picture(tmp_path / "a.png")
@@ -196,7 +197,7 @@ def test_a_model_that_cannot_see_stops_the_run_before_any_image_with_the_fix(kin
     result = run(kind, server, tmp_path, "--model", "llava:13b")
 
     assert result.code == 2
-    if kind == "ollama":
+    if kind != "llama-server":  # Ollama says so in /api/show; its /v1 would caption blind
         assert "cannot see images" in result.err
     else:  # only the probe picture was sent
         assert (
@@ -331,3 +332,19 @@ def test_an_openai_server_given_without_its_port_is_refused(tmp_path, caption):
     result = caption(tmp_path, "--api", "openai", host="gpu1")
     assert result.code == 2
     assert "needs its port, such as http://gpu1:8000" in result.err
+
+
+def test_a_server_still_loading_its_model_is_waited_for_before_the_run(tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start("llama-server")
+    loading = iter([Reply(status=503, error="Loading model", retry_after=0.2)])
+    server.answer = lambda chat: (
+        next(loading, "A red square") if chat.picture().width == 64 else "A red square"
+    )
+
+    result = run("llama-server", server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert "is busy or loading (The server answered 503: Loading model); waiting up to 5m00s" in result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
