@@ -428,7 +428,7 @@ def review_rows(root: Path, scale: int) -> None:
     finally:
         driver.quit()
     size = page.stat().st_size + sum(
-        chunk.stat().st_size for chunk in page.parent.glob(".review-thumbnails/*")
+        chunk.stat().st_size for chunk in page.parent.glob(".review.html-thumbnails/*/*")
     )
     print(f"review page of {count:,} captioned images (--review with --dry-run), headless Chromium:")
     print(f"  written in {written:.1f} s ({size / 1e6:.1f} MB with its thumbnails); opened in {opened:.2f} s")
