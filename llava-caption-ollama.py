@@ -3170,7 +3170,10 @@ class Review:
         }
 
     def relative(self, path: Path) -> str:
-        return readable_name(os.path.relpath(path, self.page.parent).replace(os.sep, "/"))
+        try:
+            return readable_name(os.path.relpath(path, self.page.parent).replace(os.sep, "/"))
+        except ValueError:  # Windows: the page on another drive than the image
+            return readable_name(path.resolve().as_uri())
 
 
 # Inside <script>, "</script>" would end the data early and "<!--" change how it is parsed;

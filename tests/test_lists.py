@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from conftest import JOURNAL, by_width, distinct_pictures
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import (
+    JOURNAL,
+    SCRIPT,
+    as_from_a_terminal,
+    by_width,
+    child_environment,
+    distinct_pictures,
+    picture,
+)
 from stand_in_ollama import Reply
 
 
@@ -53,3 +66,106 @@ def test_only_overwrites_captions_bypasses_the_journal_and_names_what_it_cannot_
     assert (tmp_path / "img000.txt").read_text() == "Redone"
     assert (tmp_path / "img002.txt").read_text() == "Redone"
     assert (tmp_path / "img001.txt").read_text() == "A PNG picture, 41x32 pixels."
+
+
+def review_data(page) -> dict:
+    """The data a review page carries, as its script reads it."""
+    html = page.read_text(encoding="utf-8")
+    start = html.index('<script type="application/json" id="review-data">') + len(
+        '<script type="application/json" id="review-data">'
+    )
+    return json.loads(html[start : html.index("</script>", start)])
+
+
+def test_the_review_page_covers_images_left_past_the_limit(tmp_path, caption):
+    distinct_pictures(tmp_path / "data", 5)
+    page = tmp_path / "review.html"
+
+    run = caption(tmp_path / "data", "--limit", 2, "--review", page)
+
+    assert run.code == 0, run.err
+    statuses = sorted(image["status"] for image in review_data(page)["images"])
+    assert statuses == ["captioned", "captioned", "not_attempted", "not_attempted", "not_attempted"]
+
+
+def test_thumbnails_that_cannot_be_written_do_not_stop_the_run(tmp_path, caption):
+    expected = distinct_pictures(tmp_path / "data", 3)
+    page = tmp_path / "review.html"
+    (tmp_path / ".review.html-thumbnails").write_text("a file where the folder would go")
+
+    run = caption(tmp_path / "data", "--review", page)
+
+    assert run.code == 1
+    assert all(path.exists() for path in expected)
+    assert "error: cannot write the review's thumbnails" in run.err
+    assert [image["thumb"] for image in review_data(page)["images"]] == [None, None, None]
+
+
+def test_a_missing_page_template_stops_the_run_before_anything_is_sent(tmp_path, server):
+    alone = tmp_path / "tool"
+    alone.mkdir()
+    shutil.copy(SCRIPT, alone)
+    shutil.copy(SCRIPT.parent / "prompt.txt", alone)
+    picture(tmp_path / "data" / "a.png")
+    with as_from_a_terminal():
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(alone / SCRIPT.name),
+                str(tmp_path / "data"),
+                "--review",
+                str(tmp_path / "r.html"),
+            ]
+            + ["--host", server.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=child_environment(None),
+        )
+    assert run.returncode == 2
+    assert "review-template.html" in run.stderr
+    assert server.chats == []
+
+
+def test_outputs_that_would_overwrite_a_caption_or_each_other_are_refused(tmp_path, caption, server):
+    picture(tmp_path / "img.png")
+    (tmp_path / "img.txt").write_text("precious caption")
+    for args in (
+        ["--failed-list", tmp_path / "img.txt"],
+        ["--review", tmp_path / "x.html", "--failed-list", tmp_path / "x.html"],
+    ):
+        run = caption(tmp_path, *args, "--dry-run")
+        assert run.code == 2
+    assert (tmp_path / "img.txt").read_text() == "precious caption"
+    assert server.requests == []
+
+
+def test_a_redo_with_only_is_not_undone_by_a_rerun_of_its_pass(tmp_path, caption, server):
+    distinct_pictures(tmp_path, 2)
+    assert caption(tmp_path, "--existing", "overwrite").code == 0
+    redo = tmp_path / "redo.txt"
+    redo.write_text("img001.png\n")
+    server.answer = lambda chat: "Redone"
+    assert caption(tmp_path, "--only", redo, "--existing", "overwrite").code == 0
+
+    assert caption(tmp_path, "--existing", "overwrite").code == 0  # the same pass again: nothing to do
+
+    assert (tmp_path / "img001.txt").read_text() == "Redone"
+    assert len(server.chats) == 3
+
+
+def test_lists_keep_names_as_they_are(tmp_path, caption, server):
+    picture(tmp_path / " leading space.png", size=(40, 32))
+    picture(tmp_path / "line\nbreak.png", size=(41, 32))
+    server.answer = lambda chat: Reply(status=400, error="nope")
+    failed = tmp_path / "failed.txt"
+
+    assert caption(tmp_path, "--failed-list", failed).code == 1
+
+    lines = failed.read_text().splitlines()
+    assert " leading space.png" in lines
+    assert "# not listed, as its name cannot be one line: 'line\\nbreak.png'" in lines
+    server.answer = lambda chat: "Fine now"
+    assert caption(tmp_path, "--only", failed).code == 0
+    assert (tmp_path / " leading space.txt").read_text() == "Fine now"
