@@ -1708,6 +1708,11 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
         listed = ", ".join(names) or "none"
         raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
     server.model = config.model or names[0]
+    host = urlsplit(server.url).hostname or ""
+    if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1"):
+        reporter.say(
+            f"warning: the API key goes to {server.url} unencrypted (http://); use https:// to send it"
+        )
     # Each server has its own switch for thinking: vLLM, SGLang and llama-server read the chat
     # template's enable_thinking; Ollama's /v1 reads only reasoning_effort "none", which vLLM
     # would refuse.
@@ -2065,8 +2070,11 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
         fault = status_fault(exc.status_code, exc.error)
         return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
+        # A certificate the client does not trust is no server that is down: its words say so.
+        certificate = f": {reason(exc)}" if re.search(r"certificate|SSL", str(exc), re.IGNORECASE) else ""
         return TryFailed(
-            Fault.SERVER_DOWN, f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}"
+            Fault.SERVER_DOWN,
+            f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}{certificate}",
         )
     if isinstance(exc, httpx.TimeoutException):
         return TryFailed(
@@ -3455,8 +3463,10 @@ def caption_statistics(summary: Summary) -> str:
     count = summary.captioned
     speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
     thinking = " (thinking included)" if summary.thought else ""
+    # A server that sends no usage (some OpenAI-compatible ones) gives no token count to divide.
+    generated = f"{speed:.1f} tokens/s generated{thinking}; " if summary.tokens else ""
     return (
-        f"  {speed:.1f} tokens/s generated{thinking}; captions average {summary.words / count:.0f} words; "
+        f"  {generated}captions average {summary.words / count:.0f} words; "
         f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
         "(estimated from words and punctuation)"
     )
