@@ -111,6 +111,7 @@ PROBE_FIRST, PROBE_LONGEST = 0.25 * PAUSE_SCALE, 15.0 * PAUSE_SCALE
 QUICK_TIMEOUT = 10.0 * PAUSE_SCALE
 DRAIN_SECONDS = 20.0  # after the first Ctrl-C, how long answers already on their way may take
 POLL_SECONDS = 0.1  # how soon the coordinator notices a stop
+PLAN_FIRST_SECONDS = 0.1  # planning before the first request: 10,000 images here, not 100,000
 # A temporary file of ours lives for milliseconds; one this old was left by a killed run.
 STALE_SECONDS = 60.0
 
@@ -269,7 +270,6 @@ class Config:
         """What makes two runs the same pass over a folder: every setting that changes a caption."""
         settings = {
             "prompt": self.prompt.text,
-            "folder_prompt": self.folder_prompt,
             "model": self.model,
             "existing": self.existing,
             "options": self.options(),
@@ -280,6 +280,8 @@ class Config:
             "suffix": self.suffix.text,
             "caption_ext": self.caption_ext,
         }
+        if self.folder_prompt:  # only when given: a pass of earlier versions keeps its identity
+            settings["folder_prompt"] = self.folder_prompt
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1054,7 +1056,12 @@ class Discovery:
             self.reporter.listed(self.summary)
 
     def until_something_to_send(self, stop: Stop) -> None:
+        """Plan until an image needs a caption; then on for a moment, so that a folder of a few
+        thousand images is planned whole (and its total said) before the first request."""
+        started = time.monotonic()
         while not (self.waiting or self.finished or stop.asked.is_set()):
+            self.step()
+        while not self.finished and time.monotonic() - started < PLAN_FIRST_SECONDS and not stop.asked.is_set():
             self.step()
 
     def list_all(self, stop: Stop) -> None:
@@ -2896,6 +2903,8 @@ class Journal:
         self.folder = folder
         self.path = folder / f"{OWN_FILE_PREFIX}.journal"
         self.header = json.dumps({"pass": config.pass_identity()})
+        # Lines of earlier versions name no prompt: theirs was the run's prompt.
+        self.main_prompt = digest(config.prompt.text)
         self.done_by_name: dict[str, str] = {} if config.fresh else self.read()
         self.descriptor: int | None = None
         self.opening = threading.Lock()  # captions are written on several threads
@@ -2911,9 +2920,9 @@ class Journal:
         done = {}
         for line in lines[1:]:
             try:
-                name, written, prompt = json.loads(line)
-                done[name] = written + prompt
-            except (ValueError, TypeError):
+                name, written, *prompt = json.loads(line)
+                done[name] = written + (prompt[0] if prompt else self.main_prompt)
+            except (ValueError, TypeError, IndexError):
                 pass  # the last line of a run killed as it wrote: that image was not written
         return done
 

@@ -169,3 +169,20 @@ def test_lists_keep_names_as_they_are(tmp_path, caption, server):
     server.answer = lambda chat: "Fine now"
     assert caption(tmp_path, "--only", failed).code == 0
     assert (tmp_path / " leading space.txt").read_text() == "Fine now"
+
+
+def test_a_journal_written_by_an_earlier_version_still_says_what_is_done(tmp_path, caption, server):
+    expected = distinct_pictures(tmp_path, 3)
+    assert caption(tmp_path, "--existing", "append").code == 0
+    # Earlier versions wrote [name, caption digest], without the prompt's digest.
+    journal = tmp_path / JOURNAL
+    header, *lines = journal.read_text().splitlines()
+    old_lines = [json.dumps(json.loads(line)[:2]) for line in lines if line]
+    journal.write_text("\n".join([header, *old_lines]) + "\n")
+
+    rerun = caption(tmp_path, "--existing", "append")
+
+    assert rerun.code == 0
+    assert "0 to caption" in rerun.err or "skipped 3" in rerun.err
+    assert len(server.chats) == 3  # nothing appended twice
+    assert {path: path.read_text() for path in expected} == expected
