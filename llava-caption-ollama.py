@@ -1061,7 +1061,9 @@ class Discovery:
         started = time.monotonic()
         while not (self.waiting or self.finished or stop.asked.is_set()):
             self.step()
-        while not self.finished and time.monotonic() - started < PLAN_FIRST_SECONDS and not stop.asked.is_set():
+        while (
+            not self.finished and time.monotonic() - started < PLAN_FIRST_SECONDS and not stop.asked.is_set()
+        ):
             self.step()
 
     def list_all(self, stop: Stop) -> None:
