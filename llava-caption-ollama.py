@@ -880,23 +880,16 @@ def caption_what_is_planned(
 def write_review_and_lists(
     config: Config, review: Review | None, summary: Summary, reporter: Reporter, stop: Stop
 ) -> None:
-    outputs: list[tuple[Path, Callable[[], None]]] = []
-    if review:
-        outputs.append((review.page, lambda: review.write(summary, stop)))
+    if review and written(review.page, lambda: review.write(summary, stop), summary):
+        reporter.say(f"review page: {review.page} (open it in a browser)")
+        summary.output_errors += [review.broken] if review.broken else []
     if config.failed_list:
         failed = [image for image, _ in summary.failed]
-        outputs.append(
-            (config.failed_list, lambda: write_image_list(config.failed_list, failed, "images that failed"))
+        written(
+            config.failed_list,
+            lambda: write_image_list(config.failed_list, failed, "images that failed"),
+            summary,
         )
-    for path, write in outputs:
-        try:
-            write()
-        except OSError as exc:
-            summary.output_errors.append(f"cannot write {path}: {reason(exc)}")
-            continue
-        if review and path == review.page:
-            reporter.say(f"review page: {path} (open it in a browser)")
-            summary.output_errors += [review.broken] if review.broken else []
 
 
 def count(
@@ -947,10 +940,18 @@ def left_for_a_rerun(summary: Summary) -> str:
 
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
     if metadata:
-        try:
-            metadata.save()
-        except OSError as exc:
-            summary.output_errors.append(f"cannot write {metadata.path}: {reason(exc)}")
+        written(metadata.path, metadata.save, summary)
+
+
+def written(path: Path, write: Callable[[], None], summary: Summary) -> bool:
+    """Write one of the run's outputs besides the captions (JSONL, review page, failed list);
+    whether it was. One that cannot be written is said in the summary and makes the exit code 1."""
+    try:
+        write()
+    except OSError as exc:
+        summary.output_errors.append(f"cannot write {path}: {reason(exc)}")
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -992,6 +993,7 @@ class Listing:
     captions: set[str]  # caption files the listing showed
     shared: dict[str, list[str]]  # caption name: the images that would all write it
     prompt: Template
+    wants_text: bool  # its images' existing captions are used: merged, or asked for by a placeholder
     position: int = 0
 
     def next_name(self) -> str | None:
@@ -1171,7 +1173,7 @@ class Discovery:
         captions.discard(self.config.folder_prompt)
         if captions:
             self.summary.orphans += [Path(path, name) for name in sorted(captions.difference(written))]
-        return Listing(path, root, names, folders, captions, shared, prompt)
+        return Listing(path, root, names, folders, captions, shared, prompt, self.wants_text(prompt))
 
     def own_file(self, path: str, root: Path, entry: os.DirEntry) -> str:
         """Deal with a file of this tool's in a listing: a killed run's temporary file is removed,
@@ -1235,7 +1237,7 @@ class Discovery:
                 self.review.image(image, "before", readable_text(existing))
             return
         try:
-            text = caption_text(caption_file, existing) if self.wants_text(listing.prompt) else ""
+            text = caption_text(caption_file, existing) if listing.wants_text else ""
         except TryFailed as failure:
             self.fail(root, image, str(failure))
             return
@@ -1497,9 +1499,9 @@ def flatten_to_rgb(picture: Image.Image) -> Image.Image:
     return picture if picture.mode == "RGB" else picture.convert("RGB")
 
 
-def encode_jpeg(picture: Image.Image) -> bytes:
+def encode_jpeg(picture: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    picture.save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -3173,18 +3175,19 @@ class Review:
     def entry(self, image: Path) -> dict:
         record = self.records[image]
         caption = record["caption"]
+        clip_tokens, words = (estimated_clip_tokens(caption), len(caption.split())) if caption else (0, 0)
         flags = list(record["flags"])
         if caption:
-            flags += ["over_clip"] if estimated_clip_tokens(caption) > CLIP_TOKENS else []
-            flags += ["short"] if len(caption.split()) < SHORT_CAPTION_WORDS else []
+            flags += ["over_clip"] if clip_tokens > CLIP_TOKENS else []
+            flags += ["short"] if words < SHORT_CAPTION_WORDS else []
             flags += ["no_trigger"] if not has_trigger_words(caption, image, self.config) else []
         path = self.relative(image)
         return {
             **record,
             "path": path,
             "folder": path.rpartition("/")[0],
-            "clip_tokens": estimated_clip_tokens(caption) if caption else 0,
-            "words": len(caption.split()),
+            "clip_tokens": clip_tokens,
+            "words": words,
             "flags": flags,
         }
 
@@ -3238,10 +3241,7 @@ def thumbnail(source: BinaryIO) -> bytes:
     try:
         with Image.open(source) as picture:
             refuse_bombs(picture)
-            shrunk = shrink_upright_rgb(picture, THUMBNAIL_SIZE, None)
-            buffer = io.BytesIO()
-            shrunk.save(buffer, "JPEG", quality=THUMBNAIL_QUALITY)
-            return buffer.getvalue()
+            return encode_jpeg(shrink_upright_rgb(picture, THUMBNAIL_SIZE, None), THUMBNAIL_QUALITY)
     except Exception:  # noqa: BLE001 - a picture that cannot be shown has no thumbnail, nothing more
         return b""
 
