@@ -184,7 +184,7 @@ class Template:
     """The prompt file's text, parsed once: {name} {folder} {class} {existing} are filled in for
     each image, {{ and }} are literal braces."""
 
-    def __init__(self, text: str, source: str = "the prompt") -> None:
+    def __init__(self, text: str, source: str = "the prompt", as_read: str = "") -> None:
         # An unknown placeholder silently filled with nothing would change every caption of the
         # run (taggui drops unknown {vars} without a word), so it stops the run instead.
         try:
@@ -192,6 +192,7 @@ class Template:
         except ValueError as exc:
             raise CannotStart(f"{source}: {exc}; write {{{{ or }}}} for a literal brace") from None
         self.text = text
+        self.as_read = as_read or text  # before its line ends were made "\n": what earlier versions hashed
         self.source = source
         self.fields = {name for _, name, _, _ in parsed if name is not None}
         for _, name, spec, conversion in parsed:
@@ -207,7 +208,7 @@ class Template:
     def fill(self, image: Path, existing: str) -> str:
         if not self.fields:
             return self.text.replace("{{", "{").replace("}}", "}")
-        folder = readable_name(image.parent.name)
+        folder = folder_name(str(image.parent))
         return self.text.format(
             name=readable_name(image.stem),
             folder=folder,
@@ -215,6 +216,13 @@ class Template:
             **{"class": re.sub(r"^\d+_(?=.)", "", folder)},
             existing=existing,
         )
+
+
+@functools.lru_cache(maxsize=256)
+def folder_name(path: str) -> str:
+    # The folder's own name, whatever path named it: "." or ".." has no name of its own, and
+    # Kohya's "15_guideboat" must give {class} from `cd 15_guideboat && ... .` too.
+    return readable_name(os.path.basename(os.path.abspath(path)))
 
 
 def readable_name(name: str) -> str:
@@ -239,6 +247,10 @@ class Config:
     max_size: int = 1344
     caption_ext: str = ".txt"
     existing: str = "skip"
+    # --only without --existing: each image is redone in the mode of the pass that wrote its
+    # caption (an append pass's redo list stays an append), else overwritten.
+    redo_in_its_mode: bool = False
+    overwrite_edits: bool = False  # captions edited since the tool wrote them are no longer left alone
     fresh: bool = False
     recursive: bool = False
     pull: bool = False
@@ -266,12 +278,30 @@ class Config:
         present = {key: value for key, value in chosen.items() if value is not None}
         return {"num_ctx": self.num_ctx, "num_predict": self.max_tokens, **present}
 
-    def pass_identity(self) -> str:
-        """What makes two runs the same pass over a folder: every setting that changes a caption."""
+    def settings_digest(self) -> str:
+        """The settings that change a caption, but for those the journal records with each caption
+        (the image's prompt, the model, the mode): a pass is these and those. A setting added
+        later enters only when it is not at its default, so an upgrade alone never starts a pass."""
         settings = {
-            "prompt": self.prompt.text,
-            "model": self.model,
-            "existing": self.existing,
+            "options": self.options(),
+            "think": self.think,
+            "max_size": self.max_size,
+            "raw": self.raw,
+            "prefix": self.prefix.text,
+            "suffix": self.suffix.text,
+            "caption_ext": self.caption_ext,
+        }
+        if self.folder_prompt:
+            settings["folder_prompt"] = self.folder_prompt
+        return digest(json.dumps(settings, sort_keys=True))
+
+    def pass_identity(self, mode: str, model: str) -> str:
+        """The pass as journals before version 2 named it in their first line (47ddee3 and
+        earlier): a journal of theirs still counts after an upgrade."""
+        settings = {
+            "prompt": self.prompt.as_read,
+            "model": model,
+            "existing": mode,
             "options": self.options(),
             "think": self.think,
             "max_size": self.max_size,
@@ -381,8 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--existing",
         choices=("skip", "overwrite", "append", "prepend"),
-        default="skip",
-        help="what to do where a non-empty caption exists (default: %(default)s)",
+        help="what to do where a non-empty caption exists (default: skip; with --only: the mode of "
+        "the pass that wrote each caption, else overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite-edits",
+        action="store_true",
+        help="with --existing overwrite/append/prepend: also redo captions edited since this tool wrote "
+        "them (left alone otherwise)",
     )
     parser.add_argument(
         "--fresh",
@@ -569,7 +605,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         caption_ext=caption_extension(args.caption_ext),
         # A redo is what the user asked for: the listed images' captions are replaced.
         only=frozenset(read_image_list(args.only)) if args.only else None,
-        existing="overwrite" if args.only and args.existing == "skip" else args.existing,
+        existing=args.existing or ("overwrite" if args.only else "skip"),
+        redo_in_its_mode=bool(args.only) and args.existing is None,
     )
     refuse_output_paths(args, settings["caption_ext"])
     return Config(**settings)
@@ -747,6 +784,7 @@ def caption_extension(ext: str) -> str:
 class FolderCount:
     captioned: int = 0
     skipped: int = 0
+    left_alone: int = 0
     failed: int = 0
 
 
@@ -756,6 +794,7 @@ class Summary:
     listed: bool = False  # every folder is listed and planned: to_caption is final
     captioned: int = 0
     skipped: int = 0  # already captioned, or done by this pass before
+    left_alone: int = 0  # edited by a person since the tool wrote them
     failed: list[tuple[Path, str]] = field(default_factory=list)
     settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
     left_out: list[tuple[Path, str]] = field(default_factory=list)  # folders not captioned, and why
@@ -859,6 +898,7 @@ def caption_what_is_planned(
     servers = ready_servers(config, reporter, stop)
     if not config.model:  # --api openai without --model: the one model the servers serve
         config = replace(config, model=next(server.model for server in servers if server.in_rotation))
+        discovery.model_known(config.model)
         metadata = metadata and metadata.for_model(config.model)
         review = review and review.for_model(config.model)
     writer = Writer()
@@ -965,8 +1005,11 @@ class Task:
 
     image: Path
     root: Path
-    existing: str
+    existing: str  # the text the answer joins (append, prepend) or {existing} asks for
     template: Template
+    mode: str = "skip"  # how the answer joins the caption: the --existing mode this image is done in
+    before: str = ""  # text_digest() of the caption as planned: the journal's "text before"
+    origin: str = "none"  # who wrote that text (origin_of())
     prompt: str = ""  # filled in by preparation
     payload: bytes = b""  # the encoded image to send, filled in by preparation
     thumbnail: bytes = b""  # for the review page, made from the payload by preparation
@@ -977,7 +1020,8 @@ class Task:
     @classmethod
     def of(cls, planned: Planned) -> Task:
         listing = planned.listing
-        return cls(Path(listing.path, planned.name), listing.root, planned.existing, listing.prompt)
+        image = Path(listing.path, planned.name)
+        return cls(image, listing.root, planned.existing, listing.prompt, *planned.journaled)
 
 
 @dataclass
@@ -1009,6 +1053,7 @@ class Planned(NamedTuple):
     listing: Listing
     name: str
     existing: str  # the caption already there, where --existing or {existing} uses it
+    journaled: tuple[str, str, str]  # the Task's mode, before and origin
 
 
 class Discovery:
@@ -1037,7 +1082,10 @@ class Discovery:
         self.metadata = metadata
         self.unwritable = unwritable
         self.waiting: deque[Planned] = deque()  # to caption, not prepared yet
-        self.journals: dict[Path, Journal] = {}
+        self.journals: dict[str, Journal] = {}  # by folder
+        self.run = RunPass.of(config)
+        # Skipped as done by this pass with a model, before the server said which it serves.
+        self.assumed: list[tuple[Listing, str, str]] = []
         self.seen_folders: set[tuple[int, int]] = set()
         self.roots = {folder_identity(str(root)): root for root in config.folders}
         self.finished = False
@@ -1082,9 +1130,43 @@ class Discovery:
 
     def walk_every_folder(self) -> Iterator[None]:
         for root in self.config.folders:
-            if self.config.existing != "skip":
-                self.journals[root] = Journal(self.config, root)
             yield from self.walk(root)
+
+    def journal(self, folder: str) -> Journal:
+        if folder not in self.journals:
+            self.journals[folder] = Journal(folder, self.run)
+        return self.journals[folder]
+
+    def journal_of(self, task: Task) -> Journal:
+        return self.journal(str(task.image.parent))
+
+    def history(self, listing: Listing, name: str) -> tuple[list[Written], Journal | None]:
+        """An image's journal lines, if its verdict needs them: not for --existing skip, where a
+        caption is done whoever wrote it. A version 1 journal of the folder given names the
+        images of its subfolders too."""
+        if self.config.existing == "skip" and self.config.only is None:
+            return [], None
+        journal = self.journal(listing.path)
+        history = journal.history(name)
+        if listing.path != str(listing.root):
+            above = self.journal(str(listing.root)).history(os.path.relpath(os.path.join(listing.path, name),
+                                                                          listing.root).replace(os.sep, "/"))
+            history = above + history if above else history
+        return history, journal
+
+    def model_known(self, model: str) -> None:
+        """The server said which model it serves (--api openai without --model): images skipped
+        as done by this pass with another model are planned again."""
+        self.run = self.run._replace(model=model)
+        self.config = replace(self.config, model=model)
+        for journal in self.journals.values():
+            journal.run = self.run
+        assumed, self.assumed = self.assumed, []
+        for listing, name, assumed_model in assumed:
+            if assumed_model != model:
+                self.summary.skipped -= 1
+                self.summary.folder(listing.root).skipped -= 1
+                self.plan(listing, name)
 
     def walk(self, root: Path) -> Iterator[None]:
         first = self.listing(str(root), root, self.config.prompt)
@@ -1225,19 +1307,17 @@ class Discovery:
             return
         if self.metadata:
             self.metadata.recover(image, caption_file, existing)
-        journal = self.journals.get(root)
-        already = self.config.existing == "skip" and existing.strip()
-        # --only bypasses the record of what earlier runs did (the list says what to redo), but
-        # adds to it, so that a rerun of the pass does not undo the redo.
-        done_before = journal and self.config.only is None and journal.done(image, existing, listing.prompt)
-        if already or done_before:
-            self.summary.skipped += 1
-            self.summary.folder(root).skipped += 1
-            if self.review:
-                self.review.image(image, "before", readable_text(existing))
+        history, journal = self.history(listing, name)
+        decided = verdict(existing, history, journal, self.config, digest(listing.prompt.text), self.config.only is not None)
+        if decided.action == "fail":
+            self.fail(root, image, decided.why)
+            return
+        if decided.action != "caption":
+            self.not_captioned(listing, name, existing, decided)
             return
         try:
-            text = caption_text(caption_file, existing) if listing.wants_text else ""
+            wanted = listing.wants_text or decided.mode in MERGING
+            text = decided.base if decided.base is not None else caption_text(caption_file, existing) if wanted else ""
         except TryFailed as failure:
             self.fail(root, image, str(failure))
             return
@@ -1252,9 +1332,24 @@ class Discovery:
             self.fail(root, image, f"cannot write in {root}: {self.unwritable[root]}")
             return
         self.summary.to_caption += 1
-        self.waiting.append(Planned(listing, name, text))
+        origin = "none" if is_blank(existing) else origin_of(history, text_digest(existing))
+        self.waiting.append(Planned(listing, name, text, (decided.mode, text_digest(existing), origin)))
         if self.review:
             self.review.image(image, "not_attempted", readable_text(existing))
+
+    def not_captioned(self, listing: Listing, name: str, existing: bytes, decided: Verdict) -> None:
+        """Count an image that keeps its caption: done before, or edited by a person since."""
+        root, image = listing.root, Path(listing.path, name)
+        if decided.action == "left alone":
+            self.summary.left_alone += 1
+            self.summary.folder(root).left_alone += 1
+        else:
+            self.summary.skipped += 1
+            self.summary.folder(root).skipped += 1
+        if decided.assumed_model:
+            self.assumed.append((listing, name, decided.assumed_model))
+        if self.review:
+            self.review.image(image, "before", readable_text(existing))
 
     def wants_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
@@ -1317,6 +1412,8 @@ def readable_text(data: bytes) -> str:
 
 
 def caption_text(path: Path, data: bytes) -> str:
+    if is_blank(data):
+        return ""
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
@@ -1794,7 +1891,12 @@ def refuse_blind_ollama_model(server: Server) -> None:
 def probe_task() -> Task:
     picture = Image.new("RGB", (64, 64), "white")
     return Task(
-        Path("a 64x64 probe picture"), Path(), "", Template(""), "What colour is this?", encode_jpeg(picture)
+        Path("a 64x64 probe picture"),
+        Path(),
+        "",
+        Template(""),
+        prompt="What colour is this?",
+        payload=encode_jpeg(picture),
     )
 
 
@@ -2454,7 +2556,7 @@ class Pipeline:
             return None
         caption, answer = result
         outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
-        journal = self.discovery.journals.get(task.root)
+        journal = None if self.config.dry_run else self.discovery.journal_of(task)
         self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
         return None
 
@@ -2615,22 +2717,26 @@ def shortened(text: str, length: int = 60) -> str:
     return repr(text if len(text) <= length else text[: length - 1] + "\u2026")
 
 
-def finished_caption(caption: str, task: Task, config: Config) -> str:
-    """The text to write: merged with an existing caption if asked, trigger words in place."""
+def finished_caption(caption: str, task: Task, config: Config) -> tuple[str, tuple[int, int] | None]:
+    """The text to write: merged with an existing caption if asked, trigger words in place; and
+    where the existing caption stands in it (the journal keeps it, for a redo to replace only
+    what this pass added)."""
     old = task.existing
-    if old and config.existing == "append":
-        caption = f"{old}, {caption}"
-    elif old and config.existing == "prepend":
-        caption = f"{caption}, {old}"
+    kept = None
+    if old and task.mode == "append":
+        caption, kept = f"{old}, {caption}", (0, len(old))
+    elif old and task.mode == "prepend":
+        caption, kept = f"{caption}, {old}", (len(caption) + 2, len(caption) + 2 + len(old))
     prefix = config.prefix.fill(task.image, old)
     suffix = config.suffix.fill(task.image, old)
     # A trigger word the model (or an earlier run) already put in place is not repeated; it
     # must be there as whole words: "man" is not in place at the start of "many people".
     if prefix and not re.match(rf"{re.escape(prefix)}(?!\w)", caption, re.IGNORECASE):
         caption = f"{prefix}, {caption}"
+        kept = kept and (kept[0] + len(prefix) + 2, kept[1] + len(prefix) + 2)
     if suffix and not re.search(rf"(?<!\w){re.escape(suffix)}[\s.]*$", caption, re.IGNORECASE):
         caption = f"{caption}, {suffix}"
-    return caption
+    return caption, kept
 
 
 def estimated_clip_tokens(caption: str) -> int:
@@ -2654,11 +2760,26 @@ def estimated_clip_tokens(caption: str) -> int:
 
 def write_answer(task: Task, caption: str, config: Config, journal: Journal | None) -> str:
     """Write one answer's caption (on a writer thread); the text written."""
-    text = finished_caption(caption, task, config)
+    text, kept = finished_caption(caption, task, config)
+    path = task.image.with_name(caption_name(task.image.name, config))
+    if task.mode != "skip":
+        refuse_if_changed(path, task.before)
     if journal:
-        journal.add(task.image, text, task.template)  # before the caption: see Journal
-    write_caption(task.image, text, config)
+        journal.add(task, text, kept)  # before the caption: see Journal
+    write_caption(path, text, replace=task.mode != "skip")
     return text
+
+
+def refuse_if_changed(path: Path, before: str) -> None:
+    """A caption changed since it was planned (someone is editing the dataset) is a person's."""
+    try:
+        now = read_regular_file(path)
+    except FileNotFoundError:
+        now = b""
+    except OSError:
+        return  # write_caption() says why it cannot be written
+    if text_digest(now) != before:
+        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} was changed during the run")
 
 
 class Writer:
@@ -2718,12 +2839,11 @@ def sync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def write_caption(image: Path, text: str, config: Config) -> None:
-    path = image.with_name(caption_name(image.name, config))
+def write_caption(path: Path, text: str, replace: bool) -> None:
     try:
         # With --existing skip, a caption that appeared during the run (written by hand, or by
         # another tool) is not ours to replace.
-        write_atomically(path, text, replace=config.existing != "skip")
+        write_atomically(path, text, replace=replace)
     except FileExistsError:
         raise TryFailed(
             Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} appeared beside it during the run"
@@ -2764,13 +2884,13 @@ def put_in_place_if_absent(temporary: Path, path: Path) -> bool:
         return True
     except FileExistsError:
         try:
-            if read_regular_file(path).strip():
+            if not is_blank(read_regular_file(path)):
                 raise
         except FileNotFoundError:
             pass
         return False
     except OSError:  # no hard links here: check, then rename (a race of microseconds)
-        if path.exists() and path.stat().st_size:
+        if path.exists() and not is_blank(read_regular_file(path)):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
         return False
 
@@ -2890,69 +3010,172 @@ def lock_file(file: io.BufferedRandom) -> None:
     fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+JOURNAL_NAME = f"{OWN_FILE_PREFIX}.journal"
+JOURNAL_HEADER = json.dumps({"journal": 2})
+MERGING = ("append", "prepend")
+
+
+class Written(NamedTuple):
+    """One caption the tool wrote, as its journal line records it."""
+
+    settings: str  # Config.settings_digest(); "v1:<pass>" for a pass of a version 1 journal not this run's
+    mode: str
+    model: str  # "" where a version 1 journal did not know it (--api openai without --model)
+    prompt: str  # digest of the prompt that held for the image
+    before: str  # text_digest() of the caption before the write ("" where unknown: version 1)
+    after: str  # text_digest() of the text written
+    kept: tuple[int, int] | None  # where the text before stands in the text written (append, prepend)
+    origin: str  # who wrote the text before: "none" (blank), "tool", "person", "original"
+    line: int  # its line in the journal: a later line is a later write
+
+
+class RunPass(NamedTuple):
+    """This run's pass, as journal lines are compared with it."""
+
+    settings: str
+    model: str  # "" until the server says which model it serves
+    fresh: bool  # --fresh: the pass's earlier writes do not count
+    legacy: dict[str, tuple[str, str]]  # a version 1 journal's first line: the (mode, model) it means
+    prompt: tuple[str, str]  # the run's prompt: its digest as version 1 took it (line ends as read), and now
+
+    @classmethod
+    def of(cls, config: Config) -> RunPass:
+        models = {config.model, ""}  # a version 1 run without --model recorded ""
+        legacy = {
+            config.pass_identity(mode, model): (mode, model)
+            for mode in ("skip", "overwrite", "append", "prepend")
+            for model in models
+        }
+        prompt = (digest(config.prompt.as_read), digest(config.prompt.text))
+        return cls(config.settings_digest(), config.model, config.fresh, legacy, prompt)
+
+
 class Journal:
-    """Which images this pass over a folder has already captioned, where the caption file
-    cannot tell: with --existing overwrite, append or prepend, a rerun after an interruption
-    must not caption (or append to) those images again.
+    """Every caption the tool wrote in one folder, hidden in it (.llava-caption-ollama.journal):
+    a JSON line per caption, with its pass (the settings, the model and the mode), a digest of
+    the prompt, and digests of the caption's text before and after. From them planning tells
+    whether this pass's answer is already in a caption, and whether someone changed a caption
+    since the tool wrote it (see Verdict).
 
-    A pass is identified by every setting that changes a caption (Config.pass_identity): a
-    changed prompt or model is a new pass, and its journal replaces the old one. The file is
-    hidden in the folder, one line per image: its path and a hash of the caption written. The
-    line is written before the caption file, so a crash between the two leaves a journal that
-    names a text the caption file does not hold, and the image is done again: an image counts
-    as done only while its caption file holds exactly what this pass wrote.
-    """
+    The line is written before the caption file, so a crash between the two leaves a line whose
+    text the file does not hold: the file still holds the text before, and the write counts as
+    never made. Each folder that holds images keeps its own journal, so a pass is the same
+    whether its folders were named one by one or found by --recursive. Journals of version 1
+    (one pass per folder given, its images named by their path below it) are read, and
+    rewritten in this form before a line is added."""
 
-    def __init__(self, config: Config, folder: Path) -> None:
-        self.folder = folder
-        self.path = folder / f"{OWN_FILE_PREFIX}.journal"
-        self.header = json.dumps({"pass": config.pass_identity()})
-        # Lines of earlier versions name no prompt: theirs was the run's prompt.
-        self.main_prompt = digest(config.prompt.text)
-        self.done_by_name: dict[str, str] = {} if config.fresh else self.read()
+    def __init__(self, folder: str, run: RunPass) -> None:
+        self.path = os.path.join(folder, JOURNAL_NAME)
+        self.run = run
+        self.records: dict[str, list[Written]] = {}
+        self.fresh_from: dict[tuple[str, str, str], int] = {}  # a pass: its first line that counts
+        self.lines = 0
+        self.version = 2
+        self.loaded = False
         self.descriptor: int | None = None
         self.opening = threading.Lock()  # captions are written on several threads
+        self.freshened: set[str] = set()  # with --fresh: modes whose fresh start is written
 
-    def read(self) -> dict[str, str]:
+    def load(self) -> Journal:
+        if self.loaded:
+            return self
+        self.loaded = True
         try:
             # Split on "\n" alone: every line is JSON with its other line breaks escaped.
-            lines = read_regular_file(self.path).decode("utf-8", "replace").split("\n")
+            lines = read_regular_file(Path(self.path)).decode("utf-8", "replace").split("\n")
         except OSError:
-            return {}
-        if lines[0] != self.header:
-            return {}
-        done = {}
-        for line in lines[1:]:
+            return self
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            return self
+        if isinstance(header, dict) and "pass" in header:
+            self.version = 1
+            self.read_version_1(str(header["pass"]), lines[1:])
+        else:
+            for line in lines[1:]:
+                self.read_line(line)
+        return self
+
+    def read_version_1(self, identity: str, lines: list[str]) -> None:
+        mode, model = self.run.legacy.get(identity, ("", ""))
+        settings = self.run.settings if mode else f"v1:{identity}"
+        as_read, prompt_now = self.run.prompt
+        for line in lines:
             try:
-                name, written, *prompt = json.loads(line)
-                done[name] = written + (prompt[0] if prompt else self.main_prompt)
+                name, after, *prompt = json.loads(line)
+                # Lines of the earliest versions name no prompt: theirs was the run's.
+                prompt = prompt[0] if prompt else as_read
+                prompt = prompt_now if prompt == as_read else prompt
+                self.remember(name, Written(settings, mode, model, prompt, "", after, None, "", self.lines))
             except (ValueError, TypeError, IndexError):
                 pass  # the last line of a run killed as it wrote: that image was not written
-        return done
 
-    def done(self, image: Path, caption: bytes, prompt: Template) -> bool:
-        """This pass wrote the caption file's text, with the prompt that holds for the image now
-        (a folder's own prompt file may have changed since)."""
-        written = self.done_by_name.get(self.name(image))
-        text = caption.decode("utf-8", "replace").strip()
-        return written is not None and written == digest(text) + digest(prompt.text)
+    def read_line(self, line: str) -> None:
+        try:
+            entry = json.loads(line)
+            if "fresh" in entry:
+                self.fresh_from[(entry["fresh"], entry["e"], entry["m"])] = self.lines
+                self.lines += 1
+                return
+            kept = tuple(entry["k"]) if entry.get("k") else None
+            written = Written(entry["s"], entry["e"], entry["m"], entry["t"], entry["b"], entry["a"], kept,
+                              entry["o"], self.lines)
+            self.remember(entry["i"], written)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass  # the last line of a run killed as it wrote: that image was not written
 
-    def add(self, image: Path, text: str, prompt: Template) -> None:
-        # ASCII: names are escaped
-        line = json.dumps([self.name(image), digest(text), digest(prompt.text)]) + "\n"
+    def remember(self, name: str, written: Written) -> None:
+        self.records.setdefault(name, []).append(written)
+        self.lines += 1
+
+    def history(self, name: str) -> list[Written]:
+        return self.load().records.get(name, [])
+
+    def counts(self, written: Written, mode: str, prompt: str) -> bool:
+        """Whether a write was this run's pass in this mode, with this prompt, and counts."""
+        if self.run.fresh:
+            return False
+        if written.settings != self.run.settings or written.mode != mode or written.prompt != prompt:
+            return False
+        if self.run.model and written.model and written.model != self.run.model:
+            return False
+        return written.line >= self.fresh_from.get((written.settings, mode, written.model or self.run.model), 0)
+
+    def add(self, task: Task, text: str, kept: tuple[int, int] | None) -> None:
+        entry = {
+            "i": self.name(task.image),
+            "s": self.run.settings,
+            "e": task.mode,
+            "m": self.run.model,
+            "t": digest(task.template.text),
+            "b": task.before,
+            "a": digest(text),
+            "o": task.origin,
+        }
+        if kept:
+            entry["k"] = list(kept)
         try:
             with self.opening:
                 if self.descriptor is None:
                     self.descriptor = self.start()
+                if self.run.fresh and task.mode not in self.freshened:
+                    # From here on, the pass's earlier writes in this folder do not count.
+                    self.freshened.add(task.mode)
+                    fresh = {"fresh": self.run.settings, "e": task.mode, "m": self.run.model}
+                    os.write(self.descriptor, (json.dumps(fresh) + "\n").encode())
             # Unbuffered: the line is in the operating system's hands before the caption is.
-            os.write(self.descriptor, line.encode())
+            # ASCII: names are escaped.
+            os.write(self.descriptor, (json.dumps(entry) + "\n").encode())
         except OSError as exc:
-            raise TryFailed(write_fault(exc), f"cannot write {self.path.name}: {reason(exc)}") from None
+            raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason(exc)}") from None
 
     def start(self) -> int:
-        """Open the journal for appending; a new pass starts a new journal."""
-        if not self.done_by_name:
-            write_atomically(self.path, self.header + "\n")
+        """Open the journal for appending; one of version 1 is rewritten in this form first."""
+        self.load()
+        if self.version == 1 or not os.path.exists(self.path):
+            write_atomically(Path(self.path), "".join([JOURNAL_HEADER + "\n", *self.lines_of_version_2()]))
+            self.version = 2
         descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0))
         # A line half-written by a run that died (a full disk) must not swallow the next one.
         os.lseek(descriptor, -1, os.SEEK_END)
@@ -2960,12 +3183,110 @@ class Journal:
             os.write(descriptor, b"\n")
         return descriptor
 
+    def lines_of_version_2(self) -> Iterator[str]:
+        for name, history in self.records.items():
+            for written in history:
+                entry = {"i": name, "s": written.settings, "e": written.mode, "m": written.model,
+                         "t": written.prompt, "b": written.before, "a": written.after, "o": written.origin}
+                yield json.dumps(entry) + "\n"
+
     def name(self, image: Path) -> str:
-        return os.path.relpath(image, self.folder).replace(os.sep, "/")
+        return os.path.relpath(image, os.path.dirname(self.path)).replace(os.sep, "/")
 
     def close(self) -> None:
         if self.descriptor is not None:
             os.close(self.descriptor)
+
+
+class Verdict(NamedTuple):
+    """What planning does with one image, from its caption and its journal lines."""
+
+    action: str  # "caption", "skip", "left alone" (edited since written) or "fail"
+    mode: str = "overwrite"  # how the answer joins the caption
+    base: str | None = None  # the text the answer joins, where not the caption as it is
+    why: str = ""
+    assumed_model: str = ""  # skipped as done, if the server serves this model (not known yet)
+
+
+def verdict(
+    data: bytes, history: list[Written], journal: Journal | None, config: Config, prompt: str, named: bool
+) -> Verdict:
+    """The rules of reruns (README, "Reruns"), for one image whose caption holds data."""
+    if is_blank(data):
+        return Verdict("caption", config.existing, "")
+    after = text_digest(data)
+    written = writer_of(history, after)
+    mode = config.existing
+    if named and config.redo_in_its_mode and written and journal and journal.counts(written, written.mode, prompt):
+        mode = written.mode
+    ours = pass_answer(history, written, journal, mode, prompt) if journal else None
+    if named:
+        return redo_verdict(data, written, ours, mode)
+    if ours:
+        return Verdict("skip", mode, assumed_model="" if journal.run.model else ours.model)
+    if origin_of(history, after) == "person" and not config.overwrite_edits:
+        return Verdict("left alone", mode)
+    return Verdict("skip" if mode == "skip" else "caption", mode)
+
+
+def redo_verdict(data: bytes, written: Written | None, ours: Written | None, mode: str) -> Verdict:
+    """--only named the image: its caption is done again, edits included."""
+    if mode not in MERGING:
+        return Verdict("caption", "overwrite", "")
+    if ours is None:
+        return Verdict("caption", mode)
+    if ours is not written:
+        return Verdict("fail", mode, why="another pass added to its caption since; redo it with --existing overwrite")
+    if not ours.kept:
+        return Verdict("fail", mode, why="an earlier version wrote its caption and did not record what this pass "
+                       "added; redo it with --existing overwrite")
+    start, end = ours.kept
+    base = data.decode("utf-8", "replace").strip()[start:end]
+    return Verdict("caption", mode, base)
+
+
+def writer_of(history: list[Written], after: str) -> Written | None:
+    """The write that left this text, if the tool wrote it."""
+    return next((written for written in reversed(history) if written.after == after), None)
+
+
+def pass_answer(
+    history: list[Written], written: Written | None, journal: Journal, mode: str, prompt: str
+) -> Written | None:
+    """The write of this pass whose answer the caption holds: the write that left the text, or
+    one below the appends and prepends of other passes made on top of it since."""
+    while written is not None:
+        if journal.counts(written, mode, prompt):
+            return written
+        if written.mode not in MERGING or not written.before:
+            return None
+        earlier = history[: history.index(written)]
+        written = writer_of(earlier, written.before)
+    return None
+
+
+def origin_of(history: list[Written], after: str) -> str:
+    """Who wrote a caption's text: "tool", "person" (someone changed what the tool wrote), or
+    "original" (the tool never wrote it). The text before a write that never landed is as it
+    was before that write."""
+    if writer_of(history, after):
+        return "tool"
+    undone = next((written for written in reversed(history) if written.before == after), None)
+    if undone:
+        return undone.origin or "original"
+    return "person" if history else "original"
+
+
+def is_blank(data: bytes) -> bool:
+    """Nothing a person or a trainer could read: empty, white space (no-break spaces too),
+    a byte-order mark alone (what Notepad saves for an empty file), control and format
+    characters (NUL, zero-width spaces). Such a file is no caption."""
+    text = data.decode("utf-8", "replace")
+    return not any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
+
+
+def text_digest(data: bytes) -> str:
+    return digest(data.decode("utf-8", "replace").strip())
 
 
 def digest(text: str) -> str:
@@ -3047,6 +3368,9 @@ class Metadata:
         except TryFailed:
             return  # not readable: planning names it where it matters
         entry = self.entries.get(file_name)
+        if not text and entry is not None:  # a caption made blank, or removed: no caption now
+            del self.entries[file_name]
+            self.unsaved = True
         if text and (entry is None or entry.get("text") != text):
             self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True}
             self.unsaved = True
@@ -3441,7 +3765,7 @@ class Reporter:
     def finish(self, summary: Summary) -> None:
         rate = summary.captioned / summary.seconds if summary.seconds else 0.0
         line = (
-            f"captioned {summary.captioned}, skipped {summary.skipped}, "
+            f"captioned {summary.captioned}, skipped {summary.skipped}, {left_alone(summary.left_alone)}"
             f"failed {len(summary.failed)} in {duration(summary.seconds)} ({rate:.2f} images/s)"
         )
         if summary.interrupted:
@@ -3451,7 +3775,7 @@ class Reporter:
             for folder, counted in summary.by_folder.items():
                 self.say(
                     f"  {folder}: captioned {counted.captioned}, "
-                    f"skipped {counted.skipped}, failed {counted.failed}"
+                    f"skipped {counted.skipped}, {left_alone(counted.left_alone)}failed {counted.failed}"
                 )
         if len(summary.by_server) > 1 or summary.server_trouble:
             for server, count in summary.by_server.items():
@@ -3468,6 +3792,10 @@ class Reporter:
             self.say(f"  left out {self.folder_name(folder)}: {why}")
         for image, why in sorted(summary.failed):
             self.say(f"  failed {self.name(image)}: {why}")
+
+
+def left_alone(count: int) -> str:
+    return f"left alone {count} (edited since written), " if count else ""
 
 
 def caption_statistics(summary: Summary) -> str:

@@ -45,7 +45,6 @@ def redo_list(folder: Path, *images: Path) -> Path:
 # --- 1 and 4: a redo inside an append pass --------------------------------------------
 
 
-@not_yet(1)
 def test_a_redo_inside_an_unfinished_append_pass_replaces_its_answer_and_keeps_the_tags(
     tmp_path, caption, server
 ):
@@ -63,7 +62,6 @@ def test_a_redo_inside_an_unfinished_append_pass_replaces_its_answer_and_keeps_t
         assert path.read_text(encoding="utf-8") == f"old, tags, {answer}"
 
 
-@not_yet(4)
 def test_only_with_append_replaces_this_pass_answer_instead_of_adding_a_second(tmp_path, caption, server):
     folder = tmp_path / "set"
     expected = with_tags(folder, 2)
@@ -80,7 +78,6 @@ def test_only_with_append_replaces_this_pass_answer_instead_of_adding_a_second(t
 # --- 2: the same pass, however the folders were named ------------------------------------
 
 
-@not_yet(2)
 def test_a_recursive_pass_resumed_by_naming_the_subfolders_adds_nothing_twice(tmp_path, caption, server):
     root = tmp_path / "root"
     expected = {**with_tags(root / "a", 3), **with_tags(root / "b", 3)}
@@ -96,7 +93,6 @@ def test_a_recursive_pass_resumed_by_naming_the_subfolders_adds_nothing_twice(tm
 # --- 3: a model learnt from the server ----------------------------------------------------
 
 
-@not_yet(3)
 def test_the_model_a_server_serves_is_the_same_pass_as_that_model_named(tmp_path, make_server, caption):
     server = make_server(
         flavour="vllm", native=False, models={"m1": {"capabilities": ["completion", "vision"]}}
@@ -111,7 +107,6 @@ def test_the_model_a_server_serves_is_the_same_pass_as_that_model_named(tmp_path
     assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
 
 
-@not_yet(3)
 def test_a_server_that_changed_its_model_makes_the_unfinished_pass_a_new_one(tmp_path, make_server, caption):
     vision = {"capabilities": ["completion", "vision"]}
     server = make_server(
@@ -133,7 +128,6 @@ def test_a_server_that_changed_its_model_makes_the_unfinished_pass_a_new_one(tmp
 # --- 5: a person's edit is never destroyed -------------------------------------------------
 
 
-@not_yet(5)
 @pytest.mark.parametrize("mode", ["overwrite", "append", "prepend"])
 def test_a_caption_edited_since_the_pass_wrote_it_is_left_alone_by_every_later_run(
     tmp_path, caption, server, mode
@@ -155,7 +149,7 @@ def test_a_caption_edited_since_the_pass_wrote_it_is_left_alone_by_every_later_r
     assert len(server.chats) == 2  # the other pass captioned the two others
 
 
-@pytest.mark.parametrize("how", ["only", pytest.param("overwrite-edits", marks=not_yet(5))])
+@pytest.mark.parametrize("how", ["only", "overwrite-edits"])
 def test_naming_an_edited_caption_or_overwrite_edits_redoes_it(tmp_path, caption, server, how):
     folder = tmp_path / "set"
     expected = distinct_pictures(folder, 2)
@@ -185,7 +179,6 @@ def test_a_caption_the_tool_never_wrote_is_overwritten_as_before(tmp_path, capti
 # --- 6: blank captions are no captions ------------------------------------------------------
 
 
-@not_yet(6)
 @pytest.mark.parametrize(
     "blank",
     [b"\xef\xbb\xbf", b"\xef\xbb\xbf\r\n", b"\x00\x00\x00", "\u00a0\u200b \u200b".encode()],
@@ -209,7 +202,6 @@ def test_a_caption_file_with_nothing_visible_counts_as_uncaptioned(tmp_path, cap
 # --- 7: names from "." and ".." ---------------------------------------------------------------
 
 
-@not_yet(7)
 @pytest.mark.parametrize("given", [".", "./", ".."])
 def test_class_and_folder_come_from_the_folder_itself_whatever_path_named_it(tmp_path, server, given):
     folder = tmp_path / "15_guideboat"
@@ -252,7 +244,6 @@ def test_an_append_pass_of_the_previous_version_is_finished_without_doubling(tmp
     assert len(server.chats) == 1
 
 
-@not_yet(2)
 def test_a_journal_names_the_folder_it_lies_in_whichever_folder_was_given(tmp_path, caption, server):
     root = tmp_path / "root"
     with_tags(root / "a", 1)
