@@ -1149,8 +1149,9 @@ class Discovery:
         journal = self.journal(listing.path)
         history = journal.history(name)
         if listing.path != str(listing.root):
-            above = self.journal(str(listing.root)).history(os.path.relpath(os.path.join(listing.path, name),
-                                                                          listing.root).replace(os.sep, "/"))
+            above = self.journal(str(listing.root)).history(
+                os.path.relpath(os.path.join(listing.path, name), listing.root).replace(os.sep, "/")
+            )
             history = above + history if above else history
         return history, journal
 
@@ -1308,7 +1309,9 @@ class Discovery:
         if self.metadata:
             self.metadata.recover(image, caption_file, existing)
         history, journal = self.history(listing, name)
-        decided = verdict(existing, history, journal, self.config, digest(listing.prompt.text), self.config.only is not None)
+        decided = verdict(
+            existing, history, journal, self.config, digest(listing.prompt.text), self.config.only is not None
+        )
         if decided.action == "fail":
             self.fail(root, image, decided.why)
             return
@@ -1317,7 +1320,13 @@ class Discovery:
             return
         try:
             wanted = listing.wants_text or decided.mode in MERGING
-            text = decided.base if decided.base is not None else caption_text(caption_file, existing) if wanted else ""
+            text = (
+                decided.base
+                if decided.base is not None
+                else caption_text(caption_file, existing)
+                if wanted
+                else ""
+            )
         except TryFailed as failure:
             self.fail(root, image, str(failure))
             return
@@ -2779,7 +2788,9 @@ def refuse_if_changed(path: Path, before: str) -> None:
     except OSError:
         return  # write_caption() says why it cannot be written
     if text_digest(now) != before:
-        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} was changed during the run")
+        raise TryFailed(
+            Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} was changed during the run"
+        )
 
 
 class Writer:
@@ -3070,7 +3081,7 @@ class Journal:
         self.records: dict[str, list[Written]] = {}
         self.fresh_from: dict[tuple[str, str, str], int] = {}  # a pass: its first line that counts
         self.lines = 0
-        self.version = 2
+        self.version = 0  # 0: none, or none this version reads (it is written anew)
         self.loaded = False
         self.descriptor: int | None = None
         self.opening = threading.Lock()  # captions are written on several threads
@@ -3092,7 +3103,8 @@ class Journal:
         if isinstance(header, dict) and "pass" in header:
             self.version = 1
             self.read_version_1(str(header["pass"]), lines[1:])
-        else:
+        elif lines[0] == JOURNAL_HEADER:
+            self.version = 2
             for line in lines[1:]:
                 self.read_line(line)
         return self
@@ -3119,8 +3131,17 @@ class Journal:
                 self.lines += 1
                 return
             kept = tuple(entry["k"]) if entry.get("k") else None
-            written = Written(entry["s"], entry["e"], entry["m"], entry["t"], entry["b"], entry["a"], kept,
-                              entry["o"], self.lines)
+            written = Written(
+                entry["s"],
+                entry["e"],
+                entry["m"],
+                entry["t"],
+                entry["b"],
+                entry["a"],
+                kept,
+                entry["o"],
+                self.lines,
+            )
             self.remember(entry["i"], written)
         except (ValueError, TypeError, KeyError, AttributeError):
             pass  # the last line of a run killed as it wrote: that image was not written
@@ -3140,7 +3161,9 @@ class Journal:
             return False
         if self.run.model and written.model and written.model != self.run.model:
             return False
-        return written.line >= self.fresh_from.get((written.settings, mode, written.model or self.run.model), 0)
+        return written.line >= self.fresh_from.get(
+            (written.settings, mode, written.model or self.run.model), 0
+        )
 
     def add(self, task: Task, text: str, kept: tuple[int, int] | None) -> None:
         entry = {
@@ -3171,9 +3194,13 @@ class Journal:
             raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason(exc)}") from None
 
     def start(self) -> int:
-        """Open the journal for appending; one of version 1 is rewritten in this form first."""
-        self.load()
-        if self.version == 1 or not os.path.exists(self.path):
+        """Open the journal for appending; one of version 1 is rewritten in this form first. A
+        run that only writes (--existing skip) reads no more of it than its first line."""
+        if not self.loaded and self.first_line() == JOURNAL_HEADER:
+            self.version = 2
+        if self.version != 2:
+            self.load()
+        if self.version != 2:
             write_atomically(Path(self.path), "".join([JOURNAL_HEADER + "\n", *self.lines_of_version_2()]))
             self.version = 2
         descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0))
@@ -3183,11 +3210,26 @@ class Journal:
             os.write(descriptor, b"\n")
         return descriptor
 
+    def first_line(self) -> str:
+        try:
+            with open_regular_file(Path(self.path)) as file:
+                return file.readline(len(JOURNAL_HEADER) + 1).decode("utf-8", "replace").rstrip("\n")
+        except OSError:
+            return ""
+
     def lines_of_version_2(self) -> Iterator[str]:
         for name, history in self.records.items():
             for written in history:
-                entry = {"i": name, "s": written.settings, "e": written.mode, "m": written.model,
-                         "t": written.prompt, "b": written.before, "a": written.after, "o": written.origin}
+                entry = {
+                    "i": name,
+                    "s": written.settings,
+                    "e": written.mode,
+                    "m": written.model,
+                    "t": written.prompt,
+                    "b": written.before,
+                    "a": written.after,
+                    "o": written.origin,
+                }
                 yield json.dumps(entry) + "\n"
 
     def name(self, image: Path) -> str:
@@ -3217,7 +3259,13 @@ def verdict(
     after = text_digest(data)
     written = writer_of(history, after)
     mode = config.existing
-    if named and config.redo_in_its_mode and written and journal and journal.counts(written, written.mode, prompt):
+    if (
+        named
+        and config.redo_in_its_mode
+        and written
+        and journal
+        and journal.counts(written, written.mode, prompt)
+    ):
         mode = written.mode
     ours = pass_answer(history, written, journal, mode, prompt) if journal else None
     if named:
@@ -3236,10 +3284,16 @@ def redo_verdict(data: bytes, written: Written | None, ours: Written | None, mod
     if ours is None:
         return Verdict("caption", mode)
     if ours is not written:
-        return Verdict("fail", mode, why="another pass added to its caption since; redo it with --existing overwrite")
+        return Verdict(
+            "fail", mode, why="another pass added to its caption since; redo it with --existing overwrite"
+        )
     if not ours.kept:
-        return Verdict("fail", mode, why="an earlier version wrote its caption and did not record what this pass "
-                       "added; redo it with --existing overwrite")
+        return Verdict(
+            "fail",
+            mode,
+            why="an earlier version wrote its caption and did not record what this pass "
+            "added; redo it with --existing overwrite",
+        )
     start, end = ours.kept
     base = data.decode("utf-8", "replace").strip()[start:end]
     return Verdict("caption", mode, base)
@@ -3665,7 +3719,10 @@ class Reporter:
 
     def say_plan(self, summary: Summary) -> None:
         if self.verbosity >= 0:
-            self.say(f"{summary.to_caption} to caption, {summary.skipped} already captioned")
+            self.say(
+                f"{summary.to_caption} to caption, {summary.skipped} already captioned"
+                f"{edited_since(summary.left_alone)}"
+            )
 
     def position(self) -> str:
         return f"{self.done}/{self.summary.to_caption if self.summary.total_known else '?'}"
@@ -3758,8 +3815,8 @@ class Reporter:
     def dry_run_done(self, summary: Summary) -> None:
         unfinished = "" if summary.listed else " (interrupted before every folder was planned)"
         self.say(
-            f"dry run: would caption {summary.to_caption}, "
-            f"skip {summary.skipped} already captioned{unfinished}; nothing was sent"
+            f"dry run: would caption {summary.to_caption}, skip {summary.skipped} already captioned"
+            f"{edited_since(summary.left_alone)}{unfinished}; nothing was sent"
         )
 
     def finish(self, summary: Summary) -> None:
@@ -3796,6 +3853,10 @@ class Reporter:
 
 def left_alone(count: int) -> str:
     return f"left alone {count} (edited since written), " if count else ""
+
+
+def edited_since(count: int) -> str:
+    return f", {count} edited since written (left alone)" if count else ""
 
 
 def caption_statistics(summary: Summary) -> str:
