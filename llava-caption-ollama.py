@@ -3280,7 +3280,7 @@ def verdict(
 def redo_verdict(data: bytes, written: Written | None, ours: Written | None, mode: str) -> Verdict:
     """--only named the image: its caption is done again, edits included."""
     if mode not in MERGING:
-        return Verdict("caption", "overwrite", "")
+        return Verdict("caption", "overwrite")
     if ours is None:
         return Verdict("caption", mode)
     if ours is not written:
