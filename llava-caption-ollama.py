@@ -582,8 +582,14 @@ def refuse_output_paths(args: argparse.Namespace, caption_ext: str) -> None:
     for option, path in given:
         if not path.parent.is_dir():
             raise CannotStart(f"{option}: the folder {path.parent} does not exist")
-        if path.is_dir():
+        what = not_a_regular_file(path)
+        if what == "a folder":
             raise CannotStart(f"{option}: {path} is a folder; give a file name")
+        if what:
+            raise CannotStart(
+                f"{option}: {path} is {what}; give a regular file or a new name (an output is written "
+                "beside it and renamed over it)"
+            )
         stem = path.name[: -len(caption_ext)] if path.name.endswith(caption_ext) else ""
         a_caption = stem and any(path.with_name(stem + ext).exists() for ext in IMAGE_EXTENSIONS)
         if path.suffix.lower() in IMAGE_EXTENSIONS or a_caption:
@@ -591,6 +597,29 @@ def refuse_output_paths(args: argparse.Namespace, caption_ext: str) -> None:
     for (one, first), (other, second) in itertools.combinations(given, 2):
         if os.path.abspath(first) == os.path.abspath(second):
             raise CannotStart(f"{one} and {other} name the same file, {first}")
+
+
+def not_a_regular_file(path: Path) -> str:
+    """What is at path if it is neither a regular file nor nothing, else "". An output is written
+    to a temporary file beside it and renamed over it, so that it is never half-written: the
+    rename would replace a device, a named pipe or a socket with a file, and a link (even one to
+    a regular file) instead of the file it points to. /dev/stdout is such a link (to the
+    terminal or the pipe of file descriptor 1), which no rename can write to."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or nothing we may look at: the write names the reason
+        return ""
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    kinds = {
+        stat.S_ISREG: "",
+        stat.S_ISDIR: "a folder",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
 
 
 def refuse_folder_prompt_name(name: str) -> None:

@@ -64,7 +64,6 @@ def kind_of(path: Path) -> int:
     return stat.S_IFMT(os.lstat(path).st_mode)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 8: outputs are renamed over devices, pipes and links")
 @pytest.mark.parametrize("kind", ["device", "named pipe", "socket", "link to a file", "link to stdout"])
 @pytest.mark.parametrize("option", OUTPUT_OPTIONS)
 def test_an_output_that_is_not_a_regular_file_is_refused_before_the_run(
