@@ -571,12 +571,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         only=frozenset(read_image_list(args.only)) if args.only else None,
         existing="overwrite" if args.only and args.existing == "skip" else args.existing,
     )
-    refuse_output_paths(args, settings["caption_ext"])
+    refuse_output_paths(args, settings["caption_ext"], prompt_file)
     return Config(**settings)
 
 
-def refuse_output_paths(args: argparse.Namespace, caption_ext: str) -> None:
-    """What the run writes besides captions must not land on an image, a caption, or each other."""
+def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file: Path) -> None:
+    """What the run writes besides captions must be a regular file or nothing, and land on none
+    of the run's inputs (an image, a caption, a prompt), the tool's own files, or each other."""
     outputs = [("--review", args.review), ("--failed-list", args.failed_list), ("--jsonl", args.jsonl)]
     given = [(option, path) for option, path in outputs if path]
     for option, path in given:
@@ -590,13 +591,57 @@ def refuse_output_paths(args: argparse.Namespace, caption_ext: str) -> None:
                 f"{option}: {path} is {what}; give a regular file or a new name (an output is written "
                 "beside it and renamed over it)"
             )
-        stem = path.name[: -len(caption_ext)] if path.name.endswith(caption_ext) else ""
-        a_caption = stem and any(path.with_name(stem + ext).exists() for ext in IMAGE_EXTENSIONS)
-        if path.suffix.lower() in IMAGE_EXTENSIONS or a_caption:
-            raise CannotStart(f"{option}: {path} would overwrite an image or a caption")
+        overwritten = input_at(path, caption_ext, prompt_file, args.folder_prompt)
+        if overwritten:
+            raise CannotStart(f"{option}: {path} would overwrite {overwritten}")
     for (one, first), (other, second) in itertools.combinations(given, 2):
-        if os.path.abspath(first) == os.path.abspath(second):
+        if same_file(first, second):
             raise CannotStart(f"{one} and {other} name the same file, {first}")
+
+
+def input_at(path: Path, caption_ext: str, prompt_file: Path, folder_prompt: str) -> str:
+    """Which of the run's inputs (or the tool's own files) an output at path would overwrite, or
+    "". Names are compared whatever their case: on a file system that ignores it (macOS's,
+    Windows') A.txt and a.TXT are one file."""
+    name = path.name.lower()
+    if os.path.splitext(name)[1] in IMAGE_EXTENSIONS:
+        return "an image"
+    if name.startswith(OWN_FILE_PREFIX):  # the journal; the lock, removed at the end, output and all
+        return "a file of this tool's own"
+    if same_file(path, prompt_file):  # the next run would send the output as its prompt
+        return "the prompt file"
+    if folder_prompt and name == folder_prompt.lower():
+        return f"a folder's prompt file (--folder-prompt {folder_prompt})"
+    image = image_captioned_by(path, caption_ext)
+    return f"the caption of {image}" if image else ""
+
+
+def image_captioned_by(path: Path, caption_ext: str) -> str:
+    """The name of the image beside path whose caption path is, or "". The folder is listed once
+    rather than asked for each image extension in each case (a.jpg, A.JPG, a.Jpg...)."""
+    if not path.name.lower().endswith(caption_ext.lower()):
+        return ""
+    stem = path.name[: -len(caption_ext)].lower()
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:  # a folder we cannot list we cannot write in either: the write says so
+        return ""
+    for name in names:
+        image_stem, ext = os.path.splitext(name)
+        if image_stem.lower() == stem and ext.lower() in IMAGE_EXTENSIONS:
+            return name
+    return ""
+
+
+def same_file(one: Path, other: Path) -> bool:
+    """Whether two paths name one file: spelt alike once resolved, or, for files that exist, one
+    file under two names (a hard link, a case-insensitive file system)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def not_a_regular_file(path: Path) -> str:

@@ -87,7 +87,6 @@ def test_an_output_that_is_not_a_regular_file_is_refused_before_the_run(
 # --- outputs that would overwrite an input ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 9: the caption check misses A.JPG beside A.txt")
 @pytest.mark.parametrize("option", ["--failed-list", "--review"])
 @pytest.mark.parametrize("name", ["A.txt", "A.TXT", "a.txt"])
 def test_an_output_named_like_a_caption_is_refused_whatever_the_case(tmp_path, caption, server, option, name):
@@ -101,7 +100,6 @@ def test_an_output_named_like_a_caption_is_refused_whatever_the_case(tmp_path, c
     assert (tmp_path / "A.txt").read_text() == "a caption written by hand"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 9: an output may overwrite the prompt file")
 @pytest.mark.parametrize("form", ["--prompt", "DIR PROMPT_FILE"])
 def test_an_output_at_the_prompt_file_is_refused_however_it_is_spelt(tmp_path, caption, server, form):
     picture(tmp_path / "data" / "a.png")
@@ -119,7 +117,6 @@ def test_an_output_at_the_prompt_file_is_refused_however_it_is_spelt(tmp_path, c
     assert server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 9: an output may overwrite a folder's prompt file")
 def test_an_output_named_like_the_folder_prompt_is_refused(tmp_path, caption, server):
     picture(tmp_path / "a.png")
     (tmp_path / ".prompt").write_text("Describe this folder's picture.")
@@ -131,7 +128,6 @@ def test_an_output_named_like_the_folder_prompt_is_refused(tmp_path, caption, se
     assert (tmp_path / ".prompt").read_text() == "Describe this folder's picture."
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 9: an output may land on the lock or the journal")
 @pytest.mark.parametrize("name", [".llava-caption-ollama.lock", ".llava-caption-ollama.journal"])
 def test_an_output_at_a_file_of_the_tools_own_is_refused(tmp_path, caption, server, name):
     picture(tmp_path / "a.png")
