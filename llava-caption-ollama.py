@@ -3333,13 +3333,35 @@ def read_image_list(path: Path) -> set[str]:
     """--only: the images a list names, one a line (the review page's redo list, or a --failed-list),
     relative to the list's folder or absolute; lines starting with "# " are comments. A line is
     a name as it is, spaces included, and a name's bytes that are not UTF-8 are read back as they
-    were written."""
+    were written. A list of names each ended by a NUL byte, as find -print0 writes it, is read too."""
     try:
-        text = read_regular_file(path).decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+        data = read_regular_file(path)
     except OSError as exc:
         raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
-    names = [line.removesuffix("\r") for line in text.split("\n")]
-    return {os.path.realpath(path.parent / name) for name in names if name and not name.startswith("# ")}
+    names = names_between_nuls(data, path) if b"\0" in data else names_on_lines(data)
+    return {os.path.realpath(path.parent / name) for name in names if name}
+
+
+def names_on_lines(data: bytes) -> list[str]:
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return [line for line in lines if not line.startswith("# ")]
+
+
+def names_between_nuls(data: bytes, path: Path) -> list[str]:
+    """The names of a NUL-separated list. Read rather than refused: find -print0 (git ls-files -z,
+    grep -lZ) is how a shell lists names safely, and the only way to list a name with a line
+    break, which a list of lines cannot hold. Such a list ends each name with one NUL, and has no
+    empty name. Any other file with a NUL is binary (an image given by mistake: a PNG's header
+    has NUL pairs, a BMP's padded rows end with one), and its bytes read as names would make
+    thousands of failures, so it is refused."""
+    names = data[:-1].split(b"\0")
+    if not data.endswith(b"\0") or not all(names):
+        raise CannotStart(
+            f"--only {path}: not a list of images: it holds NUL bytes, but not as a NUL-separated list "
+            "does (find -print0 ends each name with one)"
+        )
+    return [name.decode("utf-8", "surrogateescape") for name in names]
 
 
 def write_image_list(path: Path, images: list[Path], what: str) -> None:

@@ -143,7 +143,6 @@ def test_an_output_at_a_file_of_the_tools_own_is_refused(tmp_path, caption, serv
 # --- --only lists -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 13: a list with a NUL byte is a traceback")
 def test_a_nul_separated_list_as_find_print0_writes_it_is_read(tmp_path, caption, server):
     distinct_pictures(tmp_path / "data", 3)
     picture(tmp_path / "data" / "line\nbreak.png", size=(50, 32))
@@ -161,7 +160,6 @@ def test_a_nul_separated_list_as_find_print0_writes_it_is_read(tmp_path, caption
     assert not (tmp_path / "data" / "img000.txt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 13: a list with a NUL byte is a traceback")
 @pytest.mark.parametrize("name", ["img000.png", "padded.bmp"])
 def test_a_binary_file_given_as_a_list_is_refused_in_one_line(tmp_path, caption, server, name):
     distinct_pictures(tmp_path, 2)
