@@ -689,8 +689,10 @@ def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Pat
     for path in paths:
         if not path.is_dir():
             refuse_not_folder(path, several=len(paths) > 1 and prompt is None)
-        if os.path.realpath(path) not in seen:  # given twice: captioned once
-            seen.add(os.path.realpath(path))
+        # Given twice: captioned once. By what it is, not its path: a bind mount (mount --bind A B)
+        # shows one folder at two real paths, whose second lock would look like another run's.
+        if folder_identity(str(path)) not in seen:
+            seen.add(folder_identity(str(path)))
             folders.append(path)
     return folders, prompt or DEFAULT_PROMPT_FILE, False
 

@@ -189,7 +189,6 @@ def bound(source: Path, target: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(target)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14c: a bind-mounted folder is locked twice")
 def test_a_folder_given_twice_through_a_bind_mount_is_captioned_once(tmp_path, caption, server):
     expected = distinct_pictures(tmp_path / "A", 2)
     with bound(tmp_path / "A", tmp_path / "B") as again:
