@@ -1148,7 +1148,9 @@ class Discovery:
         """A dry run: plan everything, listing each image to caption as it is planned."""
         while not self.finished and not stop.asked.is_set():
             self.step()
-            self.reporter.list_planned([Path(item.listing.path, item.name) for item in self.waiting])
+            planned = [Path(item.listing.path, item.name) for item in self.waiting]
+            unwritten = self.reporter.list_planned(planned)
+            self.summary.output_errors += [unwritten] if unwritten else []
             self.waiting.clear()
 
     def close(self) -> None:
@@ -3515,8 +3517,9 @@ class Reporter:
             self.say(f"pulling {model}: {status}")
         self.last_pull_status = status
 
-    def list_planned(self, images: list[Path]) -> None:
-        """A dry run's listing, on stdout: one image to caption a line."""
+    def list_planned(self, images: list[Path]) -> str:
+        """A dry run's listing, on stdout: one image to caption a line. Returns why it could not
+        be written (stdout on a full disk), or ""."""
         listing = "".join(shown(self.name(image)) + "\n" for image in images)
         try:
             if sys.stdout and listing:  # None when started with >&-
@@ -3524,10 +3527,12 @@ class Reporter:
                     listing.encode(sys.stdout.encoding, "backslashreplace").decode(sys.stdout.encoding)
                 )
                 sys.stdout.flush()
-        except OSError:
-            # `--dry-run | head`: the reader has all it wanted. Later writes to the closed pipe
-            # (Python's own flush at exit) go nowhere instead of printing an error.
+        except OSError as exc:
+            # Later writes (Python's own flush at exit) go nowhere instead of printing an error.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if not reader_went_away(exc):  # the list is the dry run's output: it is lost
+                return f"cannot write the list of images to stdout: {reason(exc)}"
+        return ""
 
     def dry_run_done(self, summary: Summary) -> None:
         unfinished = "" if summary.listed else " (interrupted before every folder was planned)"
@@ -3566,6 +3571,12 @@ class Reporter:
             self.say(f"  left out {self.folder_name(folder)}: {why}")
         for image, why in sorted(summary.failed):
             self.say(f"  failed {self.name(image)}: {why}")
+
+
+def reader_went_away(exc: OSError) -> bool:
+    # `--dry-run | head`: the reader has all it wanted, which is no failure. Windows says EINVAL
+    # where POSIX says EPIPE.
+    return isinstance(exc, BrokenPipeError) or (os.name == "nt" and exc.errno == errno.EINVAL)
 
 
 def caption_statistics(summary: Summary) -> str:

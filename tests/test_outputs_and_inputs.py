@@ -227,7 +227,6 @@ def test_a_folder_whose_name_starts_with_a_dash_is_taken_after_double_dash(
 # --- a dry run's list -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14d: a dry run whose list is lost exits 0")
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_dry_run_whose_list_cannot_be_written_exits_1(tmp_path, spawn):
     distinct_pictures(tmp_path, 2)
