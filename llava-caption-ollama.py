@@ -3717,11 +3717,23 @@ def stream_on_descriptor(stream: TextIO, descriptor: int) -> bool:
         return False
 
 
+def paths_after_double_dash(argv: Sequence[str] | None) -> list[str]:
+    """The arguments, where everything after "--" is a path, even one that starts with a dash.
+    parse_intermixed_args loses such a path (`-- -dash` says DIR is required, Python 3.11), so
+    it is given as ./-dash, which Path reads back as -dash."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in given:
+        return given
+    end = given.index("--")
+    after = [os.path.join(os.curdir, arg) if arg.startswith("-") else arg for arg in given[end + 1 :]]
+    return given[:end] + after
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         # Intermixed, so that options may stand between the positionals: DIR -r PROMPT.
-        args = parser.parse_intermixed_args(argv)
+        args = parser.parse_intermixed_args(paths_after_double_dash(argv))
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
     stop = Stop()

@@ -210,7 +210,6 @@ def test_a_folder_given_twice_through_a_link_is_captioned_once(tmp_path, caption
     assert {path: path.read_text() for path in expected} == expected
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14e: a folder named -dash after -- is lost")
 def test_a_folder_whose_name_starts_with_a_dash_is_taken_after_double_dash(
     tmp_path, server, capsys, monkeypatch
 ):
