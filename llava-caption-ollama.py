@@ -173,6 +173,7 @@ def import_run_libraries() -> None:
     finally:
         if ollama_host is not None:
             os.environ["OLLAMA_HOST"] = ollama_host
+    read_png_metadata_of_any_size()
 
 
 # ---------------------------------------------------------------------------
@@ -1440,6 +1441,16 @@ UNDO_ORIENTATION = {  # EXIF orientation: the Image.Transpose that makes the pic
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
+def read_png_metadata_of_any_size() -> None:
+    """Pillow 13 refuses a PNG whose zTXt, iTXt or iCCP chunk inflates to more than 1 MB
+    (PngImagePlugin.MAX_TEXT_CHUNK, "Decompressed data too large"), while it takes 64 MB of plain
+    tEXt (MAX_TEXT_MEMORY): a large ComfyUI workflow or colour profile is metadata, not the
+    picture. A compressed chunk may now be as large as all the text together may."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
+
+
 def prepare(task: Task, config: Config) -> Task:
     """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
     task.prompt = task.template.fill(task.image, task.existing)
@@ -1579,7 +1590,10 @@ def flatten_to_rgb(picture: Image.Image) -> Image.Image:
 
 def encode_jpeg(picture: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=quality)
+    # The picture alone: Pillow carries the source's comment (a PNG's or GIF's text "comment")
+    # into a JPEG unless given one, and one over 65,533 bytes fails ("Comment is too long").
+    # A colour profile, EXIF or XMP it writes only when asked to.
+    picture.save(buffer, "JPEG", quality=quality, comment=b"")
     return buffer.getvalue()
 
 

@@ -266,7 +266,6 @@ def text_chunk(add: str, key: str, text: str, **more) -> PngImagePlugin.PngInfo:
     return info
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14f: PNG metadata over 1 MB fails the image")
 def test_pngs_with_metadata_over_a_megabyte_are_captioned_without_it(tmp_path, caption, server):
     workflow = "node, " * 400_000  # 2.4 MB, as a large ComfyUI workflow is
     png_with_metadata(
