@@ -112,7 +112,8 @@ QUICK_TIMEOUT = 10.0 * PAUSE_SCALE
 DRAIN_SECONDS = 20.0  # after the first Ctrl-C, how long answers already on their way may take
 POLL_SECONDS = 0.1  # how soon the coordinator notices a stop
 PLAN_FIRST_SECONDS = 0.1  # planning before the first request: 10,000 images here, not 100,000
-# A temporary file of ours lives for milliseconds; one this old was left by a killed run.
+# A temporary file of ours lives for milliseconds; one this old was left by a killed run (the
+# rule for names without their writer's pid, which earlier versions wrote).
 STALE_SECONDS = 60.0
 
 
@@ -1351,10 +1352,32 @@ def folder_identity(path: str) -> tuple[int, int]:
 
 
 def is_stale(entry: os.DirEntry) -> bool:
+    """Whether a temporary file of ours was left by a run that ended before renaming it: its
+    writer's process is gone (so a rerun right after a kill -9 finds it), or, where that cannot
+    be told, the file is older than any write takes."""
+    pid = writer_pid(entry.name)
+    if pid and os.name != "nt":  # Windows has no signal 0: its os.kill would end the process
+        return not process_is_alive(pid)
     try:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
     except OSError:
         return False
+
+
+def writer_pid(name: str) -> int:
+    """The pid in a temporary file's name (see write_atomically), or 0 for a name without one."""
+    match = re.fullmatch(rf"{re.escape(OWN_FILE_PREFIX)}-(\d{{1,9}})-[0-9a-f]+\.tmp", name)
+    return int(match.group(1)) if match else 0
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # asks only whether it exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 def why_not_a_file(path: str) -> str:
@@ -2829,8 +2852,8 @@ def write_atomically(path: Path, text: str | bytes, replace: bool = True) -> Non
     replace, FileExistsError if a non-blank file is already there."""
     # A short name of our own, whatever the length of the caption's (255 bytes is the limit,
     # reached by ~80 CJK characters), hidden from discovery and trainers, and found again
-    # and removed if a killed run leaves it behind.
-    temporary = path.with_name(f"{OWN_FILE_PREFIX}-{uuid.uuid4().hex[:12]}.tmp")
+    # and removed if a killed run leaves it behind: the pid in it says when (is_stale()).
+    temporary = path.with_name(f"{OWN_FILE_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         # 0o666 less the umask, the mode of any file a user creates (mkstemp would give 0o600).

@@ -296,7 +296,6 @@ def test_pngs_with_metadata_over_a_megabyte_are_captioned_without_it(tmp_path, c
 # --- temporary files --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14g: a killed run's temporary file stays for 60 s")
 def test_a_temporary_file_of_a_dead_process_is_removed_at_once_one_of_a_live_one_is_left(tmp_path, caption):
     picture(tmp_path / "a.jpg")
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
