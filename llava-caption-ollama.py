@@ -3245,6 +3245,7 @@ class Review:
             self.broken = f"cannot write the review's thumbnails in {self.thumbnails}: {reason(exc)}"
             for record in self.records.values():
                 record["thumb"] = None
+            self.remove_thumbnails()
         self.chunk = []
         self.chunks_written += 1
 
@@ -3264,10 +3265,22 @@ class Review:
             "images": [self.entry(image) for image in sorted(self.records)],
         }
         text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
-        write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
+        try:
+            write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
+        except OSError:
+            self.remove_thumbnails()
+            raise
         for older in self.thumbnail_folders.glob("*/"):
             if older != self.thumbnails:
                 remove_thumbnail_chunks(older)
+        remove_empty_folder(self.thumbnail_folders)
+
+    def remove_thumbnails(self) -> None:
+        """Remove this run's thumbnails, which no page will show (some could not be written, or
+        the page could not), and the folder of thumbnail folders if nothing else is in it: a
+        full disk must not be left with empty folders."""
+        remove_thumbnail_chunks(self.thumbnails)
+        remove_empty_folder(self.thumbnail_folders)
 
     def run_data(self, summary: Summary) -> dict:
         config = self.config
@@ -3283,7 +3296,7 @@ class Review:
             else 0.0,
             "seconds": round(summary.seconds, 1),
             "dry_run": config.dry_run,
-            "thumbnails": self.relative(self.thumbnails) if self.chunks_written else "",
+            "thumbnails": self.relative(self.thumbnails) if self.chunks_written and not self.broken else "",
             "chunk_size": THUMBNAILS_PER_CHUNK,
         }
 
@@ -3336,10 +3349,14 @@ def read_review_template() -> str:
 def remove_thumbnail_chunks(folder: Path) -> None:
     for chunk in folder.glob("chunk-*.js"):
         remove_quietly(str(chunk))
+    remove_empty_folder(folder)
+
+
+def remove_empty_folder(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
-        pass  # something not ours is in it: left alone
+        pass  # something not ours is in it (or it is not a folder, or not there): left alone
 
 
 def has_trigger_words(caption: str, image: Path, config: Config) -> bool:

@@ -315,7 +315,6 @@ def test_a_temporary_file_of_a_dead_process_is_removed_at_once_one_of_a_live_one
 # --- the review's thumbnails on a full disk ---------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14h: a full disk leaves an empty thumbnail folder")
 def test_a_full_disk_leaves_no_thumbnail_folder(tmp_path, caption, small_disk):
     expected = distinct_pictures(tmp_path / "data", 2)
     fill_disk(small_disk)
