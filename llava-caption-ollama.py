@@ -186,7 +186,7 @@ class Template:
     """The prompt file's text, parsed once: {name} {folder} {class} {existing} are filled in for
     each image, {{ and }} are literal braces."""
 
-    def __init__(self, text: str, source: str = "the prompt") -> None:
+    def __init__(self, text: str, source: str = "the prompt", as_read: str | None = None) -> None:
         # An unknown placeholder silently filled with nothing would change every caption of the
         # run (taggui drops unknown {vars} without a word), so it stops the run instead.
         try:
@@ -194,6 +194,9 @@ class Template:
         except ValueError as exc:
             raise CannotStart(f"{source}: {exc}; write {{{{ or }}}} for a literal brace") from None
         self.text = text
+        # The prompt file's text before its line ends were made "\n": what earlier versions sent,
+        # and so what the passes they recorded are known by.
+        self.as_read = text if as_read is None else as_read
         self.source = source
         self.fields = {name for _, name, _, _ in parsed if name is not None}
         for _, name, spec, conversion in parsed:
@@ -795,12 +798,15 @@ def read_prompt(path: Path) -> Template:
     try:
         data = read_regular_file(path)
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
-        text = data.decode("utf-8-sig").strip()
+        as_read = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CannotStart(f"cannot read prompt file {path}: {reason(exc)}") from None
-    if not text:
+    if not as_read:
         raise CannotStart(f"prompt file {path} is empty")
-    return Template(text, source=f"prompt file {path}")
+    # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
+    # as one saved with "\n": the model is never sent a carriage return.
+    text = as_read.replace("\r\n", "\n").replace("\r", "\n")
+    return Template(text, source=f"prompt file {path}", as_read=as_read)
 
 
 def caption_extension(ext: str) -> str:

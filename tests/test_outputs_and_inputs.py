@@ -333,7 +333,6 @@ CRLF_PROMPT = b"Describe the picture.\r\nOne line only.\rNo lists.\r\n"
 LF_PROMPT = b"Describe the picture.\nOne line only.\nNo lists.\n"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14i: a CRLF prompt is sent with its CRs")
 @pytest.mark.parametrize("where", ["--prompt", "--folder-prompt"])
 def test_a_prompt_file_with_windows_line_ends_is_sent_with_newlines(tmp_path, caption, server, where):
     picture(tmp_path / "data" / "a.png")
@@ -350,7 +349,6 @@ def test_a_prompt_file_with_windows_line_ends_is_sent_with_newlines(tmp_path, ca
     assert server.chats[0].prompt == "Describe the picture.\nOne line only.\nNo lists."
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14i: a CRLF prompt is another pass")
 def test_a_prompt_file_saved_with_other_line_ends_is_the_same_pass(tmp_path, caption, server):
     expected = distinct_pictures(tmp_path / "data", 2)
     prompt = tmp_path / "prompt.txt"
@@ -365,7 +363,6 @@ def test_a_prompt_file_saved_with_other_line_ends_is_the_same_pass(tmp_path, cap
     assert {path: path.read_text() for path in expected} == expected
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14i: the prompt as read is not kept")
 def test_a_prompt_keeps_its_text_as_read_for_passes_of_earlier_versions(tmp_path):
     (tmp_path / "prompt.txt").write_bytes(b"\xef\xbb\xbf" + CRLF_PROMPT)
 
