@@ -112,7 +112,8 @@ QUICK_TIMEOUT = 10.0 * PAUSE_SCALE
 DRAIN_SECONDS = 20.0  # after the first Ctrl-C, how long answers already on their way may take
 POLL_SECONDS = 0.1  # how soon the coordinator notices a stop
 PLAN_FIRST_SECONDS = 0.1  # planning before the first request: 10,000 images here, not 100,000
-# A temporary file of ours lives for milliseconds; one this old was left by a killed run.
+# A temporary file of ours lives for milliseconds; one this old was left by a killed run (the
+# rule for names without their writer's pid, which earlier versions wrote).
 STALE_SECONDS = 60.0
 
 
@@ -173,6 +174,7 @@ def import_run_libraries() -> None:
     finally:
         if ollama_host is not None:
             os.environ["OLLAMA_HOST"] = ollama_host
+    read_png_metadata_of_any_size()
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class Template:
     """The prompt file's text, parsed once: {name} {folder} {class} {existing} are filled in for
     each image, {{ and }} are literal braces."""
 
-    def __init__(self, text: str, source: str = "the prompt", as_read: str = "") -> None:
+    def __init__(self, text: str, source: str = "the prompt", as_read: str | None = None) -> None:
         # An unknown placeholder silently filled with nothing would change every caption of the
         # run (taggui drops unknown {vars} without a word), so it stops the run instead.
         try:
@@ -192,7 +194,9 @@ class Template:
         except ValueError as exc:
             raise CannotStart(f"{source}: {exc}; write {{{{ or }}}} for a literal brace") from None
         self.text = text
-        self.as_read = as_read or text  # before its line ends were made "\n": what earlier versions hashed
+        # The prompt file's text before its line ends were made "\n": what earlier versions sent,
+        # and so what the passes they recorded are known by.
+        self.as_read = text if as_read is None else as_read
         self.source = source
         self.fields = {name for _, name, _, _ in parsed if name is not None}
         for _, name, spec, conversion in parsed:
@@ -608,26 +612,100 @@ def config_from_args(args: argparse.Namespace) -> Config:
         existing=args.existing or ("overwrite" if args.only else "skip"),
         redo_in_its_mode=bool(args.only) and args.existing is None,
     )
-    refuse_output_paths(args, settings["caption_ext"])
+    refuse_output_paths(args, settings["caption_ext"], prompt_file)
     return Config(**settings)
 
 
-def refuse_output_paths(args: argparse.Namespace, caption_ext: str) -> None:
-    """What the run writes besides captions must not land on an image, a caption, or each other."""
+def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file: Path) -> None:
+    """What the run writes besides captions must be a regular file or nothing, and land on none
+    of the run's inputs (an image, a caption, a prompt), the tool's own files, or each other."""
     outputs = [("--review", args.review), ("--failed-list", args.failed_list), ("--jsonl", args.jsonl)]
     given = [(option, path) for option, path in outputs if path]
     for option, path in given:
         if not path.parent.is_dir():
             raise CannotStart(f"{option}: the folder {path.parent} does not exist")
-        if path.is_dir():
+        what = not_a_regular_file(path)
+        if what == "a folder":
             raise CannotStart(f"{option}: {path} is a folder; give a file name")
-        stem = path.name[: -len(caption_ext)] if path.name.endswith(caption_ext) else ""
-        a_caption = stem and any(path.with_name(stem + ext).exists() for ext in IMAGE_EXTENSIONS)
-        if path.suffix.lower() in IMAGE_EXTENSIONS or a_caption:
-            raise CannotStart(f"{option}: {path} would overwrite an image or a caption")
+        if what:
+            raise CannotStart(
+                f"{option}: {path} is {what}; give a regular file or a new name (an output is written "
+                "beside it and renamed over it)"
+            )
+        overwritten = input_at(path, caption_ext, prompt_file, args.folder_prompt)
+        if overwritten:
+            raise CannotStart(f"{option}: {path} would overwrite {overwritten}")
     for (one, first), (other, second) in itertools.combinations(given, 2):
-        if os.path.abspath(first) == os.path.abspath(second):
+        if same_file(first, second):
             raise CannotStart(f"{one} and {other} name the same file, {first}")
+
+
+def input_at(path: Path, caption_ext: str, prompt_file: Path, folder_prompt: str) -> str:
+    """Which of the run's inputs (or the tool's own files) an output at path would overwrite, or
+    "". Names are compared whatever their case: on a file system that ignores it (macOS's,
+    Windows') A.txt and a.TXT are one file."""
+    name = path.name.lower()
+    if os.path.splitext(name)[1] in IMAGE_EXTENSIONS:
+        return "an image"
+    if name.startswith(OWN_FILE_PREFIX):  # the journal; the lock, removed at the end, output and all
+        return "a file of this tool's own"
+    if same_file(path, prompt_file):  # the next run would send the output as its prompt
+        return "the prompt file"
+    if folder_prompt and name == folder_prompt.lower():
+        return f"a folder's prompt file (--folder-prompt {folder_prompt})"
+    image = image_captioned_by(path, caption_ext)
+    return f"the caption of {image}" if image else ""
+
+
+def image_captioned_by(path: Path, caption_ext: str) -> str:
+    """The name of the image beside path whose caption path is, or "". The folder is listed once
+    rather than asked for each image extension in each case (a.jpg, A.JPG, a.Jpg...)."""
+    if not path.name.lower().endswith(caption_ext.lower()):
+        return ""
+    stem = path.name[: -len(caption_ext)].lower()
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:  # a folder we cannot list we cannot write in either: the write says so
+        return ""
+    for name in names:
+        image_stem, ext = os.path.splitext(name)
+        if image_stem.lower() == stem and ext.lower() in IMAGE_EXTENSIONS:
+            return name
+    return ""
+
+
+def same_file(one: Path, other: Path) -> bool:
+    """Whether two paths name one file: spelt alike once resolved, or, for files that exist, one
+    file under two names (a hard link, a case-insensitive file system)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def not_a_regular_file(path: Path) -> str:
+    """What is at path if it is neither a regular file nor nothing, else "". An output is written
+    to a temporary file beside it and renamed over it, so that it is never half-written: the
+    rename would replace a device, a named pipe or a socket with a file, and a link (even one to
+    a regular file) instead of the file it points to. /dev/stdout is such a link (to the
+    terminal or the pipe of file descriptor 1), which no rename can write to."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or nothing we may look at: the write names the reason
+        return ""
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    kinds = {
+        stat.S_ISREG: "",
+        stat.S_ISDIR: "a folder",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
 
 
 def refuse_folder_prompt_name(name: str) -> None:
@@ -652,8 +730,10 @@ def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Pat
     for path in paths:
         if not path.is_dir():
             refuse_not_folder(path, several=len(paths) > 1 and prompt is None)
-        if os.path.realpath(path) not in seen:  # given twice: captioned once
-            seen.add(os.path.realpath(path))
+        # Given twice: captioned once. By what it is, not its path: a bind mount (mount --bind A B)
+        # shows one folder at two real paths, whose second lock would look like another run's.
+        if folder_identity(str(path)) not in seen:
+            seen.add(folder_identity(str(path)))
             folders.append(path)
     return folders, prompt or DEFAULT_PROMPT_FILE, False
 
@@ -754,12 +834,15 @@ def read_prompt(path: Path) -> Template:
     try:
         data = read_regular_file(path)
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
-        text = data.decode("utf-8-sig").strip()
+        as_read = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CannotStart(f"cannot read prompt file {path}: {reason(exc)}") from None
-    if not text:
+    if not as_read:
         raise CannotStart(f"prompt file {path} is empty")
-    return Template(text, source=f"prompt file {path}")
+    # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
+    # as one saved with "\n": the model is never sent a carriage return.
+    text = as_read.replace("\r\n", "\n").replace("\r", "\n")
+    return Template(text, source=f"prompt file {path}", as_read=as_read)
 
 
 def caption_extension(ext: str) -> str:
@@ -1120,7 +1203,9 @@ class Discovery:
         """A dry run: plan everything, listing each image to caption as it is planned."""
         while not self.finished and not stop.asked.is_set():
             self.step()
-            self.reporter.list_planned([Path(item.listing.path, item.name) for item in self.waiting])
+            planned = [Path(item.listing.path, item.name) for item in self.waiting]
+            unwritten = self.reporter.list_planned(planned)
+            self.summary.output_errors += [unwritten] if unwritten else []
             self.waiting.clear()
 
     def close(self) -> None:
@@ -1376,10 +1461,32 @@ def folder_identity(path: str) -> tuple[int, int]:
 
 
 def is_stale(entry: os.DirEntry) -> bool:
+    """Whether a temporary file of ours was left by a run that ended before renaming it: its
+    writer's process is gone (so a rerun right after a kill -9 finds it), or, where that cannot
+    be told, the file is older than any write takes."""
+    pid = writer_pid(entry.name)
+    if pid and os.name != "nt":  # Windows has no signal 0: its os.kill would end the process
+        return not process_is_alive(pid)
     try:
         return time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS
     except OSError:
         return False
+
+
+def writer_pid(name: str) -> int:
+    """The pid in a temporary file's name (see write_atomically), or 0 for a name without one."""
+    match = re.fullmatch(rf"{re.escape(OWN_FILE_PREFIX)}-(\d{{1,9}})-[0-9a-f]+\.tmp", name)
+    return int(match.group(1)) if match else 0
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # asks only whether it exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 def why_not_a_file(path: str) -> str:
@@ -1466,6 +1573,16 @@ UNDO_ORIENTATION = {  # EXIF orientation: the Image.Transpose that makes the pic
     8: "ROTATE_90",
 }
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def read_png_metadata_of_any_size() -> None:
+    """Pillow 13 refuses a PNG whose zTXt, iTXt or iCCP chunk inflates to more than 1 MB
+    (PngImagePlugin.MAX_TEXT_CHUNK, "Decompressed data too large"), while it takes 64 MB of plain
+    tEXt (MAX_TEXT_MEMORY): a large ComfyUI workflow or colour profile is metadata, not the
+    picture. A compressed chunk may now be as large as all the text together may."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 
 def prepare(task: Task, config: Config) -> Task:
@@ -1607,7 +1724,10 @@ def flatten_to_rgb(picture: Image.Image) -> Image.Image:
 
 def encode_jpeg(picture: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=quality)
+    # The picture alone: Pillow carries the source's comment (a PNG's or GIF's text "comment")
+    # into a JPEG unless given one, and one over 65,533 bytes fails ("Comment is too long").
+    # A colour profile, EXIF or XMP it writes only when asked to.
+    picture.save(buffer, "JPEG", quality=quality, comment=b"")
     return buffer.getvalue()
 
 
@@ -2868,8 +2988,8 @@ def write_atomically(path: Path, text: str | bytes, replace: bool = True) -> Non
     replace, FileExistsError if a non-blank file is already there."""
     # A short name of our own, whatever the length of the caption's (255 bytes is the limit,
     # reached by ~80 CJK characters), hidden from discovery and trainers, and found again
-    # and removed if a killed run leaves it behind.
-    temporary = path.with_name(f"{OWN_FILE_PREFIX}-{uuid.uuid4().hex[:12]}.tmp")
+    # and removed if a killed run leaves it behind: the pid in it says when (is_stale()).
+    temporary = path.with_name(f"{OWN_FILE_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         # 0o666 less the umask, the mode of any file a user creates (mkstemp would give 0o600).
@@ -3508,6 +3628,7 @@ class Review:
             self.broken = f"cannot write the review's thumbnails in {self.thumbnails}: {reason(exc)}"
             for record in self.records.values():
                 record["thumb"] = None
+            self.remove_thumbnails()
         self.chunk = []
         self.chunks_written += 1
 
@@ -3527,10 +3648,22 @@ class Review:
             "images": [self.entry(image) for image in sorted(self.records)],
         }
         text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
-        write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
+        try:
+            write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
+        except OSError:
+            self.remove_thumbnails()
+            raise
         for older in self.thumbnail_folders.glob("*/"):
             if older != self.thumbnails:
                 remove_thumbnail_chunks(older)
+        remove_empty_folder(self.thumbnail_folders)
+
+    def remove_thumbnails(self) -> None:
+        """Remove this run's thumbnails, which no page will show (some could not be written, or
+        the page could not), and the folder of thumbnail folders if nothing else is in it: a
+        full disk must not be left with empty folders."""
+        remove_thumbnail_chunks(self.thumbnails)
+        remove_empty_folder(self.thumbnail_folders)
 
     def run_data(self, summary: Summary) -> dict:
         config = self.config
@@ -3546,7 +3679,7 @@ class Review:
             else 0.0,
             "seconds": round(summary.seconds, 1),
             "dry_run": config.dry_run,
-            "thumbnails": self.relative(self.thumbnails) if self.chunks_written else "",
+            "thumbnails": self.relative(self.thumbnails) if self.chunks_written and not self.broken else "",
             "chunk_size": THUMBNAILS_PER_CHUNK,
         }
 
@@ -3599,10 +3732,14 @@ def read_review_template() -> str:
 def remove_thumbnail_chunks(folder: Path) -> None:
     for chunk in folder.glob("chunk-*.js"):
         remove_quietly(str(chunk))
+    remove_empty_folder(folder)
+
+
+def remove_empty_folder(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
-        pass  # something not ours is in it: left alone
+        pass  # something not ours is in it (or it is not a folder, or not there): left alone
 
 
 def has_trigger_words(caption: str, image: Path, config: Config) -> bool:
@@ -3637,13 +3774,35 @@ def read_image_list(path: Path) -> set[str]:
     """--only: the images a list names, one a line (the review page's redo list, or a --failed-list),
     relative to the list's folder or absolute; lines starting with "# " are comments. A line is
     a name as it is, spaces included, and a name's bytes that are not UTF-8 are read back as they
-    were written."""
+    were written. A list of names each ended by a NUL byte, as find -print0 writes it, is read too."""
     try:
-        text = read_regular_file(path).decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+        data = read_regular_file(path)
     except OSError as exc:
         raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
-    names = [line.removesuffix("\r") for line in text.split("\n")]
-    return {os.path.realpath(path.parent / name) for name in names if name and not name.startswith("# ")}
+    names = names_between_nuls(data, path) if b"\0" in data else names_on_lines(data)
+    return {os.path.realpath(path.parent / name) for name in names if name}
+
+
+def names_on_lines(data: bytes) -> list[str]:
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return [line for line in lines if not line.startswith("# ")]
+
+
+def names_between_nuls(data: bytes, path: Path) -> list[str]:
+    """The names of a NUL-separated list. Read rather than refused: find -print0 (git ls-files -z,
+    grep -lZ) is how a shell lists names safely, and the only way to list a name with a line
+    break, which a list of lines cannot hold. Such a list ends each name with one NUL, and has no
+    empty name. Any other file with a NUL is binary (an image given by mistake: a PNG's header
+    has NUL pairs, a BMP's padded rows end with one), and its bytes read as names would make
+    thousands of failures, so it is refused."""
+    names = data[:-1].split(b"\0")
+    if not data.endswith(b"\0") or not all(names):
+        raise CannotStart(
+            f"--only {path}: not a list of images: it holds NUL bytes, but not as a NUL-separated list "
+            "does (find -print0 ends each name with one)"
+        )
+    return [name.decode("utf-8", "surrogateescape") for name in names]
 
 
 def write_image_list(path: Path, images: list[Path], what: str) -> None:
@@ -3798,8 +3957,9 @@ class Reporter:
             self.say(f"pulling {model}: {status}")
         self.last_pull_status = status
 
-    def list_planned(self, images: list[Path]) -> None:
-        """A dry run's listing, on stdout: one image to caption a line."""
+    def list_planned(self, images: list[Path]) -> str:
+        """A dry run's listing, on stdout: one image to caption a line. Returns why it could not
+        be written (stdout on a full disk), or ""."""
         listing = "".join(shown(self.name(image)) + "\n" for image in images)
         try:
             if sys.stdout and listing:  # None when started with >&-
@@ -3807,10 +3967,12 @@ class Reporter:
                     listing.encode(sys.stdout.encoding, "backslashreplace").decode(sys.stdout.encoding)
                 )
                 sys.stdout.flush()
-        except OSError:
-            # `--dry-run | head`: the reader has all it wanted. Later writes to the closed pipe
-            # (Python's own flush at exit) go nowhere instead of printing an error.
+        except OSError as exc:
+            # Later writes (Python's own flush at exit) go nowhere instead of printing an error.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if not reader_went_away(exc):  # the list is the dry run's output: it is lost
+                return f"cannot write the list of images to stdout: {reason(exc)}"
+        return ""
 
     def dry_run_done(self, summary: Summary) -> None:
         unfinished = "" if summary.listed else " (interrupted before every folder was planned)"
@@ -3857,6 +4019,12 @@ def left_alone(count: int) -> str:
 
 def edited_since(count: int) -> str:
     return f", {count} edited since written (left alone)" if count else ""
+
+
+def reader_went_away(exc: OSError) -> bool:
+    # `--dry-run | head`: the reader has all it wanted, which is no failure. Windows says EINVAL
+    # where POSIX says EPIPE.
+    return isinstance(exc, BrokenPipeError) or (os.name == "nt" and exc.errno == errno.EINVAL)
 
 
 def caption_statistics(summary: Summary) -> str:
@@ -3997,11 +4165,23 @@ def stream_on_descriptor(stream: TextIO, descriptor: int) -> bool:
         return False
 
 
+def paths_after_double_dash(argv: Sequence[str] | None) -> list[str]:
+    """The arguments, where everything after "--" is a path, even one that starts with a dash.
+    parse_intermixed_args loses such a path (`-- -dash` says DIR is required, Python 3.11), so
+    it is given as ./-dash, which Path reads back as -dash."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in given:
+        return given
+    end = given.index("--")
+    after = [os.path.join(os.curdir, arg) if arg.startswith("-") else arg for arg in given[end + 1 :]]
+    return given[:end] + after
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         # Intermixed, so that options may stand between the positionals: DIR -r PROMPT.
-        args = parser.parse_intermixed_args(argv)
+        args = parser.parse_intermixed_args(paths_after_double_dash(argv))
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
     stop = Stop()
