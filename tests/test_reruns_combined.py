@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import distinct_pictures, picture, run_script
+from conftest import distinct_pictures, picture
 
 DATA = Path(__file__).resolve().parent / "data" / "journal-47ddee3"
 JOURNAL = ".llava-caption-ollama.journal"
@@ -203,18 +203,20 @@ def test_a_caption_file_with_nothing_visible_counts_as_uncaptioned(tmp_path, cap
 
 
 @pytest.mark.parametrize("given", [".", "./", ".."])
-def test_class_and_folder_come_from_the_folder_itself_whatever_path_named_it(tmp_path, server, given):
+def test_class_and_folder_come_from_the_folder_itself_whatever_path_named_it(
+    tmp_path, caption, server, monkeypatch, given
+):
     folder = tmp_path / "15_guideboat"
     picture(folder / "boat.png")
     below = folder / "below"
     below.mkdir()
-    cwd = below if given == ".." else folder
+    monkeypatch.chdir(below if given == ".." else folder)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Describe this {class} photo from {folder}.", encoding="utf-8")
 
-    result = run_script(given, "--prompt", prompt, "--prefix", "{class}", "--host", server.url, cwd=cwd)
+    result = caption(given, "--prompt", prompt, "--prefix", "{class}")
 
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.err
     assert server.chats[0].prompt == "Describe this guideboat photo from 15_guideboat."
     assert (folder / "boat.txt").read_text(encoding="utf-8").startswith("guideboat, ")
 
