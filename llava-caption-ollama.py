@@ -2852,10 +2852,11 @@ def finished_caption(caption: str, task: Task, config: Config) -> tuple[str, tup
     what this pass added)."""
     old = task.existing
     kept = None
-    if old and task.mode == "append":
-        caption, kept = f"{old}, {caption}", (0, len(old))
-    elif old and task.mode == "prepend":
-        caption, kept = f"{caption}, {old}", (len(caption) + 2, len(caption) + 2 + len(old))
+    if task.mode == "append":
+        caption, kept = (f"{old}, {caption}" if old else caption), (0, len(old))
+    elif task.mode == "prepend":
+        start = len(caption) + 2 if old else len(caption)
+        caption, kept = (f"{caption}, {old}" if old else caption), (start, start + len(old))
     prefix = config.prefix.fill(task.image, old)
     suffix = config.suffix.fill(task.image, old)
     # A trigger word the model (or an earlier run) already put in place is not repeated; it

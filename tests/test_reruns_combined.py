@@ -253,3 +253,20 @@ def test_a_journal_names_the_folder_it_lies_in_whichever_folder_was_given(tmp_pa
     assert caption("-r", root, "--existing", "append").code == 0
 
     assert (root / "a" / JOURNAL).exists() and not os.path.exists(root / JOURNAL)
+
+
+def test_a_redo_of_an_append_pass_answer_that_stood_alone_is_its_answer_alone_again(
+    tmp_path, caption, server
+):
+    """Found by the model-based test: an append pass that captioned an image without a caption
+    kept nothing before its answer, and a redo of it must know that, not refuse it."""
+    folder = tmp_path / "set"
+    expected = distinct_pictures(folder, 1)
+    [path] = expected
+    assert caption(folder, "--existing", "append", "--prefix", "ohwx").code == 0
+
+    redo = caption(folder, "--prefix", "ohwx", "--only", redo_list(folder, path.with_suffix(".png")))
+
+    assert redo.code == 0, redo.err
+    assert path.read_text(encoding="utf-8") == f"ohwx, {expected[path]}"
+    assert len(server.chats) == 2
