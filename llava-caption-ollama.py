@@ -17,7 +17,9 @@ import enum
 import errno
 import functools
 import hashlib
+import importlib.util
 import io
+import ipaddress
 import itertools
 import json
 import math
@@ -25,6 +27,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import stat
 import string
 import sys
@@ -146,11 +149,16 @@ class Fault(enum.Enum):
 class TryFailed(Exception):
     """One try at one image went wrong, for `fault`; the message is the reason a user reads."""
 
-    def __init__(self, fault: Fault, reason: str, pause: float = 0.0, status: int = 0) -> None:
+    def __init__(
+        self, fault: Fault, reason: str, pause: float = 0.0, status: int = 0, cause: str = ""
+    ) -> None:
         super().__init__(reason)
         self.fault = fault
         self.pause = pause  # seconds the server asked us to wait (Retry-After) before asking again
         self.status = status  # the server's HTTP status, where it answered with one
+        # What stood in the way of a connection when it was more than that nothing listened: a
+        # proxy, a TLS handshake, a name that does not resolve.
+        self.cause = cause
 
 
 def import_run_libraries() -> None:
@@ -161,9 +169,14 @@ def import_run_libraries() -> None:
     if ollama is not None:
         return
     # The ollama package builds a default Client as it is imported (ollama/__init__.py), which
-    # parses OLLAMA_HOST and raises ValueError on a malformed one; this tool reads OLLAMA_HOST
-    # itself (server_url()), so the import must not see it.
-    ollama_host = os.environ.pop("OLLAMA_HOST", None)
+    # parses OLLAMA_HOST and the proxy variables (httpx reads them as a client is made) and
+    # raises on a malformed one, or on a SOCKS proxy without httpx's SOCKS support; this tool
+    # reads them itself (server_url(), proxy_for()), so the import must not see them.
+    hidden = {
+        name: os.environ.pop(name, None)
+        for name in list(os.environ)
+        if name == "OLLAMA_HOST" or name.lower().endswith("_proxy")
+    }
     try:
         import httpx
         import ollama
@@ -171,8 +184,7 @@ def import_run_libraries() -> None:
     except ImportError as missing:  # a user can cause this, so no traceback
         raise CannotStart(f"{missing.name} is not installed; run: pip install -r requirements.txt") from None
     finally:
-        if ollama_host is not None:
-            os.environ["OLLAMA_HOST"] = ollama_host
+        os.environ.update({name: value for name, value in hidden.items() if value is not None})
 
 
 # ---------------------------------------------------------------------------
@@ -519,7 +531,8 @@ def keep_alive_duration(text: str) -> str | float:
 def server_url(text: str, ollama_port: bool = True) -> str:
     """The one spelling of a server's address, read as the ollama client reads OLLAMA_HOST
     (ollama/_client.py, _parse_host): a bare host gets port 11434, http:// port 80, https://
-    port 443; and localhost is 127.0.0.1, so the same server given two ways is one server."""
+    port 443. The host stays as given (localhost too), so NO_PROXY sees the name the user gave,
+    as it does for curl and the ollama client."""
     given = text.strip()
     scheme, has_scheme = "http", "://" in given
     try:
@@ -534,7 +547,6 @@ def server_url(text: str, ollama_port: bool = True) -> str:
     if scheme not in ("http", "https") or (not parts.hostname and not parts.netloc.startswith(":")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a server address such as http://127.0.0.1:11434")
     host = (parts.hostname or "127.0.0.1").lower()
-    host = "127.0.0.1" if host == "localhost" else host
     if port is None and not has_scheme and not ollama_port:
         raise argparse.ArgumentTypeError(f"{text!r} needs its port, such as http://{text}:8000")
     if port is None:
@@ -701,7 +713,7 @@ def api_settings(args: argparse.Namespace) -> dict:
 
 
 def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
-    urls = []
+    urls: dict[str, str] = {}
     for text in given:
         try:
             url = server_url(text, ollama_port)
@@ -709,8 +721,13 @@ def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
             raise CannotStart(f"{source}: {exc}") from None
         if not ollama_port:
             url = re.sub(r"/v1$", "", url)  # the base URL with or without /v1, as clients take it
-        urls.append(url)
-    return list(dict.fromkeys(urls))  # one server given twice is one server
+        urls.setdefault(same_server(url), url)  # one server given twice is one server
+    return list(urls.values())
+
+
+def same_server(url: str) -> str:
+    # localhost is 127.0.0.1: the server given both ways is one, reached by the name given first.
+    return re.sub(r"^(https?://)localhost(?=:)", r"\g<1>127.0.0.1", url)
 
 
 def read_prompt(path: Path) -> Template:
@@ -1513,6 +1530,177 @@ def usable_cpus() -> int:
 
 
 # ---------------------------------------------------------------------------
+# Network: the proxy each request goes through, chosen as the clients choose it
+# ---------------------------------------------------------------------------
+# Every client of the run (the ollama client passes its keyword arguments on to httpx.Client)
+# sends through a Transport of ours. httpx then reads no proxy variable itself (it does only
+# without a transport: httpx/_client.py, allow_env_proxies), so the choice below is the run's
+# one: made per request from the variables, as httpx makes it, with the proxy named when it is
+# the one that fails, and a proxy variable that cannot be used refused before anything is sent.
+
+
+@dataclass(frozen=True)
+class ProxySetting:
+    url: str  # as the variable gives it (credentials included), with http:// if it has no scheme
+    variable: str  # the variable it came from: HTTP_PROXY, https_proxy, ALL_PROXY ...
+
+    @property
+    def shown(self) -> str:
+        """The proxy's address without its credentials, as messages name it."""
+        return re.sub(r"(?<=://)[^@/]*@", "", self.url)
+
+
+def environment_proxies() -> dict[str, ProxySetting]:
+    """The proxies the environment sets for "http", "https" and "all" (every scheme), read as
+    httpx reads them (httpx/_utils.py, get_environment_proxies): urllib's getproxies(), which
+    prefers lower-case variables and falls back on the system's settings on macOS and Windows;
+    an address without a scheme is http://."""
+    from urllib.request import getproxies  # loaded with httpx, which reads it too
+
+    found = getproxies()
+    return {
+        scheme: ProxySetting(
+            found[scheme] if "://" in found[scheme] else f"http://{found[scheme]}", proxy_variable(scheme)
+        )
+        for scheme in ("http", "https", "all")
+        if found.get(scheme)
+    }
+
+
+def proxy_variable(scheme: str) -> str:
+    # urllib reads the lower-case variable first, as curl does.
+    names = sorted((name for name in os.environ if name.lower() == f"{scheme}_proxy"), key=str.isupper)
+    return next((name for name in names if os.environ[name]), "the system's proxy settings")
+
+
+def proxy_for(url: httpx.URL) -> ProxySetting | None:
+    """The proxy a request to url goes through: none for a host NO_PROXY names, else the proxy of
+    the URL's scheme (HTTP_PROXY, HTTPS_PROXY), else ALL_PROXY, as httpx and curl choose."""
+    from urllib.request import getproxies
+
+    no_proxy = getproxies().get("no", "")
+    if any(no_proxy_names(entry.strip(), url) for entry in no_proxy.split(",") if entry.strip()):
+        return None
+    proxies = environment_proxies()
+    return proxies.get(url.scheme) or proxies.get("all")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def no_proxy_names(entry: str, url: httpx.URL) -> bool:
+    """Whether one NO_PROXY entry names url's host, as httpx reads it: * names every host; an
+    address names itself (and a network, 10.0.0.0/8, its addresses, as curl and Go read it); a
+    name names itself and the names below it (.example.com only those below it); a port or a
+    scheme (http://gpu1:11434) narrows it."""
+    if entry == "*":
+        return True
+    scheme, _, place = entry.lower().rpartition("://")
+    if scheme not in ("", "all", url.scheme):
+        return False
+    host = url.host.lower()
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(place.strip("[]"), strict=False)
+    except ValueError:
+        pass  # a name, or a place with a port
+    name, colon, port = place.rpartition(":") if re.search(r":\d+$", place) else (place, "", "")
+    if colon and int(port) != (url.port or DEFAULT_PORTS.get(url.scheme)):
+        return False
+    name = name.strip("[]").lstrip("*")
+    if name.startswith("."):
+        return host.endswith(name)
+    return host == name or host.endswith(f".{name}")
+
+
+def refuse_unusable_proxies(url: str) -> None:
+    """Stop the run on a proxy variable httpx cannot use, naming it: the official client would
+    refuse the whole environment (its first client raises as it is made). A SOCKS proxy needs
+    httpx's SOCKS support only where a server of the run goes through it."""
+    for proxy in environment_proxies().values():
+        problem = proxy_address_problem(proxy.url)
+        if problem:
+            raise CannotStart(
+                f"{proxy.variable} is not a proxy address ({proxy.shown}: {problem}); correct it or unset it"
+            )
+    proxy = proxy_for(httpx.URL(url))
+    if proxy and proxy.url.lower().startswith("socks") and importlib.util.find_spec("socksio") is None:
+        raise CannotStart(
+            f"{proxy.variable} names a SOCKS proxy ({proxy.shown}) for {url}, which needs httpx's SOCKS "
+            'support: pip install "httpx[socks]"'
+        )
+
+
+def proxy_address_problem(url: str) -> str:
+    """What is wrong with a proxy's address, or "" if httpx can use it."""
+    try:
+        parsed = httpx.Proxy(url).url
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        if url.partition("://")[0].lower() not in ("http", "https", "socks5", "socks5h"):
+            return "its scheme must be http, https, socks5 or socks5h"
+        return reason(exc)
+    if not parsed.host:
+        return "it names no host"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return "the port must be 1-65535"
+    return ""
+
+
+class Transport:
+    """What every request of the run goes through: httpx's own transport, directly or through
+    the proxy the environment names for the request's URL (one transport each, made as needed),
+    and the proxy named when it is what cannot be reached."""
+
+    def __init__(self) -> None:
+        self.routes: dict[ProxySetting | None, Any] = {}
+        self.lock = threading.Lock()  # the clients are shared between threads
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        proxy = proxy_for(request.url)
+        try:
+            return self.route(proxy).handle_request(request)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as exc:
+            if proxy is None:
+                raise
+            raise httpx.ProxyError(proxy_failure(proxy, request.url, exc), request=request) from exc
+
+    def route(self, proxy: ProxySetting | None) -> Any:
+        with self.lock:
+            if proxy not in self.routes:
+                self.routes[proxy] = httpx.HTTPTransport(proxy=proxy and httpx.Proxy(proxy.url))
+            return self.routes[proxy]
+
+    def close(self) -> None:
+        with self.lock:
+            for route in self.routes.values():
+                route.close()
+            self.routes.clear()
+
+
+def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
+    """Why a request could not pass the proxy, and what to do."""
+    if isinstance(exc, httpx.ProxyError):  # the proxy answered CONNECT with an error status
+        return f"the proxy {proxy.shown} ({proxy.variable}) could not reach {url.host}: {reason(exc)}"
+    return (
+        f"cannot reach the proxy {proxy.shown} ({proxy.variable}): {reason(root_cause(exc))}; start it, "
+        f"or add {url.host} to NO_PROXY"
+    )
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error at the bottom of a chain: httpx raises its own from httpcore's, which raises its
+    own from the socket's (ConnectionRefusedError, ssl.SSLError)."""
+    return causes(exc)[-1]
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or while handling, down the chain."""
+    chain = [exc]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    return chain
+
+
+# ---------------------------------------------------------------------------
 # Request
 # ---------------------------------------------------------------------------
 
@@ -1534,17 +1722,18 @@ class Server:
         self.api = api
         self.model = ""  # as this server names it, once the preflight has checked it
         import_run_libraries()
+        refuse_unusable_proxies(url)
         # A client waits forever by default. A queued request gets no byte until a slot frees,
         # so the read timeout of a caption request must be generous; connecting, and the calls
         # that load no model, need not be.
         patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
         if api == "ollama":
-            self.client = ollama.Client(host=url, timeout=patient)
-            self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
+            self.client = self.ollama_client(patient)
+            self.quick = self.ollama_client(QUICK_TIMEOUT)
         else:
             key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            self.client = httpx.Client(base_url=url, timeout=patient, headers=key)
-            self.quick = httpx.Client(base_url=url, timeout=QUICK_TIMEOUT, headers=key)
+            self.client = httpx.Client(base_url=url, timeout=patient, headers=key, transport=Transport())
+            self.quick = httpx.Client(base_url=url, timeout=QUICK_TIMEOUT, headers=key, transport=Transport())
         self.thinking_off: dict = {}  # what this OpenAI-compatible server reads as "do not think"
         self.in_flight = 0
         self.thinks = False  # the model can think (its /api/show capabilities say so)
@@ -1553,6 +1742,12 @@ class Server:
         self.quiet_since = 0.0
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
+
+    def ollama_client(self, timeout: Any) -> ollama.Client:
+        # Redirects are not followed: httpx turns a POST into a GET when it follows a 301 or 302
+        # (as browsers do), so a caption request would arrive as no request at all; the status
+        # is reported instead.
+        return ollama.Client(host=self.url, timeout=timeout, transport=Transport(), follow_redirects=False)
 
     @property
     def in_rotation(self) -> bool:
@@ -1667,6 +1862,8 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
         with server_errors(server.api):
             server.quick.list()
     except TryFailed as failure:
+        if failure.fault is Fault.SERVER_DOWN and failure.cause:
+            return f"cannot reach Ollama at {server.url}: {failure.cause}"
         if failure.fault is Fault.SERVER_DOWN:
             return (
                 f"cannot reach Ollama at {server.url}; start it with 'ollama serve' "
@@ -1702,6 +1899,8 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
     try:
         served = patiently(server.models, server, config, reporter, stop)
     except TryFailed as failure:
+        if failure.fault is Fault.SERVER_DOWN and failure.cause:
+            return f"cannot reach a server at {server.url}: {failure.cause}"
         if failure.fault is Fault.SERVER_DOWN:
             return (
                 f"cannot reach a server at {server.url}; start it, or point --host (or OPENAI_BASE_URL) at it"
@@ -1720,7 +1919,7 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
         raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
     server.model = config.model or names[0]
     host = urlsplit(server.url).hostname or ""
-    if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1"):
+    if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
         reporter.say(
             f"warning: the API key goes to {server.url} unencrypted (http://); use https:// to send it"
         )
@@ -1780,7 +1979,7 @@ def refuse_blind_ollama_model(server: Server) -> None:
     """Ollama does not refuse a picture sent to a model that cannot see (the probe would pass):
     its own /api/show says whether the model can."""
     try:
-        with server_errors(), ollama.Client(host=server.url, timeout=QUICK_TIMEOUT) as client:
+        with server_errors(), server.ollama_client(QUICK_TIMEOUT) as client:
             details = client.show(server.model)
     except TryFailed:
         return  # the probe picture and the run say what is wrong
@@ -2080,12 +2279,15 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
         pause = getattr(exc, "retry_after", 0.0)
         fault = status_fault(exc.status_code, exc.error)
         return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
+    if isinstance(exc, httpx.ProxyError):  # raised by our Transport, naming the proxy
+        return TryFailed(Fault.SERVER_DOWN, reason(exc), cause=reason(exc))
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
-        # A certificate the client does not trust is no server that is down: its words say so.
-        certificate = f": {reason(exc)}" if re.search(r"certificate|SSL", str(exc), re.IGNORECASE) else ""
+        cause = connection_cause(exc)
         return TryFailed(
             Fault.SERVER_DOWN,
-            f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}{certificate}",
+            f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}"
+            + (f": {cause}" if cause else ""),
+            cause=cause,
         )
     if isinstance(exc, httpx.TimeoutException):
         return TryFailed(
@@ -2100,6 +2302,22 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
             f"the server's answer is not {'Ollama' if api == 'ollama' else 'the API'}'s JSON",
         )
     return TryFailed(Fault.REQUEST_REFUSED, reason(exc))
+
+
+def connection_cause(exc: Exception) -> str:
+    """What stood in the way of a connection, in the words of the error below the client's; ""
+    when nothing listened or the connection timed out, which the usual message covers. (The
+    ollama client raises ConnectionError('Failed to connect to Ollama...') in place of httpx's
+    ConnectError, `from None`, which keeps it as __context__: ollama/_client.py, _request_raw.)"""
+    chain = causes(exc)
+    if any(isinstance(link, (ConnectionRefusedError, httpx.ConnectTimeout)) for link in chain):
+        return ""
+    if isinstance(exc, ConnectionError) and len(chain) == 1:
+        return ""
+    certificate = next((link for link in chain if isinstance(link, ssl.SSLCertVerificationError)), None)
+    if certificate:  # a certificate the client does not trust is no server that is down
+        return f"its TLS certificate is not trusted ({certificate.verify_message or reason(certificate)})"
+    return reason(root_cause(exc))
 
 
 def status_fault(status: int, error: str) -> Fault:

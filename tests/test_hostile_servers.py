@@ -209,9 +209,6 @@ def test_an_answer_past_its_deadline_fails_its_image(kind, tmp_path, run_against
 # ---- item 12: proxies, as the clients take them from the environment ----
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17 item 12: localhost is rewritten, so NO_PROXY=localhost misses"
-)
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_no_proxy_sees_the_name_the_server_was_given(kind, tmp_path, run_against, monkeypatch):
     start, run = run_against
@@ -226,7 +223,6 @@ def test_no_proxy_sees_the_name_the_server_was_given(kind, tmp_path, run_against
     assert (tmp_path / "a.txt").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 12: a dead proxy is reported as a dead server")
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_dead_proxy_is_named_with_its_variable_and_without_its_password(
     kind, tmp_path, run_against, monkeypatch
@@ -246,7 +242,6 @@ def test_a_dead_proxy_is_named_with_its_variable_and_without_its_password(
     assert server.requests == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 12: a malformed proxy variable is a traceback")
 @pytest.mark.parametrize(
     "variable, value",
     [("HTTPS_PROXY", "::::"), ("HTTP_PROXY", "http://127.0.0.1:99999"), ("ALL_PROXY", "ftp://x")],
@@ -266,7 +261,6 @@ SOCKS_SUPPORT = importlib.util.find_spec("socksio") is not None
 
 
 @pytest.mark.skipif(SOCKS_SUPPORT, reason="httpx's SOCKS support is installed here")
-@pytest.mark.xfail(strict=True, reason="issue 17 item 12: a SOCKS proxy says 'None is not installed'")
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_socks_proxy_names_the_extra_that_adds_it(kind, tmp_path, server):
     picture(tmp_path / "a.png")
@@ -281,9 +275,6 @@ def test_a_socks_proxy_names_the_extra_that_adds_it(kind, tmp_path, server):
     assert server.requests == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17 item 12: a SOCKS proxy stops the run even where it is not used"
-)
 def test_a_socks_proxy_the_server_is_left_out_of_does_not_stop_the_run(tmp_path, server):
     picture(tmp_path / "a.png")
 
