@@ -94,6 +94,22 @@ SMALLEST_SIDE = 32
 WIDEST_ASPECT = 50
 LOOP_SPAN = 60  # characters of repeats that make a loop (see REPEATS)
 LOOP_CHECK_EVERY = 16  # streamed pieces between two loop checks of a growing answer
+# What a server may send, whatever it does with the limits it is sent. A token of these models'
+# vocabularies (Llama, Qwen, Gemma BPE) is some 4 characters of English and fewer of other
+# scripts; the longest are runs of spaces or punctuation a few dozen long. No answer within its
+# token limit comes near 32 characters a token, so a longer one (thinking included) comes from a
+# server that ignores the limit: stopped after 16,384 characters at the default 512 tokens,
+# where a model that never repeats itself (no loop check catches it) would go on for ever.
+CHARACTERS_PER_TOKEN = 32
+# A streamed line is one token's JSON (under 1 KB); the longest line these APIs send is a whole
+# JSON answer (/api/show with a model's licence and template, /api/tags of hundreds of models:
+# some 100 KB). A line past 4 MiB is no answer of theirs, and held whole it would fill memory.
+LONGEST_LINE = 4 * 1024 * 1024
+# A caption request waits up to --timeout for its first byte (a queued one gets none until a slot
+# frees), then generates at most --max-tokens: a GPU writes 512 tokens in 10-60 s, a CPU at 2
+# tokens/s in some 4 minutes. A second --timeout for that bounds a server that sends a token now
+# and then without end, which no read timeout notices.
+DEADLINE_TIMEOUTS = 2
 
 
 def pause_scale() -> float:
@@ -1648,20 +1664,37 @@ def proxy_address_problem(url: str) -> str:
 class Transport:
     """What every request of the run goes through: httpx's own transport, directly or through
     the proxy the environment names for the request's URL (one transport each, made as needed),
-    and the proxy named when it is what cannot be reached."""
+    and the proxy named when it is what cannot be reached. It bounds what a server can send,
+    which httpx does not: each line of an answer (LONGEST_LINE), and the time from sending a
+    request to the last byte of its answer (deadline, explained by over_deadline when passed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str, deadline: float = math.inf, over_deadline: str = "") -> None:
+        self.server = server
+        self.deadline = deadline
+        self.over_deadline = over_deadline
         self.routes: dict[ProxySetting | None, Any] = {}
         self.lock = threading.Lock()  # the clients are shared between threads
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self.deadline
+        # Uncompressed: a compressed answer would grow a thousandfold past what the bounds see.
+        request.headers["Accept-Encoding"] = "identity"
         proxy = proxy_for(request.url)
         try:
-            return self.route(proxy).handle_request(request)
+            response = self.route(proxy).handle_request(request)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as exc:
             if proxy is None:
                 raise
             raise httpx.ProxyError(proxy_failure(proxy, request.url, exc), request=request) from exc
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise TryFailed(
+                Fault.MODEL_UNUSABLE,
+                f"it compressed its answer ({encoding}) although asked not to, so its size cannot be bounded",
+            )
+        response.stream = bounded_stream_class()(response.stream, self, deadline)
+        return response
 
     def route(self, proxy: ProxySetting | None) -> Any:
         with self.lock:
@@ -1674,6 +1707,45 @@ class Transport:
             for route in self.routes.values():
                 route.close()
             self.routes.clear()
+
+
+class BoundedStream:
+    """A response's bytes as they come, cut off where the server breaks a bound: a line longer
+    than any answer of its API holds, or the request's deadline. httpx reads a response only
+    from an httpx.SyncByteStream, which bounded_stream_class() makes of it."""
+
+    def __init__(self, inner: Any, transport: Transport, deadline: float) -> None:
+        self.inner = inner
+        self.transport = transport
+        self.deadline = deadline
+
+    def __iter__(self) -> Iterator[bytes]:
+        line = 0  # bytes since the last line break
+        for chunk in self.inner:
+            end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+            line = line + len(chunk) if end < 0 else len(chunk) - end - 1
+            if line > LONGEST_LINE:
+                raise TryFailed(
+                    Fault.MODEL_UNUSABLE,
+                    f"it sent a line longer than {LONGEST_LINE // 2**20} MiB, which no answer of its API "
+                    "holds: a broken server, or a proxy in front of it",
+                )
+            if time.monotonic() > self.deadline:
+                raise TryFailed(
+                    Fault.SERVER_STRUGGLING,
+                    f"{self.transport.server} sent no whole answer within "
+                    f"{duration(self.transport.deadline)}{self.transport.over_deadline}",
+                )
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@functools.cache
+def bounded_stream_class() -> type:
+    # Made once httpx is loaded: only a run that sends images loads it.
+    return type("BoundedStream", (BoundedStream, httpx.SyncByteStream), {})
 
 
 def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
@@ -1726,14 +1798,24 @@ class Server:
         # A client waits forever by default. A queued request gets no byte until a slot frees,
         # so the read timeout of a caption request must be generous; connecting, and the calls
         # that load no model, need not be.
-        patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        self.patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        caption_deadline = Transport(
+            url,
+            DEADLINE_TIMEOUTS * timeout,
+            f" ({DEADLINE_TIMEOUTS} times --timeout); raise --timeout if it is only slow",
+        )
+        quick_deadline = Transport(url, DEADLINE_TIMEOUTS * QUICK_TIMEOUT, ", for a call that loads no model")
         if api == "ollama":
-            self.client = self.ollama_client(patient)
-            self.quick = self.ollama_client(QUICK_TIMEOUT)
+            self.client = self.ollama_client(self.patient, caption_deadline)
+            self.quick = self.ollama_client(QUICK_TIMEOUT, quick_deadline)
         else:
             key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            self.client = httpx.Client(base_url=url, timeout=patient, headers=key, transport=Transport())
-            self.quick = httpx.Client(base_url=url, timeout=QUICK_TIMEOUT, headers=key, transport=Transport())
+            self.client = httpx.Client(
+                base_url=url, timeout=self.patient, headers=key, transport=caption_deadline
+            )
+            self.quick = httpx.Client(
+                base_url=url, timeout=QUICK_TIMEOUT, headers=key, transport=quick_deadline
+            )
         self.thinking_off: dict = {}  # what this OpenAI-compatible server reads as "do not think"
         self.in_flight = 0
         self.thinks = False  # the model can think (its /api/show capabilities say so)
@@ -1743,11 +1825,12 @@ class Server:
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
 
-    def ollama_client(self, timeout: Any) -> ollama.Client:
+    def ollama_client(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
         # Redirects are not followed: httpx turns a POST into a GET when it follows a 301 or 302
         # (as browsers do), so a caption request would arrive as no request at all; the status
         # is reported instead.
-        return ollama.Client(host=self.url, timeout=timeout, transport=Transport(), follow_redirects=False)
+        transport = transport or Transport(self.url)
+        return ollama.Client(host=self.url, timeout=timeout, transport=transport, follow_redirects=False)
 
     @property
     def in_rotation(self) -> bool:
@@ -2034,8 +2117,9 @@ def show_model(server: Server, config: Config, reporter: Reporter, stop: Stop) -
 
 def pull_model(server: Server, model: str, reporter: Reporter, stop: Stop) -> None:
     try:
-        with server_errors():
-            for update in server.client.pull(model, stream=True):
+        # No deadline: a pull of gigabytes takes as long as the network does.
+        with server_errors(), server.ollama_client(server.patient) as puller:
+            for update in puller.pull(model, stream=True):
                 reporter.pulling(model, update.status or "", update.completed, update.total)
                 if stop.asked.is_set():  # a pull takes minutes: it must not outlast a Ctrl-C
                     raise CannotStart(f"interrupted while pulling {model}")
@@ -2060,7 +2144,7 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
         return openai_request(server, config, task, seed, config.max_tokens)
     message = {"role": "user", "content": task.prompt, "images": [task.payload]}
     options = config.options() if seed is None else {**config.options(), "seed": seed}
-    gathered = Gathered()
+    gathered = Gathered(config.max_tokens)
     with server_errors(server.api):
         # Streamed, so the read timeout bounds the silence before and between tokens rather
         # than the whole answer, an answer cut off mid-way is told from a complete one, and a
@@ -2077,7 +2161,7 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
         )
         with closing(stream):  # closing the stream hangs up; Ollama then stops generating
             for part in stream:
-                gathered.add(part.message.content or "", bool(part.message.thinking))
+                gathered.add(part.message.content or "", part.message.thinking or "")
                 if part.done:
                     refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
                     return gathered.answer(
@@ -2088,15 +2172,25 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
 
 class Gathered:
     """An answer as it streams in, from either API: its text, whether thinking came with it
-    (never part of a caption), and a check that it does not loop."""
+    (never part of a caption), and checks that it does not loop and stays within what its
+    token limit allows."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int) -> None:
         self.parts: list[str] = []
         self.thought = False
+        self.max_tokens = max_tokens
+        self.length = 0  # characters, thinking included
 
-    def add(self, content: str, thinking: bool) -> None:
+    def add(self, content: str, thinking: str) -> None:
         self.parts.append(content)
-        self.thought = self.thought or thinking
+        self.thought = self.thought or bool(thinking)
+        self.length += len(content) + len(thinking)
+        if self.length > self.max_tokens * CHARACTERS_PER_TOKEN:
+            raise TryFailed(
+                Fault.MODEL_UNUSABLE,
+                f"it sent an answer of more than {self.max_tokens * CHARACTERS_PER_TOKEN} characters, longer "
+                f"than --max-tokens {self.max_tokens} allows: it ignores the token limit",
+            )
         if len(self.parts) % LOOP_CHECK_EVERY == 0 and is_looping(THINK_BLOCK.sub("", "".join(self.parts))):
             raise TryFailed(
                 Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(self.parts))}"
@@ -2137,7 +2231,7 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
         **({} if seed is None else {"seed": seed}),
         **({} if config.think else server.thinking_off),
     }
-    gathered = Gathered()
+    gathered = Gathered(max_tokens)
     started = time.monotonic()
     finish, tokens = "", 0
     with (
@@ -2175,7 +2269,7 @@ def stream_choice(chunk: dict, gathered: Gathered) -> str:
         delta = delta if isinstance(delta, dict) else {}
         # vLLM and Ollama call the thinking "reasoning", llama-server "reasoning_content".
         thinking = delta.get("reasoning") or delta.get("reasoning_content")
-        gathered.add(text_of(delta.get("content")), bool(text_of(thinking)))
+        gathered.add(text_of(delta.get("content")), text_of(thinking))
         finish = text_of(choice.get("finish_reason") if isinstance(choice, dict) else None) or finish
     return finish
 
