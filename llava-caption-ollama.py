@@ -1854,7 +1854,7 @@ class Server:
             return [{"name": model.model, "owner": ""} for model in self.quick.list().models]
         response = self.quick.get("/v1/models")
         if response.status_code != 200:
-            raise ServerSaid(response.status_code, error_message(response.content), retry_after(response))
+            raise ServerSaid(response.status_code, error_said(response), retry_after(response))
         listed = response.json()
         entries = listed.get("data") if isinstance(listed, dict) else None
         if not isinstance(entries, list):
@@ -1952,7 +1952,9 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
                 f"cannot reach Ollama at {server.url}; start it with 'ollama serve' "
                 "or point --host (or OLLAMA_HOST) at it"
             )
-        if failure.fault is Fault.SERVER_STRUGGLING:  # a wrong port, an SSH server, a stuck proxy
+        # Silence (a wrong port, an SSH server, a stuck proxy) is told from an answer, which says
+        # what it says: a 500 or a 301 comes in milliseconds.
+        if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:
             return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it Ollama?"
         return f"{server.url} does not answer like an Ollama server: {failure}"
     details = show_model(server, config, reporter, stop)
@@ -1988,7 +1990,7 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
             return (
                 f"cannot reach a server at {server.url}; start it, or point --host (or OPENAI_BASE_URL) at it"
             )
-        if failure.fault is Fault.SERVER_STRUGGLING:
+        if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:  # silence, not an answer
             return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it the server?"
         if failure.fault is Fault.ACCESS_DENIED:
             raise CannotStart(f"{server.url}: {failure}") from None
@@ -2239,7 +2241,7 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
         server.client.stream("POST", "/v1/chat/completions", json=body) as response,
     ):
         if response.status_code != 200:
-            raise ServerSaid(response.status_code, error_message(response.read()), retry_after(response))
+            raise ServerSaid(response.status_code, error_said(response), retry_after(response))
         if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
         for line in response.iter_lines():
@@ -2302,6 +2304,14 @@ def error_message(body: bytes) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error)
+
+
+def error_said(response: httpx.Response) -> str:
+    """What an answer with an error status says; a redirect's with where it points, as this
+    client follows none."""
+    said = error_message(response.read())
+    location = response.headers.get("Location")
+    return f"{server_message(said)} (to {location})" if response.is_redirect and location else said
 
 
 def retry_after(response: httpx.Response) -> float:
@@ -2408,9 +2418,12 @@ def connection_cause(exc: Exception) -> str:
         return ""
     if isinstance(exc, ConnectionError) and len(chain) == 1:
         return ""
-    certificate = next((link for link in chain if isinstance(link, ssl.SSLCertVerificationError)), None)
-    if certificate:  # a certificate the client does not trust is no server that is down
-        return f"its TLS certificate is not trusted ({certificate.verify_message or reason(certificate)})"
+    tls = next((link for link in chain if isinstance(link, ssl.SSLError)), None)
+    if isinstance(tls, ssl.SSLCertVerificationError):  # no server that is down: its words say so
+        return f"its TLS certificate is not trusted ({tls.verify_message or reason(tls)})"
+    if tls:  # most often https:// to a port that answers in plain HTTP, as Ollama's does
+        said = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason(tls))
+        return f"the TLS handshake failed ({said}): does the port speak plain HTTP? use http://"
     return reason(root_cause(exc))
 
 

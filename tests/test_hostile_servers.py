@@ -132,8 +132,6 @@ def test_a_key_echoed_before_the_run_starts_is_not_shown(kind, tmp_path, run_aga
 
 
 # ---- item 11: every answer, line and request has a bound ----
-
-
 @pytest.mark.timeout(10)  # on a client without a bound it never ends
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_an_answer_that_never_ends_and_never_repeats_takes_its_server_out(kind, tmp_path, run_against):
@@ -204,8 +202,6 @@ def test_an_answer_past_its_deadline_fails_its_image(kind, tmp_path, run_against
 
 
 # ---- item 12: proxies, as the clients take them from the environment ----
-
-
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_no_proxy_sees_the_name_the_server_was_given(kind, tmp_path, run_against, monkeypatch):
     start, run = run_against
@@ -284,11 +280,6 @@ def test_a_socks_proxy_the_server_is_left_out_of_does_not_stop_the_run(tmp_path,
 
 
 # ---- item 14: what the server said at the start ----
-
-
-@pytest.mark.xfail(
-    strict=True, reason="issue 17 item 14a: a quick 500 or 301 is reported as no answer in 10s"
-)
 @pytest.mark.parametrize("status", [500, 301])
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_model_listing_that_fails_at_once_is_reported_with_what_the_server_said(
@@ -315,7 +306,6 @@ def test_a_model_listing_that_fails_at_once_is_reported_with_what_the_server_sai
         assert "Moved Permanently" in result.err
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 14b: https:// to a plain port loses the TLS reason")
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_https_to_a_plain_http_port_keeps_the_tls_reason(kind, tmp_path, run_against):
     start, run = run_against
@@ -331,8 +321,6 @@ def test_https_to_a_plain_http_port_keeps_the_tls_reason(kind, tmp_path, run_aga
 
 
 # ---- item 15: a server restarting as the run starts ----
-
-
 @pytest.mark.xfail(strict=True, reason="issue 17 item 15: a server restarting at the start ends the run")
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_server_that_listens_a_moment_after_the_run_starts_is_waited_for(kind, tmp_path, run_against):
