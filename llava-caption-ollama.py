@@ -1824,6 +1824,7 @@ class Server:
         self.quiet_since = 0.0
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
+        self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
 
     def ollama_client(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
         # Redirects are not followed: httpx turns a POST into a GET when it follows a 301 or 302
@@ -1911,14 +1912,9 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
     servers = [Server(url, config.timeout, config.jobs, config.api, config.api_key) for url in config.hosts]
-    checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
-    while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
-        if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
-            raise CannotStart("interrupted while checking the servers")
-    for server, check in zip(servers, checks):
-        dead = check.result()  # raises what the check raised: CannotStart
-        if dead:
-            server.state, server.why = State.DEAD, dead
+    check_servers(servers, config, reporter, stop)
+    if not any(server.in_rotation for server in servers):
+        wait_for_a_restart(servers, config, reporter, stop)
     if not any(server.in_rotation for server in servers):
         for server in servers:
             server.close()
@@ -1935,6 +1931,67 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     return servers
 
 
+def check_servers(servers: list[Server], config: Config, reporter: Reporter, stop: Stop) -> None:
+    """The preflight of every server at once; those that do not answer are DEAD, with why."""
+    for server in servers:
+        server.down_sign = ""
+    checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
+    while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
+        if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
+            raise CannotStart("interrupted while checking the servers")
+    for server, check in zip(servers, checks):
+        dead = check.result()  # raises what the check raised: CannotStart
+        server.state, server.why = (State.DEAD, dead) if dead else (State.ANSWERING, "")
+
+
+# Ollama's desktop app restarts itself to install an update, and the systemd unit that Ollama's
+# install.sh writes starts a stopped server again after 3 s (ollama/ollama:scripts/install.sh,
+# Restart=always, RestartSec=3): a server that refuses connections as a run starts may be back
+# in seconds, and a shell loop over folders (`|| break`) would end the night there. 15 s covers
+# such a restart, while whoever forgot `ollama serve` hears of it 15 s later, not after the
+# minutes of --wait-server.
+RESTART_WAIT = 15.0 * PAUSE_SCALE
+
+
+def wait_for_a_restart(servers: list[Server], config: Config, reporter: Reporter, stop: Stop) -> None:
+    """No server answered at the start: ask those that refused connections (or whose proxy said
+    they are down) again, more and more slowly, for a short while (RESTART_WAIT, at most
+    --wait-server), in case they are restarting; until one answers."""
+    restarting = [server for server in servers if server.down_sign]
+    seconds = min(RESTART_WAIT, config.wait_server)
+    if not restarting or seconds <= 0:
+        return
+    for server in restarting:
+        reporter.say(
+            f"{server.url} {server.down_sign}; waiting up to {duration(seconds)} in case it is restarting"
+        )
+    until, pause = time.monotonic() + seconds, PROBE_FIRST
+    while not any(server.in_rotation for server in servers):
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        if stop.asked.wait(min(pause, left)):
+            raise CannotStart("interrupted while waiting for the servers")
+        pause = min(2 * pause, PROBE_LONGEST)
+        check_servers(restarting, config, reporter, stop)
+    for server in restarting:
+        if server.in_rotation:
+            reporter.say(f"{server.url} answers")
+
+
+def down_sign(failure: TryFailed) -> str:
+    """How a server that may be restarting shows it: refused connections, or a proxy in front
+    of it saying it is down (502, 504). Other failures to connect (a proxy, TLS, a name that
+    does not resolve) do not pass with a restart."""
+    if failure.fault is not Fault.SERVER_DOWN or failure.cause:
+        return ""
+    return (
+        f"answers {failure.status} (its proxy's word for a server that is down)"
+        if failure.status
+        else "refuses connections"
+    )
+
+
 def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
     """Before any image is sent: the server answers, has the model, and the model can see.
     Returns why the server does not answer (or ""); raises CannotStart for the model."""
@@ -1945,6 +2002,7 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
         with server_errors(server.api):
             server.quick.list()
     except TryFailed as failure:
+        server.down_sign = down_sign(failure)
         if failure.fault is Fault.SERVER_DOWN and failure.cause:
             return f"cannot reach Ollama at {server.url}: {failure.cause}"
         if failure.fault is Fault.SERVER_DOWN:
@@ -1984,6 +2042,7 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
     try:
         served = patiently(server.models, server, config, reporter, stop)
     except TryFailed as failure:
+        server.down_sign = down_sign(failure)
         if failure.fault is Fault.SERVER_DOWN and failure.cause:
             return f"cannot reach a server at {server.url}: {failure.cause}"
         if failure.fault is Fault.SERVER_DOWN:
