@@ -168,13 +168,13 @@ class TryFailed(Exception):
     def __init__(
         self, fault: Fault, reason: str, pause: float = 0.0, status: int = 0, cause: str = ""
     ) -> None:
-        super().__init__(reason)
+        super().__init__(redacted(reason))  # a reason often quotes the server
         self.fault = fault
         self.pause = pause  # seconds the server asked us to wait (Retry-After) before asking again
         self.status = status  # the server's HTTP status, where it answered with one
         # What stood in the way of a connection when it was more than that nothing listened: a
         # proxy, a TLS handshake, a name that does not resolve.
-        self.cause = cause
+        self.cause = redacted(cause)
 
 
 def import_run_libraries() -> None:
@@ -1555,6 +1555,54 @@ def usable_cpus() -> int:
 # the one that fails, and a proxy variable that cannot be used refused before anything is sent.
 
 
+class Secrets:
+    """What the run sends that no one else may read: the API key (OPENAI_API_KEY, or the variable
+    --api-key-env names; OLLAMA_API_KEY, which the ollama client sends as a bearer token whenever
+    it is set: ollama/_client.py, BaseClient.__init__), a proxy's password. A server or a proxy
+    may say them back (in an error page, an error mid-answer, an answer), so no text the run
+    prints or writes may hold them: reasons, the Reporter and the review page pass through
+    redacted(), and an answer that holds one is not written (ask())."""
+
+    # Shorter values keep nothing secret (they are guessed in a moment), and taking them out
+    # would garble every message that holds those letters.
+    SHORTEST = 4
+
+    def __init__(self) -> None:
+        self.labels: dict[str, str] = {}  # value: what it is, as redacted text names it
+
+    def add(self, value: str, label: str) -> None:
+        if len(value) >= self.SHORTEST and value not in self.labels:
+            # A new dict, not a changed one: other threads read it without a lock.
+            self.labels = {**self.labels, value: label}
+
+    def redacted(self, text: str) -> str:
+        for value, label in sorted(self.labels.items(), key=lambda item: -len(item[0])):
+            text = text.replace(value, f"[{label}]")
+        return text
+
+    def found_in(self, text: str) -> str:
+        """What secret the text holds ("" if none)."""
+        return next((label for value, label in self.labels.items() if value in text), "")
+
+
+SECRETS = Secrets()
+
+
+def redacted(text: str) -> str:
+    return SECRETS.redacted(text)
+
+
+def redacted_data(value: Any) -> Any:
+    """JSON-like data with every string redacted."""
+    if isinstance(value, str):
+        return redacted(value)
+    if isinstance(value, list):
+        return [redacted_data(item) for item in value]
+    if isinstance(value, dict):
+        return {key: redacted_data(item) for key, item in value.items()}
+    return value
+
+
 @dataclass(frozen=True)
 class ProxySetting:
     url: str  # as the variable gives it (credentials included), with http:// if it has no scheme
@@ -1699,7 +1747,7 @@ class Transport:
     def route(self, proxy: ProxySetting | None) -> Any:
         with self.lock:
             if proxy not in self.routes:
-                self.routes[proxy] = httpx.HTTPTransport(proxy=proxy and httpx.Proxy(proxy.url))
+                self.routes[proxy] = httpx.HTTPTransport(proxy=proxy and proxy_with_secrets_kept(proxy))
             return self.routes[proxy]
 
     def close(self) -> None:
@@ -1746,6 +1794,17 @@ class BoundedStream:
 def bounded_stream_class() -> type:
     # Made once httpx is loaded: only a run that sends images loads it.
     return type("BoundedStream", (BoundedStream, httpx.SyncByteStream), {})
+
+
+def proxy_with_secrets_kept(proxy: ProxySetting) -> httpx.Proxy:
+    """httpx's Proxy, its password kept from what the run prints: httpcore sends it in a
+    Proxy-Authorization header (Basic, base64 of user:password)."""
+    made = httpx.Proxy(proxy.url)
+    if made.auth:
+        user, password = made.auth
+        SECRETS.add(password, "proxy password")
+        SECRETS.add(base64.b64encode(f"{user}:{password}".encode()).decode("ascii"), "proxy password")
+    return made
 
 
 def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
@@ -1809,6 +1868,7 @@ class Server:
             self.client = self.ollama_client(self.patient, caption_deadline)
             self.quick = self.ollama_client(QUICK_TIMEOUT, quick_deadline)
         else:
+            SECRETS.add(api_key, "API key")
             key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
             self.client = httpx.Client(
                 base_url=url, timeout=self.patient, headers=key, transport=caption_deadline
@@ -1831,6 +1891,7 @@ class Server:
         # (as browsers do), so a caption request would arrive as no request at all; the status
         # is reported instead.
         transport = transport or Transport(self.url)
+        SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
         return ollama.Client(host=self.url, timeout=timeout, transport=transport, follow_redirects=False)
 
     @property
@@ -2061,6 +2122,10 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
     if config.model and config.model not in names:
         listed = ", ".join(names) or "none"
         raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
+    if not config.model and SECRETS.found_in(names[0]):  # it would name the captions' model
+        raise CannotStart(
+            f"{server.url} names its one model with the {SECRETS.found_in(names[0])} sent to it"
+        )
     server.model = config.model or names[0]
     host = urlsplit(server.url).hostname or ""
     if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
@@ -2402,6 +2467,11 @@ def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     problem = caption_problem(answer, caption)
     if problem:
         raise TryFailed(Fault.UNFIT_ANSWER, problem)
+    secret = SECRETS.found_in(caption)
+    if secret:  # the server says back what it was sent: no training set may hold it
+        raise TryFailed(
+            Fault.UNFIT_ANSWER, f"the answer holds the {secret} sent to the server, so it is not written"
+        )
     return caption, answer
 
 
@@ -2582,7 +2652,8 @@ def context_for(tokens: int) -> int:
 
 def server_message(text: str) -> str:
     """A server's error body as one line: an HTML error page (nginx's 502, say) is reduced to
-    its title."""
+    its title. What the run sends is taken out first, before cutting could leave part of it."""
+    text = redacted(text)
     if re.search(r"<html|<!doctype", text, re.IGNORECASE):
         title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
         text = title.group(1) if title else re.sub(r"<[^>]*>", " ", text)
@@ -2996,6 +3067,7 @@ def caption_problem(answer: Answer, caption: str) -> str:
 
 
 def shortened(text: str, length: int = 60) -> str:
+    text = redacted(text)  # before cutting, which could leave part of a secret
     return repr(text if len(text) <= length else text[: length - 1] + "\u2026")
 
 
@@ -3528,10 +3600,10 @@ class Review:
                         break
                     self.thumbnail(image, data)
         self.write_chunk()
-        data = {
-            "run": self.run_data(summary),
-            "images": [self.entry(image) for image in sorted(self.records)],
-        }
+        # Redacted as a last line of defence: a page people share must not hold what the run sends.
+        data = redacted_data(
+            {"run": self.run_data(summary), "images": [self.entry(image) for image in sorted(self.records)]}
+        )
         text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
         write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
         for older in self.thumbnail_folders.glob("*/"):
@@ -3782,6 +3854,7 @@ class Reporter:
             self.write(shown(line) + "\n")
 
     def write(self, text: str) -> None:
+        text = redacted(text)  # the last line of defence: every reason is redacted already
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -3803,7 +3876,7 @@ class Reporter:
 
     def list_planned(self, images: list[Path]) -> None:
         """A dry run's listing, on stdout: one image to caption a line."""
-        listing = "".join(shown(self.name(image)) + "\n" for image in images)
+        listing = redacted("".join(shown(self.name(image)) + "\n" for image in images))
         try:
             if sys.stdout and listing:  # None when started with >&-
                 sys.stdout.write(

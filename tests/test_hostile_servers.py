@@ -75,9 +75,6 @@ def every_output(tmp_path, result) -> str:
     return "\n".join([result.err, result.out, *written])
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17 item 10: the API key the server echoes is printed and written"
-)
 @pytest.mark.parametrize("where", ECHOED)
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_key_the_server_echoes_reaches_no_output(kind, where, tmp_path, run_against, monkeypatch):
@@ -114,9 +111,6 @@ def test_a_key_the_server_echoes_reaches_no_output(kind, where, tmp_path, run_ag
         assert "FAILED a.png: " in result.err and "API key" in result.err
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17 item 10: the API key echoed before the run starts is printed"
-)
 @pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_key_echoed_before_the_run_starts_is_not_shown(kind, tmp_path, run_against, monkeypatch):
     start, run = run_against
