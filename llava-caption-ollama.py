@@ -1721,13 +1721,14 @@ class Transport:
         self.deadline = deadline
         self.over_deadline = over_deadline
         self.routes: dict[ProxySetting | None, Any] = {}
+        self.chosen: dict[tuple[str, str, int | None], ProxySetting | None] = {}  # by scheme, host, port
         self.lock = threading.Lock()  # the clients are shared between threads
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         deadline = time.monotonic() + self.deadline
         # Uncompressed: a compressed answer would grow a thousandfold past what the bounds see.
         request.headers["Accept-Encoding"] = "identity"
-        proxy = proxy_for(request.url)
+        proxy = self.proxy_for(request.url)
         try:
             response = self.route(proxy).handle_request(request)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as exc:
@@ -1743,6 +1744,15 @@ class Transport:
             )
         response.stream = bounded_stream_class()(response.stream, self, deadline)
         return response
+
+    def proxy_for(self, url: httpx.URL) -> ProxySetting | None:
+        # Chosen once for each place: reading the environment for every request costs more than
+        # a request to a server that answers at once.
+        place = (url.scheme, url.host, url.port)
+        with self.lock:
+            if place not in self.chosen:
+                self.chosen[place] = proxy_for(url)
+            return self.chosen[place]
 
     def route(self, proxy: ProxySetting | None) -> Any:
         with self.lock:
@@ -2180,7 +2190,7 @@ def is_ollama(server: Server) -> bool:
     try:
         answer = server.quick.get("/api/version")
         return answer.status_code == 200 and isinstance(answer.json().get("version"), str)
-    except (httpx.HTTPError, ValueError, AttributeError):
+    except (httpx.HTTPError, ValueError, AttributeError, TryFailed):  # TryFailed: a bound broken
         return False
 
 
