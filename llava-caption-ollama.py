@@ -1576,7 +1576,10 @@ class Secrets:
             self.labels = {**self.labels, value: label}
 
     def redacted(self, text: str) -> str:
-        for value, label in sorted(self.labels.items(), key=lambda item: -len(item[0])):
+        labels = self.labels
+        if not labels:  # a run that sends no key: the review page of 20,000 images stays quick
+            return text
+        for value, label in sorted(labels.items(), key=lambda item: -len(item[0])):
             text = text.replace(value, f"[{label}]")
         return text
 

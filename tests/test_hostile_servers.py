@@ -36,8 +36,7 @@ def run_against(make_server, caption):
         return make_server(**settings)
 
     def run(kind: str, host: str, *args):
-        api = [] if kind == "ollama" else ["--api", "openai"]
-        return caption(*args, *api, host=host)
+        return caption(*args, *api_args(kind), host=host)
 
     return start, run
 
