@@ -17,7 +17,9 @@ import enum
 import errno
 import functools
 import hashlib
+import importlib.util
 import io
+import ipaddress
 import itertools
 import json
 import math
@@ -25,6 +27,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import stat
 import string
 import sys
@@ -91,6 +94,22 @@ SMALLEST_SIDE = 32
 WIDEST_ASPECT = 50
 LOOP_SPAN = 60  # characters of repeats that make a loop (see REPEATS)
 LOOP_CHECK_EVERY = 16  # streamed pieces between two loop checks of a growing answer
+# What a server may send, whatever it does with the limits it is sent. A token of these models'
+# vocabularies (Llama, Qwen, Gemma BPE) is some 4 characters of English and fewer of other
+# scripts; the longest are runs of spaces or punctuation a few dozen long. No answer within its
+# token limit comes near 32 characters a token, so a longer one (thinking included) comes from a
+# server that ignores the limit: stopped after 16,384 characters at the default 512 tokens,
+# where a model that never repeats itself (no loop check catches it) would go on for ever.
+CHARACTERS_PER_TOKEN = 32
+# A streamed line is one token's JSON (under 1 KB); the longest line these APIs send is a whole
+# JSON answer (/api/show with a model's licence and template, /api/tags of hundreds of models:
+# some 100 KB). A line past 4 MiB is no answer of theirs, and held whole it would fill memory.
+LONGEST_LINE = 4 * 1024 * 1024
+# A caption request waits up to --timeout for its first byte (a queued one gets none until a slot
+# frees), then generates at most --max-tokens: a GPU writes 512 tokens in 10-60 s, a CPU at 2
+# tokens/s in some 4 minutes. A second --timeout for that bounds a server that sends a token now
+# and then without end, which no read timeout notices.
+DEADLINE_TIMEOUTS = 2
 
 
 def pause_scale() -> float:
@@ -147,11 +166,16 @@ class Fault(enum.Enum):
 class TryFailed(Exception):
     """One try at one image went wrong, for `fault`; the message is the reason a user reads."""
 
-    def __init__(self, fault: Fault, reason: str, pause: float = 0.0, status: int = 0) -> None:
-        super().__init__(reason)
+    def __init__(
+        self, fault: Fault, reason: str, pause: float = 0.0, status: int = 0, cause: str = ""
+    ) -> None:
+        super().__init__(redacted(reason))  # a reason often quotes the server
         self.fault = fault
         self.pause = pause  # seconds the server asked us to wait (Retry-After) before asking again
         self.status = status  # the server's HTTP status, where it answered with one
+        # What stood in the way of a connection when it was more than that nothing listened: a
+        # proxy, a TLS handshake, a name that does not resolve.
+        self.cause = redacted(cause)
 
 
 def import_run_libraries() -> None:
@@ -162,9 +186,14 @@ def import_run_libraries() -> None:
     if ollama is not None:
         return
     # The ollama package builds a default Client as it is imported (ollama/__init__.py), which
-    # parses OLLAMA_HOST and raises ValueError on a malformed one; this tool reads OLLAMA_HOST
-    # itself (server_url()), so the import must not see it.
-    ollama_host = os.environ.pop("OLLAMA_HOST", None)
+    # parses OLLAMA_HOST and the proxy variables (httpx reads them as a client is made) and
+    # raises on a malformed one, or on a SOCKS proxy without httpx's SOCKS support; this tool
+    # reads them itself (server_url(), proxy_for()), so the import must not see them.
+    hidden = {
+        name: os.environ.pop(name, None)
+        for name in list(os.environ)
+        if name == "OLLAMA_HOST" or name.lower().endswith("_proxy")
+    }
     try:
         import httpx
         import ollama
@@ -172,8 +201,7 @@ def import_run_libraries() -> None:
     except ImportError as missing:  # a user can cause this, so no traceback
         raise CannotStart(f"{missing.name} is not installed; run: pip install -r requirements.txt") from None
     finally:
-        if ollama_host is not None:
-            os.environ["OLLAMA_HOST"] = ollama_host
+        os.environ.update({name: value for name, value in hidden.items() if value is not None})
     read_png_metadata_of_any_size()
 
 
@@ -559,7 +587,8 @@ def keep_alive_duration(text: str) -> str | float:
 def server_url(text: str, ollama_port: bool = True) -> str:
     """The one spelling of a server's address, read as the ollama client reads OLLAMA_HOST
     (ollama/_client.py, _parse_host): a bare host gets port 11434, http:// port 80, https://
-    port 443; and localhost is 127.0.0.1, so the same server given two ways is one server."""
+    port 443. The host stays as given (localhost too), so NO_PROXY sees the name the user gave,
+    as it does for curl and the ollama client."""
     given = text.strip()
     scheme, has_scheme = "http", "://" in given
     try:
@@ -574,7 +603,6 @@ def server_url(text: str, ollama_port: bool = True) -> str:
     if scheme not in ("http", "https") or (not parts.hostname and not parts.netloc.startswith(":")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a server address such as http://127.0.0.1:11434")
     host = (parts.hostname or "127.0.0.1").lower()
-    host = "127.0.0.1" if host == "localhost" else host
     if port is None and not has_scheme and not ollama_port:
         raise argparse.ArgumentTypeError(f"{text!r} needs its port, such as http://{text}:8000")
     if port is None:
@@ -818,7 +846,7 @@ def api_settings(args: argparse.Namespace) -> dict:
 
 
 def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
-    urls = []
+    urls: dict[str, str] = {}
     for text in given:
         try:
             url = server_url(text, ollama_port)
@@ -826,8 +854,13 @@ def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
             raise CannotStart(f"{source}: {exc}") from None
         if not ollama_port:
             url = re.sub(r"/v1$", "", url)  # the base URL with or without /v1, as clients take it
-        urls.append(url)
-    return list(dict.fromkeys(urls))  # one server given twice is one server
+        urls.setdefault(same_server(url), url)  # one server given twice is one server
+    return list(urls.values())
+
+
+def same_server(url: str) -> str:
+    # localhost is 127.0.0.1: the server given both ways is one, reached by the name given first.
+    return re.sub(r"^(https?://)localhost(?=:)", r"\g<1>127.0.0.1", url)
 
 
 def read_prompt(path: Path) -> Template:
@@ -1739,6 +1772,305 @@ def usable_cpus() -> int:
 
 
 # ---------------------------------------------------------------------------
+# Network: the proxy each request goes through, chosen as the clients choose it
+# ---------------------------------------------------------------------------
+# Every client of the run (the ollama client passes its keyword arguments on to httpx.Client)
+# sends through a Transport of ours. httpx then reads no proxy variable itself (it does only
+# without a transport: httpx/_client.py, allow_env_proxies), so the choice below is the run's
+# one: made per request from the variables, as httpx makes it, with the proxy named when it is
+# the one that fails, and a proxy variable that cannot be used refused before anything is sent.
+
+
+class Secrets:
+    """What the run sends that no one else may read: the API key (OPENAI_API_KEY, or the variable
+    --api-key-env names; OLLAMA_API_KEY, which the ollama client sends as a bearer token whenever
+    it is set: ollama/_client.py, BaseClient.__init__), a proxy's password. A server or a proxy
+    may say them back (in an error page, an error mid-answer, an answer), so no text the run
+    prints or writes may hold them: reasons, the Reporter and the review page pass through
+    redacted(), and an answer that holds one is not written (ask())."""
+
+    # Shorter values keep nothing secret (they are guessed in a moment), and taking them out
+    # would garble every message that holds those letters.
+    SHORTEST = 4
+
+    def __init__(self) -> None:
+        self.labels: dict[str, str] = {}  # value: what it is, as redacted text names it
+
+    def add(self, value: str, label: str) -> None:
+        if len(value) >= self.SHORTEST and value not in self.labels:
+            # A new dict, not a changed one: other threads read it without a lock.
+            self.labels = {**self.labels, value: label}
+
+    def redacted(self, text: str) -> str:
+        labels = self.labels
+        if not labels:  # a run that sends no key: the review page of 20,000 images stays quick
+            return text
+        for value, label in sorted(labels.items(), key=lambda item: -len(item[0])):
+            text = text.replace(value, f"[{label}]")
+        return text
+
+    def found_in(self, text: str) -> str:
+        """What secret the text holds ("" if none)."""
+        return next((label for value, label in self.labels.items() if value in text), "")
+
+
+SECRETS = Secrets()
+
+
+def redacted(text: str) -> str:
+    return SECRETS.redacted(text)
+
+
+def redacted_data(value: Any) -> Any:
+    """JSON-like data with every string redacted."""
+    if isinstance(value, str):
+        return redacted(value)
+    if isinstance(value, list):
+        return [redacted_data(item) for item in value]
+    if isinstance(value, dict):
+        return {key: redacted_data(item) for key, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class ProxySetting:
+    url: str  # as the variable gives it (credentials included), with http:// if it has no scheme
+    variable: str  # the variable it came from: HTTP_PROXY, https_proxy, ALL_PROXY ...
+
+    @property
+    def shown(self) -> str:
+        """The proxy's address without its credentials, as messages name it."""
+        return re.sub(r"(?<=://)[^@/]*@", "", self.url)
+
+
+def environment_proxies() -> dict[str, ProxySetting]:
+    """The proxies the environment sets for "http", "https" and "all" (every scheme), read as
+    httpx reads them (httpx/_utils.py, get_environment_proxies): urllib's getproxies(), which
+    prefers lower-case variables and falls back on the system's settings on macOS and Windows;
+    an address without a scheme is http://."""
+    from urllib.request import getproxies  # loaded with httpx, which reads it too
+
+    found = getproxies()
+    return {
+        scheme: ProxySetting(
+            found[scheme] if "://" in found[scheme] else f"http://{found[scheme]}", proxy_variable(scheme)
+        )
+        for scheme in ("http", "https", "all")
+        if found.get(scheme)
+    }
+
+
+def proxy_variable(scheme: str) -> str:
+    # urllib reads the lower-case variable first, as curl does.
+    names = sorted((name for name in os.environ if name.lower() == f"{scheme}_proxy"), key=str.isupper)
+    return next((name for name in names if os.environ[name]), "the system's proxy settings")
+
+
+def proxy_for(url: httpx.URL) -> ProxySetting | None:
+    """The proxy a request to url goes through: none for a host NO_PROXY names, else the proxy of
+    the URL's scheme (HTTP_PROXY, HTTPS_PROXY), else ALL_PROXY, as httpx and curl choose."""
+    from urllib.request import getproxies
+
+    no_proxy = getproxies().get("no", "")
+    if any(no_proxy_names(entry.strip(), url) for entry in no_proxy.split(",") if entry.strip()):
+        return None
+    proxies = environment_proxies()
+    return proxies.get(url.scheme) or proxies.get("all")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def no_proxy_names(entry: str, url: httpx.URL) -> bool:
+    """Whether one NO_PROXY entry names url's host, as httpx reads it: * names every host; an
+    address names itself (and a network, 10.0.0.0/8, its addresses, as curl and Go read it); a
+    name names itself and the names below it (.example.com only those below it); a port or a
+    scheme (http://gpu1:11434) narrows it."""
+    if entry == "*":
+        return True
+    scheme, _, place = entry.lower().rpartition("://")
+    if scheme not in ("", "all", url.scheme):
+        return False
+    host = url.host.lower()
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(place.strip("[]"), strict=False)
+    except ValueError:
+        pass  # a name, or a place with a port
+    name, colon, port = place.rpartition(":") if re.search(r":\d+$", place) else (place, "", "")
+    if colon and int(port) != (url.port or DEFAULT_PORTS.get(url.scheme)):
+        return False
+    name = name.strip("[]").lstrip("*")
+    if name.startswith("."):
+        return host.endswith(name)
+    return host == name or host.endswith(f".{name}")
+
+
+def refuse_unusable_proxies(url: str) -> None:
+    """Stop the run on a proxy variable httpx cannot use, naming it: the official client would
+    refuse the whole environment (its first client raises as it is made). A SOCKS proxy needs
+    httpx's SOCKS support only where a server of the run goes through it."""
+    for proxy in environment_proxies().values():
+        problem = proxy_address_problem(proxy.url)
+        if problem:
+            raise CannotStart(
+                f"{proxy.variable} is not a proxy address ({proxy.shown}: {problem}); correct it or unset it"
+            )
+    proxy = proxy_for(httpx.URL(url))
+    if proxy and proxy.url.lower().startswith("socks") and importlib.util.find_spec("socksio") is None:
+        raise CannotStart(
+            f"{proxy.variable} names a SOCKS proxy ({proxy.shown}) for {url}, which needs httpx's SOCKS "
+            'support: pip install "httpx[socks]"'
+        )
+
+
+def proxy_address_problem(url: str) -> str:
+    """What is wrong with a proxy's address, or "" if httpx can use it."""
+    try:
+        parsed = httpx.Proxy(url).url
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        if url.partition("://")[0].lower() not in ("http", "https", "socks5", "socks5h"):
+            return "its scheme must be http, https, socks5 or socks5h"
+        return reason(exc)
+    if not parsed.host:
+        return "it names no host"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return "the port must be 1-65535"
+    return ""
+
+
+class Transport:
+    """What every request of the run goes through: httpx's own transport, directly or through
+    the proxy the environment names for the request's URL (one transport each, made as needed),
+    and the proxy named when it is what cannot be reached. It bounds what a server can send,
+    which httpx does not: each line of an answer (LONGEST_LINE), and the time from sending a
+    request to the last byte of its answer (deadline, explained by over_deadline when passed)."""
+
+    def __init__(self, server: str, deadline: float = math.inf, over_deadline: str = "") -> None:
+        self.server = server
+        self.deadline = deadline
+        self.over_deadline = over_deadline
+        self.routes: dict[ProxySetting | None, Any] = {}
+        self.chosen: dict[tuple[str, str, int | None], ProxySetting | None] = {}  # by scheme, host, port
+        self.lock = threading.Lock()  # the clients are shared between threads
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self.deadline
+        # Uncompressed: a compressed answer would grow a thousandfold past what the bounds see.
+        request.headers["Accept-Encoding"] = "identity"
+        proxy = self.proxy_for(request.url)
+        try:
+            response = self.route(proxy).handle_request(request)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as exc:
+            if proxy is None:
+                raise
+            raise httpx.ProxyError(proxy_failure(proxy, request.url, exc), request=request) from exc
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise TryFailed(
+                Fault.MODEL_UNUSABLE,
+                f"it compressed its answer ({encoding}) although asked not to, so its size cannot be bounded",
+            )
+        response.stream = bounded_stream_class()(response.stream, self, deadline)
+        return response
+
+    def proxy_for(self, url: httpx.URL) -> ProxySetting | None:
+        # Chosen once for each place: reading the environment for every request costs more than
+        # a request to a server that answers at once.
+        place = (url.scheme, url.host, url.port)
+        with self.lock:
+            if place not in self.chosen:
+                self.chosen[place] = proxy_for(url)
+            return self.chosen[place]
+
+    def route(self, proxy: ProxySetting | None) -> Any:
+        with self.lock:
+            if proxy not in self.routes:
+                self.routes[proxy] = httpx.HTTPTransport(proxy=proxy and proxy_with_secrets_kept(proxy))
+            return self.routes[proxy]
+
+    def close(self) -> None:
+        with self.lock:
+            for route in self.routes.values():
+                route.close()
+            self.routes.clear()
+
+
+class BoundedStream:
+    """A response's bytes as they come, cut off where the server breaks a bound: a line longer
+    than any answer of its API holds, or the request's deadline. httpx reads a response only
+    from an httpx.SyncByteStream, which bounded_stream_class() makes of it."""
+
+    def __init__(self, inner: Any, transport: Transport, deadline: float) -> None:
+        self.inner = inner
+        self.transport = transport
+        self.deadline = deadline
+
+    def __iter__(self) -> Iterator[bytes]:
+        line = 0  # bytes since the last line break
+        for chunk in self.inner:
+            end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+            line = line + len(chunk) if end < 0 else len(chunk) - end - 1
+            if line > LONGEST_LINE:
+                raise TryFailed(
+                    Fault.MODEL_UNUSABLE,
+                    f"it sent a line longer than {LONGEST_LINE // 2**20} MiB, which no answer of its API "
+                    "holds: a broken server, or a proxy in front of it",
+                )
+            if time.monotonic() > self.deadline:
+                raise TryFailed(
+                    Fault.SERVER_STRUGGLING,
+                    f"{self.transport.server} sent no whole answer within "
+                    f"{duration(self.transport.deadline)}{self.transport.over_deadline}",
+                )
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@functools.cache
+def bounded_stream_class() -> type:
+    # Made once httpx is loaded: only a run that sends images loads it.
+    return type("BoundedStream", (BoundedStream, httpx.SyncByteStream), {})
+
+
+def proxy_with_secrets_kept(proxy: ProxySetting) -> httpx.Proxy:
+    """httpx's Proxy, its password kept from what the run prints: httpcore sends it in a
+    Proxy-Authorization header (Basic, base64 of user:password)."""
+    made = httpx.Proxy(proxy.url)
+    if made.auth:
+        user, password = made.auth
+        SECRETS.add(password, "proxy password")
+        SECRETS.add(base64.b64encode(f"{user}:{password}".encode()).decode("ascii"), "proxy password")
+    return made
+
+
+def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
+    """Why a request could not pass the proxy, and what to do."""
+    if isinstance(exc, httpx.ProxyError):  # the proxy answered CONNECT with an error status
+        return f"the proxy {proxy.shown} ({proxy.variable}) could not reach {url.host}: {reason(exc)}"
+    return (
+        f"cannot reach the proxy {proxy.shown} ({proxy.variable}): {reason(root_cause(exc))}; start it, "
+        f"or add {url.host} to NO_PROXY"
+    )
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error at the bottom of a chain: httpx raises its own from httpcore's, which raises its
+    own from the socket's (ConnectionRefusedError, ssl.SSLError)."""
+    return causes(exc)[-1]
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or while handling, down the chain."""
+    chain = [exc]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    return chain
+
+
+# ---------------------------------------------------------------------------
 # Request
 # ---------------------------------------------------------------------------
 
@@ -1760,17 +2092,29 @@ class Server:
         self.api = api
         self.model = ""  # as this server names it, once the preflight has checked it
         import_run_libraries()
+        refuse_unusable_proxies(url)
         # A client waits forever by default. A queued request gets no byte until a slot frees,
         # so the read timeout of a caption request must be generous; connecting, and the calls
         # that load no model, need not be.
-        patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        self.patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        caption_deadline = Transport(
+            url,
+            DEADLINE_TIMEOUTS * timeout,
+            f" ({DEADLINE_TIMEOUTS} times --timeout); raise --timeout if it is only slow",
+        )
+        quick_deadline = Transport(url, DEADLINE_TIMEOUTS * QUICK_TIMEOUT, ", for a call that loads no model")
         if api == "ollama":
-            self.client = ollama.Client(host=url, timeout=patient)
-            self.quick = ollama.Client(host=url, timeout=QUICK_TIMEOUT)
+            self.client = self.ollama_client(self.patient, caption_deadline)
+            self.quick = self.ollama_client(QUICK_TIMEOUT, quick_deadline)
         else:
+            SECRETS.add(api_key, "API key")
             key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            self.client = httpx.Client(base_url=url, timeout=patient, headers=key)
-            self.quick = httpx.Client(base_url=url, timeout=QUICK_TIMEOUT, headers=key)
+            self.client = httpx.Client(
+                base_url=url, timeout=self.patient, headers=key, transport=caption_deadline
+            )
+            self.quick = httpx.Client(
+                base_url=url, timeout=QUICK_TIMEOUT, headers=key, transport=quick_deadline
+            )
         self.thinking_off: dict = {}  # what this OpenAI-compatible server reads as "do not think"
         self.in_flight = 0
         self.thinks = False  # the model can think (its /api/show capabilities say so)
@@ -1779,6 +2123,15 @@ class Server:
         self.quiet_since = 0.0
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
+        self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
+
+    def ollama_client(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
+        # Redirects are not followed: httpx turns a POST into a GET when it follows a 301 or 302
+        # (as browsers do), so a caption request would arrive as no request at all; the status
+        # is reported instead.
+        transport = transport or Transport(self.url)
+        SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
+        return ollama.Client(host=self.url, timeout=timeout, transport=transport, follow_redirects=False)
 
     @property
     def in_rotation(self) -> bool:
@@ -1802,7 +2155,7 @@ class Server:
             return [{"name": model.model, "owner": ""} for model in self.quick.list().models]
         response = self.quick.get("/v1/models")
         if response.status_code != 200:
-            raise ServerSaid(response.status_code, error_message(response.content), retry_after(response))
+            raise ServerSaid(response.status_code, error_said(response), retry_after(response))
         listed = response.json()
         entries = listed.get("data") if isinstance(listed, dict) else None
         if not isinstance(entries, list):
@@ -1859,14 +2212,9 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
     servers = [Server(url, config.timeout, config.jobs, config.api, config.api_key) for url in config.hosts]
-    checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
-    while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
-        if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
-            raise CannotStart("interrupted while checking the servers")
-    for server, check in zip(servers, checks):
-        dead = check.result()  # raises what the check raised: CannotStart
-        if dead:
-            server.state, server.why = State.DEAD, dead
+    check_servers(servers, config, reporter, stop)
+    if not any(server.in_rotation for server in servers):
+        wait_for_a_restart(servers, config, reporter, stop)
     if not any(server.in_rotation for server in servers):
         for server in servers:
             server.close()
@@ -1883,6 +2231,67 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     return servers
 
 
+def check_servers(servers: list[Server], config: Config, reporter: Reporter, stop: Stop) -> None:
+    """The preflight of every server at once; those that do not answer are DEAD, with why."""
+    for server in servers:
+        server.down_sign = ""
+    checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
+    while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
+        if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
+            raise CannotStart("interrupted while checking the servers")
+    for server, check in zip(servers, checks):
+        dead = check.result()  # raises what the check raised: CannotStart
+        server.state, server.why = (State.DEAD, dead) if dead else (State.ANSWERING, "")
+
+
+# Ollama's desktop app restarts itself to install an update, and the systemd unit that Ollama's
+# install.sh writes starts a stopped server again after 3 s (ollama/ollama:scripts/install.sh,
+# Restart=always, RestartSec=3): a server that refuses connections as a run starts may be back
+# in seconds, and a shell loop over folders (`|| break`) would end the night there. 15 s covers
+# such a restart, while whoever forgot `ollama serve` hears of it 15 s later, not after the
+# minutes of --wait-server.
+RESTART_WAIT = 15.0 * PAUSE_SCALE
+
+
+def wait_for_a_restart(servers: list[Server], config: Config, reporter: Reporter, stop: Stop) -> None:
+    """No server answered at the start: ask those that refused connections (or whose proxy said
+    they are down) again, more and more slowly, for a short while (RESTART_WAIT, at most
+    --wait-server), in case they are restarting; until one answers."""
+    restarting = [server for server in servers if server.down_sign]
+    seconds = min(RESTART_WAIT, config.wait_server)
+    if not restarting or seconds <= 0:
+        return
+    for server in restarting:
+        reporter.say(
+            f"{server.url} {server.down_sign}; waiting up to {duration(seconds)} in case it is restarting"
+        )
+    until, pause = time.monotonic() + seconds, PROBE_FIRST
+    while not any(server.in_rotation for server in servers):
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        if stop.asked.wait(min(pause, left)):
+            raise CannotStart("interrupted while waiting for the servers")
+        pause = min(2 * pause, PROBE_LONGEST)
+        check_servers(restarting, config, reporter, stop)
+    for server in restarting:
+        if server.in_rotation:
+            reporter.say(f"{server.url} answers")
+
+
+def down_sign(failure: TryFailed) -> str:
+    """How a server that may be restarting shows it: refused connections, or a proxy in front
+    of it saying it is down (502, 504). Other failures to connect (a proxy, TLS, a name that
+    does not resolve) do not pass with a restart."""
+    if failure.fault is not Fault.SERVER_DOWN or failure.cause:
+        return ""
+    return (
+        f"answers {failure.status} (its proxy's word for a server that is down)"
+        if failure.status
+        else "refuses connections"
+    )
+
+
 def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
     """Before any image is sent: the server answers, has the model, and the model can see.
     Returns why the server does not answer (or ""); raises CannotStart for the model."""
@@ -1893,12 +2302,17 @@ def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) ->
         with server_errors(server.api):
             server.quick.list()
     except TryFailed as failure:
+        server.down_sign = down_sign(failure)
+        if failure.fault is Fault.SERVER_DOWN and failure.cause:
+            return f"cannot reach Ollama at {server.url}: {failure.cause}"
         if failure.fault is Fault.SERVER_DOWN:
             return (
                 f"cannot reach Ollama at {server.url}; start it with 'ollama serve' "
                 "or point --host (or OLLAMA_HOST) at it"
             )
-        if failure.fault is Fault.SERVER_STRUGGLING:  # a wrong port, an SSH server, a stuck proxy
+        # Silence (a wrong port, an SSH server, a stuck proxy) is told from an answer, which says
+        # what it says: a 500 or a 301 comes in milliseconds.
+        if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:
             return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it Ollama?"
         return f"{server.url} does not answer like an Ollama server: {failure}"
     details = show_model(server, config, reporter, stop)
@@ -1928,11 +2342,14 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
     try:
         served = patiently(server.models, server, config, reporter, stop)
     except TryFailed as failure:
+        server.down_sign = down_sign(failure)
+        if failure.fault is Fault.SERVER_DOWN and failure.cause:
+            return f"cannot reach a server at {server.url}: {failure.cause}"
         if failure.fault is Fault.SERVER_DOWN:
             return (
                 f"cannot reach a server at {server.url}; start it, or point --host (or OPENAI_BASE_URL) at it"
             )
-        if failure.fault is Fault.SERVER_STRUGGLING:
+        if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:  # silence, not an answer
             return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it the server?"
         if failure.fault is Fault.ACCESS_DENIED:
             raise CannotStart(f"{server.url}: {failure}") from None
@@ -1944,9 +2361,13 @@ def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: S
     if config.model and config.model not in names:
         listed = ", ".join(names) or "none"
         raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
+    if not config.model and SECRETS.found_in(names[0]):  # it would name the captions' model
+        raise CannotStart(
+            f"{server.url} names its one model with the {SECRETS.found_in(names[0])} sent to it"
+        )
     server.model = config.model or names[0]
     host = urlsplit(server.url).hostname or ""
-    if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1"):
+    if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
         reporter.say(
             f"warning: the API key goes to {server.url} unencrypted (http://); use https:// to send it"
         )
@@ -1998,7 +2419,7 @@ def is_ollama(server: Server) -> bool:
     try:
         answer = server.quick.get("/api/version")
         return answer.status_code == 200 and isinstance(answer.json().get("version"), str)
-    except (httpx.HTTPError, ValueError, AttributeError):
+    except (httpx.HTTPError, ValueError, AttributeError, TryFailed):  # TryFailed: a bound broken
         return False
 
 
@@ -2006,7 +2427,7 @@ def refuse_blind_ollama_model(server: Server) -> None:
     """Ollama does not refuse a picture sent to a model that cannot see (the probe would pass):
     its own /api/show says whether the model can."""
     try:
-        with server_errors(), ollama.Client(host=server.url, timeout=QUICK_TIMEOUT) as client:
+        with server_errors(), server.ollama_client(QUICK_TIMEOUT) as client:
             details = client.show(server.model)
     except TryFailed:
         return  # the probe picture and the run say what is wrong
@@ -2066,8 +2487,9 @@ def show_model(server: Server, config: Config, reporter: Reporter, stop: Stop) -
 
 def pull_model(server: Server, model: str, reporter: Reporter, stop: Stop) -> None:
     try:
-        with server_errors():
-            for update in server.client.pull(model, stream=True):
+        # No deadline: a pull of gigabytes takes as long as the network does.
+        with server_errors(), server.ollama_client(server.patient) as puller:
+            for update in puller.pull(model, stream=True):
                 reporter.pulling(model, update.status or "", update.completed, update.total)
                 if stop.asked.is_set():  # a pull takes minutes: it must not outlast a Ctrl-C
                     raise CannotStart(f"interrupted while pulling {model}")
@@ -2092,7 +2514,7 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
         return openai_request(server, config, task, seed, config.max_tokens)
     message = {"role": "user", "content": task.prompt, "images": [task.payload]}
     options = config.options() if seed is None else {**config.options(), "seed": seed}
-    gathered = Gathered()
+    gathered = Gathered(config.max_tokens)
     with server_errors(server.api):
         # Streamed, so the read timeout bounds the silence before and between tokens rather
         # than the whole answer, an answer cut off mid-way is told from a complete one, and a
@@ -2109,7 +2531,7 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
         )
         with closing(stream):  # closing the stream hangs up; Ollama then stops generating
             for part in stream:
-                gathered.add(part.message.content or "", bool(part.message.thinking))
+                gathered.add(part.message.content or "", part.message.thinking or "")
                 if part.done:
                     refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
                     return gathered.answer(
@@ -2120,15 +2542,25 @@ def request_caption(server: Server, config: Config, task: Task, seed: int | None
 
 class Gathered:
     """An answer as it streams in, from either API: its text, whether thinking came with it
-    (never part of a caption), and a check that it does not loop."""
+    (never part of a caption), and checks that it does not loop and stays within what its
+    token limit allows."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_tokens: int) -> None:
         self.parts: list[str] = []
         self.thought = False
+        self.max_tokens = max_tokens
+        self.length = 0  # characters, thinking included
 
-    def add(self, content: str, thinking: bool) -> None:
+    def add(self, content: str, thinking: str) -> None:
         self.parts.append(content)
-        self.thought = self.thought or thinking
+        self.thought = self.thought or bool(thinking)
+        self.length += len(content) + len(thinking)
+        if self.length > self.max_tokens * CHARACTERS_PER_TOKEN:
+            raise TryFailed(
+                Fault.MODEL_UNUSABLE,
+                f"it sent an answer of more than {self.max_tokens * CHARACTERS_PER_TOKEN} characters, longer "
+                f"than --max-tokens {self.max_tokens} allows: it ignores the token limit",
+            )
         if len(self.parts) % LOOP_CHECK_EVERY == 0 and is_looping(THINK_BLOCK.sub("", "".join(self.parts))):
             raise TryFailed(
                 Fault.UNFIT_ANSWER, f"the answer repeats itself: {shortened(''.join(self.parts))}"
@@ -2169,7 +2601,7 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
         **({} if seed is None else {"seed": seed}),
         **({} if config.think else server.thinking_off),
     }
-    gathered = Gathered()
+    gathered = Gathered(max_tokens)
     started = time.monotonic()
     finish, tokens = "", 0
     with (
@@ -2177,7 +2609,7 @@ def openai_request(server: Server, config: Config, task: Task, seed: int | None,
         server.client.stream("POST", "/v1/chat/completions", json=body) as response,
     ):
         if response.status_code != 200:
-            raise ServerSaid(response.status_code, error_message(response.read()), retry_after(response))
+            raise ServerSaid(response.status_code, error_said(response), retry_after(response))
         if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
             raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
         for line in response.iter_lines():
@@ -2207,7 +2639,7 @@ def stream_choice(chunk: dict, gathered: Gathered) -> str:
         delta = delta if isinstance(delta, dict) else {}
         # vLLM and Ollama call the thinking "reasoning", llama-server "reasoning_content".
         thinking = delta.get("reasoning") or delta.get("reasoning_content")
-        gathered.add(text_of(delta.get("content")), bool(text_of(thinking)))
+        gathered.add(text_of(delta.get("content")), text_of(thinking))
         finish = text_of(choice.get("finish_reason") if isinstance(choice, dict) else None) or finish
     return finish
 
@@ -2242,6 +2674,14 @@ def error_message(body: bytes) -> str:
     return str(error)
 
 
+def error_said(response: httpx.Response) -> str:
+    """What an answer with an error status says; a redirect's with where it points, as this
+    client follows none."""
+    said = error_message(response.read())
+    location = response.headers.get("Location")
+    return f"{server_message(said)} (to {location})" if response.is_redirect and location else said
+
+
 def retry_after(response: httpx.Response) -> float:
     # Seconds only: these servers send no HTTP dates, and without a number the backoff decides.
     try:
@@ -2271,6 +2711,11 @@ def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     problem = caption_problem(answer, caption)
     if problem:
         raise TryFailed(Fault.UNFIT_ANSWER, problem)
+    secret = SECRETS.found_in(caption)
+    if secret:  # the server says back what it was sent: no training set may hold it
+        raise TryFailed(
+            Fault.UNFIT_ANSWER, f"the answer holds the {secret} sent to the server, so it is not written"
+        )
     return caption, answer
 
 
@@ -2311,12 +2756,15 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
         pause = getattr(exc, "retry_after", 0.0)
         fault = status_fault(exc.status_code, exc.error)
         return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
+    if isinstance(exc, httpx.ProxyError):  # raised by our Transport, naming the proxy
+        return TryFailed(Fault.SERVER_DOWN, reason(exc), cause=reason(exc))
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
-        # A certificate the client does not trust is no server that is down: its words say so.
-        certificate = f": {reason(exc)}" if re.search(r"certificate|SSL", str(exc), re.IGNORECASE) else ""
+        cause = connection_cause(exc)
         return TryFailed(
             Fault.SERVER_DOWN,
-            f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}{certificate}",
+            f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}"
+            + (f": {cause}" if cause else ""),
+            cause=cause,
         )
     if isinstance(exc, httpx.TimeoutException):
         return TryFailed(
@@ -2331,6 +2779,25 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
             f"the server's answer is not {'Ollama' if api == 'ollama' else 'the API'}'s JSON",
         )
     return TryFailed(Fault.REQUEST_REFUSED, reason(exc))
+
+
+def connection_cause(exc: Exception) -> str:
+    """What stood in the way of a connection, in the words of the error below the client's; ""
+    when nothing listened or the connection timed out, which the usual message covers. (The
+    ollama client raises ConnectionError('Failed to connect to Ollama...') in place of httpx's
+    ConnectError, `from None`, which keeps it as __context__: ollama/_client.py, _request_raw.)"""
+    chain = causes(exc)
+    if any(isinstance(link, (ConnectionRefusedError, httpx.ConnectTimeout)) for link in chain):
+        return ""
+    if isinstance(exc, ConnectionError) and len(chain) == 1:
+        return ""
+    tls = next((link for link in chain if isinstance(link, ssl.SSLError)), None)
+    if isinstance(tls, ssl.SSLCertVerificationError):  # no server that is down: its words say so
+        return f"its TLS certificate is not trusted ({tls.verify_message or reason(tls)})"
+    if tls:  # most often https:// to a port that answers in plain HTTP, as Ollama's does
+        said = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason(tls))
+        return f"the TLS handshake failed ({said}): does the port speak plain HTTP? use http://"
+    return reason(root_cause(exc))
 
 
 def status_fault(status: int, error: str) -> Fault:
@@ -2429,7 +2896,8 @@ def context_for(tokens: int) -> int:
 
 def server_message(text: str) -> str:
     """A server's error body as one line: an HTML error page (nginx's 502, say) is reduced to
-    its title."""
+    its title. What the run sends is taken out first, before cutting could leave part of it."""
+    text = redacted(text)
     if re.search(r"<html|<!doctype", text, re.IGNORECASE):
         title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
         text = title.group(1) if title else re.sub(r"<[^>]*>", " ", text)
@@ -2843,6 +3311,7 @@ def caption_problem(answer: Answer, caption: str) -> str:
 
 
 def shortened(text: str, length: int = 60) -> str:
+    text = redacted(text)  # before cutting, which could leave part of a secret
     return repr(text if len(text) <= length else text[: length - 1] + "\u2026")
 
 
@@ -3644,10 +4113,10 @@ class Review:
                         break
                     self.thumbnail(image, data)
         self.write_chunk()
-        data = {
-            "run": self.run_data(summary),
-            "images": [self.entry(image) for image in sorted(self.records)],
-        }
+        # Redacted as a last line of defence: a page people share must not hold what the run sends.
+        data = redacted_data(
+            {"run": self.run_data(summary), "images": [self.entry(image) for image in sorted(self.records)]}
+        )
         text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
         try:
             write_atomically(self.page, self.template.replace("__REVIEW_DATA__", text, 1))
@@ -3939,6 +4408,7 @@ class Reporter:
             self.write(shown(line) + "\n")
 
     def write(self, text: str) -> None:
+        text = redacted(text)  # the last line of defence: every reason is redacted already
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -3961,7 +4431,7 @@ class Reporter:
     def list_planned(self, images: list[Path]) -> str:
         """A dry run's listing, on stdout: one image to caption a line. Returns why it could not
         be written (stdout on a full disk), or ""."""
-        listing = "".join(shown(self.name(image)) + "\n" for image in images)
+        listing = redacted("".join(shown(self.name(image)) + "\n" for image in images))
         try:
             if sys.stdout and listing:  # None when started with >&-
                 sys.stdout.write(

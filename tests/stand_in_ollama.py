@@ -13,6 +13,10 @@ llama-server, LM Studio and Ollama itself serve under /v1: GET /v1/models and PO
 /v1/chat/completions (server-sent events with "stream": true, one chat.completion object
 otherwise), images as data URIs. `flavour` picks whose error bodies, reasoning field and
 final chunk it imitates; the same `answer` script and Reply fields drive both APIs.
+
+It can also be hostile, as no upstream server is but a broken one or a proxy in front of one
+can be: echo the request's Authorization header into what it says, stream an answer that never
+ends and never repeats (ignoring the token limit), or a line that never ends.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import select
 import socket
 import threading
 import time
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -127,6 +133,19 @@ class Reply:
     # /v1 with error and status 200: the error body as a 200 JSON answer, as LM Studio sends
     # some failures (lmstudio-ai/lms#362), streaming asked for or not.
     error_in_200: bool = False
+    # With a 3xx status: where it points, as a reverse proxy that sends http:// to https:// does.
+    location: str | None = None
+    # Never ends and never repeats: new words (`word1 word2 ...`), past the token limit, until
+    # the client hangs up, as from a server that ignores max_tokens with a model no loop check
+    # catches.
+    runaway: bool = False
+    # After the start of the first line, bytes without a newline until the client hangs up, as
+    # from a broken server or proxy (64 KB a millisecond: a real one sends some 200 MB/s, but
+    # a client without a bound must not take the tests' machine down with it).
+    endless_line: bool = False
+    # Streamed gzip-compressed (Content-Encoding: gzip) whatever the request's Accept-Encoding
+    # says, as a proxy set to compress every answer does.
+    compressed: bool = False
 
 
 Answer = Callable[[Chat], Union[Reply, str]]
@@ -156,6 +175,13 @@ class StandInOllama:
     # Every endpoint answers 502 with nginx's page, as a reverse proxy does while its Ollama
     # restarts.
     down: bool = False
+    # How GET /api/tags and GET /v1/models answer instead of listing the models: an error status
+    # (Ollama's ListHandler answers 500 {"error": ...} when it cannot read its manifests), or a
+    # redirect (Reply.location).
+    models_reply: Reply | None = None
+    # Every error message, mid-stream error and answer repeats the request's Authorization
+    # header, as a debugging proxy or a careless server's error page may.
+    echo_authorization: bool = False
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -242,18 +268,33 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def send_error_json(self, status: int, message: str) -> None:
-        self.send_json(status, {"error": message})
+        self.send_json(status, {"error": self.said(message)})
 
-    def start_stream(self, last: bool = False, content_type: str = "application/x-ndjson") -> None:
+    def said(self, text: str) -> str:
+        """What the server says, with the request's Authorization header repeated in it when
+        the stand-in echoes it."""
+        authorization = self.headers.get("Authorization")
+        if not (self.stand_in.echo_authorization and authorization):
+            return text
+        return f"{text} (you sent Authorization: {authorization})"
+
+    def start_stream(
+        self, last: bool = False, content_type: str = "application/x-ndjson", compressed: bool = False
+    ) -> None:
         self.send_response(200)
         self.send_header("Content-Type", content_type)
         self.send_header("Transfer-Encoding", "chunked")
+        self.gzip = zlib.compressobj(wbits=31) if compressed else None  # 31: the gzip format
+        if compressed:
+            self.send_header("Content-Encoding", "gzip")
         if last:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
 
     def stream_chunk(self, data: bytes) -> None:
+        if self.gzip:  # each piece flushed, so that the client can read it as it comes
+            data = self.gzip.compress(data) + self.gzip.flush(zlib.Z_SYNC_FLUSH)
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -266,6 +307,9 @@ class Handler(BaseHTTPRequestHandler):
         self.stream_chunk(b"data: %s\n\n" % data.encode())
 
     def end_stream(self) -> None:
+        if self.gzip:
+            ending = self.gzip.flush()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(ending), ending))
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
@@ -330,6 +374,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
         elif self.path == "/api/version":
             self.send_json(200, {"version": stand_in.version})
+        elif self.path in ("/api/tags", "/v1/models") and stand_in.models_reply:
+            self.send_listing_failure(stand_in.models_reply)
         elif self.path == "/api/tags":
             self.send_json(200, {"models": [self.model_entry(name) for name in stand_in.models]})
         elif self.path == "/api/ps":
@@ -355,6 +401,20 @@ class Handler(BaseHTTPRequestHandler):
         body = self.read_body(self.send_openai_error if self.path.startswith("/v1/") else None)
         if body is not None:
             route(body)
+
+    def send_listing_failure(self, reply: Reply) -> None:
+        """A model listing that fails: a redirect with nginx's page, an HTML page, or the API's
+        error body."""
+        if reply.location is not None:
+            phrase = HTTPStatus(reply.status).phrase
+            page = f"<html>\r\n<head><title>{reply.status} {phrase}</title></head>\r\n</html>\r\n"
+            self.send_text(reply.status, self.said(page), "text/html", {"Location": reply.location})
+        elif reply.body is not None:
+            self.send_text(reply.status, self.said(reply.body), "text/html", retry_after(reply))
+        elif self.path.startswith("/v1/"):
+            self.send_openai_error(reply.status, reply.error or "", retry_after(reply))
+        else:
+            self.send_json(reply.status, {"error": self.said(reply.error or "")}, retry_after(reply))
 
     def not_found(self) -> None:
         if self.stand_in.flavour == "lmstudio":
@@ -474,6 +534,7 @@ class Handler(BaseHTTPRequestHandler):
             stream=body.get("stream", True),
             received_at=time.monotonic(),
             think=body.get("think"),
+            authorization=self.headers.get("Authorization") or "",
         )
         self.serve(chat, lambda reply: self.send_reply(model, reply, chat))
 
@@ -518,7 +579,7 @@ class Handler(BaseHTTPRequestHandler):
         """The answer as the model generates it: the whole text (inline thinking included), its
         tokens as (kind, token) pairs with the thinking first, and why generation ended. A token
         limit cuts thinking and answer alike, as thinking spends num_predict and max_tokens."""
-        text = reply.text or ""
+        text = self.said(reply.text or "") if reply.text else ""
         thought = self.thought(chat)
         if thought and (self.entry(chat.model, chat.api) or {}).get("inline_thinking"):
             text, thought = f"<think>{thought}</think>{text}", ""
@@ -566,7 +627,7 @@ class Handler(BaseHTTPRequestHandler):
             return False
         self.request_done()
         if reply.body is not None:
-            self.send_text(reply.status, reply.body, "text/html", retry_after(reply))
+            self.send_text(reply.status, self.said(reply.body), "text/html", retry_after(reply))
         else:
             send_error(reply.status, reply.error or "", retry_after(reply))
         return True
@@ -574,7 +635,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_reply(self, model: str, reply: Reply, chat: Chat) -> None:
         stream = chat.stream
         if self.sent_failure(
-            reply, lambda status, error, headers: self.send_json(status, {"error": error}, headers)
+            reply, lambda status, error, headers: self.send_json(status, {"error": self.said(error)}, headers)
         ):
             return
         text, pieces, done_reason = self.pieces(chat, reply, chat.options.get("num_predict") or -1)
@@ -599,9 +660,14 @@ class Handler(BaseHTTPRequestHandler):
             final["message"]["content"] = text
             self.send_json(200, final)
             return
-        self.start_stream(last=reply.vanish)
+        self.start_stream(last=reply.vanish, compressed=reply.compressed)
+        if reply.endless_line:
+            self.send_endless_line(
+                chat, b'{"model":"%s","message":{"role":"assistant","content":"' % model.encode()
+            )
+            return
         try:
-            for kind, token in itertools.cycle(pieces) if reply.endless else pieces:
+            for kind, token in self.generated(reply, pieces):
                 piece = {"role": "assistant", "content": "", kind: token}
                 self.stream_line({"model": model, "created_at": now(), "message": piece, "done": False})
                 chat.tokens_sent += 1
@@ -615,7 +681,7 @@ class Handler(BaseHTTPRequestHandler):
         if reply.vanish:
             self.stand_in.stop(spare=self.connection)
         if reply.error:
-            self.stream_line({"error": reply.error})
+            self.stream_line({"error": self.said(reply.error)})
         elif reply.done:
             self.stream_line(final)
         self.end_stream()
@@ -624,8 +690,27 @@ class Handler(BaseHTTPRequestHandler):
         """The time a GPU takes for a token; a runaway's loop yields so a hang-up is noticed."""
         if self.stand_in.token_latency:
             time.sleep(self.stand_in.token_latency)
-        if reply.endless:
+        if reply.endless or reply.runaway:
             time.sleep(0.001)
+
+    def generated(self, reply: Reply, pieces: list) -> Iterable[tuple[str, str]]:
+        """The tokens as the model streams them: the answer's, its text said over and over (a
+        loop), or new words without end (a runaway)."""
+        if reply.runaway:
+            return (("content", f"word{number} ") for number in itertools.count(1))
+        return itertools.cycle(pieces) if reply.endless else pieces
+
+    def send_endless_line(self, chat: Chat, start: bytes) -> None:
+        """The start of a line, then bytes without a newline until the client hangs up."""
+        filler = b"a" * 65536
+        try:
+            self.stream_chunk(start)
+            while True:
+                self.stream_chunk(filler)
+                time.sleep(0.001)
+        except OSError:  # the client hung up
+            chat.hung_up = True
+            self.close_connection = True
 
     # -- the OpenAI-compatible API (/v1) --------------------------------------
 
@@ -644,6 +729,7 @@ class Handler(BaseHTTPRequestHandler):
     def openai_error(self, status: int, message: str) -> dict:
         """The error body of this flavour's server."""
         flavour = self.stand_in.flavour
+        message = self.said(message)
         if flavour == "lmstudio":
             return {"error": message}
         if flavour in VLLM:
@@ -831,11 +917,14 @@ class Handler(BaseHTTPRequestHandler):
         token; Ollama and llama-server send it in a chunk of its own. Then the usage chunk, when
         asked for, and [DONE]."""
         flavour = self.stand_in.flavour
-        held = 1 if flavour in VLLM and pieces and not reply.endless else 0
+        held = 1 if flavour in VLLM and pieces and not (reply.endless or reply.runaway) else 0
         leading, last = pieces[: len(pieces) - held], pieces[len(pieces) - held :]
-        self.start_stream(last=reply.vanish, content_type="text/event-stream")
+        self.start_stream(last=reply.vanish, content_type="text/event-stream", compressed=reply.compressed)
+        if reply.endless_line:
+            self.send_endless_line(chat, b'data: {"choices":[{"index":0,"delta":{"content":"')
+            return
         try:
-            for kind, token in itertools.cycle(leading) if reply.endless else leading:
+            for kind, token in self.generated(reply, leading):
                 self.send_piece(chat, kind, token)
                 self.generation_pause(reply)
         except OSError:  # the client hung up: the server cancels the request

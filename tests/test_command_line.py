@@ -61,13 +61,14 @@ def test_what_stops_a_run_before_it_starts_exits_2(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_a_dead_server_costs_one_line_and_no_traceback(tmp_path):
+def test_a_dead_server_costs_a_line_for_the_wait_one_for_the_error_and_no_traceback(tmp_path):
     picture(tmp_path / "a.jpg")
     url = closed_port_url()
     result = run_script(tmp_path, env={"OLLAMA_HOST": url})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"error: cannot reach Ollama at {url}; start it with 'ollama serve' or point --host (or OLLAMA_HOST) at it"
+        f"{url} refuses connections; waiting up to 2s in case it is restarting",
+        f"error: cannot reach Ollama at {url}; start it with 'ollama serve' or point --host (or OLLAMA_HOST) at it",
     ]
     assert result.stdout == ""
 

@@ -153,8 +153,10 @@ def test_clip_length_is_not_undercounted(caption, at_least):
     "given, url",
     [
         ("127.0.0.1:11434", "http://127.0.0.1:11434"),
-        ("http://localhost:11434/", "http://127.0.0.1:11434"),
-        ("localhost", "http://127.0.0.1:11434"),
+        # The name as given: NO_PROXY=localhost must see it (server_urls() still takes it and
+        # 127.0.0.1 for one server).
+        ("http://localhost:11434/", "http://localhost:11434"),
+        ("localhost", "http://localhost:11434"),
         (" 127.0.0.1:8080 ", "http://127.0.0.1:8080"),
         ("http://gpu1", "http://gpu1:80"),
         ("https://Ollama.example.com/api-proxy/", "https://ollama.example.com:443/api-proxy"),
