@@ -1095,7 +1095,7 @@ def left_for_a_rerun(summary: Summary) -> str:
 
 
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
-    if metadata:
+    if metadata and not summary.dry_run:  # a dry run only reads
         written(metadata.path, metadata.save, summary)
 
 
@@ -1170,6 +1170,10 @@ class Planned(NamedTuple):
     name: str
     existing: str  # the caption already there, where --existing or {existing} uses it
     journaled: tuple[str, str, str]  # the Task's mode, before and origin
+
+
+# How far above a folder a journal of version 1 may name its images (-r kept it in the folder given).
+LEGACY_LEVELS = 4
 
 
 class Discovery:
@@ -1251,6 +1255,7 @@ class Discovery:
             yield from self.walk(root)
 
     def journal(self, folder: str) -> Journal:
+        folder = os.path.abspath(folder)
         if folder not in self.journals:
             self.journals[folder] = Journal(folder, self.run)
         return self.journals[folder]
@@ -1260,18 +1265,29 @@ class Discovery:
 
     def history(self, listing: Listing, name: str) -> tuple[list[Written], Journal | None]:
         """An image's journal lines, if its verdict needs them: not for --existing skip, where a
-        caption is done whoever wrote it. A version 1 journal of the folder given names the
-        images of its subfolders too."""
+        caption is done whoever wrote it."""
         if self.config.existing == "skip" and self.config.only is None:
             return [], None
         journal = self.journal(listing.path)
-        history = journal.history(name)
-        if listing.path != str(listing.root):
-            above = self.journal(str(listing.root)).history(
-                os.path.relpath(os.path.join(listing.path, name), listing.root).replace(os.sep, "/")
-            )
-            history = above + history if above else history
-        return history, journal
+        if self.run.fresh and not self.config.dry_run:
+            journal.start_fresh(self.config.existing)
+        return self.written_above(listing.path, name) + journal.history(name), journal
+
+    def written_above(self, folder: str, name: str) -> list[Written]:
+        """Lines of version 1 journals in the folders above (a run with --recursive kept one
+        journal in the folder given, naming the images below it by their path), older than any
+        line of this version."""
+        history: list[Written] = []
+        path = os.path.join(os.path.abspath(folder), name)
+        above = os.path.dirname(os.path.abspath(folder))
+        for _ in range(LEGACY_LEVELS):
+            journal = self.journal(above).load()
+            if journal.version == 1:
+                history = journal.history(os.path.relpath(path, above).replace(os.sep, "/")) + history
+            if os.path.dirname(above) == above:
+                break
+            above = os.path.dirname(above)
+        return history
 
     def model_known(self, model: str) -> None:
         """The server said which model it serves (--api openai without --model): images skipped
@@ -1457,6 +1473,10 @@ class Discovery:
             if len(self.config.folders) == 1:
                 raise CannotStart(f"cannot write in {root}: {self.unwritable[root]}")
             self.fail(root, image, f"cannot write in {root}: {self.unwritable[root]}")
+            return
+        why = "" if self.config.dry_run else self.journal(listing.path).open_for_writing()
+        if why:  # a subfolder that cannot be written, a journal in the way: no request wasted
+            self.fail(root, image, f"cannot write {JOURNAL_NAME}: {why}")
             return
         self.summary.to_caption += 1
         origin = "none" if is_blank(existing) else origin_of(history, text_digest(existing))
@@ -3366,6 +3386,8 @@ def write_answer(task: Task, caption: str, config: Config, journal: Journal | No
     if journal:
         journal.add(task, text, kept)  # before the caption: see Journal
     write_caption(path, text, replace=task.mode != "skip")
+    if journal:
+        journal.confirm(task, text)
     return text
 
 
@@ -3614,6 +3636,10 @@ def lock_file(file: io.BufferedRandom) -> None:
 JOURNAL_NAME = f"{OWN_FILE_PREFIX}.journal"
 JOURNAL_HEADER = json.dumps({"journal": 2})
 MERGING = ("append", "prepend")
+EDITED_SINCE = (
+    "edited since this pass wrote it, so what the pass added cannot be told from the edit; "
+    "redo it with --existing overwrite, or edit it by hand"
+)
 
 
 class Written(NamedTuple):
@@ -3628,6 +3654,7 @@ class Written(NamedTuple):
     kept: tuple[int, int] | None  # where the text before stands in the text written (append, prepend)
     origin: str  # who wrote the text before: "none" (blank), "tool", "person", "original"
     line: int  # its line in the journal: a later line is a later write
+    landed: bool = False  # a second line says the caption was written
 
 
 class RunPass(NamedTuple):
@@ -3656,14 +3683,15 @@ class Journal:
     a JSON line per caption, with its pass (the settings, the model and the mode), a digest of
     the prompt, and digests of the caption's text before and after. From them planning tells
     whether this pass's answer is already in a caption, and whether someone changed a caption
-    since the tool wrote it (see Verdict).
+    since the tool wrote it (see verdict()).
 
-    The line is written before the caption file, so a crash between the two leaves a line whose
-    text the file does not hold: the file still holds the text before, and the write counts as
-    never made. Each folder that holds images keeps its own journal, so a pass is the same
-    whether its folders were named one by one or found by --recursive. Journals of version 1
-    (one pass per folder given, its images named by their path below it) are read, and
-    rewritten in this form before a line is added."""
+    The line is written before the caption file, and a short second line once the caption is in
+    place. A crash between the two leaves a line without its second: if the file still holds
+    the text before, the write counts as never made; a person who puts back the text before a
+    write that did land has edited the caption. Each folder that holds images keeps its own
+    journal, so a pass is the same whether its folders were named one by one or found by
+    --recursive. Journals of version 1 (one pass per folder given, its images named by their
+    path below it) are read, and rewritten in this form before a line is added."""
 
     def __init__(self, folder: str, run: RunPass) -> None:
         self.path = os.path.join(folder, JOURNAL_NAME)
@@ -3674,6 +3702,7 @@ class Journal:
         self.version = 0  # 0: none, or none this version reads (it is written anew)
         self.loaded = False
         self.descriptor: int | None = None
+        self.unwritable = ""  # why it cannot be opened for writing, once tried
         self.opening = threading.Lock()  # captions are written on several threads
         self.freshened: set[str] = set()  # with --fresh: modes whose fresh start is written
 
@@ -3689,14 +3718,16 @@ class Journal:
         try:
             header = json.loads(lines[0])
         except ValueError:
-            return self
-        if isinstance(header, dict) and "pass" in header:
+            header = None
+        if isinstance(header, dict) and isinstance(header.get("pass"), str):
             self.version = 1
-            self.read_version_1(str(header["pass"]), lines[1:])
-        elif lines[0] == JOURNAL_HEADER:
-            self.version = 2
-            for line in lines[1:]:
-                self.read_line(line)
+            self.read_version_1(header["pass"], lines[1:])
+            return self
+        self.version = 2 if lines[0] == JOURNAL_HEADER else 0
+        # A first line damaged (or a journal of no known form): what can be read of the rest still
+        # counts, and the journal is written anew with it before a line is added.
+        for line in lines[1:] if self.version else lines:
+            self.read_line(line)
         return self
 
     def read_version_1(self, identity: str, lines: list[str]) -> None:
@@ -3709,53 +3740,61 @@ class Journal:
                 # Lines of the earliest versions name no prompt: theirs was the run's.
                 prompt = prompt[0] if prompt else as_read
                 prompt = prompt_now if prompt == as_read else prompt
-                self.remember(name, Written(settings, mode, model, prompt, "", after, None, "", self.lines))
-            except (ValueError, TypeError, IndexError):
+                self.remember(
+                    str(name), Written(settings, mode, model, str(prompt), "", str(after), None, "", 0)
+                )
+            except (ValueError, TypeError):
                 pass  # the last line of a run killed as it wrote: that image was not written
 
     def read_line(self, line: str) -> None:
         try:
             entry = json.loads(line)
-            if "fresh" in entry:
-                self.fresh_from[(entry["fresh"], entry["e"], entry["m"])] = self.lines
+            if "ok" in entry:
+                self.landed(str(entry["ok"]), str(entry["a"]))
+            elif "fresh" in entry:
+                self.fresh_from[(str(entry["fresh"]), str(entry["e"]), str(entry["m"]))] = self.lines
                 self.lines += 1
-                return
-            kept = tuple(entry["k"]) if entry.get("k") else None
-            written = Written(
-                entry["s"],
-                entry["e"],
-                entry["m"],
-                entry["t"],
-                entry["b"],
-                entry["a"],
-                kept,
-                entry["o"],
-                self.lines,
-            )
-            self.remember(entry["i"], written)
+            else:
+                fields = [str(entry[key]) for key in ("s", "e", "m", "t", "b", "a")]
+                self.remember(
+                    str(entry["i"]), Written(*fields, kept_span(entry.get("k")), str(entry["o"]), 0)
+                )
         except (ValueError, TypeError, KeyError, AttributeError):
-            pass  # the last line of a run killed as it wrote: that image was not written
+            pass  # the last line of a run killed as it wrote, or a line damaged: it counts for nothing
 
     def remember(self, name: str, written: Written) -> None:
-        self.records.setdefault(name, []).append(written)
+        self.records.setdefault(name, []).append(written._replace(line=self.lines))
         self.lines += 1
+
+    def landed(self, name: str, after: str) -> None:
+        history = self.records.get(name, [])
+        for index in range(len(history) - 1, -1, -1):
+            if history[index].after == after:
+                history[index] = history[index]._replace(landed=True)
+                return
 
     def history(self, name: str) -> list[Written]:
         return self.load().records.get(name, [])
 
-    def counts(self, written: Written, mode: str, prompt: str) -> bool:
-        """Whether a write was this run's pass in this mode, with this prompt, and counts."""
+    def counts(self, written: Written, mode: str | None, prompt: str) -> bool:
+        """Whether a write was this run's pass (in this mode, unless None), with this prompt, and
+        counts."""
         if self.run.fresh:
             return False
-        if written.settings != self.run.settings or written.mode != mode or written.prompt != prompt:
+        if (
+            written.settings != self.run.settings
+            or written.prompt != prompt
+            or mode not in (None, written.mode)
+        ):
             return False
         if self.run.model and written.model and written.model != self.run.model:
             return False
         return written.line >= self.fresh_from.get(
-            (written.settings, mode, written.model or self.run.model), 0
+            (written.settings, written.mode, written.model or self.run.model), 0
         )
 
     def add(self, task: Task, text: str, kept: tuple[int, int] | None) -> None:
+        """The line of a caption about to be written."""
         entry = {
             "i": self.name(task.image),
             "s": self.run.settings,
@@ -3768,20 +3807,39 @@ class Journal:
         }
         if kept:
             entry["k"] = list(kept)
+        self.write(entry)
+
+    def confirm(self, task: Task, text: str) -> None:
+        """The caption of the line before is in place."""
+        self.write({"ok": self.name(task.image), "a": digest(text)})
+
+    def write(self, entry: dict) -> None:
         try:
-            with self.opening:
-                if self.descriptor is None:
-                    self.descriptor = self.start()
-                if self.run.fresh and task.mode not in self.freshened:
-                    # From here on, the pass's earlier writes in this folder do not count.
-                    self.freshened.add(task.mode)
-                    fresh = {"fresh": self.run.settings, "e": task.mode, "m": self.run.model}
-                    os.write(self.descriptor, (json.dumps(fresh) + "\n").encode())
+            if self.open_for_writing():
+                raise OSError(errno.EIO, self.unwritable)
             # Unbuffered: the line is in the operating system's hands before the caption is.
             # ASCII: names are escaped.
             os.write(self.descriptor, (json.dumps(entry) + "\n").encode())
         except OSError as exc:
             raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason(exc)}") from None
+
+    def open_for_writing(self) -> str:
+        """Open the journal for appending (once), and with --fresh mark where this pass starts
+        anew; why it cannot be, or "". Planning asks before an image is sent, so a folder whose
+        journal cannot be written costs no request."""
+        with self.opening:
+            if self.descriptor is None and not self.unwritable:
+                try:
+                    self.descriptor = self.start()
+                except OSError as exc:
+                    self.unwritable = reason(exc)
+            return self.unwritable
+
+    def start_fresh(self, mode: str) -> None:
+        """--fresh: from here on, the pass's earlier writes in this folder do not count."""
+        if mode not in self.freshened and not self.open_for_writing():
+            self.freshened.add(mode)
+            self.write({"fresh": self.run.settings, "e": mode, "m": self.run.model})
 
     def start(self) -> int:
         """Open the journal for appending; one of version 1 is rewritten in this form first. A
@@ -3810,17 +3868,13 @@ class Journal:
     def lines_of_version_2(self) -> Iterator[str]:
         for name, history in self.records.items():
             for written in history:
-                entry = {
-                    "i": name,
-                    "s": written.settings,
-                    "e": written.mode,
-                    "m": written.model,
-                    "t": written.prompt,
-                    "b": written.before,
-                    "a": written.after,
-                    "o": written.origin,
-                }
+                entry = {"i": name, "s": written.settings, "e": written.mode, "m": written.model}
+                entry.update(t=written.prompt, b=written.before, a=written.after, o=written.origin)
+                if written.kept:
+                    entry["k"] = list(written.kept)
                 yield json.dumps(entry) + "\n"
+                if written.landed:
+                    yield json.dumps({"ok": name, "a": written.after}) + "\n"
 
     def name(self, image: Path) -> str:
         return os.path.relpath(image, os.path.dirname(self.path)).replace(os.sep, "/")
@@ -3828,6 +3882,15 @@ class Journal:
     def close(self) -> None:
         if self.descriptor is not None:
             os.close(self.descriptor)
+
+
+def kept_span(value: object) -> tuple[int, int] | None:
+    """A journal's "k", where it is what this version writes: two offsets, the first not past
+    the second. A journal travels with a dataset, so anything else is read as absent."""
+    if isinstance(value, list) and len(value) == 2 and all(type(item) is int for item in value):
+        start, end = value
+        return (start, end) if 0 <= start <= end else None
+    return None
 
 
 class Verdict(NamedTuple):
@@ -3849,44 +3912,50 @@ def verdict(
     after = text_digest(data)
     written = writer_of(history, after)
     mode = config.existing
-    if (
-        named
-        and config.redo_in_its_mode
-        and written
-        and journal
-        and journal.counts(written, written.mode, prompt)
-    ):
-        mode = written.mode
+    if named and config.redo_in_its_mode and journal:
+        mode = mode_of_the_pass(history, written, journal, prompt) or mode
     ours = pass_answer(history, written, journal, mode, prompt) if journal else None
+    edited = origin_of(history, after) == "person"
+    # In append and prepend, an edited caption this pass wrote holds an answer of the pass
+    # that cannot be told apart: adding another would make two.
+    wrote_it = (
+        edited and mode in MERGING and journal and any(journal.counts(w, mode, prompt) for w in history)
+    )
     if named:
-        return redo_verdict(data, written, ours, mode)
+        return redo_verdict(data, written, ours, mode, bool(wrote_it))
     if ours:
         return Verdict("skip", mode, assumed_model="" if journal.run.model else ours.model)
-    if origin_of(history, after) == "person" and not config.overwrite_edits:
+    if edited and not config.overwrite_edits:
         return Verdict("left alone", mode)
+    if wrote_it:
+        return Verdict("fail", mode, why=EDITED_SINCE)
     return Verdict("skip" if mode == "skip" else "caption", mode)
 
 
-def redo_verdict(data: bytes, written: Written | None, ours: Written | None, mode: str) -> Verdict:
+def redo_verdict(
+    data: bytes, written: Written | None, ours: Written | None, mode: str, wrote_it: bool
+) -> Verdict:
     """--only named the image: its caption is done again, edits included."""
     if mode not in MERGING:
         return Verdict("caption", "overwrite")
+    if wrote_it:
+        return Verdict("fail", mode, why=EDITED_SINCE)
     if ours is None:
         return Verdict("caption", mode)
     if ours is not written:
         return Verdict(
             "fail", mode, why="another pass added to its caption since; redo it with --existing overwrite"
         )
-    if not ours.kept:
+    text = data.decode("utf-8", "replace").strip()
+    if not ours.kept or ours.kept[1] > len(text):
         return Verdict(
             "fail",
             mode,
-            why="an earlier version wrote its caption and did not record what this pass "
-            "added; redo it with --existing overwrite",
+            why="its journal does not say what this pass added (an earlier version wrote it); "
+            "redo it with --existing overwrite",
         )
     start, end = ours.kept
-    base = data.decode("utf-8", "replace").strip()[start:end]
-    return Verdict("caption", mode, base)
+    return Verdict("caption", mode, text[start:end])
 
 
 def writer_of(history: list[Written], after: str) -> Written | None:
@@ -3894,31 +3963,43 @@ def writer_of(history: list[Written], after: str) -> Written | None:
     return next((written for written in reversed(history) if written.after == after), None)
 
 
+def chain(history: list[Written], written: Written | None) -> Iterator[Written]:
+    """The write that left a caption's text, then those below the appends and prepends made on
+    top of each other since: every write whose answer the text still holds."""
+    while written is not None:
+        yield written
+        if written.mode not in MERGING or not written.before:
+            return
+        written = writer_of(history[: history.index(written)], written.before)
+
+
 def pass_answer(
     history: list[Written], written: Written | None, journal: Journal, mode: str, prompt: str
 ) -> Written | None:
-    """The write of this pass whose answer the caption holds: the write that left the text, or
-    one below the appends and prepends of other passes made on top of it since."""
-    while written is not None:
-        if journal.counts(written, mode, prompt):
-            return written
-        if written.mode not in MERGING or not written.before:
-            return None
-        earlier = history[: history.index(written)]
-        written = writer_of(earlier, written.before)
-    return None
+    """The write of this pass whose answer the caption holds."""
+    return next((each for each in chain(history, written) if journal.counts(each, mode, prompt)), None)
+
+
+def mode_of_the_pass(history: list[Written], written: Written | None, journal: Journal, prompt: str) -> str:
+    """The mode this run's settings wrote the caption in: of the answer the text holds, else of
+    the pass's last write (a caption edited since); "" if they never did."""
+    ours = next((each for each in chain(history, written) if journal.counts(each, None, prompt)), None)
+    ours = ours or next((each for each in reversed(history) if journal.counts(each, None, prompt)), None)
+    return ours.mode if ours else ""
 
 
 def origin_of(history: list[Written], after: str) -> str:
     """Who wrote a caption's text: "tool", "person" (someone changed what the tool wrote), or
     "original" (the tool never wrote it). The text before a write that never landed is as it
-    was before that write."""
+    was before that write. Lines of version 1 journals, which knew no text before, never make a
+    caption a person's: an earlier version did such an image again."""
     if writer_of(history, after):
         return "tool"
-    undone = next((written for written in reversed(history) if written.before == after), None)
+    known = [written for written in history if written.before]
+    undone = next((w for w in reversed(known) if w.before == after and not w.landed), None)
     if undone:
         return undone.origin or "original"
-    return "person" if history else "original"
+    return "person" if known else "original"
 
 
 def is_blank(data: bytes) -> bool:

@@ -193,15 +193,13 @@ def test_a_disk_that_fills_up_ends_the_run_at_the_first_failed_write(small_disk,
     run = caption(small_disk, "--jobs", 1)
 
     assert run.code == 1
-    # The journal's line comes first (every pass keeps one), so it is the first write to fail.
-    assert "FAILED a.png: cannot write .llava-caption-ollama.journal: No space left on device" in run.err
+    assert "FAILED a.png: cannot write a.txt: No space left on device" in run.err
     assert "stopped: No space left on device" not in run.err  # it names what failed
     # The first write failed; at most the next image was on its way, and its write failed too.
     assert len(server.chats) <= 2
     left = 4 - run.err.count("] FAILED ")
     assert (
-        f"\nstopped: cannot write .llava-caption-ollama.journal: No space left on device; {left} images left "
-        "for a rerun\n" in run.err
+        f"\nstopped: cannot write a.txt: No space left on device; {left} images left for a rerun\n" in run.err
     )
     assert (small_disk / "e.txt").read_text() == "my own tags"
     assert sorted(path.name for path in small_disk.glob("*.txt")) == ["e.txt"]

@@ -270,3 +270,146 @@ def test_a_redo_of_an_append_pass_answer_that_stood_alone_is_its_answer_alone_ag
     assert redo.code == 0, redo.err
     assert path.read_text(encoding="utf-8") == f"ohwx, {expected[path]}"
     assert len(server.chats) == 2
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append"])
+def test_a_person_who_puts_back_the_caption_from_before_a_write_has_edited_it(
+    tmp_path, caption, server, mode
+):
+    """Found by a red-team pass: the text from before a write that landed, put back by hand, is
+    a person's edit, not a crash between the journal line and the caption."""
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 1, tags="my tags")
+    [path] = expected
+    assert caption(folder, "--existing", mode).code == 0
+    path.write_text("my tags", encoding="utf-8")
+
+    rerun = caption(folder, "--existing", mode)
+
+    assert rerun.code == 0, rerun.err
+    assert path.read_text(encoding="utf-8") == "my tags"
+    assert "left alone 1 (edited since written)" in rerun.err
+
+
+def test_a_redo_names_the_pass_answer_under_another_pass_instead_of_destroying_the_tags(
+    tmp_path, caption, server
+):
+    """Found by a red-team pass: --only without --existing, where another append pass added to
+    this one's answer since, must not fall back to overwriting the tags and both answers."""
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 1)
+    [path] = expected
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("Describe the picture.", encoding="utf-8")
+    second.write_text("List what is in the picture.", encoding="utf-8")
+    assert caption(folder, "--prompt", first, "--existing", "append").code == 0
+    assert caption(folder, "--prompt", second, "--existing", "append").code == 0
+    before = path.read_text(encoding="utf-8")
+
+    redo = caption(folder, "--prompt", first, "--only", redo_list(folder, path.with_suffix(".png")))
+
+    assert redo.code == 1
+    assert "another pass added to its caption since" in redo.err
+    assert path.read_text(encoding="utf-8") == before
+
+
+@pytest.mark.parametrize("how", ["only", "overwrite-edits"])
+def test_an_edited_append_caption_is_not_given_a_second_answer_of_its_pass(tmp_path, caption, server, how):
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 1)
+    [path] = expected
+    assert caption(folder, "--existing", "append").code == 0
+    path.write_text(path.read_text(encoding="utf-8") + ", mine", encoding="utf-8")
+    edited = path.read_text(encoding="utf-8")
+
+    ask = ["--only", redo_list(folder, path.with_suffix(".png"))] if how == "only" else ["--overwrite-edits"]
+    redo = caption(folder, "--existing", "append", *ask)
+
+    assert redo.code == 1
+    assert "edited since this pass wrote it" in redo.err
+    assert path.read_text(encoding="utf-8") == edited
+
+
+@pytest.mark.parametrize(
+    "kept", [[0, 1, 2], {"x": 1}, ["a", "b"], [0.5, 2], [-3, 100], [5, 2], [0, 10**6]], ids=str
+)
+def test_a_damaged_journal_line_is_no_traceback_and_no_garbage(tmp_path, caption, server, kept):
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 1)
+    [path] = expected
+    assert caption(folder, "--existing", "append").code == 0
+    journal = folder / JOURNAL
+    header, line, landed = journal.read_text().splitlines()
+    entry = json.loads(line)
+    entry["k"] = kept
+    journal.write_text("\n".join([header, json.dumps(entry), landed]) + "\n")
+    before = path.read_text(encoding="utf-8")
+
+    redo = caption(folder, "--existing", "append", "--only", redo_list(folder, path.with_suffix(".png")))
+
+    assert "Traceback" not in redo.err
+    assert redo.code == 1 and "its journal does not say what this pass added" in redo.err
+    assert path.read_text(encoding="utf-8") == before
+
+
+def test_a_journal_whose_first_line_is_damaged_still_counts(tmp_path, caption, server):
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 2)
+    assert caption(folder, "--existing", "append").code == 0
+    journal = folder / JOURNAL
+    journal.write_bytes(b"X" + journal.read_bytes()[1:])
+    server.chats.clear()
+
+    rerun = caption(folder, "--existing", "append")
+
+    assert rerun.code == 0, rerun.err
+    assert server.chats == []
+    assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
+
+
+def test_a_journal_in_the_way_costs_no_request(tmp_path, caption, server):
+    folder = tmp_path / "set"
+    with_tags(folder, 2)
+    (folder / JOURNAL).mkdir()
+
+    run = caption(folder, "--existing", "append")
+
+    assert run.code == 1
+    assert server.chats == []
+    assert "cannot write .llava-caption-ollama.journal" in run.err
+
+
+def test_a_dry_run_writes_no_jsonl(tmp_path, caption, server):
+    folder = tmp_path / "set"
+    with_tags(folder, 2)
+    meta = folder / "metadata.jsonl"
+
+    dry = caption(folder, "--dry-run", "--jsonl", meta)
+
+    assert dry.code == 0, dry.err
+    assert not meta.exists()
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "img000.png",
+        "img000.txt",
+        "img001.png",
+        "img001.txt",
+    ]
+
+
+def test_a_recursive_pass_of_the_previous_version_is_finished_by_naming_its_subfolders(
+    tmp_path, caption, server
+):
+    """Found by a red-team pass: the journal a -r run of 47ddee3 kept in the folder given names
+    the images below it; a run over those subfolders named one by one still reads it."""
+    root = tmp_path / "ds"
+    folder = root / "sub"
+    expected = with_tags(folder, 3)
+    for path, answer in list(expected.items())[:2]:
+        path.write_text(f"old, tags, {answer}", encoding="utf-8")
+    shutil.copy(DATA / "recursive.journal", root / JOURNAL)
+
+    resumed = caption(folder, "--prompt", DATA / "prompt.txt", "--existing", "append")
+
+    assert resumed.code == 0, resumed.err
+    assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
+    assert len(server.chats) == 1

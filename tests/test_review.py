@@ -657,9 +657,7 @@ def test_a_run_writes_a_page_that_shows_it(browser, make_server, tmp_path):
     # Nothing of the review can be taken for a picture of the dataset (the journal every pass
     # keeps is the tool's own, hidden).
     kept = [p.name for p in folder.iterdir() if p.suffix != ".txt" and p.name != JOURNAL]
-    assert sorted(kept) == sorted(
-        [f"img00{n}.png" for n in range(4)] + [hostile.name]
-    )
+    assert sorted(kept) == sorted([f"img00{n}.png" for n in range(4)] + [hostile.name])
 
 
 @pytest.mark.browser
