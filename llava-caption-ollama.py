@@ -310,10 +310,10 @@ class Config:
         present = {key: value for key, value in chosen.items() if value is not None}
         return {"num_ctx": self.num_ctx, "num_predict": self.max_tokens, **present}
 
-    def settings_digest(self) -> str:
+    def caption_settings(self) -> dict:
         """The settings that change a caption, but for those the journal records with each caption
-        (the image's prompt, the model, the mode): a pass is these and those. A setting added
-        later enters only when it is not at its default, so an upgrade alone never starts a pass."""
+        (the image's prompt, the model, the mode). A setting added later enters only when it is
+        not at its default, so an upgrade alone never starts a new pass."""
         settings = {
             "options": self.options(),
             "think": self.think,
@@ -325,7 +325,11 @@ class Config:
         }
         if self.folder_prompt:
             settings["folder_prompt"] = self.folder_prompt
-        return digest(json.dumps(settings, sort_keys=True))
+        return settings
+
+    def settings_digest(self) -> str:
+        """A pass is these settings, with the prompt, the model and the mode of each caption."""
+        return digest(json.dumps(self.caption_settings(), sort_keys=True))
 
     def pass_identity(self, mode: str, model: str) -> str:
         """The pass as journals before version 2 named it in their first line (47ddee3 and
@@ -334,17 +338,9 @@ class Config:
             "prompt": self.prompt.as_read,
             "model": model,
             "existing": mode,
-            "options": self.options(),
-            "think": self.think,
-            "max_size": self.max_size,
-            "raw": self.raw,
-            "prefix": self.prefix.text,
-            "suffix": self.suffix.text,
-            "caption_ext": self.caption_ext,
+            **self.caption_settings(),
         }
-        if self.folder_prompt:  # only when given: a pass of earlier versions keeps its identity
-            settings["folder_prompt"] = self.folder_prompt
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(json.dumps(settings, sort_keys=True))
 
 
 class Parser(argparse.ArgumentParser):
