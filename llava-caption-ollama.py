@@ -1199,6 +1199,7 @@ class Discovery:
         self.unwritable = unwritable
         self.waiting: deque[Planned] = deque()  # to caption, not prepared yet
         self.journals: dict[str, Journal] = {}  # by folder
+        self.legacy_above: dict[str, list[tuple[str, Journal]]] = {}  # by folder: see journals_above()
         self.run = RunPass.of(config)
         # Skipped as done by this pass with a model, before the server said which it serves.
         self.assumed: list[tuple[Listing, str, str]] = []
@@ -1274,16 +1275,24 @@ class Discovery:
         journal in the folder given, naming the images below it by their path), older than any
         line of this version."""
         history: list[Written] = []
-        path = os.path.join(os.path.abspath(folder), name)
-        above = os.path.dirname(os.path.abspath(folder))
-        for _ in range(LEGACY_LEVELS):
-            journal = self.journal(above).load()
-            if journal.version == 1:
-                history = journal.history(os.path.relpath(path, above).replace(os.sep, "/")) + history
-            if os.path.dirname(above) == above:
-                break
-            above = os.path.dirname(above)
+        for above, journal in self.journals_above(os.path.abspath(folder)):
+            relative = os.path.relpath(os.path.join(folder, name), above).replace(os.sep, "/")
+            history = journal.history(relative) + history
         return history
+
+    def journals_above(self, folder: str) -> list[tuple[str, Journal]]:
+        """The version 1 journals up to LEGACY_LEVELS folders above folder, looked for once."""
+        if folder not in self.legacy_above:
+            found = []
+            above = folder
+            for _ in range(LEGACY_LEVELS):
+                if os.path.dirname(above) == above:
+                    break
+                above = os.path.dirname(above)
+                if self.journal(above).load().version == 1:
+                    found.append((above, self.journal(above)))
+            self.legacy_above[folder] = found
+        return self.legacy_above[folder]
 
     def model_known(self, model: str) -> None:
         """The server said which model it serves (--api openai without --model): images skipped
