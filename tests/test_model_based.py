@@ -103,6 +103,10 @@ FOLDER_LINE = re.compile(
     r"^  (\S+): captioned (\d+), skipped (\d+), (?:left alone (\d+) \(edited since written\), )?failed (\d+)$",
     re.MULTILINE,
 )
+# A redo (--only) with --jsonl mends the rows of every image of the folders given, not only of those
+# it names: the README promises that "a run with --jsonl ends with a JSONL that holds every caption",
+# and the rules' invariant names no exception. (False: only the named images are checked.)
+JSONL_MENDED_BY_REDO = True
 RUN_SECONDS = 30.0  # a run of a few tiny PNGs that takes longer is hung: killed and reported
 KILLS = {"kill -9": signal.SIGKILL, "kill -TERM": signal.SIGTERM}
 # Whether the script has the rules' --overwrite-edits yet: read from its source, not run, since
@@ -536,7 +540,7 @@ class Reruns(RuleBasedStateMachine):
         outputs: str,
     ) -> None:
         """A run killed (kill -9, or TERM as `kill` sends) when the stand-in receives its k-th
-        request; a run with fewer requests ends on its own."""
+        request (with --jobs 1: see argv); a run with fewer requests ends on its own."""
         self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
 
     @precondition(lambda self: self.ready and self.bench.api == "openai")
@@ -664,6 +668,11 @@ class Reruns(RuleBasedStateMachine):
             argv += ["--review", "out/review.html"]
         if spec.overwrite_edits:
             argv += ["--overwrite-edits"]
+        if spec.kill:
+            # One request at a time: when the k-th arrives, k-1 answers came and no other request
+            # is on its way, so what the kill interrupts does not depend on timing (but whether the
+            # (k-1)-th caption landed before a kill -9 does: that is the point).
+            argv += ["--jobs", "1"]
         return argv
 
     def execute(self, spec: RunSpec, argv: list[str]) -> Outcome:
@@ -984,6 +993,8 @@ class Reruns(RuleBasedStateMachine):
             by_name.setdefault(row.get("file_name"), []).append(row)
         problems = []
         for picture in self.scope(FOLDER_SPECS[spec.folders][1]):
+            if spec.only is not None and picture.rel not in spec.only and not JSONL_MENDED_BY_REDO:
+                continue
             data = disk[picture.caption]
             found = by_name.get(picture.rel, [])
             if is_blank(data):
