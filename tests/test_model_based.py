@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -109,9 +110,13 @@ FOLDER_LINE = re.compile(
 JSONL_MENDED_BY_REDO = True
 RUN_SECONDS = 30.0  # a run of a few tiny PNGs that takes longer is hung: killed and reported
 KILLS = {"kill -9": signal.SIGKILL, "kill -TERM": signal.SIGTERM}
+# The script the machine runs: this tree's, or another copy (a branch's work tree, the rules'
+# reference in tests/rules_reference.py) named by the environment, so that the harness of one tree
+# can check the script of another.
+SCRIPT_UNDER_TEST = Path(os.environ.get("LLAVA_CAPTION_SCRIPT") or SCRIPT).resolve()
 # Whether the script has the rules' --overwrite-edits yet: read from its source, not run, since
 # this module is imported whenever the suite is collected.
-HAS_OVERWRITE_EDITS = "--overwrite-edits" in SCRIPT.read_text(encoding="utf-8")
+HAS_OVERWRITE_EDITS = "--overwrite-edits" in SCRIPT_UNDER_TEST.read_text(encoding="utf-8")
 
 
 # --- What went wrong: one class per invariant, so Hypothesis shrinks each to its own shortest case
@@ -196,6 +201,9 @@ class Caption:
     kind: str = "blank"  # blank, original (nobody we know), tool, person (edited since written)
     write: Write | None = None  # with kind "tool": the write that produced the text
     written: set = field(default_factory=set)  # every text the tool ever wrote here
+    # A write a killed run may have journaled without its caption landing: the rules count it as
+    # the tool having written this caption "at some time", or not; the model cannot know which.
+    attempted: bool = False
     # A person's edit that a killed run may have journaled a write over (the write never
     # landed): the rules read such a text as "nobody we know", not as a person's. The model
     # cannot know whether the journal line was written, so either reading is accepted.
@@ -301,7 +309,7 @@ class LiveRun:
 class Outcome:
     code: int
     err: str
-    asked: list
+    asked: list  # what the run received an answer to: a kill -9's held request is not among them
     killed: str | None  # a key of KILLS when the run was killed
 
 
@@ -386,6 +394,7 @@ class Reruns(RuleBasedStateMachine):
         self.images_of_tags: dict[int, str] = {}
         self.served = DEFAULT_MODEL  # with --api openai: the one model the server serves
         self.jsonl_used = self.review_used = False
+        self.history: list[tuple[str, str, str | None, bool]] = []  # each run's pass settings, in order
         self.widths = (width for width in itertools.count(40) if width != 64)  # 64: the probe's
         self.edits = itertools.count(1)
         self.lists = itertools.count(1)
@@ -543,6 +552,53 @@ class Reruns(RuleBasedStateMachine):
         request (with --jobs 1: see argv); a run with fewer requests ends on its own."""
         self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
 
+    # The same pass again: what the rerun guarantees are about. Drawn afresh, a run's settings
+    # (4 folder forms x 2 prompts x 3 models x 5 modes x 2 prefixes) would seldom repeat a pass.
+
+    @precondition(lambda self: self.history)
+    @rule(
+        earlier=st.integers(0, 9),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        limit=st.sampled_from((None, None, 1, 2)),
+        outputs=st.sampled_from(("", "", "--jsonl", "--review")),
+    )
+    def run_again(self, earlier: int, folders: str, limit: int | None, outputs: str) -> None:
+        """The settings of an earlier run (the earlier-th, counted round), perhaps over the
+        folders given another way, with --limit or other outputs: none of them part of a pass."""
+        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        self.step(RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs))
+
+    @precondition(lambda self: self.history)
+    @rule(
+        earlier=st.integers(0, 9),
+        existing=st.booleans(),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        picks=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+        outputs=st.sampled_from(("", "", "--jsonl")),
+    )
+    def redo_in_pass(
+        self, earlier: int, existing: bool, folders: str, picks: list[int], outputs: str
+    ) -> None:
+        """A redo with the settings of an earlier run, with its --existing or without it (as the
+        review page's redo list is run): in the middle of an append pass, say."""
+        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        scope = self.scope(FOLDER_SPECS[folders][1])
+        named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
+        self.step(RunSpec(folders, prompt, model, mode if existing else None, prefix, None, named, outputs))
+
+    @precondition(lambda self: self.history)
+    @rule(
+        earlier=st.integers(0, 9),
+        how=st.sampled_from(sorted(KILLS)),
+        at_request=st.integers(1, 3),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        outputs=st.sampled_from(("", "--jsonl")),
+    )
+    def killed_run_again(self, earlier: int, how: str, at_request: int, folders: str, outputs: str) -> None:
+        """An earlier run's settings again, killed at the stand-in's k-th request."""
+        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
+
     @precondition(lambda self: self.ready and self.bench.api == "openai")
     @rule()
     def server_changes_its_model(self) -> None:
@@ -561,8 +617,9 @@ class Reruns(RuleBasedStateMachine):
         caption = self.captions[picture.caption]
         caption.data = f"hand edit {next(self.edits)}".encode()
         # "A person" only where the tool wrote this caption at some time; else nobody we know.
-        caption.kind = "person" if caption.written else "original"
-        caption.write, caption.maybe_original = None, False
+        # Where only a killed run's write that never landed says so, either reading is allowed.
+        caption.kind = "person" if caption.written or caption.attempted else "original"
+        caption.write, caption.maybe_original = None, not caption.written and caption.attempted
         self.caption_path(picture).write_bytes(caption.data)
         note(f"# {picture.caption} edited by hand: {short(caption.data)} ({caption.kind})")
         self.bench.counters.steps += 1
@@ -613,6 +670,7 @@ class Reruns(RuleBasedStateMachine):
     # --- a run: what the rules say, the run itself, and the two compared
 
     def step(self, spec: RunSpec) -> None:
+        self.history.append((spec.prompt, spec.model, spec.mode, spec.prefix))
         self.bench.counters.steps += 1
         self.bench.counters.runs += 1
         worlds = self.worlds(spec)
@@ -685,7 +743,7 @@ class Reruns(RuleBasedStateMachine):
         killed = None
         with open(log, "w", encoding="utf-8") as err, as_from_a_terminal():
             process = subprocess.Popen(
-                [sys.executable, str(SCRIPT), *argv, "--host", self.bench.server.url],
+                [sys.executable, str(SCRIPT_UNDER_TEST), *argv, "--host", self.bench.server.url],
                 cwd=self.work,
                 env=child_environment(None),
                 stdin=subprocess.DEVNULL,
@@ -721,7 +779,10 @@ class Reruns(RuleBasedStateMachine):
                 time.sleep(0.01)
             with self.lock:
                 self.live = None
-        return Outcome(process.returncode, log.read_text(encoding="utf-8"), list(live.asked), killed)
+        asked = list(live.asked)
+        if killed == "kill -9":  # its k-th answer was held until the run was dead
+            asked = asked[: spec.kill[1] - 1]
+        return Outcome(process.returncode, log.read_text(encoding="utf-8"), asked, killed)
 
     def expect_refusal(self, outcome: Outcome, disk: dict[str, bytes | None]) -> None:
         """--api openai naming a model the server does not serve: exit 2, nothing changed."""
@@ -1028,8 +1089,9 @@ class Reruns(RuleBasedStateMachine):
                 caption.data, caption.kind, caption.write = actual, "tool", write
                 caption.written.add(write.text)
                 caption.maybe_original = False
-            elif caption.kind == "person":
-                caption.maybe_original = True  # killed: its journal line may say a write came
+            else:  # killed before its write landed: its journal line may say a write came
+                caption.attempted = True
+                caption.maybe_original = caption.kind == "person"
 
     # --- checked after every step
 
