@@ -5,9 +5,11 @@
 
 CI runs the same machine derandomized, with a few dozen steps (tests/test_model_based.py); this
 runs it for as long as you give it, each batch of examples with a seed of its own, so that every
-run explores sequences CI never tried. Each failure is shrunk by Hypothesis to its shortest
-sequence of steps. At the end: steps run, examples, failures found, and the shortest failing
-sequence with its seed. Exit 1 if anything failed.
+run explores sequences CI never tried. Each failure is shrunk by Hypothesis towards its shortest
+sequence of steps (for --shrink-seconds at most). At the end: steps run, examples, failures found,
+and for each kind of failure the shortest failing sequence with its seed. Exit 1 if anything failed.
+
+    LLAVA_CAPTION_SCRIPT=../main/llava-caption-ollama.py python tests/soak.py   # another tree's script
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api", choices=("ollama", "openai", "both"), default="both")
     parser.add_argument("--steps", type=int, default=25, help="steps per example (default 25)")
     parser.add_argument("--seed", type=int, help="run one batch with this seed (from a failure's report)")
+    parser.add_argument(
+        "--shrink-seconds",
+        type=float,
+        default=120.0,
+        help="how long a batch's failures are shrunk, at most (default 120; Hypothesis's own limit is 300)",
+    )
     args = parser.parse_args(argv)
     apis = ["ollama", "openai"] if args.api == "both" else [args.api]
     servers: list[StandInOllama] = []
@@ -73,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                 bench = benches[batches % len(benches)]
                 batch_seed = args.seed if args.seed is not None else random.getrandbits(32)
                 batches += 1
-                # A failure is shrunk for at most what is left of the soak (Hypothesis's own
-                # limit is 5 minutes), so that --minutes holds within a batch or so.
-                engine.MAX_SHRINKING_SECONDS = int(max(30, min(300, deadline - time.monotonic())))
+                # Every shrinking step reruns the script, so a failure's shortest sequence costs
+                # minutes: bounded, so that the soak goes on finding others and --minutes holds
+                # within a batch or so. (Hypothesis reads this limit of its own at each shrink.)
+                left = deadline - time.monotonic()
+                engine.MAX_SHRINKING_SECONDS = int(max(30, min(args.shrink_seconds, left)))
                 found = soak_batch(bench, batch_seed, args.steps)
                 failures += found
                 elapsed = time.monotonic() - started
