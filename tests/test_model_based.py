@@ -60,12 +60,14 @@ from hypothesis.stateful import (
 from PIL import Image
 from stand_in_ollama import VISION_MODEL, Chat, Reply, StandInOllama
 
-# The CI budget, measured on a 2-core machine: each of the two tests (one per API) about 30 s,
-# side by side in pytest-xdist's workers. A run that does work costs ~0.5 s (the interpreter and
-# its libraries), one with nothing to do ~0.1 s.
+# The CI budget, measured on this 2-core machine: per API, 8 examples of up to 15 steps (~110
+# steps, ~45 runs of the script) take 33-40 s where the script keeps the rules, the four tests side
+# by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. A run that does work
+# costs ~0.5 s (the interpreter and its libraries), one with nothing to do ~0.1 s. A failure
+# adds its shrinking: up to Hypothesis's 5 minutes.
 CI_SETTINGS = settings(
-    max_examples=6,
-    stateful_step_count=12,
+    max_examples=8,
+    stateful_step_count=15,
     derandomize=True,  # the same sequences on every CI run: a failure is not luck
     database=None,  # nothing written beside the tests; the soak finds new sequences instead
     deadline=None,  # a step is a subprocess: its time is not Hypothesis's business
@@ -1168,7 +1170,7 @@ def machine(bench: Bench) -> Callable[[], Reruns]:
 
 
 @pytest.mark.model_based
-@pytest.mark.timeout(900)  # passing takes ~30 s; a failure is shrunk for up to 5 minutes more
+@pytest.mark.timeout(900)  # passing takes ~40 s; a failure is shrunk for up to 5 minutes more
 @pytest.mark.parametrize("script", [SCRIPT_UNDER_TEST, REFERENCE], ids=["script", "rules-reference"])
 @pytest.mark.parametrize("api", ["ollama", "openai"])
 def test_reruns_keep_the_integrity_rules(api: str, script: Path, tmp_path: Path, make_server) -> None:
