@@ -17,6 +17,8 @@ one where a run of that pass finished it; a caption edited by hand unchanged unl
 --overwrite-edits) named it; images, prompt files and lists byte-identical, no file but captions
 and the named outputs changed (the tool's own hidden files aside); the JSONL, when kept, one row
 per non-blank caption with the text on disk; the summary's counts and the exit code what changed.
+The same machine runs against tests/rules_reference.py, the rules kept by the smallest captioner,
+where it must find nothing: the control that a failure is the script's, not the harness's.
 
 It takes minutes, not seconds, so it is not part of the default suite (see conftest.py):
 
