@@ -156,7 +156,6 @@ def served_models(host: str) -> list[str]:
 
 def write(journal: Journal, entry: Entry, caption: Path) -> None:
     journal.add(entry)  # before the caption: a write whose caption never landed is known
-    time.sleep(0.02)  # a window as wide as a busy disk's, for the kills to fall into
     write_atomically(caption, entry.after.encode())
 
 
