@@ -807,10 +807,12 @@ class Reruns(RuleBasedStateMachine):
     # --- the rules
 
     def pass_of(self, spec: RunSpec, mode: str) -> Pass:
-        if self.bench.api == "openai":
-            model = self.served  # named or not: the one the server serves, or the run is refused
+        if spec.model != "default":
+            model = spec.model  # with --api openai, if the server does not serve it, the run is refused
+        elif self.bench.api == "openai":
+            model = self.served  # learnt at the preflight
         else:
-            model = DEFAULT_MODEL if spec.model == "default" else spec.model
+            model = DEFAULT_MODEL
         return Pass(spec.prompt, model, mode, PREFIX if spec.prefix else "")
 
     def worlds(self, spec: RunSpec) -> list[dict[str, Plan]]:
