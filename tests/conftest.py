@@ -32,6 +32,28 @@ def load_script():
 
 captioner = load_script()
 
+# The model-based test (tests/test_model_based.py) takes minutes: it runs only when asked for, so
+# that the default suite stays quick. A hook rather than `-m "not model_based"` in pytest.ini's
+# addopts, which a user's own -m would replace.
+MODEL_BASED_ENV = "LLAVA_CAPTION_MODEL_BASED"
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--model-based",
+        action="store_true",
+        help=f"also run the model-based test of the rerun guarantees (or set {MODEL_BASED_ENV}=1)",
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--model-based") or os.environ.get(MODEL_BASED_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"model-based: run with --model-based (or {MODEL_BASED_ENV}=1)")
+    for item in items:
+        if "model_based" in item.keywords:
+            item.add_marker(skip)
+
 
 @dataclass
 class Run:

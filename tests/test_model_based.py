@@ -1,0 +1,1184 @@
+"""The rerun guarantees over random sequences of what users do: a model-based test (issue 17).
+
+A Hypothesis state machine whose rules are a user's actions, in any order: runs in every
+--existing mode, with --limit, a redo with --only, -r over the root or its subfolders named one
+by one, --jsonl, --review, another prompt, model or --prefix, a server that changes the one model
+it serves, a run killed (kill -9 or TERM) when the stand-in receives its k-th request, a caption
+edited by hand, made blank (empty, a byte-order mark, NUL bytes, invisible spaces) or deleted, an
+image added or removed. The script runs as a subprocess, as a user runs it, against one stand-in
+server per test.
+
+After every step a model of the dataset says what must be on disk, following the integrity
+rules (issue 17): who wrote each caption (the tool, a person, nobody we know), which passes'
+answers it holds, and what a run of a pass must do with it. The stand-in's answers are tagged,
+"tag7 by llava:13b for alpha", so that which pass put which answer where can be read back from
+the caption files. Checked after every step: per pass at most one answer in a caption, and exactly
+one where a run of that pass finished it; a caption edited by hand unchanged unless --only (or
+--overwrite-edits) named it; images, prompt files and lists byte-identical, no file but captions
+and the named outputs changed (the tool's own hidden files aside); the JSONL, when kept, one row
+per non-blank caption with the text on disk; the summary's counts and the exit code what changed.
+The same machine runs against tests/rules_reference.py, the rules kept by the smallest captioner,
+where it must find nothing: the control that a failure is the script's, not the harness's.
+
+It takes minutes, not seconds, so it is not part of the default suite (see conftest.py):
+
+    python -m pytest tests/test_model_based.py --model-based     # the CI budget, derandomized
+    python tests/soak.py --minutes 30                           # random seeds for 30 minutes
+
+A failure prints the shortest sequence of steps Hypothesis found, each with its command line.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from conftest import SCRIPT, as_from_a_terminal, child_environment
+from hypothesis import HealthCheck, note, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from PIL import Image
+from stand_in_ollama import VISION_MODEL, Chat, Reply, StandInOllama
+
+# The CI budget, measured on this 2-core machine: per API, 8 examples of up to 15 steps (~110
+# steps, ~45 runs of the script) take 33-40 s where the script keeps the rules, the four tests side
+# by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. A run that does work
+# costs ~0.5 s (the interpreter and its libraries), one with nothing to do ~0.1 s. A failure
+# adds its shrinking: up to Hypothesis's 5 minutes.
+CI_SETTINGS = settings(
+    max_examples=8,
+    stateful_step_count=15,
+    derandomize=True,  # the same sequences on every CI run: a failure is not luck
+    database=None,  # nothing written beside the tests; the soak finds new sequences instead
+    deadline=None,  # a step is a subprocess: its time is not Hypothesis's business
+    suppress_health_check=list(HealthCheck),
+)
+
+OWN_FILES = ".llava-caption-ollama"  # the tool's lock, journal and temporary files: its own business
+MODELS = ("llava:13b", "qwen2.5vl:7b")
+DEFAULT_MODEL = "llava:13b"
+PROMPTS = {  # each with its marker word, which the stand-in puts in its answer
+    "alpha": "Describe the picture in one line. Marker word: alpha.",
+    "beta": "Name what the picture shows, comma-separated. Marker word: beta.",
+}
+PREFIX = "trig"
+FOLDER_SPECS = {  # how the folders are given: not part of a pass
+    "-r root": (["-r", "root"], ("a", "b")),
+    "root/a root/b": (["root/a", "root/b"], ("a", "b")),
+    "root/a": (["root/a"], ("a",)),
+    "root/b": (["root/b"], ("b",)),
+}
+BLANKS = {  # captions that are no caption: every mode captions them, with the answer alone
+    "empty": b"",
+    "byte-order mark": "\ufeff".encode(),
+    "NUL bytes": b"\x00\x00",
+    "invisible spaces": "\u00a0 \u200b\r\n".encode(),
+    "deleted": None,
+}
+# The stand-in's answer: cleanup (lead-ins, labels, quotes, loops, refusals) leaves it whole.
+TAG = re.compile(r"tag(\d+) by (\S+) for (\w+)")
+SUMMARY = re.compile(
+    r"^(interrupted: )?captioned (\d+), skipped (\d+), "
+    r"(?:left alone (\d+) \(edited since written\), )?failed (\d+) in ",
+    re.MULTILINE,
+)
+FOLDER_LINE = re.compile(
+    r"^  (\S+): captioned (\d+), skipped (\d+), (?:left alone (\d+) \(edited since written\), )?failed (\d+)$",
+    re.MULTILINE,
+)
+# A redo (--only) with --jsonl mends the rows of every image of the folders given, not only of those
+# it names: the README promises that "a run with --jsonl ends with a JSONL that holds every caption",
+# and the rules' invariant names no exception. (False: only the named images are checked.)
+JSONL_MENDED_BY_REDO = True
+RUN_SECONDS = 30.0  # a run of a few tiny PNGs that takes longer is hung: killed and reported
+KILLS = {"kill -9": signal.SIGKILL, "kill -TERM": signal.SIGTERM}
+# The script the machine runs: this tree's, or another copy (a branch's work tree, the rules'
+# reference in tests/rules_reference.py) named by the environment, so that the harness of one tree
+# can check the script of another.
+SCRIPT_UNDER_TEST = Path(os.environ.get("LLAVA_CAPTION_SCRIPT") or SCRIPT).resolve()
+# The rules as the smallest captioner that keeps them: the harness's control.
+REFERENCE = Path(__file__).resolve().parent / "rules_reference.py"
+# Whether the script has the rules' --overwrite-edits yet: read from its source, not run, since
+# this module is imported whenever the suite is collected.
+HAS_OVERWRITE_EDITS = "--overwrite-edits" in SCRIPT_UNDER_TEST.read_text(encoding="utf-8")
+
+
+# --- What went wrong: one class per invariant, so Hypothesis shrinks each to its own shortest case
+
+
+class Violation(AssertionError):
+    """An integrity rule broken."""
+
+
+class AnswerTwice(Violation):
+    """A caption holds two answers of one pass."""
+
+
+class AnswerMissing(Violation):
+    """A run of a pass finished an image, yet its caption does not hold exactly one answer of it."""
+
+
+class EditOverwritten(Violation):
+    """A caption edited by hand since the tool wrote it was changed without being named."""
+
+
+class CaptionWrong(Violation):
+    """A caption is not what the rules say (blank not captioned, a wrong merge, sent when done...)."""
+
+
+class OtherFileChanged(Violation):
+    """An image, prompt file or list changed, or a file appeared that is neither a caption nor an output."""
+
+
+class JsonlWrong(Violation):
+    """The JSONL does not hold one row per non-blank caption with the text on disk."""
+
+
+class SummaryWrong(Violation):
+    """The summary's counts or the exit code say something else than what happened on disk."""
+
+
+class RunHung(Violation):
+    """A run did not end within RUN_SECONDS."""
+
+
+# --- The model --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Every setting of a run that changes a caption, as far as these runs vary them."""
+
+    prompt: str  # the marker word of the prompt file
+    model: str
+    mode: str  # --existing: skip, overwrite, append, prepend
+    prefix: str
+
+    def settings(self) -> tuple[str, str, str]:
+        return self.prompt, self.model, self.prefix
+
+    def __str__(self) -> str:
+        trigger = f" --prefix {self.prefix}" if self.prefix else ""
+        return f"[{self.mode} {self.prompt} {self.model}{trigger}]"
+
+
+@dataclass(frozen=True)
+class Write:
+    """A caption the tool wrote: by which pass, the text its answer was added to (empty when the
+    answer stands alone) and the passes whose answers that text held."""
+
+    by: Pass
+    base: str
+    base_passes: frozenset
+    text: str
+
+    @property
+    def passes(self) -> frozenset:
+        return self.base_passes | {self.by}
+
+
+@dataclass
+class Caption:
+    """What the model knows of one caption file."""
+
+    data: bytes | None = None  # None: absent
+    kind: str = "blank"  # blank, original (nobody we know), tool, person (edited since written)
+    write: Write | None = None  # with kind "tool": the write that produced the text
+    written: set = field(default_factory=set)  # every text the tool ever wrote here
+    # A write a killed run may have journaled without its caption landing: the rules count it as
+    # the tool having written this caption "at some time", or not; the model cannot know which.
+    attempted: bool = False
+    # A person's edit that a killed run may have journaled a write over (the write never
+    # landed): the rules read such a text as "nobody we know", not as a person's. The model
+    # cannot know whether the journal line was written, so either reading is accepted.
+    maybe_original: bool = False
+
+    @property
+    def blank(self) -> bool:
+        return is_blank(self.data)
+
+    @property
+    def text(self) -> str:
+        return "" if self.blank else decoded(self.data)
+
+    @property
+    def passes(self) -> frozenset:
+        """The passes whose answers the text holds (following appends down the chain)."""
+        return self.write.passes if self.kind == "tool" and self.write else frozenset()
+
+
+@dataclass
+class Picture:
+    rel: str  # below root: a/img00.png
+    width: int  # tells the stand-in which image it was sent
+    data: bytes
+    present: bool = True
+
+    @property
+    def folder(self) -> str:
+        return self.rel.split("/")[0]
+
+    @property
+    def caption(self) -> str:
+        return self.rel[: -len(".png")] + ".txt"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the rules say a run does with one image."""
+
+    action: str  # caption, skip, left alone, fail, none (not this run's business)
+    why: str
+    by: Pass | None = None
+    base: str = ""  # the text the answer is added to; "" for the answer alone
+    base_passes: frozenset = frozenset()
+    holds_answer: bool = False  # with skip: the pass's answer is there already
+
+    def text(self, answer: str) -> str:
+        assert self.by
+        return merged(self.base, answer, self.by.mode, self.by.prefix)
+
+    def write(self, answer: str) -> Write:
+        assert self.by
+        return Write(self.by, self.base, self.base_passes, self.text(answer))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    folders: str  # a key of FOLDER_SPECS
+    prompt: str
+    model: str  # "default" (no --model) or a name
+    mode: str | None  # None: no --existing
+    prefix: bool
+    limit: int | None = None
+    only: tuple | None = None  # the images the --only list names
+    outputs: str = ""  # "", "--jsonl", "--review", "--jsonl --review"
+    overwrite_edits: bool = False
+    kill: tuple | None = None  # (a key of KILLS, at which request)
+
+    @property
+    def jsonl(self) -> bool:
+        return "--jsonl" in self.outputs
+
+    @property
+    def review(self) -> bool:
+        return "--review" in self.outputs
+
+
+@dataclass
+class Asked:
+    """One chat request of a run, as the stand-in received it."""
+
+    number: int
+    width: int
+    model: str
+    marker: str
+
+    @property
+    def answer(self) -> str:
+        return f"tag{self.number} by {self.model} for {self.marker}"
+
+
+@dataclass
+class LiveRun:
+    """A run in progress, as the stand-in's answer callable sees it."""
+
+    kill_at: int | None
+    asked: list = field(default_factory=list)
+    reached: threading.Event = field(default_factory=threading.Event)  # its kill_at-th request came
+    released: threading.Event = field(default_factory=threading.Event)  # the kill is done: answer
+
+
+@dataclass
+class Outcome:
+    code: int
+    err: str
+    asked: list  # what the run received an answer to: a kill -9's held request is not among them
+    killed: str | None  # a key of KILLS when the run was killed
+
+
+@dataclass
+class Counters:
+    """For the soak's report."""
+
+    examples: int = 0
+    steps: int = 0
+    runs: int = 0
+
+
+@dataclass
+class Bench:
+    """What the examples of one test share: the API, the stand-in server, a scratch folder."""
+
+    api: str
+    server: StandInOllama
+    base: Path
+    script: Path = SCRIPT_UNDER_TEST
+    counters: Counters = field(default_factory=Counters)
+
+    @classmethod
+    def start(
+        cls, api: str, base: Path, make_server: Callable[..., StandInOllama], script: Path = SCRIPT_UNDER_TEST
+    ) -> Bench:
+        # Ollama's own API: both models served, chosen with --model. OpenAI-compatible (as vLLM,
+        # which serves one model and answers nothing but /v1): the run takes the one it serves.
+        if api == "ollama":
+            server = make_server(models={name: VISION_MODEL for name in MODELS})
+        else:
+            server = make_server(models={DEFAULT_MODEL: VISION_MODEL}, native=False)
+        return cls(api, server, base, script)
+
+
+def is_blank(data: bytes | None) -> bool:
+    """No caption: absent, or nothing left without white space, control and format characters."""
+    if data is None:
+        return True
+    text = data.decode("utf-8-sig", "replace")
+    return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text)
+
+
+def decoded(data: bytes | None) -> str:
+    return "" if data is None else data.decode("utf-8-sig", "replace").strip()
+
+
+def merged(base: str, answer: str, mode: str, prefix: str) -> str:
+    """The caption a write leaves: the answer added to base as the mode says, the trigger word in
+    front unless already there as whole words (the script's finished_caption)."""
+    caption = answer
+    if base and mode == "append":
+        caption = f"{base}, {answer}"
+    elif base and mode == "prepend":
+        caption = f"{answer}, {base}"
+    if prefix and not re.match(rf"{re.escape(prefix)}(?!\w)", caption, re.IGNORECASE):
+        caption = f"{prefix}, {caption}"
+    return caption
+
+
+def png(width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, 32), (width * 3 % 256, 90, 160)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def short(data: bytes | None) -> str:
+    return "absent" if data is None else repr(data.decode("utf-8", "backslashreplace"))
+
+
+class Reruns(RuleBasedStateMachine):
+    """One example: a dataset of two folders of 2-3 PNGs, and what users do to it."""
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__()
+        self.bench = bench
+        bench.counters.examples += 1
+        self.home = Path(tempfile.mkdtemp(prefix="example-", dir=bench.base))
+        self.work = self.home / "work"  # the runs' working folder: root/, prompts/, lists/, out/
+        self.logs = self.home / "logs"  # the runs' output, outside what is checked
+        self.pictures: dict[str, Picture] = {}
+        self.captions: dict[str, Caption] = {}  # by caption path below root, orphans included
+        self.files: dict[str, bytes] = {}  # prompt files and lists: never to change
+        self.passes_of_tags: dict[int, Pass] = {}
+        self.images_of_tags: dict[int, str] = {}
+        self.served = DEFAULT_MODEL  # with --api openai: the one model the server serves
+        self.jsonl_used = self.review_used = False
+        self.history: list[tuple[str, str, str | None, bool]] = []  # each run's pass settings, in order
+        self.widths = (width for width in itertools.count(40) if width != 64)  # 64: the probe's
+        self.edits = itertools.count(1)
+        self.lists = itertools.count(1)
+        self.lock = threading.Lock()
+        self.tags = 0
+        self.live: LiveRun | None = None
+        self.ready = False
+        bench.server.answer = self.answer
+        if bench.api == "openai":
+            bench.server.models = {self.served: VISION_MODEL}
+
+    # --- the stand-in's answers: tagged, counted, and held at the request a kill waits for
+
+    def answer(self, chat: Chat) -> Reply | str:
+        marker = re.search(r"Marker word: (\w+)", chat.prompt)
+        if not marker:  # the preflight's probe picture of --api openai
+            return "white"
+        with self.lock:
+            self.tags += 1
+            asked = Asked(self.tags, chat.picture().width, chat.model, marker[1])
+            live = self.live
+            if live is not None:
+                live.asked.append(asked)
+        if live is not None and live.kill_at == len(live.asked):
+            live.reached.set()
+            live.released.wait(RUN_SECONDS)  # answered once the kill is done
+        return asked.answer
+
+    # --- the dataset
+
+    @initialize(
+        sizes=st.tuples(st.integers(2, 3), st.integers(2, 3)),
+        originals=st.sets(st.integers(0, 5), max_size=2),
+    )
+    def dataset(self, sizes: tuple[int, int], originals: set[int]) -> None:
+        """Two folders of small PNGs, some with captions made by hand before the tool came."""
+        for folder in ("root/a", "root/b", "prompts", "lists", "out"):
+            (self.work / folder).mkdir(parents=True)
+        for marker, text in PROMPTS.items():
+            self.keep_file(f"prompts/{marker}.txt", text.encode())
+        index = 0
+        for folder, size in zip("ab", sizes):
+            for _ in range(size):
+                self.new_picture(folder, original=index in originals)
+                index += 1
+        made = ", ".join(sorted(self.pictures))
+        note(f"dataset: {made}; original captions: {self.described_captions()}")
+        self.ready = True
+
+    def keep_file(self, rel: str, data: bytes) -> None:
+        (self.work / rel).write_bytes(data)
+        self.files[rel] = data
+
+    def new_picture(self, folder: str, original: bool) -> Picture:
+        number = sum(1 for pic in self.pictures.values() if pic.folder == folder)
+        width = next(self.widths)
+        picture = Picture(f"{folder}/img{number:02d}.png", width, png(width))
+        (self.work / "root" / picture.rel).write_bytes(picture.data)
+        self.pictures[picture.rel] = picture
+        caption = self.captions[picture.caption] = Caption()
+        if original:
+            caption.data, caption.kind = f"hand tags {next(self.edits)}, a square".encode(), "original"
+            self.caption_path(picture).write_bytes(caption.data)
+        return picture
+
+    def caption_path(self, picture: Picture) -> Path:
+        return self.work / "root" / picture.caption
+
+    def present(self, folder: str | None = None) -> list[Picture]:
+        return sorted(
+            (pic for pic in self.pictures.values() if pic.present and folder in (None, pic.folder)),
+            key=lambda pic: pic.rel,
+        )
+
+    def described_captions(self) -> str:
+        return "; ".join(
+            f"{pic.caption}={short(self.captions[pic.caption].data)}"
+            for pic in self.present()
+            if self.captions[pic.caption].data is not None
+        )
+
+    # --- rules: what users do
+
+    @rule(
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        prompt=st.sampled_from(sorted(PROMPTS)),
+        model=st.sampled_from(("default", *MODELS)),
+        mode=st.sampled_from((None, "skip", "overwrite", "append", "prepend")),
+        prefix=st.booleans(),
+        limit=st.sampled_from((None, None, 1, 2)),
+        outputs=st.sampled_from(("", "", "--jsonl", "--review", "--jsonl --review")),
+        overwrite_edits=st.booleans() if HAS_OVERWRITE_EDITS else st.just(False),
+    )
+    def run(
+        self,
+        folders: str,
+        prompt: str,
+        model: str,
+        mode: str | None,
+        prefix: bool,
+        limit: int | None,
+        outputs: str,
+        overwrite_edits: bool,
+    ) -> None:
+        """An ordinary run, perhaps with another prompt, model, mode or trigger word."""
+        self.step(RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs, overwrite_edits))
+
+    @rule(
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        prompt=st.sampled_from(sorted(PROMPTS)),
+        model=st.sampled_from(("default", *MODELS)),
+        mode=st.sampled_from((None, None, "skip", "overwrite", "append", "prepend")),
+        prefix=st.booleans(),
+        picks=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+        outputs=st.sampled_from(("", "", "--jsonl", "--review")),
+    )
+    def redo(
+        self,
+        folders: str,
+        prompt: str,
+        model: str,
+        mode: str | None,
+        prefix: bool,
+        picks: list[int],
+        outputs: str,
+    ) -> None:
+        """A redo with --only: a list naming some images of the folders given (as the review
+        page's redo list), with or without --existing."""
+        scope = self.scope(FOLDER_SPECS[folders][1])
+        named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
+        self.step(RunSpec(folders, prompt, model, mode, prefix, None, named, outputs))
+
+    @rule(
+        how=st.sampled_from(sorted(KILLS)),
+        at_request=st.integers(1, 3),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        prompt=st.sampled_from(sorted(PROMPTS)),
+        model=st.sampled_from(("default", *MODELS)),
+        mode=st.sampled_from((None, "skip", "overwrite", "append", "prepend")),
+        prefix=st.booleans(),
+        outputs=st.sampled_from(("", "--jsonl")),
+    )
+    def killed_run(
+        self,
+        how: str,
+        at_request: int,
+        folders: str,
+        prompt: str,
+        model: str,
+        mode: str | None,
+        prefix: bool,
+        outputs: str,
+    ) -> None:
+        """A run killed (kill -9, or TERM as `kill` sends) when the stand-in receives its k-th
+        request (with --jobs 1: see argv); a run with fewer requests ends on its own."""
+        self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
+
+    # The same pass again: what the rerun guarantees are about. Drawn afresh, a run's settings
+    # (4 folder forms x 2 prompts x 3 models x 5 modes x 2 prefixes) would seldom repeat a pass.
+
+    @precondition(lambda self: self.history)
+    @rule(
+        earlier=st.integers(0, 9),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        limit=st.sampled_from((None, None, 1, 2)),
+        outputs=st.sampled_from(("", "", "--jsonl", "--review")),
+    )
+    def run_again(self, earlier: int, folders: str, limit: int | None, outputs: str) -> None:
+        """The settings of an earlier run (the earlier-th, counted round), perhaps over the
+        folders given another way, with --limit or other outputs: none of them part of a pass."""
+        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        self.step(RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs))
+
+    @precondition(lambda self: self.history)
+    @rule(
+        earlier=st.integers(0, 9),
+        existing=st.booleans(),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        picks=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+        outputs=st.sampled_from(("", "", "--jsonl")),
+    )
+    def redo_in_pass(
+        self, earlier: int, existing: bool, folders: str, picks: list[int], outputs: str
+    ) -> None:
+        """A redo with the settings of an earlier run, with its --existing or without it (as the
+        review page's redo list is run): in the middle of an append pass, say."""
+        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        scope = self.scope(FOLDER_SPECS[folders][1])
+        named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
+        self.step(RunSpec(folders, prompt, model, mode if existing else None, prefix, None, named, outputs))
+
+    @precondition(lambda self: self.history)
+    @rule(
+        earlier=st.integers(0, 9),
+        how=st.sampled_from(sorted(KILLS)),
+        at_request=st.integers(1, 3),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        outputs=st.sampled_from(("", "--jsonl")),
+    )
+    def killed_run_again(self, earlier: int, how: str, at_request: int, folders: str, outputs: str) -> None:
+        """An earlier run's settings again, killed at the stand-in's k-th request."""
+        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
+
+    @precondition(lambda self: self.ready and self.bench.api == "openai")
+    @rule()
+    def server_changes_its_model(self) -> None:
+        """The OpenAI-compatible server is restarted with another model: a run without --model
+        captions with it, a new pass."""
+        self.served = next(name for name in MODELS if name != self.served)
+        self.bench.server.models = {self.served: VISION_MODEL}
+        note(f"# the server now serves {self.served} only")
+        self.bench.counters.steps += 1
+
+    @precondition(lambda self: self.ready)
+    @rule(pick=st.integers(0, 7))
+    def edit_by_hand(self, pick: int) -> None:
+        """A person rewrites a caption (or writes one where there was none)."""
+        picture = self.pick(pick)
+        caption = self.captions[picture.caption]
+        caption.data = f"hand edit {next(self.edits)}".encode()
+        # "A person" only where the tool wrote this caption at some time; else nobody we know.
+        # Where only a killed run's write that never landed says so, either reading is allowed.
+        caption.kind = "person" if caption.written or caption.attempted else "original"
+        caption.write, caption.maybe_original = None, not caption.written and caption.attempted
+        self.caption_path(picture).write_bytes(caption.data)
+        note(f"# {picture.caption} edited by hand: {short(caption.data)} ({caption.kind})")
+        self.bench.counters.steps += 1
+
+    @precondition(lambda self: self.ready)
+    @rule(pick=st.integers(0, 7), kind=st.sampled_from(sorted(BLANKS)))
+    def make_blank(self, pick: int, kind: str) -> None:
+        """A caption emptied, left with a byte-order mark, NUL bytes or invisible spaces, or deleted."""
+        picture = self.pick(pick)
+        caption = self.captions[picture.caption]
+        caption.data, caption.kind, caption.write, caption.maybe_original = BLANKS[kind], "blank", None, False
+        path = self.caption_path(picture)
+        if caption.data is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(caption.data)
+        note(f"# {picture.caption} made blank: {kind}")
+        self.bench.counters.steps += 1
+
+    @precondition(lambda self: self.ready and len(self.pictures) < 14)
+    @rule(folder=st.sampled_from("ab"), with_caption=st.booleans())
+    def add_image(self, folder: str, with_caption: bool) -> None:
+        """A new image, perhaps with a caption made by hand beside it."""
+        picture = self.new_picture(folder, original=with_caption)
+        tagged = f" with {short(self.captions[picture.caption].data)}" if with_caption else ""
+        note(f"# root/{picture.rel} added{tagged}")
+        self.bench.counters.steps += 1
+
+    @precondition(lambda self: self.ready and any(len(self.present(folder)) > 1 for folder in "ab"))
+    @rule(pick=st.integers(0, 7))
+    def remove_image(self, pick: int) -> None:
+        """An image deleted; its caption stays, belonging to no image (the tool leaves it alone)."""
+        candidates = [pic for pic in self.present() if len(self.present(pic.folder)) > 1]
+        picture = candidates[pick % len(candidates)]
+        picture.present = False
+        (self.work / "root" / picture.rel).unlink()
+        note(f"# root/{picture.rel} removed")
+        self.bench.counters.steps += 1
+
+    def pick(self, pick: int) -> Picture:
+        pictures = self.present()
+        return pictures[pick % len(pictures)]
+
+    def scope(self, folders: tuple[str, ...]) -> list[Picture]:
+        """The images a run over these folders plans, in its order: by path."""
+        return [pic for pic in self.present() if pic.folder in folders]
+
+    # --- a run: what the rules say, the run itself, and the two compared
+
+    def step(self, spec: RunSpec) -> None:
+        self.history.append((spec.prompt, spec.model, spec.mode, spec.prefix))
+        self.bench.counters.steps += 1
+        self.bench.counters.runs += 1
+        worlds = self.worlds(spec)
+        argv = self.argv(spec)
+        refused = self.bench.api == "openai" and spec.model not in ("default", self.served)
+        refused = refused and any(plan.action == "caption" for world in worlds for plan in world.values())
+        outcome = self.execute(spec, argv)
+        summary = SUMMARY.search(outcome.err)
+        how = f"killed ({outcome.killed}) at request {spec.kill[1]}" if outcome.killed else "ended"
+        last = (outcome.err.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        said = summary[0].removesuffix(" in ") if summary else last
+        note(f"$ llava-caption-ollama.py {' '.join(argv)}\n    {how}, exit {outcome.code}: {said}")
+        self.jsonl_used = self.jsonl_used or spec.jsonl
+        self.review_used = self.review_used or spec.review
+        disk = self.read_captions()
+        if refused:
+            self.expect_refusal(outcome, disk)
+            return
+        if outcome.code == 2:
+            raise SummaryWrong(f"the run could not start (exit 2):\n{outcome.err}")
+        failures = []
+        for world in worlds:  # one, unless a kill left the model unsure how the tool reads an edit
+            problems = self.compare(spec, world, outcome, disk)
+            if not problems:
+                self.settle(spec, world, outcome, disk)
+                return
+            failures.append(problems)
+        kind = failures[0][0][0]
+        details = "\n".join(f"  - {message}" for _, message in failures[0][:8])
+        raise kind(
+            f"after `llava-caption-ollama.py {' '.join(argv)}`:\n{details}\n--- stderr:\n{outcome.err}"
+        )
+
+    def argv(self, spec: RunSpec) -> list[str]:
+        argv = [*FOLDER_SPECS[spec.folders][0], "--prompt", f"prompts/{spec.prompt}.txt"]
+        if spec.model != "default":
+            argv += ["--model", spec.model]
+        if self.bench.api == "openai":
+            argv += ["--api", "openai"]
+        if spec.mode:
+            argv += ["--existing", spec.mode]
+        if spec.prefix:
+            argv += ["--prefix", PREFIX]
+        if spec.limit is not None:
+            argv += ["--limit", str(spec.limit)]
+        if spec.only is not None:
+            name = f"lists/redo-{next(self.lists)}.txt"
+            self.keep_file(name, "".join(f"../root/{rel}\n" for rel in spec.only).encode())
+            argv += ["--only", name]
+        if spec.jsonl:
+            argv += ["--jsonl", "root/metadata.jsonl"]
+        if spec.review:
+            argv += ["--review", "out/review.html"]
+        if spec.overwrite_edits:
+            argv += ["--overwrite-edits"]
+        if spec.kill:
+            # One request at a time: when the k-th arrives, k-1 answers came and no other request
+            # is on its way, so what the kill interrupts does not depend on timing (but whether the
+            # (k-1)-th caption landed before a kill -9 does: that is the point).
+            argv += ["--jobs", "1"]
+        return argv
+
+    def execute(self, spec: RunSpec, argv: list[str]) -> Outcome:
+        """Run the script as a user does, killed at the stand-in's k-th request if asked; bounded."""
+        live = LiveRun(kill_at=spec.kill[1] if spec.kill else None)
+        with self.lock:
+            self.live = live
+        self.logs.mkdir(exist_ok=True)
+        log = self.logs / f"run-{self.bench.counters.runs}.err"
+        killed = None
+        with open(log, "w", encoding="utf-8") as err, as_from_a_terminal():
+            process = subprocess.Popen(
+                [sys.executable, str(self.bench.script), *argv, "--host", self.bench.server.url],
+                cwd=self.work,
+                env=child_environment(None),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            deadline = time.monotonic() + RUN_SECONDS
+            while process.poll() is None:
+                if live.reached.wait(0.01):
+                    assert spec.kill
+                    killed = spec.kill[0]
+                    process.send_signal(KILLS[killed])
+                    if KILLS[killed] == signal.SIGKILL:
+                        process.wait(RUN_SECONDS)
+                    live.released.set()  # TERM: the run waits for the answer on its way
+                    process.wait(RUN_SECONDS)
+                    break
+                if time.monotonic() > deadline:
+                    raise RunHung(
+                        f"`llava-caption-ollama.py {' '.join(argv)}` still ran after {RUN_SECONDS:g} s"
+                    )
+        except subprocess.TimeoutExpired:
+            raise RunHung(f"`llava-caption-ollama.py {' '.join(argv)}` did not end after {killed}") from None
+        finally:
+            live.released.set()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            # Requests of a killed run still queued at the stand-in end before the next step.
+            deadline = time.monotonic() + 5
+            while self.bench.server.in_flight and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with self.lock:
+                self.live = None
+        asked = list(live.asked)
+        if killed == "kill -9":  # its k-th answer was held until the run was dead
+            asked = asked[: spec.kill[1] - 1]
+        return Outcome(process.returncode, log.read_text(encoding="utf-8"), asked, killed)
+
+    def expect_refusal(self, outcome: Outcome, disk: dict[str, bytes | None]) -> None:
+        """--api openai naming a model the server does not serve: exit 2, nothing changed."""
+        if outcome.code != 2:
+            raise SummaryWrong(
+                f"the rules caption images, so the run must find that the server does not serve the model "
+                f"it names and stop (exit 2); it exited {outcome.code}:\n{outcome.err}"
+            )
+        changed = [rel for rel, data in disk.items() if data != self.captions[rel].data]
+        if changed or outcome.asked:
+            raise CaptionWrong(f"a run refused at the start changed {changed} or asked {len(outcome.asked)}")
+
+    # --- the rules
+
+    def pass_of(self, spec: RunSpec, mode: str) -> Pass:
+        if spec.model != "default":
+            model = spec.model  # with --api openai, if the server does not serve it, the run is refused
+        elif self.bench.api == "openai":
+            model = self.served  # learnt at the preflight
+        else:
+            model = DEFAULT_MODEL
+        return Pass(spec.prompt, model, mode, PREFIX if spec.prefix else "")
+
+    def worlds(self, spec: RunSpec) -> list[dict[str, Plan]]:
+        """The plans the rules allow for the run's images: one per way of reading what the model
+        is unsure of (usually one), --limit applied in the order of planning."""
+        scope = self.scope(FOLDER_SPECS[spec.folders][1])
+        readings = [self.readings(spec, pic) for pic in scope]
+        worlds = []
+        for chosen in itertools.product(*readings):
+            world, captioning = {}, 0
+            for picture, plan in zip(scope, chosen):
+                if plan.action == "caption" and spec.limit is not None:
+                    captioning += 1
+                    if captioning > spec.limit:
+                        plan = Plan("none", f"past --limit {spec.limit}")
+                world[picture.rel] = plan
+            worlds.append(world)
+        return worlds
+
+    def readings(self, spec: RunSpec, picture: Picture) -> list[Plan]:
+        caption = self.captions[picture.caption]
+        if spec.only is not None:
+            if picture.rel not in spec.only:
+                return [Plan("none", "not named by --only")]
+            return [self.redo_plan(spec, caption)]
+        by = self.pass_of(spec, spec.mode or "skip")
+        if caption.blank:
+            return [Plan("caption", "blank: the answer alone", by)]
+        if by in caption.passes:
+            return [Plan("skip", f"done by {by} before", by, holds_answer=True)]
+        plans = []
+        if caption.kind == "person" and not spec.overwrite_edits:
+            plans.append(Plan("left alone", "edited by hand since the tool wrote it", by))
+            if not caption.maybe_original:
+                return plans
+        if by.mode == "skip":
+            plans.append(Plan("skip", "a caption exists (--existing skip)", by))
+        elif by.mode == "overwrite":
+            plans.append(Plan("caption", "--existing overwrite: the answer replaces it", by))
+        else:
+            why = f"--existing {by.mode}: the answer added to what is there"
+            plans.append(Plan("caption", why, by, caption.text, caption.passes))
+        return plans
+
+    def redo_plan(self, spec: RunSpec, caption: Caption) -> Plan:
+        """A redo: the mode is --existing when given, else the mode of the pass that wrote the
+        caption when that pass has the run's other settings, else overwrite."""
+        if spec.mode:
+            mode = spec.mode
+        elif (
+            caption.kind == "tool"
+            and caption.write
+            and caption.write.by.settings() == self.pass_of(spec, "skip").settings()
+        ):
+            mode = caption.write.by.mode
+        else:
+            mode = "overwrite"
+        by = self.pass_of(spec, mode)
+        if caption.blank or mode in ("skip", "overwrite"):
+            return Plan("caption", f"redo ({mode}): the answer alone", by)
+        if caption.kind == "tool" and caption.write and caption.write.by == by:
+            write = caption.write
+            return Plan(
+                "caption",
+                f"redo ({mode}) of its own write: its part replaced",
+                by,
+                write.base,
+                write.base_passes,
+            )
+        if by in caption.passes:
+            return Plan("fail", "redo: another pass added to its caption since", by)
+        return Plan("caption", f"redo ({mode}): the answer added", by, caption.text, caption.passes)
+
+    # --- what happened, against the rules
+
+    def read_captions(self) -> dict[str, bytes | None]:
+        disk = {}
+        for rel in self.captions:
+            path = self.work / "root" / rel
+            disk[rel] = path.read_bytes() if path.is_file() else None
+        return disk
+
+    def compare(
+        self, spec: RunSpec, world: dict[str, Plan], outcome: Outcome, disk: dict[str, bytes | None]
+    ) -> list[tuple[type, str]]:
+        """What of the run's outcome the rules (in this world) do not allow."""
+        problems: list[tuple[type, str]] = []
+        by_width = {pic.width: pic for pic in self.pictures.values()}
+        asked: dict[str, list[Asked]] = {}
+        tag_passes = dict(self.passes_of_tags)
+        for one in outcome.asked:
+            picture = by_width[one.width]
+            plan = world.get(picture.rel)
+            asked.setdefault(picture.rel, []).append(one)
+            nominal = plan.by if plan and plan.by else self.pass_of(spec, spec.mode or "skip")
+            tag_passes[one.number] = nominal
+            if (one.model, one.marker) != (nominal.model, nominal.prompt):
+                problems.append(
+                    (CaptionWrong, f"{picture.rel} was asked with {one.marker}/{one.model}, not {nominal}")
+                )
+        counts = {"caption": 0, "skip": 0, "left alone": 0, "fail": 0}
+        written = 0
+        for rel, plan in world.items():
+            picture = self.pictures[rel]
+            caption = self.captions[picture.caption]
+            before, actual = caption.data, disk[picture.caption]
+            requests = asked.get(rel, [])
+            counts[plan.action] = counts.get(plan.action, 0) + 1
+            if plan.action == "caption":
+                if len(requests) > 1:
+                    problems.append((CaptionWrong, f"{rel} was sent {len(requests)} times in one run"))
+                expected = plan.text(requests[-1].answer).encode() if requests else None
+                if requests and actual == expected:
+                    written += 1
+                    continue
+                if outcome.killed and actual == before and not requests:
+                    continue  # the kill came before it was sent
+                if outcome.killed == "kill -9" and actual == before:
+                    continue  # its write had not landed: it simply did not happen
+                if not requests and not outcome.killed:
+                    problems.append(
+                        (CaptionWrong, f"{rel} was not sent, but the rules caption it: {plan.why}")
+                    )
+                    continue
+                # After TERM the answers on their way are written (README, "When things go
+                # wrong"): only a kill -9 may leave an answered image as it was.
+                wanted = short(expected) + (" or unchanged" if outcome.killed == "kill -9" else "")
+            else:
+                if requests and plan.action != "fail":
+                    problems.append(
+                        (CaptionWrong, f"{rel} was sent, but the rules say {plan.action}: {plan.why}")
+                    )
+                if actual == before:
+                    continue
+                wanted = f"unchanged ({plan.action}: {plan.why})"
+            kind = self.kind_of_change(spec, plan, caption, actual, tag_passes)
+            problems.append(
+                (
+                    kind,
+                    f"{picture.caption}: {wanted}, found {short(actual)}; before the run {short(before)} ({caption.kind}); {plan.why}",
+                )
+            )
+        for rel, data in disk.items():  # captions of images outside the run, orphans included
+            if not any(self.pictures[p].caption == rel for p in world) and data != self.captions[rel].data:
+                problems.append(
+                    (
+                        CaptionWrong,
+                        f"{rel} is outside the run but changed: {short(self.captions[rel].data)} -> {short(data)}",
+                    )
+                )
+        problems += self.doubled_answers(disk, tag_passes)
+        problems += self.check_summary(spec, world, outcome, counts, written)
+        if spec.jsonl and not outcome.killed:
+            problems += self.check_jsonl(spec, disk)
+        problems.sort(key=lambda problem: PRIORITY.index(problem[0]))
+        return problems
+
+    def kind_of_change(
+        self, spec: RunSpec, plan: Plan, caption: Caption, actual: bytes | None, tag_passes: dict[int, Pass]
+    ) -> type:
+        counts = self.answers_by_pass(actual, tag_passes)
+        if any(count > 1 for count in counts.values()):
+            return AnswerTwice
+        if caption.kind == "person" and plan.action != "caption" and not spec.overwrite_edits:
+            return EditOverwritten
+        if plan.by and (plan.action == "caption" or plan.holds_answer) and counts.get(plan.by, 0) != 1:
+            return AnswerMissing
+        return CaptionWrong
+
+    @staticmethod
+    def answers_by_pass(data: bytes | None, tag_passes: dict[int, Pass]) -> dict[Pass, int]:
+        counts: dict[Pass, int] = {}
+        for match in TAG.finditer(decoded(data)):
+            by = tag_passes.get(int(match[1]))
+            if by is not None:
+                counts[by] = counts.get(by, 0) + 1
+        return counts
+
+    def doubled_answers(
+        self, disk: dict[str, bytes | None], tag_passes: dict[int, Pass]
+    ) -> list[tuple[type, str]]:
+        problems = []
+        for rel, data in disk.items():
+            for by, count in self.answers_by_pass(data, tag_passes).items():
+                if count > 1:
+                    problems.append((AnswerTwice, f"{rel} holds {count} answers of {by}: {short(data)}"))
+        return problems
+
+    def check_summary(
+        self, spec: RunSpec, world: dict[str, Plan], outcome: Outcome, counts: dict[str, int], written: int
+    ) -> list[tuple[type, str]]:
+        if outcome.killed == "kill -9":
+            return (
+                []
+                if outcome.code == -signal.SIGKILL
+                else [(SummaryWrong, f"kill -9, yet exit {outcome.code}")]
+            )
+        summary = SUMMARY.search(outcome.err)
+        if summary is None:
+            return [(SummaryWrong, f"no summary line (exit {outcome.code})")]
+        said = [int(summary[2]), int(summary[3]), int(summary[4] or 0), int(summary[5])]
+        if outcome.killed:  # TERM: the answers on their way are written, then it dies by the signal
+            problems = []
+            if outcome.code != -signal.SIGTERM or not summary[1]:
+                problems.append((SummaryWrong, f"TERM, yet exit {outcome.code} and {summary[0]!r}"))
+            if said[0] != written:
+                problems.append(
+                    (SummaryWrong, f"interrupted: says captioned {said[0]}, {written} captions written")
+                )
+            return problems
+        expected = [counts["caption"], counts["skip"], counts["left alone"], counts["fail"]]
+        problems = []
+        if said != expected or (summary[4] is not None and said[2] == 0):
+            problems.append(
+                (
+                    SummaryWrong,
+                    (
+                        f"summary {summary[0]!r}, but the rules say captioned {expected[0]}, "
+                        f"skipped {expected[1]}, left alone {expected[2]}, failed {expected[3]}"
+                    ),
+                )
+            )
+        code = 1 if counts["fail"] else 0
+        if outcome.code != code:
+            problems.append((SummaryWrong, f"exit {outcome.code}, the rules say {code}"))
+        folders = [arg for arg in FOLDER_SPECS[spec.folders][0] if not arg.startswith("-")]
+        if len(folders) > 1:  # a line per folder given
+            lines = {
+                match[1]: [int(match[2]), int(match[3]), int(match[4] or 0), int(match[5])]
+                for match in FOLDER_LINE.finditer(outcome.err)
+            }
+            for folder in folders:
+                plans = [plan for rel, plan in world.items() if f"root/{rel}".startswith(folder + "/")]
+                want = [
+                    sum(plan.action == action for plan in plans)
+                    for action in ("caption", "skip", "left alone", "fail")
+                ]
+                if lines.get(folder) != want:
+                    problems.append(
+                        (SummaryWrong, f"{folder}'s line says {lines.get(folder)}, the rules {want}")
+                    )
+        return problems
+
+    def check_jsonl(self, spec: RunSpec, disk: dict[str, bytes | None]) -> list[tuple[type, str]]:
+        """One row per non-blank caption of the folders given, with the text on disk; none for a
+        blank one."""
+        path = self.work / "root" / "metadata.jsonl"
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        except (OSError, ValueError) as exc:
+            return [(JsonlWrong, f"cannot read root/metadata.jsonl: {exc}")]
+        by_name: dict[str, list[dict]] = {}
+        for row in rows:
+            by_name.setdefault(row.get("file_name"), []).append(row)
+        problems = []
+        for picture in self.scope(FOLDER_SPECS[spec.folders][1]):
+            if spec.only is not None and picture.rel not in spec.only and not JSONL_MENDED_BY_REDO:
+                continue
+            data = disk[picture.caption]
+            found = by_name.get(picture.rel, [])
+            if is_blank(data):
+                if found:
+                    problems.append(
+                        (JsonlWrong, f"{picture.rel}: its caption is blank, yet the JSONL holds {found}")
+                    )
+            elif len(found) != 1 or found[0].get("text") != decoded(data):
+                problems.append((JsonlWrong, f"{picture.rel}: caption {short(data)}, JSONL rows {found}"))
+        return problems
+
+    def settle(
+        self, spec: RunSpec, world: dict[str, Plan], outcome: Outcome, disk: dict[str, bytes | None]
+    ) -> None:
+        """The model takes in what the run did, as the rules allowed it."""
+        by_width = {pic.width: pic for pic in self.pictures.values()}
+        for one in outcome.asked:
+            picture = by_width[one.width]
+            plan = world.get(picture.rel)
+            self.passes_of_tags[one.number] = plan.by if plan and plan.by else self.pass_of(spec, "skip")
+            self.images_of_tags[one.number] = picture.rel
+        answered = {by_width[one.width].rel: one for one in outcome.asked}
+        for rel, plan in world.items():
+            picture = self.pictures[rel]
+            caption = self.captions[picture.caption]
+            actual = disk[picture.caption]
+            if plan.action != "caption" or rel not in answered:
+                continue
+            write = plan.write(answered[rel].answer)
+            if actual == write.text.encode():
+                caption.data, caption.kind, caption.write = actual, "tool", write
+                caption.written.add(write.text)
+                caption.maybe_original = False
+            else:  # killed before its write landed: its journal line may say a write came
+                caption.attempted = True
+                caption.maybe_original = caption.kind == "person"
+
+    # --- checked after every step
+
+    @invariant()
+    def disk_as_the_model_says(self) -> None:
+        """After every step: no file but captions and the named outputs changed, every caption is
+        what the model says, and none holds two answers of one pass or another image's answer."""
+        if not self.ready:
+            return
+        found: dict[str, bytes] = {}
+        for path in self.work.rglob("*"):
+            parts = path.relative_to(self.work).parts
+            if path.is_file() and not any(part.startswith(OWN_FILES) for part in parts):
+                found["/".join(parts)] = path.read_bytes()
+        others = []
+        expected = dict(self.files)
+        expected.update({f"root/{pic.rel}": pic.data for pic in self.pictures.values() if pic.present})
+        for rel, data in expected.items():
+            if found.pop(rel, None) != data:
+                others.append(f"{rel} changed or vanished")
+        captions = {rel: found.pop(f"root/{rel}", None) for rel in self.captions}
+        if self.jsonl_used:
+            found.pop("root/metadata.jsonl", None)
+        if self.review_used:
+            found.pop("out/review.html", None)
+            for rel in [rel for rel in found if rel.startswith("out/.review.html-thumbnails/")]:
+                found.pop(rel)
+        others += [f"{rel} appeared" for rel in sorted(found)]
+        if others:
+            raise OtherFileChanged("\n".join(others))
+        problems = self.doubled_answers(captions, self.passes_of_tags)
+        for rel, data in captions.items():
+            if data != self.captions[rel].data:
+                problems.append(
+                    (
+                        CaptionWrong,
+                        f"root/{rel} is {short(data)}, the model says {short(self.captions[rel].data)}",
+                    )
+                )
+            for match in TAG.finditer(decoded(data)):
+                image = self.images_of_tags.get(int(match[1]))
+                if image is not None and Picture(image, 0, b"").caption != rel:
+                    problems.append((CaptionWrong, f"root/{rel} holds the answer sent for {image}"))
+        if problems:
+            raise problems[0][0]("\n".join(message for _, message in problems))
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+PRIORITY = [
+    AnswerTwice,
+    EditOverwritten,
+    AnswerMissing,
+    CaptionWrong,
+    JsonlWrong,
+    SummaryWrong,
+    OtherFileChanged,
+    RunHung,
+]
+
+
+def machine(bench: Bench) -> Callable[[], Reruns]:
+    return lambda: Reruns(bench)
+
+
+@pytest.mark.model_based
+@pytest.mark.timeout(900)  # passing takes ~40 s; a failure is shrunk for up to 5 minutes more
+@pytest.mark.parametrize("script", [SCRIPT_UNDER_TEST, REFERENCE], ids=["script", "rules-reference"])
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_reruns_keep_the_integrity_rules(api: str, script: Path, tmp_path: Path, make_server) -> None:
+    """The script keeps the rules; so does their reference, which shows that what the test finds
+    in the script is the script's, not the harness's."""
+    bench = Bench.start(api, tmp_path, make_server, script)
+    run_state_machine_as_test(machine(bench), settings=CI_SETTINGS)
