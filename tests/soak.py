@@ -130,7 +130,10 @@ def failure(api: str, batch_seed: int, error: BaseException) -> Failure:
         else f"error in the harness: {type(error).__name__}"
     )
     message = str(error).split("\n--- stderr:")[0]
-    return Failure(api, batch_seed, kind, message, list(getattr(error, "__notes__", [])))
+    notes = list(getattr(error, "__notes__", []))
+    if "Explanation:" in notes:  # Hypothesis's lines of code that only failing cases ran: not steps
+        notes = notes[: notes.index("Explanation:")]
+    return Failure(api, batch_seed, kind, message, notes)
 
 
 def report(failures: list[Failure], counters: Counters, seconds: float) -> None:
