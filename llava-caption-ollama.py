@@ -1425,8 +1425,9 @@ class Discovery:
         root, image = listing.root, Path(listing.path, name)
         if self.config.only is not None:
             real = os.path.realpath(image)
-            if real not in self.config.only:
-                return  # not on the list: not this run's business
+            if real not in self.config.only:  # not on the list: not this run's business,
+                self.keep_in_the_jsonl(listing, name)  # but the JSONL still holds every caption
+                return
             self.only_found.add(real)
         if caption in listing.shared:
             # One caption would describe only one of the pictures: caption neither.
@@ -1488,6 +1489,16 @@ class Discovery:
         self.waiting.append(Planned(listing, name, text, (decided.mode, text_digest(existing), origin)))
         if self.review:
             self.review.image(image, "not_attempted", readable_text(existing))
+
+    def keep_in_the_jsonl(self, listing: Listing, name: str) -> None:
+        caption = caption_name(name, self.config)
+        if self.metadata and caption not in listing.shared:
+            caption_file = Path(listing.path, caption)
+            try:
+                existing = existing_caption(caption_file, caption in listing.captions)
+            except TryFailed:
+                return  # not readable: a run that names it says why
+            self.metadata.recover(Path(listing.path, name), caption_file, existing)
 
     def not_captioned(self, listing: Listing, name: str, existing: bytes, decided: Verdict) -> None:
         """Count an image that keeps its caption: done before, or edited by a person since."""
@@ -3912,19 +3923,19 @@ def verdict(
     data: bytes, history: list[Written], journal: Journal | None, config: Config, prompt: str, named: bool
 ) -> Verdict:
     """The rules of reruns (README, "Reruns"), for one image whose caption holds data."""
-    if is_blank(data):
-        return Verdict("caption", config.existing, "")
     after = text_digest(data)
     written = writer_of(history, after)
     mode = config.existing
     if named and config.redo_in_its_mode and journal:
         mode = mode_of_the_pass(history, written, journal, prompt) or mode
+    if is_blank(data):
+        return Verdict("caption", mode, "")
     ours = pass_answer(history, written, journal, mode, prompt) if journal else None
     edited = origin_of(history, after) == "person"
     # In append and prepend, an edited caption this pass wrote holds an answer of the pass
     # that cannot be told apart: adding another would make two.
     wrote_it = (
-        edited and mode in MERGING and journal and any(journal.counts(w, mode, prompt) for w in history)
+        edited and mode in MERGING and any(w.landed and journal.counts(w, mode, prompt) for w in history)
     )
     if named:
         return redo_verdict(data, written, ours, mode, bool(wrote_it))
@@ -3989,7 +4000,7 @@ def mode_of_the_pass(history: list[Written], written: Written | None, journal: J
     """The mode this run's settings wrote the caption in: of the answer the text holds, else of
     the pass's last write (a caption edited since); "" if they never did."""
     ours = next((each for each in chain(history, written) if journal.counts(each, None, prompt)), None)
-    ours = ours or next((each for each in reversed(history) if journal.counts(each, None, prompt)), None)
+    ours = ours or next((w for w in reversed(history) if w.landed and journal.counts(w, None, prompt)), None)
     return ours.mode if ours else ""
 
 

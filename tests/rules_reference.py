@@ -48,6 +48,7 @@ class Entry:
     before: str
     base: str
     after: str
+    landed: bool = False  # a second line says its caption is in place
 
 
 def digest(text: str) -> str:
@@ -83,17 +84,28 @@ class Journal:
         if self.path.exists():
             for line in self.path.read_text(encoding="utf-8").split("\n"):
                 try:
-                    self.entries.append(Entry(**json.loads(line)))
+                    entry = json.loads(line)
+                    if "ok" in entry:
+                        self.landed(entry["ok"], entry["after"])
+                    else:
+                        self.entries.append(Entry(**entry))
                 except (ValueError, TypeError):
                     pass  # a line half-written by a run killed as it wrote
 
     def of(self, image: str) -> list[Entry]:
         return [entry for entry in self.entries if entry.image == image]
 
-    def add(self, entry: Entry) -> None:
-        self.entries.append(entry)
+    def landed(self, image: str, after: str) -> None:
+        for entry in reversed(self.entries):
+            if entry.image == image and entry.after == after:
+                entry.landed = True
+                return
+
+    def add(self, entry: Entry | dict) -> None:
+        if isinstance(entry, Entry):
+            self.entries.append(entry)
         with open(self.path, "a", encoding="utf-8") as file:
-            file.write(json.dumps(entry.__dict__) + "\n")
+            file.write(json.dumps(entry.__dict__ if isinstance(entry, Entry) else entry) + "\n")
             file.flush()
             os.fsync(file.fileno())
 
@@ -116,9 +128,24 @@ class Journal:
     def who(self, entries: list[Entry], text: str) -> str:
         if any(entry.after == text for entry in entries):
             return "tool"
-        if entries and not any(entry.before == text for entry in entries):
-            return "person"
+        if entries and not any(entry.before == text and not entry.landed for entry in entries):
+            return "person"  # the text before a write that landed, put back by hand, too
         return "original"  # never written, or the text before a write that never landed
+
+    def mode_of(self, entries: list[Entry], text: str, settings: str) -> str:
+        """The mode these settings wrote the caption in: of their answer in the text, else of
+        their last write that landed; "" if none."""
+        held = [entry for entry in self.chain(entries, text) if entry.settings == settings]
+        landed = [entry for entry in entries if entry.landed and entry.settings == settings]
+        return (held or landed[-1:] or [Entry("", "", "", "", "", "", "")])[0].mode
+
+    def chain(self, entries: list[Entry], text: str) -> list[Entry]:
+        entry = self.producer(entries, text)
+        if entry is None:
+            return []
+        below = entries[: entries.index(entry)]
+        more = self.chain(below, entry.base) if entry.mode in ("append", "prepend") and entry.base else []
+        return [entry, *more]
 
 
 class Stop:
@@ -157,6 +184,7 @@ def served_models(host: str) -> list[str]:
 def write(journal: Journal, entry: Entry, caption: Path) -> None:
     journal.add(entry)  # before the caption: a write whose caption never landed is known
     write_atomically(caption, entry.after.encode())
+    journal.add({"ok": entry.image, "after": entry.after})
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -235,14 +263,24 @@ def main() -> int:
             entries = journal.of(image.name)
             held = journal.passes(entries, text) if text else set()
             who = journal.who(entries, text) if text else "blank"
+            # In append and prepend, an edited caption this pass wrote holds an answer of the pass
+            # that cannot be told apart: failed rather than given a second one.
+            edited_ours = {
+                entry.pass_id
+                for entry in entries
+                if who == "person" and entry.landed and entry.mode in ("append", "prepend")
+            }
             if only is not None:  # a redo
                 producer = journal.producer(entries, text) if who == "tool" else None
-                mode = args.existing or (
-                    producer.mode if producer and producer.settings == settings else "overwrite"
-                )
+                mode = args.existing or journal.mode_of(entries, text, settings) or "overwrite"
                 pass_id = digest(settings + mode)
                 if not text or mode in ("skip", "overwrite"):
                     base = ""
+                elif pass_id in edited_ours:
+                    counts["failed"] += 1
+                    tally["failed"] += 1
+                    print(f"FAILED {image}: edited since this pass wrote it", file=sys.stderr)
+                    continue
                 elif producer and producer.pass_id == pass_id:
                     base = producer.base  # its own part replaced, the rest kept
                 elif pass_id in held:
@@ -261,9 +299,14 @@ def main() -> int:
                     counts["skipped"] += 1
                     tally["skipped"] += 1
                     continue
-                elif who == "person" and not args.overwrite_edits:
+                elif who == "person" and not args.overwrite_edits and mode != "skip":
                     counts["left"] += 1
                     tally["left"] += 1
+                    continue
+                elif pass_id in edited_ours:
+                    counts["failed"] += 1
+                    tally["failed"] += 1
+                    print(f"FAILED {image}: edited since this pass wrote it", file=sys.stderr)
                     continue
                 elif mode == "skip":
                     counts["skipped"] += 1

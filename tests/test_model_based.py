@@ -207,6 +207,7 @@ class Caption:
     kind: str = "blank"  # blank, original (nobody we know), tool, person (edited since written)
     write: Write | None = None  # with kind "tool": the write that produced the text
     written: set = field(default_factory=set)  # every text the tool ever wrote here
+    wrote_by: list = field(default_factory=list)  # the pass of each write that landed, in order
     # A write a killed run may have journaled without its caption landing: the rules count it as
     # the tool having written this caption "at some time", or not; the model cannot know which.
     attempted: bool = False
@@ -844,8 +845,14 @@ class Reruns(RuleBasedStateMachine):
         if by in caption.passes:
             return [Plan("skip", f"done by {by} before", by, holds_answer=True)]
         plans = []
+        if by.mode == "skip":  # a caption exists, whoever wrote it: the journal is not read
+            return [Plan("skip", "a caption exists (--existing skip)", by)]
         if caption.kind == "person" and not spec.overwrite_edits:
             plans.append(Plan("left alone", "edited by hand since the tool wrote it", by))
+            if not caption.maybe_original:
+                return plans
+        elif self.edited_since_it_wrote(caption, by):
+            plans.append(Plan("fail", "edited since this pass wrote it (--overwrite-edits)", by))
             if not caption.maybe_original:
                 return plans
         if by.mode == "skip":
@@ -860,19 +867,22 @@ class Reruns(RuleBasedStateMachine):
     def redo_plan(self, spec: RunSpec, caption: Caption) -> Plan:
         """A redo: the mode is --existing when given, else the mode of the pass that wrote the
         caption when that pass has the run's other settings, else overwrite."""
+        settings = self.pass_of(spec, "skip").settings()
+        in_the_text = [one for one in caption.passes if one.settings() == settings]
+        landed = [one for one in caption.wrote_by if one.settings() == settings]
         if spec.mode:
             mode = spec.mode
-        elif (
-            caption.kind == "tool"
-            and caption.write
-            and caption.write.by.settings() == self.pass_of(spec, "skip").settings()
-        ):
+        elif caption.kind == "tool" and caption.write and caption.write.by.settings() == settings:
             mode = caption.write.by.mode
+        elif in_the_text or landed:
+            mode = (in_the_text or landed[-1:])[0].mode
         else:
             mode = "overwrite"
         by = self.pass_of(spec, mode)
         if caption.blank or mode in ("skip", "overwrite"):
             return Plan("caption", f"redo ({mode}): the answer alone", by)
+        if self.edited_since_it_wrote(caption, by):
+            return Plan("fail", "redo: edited since this pass wrote it", by)
         if caption.kind == "tool" and caption.write and caption.write.by == by:
             write = caption.write
             return Plan(
@@ -885,6 +895,12 @@ class Reruns(RuleBasedStateMachine):
         if by in caption.passes:
             return Plan("fail", "redo: another pass added to its caption since", by)
         return Plan("caption", f"redo ({mode}): the answer added", by, caption.text, caption.passes)
+
+    @staticmethod
+    def edited_since_it_wrote(caption: Caption, by: Pass) -> bool:
+        """In append and prepend, a caption a person edited since this pass wrote it holds an
+        answer of the pass that cannot be told apart: the rules fail it rather than add another."""
+        return caption.kind == "person" and by.mode in ("append", "prepend") and by in caption.wrote_by
 
     # --- what happened, against the rules
 
@@ -1103,6 +1119,7 @@ class Reruns(RuleBasedStateMachine):
             if actual == write.text.encode():
                 caption.data, caption.kind, caption.write = actual, "tool", write
                 caption.written.add(write.text)
+                caption.wrote_by.append(write.by)
                 caption.maybe_original = False
             else:  # killed before its write landed: its journal line may say a write came
                 caption.attempted = True
