@@ -3790,7 +3790,16 @@ class Journal:
                 return
 
     def history(self, name: str) -> list[Written]:
-        return self.load().records.get(name, [])
+        return [self.as_this_run(written) for written in self.load().records.get(name, [])]
+
+    def as_this_run(self, written: Written) -> Written:
+        """A line of a version 1 journal that another pass rewrote in this form ("v1:<pass>")
+        is this run's pass where its identity is (see RunPass.legacy)."""
+        mode_and_model = written.settings.startswith("v1:") and self.run.legacy.get(written.settings[3:])
+        if not mode_and_model:
+            return written
+        mode, model = mode_and_model
+        return written._replace(settings=self.run.settings, mode=mode, model=model)
 
     def counts(self, written: Written, mode: str | None, prompt: str) -> bool:
         """Whether a write was this run's pass (in this mode, unless None), with this prompt, and

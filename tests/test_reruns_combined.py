@@ -413,3 +413,27 @@ def test_a_recursive_pass_of_the_previous_version_is_finished_by_naming_its_subf
     assert resumed.code == 0, resumed.err
     assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
     assert len(server.chats) == 1
+
+
+def test_a_pass_of_the_previous_version_still_counts_after_another_pass_rewrote_its_journal(
+    tmp_path, caption, server
+):
+    """The journal of 47ddee3 names one pass; a run of another pass rewrites it in the new form
+    before adding its own line. The earlier pass, resumed afterwards, still adds nothing twice."""
+    root = tmp_path / "ds"
+    expected = with_tags(root, 3)
+    for path, answer in list(expected.items())[:2]:
+        path.write_text(f"old, tags, {answer}", encoding="utf-8")
+    shutil.copy(DATA / "folder.journal", root / JOURNAL)
+    extra = picture(root / "extra.png", size=(90, 32))
+    other = tmp_path / "other.txt"
+    other.write_text("Name the colours.", encoding="utf-8")
+    assert caption(root, "--prompt", other, "--only", redo_list(root, extra)).code == 0
+    assert json.loads((root / JOURNAL).read_text().splitlines()[0]) == {"journal": 2}
+    server.chats.clear()
+
+    resumed = caption(root, DATA / "prompt.txt", "--existing", "append")
+
+    assert resumed.code == 0, resumed.err
+    assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
+    assert sorted(chat.picture().width for chat in server.chats) == [42, 90]  # img002, and extra
