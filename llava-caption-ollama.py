@@ -1459,14 +1459,7 @@ class Discovery:
             self.not_captioned(listing, name, existing, decided)
             return
         try:
-            wanted = listing.wants_text or decided.mode in MERGING
-            text = (
-                decided.base
-                if decided.base is not None
-                else caption_text(caption_file, existing)
-                if wanted
-                else ""
-            )
+            text = self.text_to_join(listing, caption_file, existing, decided)
         except TryFailed as failure:
             self.fail(root, image, str(failure))
             return
@@ -1489,6 +1482,15 @@ class Discovery:
         self.waiting.append(Planned(listing, name, text, (decided.mode, text_digest(existing), origin)))
         if self.review:
             self.review.image(image, "not_attempted", readable_text(existing))
+
+    def text_to_join(self, listing: Listing, caption_file: Path, existing: bytes, decided: Verdict) -> str:
+        """The text the answer joins (append, prepend), or {existing} asks for; "" where neither
+        needs it."""
+        if decided.base is not None:
+            return decided.base
+        if listing.wants_text or decided.mode in MERGING:
+            return caption_text(caption_file, existing)
+        return ""
 
     def keep_in_the_jsonl(self, listing: Listing, name: str) -> None:
         caption = caption_name(name, self.config)
