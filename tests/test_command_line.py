@@ -140,7 +140,7 @@ def test_on_a_terminal_a_live_bar_shows_rate_and_eta(tmp_path, server, spawn):
 
 
 def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_rest(
-    tmp_path, make_server, spawn
+    tmp_path, make_server, spawn, caption
 ):
     for width, name in enumerate("abcdef", start=64):
         picture(tmp_path / f"{name}.jpg", size=(width, 48))
@@ -161,7 +161,7 @@ def test_first_ctrl_c_finishes_the_answers_on_their_way_and_a_rerun_does_the_res
     assert leftovers(tmp_path) == []
 
     server.chats.clear()
-    assert run_script(tmp_path, "--host", server.url, "--jobs", 4).returncode == 0
+    assert caption(tmp_path, "--jobs", 4, host=server.url).code == 0
     assert len(server.chats) == 4
     assert len(list(tmp_path.glob("*.txt"))) == 6
 

@@ -20,7 +20,6 @@ from conftest import (
     distinct_pictures,
     leftovers,
     picture,
-    run_script,
     signal_twice,
     wait_until,
 )
@@ -302,7 +301,7 @@ def test_a_journaled_image_whose_caption_still_matches_is_not_done_again(tmp_pat
 # --- The folder lock -------------------------------------------------------------------------
 
 
-def test_a_second_run_on_the_same_folder_refuses_and_names_the_first(tmp_path, server, spawn):
+def test_a_second_run_on_the_same_folder_refuses_and_names_the_first(tmp_path, server, spawn, caption):
     expected = distinct_pictures(tmp_path, 1)
     go_on = threading.Event()  # the first run's answer is held until the second run is refused
     server.answer = lambda chat: describe(chat) if go_on.wait(20) else "too late"
@@ -311,14 +310,14 @@ def test_a_second_run_on_the_same_folder_refuses_and_names_the_first(tmp_path, s
     requests_before = len(server.requests)
 
     try:
-        second = run_script(tmp_path, "--host", server.url)
+        second = caption(tmp_path)  # in this process: the lock is the other process's all the same
     finally:
         go_on.set()
 
-    assert second.returncode == 2
-    assert f"another run is captioning {tmp_path}" in second.stderr
-    assert f"pid {first.pid}, started " in second.stderr
-    assert "Traceback" not in second.stderr
+    assert second.code == 2
+    assert f"another run is captioning {tmp_path}" in second.err
+    assert f"pid {first.pid}, started " in second.err
+    assert "Traceback" not in second.err
     assert len(server.requests) == requests_before  # the second run asked the server nothing
     assert len(server.chats) == 1
 
@@ -329,8 +328,8 @@ def test_a_second_run_on_the_same_folder_refuses_and_names_the_first(tmp_path, s
     assert leftovers(tmp_path) == []
 
     picture(tmp_path / "late.png", size=(90, 32))
-    after = run_script(tmp_path, "--host", server.url)
-    assert after.returncode == 0, after.stderr
+    after = caption(tmp_path)
+    assert after.code == 0, after.err
     assert (tmp_path / "late.txt").read_text(encoding="utf-8") == "A PNG picture, 90x32 pixels."
     assert not (tmp_path / LOCK).exists()
 
