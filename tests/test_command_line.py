@@ -21,20 +21,23 @@ from conftest import (
 from stand_in_ollama import Reply
 
 
-def test_default_prompt_is_the_one_beside_the_script_whatever_the_working_folder(tmp_path, server):
+def test_default_prompt_is_the_one_beside_the_script_whatever_the_working_folder(
+    tmp_path, server, caption, monkeypatch
+):
     picture(tmp_path / "images" / "a.jpg")
     (tmp_path / "prompt.txt").write_text("a decoy in the working folder")
+    monkeypatch.chdir(tmp_path)
 
-    result = run_script("images", "--host", server.url, cwd=tmp_path)
+    result = caption("images")
 
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.err
     assert server.chats[0].prompt == (SCRIPT.parent / "prompt.txt").read_text(encoding="utf-8").strip()
 
 
-def test_prompt_file_given_as_second_argument(tmp_path, server):
+def test_prompt_file_given_as_second_argument(tmp_path, server, caption):
     picture(tmp_path / "a.jpg")
     (tmp_path / "tags.txt").write_text("List booru tags.")
-    assert run_script(tmp_path, tmp_path / "tags.txt", "--host", server.url).returncode == 0
+    assert caption(tmp_path, tmp_path / "tags.txt").code == 0
     assert server.chats[0].prompt == "List booru tags."
 
 
@@ -73,13 +76,13 @@ def test_a_dead_server_costs_a_line_for_the_wait_one_for_the_error_and_no_traceb
     assert result.stdout == ""
 
 
-def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, server):
+def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, server, caption):
     for name in "abc":
         picture(tmp_path / f"{name}.jpg")
     (tmp_path / "a.txt").write_text("done before")
     server.answer = lambda chat: "A red square"
 
-    lines = run_script(tmp_path, "--host", server.url).stderr.splitlines()
+    lines = caption(tmp_path).err.splitlines()  # in this process, its stderr captured: a pipe
 
     assert lines[0] == "2 to caption, 1 already captioned"
     assert lines[1].startswith(("[1/2] b.jpg ", "[1/2] c.jpg ")) and ", ETA " in lines[1]
@@ -91,18 +94,18 @@ def test_in_a_pipe_each_image_gets_a_line_with_position_time_and_eta(tmp_path, s
     assert len(lines) == 5
 
 
-def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp_path, server):
+def test_verbose_prints_each_caption_and_quiet_only_failures_and_the_summary(tmp_path, server, caption):
     picture(tmp_path / "a.jpg", size=(64, 48))
     picture(tmp_path / "b.jpg", size=(65, 48))
     server.answer = by_width({65: Reply(status=400, error="boom")})
 
-    verbose = run_script(tmp_path, "--host", server.url, "-v").stderr.splitlines()
+    verbose = caption(tmp_path, "-v").err.splitlines()
     a_line = next(i for i, line in enumerate(verbose) if line.startswith("[") and " a.jpg " in line)
     assert verbose[a_line + 1] == "    A red square"
 
     (tmp_path / "a.txt").unlink()
     server.chats.clear()
-    quiet = run_script(tmp_path, "--host", server.url, "-q").stderr.splitlines()
+    quiet = caption(tmp_path, "-q").err.splitlines()
     assert quiet[0] in (
         "[1/2] FAILED b.jpg: Ollama answered 400: boom",
         "[2/2] FAILED b.jpg: Ollama answered 400: boom",
