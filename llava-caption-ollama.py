@@ -1302,11 +1302,25 @@ class Discovery:
         for journal in self.journals.values():
             journal.run = self.run
         assumed, self.assumed = self.assumed, []
-        for listing, name, assumed_model in assumed:
-            if assumed_model != model:
-                self.summary.skipped -= 1
-                self.summary.folder(listing.root).skipped -= 1
-                self.plan(listing, name)
+        changed = [(listing, name) for listing, name, assumed_model in assumed if assumed_model != model]
+        if not changed:
+            return
+        for listing, _ in changed:
+            self.summary.skipped -= 1
+            self.summary.folder(listing.root).skipped -= 1
+        # Planned again with those to caption so far, in the order of planning, so that --limit
+        # takes the first images whatever the server's answer.
+        planned = [(item.listing, item.name) for item in self.waiting]
+        self.summary.to_caption -= len(planned)
+        self.waiting.clear()
+        for listing, name in sorted(changed + planned, key=self.order_of):
+            self.plan(listing, name)
+
+    def order_of(self, image: tuple[Listing, str]) -> tuple[int, tuple[str, ...]]:
+        """Where planning comes to an image: folder by folder as given, each by relative path."""
+        listing, name = image
+        relative = Path(os.path.relpath(os.path.join(listing.path, name), listing.root))
+        return self.config.folders.index(listing.root), relative.parts
 
     def walk(self, root: Path) -> Iterator[None]:
         first = self.listing(str(root), root, self.config.prompt)

@@ -437,3 +437,23 @@ def test_a_pass_of_the_previous_version_still_counts_after_another_pass_rewrote_
     assert resumed.code == 0, resumed.err
     assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
     assert sorted(chat.picture().width for chat in server.chats) == [42, 90]  # img002, and extra
+
+
+def test_images_done_with_a_model_the_server_no_longer_serves_keep_their_place_under_limit(
+    tmp_path, make_server, caption
+):
+    """Found by the soak: planned before the server says its model, they came after the images
+    planned to caption meanwhile, and --limit took a later image than the rules say."""
+    vision = {"capabilities": ["completion", "vision"]}
+    server = make_server(flavour="vllm", native=False, models={"m1": vision})
+    folder = tmp_path / "set"
+    captions = list(distinct_pictures(folder, 3))
+    assert caption(folder, "--api", "openai", "--existing", "overwrite", host=server.url).code == 0
+    server.models = {"m2": vision}
+    captions[2].write_bytes(b"\xef\xbb\xbf")  # blank: work to do, so the server is asked
+    server.chats.clear()
+
+    run = caption(folder, "--api", "openai", "--existing", "overwrite", "--limit", 1, host=server.url)
+
+    assert run.code == 0, run.err
+    assert [chat.picture().width for chat in server.chats if chat.picture().size != (64, 64)] == [40]
