@@ -191,12 +191,12 @@ class Write:
 
     by: Pass
     base: str
-    base_passes: frozenset
+    base_passes: tuple  # topmost first, as the appends and prepends were made on each other
     text: str
 
     @property
-    def passes(self) -> frozenset:
-        return self.base_passes | {self.by}
+    def passes(self) -> tuple:
+        return (self.by, *self.base_passes)
 
 
 @dataclass
@@ -225,9 +225,10 @@ class Caption:
         return "" if self.blank else decoded(self.data)
 
     @property
-    def passes(self) -> frozenset:
-        """The passes whose answers the text holds (following appends down the chain)."""
-        return self.write.passes if self.kind == "tool" and self.write else frozenset()
+    def passes(self) -> tuple:
+        """The passes whose answers the text holds, following appends down the chain: the
+        topmost (the last added) first."""
+        return self.write.passes if self.kind == "tool" and self.write else ()
 
 
 @dataclass
@@ -254,7 +255,7 @@ class Plan:
     why: str
     by: Pass | None = None
     base: str = ""  # the text the answer is added to; "" for the answer alone
-    base_passes: frozenset = frozenset()
+    base_passes: tuple = ()
     holds_answer: bool = False  # with skip: the pass's answer is there already
 
     def text(self, answer: str) -> str:

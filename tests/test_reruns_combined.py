@@ -313,6 +313,26 @@ def test_a_redo_names_the_pass_answer_under_another_pass_instead_of_destroying_t
     assert path.read_text(encoding="utf-8") == before
 
 
+def test_a_redo_of_a_caption_holding_the_settings_answers_in_two_modes_takes_the_mode_added_last(
+    tmp_path, caption, server
+):
+    """Found by the soak: the same settings appended, then prepended. A redo without --existing
+    replaces the answer on top (the prepended one); the appended one below stays."""
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 1)
+    [(path, answer)] = expected.items()
+    assert caption(folder, "--existing", "append").code == 0
+    assert caption(folder, "--existing", "prepend").code == 0
+    assert path.read_text(encoding="utf-8") == f"{answer}, old, tags, {answer}"
+
+    redo = caption(folder, "--only", redo_list(folder, path.with_suffix(".png")))
+    again = [caption(folder, "--existing", mode) for mode in ("append", "prepend")]
+
+    assert redo.code == 0, redo.err
+    assert path.read_text(encoding="utf-8") == f"{answer}, old, tags, {answer}"
+    assert [run.code for run in again] == [0, 0] and len(server.chats) == 3
+
+
 @pytest.mark.parametrize("how", ["only", "overwrite-edits"])
 def test_an_edited_append_caption_is_not_given_a_second_answer_of_its_pass(tmp_path, caption, server, how):
     folder = tmp_path / "set"
