@@ -30,6 +30,7 @@ import re
 import secrets
 import select
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -182,6 +183,8 @@ class StandInOllama:
     # Every error message, mid-stream error and answer repeats the request's Authorization
     # header, as a debugging proxy or a careless server's error page may.
     echo_authorization: bool = False
+    # (certificate file, key file): speak HTTPS with them, as a server behind a TLS proxy does.
+    certificate: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -196,11 +199,20 @@ class StandInOllama:
         handler = type("Handler", (Handler,), {"stand_in": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.httpd.daemon_threads = True
+        if self.certificate:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(*self.certificate)
+            # The handshake happens in the request's own thread: a client that gives up on it
+            # must not hold up the server's loop.
+            self.httpd.socket = tls.wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.005,), daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "https" if self.certificate else "http"
+        return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def start(self) -> StandInOllama:
         self.thread.start()

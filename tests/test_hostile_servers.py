@@ -8,9 +8,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import shutil
+import subprocess
 
 import pytest
-from conftest import by_width, captioner, closed_port_url, picture, run_script, wait_until
+from conftest import by_width, captioner, closed_port_url, distinct_pictures, picture, run_script, wait_until
 from stand_in_ollama import Reply
 
 BOTH_APIS = ["ollama", "vllm"]
@@ -337,6 +339,45 @@ def test_https_to_a_plain_http_port_keeps_the_tls_reason(kind, tmp_path, run_aga
     assert result.code == 2
     assert "TLS" in result.err and "plain HTTP? use http://" in result.err
     assert "ollama serve" not in result.err
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made for this run of the suite: (cert, key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=20,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_an_https_server_is_trusted_through_the_certificates_the_environment_names_only(
+    kind, tmp_path, run_against, certificate
+):
+    """Each run reads the certificates to trust once, where a server is https (SSL_CERT_FILE,
+    SSL_CERT_DIR, else certifi's): a certificate none of them vouches for is refused."""
+    start, _ = run_against
+    expected = distinct_pictures(tmp_path, 2)
+    server = start(kind, certificate=certificate)
+
+    untrusted = run_script(tmp_path, "--host", server.url, *api_args(kind), "--wait-server", 0)
+    trusted = run_script(
+        tmp_path, "--host", server.url, *api_args(kind), env={"SSL_CERT_FILE": certificate[0]}
+    )
+
+    assert untrusted.returncode == 2 and "its TLS certificate is not trusted" in untrusted.stderr
+    assert trusted.returncode == 0, trusted.stderr
+    for path, text in expected.items():
+        assert path.read_text(encoding="utf-8") == text
 
 
 # ---- item 15: a server restarting as the run starts ----
