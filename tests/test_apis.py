@@ -228,7 +228,7 @@ def test_nothing_listening_stops_the_run_with_the_address(kind, tmp_path, captio
     picture(tmp_path / "a.png")
     url = closed_port_url()
     api = [] if kind == "ollama" else ["--api", "openai"]
-    result = caption(tmp_path, *api, host=url)
+    result = caption(tmp_path, *api, "--wait-server", 0, host=url)  # the wait: test_hostile_servers.py
     assert result.code == 2
     assert f"cannot reach {'Ollama at' if kind == 'ollama' else 'a server at'} {url}" in result.err
 

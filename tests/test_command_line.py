@@ -53,15 +53,14 @@ def test_prompt_file_given_as_second_argument(tmp_path, server, caption):
         ([], "the following arguments are required: DIR"),
     ],
 )
-def test_what_stops_a_run_before_it_starts_exits_2(tmp_path, args, message):
+def test_what_stops_a_run_before_it_starts_exits_2(tmp_path, caption, args, message):
     picture(tmp_path / "a.jpg")
     (tmp_path / "empty.txt").write_text("\n  \n")
 
-    result = run_script(*[arg.format(dir=tmp_path) for arg in args], "--host", closed_port_url())
+    result = caption(*[arg.format(dir=tmp_path) for arg in args], host=closed_port_url())
 
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.code == 2
+    assert message in result.err
 
 
 def test_a_dead_server_costs_a_line_for_the_wait_one_for_the_error_and_no_traceback(tmp_path):

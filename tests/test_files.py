@@ -65,18 +65,18 @@ def test_a_named_pipe_named_like_a_caption_is_never_read_and_its_image_never_sen
     assert leftovers(tmp_path) == []
 
 
-def test_links_to_devices_fail_at_once_without_being_read(tmp_path, server):
+def test_links_to_devices_fail_at_once_without_being_read(tmp_path, server, caption):
     (tmp_path / "x.jpg").symlink_to("/dev/zero")
     (tmp_path / "y.jpg").symlink_to("/dev/urandom")
     picture(tmp_path / "z.jpg", size=(66, 48))
 
     started = time.monotonic()
-    run = run_script(tmp_path, "--host", server.url, timeout=20)
+    run = caption(tmp_path)
 
     assert time.monotonic() - started < 10  # reading either would never end
-    assert run.returncode == 1
-    assert "FAILED x.jpg: not an image file but a device\n" in run.stderr
-    assert "FAILED y.jpg: not an image file but a device\n" in run.stderr
+    assert run.code == 1
+    assert "FAILED x.jpg: not an image file but a device\n" in run.err
+    assert "FAILED y.jpg: not an image file but a device\n" in run.err
     assert widths_sent(server) == [66]
     assert (tmp_path / "z.txt").read_text() == default_caption(66)
     assert not (tmp_path / "x.txt").exists() and not (tmp_path / "y.txt").exists()

@@ -360,22 +360,30 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("kind", BOTH_APIS)
-def test_an_https_server_is_trusted_through_the_certificates_the_environment_names_only(
+def test_an_https_server_whose_certificate_nobody_vouches_for_is_refused(
     kind, tmp_path, run_against, certificate
 ):
-    """Each run reads the certificates to trust once, where a server is https (SSL_CERT_FILE,
-    SSL_CERT_DIR, else certifi's): a certificate none of them vouches for is refused."""
-    start, _ = run_against
-    expected = distinct_pictures(tmp_path, 2)
+    start, run = run_against
+    picture(tmp_path / "a.png")
     server = start(kind, certificate=certificate)
 
-    untrusted = run_script(tmp_path, "--host", server.url, *api_args(kind), "--wait-server", 0)
-    trusted = run_script(
-        tmp_path, "--host", server.url, *api_args(kind), env={"SSL_CERT_FILE": certificate[0]}
-    )
+    result = run(kind, server.url, tmp_path, "--wait-server", 0)
 
-    assert untrusted.returncode == 2 and "its TLS certificate is not trusted" in untrusted.stderr
-    assert trusted.returncode == 0, trusted.stderr
+    assert result.code == 2 and "its TLS certificate is not trusted" in result.err
+    assert not (tmp_path / "a.txt").exists()
+
+
+def test_an_https_server_is_trusted_through_the_certificates_the_environment_names(
+    tmp_path, make_server, certificate
+):
+    """Each run reads the certificates to trust once, where a server is https: SSL_CERT_FILE,
+    SSL_CERT_DIR, else certifi's. A process of its own: this one reads them as it starts."""
+    expected = distinct_pictures(tmp_path, 2)
+    server = make_server(certificate=certificate)
+
+    result = run_script(tmp_path, "--host", server.url, env={"SSL_CERT_FILE": certificate[0]})
+
+    assert result.returncode == 0, result.stderr
     for path, text in expected.items():
         assert path.read_text(encoding="utf-8") == text
 
