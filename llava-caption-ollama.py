@@ -42,7 +42,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, NamedTuple, NoReturn, TextIO
+from typing import Any, BinaryIO, Callable, ClassVar, NamedTuple, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 # The libraries only a run that sends images needs, imported by import_run_libraries().
@@ -88,10 +88,6 @@ RETRY_AFTER_LONGEST = 300.0  # a Retry-After beyond this is read as this
 # bytes, so files up to this size that need no change are sent as they are.
 PASS_THROUGH_MAX_BYTES = 1_500_000
 JPEG_QUALITY = 90  # a longer side of 1344 px at q90 is 0.47-0.53 MB of base64 per photo
-# Some vision encoders crash the runner on a side under 28-32 px (qwen2.5vl, ollama/ollama#11297)
-# or an aspect ratio beyond ~200:1 (ollama/ollama#13113): such pictures are padded with white.
-SMALLEST_SIDE = 32
-WIDEST_ASPECT = 50
 LOOP_SPAN = 60  # characters of repeats that make a loop (see REPEATS)
 LOOP_CHECK_EVERY = 16  # streamed pieces between two loop checks of a growing answer
 # What a server may send, whatever it does with the limits it is sent. A token of these models'
@@ -136,6 +132,147 @@ PLAN_FIRST_SECONDS = 0.1  # planning before the first request: 10,000 images her
 STALE_SECONDS = 60.0
 
 
+# ---------------------------------------------------------------------------
+# Facts about models and servers: tables the code reads, each row with its source
+# ---------------------------------------------------------------------------
+# None of these could be tried on a real server here (no GPU): each comes from the upstream
+# source or issue named beside it, and each behaviour built on it is tested against the tests'
+# stand-in server. The next model release changes this section, not the code below.
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the README's model table says of a family of models (the tests hold the two to
+    each other)."""
+
+    tags: str  # as the README names them
+    architectures: tuple[str, ...]  # general.architecture in Ollama's /api/show
+    thinks: str  # "no", "yes", or how to avoid it
+    num_ctx: str
+    notes: str
+    source: str
+
+    @property
+    def one_at_a_time(self) -> bool:
+        return any(architecture.startswith(ONE_AT_A_TIME) for architecture in self.architectures)
+
+
+# Architectures that Ollama runs one request at a time whatever OLLAMA_NUM_PARALLEL says
+# (server/sched.go at v0.33: "model architecture does not currently support parallel requests").
+ONE_AT_A_TIME = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "nemotron_h")
+
+MODELS = [
+    ModelFacts(
+        "`llava:13b` (default), `llava:7b`, `llava:34b`",
+        ("llama", "clip"),
+        "no",
+        "4096 (up to ~2,880 image tokens)",
+        "a 2023 model; the default because it is the user's choice",
+        "Ollama docs and source; the tests' stand-in",
+    ),
+    ModelFacts(
+        "`qwen2.5vl:7b`",
+        ("qwen25vl",),
+        "no",
+        "4096+ (≈ (w/28)·(h/28) tokens: ~1,700 at 1344×896)",
+        "runner crashes under 28 px a side (padded here)",
+        "Ollama source and issues (#11297)",
+    ),
+    ModelFacts(
+        "`qwen3-vl:8b-instruct`",
+        ("qwen3vl",),
+        "no (`-instruct`)",
+        "8192",
+        "thinking tags ignore `think: false`: use `-instruct`",
+        "Ollama source (sched.go), #14798",
+    ),
+    ModelFacts("`gemma3:12b`, `gemma4`", ("gemma3",), "no", "4096 (256 image tokens)", "", "Ollama source"),
+    ModelFacts("`minicpm-v`", ("qwen2",), "no", "4096", "", "Ollama issues"),
+    ModelFacts(
+        "`mistral-small3.2`",
+        ("mistral3",),
+        "no",
+        "8192 (up to ~3,000 image tokens at 1540 px)",
+        "",
+        "Ollama source",
+    ),
+    ModelFacts("`qwen3.5`", ("qwen35",), "yes", "8192", "`think: false` sent", "Ollama source"),
+    ModelFacts(
+        "`llama3.2-vision`",
+        ("mllama",),
+        "no",
+        "",
+        "cannot load on Ollama 0.30+ (the run says so)",
+        "Ollama #16490",
+    ),
+]
+
+# Some vision encoders crash the runner on a side under 28-32 px (qwen2.5vl, ollama/ollama#11297)
+# or an aspect ratio beyond ~200:1 (ollama/ollama#13113): such pictures are padded with white.
+SMALLEST_SIDE = 32
+WIDEST_ASPECT = 50
+
+# How each Ollama era says it could not decode an image: v0.4-0.11.4 (llava embedding),
+# v0.11.5-0.29 (mtmd), the Go engine (image: unknown format), v0.30+ llama-server (400).
+UNDECODABLE = re.compile(
+    r"unable to make llava embedding|unable to tokenize mtmd embedding|image: unknown format"
+    r"|failed to load image|failed to decode image",
+    re.IGNORECASE,
+)
+
+
+# How each Ollama era says that the run's model or settings cannot work on a server, and the fix.
+# The context message is llama-server's, passed through since Ollama 0.30; older servers cut the
+# prompt silently instead (see refuse_cut_prompt()).
+UNUSABLE_MODEL = [
+    (
+        re.compile(r"unknown model architecture: '?([\w.-]+)", re.IGNORECASE),
+        (
+            "this Ollama version cannot run the model (its architecture {0} is unknown to it, as "
+            "llama3.2-vision's mllama is to Ollama 0.30+): choose another model, or an Ollama that runs it"
+        ),
+    ),
+    (
+        re.compile(
+            r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", re.IGNORECASE
+        ),
+        "image and prompt take {0} tokens but the context holds {1}: raise --num-ctx to {2}",
+    ),
+    (
+        re.compile(
+            r"model requires more system memory \(([^)]*)\) than is available \(([^)]*)\)", re.IGNORECASE
+        ),
+        "the server has too little memory for the model ({0} needed, {1} free): choose a smaller model",
+    ),
+    # vLLM: "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens".
+    (
+        re.compile(r"maximum context length is (\d+) tokens", re.IGNORECASE),
+        (
+            "the model's context holds only {0} tokens, too few for image, prompt and --max-tokens: start "
+            "vLLM with a longer --max-model-len, or lower --max-tokens"
+        ),
+    ),
+    # llama-server started without the model's vision projector (tools/server/server.cpp).
+    (
+        re.compile(r"image input is not supported.*mmproj()", re.IGNORECASE | re.DOTALL),
+        "the server was started without the model's vision projector: start llama-server with --mmproj FILE",
+    ),
+]
+
+
+# Answers that are no caption, recognised by how they start, each with why it is refused.
+NOT_A_CAPTION = [
+    (
+        r"i'?m sorry|i am sorry|sorry\b|i apologi[sz]e\b",
+        "the model refused",
+    ),  # granite: "I apologize, but ..."
+    (r"i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)", "the model refused"),
+    (r"as an ai\b|unfortunately,? i\b", "the model refused"),
+    # moondream answers a caption prompt with a box: "[0.64, 0.50, 0.91, 0.88]" (ollama/ollama#6365)
+    (r"\[\s*-?[\d.]+\s*(?:,\s*-?[\d.]+\s*){3}\]", "the model answered with box coordinates"),
+]
+
+
 class CannotStart(Exception):
     """The run cannot start: bad arguments, a missing folder or prompt, no server, a model that
     is not there or cannot see. Reported in one line, exit 2."""
@@ -146,9 +283,10 @@ class Fault(enum.Enum):
     happens next."""
 
     UNFIT_ANSWER = "an answer unfit to train on: empty, a refusal, a loop, cut off at the token limit"
-    SERVER_STRUGGLING = (
-        "503 busy, 429, a 500 (runner crashed), an error mid-answer, an answer that broke off, a timeout"
+    SERVER_BUSY = (
+        '429 or 503: the server is busy, or still loading its model (llama-server\'s "Loading model")'
     )
+    SERVER_STRUGGLING = "a 500 (runner crashed), an error mid-answer, an answer that broke off, a timeout"
     CONNECTION_BROKE = "the connection broke during the request"
     SERVER_DOWN = "the server refuses connections, or a proxy in front of it answers 502 or 504"
     MODEL_GONE = "the model is no longer on the server (404)"
@@ -384,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--api",
-        choices=("ollama", "openai"),
+        choices=tuple(APIS),
         default="ollama",
         help="the servers' API: Ollama's own, or the OpenAI-compatible one of vLLM, SGLang, llama.cpp's "
         "llama-server and LM Studio (default: %(default)s)",
@@ -611,7 +749,7 @@ def server_url(text: str, ollama_port: bool = True) -> str:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
-    settings.update(api_settings(args))
+    settings.update(APIS[args.api].settings(args))
     folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
     if args.jsonl and not args.jsonl.parent.is_dir():
@@ -788,57 +926,6 @@ def is_below(path: Path, folder: Path) -> bool:
     except ValueError:
         return False
     return True
-
-
-def api_settings(args: argparse.Namespace) -> dict:
-    """What depends on the API: the servers' addresses, the model, the key, the options only
-    Ollama reads (refused with the reason for the other API, never silently ignored)."""
-    if args.api == "ollama":
-        if args.api_key_env:
-            raise CannotStart(
-                "--api-key-env is for --api openai; Ollama's client reads OLLAMA_API_KEY itself"
-            )
-        given = args.hosts or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
-        source = "--host" if args.hosts else "OLLAMA_HOST"
-        return {
-            "hosts": server_urls(given, source, ollama_port=True),
-            "model": args.model or DEFAULT_MODEL,
-            "keep_alive": DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
-            "num_ctx": args.num_ctx or DEFAULT_NUM_CTX,
-        }
-    refused = {
-        "--num-ctx": (
-            args.num_ctx,
-            "the context is set as the server starts (vLLM --max-model-len, llama-server -c)",
-        ),
-        "--keep-alive": (args.keep_alive, "the server keeps its model loaded as long as it runs"),
-        "--pull": (args.pull or None, "the server loads the model it was started with"),
-    }
-    for option, (value, why) in refused.items():
-        if value is not None:
-            raise CannotStart(f"{option} is Ollama's: {why}; run without it")
-    # Never OLLAMA_HOST: an OpenAI-compatible server is another server.
-    given = args.hosts or [os.environ.get("OPENAI_BASE_URL", "")]
-    if not given[0] and args.dry_run:  # sends nothing: needs no server
-        given = []
-    elif not given[0]:
-        raise CannotStart(
-            "--api openai needs the server's address: --host http://HOST:PORT (or OPENAI_BASE_URL)"
-        )
-    key_name = args.api_key_env or "OPENAI_API_KEY"
-    if args.api_key_env and args.api_key_env not in os.environ:
-        raise CannotStart(f"--api-key-env: the environment variable {args.api_key_env} is not set")
-    key = os.environ.get(key_name, "")
-    if key and not re.fullmatch(r"[\x21-\x7e]+", key):
-        raise CannotStart(
-            f"the API key in {key_name} holds characters an HTTP header cannot carry (spaces, line breaks, accents)"
-        )
-    return {
-        "hosts": server_urls(given, "--host" if args.hosts else "OPENAI_BASE_URL", ollama_port=False),
-        "model": args.model or "",
-        "api_key": key,
-        "num_ctx": 0,
-    }
 
 
 def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
@@ -2154,55 +2241,21 @@ class State(enum.Enum):
 
 
 class Server:
-    """One server of the run: its clients, its free slots, and whether it answers. An Ollama
-    server is asked through the official client; an OpenAI-compatible one through httpx."""
+    """One server of the run: its API (which holds the clients), its free slots, and whether
+    it answers."""
 
-    def __init__(self, url: str, timeout: float, jobs: int, api: str = "ollama", api_key: str = "") -> None:
+    def __init__(self, url: str, jobs: int, api: Api) -> None:
         self.url = url
         self.jobs = jobs
         self.api = api
         self.model = ""  # as this server names it, once the preflight has checked it
-        import_run_libraries()
-        refuse_unusable_proxies(url)
-        # A client waits forever by default. A queued request gets no byte until a slot frees,
-        # so the read timeout of a caption request must be generous; connecting, and the calls
-        # that load no model, need not be.
-        self.patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
-        caption_deadline = Transport(
-            url,
-            DEADLINE_TIMEOUTS * timeout,
-            f" ({DEADLINE_TIMEOUTS} times --timeout); raise --timeout if it is only slow",
-        )
-        quick_deadline = Transport(url, DEADLINE_TIMEOUTS * QUICK_TIMEOUT, ", for a call that loads no model")
-        if api == "ollama":
-            self.client = self.ollama_client(self.patient, caption_deadline)
-            self.quick = self.ollama_client(QUICK_TIMEOUT, quick_deadline)
-        else:
-            SECRETS.add(api_key, "API key")
-            key = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            self.client = httpx.Client(
-                base_url=url, timeout=self.patient, headers=key, transport=caption_deadline
-            )
-            self.quick = httpx.Client(
-                base_url=url, timeout=QUICK_TIMEOUT, headers=key, transport=quick_deadline
-            )
-        self.thinking_off: dict = {}  # what this OpenAI-compatible server reads as "do not think"
         self.in_flight = 0
-        self.thinks = False  # the model can think (its /api/show capabilities say so)
         self.state = State.ANSWERING
         self.why = ""  # what went wrong, in every state but ANSWERING
         self.quiet_since = 0.0
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
         self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
-
-    def ollama_client(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
-        # Redirects are not followed: httpx turns a POST into a GET when it follows a 301 or 302
-        # (as browsers do), so a caption request would arrive as no request at all; the status
-        # is reported instead.
-        transport = transport or Transport(self.url)
-        SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
-        return ollama.Client(host=self.url, timeout=timeout, transport=transport, follow_redirects=False)
 
     @property
     def in_rotation(self) -> bool:
@@ -2219,29 +2272,11 @@ class Server:
     def probe_due(self) -> bool:
         return self.state is State.QUIET and time.monotonic() >= self.next_probe
 
-    def models(self) -> list[dict]:
-        """The models the server has, each {"name": ..., "owner": ...}; asked with the quick
-        client. Raises what the client raises."""
-        if self.api == "ollama":
-            return [{"name": model.model, "owner": ""} for model in self.quick.list().models]
-        response = self.quick.get("/v1/models")
-        if response.status_code != 200:
-            raise ServerSaid(response.status_code, error_said(response), retry_after(response))
-        listed = response.json()
-        entries = listed.get("data") if isinstance(listed, dict) else None
-        if not isinstance(entries, list):
-            raise ValueError("no list of models")  # noqa: TRY004 - what the client raises for bad JSON
-        return [
-            {"name": str(entry.get("id")), "owner": str(entry.get("owned_by", ""))}
-            for entry in entries
-            if isinstance(entry, dict)
-        ]
-
     def probe(self) -> str:
         """Ask the server whether it answers (on a worker thread); why not, or ""."""
         try:
-            with server_errors(self.api):
-                self.models()
+            with self.api.errors():
+                self.api.models()
         except TryFailed as failure:
             return str(failure)
         return ""
@@ -2275,14 +2310,19 @@ class Server:
         return f"{self.url} {self.state.value}: {self.why}"
 
     def close(self) -> None:
-        self.client.close()
-        self.quick.close()
+        self.api.close()
+
+
+def server_for(url: str, config: Config) -> Server:
+    import_run_libraries()
+    refuse_unusable_proxies(url)
+    return Server(url, config.jobs, APIS[config.api](url, config.timeout, config.api_key))
 
 
 def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server]:
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
-    servers = [Server(url, config.timeout, config.jobs, config.api, config.api_key) for url in config.hosts]
+    servers = [server_for(url, config) for url in config.hosts]
     check_servers(servers, config, reporter, stop)
     if not any(server.in_rotation for server in servers):
         wait_for_a_restart(servers, config, reporter, stop)
@@ -2306,7 +2346,7 @@ def check_servers(servers: list[Server], config: Config, reporter: Reporter, sto
     """The preflight of every server at once; those that do not answer are DEAD, with why."""
     for server in servers:
         server.down_sign = ""
-    checks = [in_the_background(preflight, server, config, reporter, stop) for server in servers]
+    checks = [in_the_background(server.api.preflight, server, config, reporter, stop) for server in servers]
     while wait(checks, timeout=POLL_SECONDS)[0] != set(checks):
         if stop.asked.is_set():  # a --pull can take minutes, and a silent server --timeout
             raise CannotStart("interrupted while checking the servers")
@@ -2363,118 +2403,21 @@ def down_sign(failure: TryFailed) -> str:
     )
 
 
-def preflight(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
-    """Before any image is sent: the server answers, has the model, and the model can see.
-    Returns why the server does not answer (or ""); raises CannotStart for the model."""
-    if server.api == "openai":
-        return preflight_openai(server, config, reporter, stop)
-    server.model = config.model
-    try:
-        with server_errors(server.api):
-            server.quick.list()
-    except TryFailed as failure:
-        server.down_sign = down_sign(failure)
-        if failure.fault is Fault.SERVER_DOWN and failure.cause:
-            return f"cannot reach Ollama at {server.url}: {failure.cause}"
-        if failure.fault is Fault.SERVER_DOWN:
-            return (
-                f"cannot reach Ollama at {server.url}; start it with 'ollama serve' "
-                "or point --host (or OLLAMA_HOST) at it"
-            )
-        # Silence (a wrong port, an SSH server, a stuck proxy) is told from an answer, which says
-        # what it says: a 500 or a 301 comes in milliseconds.
-        if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:
-            return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it Ollama?"
-        return f"{server.url} does not answer like an Ollama server: {failure}"
-    details = show_model(server, config, reporter, stop)
-    if not can_see(details):
-        raise CannotStart(
-            f"model {config.model} on {server.url} cannot see images (it lacks the 'vision' capability); "
-            "choose a vision model such as llava"
-        )
-    server.thinks = "thinking" in (details.capabilities or [])
-    architecture = str((details.modelinfo or {}).get("general.architecture", ""))
-    if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
-        reporter.say(
-            f"note: {config.model} ({architecture}) answers one request at a time on {server.url}, whatever "
-            f"OLLAMA_NUM_PARALLEL says: --jobs {config.jobs} only queues there"
-        )
-    if config.think and not server.thinks:
-        # Ollama answers every such request 400 "... does not support thinking".
-        raise CannotStart(f"model {config.model} on {server.url} cannot think; run without --think")
-    return ""
-
-
-def preflight_openai(server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
-    """preflight() for an OpenAI-compatible server: it answers GET /v1/models, serves the model,
-    and the model takes a picture. No API of these servers says whether a model can see, so a
-    small picture is sent (64 px a side: some vision encoders crash the runner on tinier ones).
-    It loads the model, which can take minutes, so it may take up to --timeout."""
-    try:
-        served = patiently(server.models, server, config, reporter, stop)
-    except TryFailed as failure:
-        server.down_sign = down_sign(failure)
-        if failure.fault is Fault.SERVER_DOWN and failure.cause:
-            return f"cannot reach a server at {server.url}: {failure.cause}"
-        if failure.fault is Fault.SERVER_DOWN:
-            return (
-                f"cannot reach a server at {server.url}; start it, or point --host (or OPENAI_BASE_URL) at it"
-            )
-        if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:  # silence, not an answer
-            return f"{server.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: is it the server?"
-        if failure.fault is Fault.ACCESS_DENIED:
-            raise CannotStart(f"{server.url}: {failure}") from None
-        return f"{server.url} does not answer like an OpenAI-compatible server (GET /v1/models): {failure}"
-    names = [model["name"] for model in served]
-    if not config.model and len(names) != 1:
-        listed = ", ".join(names) or "none"
-        raise CannotStart(f"{server.url} serves {len(names)} models ({listed}): choose one with --model")
-    if config.model and config.model not in names:
-        listed = ", ".join(names) or "none"
-        raise CannotStart(f"{server.url} does not serve {config.model}; it serves: {listed}")
-    if not config.model and SECRETS.found_in(names[0]):  # it would name the captions' model
-        raise CannotStart(
-            f"{server.url} names its one model with the {SECRETS.found_in(names[0])} sent to it"
-        )
-    server.model = config.model or names[0]
-    host = urlsplit(server.url).hostname or ""
-    if config.api_key and server.url.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
-        reporter.say(
-            f"warning: the API key goes to {server.url} unencrypted (http://); use https:// to send it"
-        )
-    # Each server has its own switch for thinking: vLLM, SGLang and llama-server read the chat
-    # template's enable_thinking; Ollama's /v1 reads only reasoning_effort "none", which vLLM
-    # would refuse.
-    server.thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
-    if is_ollama(server):
-        server.thinking_off = {"reasoning_effort": "none"}
-        refuse_blind_ollama_model(server)
-        reporter.say(
-            f"note: {server.url} is Ollama: --api ollama is its better path (--num-ctx, --keep-alive)"
-        )
-    probe = probe_task()
-    try:
-        patiently(
-            lambda: openai_request(server, config, probe, None, max_tokens=1), server, config, reporter, stop
-        )
-    except TryFailed as failure:
-        if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
-            return f"{server.url} stopped answering when asked to look at a picture: {failure}"
-        raise CannotStart(f"model {server.model} on {server.url} cannot take a picture: {failure}") from None
-    return ""
-
-
 def patiently(call: Callable[[], Any], server: Server, config: Config, reporter: Reporter, stop: Stop) -> Any:
     """call(), asked again while the server answers that it is busy or still loading its model
     (429, 503: llama-server says "Loading model"), for up to --wait-server."""
     since, tries = time.monotonic(), 0
     while True:
         try:
-            with server_errors(server.api):
+            with server.api.errors():
                 return call()
         except TryFailed as failure:
             waited = time.monotonic() - since
-            if failure.status not in (429, 503) or waited > config.wait_server or stop.asked.is_set():
+            if (
+                not POLICY[failure.fault].waited_for_at_start
+                or waited > config.wait_server
+                or stop.asked.is_set()
+            ):
                 raise
             if not tries:
                 reporter.say(
@@ -2482,31 +2425,6 @@ def patiently(call: Callable[[], Any], server: Server, config: Config, reporter:
                 )
             tries += 1
             stop.asked.wait(max(backoff(tries), failure.pause))
-
-
-def is_ollama(server: Server) -> bool:
-    # Ollama answers GET /api/version with its version; the other servers with 404 (LM Studio:
-    # 200 and an error body).
-    try:
-        answer = server.quick.get("/api/version")
-        return answer.status_code == 200 and isinstance(answer.json().get("version"), str)
-    except (httpx.HTTPError, ValueError, AttributeError, TryFailed):  # TryFailed: a bound broken
-        return False
-
-
-def refuse_blind_ollama_model(server: Server) -> None:
-    """Ollama does not refuse a picture sent to a model that cannot see (the probe would pass):
-    its own /api/show says whether the model can."""
-    try:
-        with server_errors(), server.ollama_client(QUICK_TIMEOUT) as client:
-            details = client.show(server.model)
-    except TryFailed:
-        return  # the probe picture and the run say what is wrong
-    if not can_see(details):
-        raise CannotStart(
-            f"model {server.model} on {server.url} cannot see images (it lacks the 'vision' capability); "
-            "choose a vision model such as llava"
-        )
 
 
 def probe_task() -> Task:
@@ -2521,55 +2439,6 @@ def probe_task() -> Task:
     )
 
 
-# Architectures that Ollama runs one request at a time whatever OLLAMA_NUM_PARALLEL says
-# (server/sched.go at v0.33: "model architecture does not currently support parallel requests").
-ONE_AT_A_TIME = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "nemotron_h")
-
-
-def can_see(details: ollama.ShowResponse) -> bool:
-    # Ollama does not refuse images sent to a text model: it ignores them and the model
-    # invents a caption (ollama/ollama#7791). "vision" is listed for projector models such as
-    # llava only from 0.6.8 (PR #10509): before, capabilities is absent (< 0.6.4) or just
-    # ["completion"] (0.6.4-0.6.7), and a vision model shows itself by its "clip" projector
-    # family or by <arch>.vision.* keys, as Ollama's own CLI checks (cmd/cmd.go).
-    families = (details.details.families if details.details else None) or []
-    vision_keys = any(".vision." in key for key in (details.modelinfo or {}))
-    return "vision" in (details.capabilities or []) or "clip" in families or vision_keys
-
-
-def show_model(server: Server, config: Config, reporter: Reporter, stop: Stop) -> ollama.ShowResponse:
-    try:
-        with server_errors():
-            return server.quick.show(config.model)
-    except TryFailed as failure:
-        if failure.fault is not Fault.MODEL_GONE:
-            raise CannotStart(f"{server.url} could not show model {config.model}: {failure}") from None
-        if not config.pull:
-            raise CannotStart(
-                f"model {config.model} is not on {server.url}; run 'ollama pull {config.model}' or add --pull"
-            ) from None
-    pull_model(server, config.model, reporter, stop)
-    try:
-        with server_errors():
-            return server.quick.show(config.model)
-    except TryFailed as failure:
-        raise CannotStart(f"{server.url} could not show model {config.model}: {failure}") from None
-
-
-def pull_model(server: Server, model: str, reporter: Reporter, stop: Stop) -> None:
-    try:
-        # No deadline: a pull of gigabytes takes as long as the network does.
-        with server_errors(), server.ollama_client(server.patient) as puller:
-            for update in puller.pull(model, stream=True):
-                reporter.pulling(model, update.status or "", update.completed, update.total)
-                if stop.asked.is_set():  # a pull takes minutes: it must not outlast a Ctrl-C
-                    raise CannotStart(f"interrupted while pulling {model}")
-    except TryFailed as failure:
-        raise CannotStart(f"could not pull {model}: {failure}") from None
-    finally:
-        reporter.end_live_line()
-
-
 @dataclass
 class Answer:
     text: str
@@ -2577,38 +2446,6 @@ class Answer:
     tokens: int  # generated, thinking included
     generation_ns: int
     thought: bool = False  # thinking came back, in message.thinking or as a <think> block
-
-
-def request_caption(server: Server, config: Config, task: Task, seed: int | None) -> Answer:
-    """Send one image; return the model's whole answer."""
-    if server.api == "openai":
-        return openai_request(server, config, task, seed, config.max_tokens)
-    message = {"role": "user", "content": task.prompt, "images": [task.payload]}
-    options = config.options() if seed is None else {**config.options(), "seed": seed}
-    gathered = Gathered(config.max_tokens)
-    with server_errors(server.api):
-        # Streamed, so the read timeout bounds the silence before and between tokens rather
-        # than the whole answer, an answer cut off mid-way is told from a complete one, and a
-        # looping answer can be stopped as it loops.
-        stream = server.client.chat(
-            model=server.model,
-            messages=[message],
-            stream=True,
-            options=options,
-            keep_alive=config.keep_alive,  # resets the unload timer with every request
-            # Since Ollama 0.12.4 a model that can think does so unless told not to: hundreds of
-            # tokens before every caption. Sent only to such models (others answer 400).
-            think=config.think if server.thinks else None,
-        )
-        with closing(stream):  # closing the stream hangs up; Ollama then stops generating
-            for part in stream:
-                gathered.add(part.message.content or "", part.message.thinking or "")
-                if part.done:
-                    refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
-                    return gathered.answer(
-                        part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
-                    )
-    raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
 
 
 class Gathered:
@@ -2654,50 +2491,454 @@ class ServerSaid(Exception):
         self.retry_after = retry_after
 
 
-def openai_request(server: Server, config: Config, task: Task, seed: int | None, max_tokens: int) -> Answer:
-    """Send one image to an OpenAI-compatible server (POST /v1/chat/completions, streamed as
-    server-sent events); return the model's whole answer. A few dozen lines over httpx, which
-    the ollama client brings anyway (README, "Dependencies")."""
-    content = [
-        {"type": "text", "text": task.prompt},
-        {"type": "image_url", "image_url": {"url": data_uri(task.payload)}},
-    ]
-    body = {
-        "model": server.model,
-        "messages": [{"role": "user", "content": content}],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": max_tokens,  # the one limit every server reads (Ollama's /v1 reads only it)
-        "temperature": OPENAI_TEMPERATURE if config.temperature is None else config.temperature,
-        **({} if seed is None else {"seed": seed}),
-        **({} if config.think else server.thinking_off),
-    }
-    gathered = Gathered(max_tokens)
-    started = time.monotonic()
-    finish, tokens = "", 0
-    with (
-        server_errors(server.api),
-        server.client.stream("POST", "/v1/chat/completions", json=body) as response,
-    ):
+class Api:
+    """What differs between the servers' APIs, behind one interface: the settings it reads,
+    its clients, listing the models, the check before any image is sent, one caption request,
+    and the words its errors are told in. The rest of the run never asks which API it talks to:
+    another API is another subclass in APIS."""
+
+    name: ClassVar[str]  # the value of --api
+    server_kind: ClassVar[str]  # how messages name one of its servers: "Ollama server"
+    said_by: ClassVar[str]  # who speaks in an error message: "Ollama answered 401"
+    reached_as: ClassVar[str]  # "cannot reach Ollama at URL"
+    start_advice: ClassVar[str]  # what to do when nothing listens at its address
+    answers_like: ClassVar[str]  # "does not answer like an Ollama server"
+    key_advice: ClassVar[str]  # where the key a 401 asks for is taken from
+    answer_format: ClassVar[str]  # what its answers are written in: "Ollama's JSON"
+    refused_advice: ClassVar[str]  # said after "refuses this client" of a 403
+    # The fix when image, prompt and answer do not fit the context; "" for the --num-ctx one.
+    context_fix: ClassVar[str] = ""
+
+    def __init__(self, url: str, timeout: float, key: str = "") -> None:
+        self.url = url
+        self.key = key
+        # A client waits forever by default. A queued request gets no byte until a slot frees,
+        # so the read timeout of a caption request must be generous; connecting, and the calls
+        # that load no model, need not be.
+        self.patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
+        caption_deadline = Transport(
+            url,
+            DEADLINE_TIMEOUTS * timeout,
+            f" ({DEADLINE_TIMEOUTS} times --timeout); raise --timeout if it is only slow",
+        )
+        quick_deadline = Transport(url, DEADLINE_TIMEOUTS * QUICK_TIMEOUT, ", for a call that loads no model")
+        self.client = self.connect(self.patient, caption_deadline)
+        self.quick = self.connect(QUICK_TIMEOUT, quick_deadline)
+
+    @classmethod
+    def settings(cls, args: argparse.Namespace) -> dict:
+        """The run's settings that depend on the API: the servers' addresses, the model, the
+        key; an option the API cannot honour is refused with the reason, never ignored."""
+        raise NotImplementedError
+
+    def connect(self, timeout: Any, transport: Transport) -> Any:
+        """A client of this API. Redirects are not followed: httpx turns a POST into a GET when
+        it follows a 301 or 302 (as browsers do), so a caption request would arrive as no
+        request at all; the status is reported instead."""
+        SECRETS.add(self.key, "API key")
+        key = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=key, transport=transport)
+
+    def models(self) -> list[dict]:
+        """The models the server has, each {"name": ..., "owner": ...}; asked with the quick
+        client. Raises what the client raises."""
+        raise NotImplementedError
+
+    def preflight(self, server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
+        """Before any image is sent: the server answers, has the model, and the model can see.
+        Returns why the server does not answer (or ""); raises CannotStart for the model."""
+        raise NotImplementedError
+
+    def request(self, server: Server, config: Config, task: Task, seed: int | None) -> Answer:
+        """Send one image; return the model's whole answer. Raises what the client raises, or
+        TryFailed."""
+        raise NotImplementedError
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Turn every way a server or connection can fail into a TryFailed with its fault. The
+        clients raise (ollama 0.6.3, _client.py; httpx): the error answer's exception (status
+        -1 for an error mid-stream), the builtin ConnectionError or httpx.ConnectError when
+        nothing listens, other httpx errors for timeouts and broken connections, ValueError
+        for undecodable JSON and pydantic's validation errors."""
+        try:
+            yield
+        except (*answer_errors(), ConnectionError, httpx.HTTPError, ValueError) as exc:
+            raise classified(exc, self) from None
+
+    def first_contact(self, server: Server, listing: Callable[[], Any]) -> tuple[Any, str]:
+        """The server's first answer (listing()), or why it gave none, in this API's words."""
+        try:
+            with self.errors():
+                return listing(), ""
+        except TryFailed as failure:
+            server.down_sign = down_sign(failure)
+            if failure.fault is Fault.SERVER_DOWN and failure.cause:
+                return None, f"cannot reach {self.reached_as} {self.url}: {failure.cause}"
+            if failure.fault is Fault.SERVER_DOWN:
+                return None, f"cannot reach {self.reached_as} {self.url}; {self.start_advice}"
+            # Silence (a wrong port, an SSH server, a stuck proxy) is told from an answer, which
+            # says what it says: a 500 or a 301 comes in milliseconds.
+            if failure.fault is Fault.SERVER_STRUGGLING and not failure.status:
+                return None, (
+                    f"{self.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: "
+                    f"is it {self.said_by}?"
+                )
+            if failure.fault is Fault.ACCESS_DENIED:  # no other server would be let in either
+                raise CannotStart(f"{self.url}: {failure}") from None
+            return None, f"{self.url} does not answer like {self.answers_like}: {failure}"
+
+    def close(self) -> None:
+        self.client.close()
+        self.quick.close()
+
+
+def answer_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that carry a server's error answer: its status and message."""
+    return (ollama.ResponseError, ServerSaid)
+
+
+class OllamaApi(Api):
+    """Ollama's own API (/api/chat), through the official client: NDJSON streaming, num_ctx and
+    keep_alive, /api/show for what a model can do, /api/pull."""
+
+    name = "ollama"
+    server_kind = "Ollama server"
+    said_by = "Ollama"
+    reached_as = "Ollama at"
+    start_advice = "start it with 'ollama serve' or point --host (or OLLAMA_HOST) at it"
+    answers_like = "an Ollama server"
+    answer_format = "Ollama's JSON"
+    key_advice = "OLLAMA_API_KEY"
+    refused_advice = " (check OLLAMA_ORIGINS or the proxy)"
+
+    def __init__(self, url: str, timeout: float, key: str = "") -> None:
+        super().__init__(url, timeout)
+        self.thinks = False  # the model can think (its /api/show capabilities say so)
+
+    @classmethod
+    def settings(cls, args: argparse.Namespace) -> dict:
+        if args.api_key_env:
+            raise CannotStart(
+                "--api-key-env is for --api openai; Ollama's client reads OLLAMA_API_KEY itself"
+            )
+        given = args.hosts or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
+        source = "--host" if args.hosts else "OLLAMA_HOST"
+        return {
+            "hosts": server_urls(given, source, ollama_port=True),
+            "model": args.model or DEFAULT_MODEL,
+            "keep_alive": DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
+            "num_ctx": args.num_ctx or DEFAULT_NUM_CTX,
+        }
+
+    def connect(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
+        SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
+        transport = transport or Transport(self.url)
+        return ollama.Client(host=self.url, timeout=timeout, transport=transport, follow_redirects=False)
+
+    def models(self) -> list[dict]:
+        return [{"name": model.model, "owner": ""} for model in self.quick.list().models]
+
+    def preflight(self, server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
+        server.model = config.model
+        _, trouble = self.first_contact(server, self.quick.list)
+        if trouble:
+            return trouble
+        details = self.show_model(config, reporter, stop)
+        if not can_see(details):
+            raise CannotStart(
+                f"model {config.model} on {self.url} cannot see images (it lacks the 'vision' capability); "
+                "choose a vision model such as llava"
+            )
+        self.thinks = "thinking" in (details.capabilities or [])
+        architecture = str((details.modelinfo or {}).get("general.architecture", ""))
+        if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
+            reporter.say(
+                f"note: {config.model} ({architecture}) answers one request at a time on {self.url}, whatever "
+                f"OLLAMA_NUM_PARALLEL says: --jobs {config.jobs} only queues there"
+            )
+        if config.think and not self.thinks:
+            # Ollama answers every such request 400 "... does not support thinking".
+            raise CannotStart(f"model {config.model} on {self.url} cannot think; run without --think")
+        return ""
+
+    def show_model(self, config: Config, reporter: Reporter, stop: Stop) -> ollama.ShowResponse:
+        try:
+            with self.errors():
+                return self.quick.show(config.model)
+        except TryFailed as failure:
+            if failure.fault is not Fault.MODEL_GONE:
+                raise CannotStart(f"{self.url} could not show model {config.model}: {failure}") from None
+            if not config.pull:
+                raise CannotStart(
+                    f"model {config.model} is not on {self.url}; run 'ollama pull {config.model}' or add --pull"
+                ) from None
+        self.pull_model(config.model, reporter, stop)
+        try:
+            with self.errors():
+                return self.quick.show(config.model)
+        except TryFailed as failure:
+            raise CannotStart(f"{self.url} could not show model {config.model}: {failure}") from None
+
+    def pull_model(self, model: str, reporter: Reporter, stop: Stop) -> None:
+        try:
+            # No deadline: a pull of gigabytes takes as long as the network does.
+            with self.errors(), self.connect(self.patient) as puller:
+                for update in puller.pull(model, stream=True):
+                    reporter.pulling(model, update.status or "", update.completed, update.total)
+                    if stop.asked.is_set():  # a pull takes minutes: it must not outlast a Ctrl-C
+                        raise CannotStart(f"interrupted while pulling {model}")
+        except TryFailed as failure:
+            raise CannotStart(f"could not pull {model}: {failure}") from None
+        finally:
+            reporter.end_live_line()
+
+    def request(self, server: Server, config: Config, task: Task, seed: int | None) -> Answer:
+        message = {"role": "user", "content": task.prompt, "images": [task.payload]}
+        options = config.options() if seed is None else {**config.options(), "seed": seed}
+        gathered = Gathered(config.max_tokens)
+        with self.errors():
+            # Streamed, so the read timeout bounds the silence before and between tokens rather
+            # than the whole answer, an answer cut off mid-way is told from a complete one, and a
+            # looping answer can be stopped as it loops.
+            stream = self.client.chat(
+                model=server.model,
+                messages=[message],
+                stream=True,
+                options=options,
+                keep_alive=config.keep_alive,  # resets the unload timer with every request
+                # Since Ollama 0.12.4 a model that can think does so unless told not to: hundreds of
+                # tokens before every caption. Sent only to such models (others answer 400).
+                think=config.think if self.thinks else None,
+            )
+            with closing(stream):  # closing the stream hangs up; Ollama then stops generating
+                for part in stream:
+                    gathered.add(part.message.content or "", part.message.thinking or "")
+                    if part.done:
+                        refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
+                        return gathered.answer(
+                            part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
+                        )
+        raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
+
+
+def can_see(details: ollama.ShowResponse) -> bool:
+    # Ollama does not refuse images sent to a text model: it ignores them and the model
+    # invents a caption (ollama/ollama#7791). "vision" is listed for projector models such as
+    # llava only from 0.6.8 (PR #10509): before, capabilities is absent (< 0.6.4) or just
+    # ["completion"] (0.6.4-0.6.7), and a vision model shows itself by its "clip" projector
+    # family or by <arch>.vision.* keys, as Ollama's own CLI checks (cmd/cmd.go).
+    families = (details.details.families if details.details else None) or []
+    vision_keys = any(".vision." in key for key in (details.modelinfo or {}))
+    return "vision" in (details.capabilities or []) or "clip" in families or vision_keys
+
+
+class OpenAiApi(Api):
+    """The OpenAI-compatible API (POST /v1/chat/completions, streamed as server-sent events) of
+    vLLM, SGLang, llama.cpp's llama-server, LM Studio and Ollama's /v1: a few dozen lines over
+    httpx, which the ollama client brings anyway (README, "Dependencies")."""
+
+    name = "openai"
+    server_kind = "server"
+    said_by = "the server"
+    reached_as = "a server at"
+    start_advice = "start it, or point --host (or OPENAI_BASE_URL) at it"
+    answers_like = "an OpenAI-compatible server (GET /v1/models)"
+    answer_format = "the API's JSON"
+    key_advice = "the key in OPENAI_API_KEY or --api-key-env"
+    refused_advice = " or key"
+    context_fix = (
+        "image, prompt and --max-tokens do not fit the model's context: start the server with a longer one "
+        "(vLLM --max-model-len, llama-server -c, SGLang --context-length) or lower --max-tokens"
+    )
+
+    def __init__(self, url: str, timeout: float, key: str = "") -> None:
+        super().__init__(url, timeout, key)
+        self.thinking_off: dict = {}  # what this server reads as "do not think"
+
+    @classmethod
+    def settings(cls, args: argparse.Namespace) -> dict:
+        refused = {
+            "--num-ctx": (
+                args.num_ctx,
+                "the context is set as the server starts (vLLM --max-model-len, llama-server -c)",
+            ),
+            "--keep-alive": (args.keep_alive, "the server keeps its model loaded as long as it runs"),
+            "--pull": (args.pull or None, "the server loads the model it was started with"),
+        }
+        for option, (value, why) in refused.items():
+            if value is not None:
+                raise CannotStart(f"{option} is Ollama's: {why}; run without it")
+        # Never OLLAMA_HOST: an OpenAI-compatible server is another server.
+        given = args.hosts or [os.environ.get("OPENAI_BASE_URL", "")]
+        if not given[0] and args.dry_run:  # sends nothing: needs no server
+            given = []
+        elif not given[0]:
+            raise CannotStart(
+                "--api openai needs the server's address: --host http://HOST:PORT (or OPENAI_BASE_URL)"
+            )
+        key = api_key(args)
+        return {
+            "hosts": server_urls(given, "--host" if args.hosts else "OPENAI_BASE_URL", ollama_port=False),
+            "model": args.model or "",
+            "api_key": key,
+            "num_ctx": 0,
+        }
+
+    def models(self) -> list[dict]:
+        response = self.quick.get("/v1/models")
         if response.status_code != 200:
             raise ServerSaid(response.status_code, error_said(response), retry_after(response))
-        if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
-            raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
-        for line in response.iter_lines():
-            data = line[5:].strip() if line.startswith("data:") else ""
-            if data == "[DONE]":
-                break
-            if data:  # else a comment, a keep-alive or the blank line between events
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict) or chunk.get("error"):  # an error mid-answer
-                    raise ServerSaid(-1, error_message(data.encode()))
-                finish = stream_choice(chunk, gathered) or finish
-                tokens = completion_tokens(chunk) or tokens
-    if not finish:
-        raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
-    # No server says how long it generated: the time from sending to the end stands in for it.
-    spent = int((time.monotonic() - started) * 1e9)
-    return gathered.answer("length" if finish == "length" else "stop", tokens, spent)
+        listed = response.json()
+        entries = listed.get("data") if isinstance(listed, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError("no list of models")  # noqa: TRY004 - what the client raises for bad JSON
+        return [
+            {"name": str(entry.get("id")), "owner": str(entry.get("owned_by", ""))}
+            for entry in entries
+            if isinstance(entry, dict)
+        ]
+
+    def preflight(self, server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
+        """It answers GET /v1/models, serves the model, and the model takes a picture. No API of
+        these servers says whether a model can see, so a small picture is sent (64 px a side:
+        some vision encoders crash the runner on tinier ones). It loads the model, which can
+        take minutes, so it may take up to --timeout."""
+        served, trouble = self.first_contact(
+            server, lambda: patiently(self.models, server, config, reporter, stop)
+        )
+        if trouble:
+            return trouble
+        server.model = self.served_model(config, [model["name"] for model in served])
+        host = urlsplit(self.url).hostname or ""
+        if (
+            config.api_key
+            and self.url.startswith("http://")
+            and host not in ("127.0.0.1", "::1", "localhost")
+        ):
+            reporter.say(
+                f"warning: the API key goes to {self.url} unencrypted (http://); use https:// to send it"
+            )
+        # Each server has its own switch for thinking: vLLM, SGLang and llama-server read the
+        # chat template's enable_thinking; Ollama's /v1 reads only reasoning_effort "none",
+        # which vLLM would refuse.
+        self.thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
+        if self.is_ollama():
+            self.thinking_off = {"reasoning_effort": "none"}
+            self.refuse_blind_ollama_model(server.model)
+            reporter.say(
+                f"note: {self.url} is Ollama: --api ollama is its better path (--num-ctx, --keep-alive)"
+            )
+        probe = probe_task()
+        try:
+            patiently(
+                lambda: self.send(server, config, probe, None, max_tokens=1), server, config, reporter, stop
+            )
+        except TryFailed as failure:
+            if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
+                return f"{self.url} stopped answering when asked to look at a picture: {failure}"
+            raise CannotStart(
+                f"model {server.model} on {self.url} cannot take a picture: {failure}"
+            ) from None
+        return ""
+
+    def served_model(self, config: Config, names: list[str]) -> str:
+        """The model the run asks for: the one named, which the server must serve, or else the
+        one model it serves."""
+        listed = ", ".join(names) or "none"
+        if not config.model and len(names) != 1:
+            raise CannotStart(f"{self.url} serves {len(names)} models ({listed}): choose one with --model")
+        if config.model and config.model not in names:
+            raise CannotStart(f"{self.url} does not serve {config.model}; it serves: {listed}")
+        if not config.model and SECRETS.found_in(names[0]):  # it would name the captions' model
+            raise CannotStart(
+                f"{self.url} names its one model with the {SECRETS.found_in(names[0])} sent to it"
+            )
+        return config.model or names[0]
+
+    def is_ollama(self) -> bool:
+        # Ollama answers GET /api/version with its version; the other servers with 404 (LM
+        # Studio: 200 and an error body).
+        try:
+            answer = self.quick.get("/api/version")
+            return answer.status_code == 200 and isinstance(answer.json().get("version"), str)
+        except (httpx.HTTPError, ValueError, AttributeError, TryFailed):  # TryFailed: a bound broken
+            return False
+
+    def refuse_blind_ollama_model(self, model: str) -> None:
+        """Ollama does not refuse a picture sent to a model that cannot see (the probe would
+        pass): its own /api/show says whether the model can."""
+        ollama_api = OllamaApi(self.url, QUICK_TIMEOUT)
+        try:
+            with ollama_api.errors():
+                details = ollama_api.quick.show(model)
+        except TryFailed:
+            return  # the probe picture and the run say what is wrong
+        finally:
+            ollama_api.close()
+        if not can_see(details):
+            raise CannotStart(
+                f"model {model} on {self.url} cannot see images (it lacks the 'vision' capability); "
+                "choose a vision model such as llava"
+            )
+
+    def request(self, server: Server, config: Config, task: Task, seed: int | None) -> Answer:
+        return self.send(server, config, task, seed, config.max_tokens)
+
+    def send(self, server: Server, config: Config, task: Task, seed: int | None, max_tokens: int) -> Answer:
+        content = [
+            {"type": "text", "text": task.prompt},
+            {"type": "image_url", "image_url": {"url": data_uri(task.payload)}},
+        ]
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": content}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": max_tokens,  # the one limit every server reads (Ollama's /v1 reads only it)
+            "temperature": OPENAI_TEMPERATURE if config.temperature is None else config.temperature,
+            **({} if seed is None else {"seed": seed}),
+            **({} if config.think else self.thinking_off),
+        }
+        gathered = Gathered(max_tokens)
+        started = time.monotonic()
+        finish, tokens = "", 0
+        with self.errors(), self.client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                raise ServerSaid(response.status_code, error_said(response), retry_after(response))
+            if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
+                raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
+            for line in response.iter_lines():
+                data = line[5:].strip() if line.startswith("data:") else ""
+                if data == "[DONE]":
+                    break
+                if data:  # else a comment, a keep-alive or the blank line between events
+                    chunk = json.loads(data)
+                    if not isinstance(chunk, dict) or chunk.get("error"):  # an error mid-answer
+                        raise ServerSaid(-1, error_message(data.encode()))
+                    finish = stream_choice(chunk, gathered) or finish
+                    tokens = completion_tokens(chunk) or tokens
+        if not finish:
+            raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
+        # No server says how long it generated: the time from sending to the end stands in for it.
+        spent = int((time.monotonic() - started) * 1e9)
+        return gathered.answer("length" if finish == "length" else "stop", tokens, spent)
+
+
+def api_key(args: argparse.Namespace) -> str:
+    key_name = args.api_key_env or "OPENAI_API_KEY"
+    if args.api_key_env and args.api_key_env not in os.environ:
+        raise CannotStart(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    key = os.environ.get(key_name, "")
+    if key and not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise CannotStart(
+            f"the API key in {key_name} holds characters an HTTP header cannot carry (spaces, line breaks, accents)"
+        )
+    return key
+
+
+# The APIs by the name --api gives them.
+APIS: dict[str, type[Api]] = {api.name: api for api in (OllamaApi, OpenAiApi)}
 
 
 def stream_choice(chunk: dict, gathered: Gathered) -> str:
@@ -2775,7 +3016,7 @@ def refuse_cut_prompt(prompt_tokens: int, num_ctx: int) -> None:
 
 def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     """One try (on a worker thread): the caption, cleaned up, and the answer it came in."""
-    answer = request_caption(server, config, task, seed_for(config.seed, task.tries))
+    answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
     caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
     if not config.raw:
         caption = tidy(caption)
@@ -2798,32 +3039,9 @@ def seed_for(seed: int | None, tries: int) -> int | None:
     return (seed if seed is not None else random.randrange(2**31)) + tries
 
 
-# What the client raises (ollama 0.6.3, _client.py): ResponseError for an error status or an
-# error line mid-stream (status -1), the builtin ConnectionError or httpx.ConnectError when
-# nothing listens, other httpx errors for timeouts and broken connections, ValueError for
-# undecodable JSON and pydantic's validation errors.
-# How each Ollama era says it could not decode an image: v0.4-0.11.4 (llava embedding),
-# v0.11.5-0.29 (mtmd), the Go engine (image: unknown format), v0.30+ llama-server (400).
-UNDECODABLE = re.compile(
-    r"unable to make llava embedding|unable to tokenize mtmd embedding|image: unknown format"
-    r"|failed to load image|failed to decode image",
-    re.IGNORECASE,
-)
-
-
-@contextmanager
-def server_errors(api: str = "ollama") -> Iterator[None]:
-    """Turn every way a server or connection can fail into a TryFailed with its fault."""
-    try:
-        yield
-    except (ollama.ResponseError, ServerSaid, ConnectionError, httpx.HTTPError, ValueError) as exc:
-        raise classified(exc, api) from None
-
-
-def classified(exc: Exception, api: str = "ollama") -> TryFailed:
-    """What an exception of either client means: the one place where errors get their fault."""
-    server = "Ollama" if api == "ollama" else "the server"
-    if isinstance(exc, (ollama.ResponseError, ServerSaid)):
+def classified(exc: Exception, api: Api) -> TryFailed:
+    """What an exception of a client means: the one place where errors get their fault."""
+    if isinstance(exc, answer_errors()):
         pause = getattr(exc, "retry_after", 0.0)
         fault = status_fault(exc.status_code, exc.error)
         return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
@@ -2833,8 +3051,7 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
         cause = connection_cause(exc)
         return TryFailed(
             Fault.SERVER_DOWN,
-            f"cannot reach {'the Ollama server' if api == 'ollama' else 'the server'}"
-            + (f": {cause}" if cause else ""),
+            f"cannot reach the {api.server_kind}" + (f": {cause}" if cause else ""),
             cause=cause,
         )
     if isinstance(exc, httpx.TimeoutException):
@@ -2843,11 +3060,11 @@ def classified(exc: Exception, api: str = "ollama") -> TryFailed:
             "no answer within the timeout (raise --timeout if the server is only busy)",
         )
     if isinstance(exc, httpx.TransportError):
-        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to {server} broke: {reason(exc)}")
+        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to {api.said_by} broke: {reason(exc)}")
     if isinstance(exc, ValueError):
         return TryFailed(
             Fault.REQUEST_REFUSED,
-            f"the server's answer is not {'Ollama' if api == 'ollama' else 'the API'}'s JSON",
+            f"the server's answer is not {api.answer_format}",
         )
     return TryFailed(Fault.REQUEST_REFUSED, reason(exc))
 
@@ -2882,82 +3099,36 @@ def status_fault(status: int, error: str) -> Fault:
         return Fault.SERVER_DOWN
     if status in (400, 413, 422) or UNDECODABLE.search(error):
         return Fault.REQUEST_REFUSED
-    return Fault.SERVER_STRUGGLING  # 500 (runner crashed), 503 (busy), 429, -1 (error mid-answer)
+    if status in (429, 503):
+        return Fault.SERVER_BUSY
+    return Fault.SERVER_STRUGGLING  # 500 (runner crashed), -1 (error mid-answer)
 
 
-def explain(status: int, error: str, api: str = "ollama") -> str:
-    server = "Ollama" if api == "ollama" else "the server"
+def explain(status: int, error: str, api: Api) -> str:
+    server = api.said_by
     said = shown(server_message(error))
     fix = unusable_model_fix(error, api)
     if fix:
         return f"{fix} ({server} said: {said})"
     if status == -1:
         return f"{server} failed mid-answer: {said}"
-    key = "OLLAMA_API_KEY" if api == "ollama" else "the key in OPENAI_API_KEY or --api-key-env"
     advice = {
-        401: f"; the server or a proxy in front of it wants credentials ({key} is sent when set)",
-        403: "; the server or a proxy in front of it refuses this client (check OLLAMA_ORIGINS or the proxy)"
-        if api == "ollama"
-        else "; the server or a proxy in front of it refuses this client or key",
+        401: f"; the server or a proxy in front of it wants credentials ({api.key_advice} is sent when set)",
+        403: f"; the server or a proxy in front of it refuses this client{api.refused_advice}",
         413: "; the image is too large for this server: lower --max-size",
     }.get(status, "")
     return f"{server[0].upper()}{server[1:]} answered {status}: {said}{advice}"
 
 
-# How each Ollama era says that the run's model or settings cannot work on a server, and the fix.
-# The context message is llama-server's, passed through since Ollama 0.30; older servers cut the
-# prompt silently instead (see refuse_cut_prompt()).
-UNUSABLE_MODEL = [
-    (
-        re.compile(r"unknown model architecture: '?([\w.-]+)", re.IGNORECASE),
-        (
-            "this Ollama version cannot run the model (its architecture {0} is unknown to it, as "
-            "llama3.2-vision's mllama is to Ollama 0.30+): choose another model, or an Ollama that runs it"
-        ),
-    ),
-    (
-        re.compile(
-            r"request \((\d+) tokens\) exceeds the available context size \((\d+) tokens\)", re.IGNORECASE
-        ),
-        "image and prompt take {0} tokens but the context holds {1}: raise --num-ctx to {2}",
-    ),
-    (
-        re.compile(
-            r"model requires more system memory \(([^)]*)\) than is available \(([^)]*)\)", re.IGNORECASE
-        ),
-        "the server has too little memory for the model ({0} needed, {1} free): choose a smaller model",
-    ),
-    # vLLM: "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens".
-    (
-        re.compile(r"maximum context length is (\d+) tokens", re.IGNORECASE),
-        (
-            "the model's context holds only {0} tokens, too few for image, prompt and --max-tokens: start "
-            "vLLM with a longer --max-model-len, or lower --max-tokens"
-        ),
-    ),
-    # llama-server started without the model's vision projector (tools/server/server.cpp).
-    (
-        re.compile(r"image input is not supported.*mmproj()", re.IGNORECASE | re.DOTALL),
-        "the server was started without the model's vision projector: start llama-server with --mmproj FILE",
-    ),
-]
-
-
-def unusable_model_fix(error: str, api: str = "ollama") -> str:
+def unusable_model_fix(error: str, api: type[Api] | Api = OllamaApi) -> str:
     for pattern, fix in UNUSABLE_MODEL:
         found = pattern.search(error)
         if found:
-            if "--num-ctx" in fix and api == "openai":  # the context is the server's, set as it starts
-                return OPENAI_CONTEXT_FIX
+            if "--num-ctx" in fix and api.context_fix:  # the context is the server's, set as it starts
+                return api.context_fix
             needed = int(found.group(1)) if found.group(1).isdigit() else 0
             return fix.format(*found.groups(), context_for(needed))
     return ""
-
-
-OPENAI_CONTEXT_FIX = (
-    "image, prompt and --max-tokens do not fit the model's context: start the server with a longer one "
-    "(vLLM --max-model-len, llama-server -c, SGLang --context-length) or lower --max-tokens"
-)
 
 
 def context_for(tokens: int) -> int:
@@ -3005,10 +3176,14 @@ class Rule:
     action: Action
     uses_a_try: bool  # counts against --retries; past them the image fails
     free_times: int = 0  # times it happens to an image before it starts to use its tries
+    # Before the first image: the server's listing and the OpenAI probe picture are asked
+    # again, for up to --wait-server, instead of the server being left out.
+    waited_for_at_start: bool = False
 
 
 POLICY = {
     Fault.UNFIT_ANSWER: Rule(Action.RETRY_NOW_NEW_SEED, uses_a_try=True),
+    Fault.SERVER_BUSY: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True, waited_for_at_start=True),
     Fault.SERVER_STRUGGLING: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True),
     # The image may be to blame, so it uses a try; asking the server is pause enough.
     Fault.CONNECTION_BROKE: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True),
@@ -3153,7 +3328,7 @@ class Pipeline:
             return ""
         if self.stop.asked.is_set() and not self.halted:
             return ""  # interrupted: the summary says so
-        why = self.halted or f"no {'Ollama ' if self.config.api == 'ollama' else ''}server left to ask"
+        why = self.halted or f"no {APIS[self.config.api].server_kind} left to ask"
         return f"{why}; {left_for_a_rerun(summary)}"
 
     def has_work(self) -> bool:
@@ -3313,17 +3488,6 @@ LEAD_IN = re.compile(rf"^(?:{'|'.join(LEAD_INS)})\b[\s,:]*", re.IGNORECASE)
 # custom-imported models today); an unclosed block was cut off while the model still thought.
 THINK_BLOCK = re.compile(r"^\s*<think>.*?(?:</think>|$)", re.DOTALL)
 QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
-# Answers that are no caption, recognised by how they start, each with why it is refused.
-NOT_A_CAPTION = [
-    (
-        r"i'?m sorry|i am sorry|sorry\b|i apologi[sz]e\b",
-        "the model refused",
-    ),  # granite: "I apologize, but ..."
-    (r"i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)", "the model refused"),
-    (r"as an ai\b|unfortunately,? i\b", "the model refused"),
-    # moondream answers a caption prompt with a box: "[0.64, 0.50, 0.91, 0.88]" (ollama/ollama#6365)
-    (r"\[\s*-?[\d.]+\s*(?:,\s*-?[\d.]+\s*){3}\]", "the model answered with box coordinates"),
-]
 NOT_A_CAPTION_START = [(re.compile(rf"^(?:{pattern})", re.IGNORECASE), why) for pattern, why in NOT_A_CAPTION]
 # A loop is a runaway, not emphasis: a phrase of 3 to 80 characters said three or more times
 # in a row, the repeats spanning at least LOOP_SPAN characters. "a very very very very good

@@ -79,7 +79,8 @@ def uses_a_try(rule) -> str:
         (400, "illegal base64 data at input byte 4", Fault.REQUEST_REFUSED),
         (502, "<html>bad gateway</html>", Fault.SERVER_DOWN),
         (504, "Gateway Time-out", Fault.SERVER_DOWN),
-        (503, "server busy, please try again.  maximum pending requests exceeded", Fault.SERVER_STRUGGLING),
+        (503, "server busy, please try again.  maximum pending requests exceeded", Fault.SERVER_BUSY),
+        (429, "Too Many Requests", Fault.SERVER_BUSY),
         (500, "model runner has unexpectedly stopped", Fault.SERVER_STRUGGLING),
         (-1, "an error was encountered while running the model", Fault.SERVER_STRUGGLING),
         (500, "failed to process inputs: unable to make llava embedding from image", Fault.REQUEST_REFUSED),
@@ -195,7 +196,8 @@ def test_an_html_error_page_is_reduced_to_its_title():
 
 
 def test_a_silent_server_is_probed_more_and_more_slowly_and_anew_after_each_outage():
-    server = captioner.Server("http://127.0.0.1:9", timeout=5, jobs=1)
+    captioner.import_run_libraries()
+    server = captioner.Server("http://127.0.0.1:9", 1, captioner.OllamaApi("http://127.0.0.1:9", timeout=5))
     first = captioner.PROBE_FIRST
     try:
         for outage in range(2):
