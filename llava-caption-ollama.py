@@ -2229,7 +2229,7 @@ def causes(exc: BaseException) -> list[BaseException]:
 
 
 # ---------------------------------------------------------------------------
-# Request
+# Servers: each one's health, and the checks before the first image is sent
 # ---------------------------------------------------------------------------
 
 
@@ -2437,6 +2437,13 @@ def probe_task() -> Task:
         prompt="What colour is this?",
         payload=encode_jpeg(picture),
     )
+
+
+# ---------------------------------------------------------------------------
+# Servers' APIs: one class each, behind one interface (Api)
+# ---------------------------------------------------------------------------
+# Everything that differs between the APIs lives in its class: settings, clients, listing the
+# models, the checks before the first image, one caption request, the words of its errors.
 
 
 @dataclass
@@ -3014,6 +3021,11 @@ def refuse_cut_prompt(prompt_tokens: int, num_ctx: int) -> None:
         )
 
 
+# ---------------------------------------------------------------------------
+# Asking: one try at one image, whichever the API
+# ---------------------------------------------------------------------------
+
+
 def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     """One try (on a worker thread): the caption, cleaned up, and the answer it came in."""
     answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
@@ -3037,6 +3049,14 @@ def seed_for(seed: int | None, tries: int) -> int | None:
     if tries == 0:
         return seed
     return (seed if seed is not None else random.randrange(2**31)) + tries
+
+
+# ---------------------------------------------------------------------------
+# Faults: what every error means, in one place
+# ---------------------------------------------------------------------------
+# An error of a server, a connection or the disk gets its Fault here (the checks of an answer
+# as it streams, in Gathered and caption_problem, name the fault they find); the retry
+# policy below says what follows each.
 
 
 def classified(exc: Exception, api: Api) -> TryFailed:
@@ -3136,6 +3156,12 @@ def context_for(tokens: int) -> int:
     return math.ceil((tokens + DEFAULT_MAX_TOKENS) / 1024) * 1024
 
 
+def write_fault(exc: OSError) -> Fault:
+    if exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return Fault.DISK_UNWRITABLE
+    return Fault.CAPTION_UNWRITABLE
+
+
 def server_message(text: str) -> str:
     """A server's error body as one line: an HTML error page (nginx's 502, say) is reduced to
     its title. What the run sends is taken out first, before cutting could leave part of it."""
@@ -3217,12 +3243,6 @@ def decide(fault: Fault, tries: int, retries: int, times: int = 1) -> tuple[Acti
 def backoff(tries: int) -> float:
     # Exponential, with jitter so that the workers of several runs do not retry in step.
     return min(BACKOFF_LONGEST, BACKOFF_FIRST * 2 ** (tries - 1)) * random.uniform(0.5, 1.5)
-
-
-def write_fault(exc: OSError) -> Fault:
-    if exc.errno in (errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return Fault.DISK_UNWRITABLE
-    return Fault.CAPTION_UNWRITABLE
 
 
 # ---------------------------------------------------------------------------

@@ -78,6 +78,10 @@ NO_MMPROJ = "image input is not supported - hint: if this is unexpected, you may
 # Whose OpenAI-compatible server the /v1 routes imitate. vLLM nests its error object since
 # 0.10.1 ("vllm"); before, it was flat ("vllm-old").
 FLAVOURS = ("vllm", "vllm-old", "llama-server", "lmstudio", "ollama")
+# A toy API of no real server, for the tests' own third adapter (tests/toy_api.py): GET
+# /toy/models answers {"models": [names]}; POST /toy/caption takes {"model", "prompt", "image"
+# (base64)} and answers {"caption": text}, or {"problem": message} with an error status.
+TOY = "toy"
 VLLM = ("vllm", "vllm-old")
 # Ollama's /v1 takes only these data URI types (openai/openai.go, decodeImageURL); "" is data:;base64,
 OLLAMA_IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", ""}
@@ -187,8 +191,8 @@ class StandInOllama:
     certificate: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
-        if self.flavour not in FLAVOURS:
-            raise ValueError(f"flavour must be one of {FLAVOURS}, not {self.flavour!r}")
+        if self.flavour not in (*FLAVOURS, TOY):
+            raise ValueError(f"flavour must be one of {(*FLAVOURS, TOY)}, not {self.flavour!r}")
         self.chats: list = []
         self.requests: list = []  # (time.monotonic(), method, path) of every request
         self.connections: set = set()
@@ -373,6 +377,9 @@ class Handler(BaseHTTPRequestHandler):
         stand_in = self.stand_in
         if self.proxy_says_down():
             return
+        if stand_in.flavour == TOY:
+            self.toy_models()
+            return
         if not stand_in.native and not self.path.startswith("/v1/"):
             self.not_found()
             return
@@ -406,6 +413,9 @@ class Handler(BaseHTTPRequestHandler):
         }
         route = routes.get(self.path)
         if self.proxy_says_down():
+            return
+        if self.stand_in.flavour == TOY:
+            self.toy_caption()
             return
         if route is None or (not self.stand_in.native and not self.path.startswith("/v1/")):
             self.not_found()
@@ -766,6 +776,50 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_openai_error(self, status: int, message: str, headers: dict | None = None) -> None:
         self.send_json(status, self.openai_error(status, message), headers)
+
+    # -- the toy API ------------------------------------------------------
+
+    def toy_models(self) -> None:
+        if self.path != "/toy/models":
+            self.send_json(404, {"problem": f"no route {self.path}"})
+        elif self.stand_in.models_reply:
+            reply = self.stand_in.models_reply
+            self.send_json(reply.status, {"problem": self.said(reply.error or "")}, retry_after(reply))
+        else:
+            self.send_json(200, {"models": list(self.stand_in.models)})
+
+    def toy_caption(self) -> None:
+        body = self.read_body(lambda status, problem: self.send_json(status, {"problem": problem}))
+        if body is None:
+            return
+        if self.path != "/toy/caption":
+            self.send_json(404, {"problem": f"no route {self.path}"})
+            return
+        if body.get("model") not in self.stand_in.models:
+            self.send_json(404, {"problem": f"no model {body.get('model')}"})
+            return
+        chat = Chat(
+            model=body["model"],
+            prompt=body.get("prompt") or "",
+            images=[base64.b64decode(body.get("image") or "")],
+            options={},
+            keep_alive=None,
+            stream=False,
+            received_at=time.monotonic(),
+            api=TOY,
+            body=body,
+            authorization=self.headers.get("Authorization") or "",
+        )
+
+        def refused(status: int, problem: str, headers: dict | None) -> None:
+            self.send_json(status, {"problem": self.said(problem)}, headers)
+
+        def send(reply: Reply) -> None:
+            if not self.sent_failure(reply, refused):
+                self.request_done()
+                self.send_json(200, {"caption": self.said(reply.text or "")})
+
+        self.serve(chat, send)
 
     def openai_chat(self, body: dict) -> None:
         flavour = self.stand_in.flavour

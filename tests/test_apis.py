@@ -1,7 +1,9 @@
 """What concerns the server, against both APIs: Ollama's own (through the official client) and
 the OpenAI-compatible one of vLLM, SGLang, llama-server, LM Studio and Ollama's /v1 (through the
 captioner's httpx client). The same test runs against each; where the servers word things
-differently, the test says what each says."""
+differently, the test says what each says. The behaviours every API shares (requests, errors,
+retries, the checks at the start) run against a third, toy API too (tests/toy_api.py), which
+the script does not know: a new API is an addition."""
 
 from __future__ import annotations
 
@@ -15,20 +17,24 @@ from stand_in_ollama import (
     NO_MMPROJ,
     TEXT_MODEL,
     THINKING_MODEL,
+    TOY,
     Reply,
 )
+from toy_api import ToyApi
 
 # "ollama" is Ollama's native API; every other name is an OpenAI-compatible server's flavour
 # ("ollama-v1": Ollama's own /v1). Where the servers differ (error bodies, thinking switches),
 # a test runs against each; elsewhere against one of each API.
 EVERY_SERVER = ["ollama", *(f"{flavour}-v1" if flavour == "ollama" else flavour for flavour in FLAVOURS)]
 BOTH_APIS = ["ollama", "vllm"]
+EVERY_API = [*BOTH_APIS, TOY]
 
 
 @pytest.fixture
-def run_against(make_server, caption):
+def run_against(make_server, caption, monkeypatch):
     """Start a stand-in of the given kind and run the captioner against it with the matching
     --api; returns (server, run)."""
+    monkeypatch.setitem(captioner.APIS, ToyApi.name, ToyApi)
 
     def start(kind: str, **settings):
         if kind != "ollama":
@@ -37,10 +43,13 @@ def run_against(make_server, caption):
         return make_server(**settings)
 
     def run(kind: str, server, *args):
-        api = [] if kind == "ollama" else ["--api", "openai"]
-        return caption(*args, *api, host=server.url)
+        return caption(*args, *api_args(kind), host=server.url)
 
     return start, run
+
+
+def api_args(kind: str) -> list[str]:
+    return {"ollama": [], TOY: ["--api", ToyApi.name]}.get(kind, ["--api", "openai"])
 
 
 def captions_sent(server) -> list:
@@ -48,7 +57,7 @@ def captions_sent(server) -> list:
     return [chat for chat in server.chats if chat.picture().size != (64, 64)]
 
 
-@pytest.mark.parametrize("kind", BOTH_APIS)
+@pytest.mark.parametrize("kind", EVERY_API)
 def test_each_image_is_captioned_through_the_api(kind, tmp_path, run_against):
     start, run = run_against
     expected = distinct_pictures(tmp_path, 3)
@@ -59,14 +68,16 @@ def test_each_image_is_captioned_through_the_api(kind, tmp_path, run_against):
     assert result.code == 0, result.err
     assert {path: path.read_text() for path in expected} == expected
     sent = captions_sent(server)
-    assert len(sent) == 3 and all(chat.stream for chat in sent)
-    if kind != "ollama":
+    assert len(sent) == 3
+    if kind != TOY:  # which streams nothing: the smallest API
+        assert all(chat.stream for chat in sent)
+    if kind == "vllm":
         assert {chat.api for chat in sent} == {"openai"}
         assert sent[0].body["max_tokens"] == 512 and sent[0].body["seed"] == 7
         assert sent[0].body["stream_options"] == {"include_usage": True}
 
 
-@pytest.mark.parametrize("kind", BOTH_APIS)
+@pytest.mark.parametrize("kind", EVERY_API)
 def test_requests_are_in_flight_at_once(kind, tmp_path, run_against):
     start, run = run_against
     distinct_pictures(tmp_path, 6)
@@ -76,7 +87,7 @@ def test_requests_are_in_flight_at_once(kind, tmp_path, run_against):
     assert server.most_in_flight == 3
 
 
-@pytest.mark.parametrize("kind", [*BOTH_APIS, "lmstudio"])
+@pytest.mark.parametrize("kind", [*EVERY_API, "lmstudio"])
 def test_a_busy_server_is_asked_again(kind, tmp_path, run_against):
     start, run = run_against
     picture(tmp_path / "a.png", size=(40, 32))
@@ -108,7 +119,7 @@ def test_an_error_in_the_middle_of_an_answer_is_retried(kind, tmp_path, run_agai
     assert len(captions_sent(server)) == 2
 
 
-@pytest.mark.parametrize("kind", BOTH_APIS)
+@pytest.mark.parametrize("kind", EVERY_API)
 def test_a_dropped_connection_is_retried(kind, tmp_path, run_against):
     start, run = run_against
     picture(tmp_path / "a.png", size=(40, 32))
@@ -122,7 +133,7 @@ def test_a_dropped_connection_is_retried(kind, tmp_path, run_against):
     assert (tmp_path / "a.txt").read_text() == "A red square"
 
 
-@pytest.mark.parametrize("kind", EVERY_SERVER)
+@pytest.mark.parametrize("kind", [*EVERY_SERVER, TOY])
 def test_a_refused_request_fails_its_image_once_and_names_the_servers_reason(kind, tmp_path, run_against):
     start, run = run_against
     picture(tmp_path / "a.png", size=(40, 32))
@@ -160,7 +171,7 @@ def test_a_context_too_small_is_never_retried_and_the_fix_is_named(kind, said, t
     assert fix in result.err and "images left for a rerun" in result.err
 
 
-@pytest.mark.parametrize("kind", BOTH_APIS)
+@pytest.mark.parametrize("kind", EVERY_API)
 def test_a_model_the_server_lacks_stops_the_run_before_any_image(kind, tmp_path, run_against):
     start, run = run_against
     picture(tmp_path / "a.png")
@@ -207,7 +218,7 @@ def test_a_model_that_cannot_see_stops_the_run_before_any_image_with_the_fix(kin
     assert captions_sent(server) == []
 
 
-@pytest.mark.parametrize("kind", BOTH_APIS)
+@pytest.mark.parametrize("kind", EVERY_API)
 def test_credentials_refused_stop_the_run(kind, tmp_path, run_against):
     start, run = run_against
     distinct_pictures(tmp_path, 3)
@@ -223,14 +234,16 @@ def test_credentials_refused_stop_the_run(kind, tmp_path, run_against):
     assert len(captions_sent(server)) == 1
 
 
-@pytest.mark.parametrize("kind", BOTH_APIS)
-def test_nothing_listening_stops_the_run_with_the_address(kind, tmp_path, caption):
+@pytest.mark.parametrize("kind", EVERY_API)
+def test_nothing_listening_stops_the_run_with_the_address(kind, tmp_path, caption, run_against):
     picture(tmp_path / "a.png")
     url = closed_port_url()
-    api = [] if kind == "ollama" else ["--api", "openai"]
-    result = caption(tmp_path, *api, "--wait-server", 0, host=url)  # the wait: test_hostile_servers.py
+    result = caption(
+        tmp_path, *api_args(kind), "--wait-server", 0, host=url
+    )  # the wait: test_hostile_servers.py
     assert result.code == 2
-    assert f"cannot reach {'Ollama at' if kind == 'ollama' else 'a server at'} {url}" in result.err
+    reached = {"ollama": "Ollama at", TOY: "a toy server at"}.get(kind, "a server at")
+    assert f"cannot reach {reached} {url}" in result.err
 
 
 @pytest.mark.parametrize("kind", EVERY_SERVER)
