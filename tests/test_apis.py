@@ -235,6 +235,23 @@ def test_credentials_refused_stop_the_run(kind, tmp_path, run_against):
 
 
 @pytest.mark.parametrize("kind", EVERY_API)
+def test_credentials_refused_at_the_start_end_the_run_before_any_image(kind, tmp_path, run_against):
+    """No other server would let us in either: a 401 to the model listing ends the run, as a 401
+    to a caption request does (found while making the servers adapters: Ollama's API left such a
+    server out and went on with the others)."""
+    start, run = run_against
+    picture(tmp_path / "a.png")
+    refusing = start(kind, models_reply=Reply(status=401, error="unauthorized"))
+    answering = start(kind)
+
+    result = run(kind, refusing, tmp_path, "--host", answering.url)
+
+    assert result.code == 2
+    assert result.err.startswith(f"error: {refusing.url}: ") and "wants credentials" in result.err
+    assert captions_sent(answering) == [] and not (tmp_path / "a.txt").exists()
+
+
+@pytest.mark.parametrize("kind", EVERY_API)
 def test_nothing_listening_stops_the_run_with_the_address(kind, tmp_path, caption, run_against):
     picture(tmp_path / "a.png")
     url = closed_port_url()
