@@ -1,4 +1,12 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = [
+#     "ollama>=0.6,<0.7",
+#     "httpx>=0.27",
+#     "Pillow>=9.1",
+# ]
+# ///
 """Caption every image of a folder with a vision model served by a local Ollama.
 
     python llava-caption-ollama.py DIR [PROMPT_FILE]
@@ -55,6 +63,13 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_CANNOT_START = 0, 1, 2
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_PROMPT_FILE = Path(__file__).resolve().parent / "prompt.txt"
+# The default prompt when the script runs without its prompt.txt (copied alone, or run by `uv
+# run` from a URL): prompt.txt's own text, which a test keeps equal, so both are one pass.
+BUILT_IN_PROMPT = (
+    "Write one caption for this image, to be used as a Stable Diffusion training caption.\n"
+    "Describe, in this order: the main subject, what it is doing, the setting, the medium or style, the lighting, and notable objects or colours.\n"
+    'Write a single line of comma-separated descriptive phrases, densest first, without a preamble, without "The image shows", without quotes, and without any comment about the caption itself.'
+)
 IMAGE_EXTENSIONS = frozenset([".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"])
 # What trainers keep beside the images: latent and text-encoder caches (Kohya's .npz,
 # OneTrainer's and diffusers' tensors), masks and metadata, video clips. A caption path
@@ -947,6 +962,8 @@ def same_server(url: str) -> str:
 
 
 def read_prompt(path: Path) -> Template:
+    if path == DEFAULT_PROMPT_FILE and not os.path.lexists(path):
+        return Template(BUILT_IN_PROMPT, source="the built-in prompt", as_read=BUILT_IN_PROMPT)
     try:
         data = read_regular_file(path)
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
