@@ -288,6 +288,13 @@ NOT_A_CAPTION = [
 ]
 
 
+# ---------------------------------------------------------------------------
+# What goes wrong, and the libraries a run loads
+# ---------------------------------------------------------------------------
+# The one exception for what stops a run before it starts (CannotStart), the faults of one
+# try at one image, and the imports only a run that sends images pays for.
+
+
 class CannotStart(Exception):
     """The run cannot start: bad arguments, a missing folder or prompt, no server, a model that
     is not there or cannot see. Reported in one line, exit 2."""
@@ -359,8 +366,10 @@ def import_run_libraries() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Arguments
+# Configuration: the settings of a run
 # ---------------------------------------------------------------------------
+# What a run is asked to do (Config), and the templates its prompt, --prefix and --suffix are;
+# the command line (at the end) fills it in, a library caller fills it in itself.
 
 
 class Template:
@@ -496,504 +505,11 @@ class Config:
         return digest(json.dumps(settings, sort_keys=True))
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line, as every other reason a run cannot start: the usage is a --help away.
-        self.exit(EXIT_CANNOT_START, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="llava-caption-ollama.py",
-        usage="%(prog)s [options] DIR [PROMPT_FILE]\n       %(prog)s [options] DIR [DIR ...] [--prompt PROMPT_FILE]",
-        description="Caption every image of one or more folders with a vision model served by Ollama, "
-        "writing <image stem>.txt beside each image.",
-    )
-    parser.add_argument(
-        "paths",
-        type=Path,
-        nargs="+",
-        metavar="DIR",
-        help="folder of images; several folders are captioned in one run. DIR PROMPT_FILE, a folder and "
-        "then a file, gives the prompt file as --prompt does",
-    )
-    parser.add_argument(
-        "--prompt",
-        type=Path,
-        metavar="FILE",
-        help="text file with the instruction sent with every image (default: prompt.txt beside this script)",
-    )
-    parser.add_argument(
-        "--folder-prompt",
-        metavar="NAME",
-        default="",
-        help="a file NAME in a folder (or in a folder above it, up to the DIR given) is the prompt for that "
-        "folder's images, instead of --prompt",
-    )
-    parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
-    parser.add_argument(
-        "--model",
-        help=f"vision model (default: {DEFAULT_MODEL}; with --api openai, the one model the server serves)",
-    )
-    parser.add_argument(
-        "--api",
-        choices=tuple(APIS),
-        default="ollama",
-        help="the servers' API: Ollama's own, or the OpenAI-compatible one of vLLM, SGLang, llama.cpp's "
-        "llama-server and LM Studio (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--host",
-        action="append",
-        dest="hosts",
-        metavar="URL",
-        help=f"the server; give it several times to share the work among servers (default: $OLLAMA_HOST, "
-        f"else {DEFAULT_HOST}; with --api openai, $OPENAI_BASE_URL)",
-    )
-    parser.add_argument(
-        "--api-key-env",
-        metavar="NAME",
-        help="with --api openai: the environment variable holding the API key (default: OPENAI_API_KEY)",
-    )
-    parser.add_argument(
-        "-j",
-        "--jobs",
-        type=number(int, at_least=1),
-        default=2,
-        help="requests in flight per server; set it to the server's OLLAMA_NUM_PARALLEL + 1 "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--keep-alive",
-        type=keep_alive_duration,
-        help="how long the server keeps the model loaded after each request, "
-        f"as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: {DEFAULT_KEEP_ALIVE})",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=number(float, more_than=0, at_most=86400),
-        default=600.0,
-        help="seconds to wait for one answer, queueing included (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-size",
-        type=number(int, at_least=0),
-        default=1344,
-        help="downscale so the longer side is at most this many pixels; "
-        "0 sends every file's original bytes untouched (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ext",
-        dest="caption_ext",
-        metavar="EXT",
-        default=".txt",
-        help="caption file extension (default: .txt)",
-    )
-    parser.add_argument(
-        "--existing",
-        choices=("skip", "overwrite", "append", "prepend"),
-        help="what to do where a non-empty caption exists (default: skip; with --only: the mode of "
-        "the pass that wrote each caption, else overwrite)",
-    )
-    parser.add_argument(
-        "--overwrite-edits",
-        action="store_true",
-        help="with --existing overwrite/append/prepend: also redo captions edited since this tool wrote "
-        "them (left alone otherwise)",
-    )
-    parser.add_argument(
-        "--fresh",
-        action="store_true",
-        help="with --existing overwrite/append/prepend: forget which images earlier runs of the same "
-        "settings already did, and do them all again",
-    )
-    parser.add_argument(
-        "--prefix",
-        type=caption_text_argument,
-        default="",
-        help="text put first in every caption, e.g. a trigger word",
-    )
-    parser.add_argument(
-        "--suffix", type=caption_text_argument, default="", help="text put last in every caption"
-    )
-    parser.add_argument(
-        "--raw", action="store_true", help="write the model's answer without cleaning it up (see README)"
-    )
-    parser.add_argument(
-        "--retries",
-        type=number(int, at_least=0),
-        default=3,
-        help="times to try an image again after an answer unfit to train on (with a new seed), "
-        "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--wait-server",
-        type=number(float, at_least=0, at_most=86400 * 7),
-        default=300.0,
-        metavar="SECONDS",
-        help="how long to wait for a server that stopped answering before giving up on it "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--temperature", type=number(float, at_least=0), help="sampling temperature (model default)"
-    )
-    parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
-    parser.add_argument(
-        "--max-tokens",
-        type=number(int, at_least=1),
-        help=f"longest answer in tokens (num_predict), thinking included; longer answers fail as cut off "
-        f"(default: {DEFAULT_MAX_TOKENS}, with --think {DEFAULT_MAX_TOKENS_THINKING})",
-    )
-    parser.add_argument(
-        "--think",
-        action="store_true",
-        help="let a model that can think (qwen3-vl, qwen3.5...) think before it captions: sometimes a better "
-        "caption, always slower; by default thinking is turned off",
-    )
-    parser.add_argument(
-        "--num-ctx",
-        type=number(int, at_least=1),
-        help=f"context length (default: {DEFAULT_NUM_CTX})",
-    )
-    parser.add_argument(
-        "--jsonl",
-        type=Path,
-        help="also keep this metadata.jsonl (Hugging Face imagefolder format) of every caption",
-    )
-    parser.add_argument(
-        "--review",
-        type=Path,
-        metavar="PAGE.html",
-        help="write a page that shows every image beside its caption, to review them in a browser; with "
-        "--dry-run, of the folders as they are, sending nothing",
-    )
-    parser.add_argument(
-        "--only",
-        type=Path,
-        metavar="LIST",
-        help="caption exactly the images a list names (one path a line, as the review page's redo list or "
-        "--failed-list writes it), overwriting their captions",
-    )
-    parser.add_argument(
-        "--failed-list",
-        type=Path,
-        metavar="FILE",
-        help="write the images that failed to FILE, in the form --only reads",
-    )
-    parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
-    parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
-    parser.add_argument("--limit", type=number(int, at_least=1), help="caption at most N images")
-    chatter = parser.add_mutually_exclusive_group()
-    chatter.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
-    chatter.add_argument("-v", "--verbose", action="store_true", help="also print each caption")
-    return parser
-
-
-def number(
-    kind: type, at_least: float | None = None, more_than: float | None = None, at_most: float = 1e9
-) -> Callable[[str], float]:
-    """An argparse type: a finite number of kind, at least or more than a bound, and not so large
-    that a timer or a server cannot take it."""
-
-    def parse(text: str) -> float:
-        value = kind(text)
-        if not math.isfinite(value) or abs(value) > at_most:
-            raise argparse.ArgumentTypeError(f"must be a number up to {at_most:g}, not {text}")
-        if at_least is not None and value < at_least:
-            raise argparse.ArgumentTypeError(f"must be at least {at_least}, not {text}")
-        if more_than is not None and value <= more_than:
-            raise argparse.ArgumentTypeError(f"must be more than {more_than}, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
-    return parse
-
-
-def caption_text_argument(text: str) -> str:
-    # A byte that is not UTF-8 (typed in a Latin-1 terminal) reaches Python as a lone
-    # surrogate, which no caption file can hold.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(
-            f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text"
-        ) from None
-    return without_invisibles(text, keep_lines=False).strip()
-
-
-def keep_alive_duration(text: str) -> str | float:
-    # Ollama parses a string with Go's time.ParseDuration, so "5" without a unit is a 400 on
-    # every request (api.Duration.UnmarshalJSON): bare numbers are sent as seconds.
-    try:
-        return number(float)(text)
-    except ValueError:
-        pass
-    if not re.fullmatch(r"-?(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or a duration like 30m")
-    return text
-
-
-def server_url(text: str, ollama_port: bool = True) -> str:
-    """The one spelling of a server's address, read as the ollama client reads OLLAMA_HOST
-    (ollama/_client.py, _parse_host): a bare host gets port 11434, http:// port 80, https://
-    port 443. The host stays as given (localhost too), so NO_PROXY sees the name the user gave,
-    as it does for curl and the ollama client."""
-    given = text.strip()
-    scheme, has_scheme = "http", "://" in given
-    try:
-        parts = urlsplit(given if has_scheme else f"http://{given}")
-        port = parts.port
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a server address (the port must be 1-65535)"
-        ) from None
-    if has_scheme:
-        scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or (not parts.hostname and not parts.netloc.startswith(":")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a server address such as http://127.0.0.1:11434")
-    host = (parts.hostname or "127.0.0.1").lower()
-    if port is None and not has_scheme and not ollama_port:
-        raise argparse.ArgumentTypeError(f"{text!r} needs its port, such as http://{text}:8000")
-    if port is None:
-        port = (443 if scheme == "https" else 80) if has_scheme else 11434
-    if port == 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a server address (the port must be 1-65535)")
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
-    settings.update(APIS[args.api].settings(args))
-    folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
-    refuse_folders_inside_others(folders, args.recursive)
-    if args.jsonl and not args.jsonl.parent.is_dir():
-        raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
-    for folder in folders:
-        if args.jsonl and not is_below(folder, args.jsonl.parent):
-            # imagefolder reads file_name relative to the JSONL's folder, with no "..".
-            raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
-    refuse_folder_prompt_name(args.folder_prompt)
-    settings.update(
-        folders=folders,
-        max_tokens=args.max_tokens or (DEFAULT_MAX_TOKENS_THINKING if args.think else DEFAULT_MAX_TOKENS),
-        prompt=read_prompt(prompt_file),
-        # A glob that matched one folder and one file (datasets/* with a notes.md) takes this
-        # form too: the run says which file it took for the prompt.
-        announce_prompt=second_path,
-        prefix=Template(args.prefix, source="--prefix"),
-        suffix=Template(args.suffix, source="--suffix"),
-        caption_ext=caption_extension(args.caption_ext),
-        # A redo is what the user asked for: the listed images' captions are replaced.
-        only=frozenset(read_image_list(args.only)) if args.only else None,
-        existing=args.existing or ("overwrite" if args.only else "skip"),
-        redo_in_its_mode=bool(args.only) and args.existing is None,
-    )
-    refuse_output_paths(args, settings["caption_ext"], prompt_file)
-    return Config(**settings)
-
-
-def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file: Path) -> None:
-    """What the run writes besides captions must be a regular file or nothing, and land on none
-    of the run's inputs (an image, a caption, a prompt), the tool's own files, or each other."""
-    outputs = [("--review", args.review), ("--failed-list", args.failed_list), ("--jsonl", args.jsonl)]
-    given = [(option, path) for option, path in outputs if path]
-    for option, path in given:
-        if not path.parent.is_dir():
-            raise CannotStart(f"{option}: the folder {path.parent} does not exist")
-        what = not_a_regular_file(path)
-        if what == "a folder":
-            raise CannotStart(f"{option}: {path} is a folder; give a file name")
-        if what:
-            raise CannotStart(
-                f"{option}: {path} is {what}; give a regular file or a new name (an output is written "
-                "beside it and renamed over it)"
-            )
-        overwritten = input_at(path, caption_ext, prompt_file, args.folder_prompt)
-        if overwritten:
-            raise CannotStart(f"{option}: {path} would overwrite {overwritten}")
-    for (one, first), (other, second) in itertools.combinations(given, 2):
-        if same_file(first, second):
-            raise CannotStart(f"{one} and {other} name the same file, {first}")
-
-
-def input_at(path: Path, caption_ext: str, prompt_file: Path, folder_prompt: str) -> str:
-    """Which of the run's inputs (or the tool's own files) an output at path would overwrite, or
-    "". Names are compared whatever their case: on a file system that ignores it (macOS's,
-    Windows') A.txt and a.TXT are one file."""
-    name = path.name.lower()
-    if os.path.splitext(name)[1] in IMAGE_EXTENSIONS:
-        return "an image"
-    if name.startswith(OWN_FILE_PREFIX):  # the journal; the lock, removed at the end, output and all
-        return "a file of this tool's own"
-    if same_file(path, prompt_file):  # the next run would send the output as its prompt
-        return "the prompt file"
-    if folder_prompt and name == folder_prompt.lower():
-        return f"a folder's prompt file (--folder-prompt {folder_prompt})"
-    image = image_captioned_by(path, caption_ext)
-    return f"the caption of {image}" if image else ""
-
-
-def image_captioned_by(path: Path, caption_ext: str) -> str:
-    """The name of the image beside path whose caption path is, or "". The folder is listed once
-    rather than asked for each image extension in each case (a.jpg, A.JPG, a.Jpg...)."""
-    if not path.name.lower().endswith(caption_ext.lower()):
-        return ""
-    stem = path.name[: -len(caption_ext)].lower()
-    try:
-        names = sorted(os.listdir(path.parent))
-    except OSError:  # a folder we cannot list we cannot write in either: the write says so
-        return ""
-    for name in names:
-        image_stem, ext = os.path.splitext(name)
-        if image_stem.lower() == stem and ext.lower() in IMAGE_EXTENSIONS:
-            return name
-    return ""
-
-
-def same_file(one: Path, other: Path) -> bool:
-    """Whether two paths name one file: spelt alike once resolved, or, for files that exist, one
-    file under two names (a hard link, a case-insensitive file system)."""
-    if os.path.realpath(one) == os.path.realpath(other):
-        return True
-    try:
-        return os.path.samefile(one, other)
-    except OSError:  # one of them does not exist (yet)
-        return False
-
-
-def not_a_regular_file(path: Path) -> str:
-    """What is at path if it is neither a regular file nor nothing, else "". An output is written
-    to a temporary file beside it and renamed over it, so that it is never half-written: the
-    rename would replace a device, a named pipe or a socket with a file, and a link (even one to
-    a regular file) instead of the file it points to. /dev/stdout is such a link (to the
-    terminal or the pipe of file descriptor 1), which no rename can write to."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:  # nothing there, or nothing we may look at: the write names the reason
-        return ""
-    if stat.S_ISLNK(mode):
-        return f"a symbolic link (to {os.readlink(path)})"
-    kinds = {
-        stat.S_ISREG: "",
-        stat.S_ISDIR: "a folder",
-        stat.S_ISCHR: "a device",
-        stat.S_ISBLK: "a device",
-        stat.S_ISFIFO: "a named pipe",
-        stat.S_ISSOCK: "a socket",
-    }
-    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
-
-
-def refuse_folder_prompt_name(name: str) -> None:
-    if os.sep in name or "/" in name or name in (".", ".."):
-        raise CannotStart(f"--folder-prompt takes a file name, not a path: {name}")
-    if name.startswith(OWN_FILE_PREFIX):
-        raise CannotStart(f"--folder-prompt {name}: that name is this tool's own (its lock and journal)")
-    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-        raise CannotStart(f"--folder-prompt {name}: that is an image's name")
-
-
-def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Path], Path, bool]:
-    """The folders to caption and the prompt file. DIR PROMPT_FILE is the form the tool always
-    had; otherwise every path is a folder: a file in a shell glob's expansion (datasets/* with a
-    notes.md in it) must never silently become the prompt."""
-    if prompt is None and len(paths) == 2 and not paths[1].is_dir():
-        if not paths[0].is_dir():
-            refuse_not_folder(paths[0])
-        return [paths[0]], paths[1], True
-    folders: list[Path] = []
-    seen = set()
-    for path in paths:
-        if not path.is_dir():
-            refuse_not_folder(path, several=len(paths) > 1 and prompt is None)
-        # Given twice: captioned once. By what it is, not its path: a bind mount (mount --bind A B)
-        # shows one folder at two real paths, whose second lock would look like another run's.
-        if folder_identity(str(path)) not in seen:
-            seen.add(folder_identity(str(path)))
-            folders.append(path)
-    return folders, prompt or DEFAULT_PROMPT_FILE, False
-
-
-def refuse_not_folder(path: Path, several: bool = False) -> NoReturn:
-    hint = (
-        "; with several folders, give the prompt file as --prompt FILE" if several and path.is_file() else ""
-    )
-    raise CannotStart(f"{path} is not a folder{hint}")
-
-
-def refuse_folders_inside_others(folders: list[Path], recursive: bool) -> None:
-    # With --recursive a folder inside another given one would be captioned twice, and its lock
-    # would look like another run's.
-    if not recursive:
-        return
-    for inner in folders:
-        for outer in folders:
-            if inner is not outer and is_below(inner, outer):
-                raise CannotStart(
-                    f"{inner} is inside {outer}, which --recursive already covers; give one of them"
-                )
-
-
-def is_below(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
-    urls: dict[str, str] = {}
-    for text in given:
-        try:
-            url = server_url(text, ollama_port)
-        except argparse.ArgumentTypeError as exc:
-            raise CannotStart(f"{source}: {exc}") from None
-        if not ollama_port:
-            url = re.sub(r"/v1$", "", url)  # the base URL with or without /v1, as clients take it
-        urls.setdefault(same_server(url), url)  # one server given twice is one server
-    return list(urls.values())
-
-
-def same_server(url: str) -> str:
-    # localhost is 127.0.0.1: the server given both ways is one, reached by the name given first.
-    return re.sub(r"^(https?://)localhost(?=:)", r"\g<1>127.0.0.1", url)
-
-
-def read_prompt(path: Path) -> Template:
-    if path == DEFAULT_PROMPT_FILE and not os.path.lexists(path):
-        return Template(BUILT_IN_PROMPT, source="the built-in prompt", as_read=BUILT_IN_PROMPT)
-    try:
-        data = read_regular_file(path)
-        # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
-        as_read = data.decode("utf-8-sig").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CannotStart(f"cannot read prompt file {path}: {reason(exc)}") from None
-    if not as_read:
-        raise CannotStart(f"prompt file {path} is empty")
-    # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
-    # as one saved with "\n": the model is never sent a carriage return.
-    text = as_read.replace("\r\n", "\n").replace("\r", "\n")
-    return Template(text, source=f"prompt file {path}", as_read=as_read)
-
-
-def caption_extension(ext: str) -> str:
-    ext = ext if ext.startswith(".") else "." + ext
-    if ext == "." or "/" in ext or os.sep in ext:
-        raise CannotStart(f"--ext {ext!r} is not a file extension")
-    # Judged by the final suffix: "--ext .1.jpg" would make photo.1.jpg's caption photo.1.jpg.
-    final = os.path.splitext("x" + ext)[1].lower()
-    if final in IMAGE_EXTENSIONS:
-        raise CannotStart(f"--ext {ext} would overwrite images")
-    if final in DATASET_SIDE_EXTENSIONS:
-        raise CannotStart(f"--ext {ext} would overwrite files a trainer keeps beside the images ({final})")
-    return ext
-
-
 # ---------------------------------------------------------------------------
-# The run: find the images, drop those already captioned, caption, write
+# The run: claim the folders, find and plan the images, check the servers, caption, write
 # ---------------------------------------------------------------------------
+# caption_folders() tells a run's story in the order of the sections below; the summary
+# and the exit code come from here.
 
 
 @dataclass
@@ -1211,8 +727,526 @@ def written(path: Path, write: Callable[[], None], summary: Summary) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# Claiming the folders: one run at a time in each
+# ---------------------------------------------------------------------------
+# The folder lock, taken before anything is read, so two runs never plan from the same
+# state; it dies with its process.
+
+
+LOCK_NAME = f"{OWN_FILE_PREFIX}.lock"
+# Where the operating system has it, a lock or journal that is a link is refused rather than
+# followed: a link in a downloaded dataset must not make the tool write outside it.
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@contextmanager
+def folder_lock(folder: Path, recursive: bool) -> Iterator[str]:
+    """One run at a time in a folder (and, for a run with subfolders, below it): a second one,
+    started by a double-started loop, refuses and names the first. The lock is the operating
+    system's (flock, or msvcrt on Windows), so it dies with the process that held it, however
+    that process ended. Yields "" once the folder is this run's, or why nothing can be written
+    in it (read-only, full): a run with nothing to do may still end well."""
+    refuse_if_held_above(folder)
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CannotStart(f"{path} is in the way: it is a link; remove it") from None
+            yield reason(exc)
+            return
+        with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise CannotStart(f"{path} is in the way: it is not a file of this tool's; remove it")
+            try:
+                lock_file(file)
+            except OSError:
+                raise CannotStart(
+                    f"another run is captioning {folder} ({holder_of(file)}); wait for it to end, or stop it"
+                ) from None
+            if not is_still_at(descriptor, path):
+                continue  # locked a file the run before us had just removed: lock the new one
+            try:  # who holds it, for the message of a run refused
+                file.truncate(0)  # a killed run's line may still be there
+                file.write(holder_line(recursive).encode())
+                unwritable = ""
+            except OSError as exc:  # a full disk: no caption could be written either
+                unwritable = reason(exc)
+            try:
+                yield unwritable
+            finally:
+                # Removed while still held, so that finished folders carry no trace of it.
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            return
+
+
+def holder_line(recursive: bool) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"pid {os.getpid()}, started {started}" + (", with its subfolders" if recursive else "")
+
+
+def holder_of(file: io.RawIOBase) -> str:
+    try:
+        file.seek(0)
+        return file.read(200).decode("utf-8", "replace").strip() or "another process"
+    except OSError:  # Windows does not let others read a locked byte
+        return "another process"
+
+
+def held_by_another_run(path: Path) -> str:
+    """Who holds the lock file at path, or "" if nobody does (or there is none)."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | NO_FOLLOW)
+    except OSError:
+        return ""
+    with open(descriptor, "r+b", buffering=0) as file:
+        try:
+            lock_file(file)
+        except OSError:
+            return holder_of(file)
+        return ""  # closing releases what was only a test
+
+
+def refuse_if_held_above(folder: Path) -> None:
+    """A run over a parent folder with its subfolders is captioning this one too."""
+    for parent in folder.resolve().parents:
+        holder = held_by_another_run(parent / LOCK_NAME)
+        if holder.endswith("with its subfolders"):
+            raise CannotStart(
+                f"another run is captioning {parent} ({holder}); wait for it to end, or stop it"
+            )
+
+
+def is_still_at(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except OSError:
+        return False
+
+
+def lock_file(file: io.BufferedRandom) -> None:
+    """Lock an open file without waiting; OSError if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# ---------------------------------------------------------------------------
+# The journal: what earlier runs wrote, and who changed it since
+# ---------------------------------------------------------------------------
+# One journal per folder, read by planning (skip, redo, leave alone) and written with
+# each caption; version 1 journals of earlier versions are still honoured.
+
+
+JOURNAL_NAME = f"{OWN_FILE_PREFIX}.journal"
+JOURNAL_HEADER = json.dumps({"journal": 2})
+MERGING = ("append", "prepend")
+EDITED_SINCE = (
+    "edited since this pass wrote it, so what the pass added cannot be told from the edit; "
+    "redo it with --existing overwrite, or edit it by hand"
+)
+
+
+class Written(NamedTuple):
+    """One caption the tool wrote, as its journal line records it."""
+
+    settings: str  # Config.settings_digest(); "v1:<pass>" for a pass of a version 1 journal not this run's
+    mode: str
+    model: str  # "" where a version 1 journal did not know it (--api openai without --model)
+    prompt: str  # digest of the prompt that held for the image
+    before: str  # text_digest() of the caption before the write ("" where unknown: version 1)
+    after: str  # text_digest() of the text written
+    kept: tuple[int, int] | None  # where the text before stands in the text written (append, prepend)
+    origin: str  # who wrote the text before: "none" (blank), "tool", "person", "original"
+    line: int  # its line in the journal: a later line is a later write
+    landed: bool = False  # a second line says the caption was written
+
+
+class RunPass(NamedTuple):
+    """This run's pass, as journal lines are compared with it."""
+
+    settings: str
+    model: str  # "" until the server says which model it serves
+    fresh: bool  # --fresh: the pass's earlier writes do not count
+    legacy: dict[str, tuple[str, str]]  # a version 1 journal's first line: the (mode, model) it means
+    prompt: tuple[str, str]  # the run's prompt: its digest as version 1 took it (line ends as read), and now
+
+    @classmethod
+    def of(cls, config: Config) -> RunPass:
+        models = {config.model, ""}  # a version 1 run without --model recorded ""
+        legacy = {
+            config.pass_identity(mode, model): (mode, model)
+            for mode in ("skip", "overwrite", "append", "prepend")
+            for model in models
+        }
+        prompt = (digest(config.prompt.as_read), digest(config.prompt.text))
+        return cls(config.settings_digest(), config.model, config.fresh, legacy, prompt)
+
+
+class Journal:
+    """Every caption the tool wrote in one folder, hidden in it (.llava-caption-ollama.journal):
+    a JSON line per caption, with its pass (the settings, the model and the mode), a digest of
+    the prompt, and digests of the caption's text before and after. From them planning tells
+    whether this pass's answer is already in a caption, and whether someone changed a caption
+    since the tool wrote it (see verdict()).
+
+    The line is written before the caption file, and a short second line once the caption is in
+    place. A crash between the two leaves a line without its second: if the file still holds
+    the text before, the write counts as never made; a person who puts back the text before a
+    write that did land has edited the caption. Each folder that holds images keeps its own
+    journal, so a pass is the same whether its folders were named one by one or found by
+    --recursive. Journals of version 1 (one pass per folder given, its images named by their
+    path below it) are read, and rewritten in this form before a line is added."""
+
+    def __init__(self, folder: str, run: RunPass) -> None:
+        self.path = os.path.join(folder, JOURNAL_NAME)
+        self.run = run
+        self.records: dict[str, list[Written]] = {}
+        self.fresh_from: dict[tuple[str, str, str], int] = {}  # a pass: its first line that counts
+        self.lines = 0
+        self.version = 0  # 0: none, or none this version reads (it is written anew)
+        self.loaded = False
+        self.descriptor: int | None = None
+        self.unwritable = ""  # why it cannot be opened for writing, once tried
+        self.opening = threading.Lock()  # captions are written on several threads
+        self.freshened: set[str] = set()  # with --fresh: modes whose fresh start is written
+
+    def load(self) -> Journal:
+        if self.loaded:
+            return self
+        self.loaded = True
+        try:
+            # Split on "\n" alone: every line is JSON with its other line breaks escaped.
+            lines = read_regular_file(Path(self.path)).decode("utf-8", "replace").split("\n")
+        except OSError:
+            return self
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            header = None
+        if isinstance(header, dict) and isinstance(header.get("pass"), str):
+            self.version = 1
+            self.read_version_1(header["pass"], lines[1:])
+            return self
+        self.version = 2 if lines[0] == JOURNAL_HEADER else 0
+        # A first line damaged (or a journal of no known form): what can be read of the rest still
+        # counts, and the journal is written anew with it before a line is added.
+        for line in lines[1:] if self.version else lines:
+            self.read_line(line)
+        return self
+
+    def read_version_1(self, identity: str, lines: list[str]) -> None:
+        mode, model = self.run.legacy.get(identity, ("", ""))
+        settings = self.run.settings if mode else f"v1:{identity}"
+        as_read, prompt_now = self.run.prompt
+        for line in lines:
+            try:
+                name, after, *prompt = json.loads(line)
+                # Lines of the earliest versions name no prompt: theirs was the run's.
+                prompt = prompt[0] if prompt else as_read
+                prompt = prompt_now if prompt == as_read else prompt
+                self.remember(
+                    str(name), Written(settings, mode, model, str(prompt), "", str(after), None, "", 0)
+                )
+            except (ValueError, TypeError):
+                pass  # the last line of a run killed as it wrote: that image was not written
+
+    def read_line(self, line: str) -> None:
+        try:
+            entry = json.loads(line)
+            if "ok" in entry:
+                self.landed(str(entry["ok"]), str(entry["a"]))
+            elif "fresh" in entry:
+                self.fresh_from[(str(entry["fresh"]), str(entry["e"]), str(entry["m"]))] = self.lines
+                self.lines += 1
+            else:
+                fields = [str(entry[key]) for key in ("s", "e", "m", "t", "b", "a")]
+                self.remember(
+                    str(entry["i"]), Written(*fields, kept_span(entry.get("k")), str(entry["o"]), 0)
+                )
+        except (ValueError, TypeError, KeyError, AttributeError):
+            pass  # the last line of a run killed as it wrote, or a line damaged: it counts for nothing
+
+    def remember(self, name: str, written: Written) -> None:
+        self.records.setdefault(name, []).append(written._replace(line=self.lines))
+        self.lines += 1
+
+    def landed(self, name: str, after: str) -> None:
+        history = self.records.get(name, [])
+        for index in range(len(history) - 1, -1, -1):
+            if history[index].after == after:
+                history[index] = history[index]._replace(landed=True)
+                return
+
+    def history(self, name: str) -> list[Written]:
+        return [self.as_this_run(written) for written in self.load().records.get(name, [])]
+
+    def as_this_run(self, written: Written) -> Written:
+        """A line of a version 1 journal that another pass rewrote in this form ("v1:<pass>")
+        is this run's pass where its identity is (see RunPass.legacy)."""
+        mode_and_model = written.settings.startswith("v1:") and self.run.legacy.get(written.settings[3:])
+        if not mode_and_model:
+            return written
+        mode, model = mode_and_model
+        return written._replace(settings=self.run.settings, mode=mode, model=model)
+
+    def counts(self, written: Written, mode: str | None, prompt: str) -> bool:
+        """Whether a write was this run's pass (in this mode, unless None), with this prompt, and
+        counts."""
+        if self.run.fresh:
+            return False
+        if (
+            written.settings != self.run.settings
+            or written.prompt != prompt
+            or mode not in (None, written.mode)
+        ):
+            return False
+        if self.run.model and written.model and written.model != self.run.model:
+            return False
+        return written.line >= self.fresh_from.get(
+            (written.settings, written.mode, written.model or self.run.model), 0
+        )
+
+    def add(self, task: Task, text: str, kept: tuple[int, int] | None) -> None:
+        """The line of a caption about to be written."""
+        entry = {
+            "i": self.name(task.image),
+            "s": self.run.settings,
+            "e": task.mode,
+            "m": self.run.model,
+            "t": digest(task.template.text),
+            "b": task.before,
+            "a": digest(text),
+            "o": task.origin,
+        }
+        if kept:
+            entry["k"] = list(kept)
+        self.write(entry)
+
+    def confirm(self, task: Task, text: str) -> None:
+        """The caption of the line before is in place."""
+        self.write({"ok": self.name(task.image), "a": digest(text)})
+
+    def write(self, entry: dict) -> None:
+        try:
+            if self.open_for_writing():
+                raise OSError(errno.EIO, self.unwritable)
+            # Unbuffered: the line is in the operating system's hands before the caption is.
+            # ASCII: names are escaped.
+            os.write(self.descriptor, (json.dumps(entry) + "\n").encode())
+        except OSError as exc:
+            raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason(exc)}") from None
+
+    def open_for_writing(self) -> str:
+        """Open the journal for appending (once), and with --fresh mark where this pass starts
+        anew; why it cannot be, or "". Planning asks before an image is sent, so a folder whose
+        journal cannot be written costs no request."""
+        with self.opening:
+            if self.descriptor is None and not self.unwritable:
+                try:
+                    self.descriptor = self.start()
+                except OSError as exc:
+                    self.unwritable = reason(exc)
+            return self.unwritable
+
+    def start_fresh(self, mode: str) -> None:
+        """--fresh: from here on, the pass's earlier writes in this folder do not count."""
+        if mode not in self.freshened and not self.open_for_writing():
+            self.freshened.add(mode)
+            self.write({"fresh": self.run.settings, "e": mode, "m": self.run.model})
+
+    def start(self) -> int:
+        """Open the journal for appending; one of version 1 is rewritten in this form first. A
+        run that only writes (--existing skip) reads no more of it than its first line."""
+        if not self.loaded and self.first_line() == JOURNAL_HEADER:
+            self.version = 2
+        if self.version != 2:
+            self.load()
+        if self.version != 2:
+            write_atomically(Path(self.path), "".join([JOURNAL_HEADER + "\n", *self.lines_of_version_2()]))
+            self.version = 2
+        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0))
+        # A line half-written by a run that died (a full disk) must not swallow the next one.
+        os.lseek(descriptor, -1, os.SEEK_END)
+        if os.read(descriptor, 1) != b"\n":
+            os.write(descriptor, b"\n")
+        return descriptor
+
+    def first_line(self) -> str:
+        try:
+            with open_regular_file(Path(self.path)) as file:
+                return file.readline(len(JOURNAL_HEADER) + 1).decode("utf-8", "replace").rstrip("\n")
+        except OSError:
+            return ""
+
+    def lines_of_version_2(self) -> Iterator[str]:
+        for name, history in self.records.items():
+            for written in history:
+                entry = {"i": name, "s": written.settings, "e": written.mode, "m": written.model}
+                entry.update(t=written.prompt, b=written.before, a=written.after, o=written.origin)
+                if written.kept:
+                    entry["k"] = list(written.kept)
+                yield json.dumps(entry) + "\n"
+                if written.landed:
+                    yield json.dumps({"ok": name, "a": written.after}) + "\n"
+
+    def name(self, image: Path) -> str:
+        return os.path.relpath(image, os.path.dirname(self.path)).replace(os.sep, "/")
+
+    def close(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+
+
+def kept_span(value: object) -> tuple[int, int] | None:
+    """A journal's "k", where it is what this version writes: two offsets, the first not past
+    the second. A journal travels with a dataset, so anything else is read as absent."""
+    if isinstance(value, list) and len(value) == 2 and all(type(item) is int for item in value):
+        start, end = value
+        return (start, end) if 0 <= start <= end else None
+    return None
+
+
+class Verdict(NamedTuple):
+    """What planning does with one image, from its caption and its journal lines."""
+
+    action: str  # "caption", "skip", "left alone" (edited since written) or "fail"
+    mode: str = "overwrite"  # how the answer joins the caption
+    base: str | None = None  # the text the answer joins, where not the caption as it is
+    why: str = ""
+    assumed_model: str = ""  # skipped as done, if the server serves this model (not known yet)
+
+
+def verdict(
+    data: bytes, history: list[Written], journal: Journal | None, config: Config, prompt: str, named: bool
+) -> Verdict:
+    """The rules of reruns (README, "Reruns"), for one image whose caption holds data."""
+    after = text_digest(data)
+    written = writer_of(history, after)
+    mode = config.existing
+    if named and config.redo_in_its_mode and journal:
+        mode = mode_of_the_pass(history, written, journal, prompt) or mode
+    if is_blank(data):
+        return Verdict("caption", mode, "")
+    ours = pass_answer(history, written, journal, mode, prompt) if journal else None
+    edited = origin_of(history, after) == "person"
+    # In append and prepend, an edited caption this pass wrote holds an answer of the pass
+    # that cannot be told apart: adding another would make two.
+    wrote_it = (
+        edited and mode in MERGING and any(w.landed and journal.counts(w, mode, prompt) for w in history)
+    )
+    if named:
+        return redo_verdict(data, written, ours, mode, bool(wrote_it))
+    if ours:
+        return Verdict("skip", mode, assumed_model="" if journal.run.model else ours.model)
+    if edited and not config.overwrite_edits:
+        return Verdict("left alone", mode)
+    if wrote_it:
+        return Verdict("fail", mode, why=EDITED_SINCE)
+    return Verdict("skip" if mode == "skip" else "caption", mode)
+
+
+def redo_verdict(
+    data: bytes, written: Written | None, ours: Written | None, mode: str, wrote_it: bool
+) -> Verdict:
+    """--only named the image: its caption is done again, edits included."""
+    if mode not in MERGING:
+        return Verdict("caption", "overwrite")
+    if wrote_it:
+        return Verdict("fail", mode, why=EDITED_SINCE)
+    if ours is None:
+        return Verdict("caption", mode)
+    if ours is not written:
+        return Verdict(
+            "fail", mode, why="another pass added to its caption since; redo it with --existing overwrite"
+        )
+    text = data.decode("utf-8", "replace").strip()
+    if not ours.kept or ours.kept[1] > len(text):
+        return Verdict(
+            "fail",
+            mode,
+            why="its journal does not say what this pass added (an earlier version wrote it); "
+            "redo it with --existing overwrite",
+        )
+    start, end = ours.kept
+    return Verdict("caption", mode, text[start:end])
+
+
+def writer_of(history: list[Written], after: str) -> Written | None:
+    """The write that left this text, if the tool wrote it."""
+    return next((written for written in reversed(history) if written.after == after), None)
+
+
+def chain(history: list[Written], written: Written | None) -> Iterator[Written]:
+    """The write that left a caption's text, then those below the appends and prepends made on
+    top of each other since: every write whose answer the text still holds."""
+    while written is not None:
+        yield written
+        if written.mode not in MERGING or not written.before:
+            return
+        written = writer_of(history[: history.index(written)], written.before)
+
+
+def pass_answer(
+    history: list[Written], written: Written | None, journal: Journal, mode: str, prompt: str
+) -> Written | None:
+    """The write of this pass whose answer the caption holds."""
+    return next((each for each in chain(history, written) if journal.counts(each, mode, prompt)), None)
+
+
+def mode_of_the_pass(history: list[Written], written: Written | None, journal: Journal, prompt: str) -> str:
+    """The mode this run's settings wrote the caption in: of the answer the text holds, else of
+    the pass's last write (a caption edited since); "" if they never did."""
+    ours = next((each for each in chain(history, written) if journal.counts(each, None, prompt)), None)
+    ours = ours or next((w for w in reversed(history) if w.landed and journal.counts(w, None, prompt)), None)
+    return ours.mode if ours else ""
+
+
+def origin_of(history: list[Written], after: str) -> str:
+    """Who wrote a caption's text: "tool", "person" (someone changed what the tool wrote), or
+    "original" (the tool never wrote it). The text before a write that never landed is as it
+    was before that write. Lines of version 1 journals, which knew no text before, never make a
+    caption a person's: an earlier version did such an image again."""
+    if writer_of(history, after):
+        return "tool"
+    known = [written for written in history if written.before]
+    undone = next((w for w in reversed(known) if w.before == after and not w.landed), None)
+    if undone:
+        return undone.origin or "original"
+    return "person" if known else "original"
+
+
+def is_blank(data: bytes) -> bool:
+    """Nothing a person or a trainer could read: empty, white space (no-break spaces too),
+    a byte-order mark alone (what Notepad saves for an empty file), control and format
+    characters (NUL, zero-width spaces). Such a file is no caption."""
+    text = data.decode("utf-8", "replace")
+    return not any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
+
+
+def text_digest(data: bytes) -> str:
+    return digest(data.decode("utf-8", "replace").strip())
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
 # Discovery: list the folders and plan each image, a step at a time
 # ---------------------------------------------------------------------------
+# What images there are, which are left to caption and in which mode; planning streams,
+# a few hundred images at a time between answers.
 
 
 @dataclass
@@ -1746,508 +1780,10 @@ def open_regular_file(path: Path) -> BinaryIO:
 
 
 # ---------------------------------------------------------------------------
-# Image preparation
-# ---------------------------------------------------------------------------
-# Measured with Pillow 13 on 2 cores (6000x4000 JPEG): a full decode + LANCZOS takes ~330 ms
-# and 118 MB; decoding at reduced DCT scale first takes ~105 ms and 16 MB.
-
-EXIF_ORIENTATION = 0x0112
-UNDO_ORIENTATION = {  # EXIF orientation: the Image.Transpose that makes the picture upright
-    2: "FLIP_LEFT_RIGHT",
-    3: "ROTATE_180",
-    4: "FLIP_TOP_BOTTOM",
-    5: "TRANSPOSE",
-    6: "ROTATE_270",
-    7: "TRANSVERSE",
-    8: "ROTATE_90",
-}
-PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
-def read_png_metadata_of_any_size() -> None:
-    """Pillow 13 refuses a PNG whose zTXt, iTXt or iCCP chunk inflates to more than 1 MB
-    (PngImagePlugin.MAX_TEXT_CHUNK, "Decompressed data too large"), while it takes 64 MB of plain
-    tEXt (MAX_TEXT_MEMORY): a large ComfyUI workflow or colour profile is metadata, not the
-    picture. A compressed chunk may now be as large as all the text together may."""
-    from PIL import PngImagePlugin
-
-    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
-
-
-def prepare(task: Task, config: Config) -> Task:
-    """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
-    task.prompt = task.template.fill(task.image, task.existing)
-    task.payload = prepare_image(task.image, config.max_size)
-    if config.review:  # from the picture as prepared: no second decode of a 24 MP original
-        task.thumbnail = thumbnail(io.BytesIO(task.payload))
-    return task
-
-
-def prepare_image(path: Path, max_size: int) -> bytes:
-    """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
-    import_run_libraries()
-    try:
-        file = open_regular_file(path)
-    except OSError as exc:
-        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot read: {reason(exc)}") from None
-    # Pillow reads from the file what it needs, so a huge file is never held whole in memory.
-    with file:
-        if not os.fstat(file.fileno()).st_size:
-            raise TryFailed(Fault.IMAGE_UNREADABLE, "empty file")
-        if max_size == 0:
-            return file.read()
-        return prepared(file, max_size)
-
-
-def prepared(file: BinaryIO, max_size: int) -> bytes:
-    try:
-        with Image.open(file) as picture:
-            refuse_bombs(picture)
-            orientation = picture.getexif().get(EXIF_ORIENTATION, 1) if picture.format == "JPEG" else None
-            as_it_is = sendable_as_it_is(picture, file, max_size, orientation)
-            return as_it_is or encode_jpeg(padded(shrink_upright_rgb(picture, max_size, orientation)))
-    except TryFailed:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TryFailed(Fault.IMAGE_UNREADABLE, bomb_reason()) from None
-    except UnidentifiedImageError:
-        raise TryFailed(Fault.IMAGE_UNREADABLE, "not an image (or a format Pillow cannot read)") from None
-    except Exception as exc:  # noqa: BLE001
-        # On malformed data Pillow's plugins raise OSError, ValueError, SyntaxError, but also
-        # struct.error, IndexError, EOFError...: each is this file's failure, not the run's.
-        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot decode: {reason(exc)}") from None
-
-
-def refuse_bombs(picture: Image.Image) -> None:
-    # Pillow only warns between 1x and 2x its pixel limit, and then inflates a 632-byte
-    # JPEG into 645 MB. Checked here from the header, whatever the warnings filter says.
-    if picture.width * picture.height > (Image.MAX_IMAGE_PIXELS or math.inf):
-        raise TryFailed(Fault.IMAGE_UNREADABLE, bomb_reason())
-
-
-def bomb_reason() -> str:
-    return (
-        f"refused: more pixels than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
-        "(a possible decompression bomb)"
-    )
-
-
-def sendable_as_it_is(picture: Image.Image, file: BinaryIO, max_size: int, orientation: int | None) -> bytes:
-    """The file's bytes where they are fit to send as they are, else b""."""
-    if os.fstat(file.fileno()).st_size > PASS_THROUGH_MAX_BYTES or max(picture.size) > max_size:
-        return b""
-    if padded_size(picture.size) != picture.size:
-        return b""
-    position = file.tell()
-    file.seek(0)
-    data = file.read()
-    file.seek(position)
-    if picture.format == "JPEG":
-        upright = orientation == 1
-        complete = data.rstrip(b"\0").endswith(b"\xff\xd9")
-    elif picture.format == "PNG":
-        # A PNG's EXIF costs a full decode to read (~23 ms for 1200x800), so a PNG that has
-        # EXIF at all is re-encoded instead.
-        upright = "exif" not in picture.info
-        complete = data.endswith(PNG_TRAILER)
-    else:
-        return b""
-    plain = picture.mode in ("RGB", "L") and "transparency" not in picture.info
-    still = not getattr(picture, "is_animated", False)
-    return data if upright and complete and plain and still else b""
-
-
-def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | None) -> Image.Image:
-    if orientation is None:  # not JPEG: its EXIF, if any, is read from the decoded picture
-        orientation = picture.getexif().get(EXIF_ORIENTATION, 1)
-    target = fitted_size(picture.size, max_size)
-    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale. Asked for the fitted size, not a square
-    # such as thumbnail() asks for, or a 3:2 photo is decoded whole.
-    picture.draft(picture.mode, target)
-    rgb = flatten_to_rgb(picture)
-    if rgb.size != target:
-        rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=1.0)
-    # Rotating after shrinking touches 20x fewer pixels (105 ms against 265 ms for 24 MP).
-    if orientation in UNDO_ORIENTATION:
-        rgb = rgb.transpose(getattr(Image.Transpose, UNDO_ORIENTATION[orientation]))
-    return rgb
-
-
-def padded(picture: Image.Image) -> Image.Image:
-    """The picture centred on white, where it is too small or too thin for vision encoders."""
-    size = padded_size(picture.size)
-    if size == picture.size:
-        return picture
-    canvas = Image.new("RGB", size, "white")
-    canvas.paste(picture, ((size[0] - picture.width) // 2, (size[1] - picture.height) // 2))
-    return canvas
-
-
-def padded_size(size: tuple[int, int]) -> tuple[int, int]:
-    width, height = size
-    return (
-        max(width, SMALLEST_SIDE, math.ceil(height / WIDEST_ASPECT)),
-        max(height, SMALLEST_SIDE, math.ceil(width / WIDEST_ASPECT)),
-    )
-
-
-def fitted_size(size: tuple[int, int], max_size: int) -> tuple[int, int]:
-    width, height = size
-    scale = max_size / max(width, height)
-    if scale >= 1:
-        return size
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def flatten_to_rgb(picture: Image.Image) -> Image.Image:
-    if picture.mode.startswith("I;16") or picture.mode == "I":
-        # 16-bit values would clip to white if converted directly.
-        picture = picture.convert("I").point(lambda value: value / 256).convert("L")
-    if picture.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in picture.info:
-        rgba = picture.convert("RGBA")
-        white = Image.new("RGB", rgba.size, "white")
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        return white
-    return picture if picture.mode == "RGB" else picture.convert("RGB")
-
-
-def encode_jpeg(picture: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
-    buffer = io.BytesIO()
-    # The picture alone: Pillow carries the source's comment (a PNG's or GIF's text "comment")
-    # into a JPEG unless given one, and one over 65,533 bytes fails ("Comment is too long").
-    # A colour profile, EXIF or XMP it writes only when asked to.
-    picture.save(buffer, "JPEG", quality=quality, comment=b"")
-    return buffer.getvalue()
-
-
-def usable_cpus() -> int:
-    # The CPUs this process may run on (taskset, containers), not the machine's.
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-# ---------------------------------------------------------------------------
-# Network: the proxy each request goes through, chosen as the clients choose it
-# ---------------------------------------------------------------------------
-# Every client of the run (the ollama client passes its keyword arguments on to httpx.Client)
-# sends through a Transport of ours. httpx then reads no proxy variable itself (it does only
-# without a transport: httpx/_client.py, allow_env_proxies), so the choice below is the run's
-# one: made per request from the variables, as httpx makes it, with the proxy named when it is
-# the one that fails, and a proxy variable that cannot be used refused before anything is sent.
-
-
-class Secrets:
-    """What the run sends that no one else may read: the API key (OPENAI_API_KEY, or the variable
-    --api-key-env names; OLLAMA_API_KEY, which the ollama client sends as a bearer token whenever
-    it is set: ollama/_client.py, BaseClient.__init__), a proxy's password. A server or a proxy
-    may say them back (in an error page, an error mid-answer, an answer), so no text the run
-    prints or writes may hold them: reasons, the Reporter and the review page pass through
-    redacted(), and an answer that holds one is not written (ask())."""
-
-    # Shorter values keep nothing secret (they are guessed in a moment), and taking them out
-    # would garble every message that holds those letters.
-    SHORTEST = 4
-
-    def __init__(self) -> None:
-        self.labels: dict[str, str] = {}  # value: what it is, as redacted text names it
-
-    def add(self, value: str, label: str) -> None:
-        if len(value) >= self.SHORTEST and value not in self.labels:
-            # A new dict, not a changed one: other threads read it without a lock.
-            self.labels = {**self.labels, value: label}
-
-    def redacted(self, text: str) -> str:
-        labels = self.labels
-        if not labels:  # a run that sends no key: the review page of 20,000 images stays quick
-            return text
-        for value, label in sorted(labels.items(), key=lambda item: -len(item[0])):
-            text = text.replace(value, f"[{label}]")
-        return text
-
-    def found_in(self, text: str) -> str:
-        """What secret the text holds ("" if none)."""
-        return next((label for value, label in self.labels.items() if value in text), "")
-
-
-SECRETS = Secrets()
-
-
-def redacted(text: str) -> str:
-    return SECRETS.redacted(text)
-
-
-def redacted_data(value: Any) -> Any:
-    """JSON-like data with every string redacted."""
-    if isinstance(value, str):
-        return redacted(value)
-    if isinstance(value, list):
-        return [redacted_data(item) for item in value]
-    if isinstance(value, dict):
-        return {key: redacted_data(item) for key, item in value.items()}
-    return value
-
-
-@dataclass(frozen=True)
-class ProxySetting:
-    url: str  # as the variable gives it (credentials included), with http:// if it has no scheme
-    variable: str  # the variable it came from: HTTP_PROXY, https_proxy, ALL_PROXY ...
-
-    @property
-    def shown(self) -> str:
-        """The proxy's address without its credentials, as messages name it."""
-        return re.sub(r"(?<=://)[^@/]*@", "", self.url)
-
-
-def environment_proxies() -> dict[str, ProxySetting]:
-    """The proxies the environment sets for "http", "https" and "all" (every scheme), read as
-    httpx reads them (httpx/_utils.py, get_environment_proxies): urllib's getproxies(), which
-    prefers lower-case variables and falls back on the system's settings on macOS and Windows;
-    an address without a scheme is http://."""
-    from urllib.request import getproxies  # loaded with httpx, which reads it too
-
-    found = getproxies()
-    return {
-        scheme: ProxySetting(
-            found[scheme] if "://" in found[scheme] else f"http://{found[scheme]}", proxy_variable(scheme)
-        )
-        for scheme in ("http", "https", "all")
-        if found.get(scheme)
-    }
-
-
-def proxy_variable(scheme: str) -> str:
-    # urllib reads the lower-case variable first, as curl does.
-    names = sorted((name for name in os.environ if name.lower() == f"{scheme}_proxy"), key=str.isupper)
-    return next((name for name in names if os.environ[name]), "the system's proxy settings")
-
-
-def proxy_for(url: httpx.URL) -> ProxySetting | None:
-    """The proxy a request to url goes through: none for a host NO_PROXY names, else the proxy of
-    the URL's scheme (HTTP_PROXY, HTTPS_PROXY), else ALL_PROXY, as httpx and curl choose."""
-    from urllib.request import getproxies
-
-    no_proxy = getproxies().get("no", "")
-    if any(no_proxy_names(entry.strip(), url) for entry in no_proxy.split(",") if entry.strip()):
-        return None
-    proxies = environment_proxies()
-    return proxies.get(url.scheme) or proxies.get("all")
-
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def no_proxy_names(entry: str, url: httpx.URL) -> bool:
-    """Whether one NO_PROXY entry names url's host, as httpx reads it: * names every host; an
-    address names itself (and a network, 10.0.0.0/8, its addresses, as curl and Go read it); a
-    name names itself and the names below it (.example.com only those below it); a port or a
-    scheme (http://gpu1:11434) narrows it."""
-    if entry == "*":
-        return True
-    scheme, _, place = entry.lower().rpartition("://")
-    if scheme not in ("", "all", url.scheme):
-        return False
-    host = url.host.lower()
-    try:
-        return ipaddress.ip_address(host) in ipaddress.ip_network(place.strip("[]"), strict=False)
-    except ValueError:
-        pass  # a name, or a place with a port
-    name, colon, port = place.rpartition(":") if re.search(r":\d+$", place) else (place, "", "")
-    if colon and int(port) != (url.port or DEFAULT_PORTS.get(url.scheme)):
-        return False
-    name = name.strip("[]").lstrip("*")
-    if name.startswith("."):
-        return host.endswith(name)
-    return host == name or host.endswith(f".{name}")
-
-
-def refuse_unusable_proxies(url: str) -> None:
-    """Stop the run on a proxy variable httpx cannot use, naming it: the official client would
-    refuse the whole environment (its first client raises as it is made). A SOCKS proxy needs
-    httpx's SOCKS support only where a server of the run goes through it."""
-    for proxy in environment_proxies().values():
-        problem = proxy_address_problem(proxy.url)
-        if problem:
-            raise CannotStart(
-                f"{proxy.variable} is not a proxy address ({proxy.shown}: {problem}); correct it or unset it"
-            )
-    proxy = proxy_for(httpx.URL(url))
-    if proxy and proxy.url.lower().startswith("socks") and importlib.util.find_spec("socksio") is None:
-        raise CannotStart(
-            f"{proxy.variable} names a SOCKS proxy ({proxy.shown}) for {url}, which needs httpx's SOCKS "
-            'support: pip install "httpx[socks]"'
-        )
-
-
-def proxy_address_problem(url: str) -> str:
-    """What is wrong with a proxy's address, or "" if httpx can use it."""
-    try:
-        parsed = httpx.Proxy(url).url
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        if url.partition("://")[0].lower() not in ("http", "https", "socks5", "socks5h"):
-            return "its scheme must be http, https, socks5 or socks5h"
-        return reason(exc)
-    if not parsed.host:
-        return "it names no host"
-    if parsed.port is not None and not 0 < parsed.port < 65536:
-        return "the port must be 1-65535"
-    return ""
-
-
-class Transport:
-    """What every request of the run goes through: httpx's own transport, directly or through
-    the proxy the environment names for the request's URL (one transport each, made as needed),
-    and the proxy named when it is what cannot be reached. It bounds what a server can send,
-    which httpx does not: each line of an answer (LONGEST_LINE), and the time from sending a
-    request to the last byte of its answer (deadline, explained by over_deadline when passed)."""
-
-    def __init__(self, server: str, deadline: float = math.inf, over_deadline: str = "") -> None:
-        self.server = server
-        self.deadline = deadline
-        self.over_deadline = over_deadline
-        self.routes: dict[ProxySetting | None, Any] = {}
-        self.chosen: dict[tuple[str, str, int | None], ProxySetting | None] = {}  # by scheme, host, port
-        self.lock = threading.Lock()  # the clients are shared between threads
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        deadline = time.monotonic() + self.deadline
-        # Uncompressed: a compressed answer would grow a thousandfold past what the bounds see.
-        request.headers["Accept-Encoding"] = "identity"
-        proxy = self.proxy_for(request.url)
-        try:
-            response = self.route(proxy).handle_request(request)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as exc:
-            if proxy is None:
-                raise
-            raise httpx.ProxyError(proxy_failure(proxy, request.url, exc), request=request) from exc
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            response.close()
-            raise TryFailed(
-                Fault.MODEL_UNUSABLE,
-                f"it compressed its answer ({encoding}) although asked not to, so its size cannot be bounded",
-            )
-        response.stream = bounded_stream_class()(response.stream, self, deadline)
-        return response
-
-    def proxy_for(self, url: httpx.URL) -> ProxySetting | None:
-        # Chosen once for each place: reading the environment for every request costs more than
-        # a request to a server that answers at once.
-        place = (url.scheme, url.host, url.port)
-        with self.lock:
-            if place not in self.chosen:
-                self.chosen[place] = proxy_for(url)
-            return self.chosen[place]
-
-    def route(self, proxy: ProxySetting | None) -> Any:
-        with self.lock:
-            if proxy not in self.routes:
-                self.routes[proxy] = httpx.HTTPTransport(
-                    verify=tls_context(self.server, proxy), proxy=proxy and proxy_with_secrets_kept(proxy)
-                )
-            return self.routes[proxy]
-
-    def close(self) -> None:
-        with self.lock:
-            for route in self.routes.values():
-                route.close()
-            self.routes.clear()
-
-
-def tls_context(server: str, proxy: ProxySetting | None) -> ssl.SSLContext:
-    """What a route checks certificates with. Without https, in the server's address or the
-    proxy's, it makes no TLS connection (redirects are not followed), and is given a context
-    that trusts no certificate instead of reading the system's: reading them costs 30 ms of CPU
-    (measured, httpx 0.29), more than a caption from a local server, and httpx reads them for
-    every transport it makes."""
-    if server.lower().startswith("https:") or (proxy and proxy.url.lower().startswith("https:")):
-        return trusted_certificates()
-    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, with nothing to trust: fails closed
-
-
-@functools.cache
-def trusted_certificates() -> ssl.SSLContext:
-    """httpx's own choice (SSL_CERT_FILE, SSL_CERT_DIR, else certifi's), read once a run."""
-    return httpx.create_ssl_context()
-
-
-class BoundedStream:
-    """A response's bytes as they come, cut off where the server breaks a bound: a line longer
-    than any answer of its API holds, or the request's deadline. httpx reads a response only
-    from an httpx.SyncByteStream, which bounded_stream_class() makes of it."""
-
-    def __init__(self, inner: Any, transport: Transport, deadline: float) -> None:
-        self.inner = inner
-        self.transport = transport
-        self.deadline = deadline
-
-    def __iter__(self) -> Iterator[bytes]:
-        line = 0  # bytes since the last line break
-        for chunk in self.inner:
-            end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
-            line = line + len(chunk) if end < 0 else len(chunk) - end - 1
-            if line > LONGEST_LINE:
-                raise TryFailed(
-                    Fault.MODEL_UNUSABLE,
-                    f"it sent a line longer than {LONGEST_LINE // 2**20} MiB, which no answer of its API "
-                    "holds: a broken server, or a proxy in front of it",
-                )
-            if time.monotonic() > self.deadline:
-                raise TryFailed(
-                    Fault.SERVER_STRUGGLING,
-                    f"{self.transport.server} sent no whole answer within "
-                    f"{duration(self.transport.deadline)}{self.transport.over_deadline}",
-                )
-            yield chunk
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-@functools.cache
-def bounded_stream_class() -> type:
-    # Made once httpx is loaded: only a run that sends images loads it.
-    return type("BoundedStream", (BoundedStream, httpx.SyncByteStream), {})
-
-
-def proxy_with_secrets_kept(proxy: ProxySetting) -> httpx.Proxy:
-    """httpx's Proxy, its password kept from what the run prints: httpcore sends it in a
-    Proxy-Authorization header (Basic, base64 of user:password)."""
-    made = httpx.Proxy(proxy.url)
-    if made.auth:
-        user, password = made.auth
-        SECRETS.add(password, "proxy password")
-        SECRETS.add(base64.b64encode(f"{user}:{password}".encode()).decode("ascii"), "proxy password")
-    return made
-
-
-def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
-    """Why a request could not pass the proxy, and what to do."""
-    if isinstance(exc, httpx.ProxyError):  # the proxy answered CONNECT with an error status
-        return f"the proxy {proxy.shown} ({proxy.variable}) could not reach {url.host}: {reason(exc)}"
-    return (
-        f"cannot reach the proxy {proxy.shown} ({proxy.variable}): {reason(root_cause(exc))}; start it, "
-        f"or add {url.host} to NO_PROXY"
-    )
-
-
-def root_cause(exc: BaseException) -> BaseException:
-    """The error at the bottom of a chain: httpx raises its own from httpcore's, which raises its
-    own from the socket's (ConnectionRefusedError, ssl.SSLError)."""
-    return causes(exc)[-1]
-
-
-def causes(exc: BaseException) -> list[BaseException]:
-    """The exception and those it was raised from or while handling, down the chain."""
-    chain = [exc]
-    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
-    return chain
-
-
-# ---------------------------------------------------------------------------
 # Servers: each one's health, and the checks before the first image is sent
 # ---------------------------------------------------------------------------
+# Which servers answer, in rotation or not; the checks at the start and the short wait for
+# a server that is restarting.
 
 
 class State(enum.Enum):
@@ -2459,6 +1995,10 @@ def probe_task() -> Task:
 # ---------------------------------------------------------------------------
 # Servers' APIs: one class each, behind one interface (Api)
 # ---------------------------------------------------------------------------
+# How each API is spoken: settings, clients, listing the models, the checks at the start,
+# one caption request, the words of its errors. A new API is a class added to APIS.
+
+
 # Everything that differs between the APIs lives in its class: settings, clients, listing the
 # models, the checks before the first image, one caption request, the words of its errors.
 
@@ -3039,8 +2579,517 @@ def refuse_cut_prompt(prompt_tokens: int, num_ctx: int) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Network: the proxy each request goes through, and the bounds on what a server sends
+# ---------------------------------------------------------------------------
+# The transport under every client: proxies chosen as the clients choose them, TLS, and
+# the limits on an answer's lines and time; secrets kept out of every message.
+
+
+# Every client of the run (the ollama client passes its keyword arguments on to httpx.Client)
+# sends through a Transport of ours. httpx then reads no proxy variable itself (it does only
+# without a transport: httpx/_client.py, allow_env_proxies), so the choice below is the run's
+# one: made per request from the variables, as httpx makes it, with the proxy named when it is
+# the one that fails, and a proxy variable that cannot be used refused before anything is sent.
+
+
+class Secrets:
+    """What the run sends that no one else may read: the API key (OPENAI_API_KEY, or the variable
+    --api-key-env names; OLLAMA_API_KEY, which the ollama client sends as a bearer token whenever
+    it is set: ollama/_client.py, BaseClient.__init__), a proxy's password. A server or a proxy
+    may say them back (in an error page, an error mid-answer, an answer), so no text the run
+    prints or writes may hold them: reasons, the Reporter and the review page pass through
+    redacted(), and an answer that holds one is not written (ask())."""
+
+    # Shorter values keep nothing secret (they are guessed in a moment), and taking them out
+    # would garble every message that holds those letters.
+    SHORTEST = 4
+
+    def __init__(self) -> None:
+        self.labels: dict[str, str] = {}  # value: what it is, as redacted text names it
+
+    def add(self, value: str, label: str) -> None:
+        if len(value) >= self.SHORTEST and value not in self.labels:
+            # A new dict, not a changed one: other threads read it without a lock.
+            self.labels = {**self.labels, value: label}
+
+    def redacted(self, text: str) -> str:
+        labels = self.labels
+        if not labels:  # a run that sends no key: the review page of 20,000 images stays quick
+            return text
+        for value, label in sorted(labels.items(), key=lambda item: -len(item[0])):
+            text = text.replace(value, f"[{label}]")
+        return text
+
+    def found_in(self, text: str) -> str:
+        """What secret the text holds ("" if none)."""
+        return next((label for value, label in self.labels.items() if value in text), "")
+
+
+SECRETS = Secrets()
+
+
+def redacted(text: str) -> str:
+    return SECRETS.redacted(text)
+
+
+def redacted_data(value: Any) -> Any:
+    """JSON-like data with every string redacted."""
+    if isinstance(value, str):
+        return redacted(value)
+    if isinstance(value, list):
+        return [redacted_data(item) for item in value]
+    if isinstance(value, dict):
+        return {key: redacted_data(item) for key, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class ProxySetting:
+    url: str  # as the variable gives it (credentials included), with http:// if it has no scheme
+    variable: str  # the variable it came from: HTTP_PROXY, https_proxy, ALL_PROXY ...
+
+    @property
+    def shown(self) -> str:
+        """The proxy's address without its credentials, as messages name it."""
+        return re.sub(r"(?<=://)[^@/]*@", "", self.url)
+
+
+def environment_proxies() -> dict[str, ProxySetting]:
+    """The proxies the environment sets for "http", "https" and "all" (every scheme), read as
+    httpx reads them (httpx/_utils.py, get_environment_proxies): urllib's getproxies(), which
+    prefers lower-case variables and falls back on the system's settings on macOS and Windows;
+    an address without a scheme is http://."""
+    from urllib.request import getproxies  # loaded with httpx, which reads it too
+
+    found = getproxies()
+    return {
+        scheme: ProxySetting(
+            found[scheme] if "://" in found[scheme] else f"http://{found[scheme]}", proxy_variable(scheme)
+        )
+        for scheme in ("http", "https", "all")
+        if found.get(scheme)
+    }
+
+
+def proxy_variable(scheme: str) -> str:
+    # urllib reads the lower-case variable first, as curl does.
+    names = sorted((name for name in os.environ if name.lower() == f"{scheme}_proxy"), key=str.isupper)
+    return next((name for name in names if os.environ[name]), "the system's proxy settings")
+
+
+def proxy_for(url: httpx.URL) -> ProxySetting | None:
+    """The proxy a request to url goes through: none for a host NO_PROXY names, else the proxy of
+    the URL's scheme (HTTP_PROXY, HTTPS_PROXY), else ALL_PROXY, as httpx and curl choose."""
+    from urllib.request import getproxies
+
+    no_proxy = getproxies().get("no", "")
+    if any(no_proxy_names(entry.strip(), url) for entry in no_proxy.split(",") if entry.strip()):
+        return None
+    proxies = environment_proxies()
+    return proxies.get(url.scheme) or proxies.get("all")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def no_proxy_names(entry: str, url: httpx.URL) -> bool:
+    """Whether one NO_PROXY entry names url's host, as httpx reads it: * names every host; an
+    address names itself (and a network, 10.0.0.0/8, its addresses, as curl and Go read it); a
+    name names itself and the names below it (.example.com only those below it); a port or a
+    scheme (http://gpu1:11434) narrows it."""
+    if entry == "*":
+        return True
+    scheme, _, place = entry.lower().rpartition("://")
+    if scheme not in ("", "all", url.scheme):
+        return False
+    host = url.host.lower()
+    try:
+        return ipaddress.ip_address(host) in ipaddress.ip_network(place.strip("[]"), strict=False)
+    except ValueError:
+        pass  # a name, or a place with a port
+    name, colon, port = place.rpartition(":") if re.search(r":\d+$", place) else (place, "", "")
+    if colon and int(port) != (url.port or DEFAULT_PORTS.get(url.scheme)):
+        return False
+    name = name.strip("[]").lstrip("*")
+    if name.startswith("."):
+        return host.endswith(name)
+    return host == name or host.endswith(f".{name}")
+
+
+def refuse_unusable_proxies(url: str) -> None:
+    """Stop the run on a proxy variable httpx cannot use, naming it: the official client would
+    refuse the whole environment (its first client raises as it is made). A SOCKS proxy needs
+    httpx's SOCKS support only where a server of the run goes through it."""
+    for proxy in environment_proxies().values():
+        problem = proxy_address_problem(proxy.url)
+        if problem:
+            raise CannotStart(
+                f"{proxy.variable} is not a proxy address ({proxy.shown}: {problem}); correct it or unset it"
+            )
+    proxy = proxy_for(httpx.URL(url))
+    if proxy and proxy.url.lower().startswith("socks") and importlib.util.find_spec("socksio") is None:
+        raise CannotStart(
+            f"{proxy.variable} names a SOCKS proxy ({proxy.shown}) for {url}, which needs httpx's SOCKS "
+            'support: pip install "httpx[socks]"'
+        )
+
+
+def proxy_address_problem(url: str) -> str:
+    """What is wrong with a proxy's address, or "" if httpx can use it."""
+    try:
+        parsed = httpx.Proxy(url).url
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        if url.partition("://")[0].lower() not in ("http", "https", "socks5", "socks5h"):
+            return "its scheme must be http, https, socks5 or socks5h"
+        return reason(exc)
+    if not parsed.host:
+        return "it names no host"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return "the port must be 1-65535"
+    return ""
+
+
+class Transport:
+    """What every request of the run goes through: httpx's own transport, directly or through
+    the proxy the environment names for the request's URL (one transport each, made as needed),
+    and the proxy named when it is what cannot be reached. It bounds what a server can send,
+    which httpx does not: each line of an answer (LONGEST_LINE), and the time from sending a
+    request to the last byte of its answer (deadline, explained by over_deadline when passed)."""
+
+    def __init__(self, server: str, deadline: float = math.inf, over_deadline: str = "") -> None:
+        self.server = server
+        self.deadline = deadline
+        self.over_deadline = over_deadline
+        self.routes: dict[ProxySetting | None, Any] = {}
+        self.chosen: dict[tuple[str, str, int | None], ProxySetting | None] = {}  # by scheme, host, port
+        self.lock = threading.Lock()  # the clients are shared between threads
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + self.deadline
+        # Uncompressed: a compressed answer would grow a thousandfold past what the bounds see.
+        request.headers["Accept-Encoding"] = "identity"
+        proxy = self.proxy_for(request.url)
+        try:
+            response = self.route(proxy).handle_request(request)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.ProxyError) as exc:
+            if proxy is None:
+                raise
+            raise httpx.ProxyError(proxy_failure(proxy, request.url, exc), request=request) from exc
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise TryFailed(
+                Fault.MODEL_UNUSABLE,
+                f"it compressed its answer ({encoding}) although asked not to, so its size cannot be bounded",
+            )
+        response.stream = bounded_stream_class()(response.stream, self, deadline)
+        return response
+
+    def proxy_for(self, url: httpx.URL) -> ProxySetting | None:
+        # Chosen once for each place: reading the environment for every request costs more than
+        # a request to a server that answers at once.
+        place = (url.scheme, url.host, url.port)
+        with self.lock:
+            if place not in self.chosen:
+                self.chosen[place] = proxy_for(url)
+            return self.chosen[place]
+
+    def route(self, proxy: ProxySetting | None) -> Any:
+        with self.lock:
+            if proxy not in self.routes:
+                self.routes[proxy] = httpx.HTTPTransport(
+                    verify=tls_context(self.server, proxy), proxy=proxy and proxy_with_secrets_kept(proxy)
+                )
+            return self.routes[proxy]
+
+    def close(self) -> None:
+        with self.lock:
+            for route in self.routes.values():
+                route.close()
+            self.routes.clear()
+
+
+def tls_context(server: str, proxy: ProxySetting | None) -> ssl.SSLContext:
+    """What a route checks certificates with. Without https, in the server's address or the
+    proxy's, it makes no TLS connection (redirects are not followed), and is given a context
+    that trusts no certificate instead of reading the system's: reading them costs 30 ms of CPU
+    (measured, httpx 0.29), more than a caption from a local server, and httpx reads them for
+    every transport it makes."""
+    if server.lower().startswith("https:") or (proxy and proxy.url.lower().startswith("https:")):
+        return trusted_certificates()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, with nothing to trust: fails closed
+
+
+@functools.cache
+def trusted_certificates() -> ssl.SSLContext:
+    """httpx's own choice (SSL_CERT_FILE, SSL_CERT_DIR, else certifi's), read once a run."""
+    return httpx.create_ssl_context()
+
+
+class BoundedStream:
+    """A response's bytes as they come, cut off where the server breaks a bound: a line longer
+    than any answer of its API holds, or the request's deadline. httpx reads a response only
+    from an httpx.SyncByteStream, which bounded_stream_class() makes of it."""
+
+    def __init__(self, inner: Any, transport: Transport, deadline: float) -> None:
+        self.inner = inner
+        self.transport = transport
+        self.deadline = deadline
+
+    def __iter__(self) -> Iterator[bytes]:
+        line = 0  # bytes since the last line break
+        for chunk in self.inner:
+            end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+            line = line + len(chunk) if end < 0 else len(chunk) - end - 1
+            if line > LONGEST_LINE:
+                raise TryFailed(
+                    Fault.MODEL_UNUSABLE,
+                    f"it sent a line longer than {LONGEST_LINE // 2**20} MiB, which no answer of its API "
+                    "holds: a broken server, or a proxy in front of it",
+                )
+            if time.monotonic() > self.deadline:
+                raise TryFailed(
+                    Fault.SERVER_STRUGGLING,
+                    f"{self.transport.server} sent no whole answer within "
+                    f"{duration(self.transport.deadline)}{self.transport.over_deadline}",
+                )
+            yield chunk
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@functools.cache
+def bounded_stream_class() -> type:
+    # Made once httpx is loaded: only a run that sends images loads it.
+    return type("BoundedStream", (BoundedStream, httpx.SyncByteStream), {})
+
+
+def proxy_with_secrets_kept(proxy: ProxySetting) -> httpx.Proxy:
+    """httpx's Proxy, its password kept from what the run prints: httpcore sends it in a
+    Proxy-Authorization header (Basic, base64 of user:password)."""
+    made = httpx.Proxy(proxy.url)
+    if made.auth:
+        user, password = made.auth
+        SECRETS.add(password, "proxy password")
+        SECRETS.add(base64.b64encode(f"{user}:{password}".encode()).decode("ascii"), "proxy password")
+    return made
+
+
+def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
+    """Why a request could not pass the proxy, and what to do."""
+    if isinstance(exc, httpx.ProxyError):  # the proxy answered CONNECT with an error status
+        return f"the proxy {proxy.shown} ({proxy.variable}) could not reach {url.host}: {reason(exc)}"
+    return (
+        f"cannot reach the proxy {proxy.shown} ({proxy.variable}): {reason(root_cause(exc))}; start it, "
+        f"or add {url.host} to NO_PROXY"
+    )
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error at the bottom of a chain: httpx raises its own from httpcore's, which raises its
+    own from the socket's (ConnectionRefusedError, ssl.SSLError)."""
+    return causes(exc)[-1]
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or while handling, down the chain."""
+    chain = [exc]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    return chain
+
+
+# ---------------------------------------------------------------------------
+# Image preparation: read, decode, orient, shrink, encode
+# ---------------------------------------------------------------------------
+# Each image as the model is sent it, on a pool of threads; what cannot be read fails
+# here with the reason.
+
+
+# Measured with Pillow 13 on 2 cores (6000x4000 JPEG): a full decode + LANCZOS takes ~330 ms
+# and 118 MB; decoding at reduced DCT scale first takes ~105 ms and 16 MB.
+
+EXIF_ORIENTATION = 0x0112
+UNDO_ORIENTATION = {  # EXIF orientation: the Image.Transpose that makes the picture upright
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
+PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def read_png_metadata_of_any_size() -> None:
+    """Pillow 13 refuses a PNG whose zTXt, iTXt or iCCP chunk inflates to more than 1 MB
+    (PngImagePlugin.MAX_TEXT_CHUNK, "Decompressed data too large"), while it takes 64 MB of plain
+    tEXt (MAX_TEXT_MEMORY): a large ComfyUI workflow or colour profile is metadata, not the
+    picture. A compressed chunk may now be as large as all the text together may."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
+
+
+def prepare(task: Task, config: Config) -> Task:
+    """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
+    task.prompt = task.template.fill(task.image, task.existing)
+    task.payload = prepare_image(task.image, config.max_size)
+    if config.review:  # from the picture as prepared: no second decode of a 24 MP original
+        task.thumbnail = thumbnail(io.BytesIO(task.payload))
+    return task
+
+
+def prepare_image(path: Path, max_size: int) -> bytes:
+    """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
+    import_run_libraries()
+    try:
+        file = open_regular_file(path)
+    except OSError as exc:
+        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot read: {reason(exc)}") from None
+    # Pillow reads from the file what it needs, so a huge file is never held whole in memory.
+    with file:
+        if not os.fstat(file.fileno()).st_size:
+            raise TryFailed(Fault.IMAGE_UNREADABLE, "empty file")
+        if max_size == 0:
+            return file.read()
+        return prepared(file, max_size)
+
+
+def prepared(file: BinaryIO, max_size: int) -> bytes:
+    try:
+        with Image.open(file) as picture:
+            refuse_bombs(picture)
+            orientation = picture.getexif().get(EXIF_ORIENTATION, 1) if picture.format == "JPEG" else None
+            as_it_is = sendable_as_it_is(picture, file, max_size, orientation)
+            return as_it_is or encode_jpeg(padded(shrink_upright_rgb(picture, max_size, orientation)))
+    except TryFailed:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TryFailed(Fault.IMAGE_UNREADABLE, bomb_reason()) from None
+    except UnidentifiedImageError:
+        raise TryFailed(Fault.IMAGE_UNREADABLE, "not an image (or a format Pillow cannot read)") from None
+    except Exception as exc:  # noqa: BLE001
+        # On malformed data Pillow's plugins raise OSError, ValueError, SyntaxError, but also
+        # struct.error, IndexError, EOFError...: each is this file's failure, not the run's.
+        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot decode: {reason(exc)}") from None
+
+
+def refuse_bombs(picture: Image.Image) -> None:
+    # Pillow only warns between 1x and 2x its pixel limit, and then inflates a 632-byte
+    # JPEG into 645 MB. Checked here from the header, whatever the warnings filter says.
+    if picture.width * picture.height > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise TryFailed(Fault.IMAGE_UNREADABLE, bomb_reason())
+
+
+def bomb_reason() -> str:
+    return (
+        f"refused: more pixels than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} "
+        "(a possible decompression bomb)"
+    )
+
+
+def sendable_as_it_is(picture: Image.Image, file: BinaryIO, max_size: int, orientation: int | None) -> bytes:
+    """The file's bytes where they are fit to send as they are, else b""."""
+    if os.fstat(file.fileno()).st_size > PASS_THROUGH_MAX_BYTES or max(picture.size) > max_size:
+        return b""
+    if padded_size(picture.size) != picture.size:
+        return b""
+    position = file.tell()
+    file.seek(0)
+    data = file.read()
+    file.seek(position)
+    if picture.format == "JPEG":
+        upright = orientation == 1
+        complete = data.rstrip(b"\0").endswith(b"\xff\xd9")
+    elif picture.format == "PNG":
+        # A PNG's EXIF costs a full decode to read (~23 ms for 1200x800), so a PNG that has
+        # EXIF at all is re-encoded instead.
+        upright = "exif" not in picture.info
+        complete = data.endswith(PNG_TRAILER)
+    else:
+        return b""
+    plain = picture.mode in ("RGB", "L") and "transparency" not in picture.info
+    still = not getattr(picture, "is_animated", False)
+    return data if upright and complete and plain and still else b""
+
+
+def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | None) -> Image.Image:
+    if orientation is None:  # not JPEG: its EXIF, if any, is read from the decoded picture
+        orientation = picture.getexif().get(EXIF_ORIENTATION, 1)
+    target = fitted_size(picture.size, max_size)
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale. Asked for the fitted size, not a square
+    # such as thumbnail() asks for, or a 3:2 photo is decoded whole.
+    picture.draft(picture.mode, target)
+    rgb = flatten_to_rgb(picture)
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=1.0)
+    # Rotating after shrinking touches 20x fewer pixels (105 ms against 265 ms for 24 MP).
+    if orientation in UNDO_ORIENTATION:
+        rgb = rgb.transpose(getattr(Image.Transpose, UNDO_ORIENTATION[orientation]))
+    return rgb
+
+
+def padded(picture: Image.Image) -> Image.Image:
+    """The picture centred on white, where it is too small or too thin for vision encoders."""
+    size = padded_size(picture.size)
+    if size == picture.size:
+        return picture
+    canvas = Image.new("RGB", size, "white")
+    canvas.paste(picture, ((size[0] - picture.width) // 2, (size[1] - picture.height) // 2))
+    return canvas
+
+
+def padded_size(size: tuple[int, int]) -> tuple[int, int]:
+    width, height = size
+    return (
+        max(width, SMALLEST_SIDE, math.ceil(height / WIDEST_ASPECT)),
+        max(height, SMALLEST_SIDE, math.ceil(width / WIDEST_ASPECT)),
+    )
+
+
+def fitted_size(size: tuple[int, int], max_size: int) -> tuple[int, int]:
+    width, height = size
+    scale = max_size / max(width, height)
+    if scale >= 1:
+        return size
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def flatten_to_rgb(picture: Image.Image) -> Image.Image:
+    if picture.mode.startswith("I;16") or picture.mode == "I":
+        # 16-bit values would clip to white if converted directly.
+        picture = picture.convert("I").point(lambda value: value / 256).convert("L")
+    if picture.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in picture.info:
+        rgba = picture.convert("RGBA")
+        white = Image.new("RGB", rgba.size, "white")
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return picture if picture.mode == "RGB" else picture.convert("RGB")
+
+
+def encode_jpeg(picture: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    buffer = io.BytesIO()
+    # The picture alone: Pillow carries the source's comment (a PNG's or GIF's text "comment")
+    # into a JPEG unless given one, and one over 65,533 bytes fails ("Comment is too long").
+    # A colour profile, EXIF or XMP it writes only when asked to.
+    picture.save(buffer, "JPEG", quality=quality, comment=b"")
+    return buffer.getvalue()
+
+
+def usable_cpus() -> int:
+    # The CPUs this process may run on (taskset, containers), not the machine's.
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------
 # Asking: one try at one image, whichever the API
 # ---------------------------------------------------------------------------
+# A request, its answer cleaned up and checked; a retry's new seed.
 
 
 def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
@@ -3071,6 +3120,10 @@ def seed_for(seed: int | None, tries: int) -> int | None:
 # ---------------------------------------------------------------------------
 # Faults: what every error means, in one place
 # ---------------------------------------------------------------------------
+# Each error of a server, a connection or the disk becomes a Fault here, with the reason a
+# user reads.
+
+
 # An error of a server, a connection or the disk gets its Fault here (the checks of an answer
 # as it streams, in Gathered and caption_problem, name the fault they find); the retry
 # policy below says what follows each.
@@ -3200,6 +3253,7 @@ def reason(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 # Retry policy: what follows each fault, in one place
 # ---------------------------------------------------------------------------
+# POLICY maps each Fault to what happens next (the README's table is checked against it).
 
 
 class Action(enum.Enum):
@@ -3265,6 +3319,9 @@ def backoff(tries: int) -> float:
 # ---------------------------------------------------------------------------
 # Scheduling: images prepared a few ahead, --jobs requests in flight on every server
 # ---------------------------------------------------------------------------
+# One thread makes every decision; the others compute and hand back futures.
+
+
 # One thread (the caller's) owns every queue and counter and makes every decision; the other
 # threads only compute and hand back a future: a pool prepares images (Pillow releases the
 # GIL while it decodes and resizes: 1.8-2.0x on 2 cores), and each request runs on a thread
@@ -3507,8 +3564,9 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------
-# Caption
+# Caption: the cleanup rules, and answers that are no caption
 # ---------------------------------------------------------------------------
+# What is written of a model's answer (README "Cleanup"), and what is refused.
 
 
 # The cleanup rules, few on purpose so that a user can predict them (README "Cleanup").
@@ -3625,8 +3683,10 @@ def estimated_clip_tokens(caption: str) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Writing
+# Writing: each caption atomically, the JSONL beside it
 # ---------------------------------------------------------------------------
+# A caption is complete or absent, never written over an edit; the journal line goes
+# first; --jsonl kept in memory and rewritten atomically.
 
 
 def write_answer(task: Task, caption: str, config: Config, journal: Journal | None) -> str:
@@ -3777,508 +3837,6 @@ def remove_quietly(path: str) -> None:
         pass  # gone already, or not ours to remove
 
 
-LOCK_NAME = f"{OWN_FILE_PREFIX}.lock"
-# Where the operating system has it, a lock or journal that is a link is refused rather than
-# followed: a link in a downloaded dataset must not make the tool write outside it.
-NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
-
-@contextmanager
-def folder_lock(folder: Path, recursive: bool) -> Iterator[str]:
-    """One run at a time in a folder (and, for a run with subfolders, below it): a second one,
-    started by a double-started loop, refuses and names the first. The lock is the operating
-    system's (flock, or msvcrt on Windows), so it dies with the process that held it, however
-    that process ended. Yields "" once the folder is this run's, or why nothing can be written
-    in it (read-only, full): a run with nothing to do may still end well."""
-    refuse_if_held_above(folder)
-    path = folder / LOCK_NAME
-    while True:
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise CannotStart(f"{path} is in the way: it is a link; remove it") from None
-            yield reason(exc)
-            return
-        with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise CannotStart(f"{path} is in the way: it is not a file of this tool's; remove it")
-            try:
-                lock_file(file)
-            except OSError:
-                raise CannotStart(
-                    f"another run is captioning {folder} ({holder_of(file)}); wait for it to end, or stop it"
-                ) from None
-            if not is_still_at(descriptor, path):
-                continue  # locked a file the run before us had just removed: lock the new one
-            try:  # who holds it, for the message of a run refused
-                file.truncate(0)  # a killed run's line may still be there
-                file.write(holder_line(recursive).encode())
-                unwritable = ""
-            except OSError as exc:  # a full disk: no caption could be written either
-                unwritable = reason(exc)
-            try:
-                yield unwritable
-            finally:
-                # Removed while still held, so that finished folders carry no trace of it.
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-            return
-
-
-def holder_line(recursive: bool) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    return f"pid {os.getpid()}, started {started}" + (", with its subfolders" if recursive else "")
-
-
-def holder_of(file: io.RawIOBase) -> str:
-    try:
-        file.seek(0)
-        return file.read(200).decode("utf-8", "replace").strip() or "another process"
-    except OSError:  # Windows does not let others read a locked byte
-        return "another process"
-
-
-def held_by_another_run(path: Path) -> str:
-    """Who holds the lock file at path, or "" if nobody does (or there is none)."""
-    try:
-        descriptor = os.open(path, os.O_RDWR | NO_FOLLOW)
-    except OSError:
-        return ""
-    with open(descriptor, "r+b", buffering=0) as file:
-        try:
-            lock_file(file)
-        except OSError:
-            return holder_of(file)
-        return ""  # closing releases what was only a test
-
-
-def refuse_if_held_above(folder: Path) -> None:
-    """A run over a parent folder with its subfolders is captioning this one too."""
-    for parent in folder.resolve().parents:
-        holder = held_by_another_run(parent / LOCK_NAME)
-        if holder.endswith("with its subfolders"):
-            raise CannotStart(
-                f"another run is captioning {parent} ({holder}); wait for it to end, or stop it"
-            )
-
-
-def is_still_at(descriptor: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(descriptor), os.stat(path))
-    except OSError:
-        return False
-
-
-def lock_file(file: io.BufferedRandom) -> None:
-    """Lock an open file without waiting; OSError if another process holds it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        file.seek(0)
-        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
-        return
-    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-JOURNAL_NAME = f"{OWN_FILE_PREFIX}.journal"
-JOURNAL_HEADER = json.dumps({"journal": 2})
-MERGING = ("append", "prepend")
-EDITED_SINCE = (
-    "edited since this pass wrote it, so what the pass added cannot be told from the edit; "
-    "redo it with --existing overwrite, or edit it by hand"
-)
-
-
-class Written(NamedTuple):
-    """One caption the tool wrote, as its journal line records it."""
-
-    settings: str  # Config.settings_digest(); "v1:<pass>" for a pass of a version 1 journal not this run's
-    mode: str
-    model: str  # "" where a version 1 journal did not know it (--api openai without --model)
-    prompt: str  # digest of the prompt that held for the image
-    before: str  # text_digest() of the caption before the write ("" where unknown: version 1)
-    after: str  # text_digest() of the text written
-    kept: tuple[int, int] | None  # where the text before stands in the text written (append, prepend)
-    origin: str  # who wrote the text before: "none" (blank), "tool", "person", "original"
-    line: int  # its line in the journal: a later line is a later write
-    landed: bool = False  # a second line says the caption was written
-
-
-class RunPass(NamedTuple):
-    """This run's pass, as journal lines are compared with it."""
-
-    settings: str
-    model: str  # "" until the server says which model it serves
-    fresh: bool  # --fresh: the pass's earlier writes do not count
-    legacy: dict[str, tuple[str, str]]  # a version 1 journal's first line: the (mode, model) it means
-    prompt: tuple[str, str]  # the run's prompt: its digest as version 1 took it (line ends as read), and now
-
-    @classmethod
-    def of(cls, config: Config) -> RunPass:
-        models = {config.model, ""}  # a version 1 run without --model recorded ""
-        legacy = {
-            config.pass_identity(mode, model): (mode, model)
-            for mode in ("skip", "overwrite", "append", "prepend")
-            for model in models
-        }
-        prompt = (digest(config.prompt.as_read), digest(config.prompt.text))
-        return cls(config.settings_digest(), config.model, config.fresh, legacy, prompt)
-
-
-class Journal:
-    """Every caption the tool wrote in one folder, hidden in it (.llava-caption-ollama.journal):
-    a JSON line per caption, with its pass (the settings, the model and the mode), a digest of
-    the prompt, and digests of the caption's text before and after. From them planning tells
-    whether this pass's answer is already in a caption, and whether someone changed a caption
-    since the tool wrote it (see verdict()).
-
-    The line is written before the caption file, and a short second line once the caption is in
-    place. A crash between the two leaves a line without its second: if the file still holds
-    the text before, the write counts as never made; a person who puts back the text before a
-    write that did land has edited the caption. Each folder that holds images keeps its own
-    journal, so a pass is the same whether its folders were named one by one or found by
-    --recursive. Journals of version 1 (one pass per folder given, its images named by their
-    path below it) are read, and rewritten in this form before a line is added."""
-
-    def __init__(self, folder: str, run: RunPass) -> None:
-        self.path = os.path.join(folder, JOURNAL_NAME)
-        self.run = run
-        self.records: dict[str, list[Written]] = {}
-        self.fresh_from: dict[tuple[str, str, str], int] = {}  # a pass: its first line that counts
-        self.lines = 0
-        self.version = 0  # 0: none, or none this version reads (it is written anew)
-        self.loaded = False
-        self.descriptor: int | None = None
-        self.unwritable = ""  # why it cannot be opened for writing, once tried
-        self.opening = threading.Lock()  # captions are written on several threads
-        self.freshened: set[str] = set()  # with --fresh: modes whose fresh start is written
-
-    def load(self) -> Journal:
-        if self.loaded:
-            return self
-        self.loaded = True
-        try:
-            # Split on "\n" alone: every line is JSON with its other line breaks escaped.
-            lines = read_regular_file(Path(self.path)).decode("utf-8", "replace").split("\n")
-        except OSError:
-            return self
-        try:
-            header = json.loads(lines[0])
-        except ValueError:
-            header = None
-        if isinstance(header, dict) and isinstance(header.get("pass"), str):
-            self.version = 1
-            self.read_version_1(header["pass"], lines[1:])
-            return self
-        self.version = 2 if lines[0] == JOURNAL_HEADER else 0
-        # A first line damaged (or a journal of no known form): what can be read of the rest still
-        # counts, and the journal is written anew with it before a line is added.
-        for line in lines[1:] if self.version else lines:
-            self.read_line(line)
-        return self
-
-    def read_version_1(self, identity: str, lines: list[str]) -> None:
-        mode, model = self.run.legacy.get(identity, ("", ""))
-        settings = self.run.settings if mode else f"v1:{identity}"
-        as_read, prompt_now = self.run.prompt
-        for line in lines:
-            try:
-                name, after, *prompt = json.loads(line)
-                # Lines of the earliest versions name no prompt: theirs was the run's.
-                prompt = prompt[0] if prompt else as_read
-                prompt = prompt_now if prompt == as_read else prompt
-                self.remember(
-                    str(name), Written(settings, mode, model, str(prompt), "", str(after), None, "", 0)
-                )
-            except (ValueError, TypeError):
-                pass  # the last line of a run killed as it wrote: that image was not written
-
-    def read_line(self, line: str) -> None:
-        try:
-            entry = json.loads(line)
-            if "ok" in entry:
-                self.landed(str(entry["ok"]), str(entry["a"]))
-            elif "fresh" in entry:
-                self.fresh_from[(str(entry["fresh"]), str(entry["e"]), str(entry["m"]))] = self.lines
-                self.lines += 1
-            else:
-                fields = [str(entry[key]) for key in ("s", "e", "m", "t", "b", "a")]
-                self.remember(
-                    str(entry["i"]), Written(*fields, kept_span(entry.get("k")), str(entry["o"]), 0)
-                )
-        except (ValueError, TypeError, KeyError, AttributeError):
-            pass  # the last line of a run killed as it wrote, or a line damaged: it counts for nothing
-
-    def remember(self, name: str, written: Written) -> None:
-        self.records.setdefault(name, []).append(written._replace(line=self.lines))
-        self.lines += 1
-
-    def landed(self, name: str, after: str) -> None:
-        history = self.records.get(name, [])
-        for index in range(len(history) - 1, -1, -1):
-            if history[index].after == after:
-                history[index] = history[index]._replace(landed=True)
-                return
-
-    def history(self, name: str) -> list[Written]:
-        return [self.as_this_run(written) for written in self.load().records.get(name, [])]
-
-    def as_this_run(self, written: Written) -> Written:
-        """A line of a version 1 journal that another pass rewrote in this form ("v1:<pass>")
-        is this run's pass where its identity is (see RunPass.legacy)."""
-        mode_and_model = written.settings.startswith("v1:") and self.run.legacy.get(written.settings[3:])
-        if not mode_and_model:
-            return written
-        mode, model = mode_and_model
-        return written._replace(settings=self.run.settings, mode=mode, model=model)
-
-    def counts(self, written: Written, mode: str | None, prompt: str) -> bool:
-        """Whether a write was this run's pass (in this mode, unless None), with this prompt, and
-        counts."""
-        if self.run.fresh:
-            return False
-        if (
-            written.settings != self.run.settings
-            or written.prompt != prompt
-            or mode not in (None, written.mode)
-        ):
-            return False
-        if self.run.model and written.model and written.model != self.run.model:
-            return False
-        return written.line >= self.fresh_from.get(
-            (written.settings, written.mode, written.model or self.run.model), 0
-        )
-
-    def add(self, task: Task, text: str, kept: tuple[int, int] | None) -> None:
-        """The line of a caption about to be written."""
-        entry = {
-            "i": self.name(task.image),
-            "s": self.run.settings,
-            "e": task.mode,
-            "m": self.run.model,
-            "t": digest(task.template.text),
-            "b": task.before,
-            "a": digest(text),
-            "o": task.origin,
-        }
-        if kept:
-            entry["k"] = list(kept)
-        self.write(entry)
-
-    def confirm(self, task: Task, text: str) -> None:
-        """The caption of the line before is in place."""
-        self.write({"ok": self.name(task.image), "a": digest(text)})
-
-    def write(self, entry: dict) -> None:
-        try:
-            if self.open_for_writing():
-                raise OSError(errno.EIO, self.unwritable)
-            # Unbuffered: the line is in the operating system's hands before the caption is.
-            # ASCII: names are escaped.
-            os.write(self.descriptor, (json.dumps(entry) + "\n").encode())
-        except OSError as exc:
-            raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason(exc)}") from None
-
-    def open_for_writing(self) -> str:
-        """Open the journal for appending (once), and with --fresh mark where this pass starts
-        anew; why it cannot be, or "". Planning asks before an image is sent, so a folder whose
-        journal cannot be written costs no request."""
-        with self.opening:
-            if self.descriptor is None and not self.unwritable:
-                try:
-                    self.descriptor = self.start()
-                except OSError as exc:
-                    self.unwritable = reason(exc)
-            return self.unwritable
-
-    def start_fresh(self, mode: str) -> None:
-        """--fresh: from here on, the pass's earlier writes in this folder do not count."""
-        if mode not in self.freshened and not self.open_for_writing():
-            self.freshened.add(mode)
-            self.write({"fresh": self.run.settings, "e": mode, "m": self.run.model})
-
-    def start(self) -> int:
-        """Open the journal for appending; one of version 1 is rewritten in this form first. A
-        run that only writes (--existing skip) reads no more of it than its first line."""
-        if not self.loaded and self.first_line() == JOURNAL_HEADER:
-            self.version = 2
-        if self.version != 2:
-            self.load()
-        if self.version != 2:
-            write_atomically(Path(self.path), "".join([JOURNAL_HEADER + "\n", *self.lines_of_version_2()]))
-            self.version = 2
-        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0))
-        # A line half-written by a run that died (a full disk) must not swallow the next one.
-        os.lseek(descriptor, -1, os.SEEK_END)
-        if os.read(descriptor, 1) != b"\n":
-            os.write(descriptor, b"\n")
-        return descriptor
-
-    def first_line(self) -> str:
-        try:
-            with open_regular_file(Path(self.path)) as file:
-                return file.readline(len(JOURNAL_HEADER) + 1).decode("utf-8", "replace").rstrip("\n")
-        except OSError:
-            return ""
-
-    def lines_of_version_2(self) -> Iterator[str]:
-        for name, history in self.records.items():
-            for written in history:
-                entry = {"i": name, "s": written.settings, "e": written.mode, "m": written.model}
-                entry.update(t=written.prompt, b=written.before, a=written.after, o=written.origin)
-                if written.kept:
-                    entry["k"] = list(written.kept)
-                yield json.dumps(entry) + "\n"
-                if written.landed:
-                    yield json.dumps({"ok": name, "a": written.after}) + "\n"
-
-    def name(self, image: Path) -> str:
-        return os.path.relpath(image, os.path.dirname(self.path)).replace(os.sep, "/")
-
-    def close(self) -> None:
-        if self.descriptor is not None:
-            os.close(self.descriptor)
-
-
-def kept_span(value: object) -> tuple[int, int] | None:
-    """A journal's "k", where it is what this version writes: two offsets, the first not past
-    the second. A journal travels with a dataset, so anything else is read as absent."""
-    if isinstance(value, list) and len(value) == 2 and all(type(item) is int for item in value):
-        start, end = value
-        return (start, end) if 0 <= start <= end else None
-    return None
-
-
-class Verdict(NamedTuple):
-    """What planning does with one image, from its caption and its journal lines."""
-
-    action: str  # "caption", "skip", "left alone" (edited since written) or "fail"
-    mode: str = "overwrite"  # how the answer joins the caption
-    base: str | None = None  # the text the answer joins, where not the caption as it is
-    why: str = ""
-    assumed_model: str = ""  # skipped as done, if the server serves this model (not known yet)
-
-
-def verdict(
-    data: bytes, history: list[Written], journal: Journal | None, config: Config, prompt: str, named: bool
-) -> Verdict:
-    """The rules of reruns (README, "Reruns"), for one image whose caption holds data."""
-    after = text_digest(data)
-    written = writer_of(history, after)
-    mode = config.existing
-    if named and config.redo_in_its_mode and journal:
-        mode = mode_of_the_pass(history, written, journal, prompt) or mode
-    if is_blank(data):
-        return Verdict("caption", mode, "")
-    ours = pass_answer(history, written, journal, mode, prompt) if journal else None
-    edited = origin_of(history, after) == "person"
-    # In append and prepend, an edited caption this pass wrote holds an answer of the pass
-    # that cannot be told apart: adding another would make two.
-    wrote_it = (
-        edited and mode in MERGING and any(w.landed and journal.counts(w, mode, prompt) for w in history)
-    )
-    if named:
-        return redo_verdict(data, written, ours, mode, bool(wrote_it))
-    if ours:
-        return Verdict("skip", mode, assumed_model="" if journal.run.model else ours.model)
-    if edited and not config.overwrite_edits:
-        return Verdict("left alone", mode)
-    if wrote_it:
-        return Verdict("fail", mode, why=EDITED_SINCE)
-    return Verdict("skip" if mode == "skip" else "caption", mode)
-
-
-def redo_verdict(
-    data: bytes, written: Written | None, ours: Written | None, mode: str, wrote_it: bool
-) -> Verdict:
-    """--only named the image: its caption is done again, edits included."""
-    if mode not in MERGING:
-        return Verdict("caption", "overwrite")
-    if wrote_it:
-        return Verdict("fail", mode, why=EDITED_SINCE)
-    if ours is None:
-        return Verdict("caption", mode)
-    if ours is not written:
-        return Verdict(
-            "fail", mode, why="another pass added to its caption since; redo it with --existing overwrite"
-        )
-    text = data.decode("utf-8", "replace").strip()
-    if not ours.kept or ours.kept[1] > len(text):
-        return Verdict(
-            "fail",
-            mode,
-            why="its journal does not say what this pass added (an earlier version wrote it); "
-            "redo it with --existing overwrite",
-        )
-    start, end = ours.kept
-    return Verdict("caption", mode, text[start:end])
-
-
-def writer_of(history: list[Written], after: str) -> Written | None:
-    """The write that left this text, if the tool wrote it."""
-    return next((written for written in reversed(history) if written.after == after), None)
-
-
-def chain(history: list[Written], written: Written | None) -> Iterator[Written]:
-    """The write that left a caption's text, then those below the appends and prepends made on
-    top of each other since: every write whose answer the text still holds."""
-    while written is not None:
-        yield written
-        if written.mode not in MERGING or not written.before:
-            return
-        written = writer_of(history[: history.index(written)], written.before)
-
-
-def pass_answer(
-    history: list[Written], written: Written | None, journal: Journal, mode: str, prompt: str
-) -> Written | None:
-    """The write of this pass whose answer the caption holds."""
-    return next((each for each in chain(history, written) if journal.counts(each, mode, prompt)), None)
-
-
-def mode_of_the_pass(history: list[Written], written: Written | None, journal: Journal, prompt: str) -> str:
-    """The mode this run's settings wrote the caption in: of the answer the text holds, else of
-    the pass's last write (a caption edited since); "" if they never did."""
-    ours = next((each for each in chain(history, written) if journal.counts(each, None, prompt)), None)
-    ours = ours or next((w for w in reversed(history) if w.landed and journal.counts(w, None, prompt)), None)
-    return ours.mode if ours else ""
-
-
-def origin_of(history: list[Written], after: str) -> str:
-    """Who wrote a caption's text: "tool", "person" (someone changed what the tool wrote), or
-    "original" (the tool never wrote it). The text before a write that never landed is as it
-    was before that write. Lines of version 1 journals, which knew no text before, never make a
-    caption a person's: an earlier version did such an image again."""
-    if writer_of(history, after):
-        return "tool"
-    known = [written for written in history if written.before]
-    undone = next((w for w in reversed(known) if w.before == after and not w.landed), None)
-    if undone:
-        return undone.origin or "original"
-    return "person" if known else "original"
-
-
-def is_blank(data: bytes) -> bool:
-    """Nothing a person or a trainer could read: empty, white space (no-break spaces too),
-    a byte-order mark alone (what Notepad saves for an empty file), control and format
-    characters (NUL, zero-width spaces). Such a file is no caption."""
-    text = data.decode("utf-8", "replace")
-    return not any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
-
-
-def text_digest(data: bytes) -> str:
-    return digest(data.decode("utf-8", "replace").strip())
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
 # Written as escapes: a name's bytes that are not UTF-8 (lone surrogates, which json.loads
 # gives back as the same name for open()), and what readers that split on every line break
 # (Python's splitlines) would take for the end of a line.
@@ -4372,6 +3930,9 @@ class Metadata:
 # ---------------------------------------------------------------------------
 # Review page: every image of the run beside its caption, in one page for a browser
 # ---------------------------------------------------------------------------
+# The page's data, thumbnails and the template it is written into.
+
+
 # The page is review-template.html (beside this script) with the run's data in it as JSON: a
 # file:// page may not fetch a sidecar JSON file. Thumbnails go to a hidden folder beside the
 # page as scripts (chunk-00000.js ...), which a file:// page may load, 100 to a file, so that a
@@ -4628,8 +4189,10 @@ def write_image_list(path: Path, images: list[Path], what: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Reporter
+# Reporter: everything the run prints
 # ---------------------------------------------------------------------------
+# Progress, ETA, failures and the summary, worded here; a terminal gets a live line, a
+# pipe one line per image.
 
 
 class Reporter:
@@ -4878,8 +4441,505 @@ def duration(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Command line
+# Command line: arguments, signals and main()
 # ---------------------------------------------------------------------------
+# The arguments turned into a Config (refusing what cannot work, exit 2), Ctrl-C and
+# kill, and main(): parse, run, exit with the code the summary gives.
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, as every other reason a run cannot start: the usage is a --help away.
+        self.exit(EXIT_CANNOT_START, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="llava-caption-ollama.py",
+        usage="%(prog)s [options] DIR [PROMPT_FILE]\n       %(prog)s [options] DIR [DIR ...] [--prompt PROMPT_FILE]",
+        description="Caption every image of one or more folders with a vision model served by Ollama, "
+        "writing <image stem>.txt beside each image.",
+    )
+    parser.add_argument(
+        "paths",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="folder of images; several folders are captioned in one run. DIR PROMPT_FILE, a folder and "
+        "then a file, gives the prompt file as --prompt does",
+    )
+    parser.add_argument(
+        "--prompt",
+        type=Path,
+        metavar="FILE",
+        help="text file with the instruction sent with every image (default: prompt.txt beside this script)",
+    )
+    parser.add_argument(
+        "--folder-prompt",
+        metavar="NAME",
+        default="",
+        help="a file NAME in a folder (or in a folder above it, up to the DIR given) is the prompt for that "
+        "folder's images, instead of --prompt",
+    )
+    parser.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
+    parser.add_argument(
+        "--model",
+        help=f"vision model (default: {DEFAULT_MODEL}; with --api openai, the one model the server serves)",
+    )
+    parser.add_argument(
+        "--api",
+        choices=tuple(APIS),
+        default="ollama",
+        help="the servers' API: Ollama's own, or the OpenAI-compatible one of vLLM, SGLang, llama.cpp's "
+        "llama-server and LM Studio (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="URL",
+        help=f"the server; give it several times to share the work among servers (default: $OLLAMA_HOST, "
+        f"else {DEFAULT_HOST}; with --api openai, $OPENAI_BASE_URL)",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="with --api openai: the environment variable holding the API key (default: OPENAI_API_KEY)",
+    )
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=number(int, at_least=1),
+        default=2,
+        help="requests in flight per server; set it to the server's OLLAMA_NUM_PARALLEL + 1 "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--keep-alive",
+        type=keep_alive_duration,
+        help="how long the server keeps the model loaded after each request, "
+        f"as seconds or a duration such as 30m or 2h; -1 keeps it forever (default: {DEFAULT_KEEP_ALIVE})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=number(float, more_than=0, at_most=86400),
+        default=600.0,
+        help="seconds to wait for one answer, queueing included (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=number(int, at_least=0),
+        default=1344,
+        help="downscale so the longer side is at most this many pixels; "
+        "0 sends every file's original bytes untouched (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ext",
+        dest="caption_ext",
+        metavar="EXT",
+        default=".txt",
+        help="caption file extension (default: .txt)",
+    )
+    parser.add_argument(
+        "--existing",
+        choices=("skip", "overwrite", "append", "prepend"),
+        help="what to do where a non-empty caption exists (default: skip; with --only: the mode of "
+        "the pass that wrote each caption, else overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite-edits",
+        action="store_true",
+        help="with --existing overwrite/append/prepend: also redo captions edited since this tool wrote "
+        "them (left alone otherwise)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="with --existing overwrite/append/prepend: forget which images earlier runs of the same "
+        "settings already did, and do them all again",
+    )
+    parser.add_argument(
+        "--prefix",
+        type=caption_text_argument,
+        default="",
+        help="text put first in every caption, e.g. a trigger word",
+    )
+    parser.add_argument(
+        "--suffix", type=caption_text_argument, default="", help="text put last in every caption"
+    )
+    parser.add_argument(
+        "--raw", action="store_true", help="write the model's answer without cleaning it up (see README)"
+    )
+    parser.add_argument(
+        "--retries",
+        type=number(int, at_least=0),
+        default=3,
+        help="times to try an image again after an answer unfit to train on (with a new seed), "
+        "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--wait-server",
+        type=number(float, at_least=0, at_most=86400 * 7),
+        default=300.0,
+        metavar="SECONDS",
+        help="how long to wait for a server that stopped answering before giving up on it "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature", type=number(float, at_least=0), help="sampling temperature (model default)"
+    )
+    parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
+    parser.add_argument(
+        "--max-tokens",
+        type=number(int, at_least=1),
+        help=f"longest answer in tokens (num_predict), thinking included; longer answers fail as cut off "
+        f"(default: {DEFAULT_MAX_TOKENS}, with --think {DEFAULT_MAX_TOKENS_THINKING})",
+    )
+    parser.add_argument(
+        "--think",
+        action="store_true",
+        help="let a model that can think (qwen3-vl, qwen3.5...) think before it captions: sometimes a better "
+        "caption, always slower; by default thinking is turned off",
+    )
+    parser.add_argument(
+        "--num-ctx",
+        type=number(int, at_least=1),
+        help=f"context length (default: {DEFAULT_NUM_CTX})",
+    )
+    parser.add_argument(
+        "--jsonl",
+        type=Path,
+        help="also keep this metadata.jsonl (Hugging Face imagefolder format) of every caption",
+    )
+    parser.add_argument(
+        "--review",
+        type=Path,
+        metavar="PAGE.html",
+        help="write a page that shows every image beside its caption, to review them in a browser; with "
+        "--dry-run, of the folders as they are, sending nothing",
+    )
+    parser.add_argument(
+        "--only",
+        type=Path,
+        metavar="LIST",
+        help="caption exactly the images a list names (one path a line, as the review page's redo list or "
+        "--failed-list writes it), overwriting their captions",
+    )
+    parser.add_argument(
+        "--failed-list",
+        type=Path,
+        metavar="FILE",
+        help="write the images that failed to FILE, in the form --only reads",
+    )
+    parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
+    parser.add_argument("--limit", type=number(int, at_least=1), help="caption at most N images")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true", help="print only failures and the summary")
+    chatter.add_argument("-v", "--verbose", action="store_true", help="also print each caption")
+    return parser
+
+
+def number(
+    kind: type, at_least: float | None = None, more_than: float | None = None, at_most: float = 1e9
+) -> Callable[[str], float]:
+    """An argparse type: a finite number of kind, at least or more than a bound, and not so large
+    that a timer or a server cannot take it."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not math.isfinite(value) or abs(value) > at_most:
+            raise argparse.ArgumentTypeError(f"must be a number up to {at_most:g}, not {text}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be at least {at_least}, not {text}")
+        if more_than is not None and value <= more_than:
+            raise argparse.ArgumentTypeError(f"must be more than {more_than}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def caption_text_argument(text: str) -> str:
+    # A byte that is not UTF-8 (typed in a Latin-1 terminal) reaches Python as a lone
+    # surrogate, which no caption file can hold.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text"
+        ) from None
+    return without_invisibles(text, keep_lines=False).strip()
+
+
+def keep_alive_duration(text: str) -> str | float:
+    # Ollama parses a string with Go's time.ParseDuration, so "5" without a unit is a 400 on
+    # every request (api.Duration.UnmarshalJSON): bare numbers are sent as seconds.
+    try:
+        return number(float)(text)
+    except ValueError:
+        pass
+    if not re.fullmatch(r"-?(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds or a duration like 30m")
+    return text
+
+
+def server_url(text: str, ollama_port: bool = True) -> str:
+    """The one spelling of a server's address, read as the ollama client reads OLLAMA_HOST
+    (ollama/_client.py, _parse_host): a bare host gets port 11434, http:// port 80, https://
+    port 443. The host stays as given (localhost too), so NO_PROXY sees the name the user gave,
+    as it does for curl and the ollama client."""
+    given = text.strip()
+    scheme, has_scheme = "http", "://" in given
+    try:
+        parts = urlsplit(given if has_scheme else f"http://{given}")
+        port = parts.port
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a server address (the port must be 1-65535)"
+        ) from None
+    if has_scheme:
+        scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or (not parts.hostname and not parts.netloc.startswith(":")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server address such as http://127.0.0.1:11434")
+    host = (parts.hostname or "127.0.0.1").lower()
+    if port is None and not has_scheme and not ollama_port:
+        raise argparse.ArgumentTypeError(f"{text!r} needs its port, such as http://{text}:8000")
+    if port is None:
+        port = (443 if scheme == "https" else 80) if has_scheme else 11434
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server address (the port must be 1-65535)")
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
+    settings.update(APIS[args.api].settings(args))
+    folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
+    refuse_folders_inside_others(folders, args.recursive)
+    if args.jsonl and not args.jsonl.parent.is_dir():
+        raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
+    for folder in folders:
+        if args.jsonl and not is_below(folder, args.jsonl.parent):
+            # imagefolder reads file_name relative to the JSONL's folder, with no "..".
+            raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
+    refuse_folder_prompt_name(args.folder_prompt)
+    settings.update(
+        folders=folders,
+        max_tokens=args.max_tokens or (DEFAULT_MAX_TOKENS_THINKING if args.think else DEFAULT_MAX_TOKENS),
+        prompt=read_prompt(prompt_file),
+        # A glob that matched one folder and one file (datasets/* with a notes.md) takes this
+        # form too: the run says which file it took for the prompt.
+        announce_prompt=second_path,
+        prefix=Template(args.prefix, source="--prefix"),
+        suffix=Template(args.suffix, source="--suffix"),
+        caption_ext=caption_extension(args.caption_ext),
+        # A redo is what the user asked for: the listed images' captions are replaced.
+        only=frozenset(read_image_list(args.only)) if args.only else None,
+        existing=args.existing or ("overwrite" if args.only else "skip"),
+        redo_in_its_mode=bool(args.only) and args.existing is None,
+    )
+    refuse_output_paths(args, settings["caption_ext"], prompt_file)
+    return Config(**settings)
+
+
+def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file: Path) -> None:
+    """What the run writes besides captions must be a regular file or nothing, and land on none
+    of the run's inputs (an image, a caption, a prompt), the tool's own files, or each other."""
+    outputs = [("--review", args.review), ("--failed-list", args.failed_list), ("--jsonl", args.jsonl)]
+    given = [(option, path) for option, path in outputs if path]
+    for option, path in given:
+        if not path.parent.is_dir():
+            raise CannotStart(f"{option}: the folder {path.parent} does not exist")
+        what = not_a_regular_file(path)
+        if what == "a folder":
+            raise CannotStart(f"{option}: {path} is a folder; give a file name")
+        if what:
+            raise CannotStart(
+                f"{option}: {path} is {what}; give a regular file or a new name (an output is written "
+                "beside it and renamed over it)"
+            )
+        overwritten = input_at(path, caption_ext, prompt_file, args.folder_prompt)
+        if overwritten:
+            raise CannotStart(f"{option}: {path} would overwrite {overwritten}")
+    for (one, first), (other, second) in itertools.combinations(given, 2):
+        if same_file(first, second):
+            raise CannotStart(f"{one} and {other} name the same file, {first}")
+
+
+def input_at(path: Path, caption_ext: str, prompt_file: Path, folder_prompt: str) -> str:
+    """Which of the run's inputs (or the tool's own files) an output at path would overwrite, or
+    "". Names are compared whatever their case: on a file system that ignores it (macOS's,
+    Windows') A.txt and a.TXT are one file."""
+    name = path.name.lower()
+    if os.path.splitext(name)[1] in IMAGE_EXTENSIONS:
+        return "an image"
+    if name.startswith(OWN_FILE_PREFIX):  # the journal; the lock, removed at the end, output and all
+        return "a file of this tool's own"
+    if same_file(path, prompt_file):  # the next run would send the output as its prompt
+        return "the prompt file"
+    if folder_prompt and name == folder_prompt.lower():
+        return f"a folder's prompt file (--folder-prompt {folder_prompt})"
+    image = image_captioned_by(path, caption_ext)
+    return f"the caption of {image}" if image else ""
+
+
+def image_captioned_by(path: Path, caption_ext: str) -> str:
+    """The name of the image beside path whose caption path is, or "". The folder is listed once
+    rather than asked for each image extension in each case (a.jpg, A.JPG, a.Jpg...)."""
+    if not path.name.lower().endswith(caption_ext.lower()):
+        return ""
+    stem = path.name[: -len(caption_ext)].lower()
+    try:
+        names = sorted(os.listdir(path.parent))
+    except OSError:  # a folder we cannot list we cannot write in either: the write says so
+        return ""
+    for name in names:
+        image_stem, ext = os.path.splitext(name)
+        if image_stem.lower() == stem and ext.lower() in IMAGE_EXTENSIONS:
+            return name
+    return ""
+
+
+def same_file(one: Path, other: Path) -> bool:
+    """Whether two paths name one file: spelt alike once resolved, or, for files that exist, one
+    file under two names (a hard link, a case-insensitive file system)."""
+    if os.path.realpath(one) == os.path.realpath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def not_a_regular_file(path: Path) -> str:
+    """What is at path if it is neither a regular file nor nothing, else "". An output is written
+    to a temporary file beside it and renamed over it, so that it is never half-written: the
+    rename would replace a device, a named pipe or a socket with a file, and a link (even one to
+    a regular file) instead of the file it points to. /dev/stdout is such a link (to the
+    terminal or the pipe of file descriptor 1), which no rename can write to."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # nothing there, or nothing we may look at: the write names the reason
+        return ""
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link (to {os.readlink(path)})"
+    kinds = {
+        stat.S_ISREG: "",
+        stat.S_ISDIR: "a folder",
+        stat.S_ISCHR: "a device",
+        stat.S_ISBLK: "a device",
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((what for test, what in kinds.items() if test(mode)), "not a regular file")
+
+
+def refuse_folder_prompt_name(name: str) -> None:
+    if os.sep in name or "/" in name or name in (".", ".."):
+        raise CannotStart(f"--folder-prompt takes a file name, not a path: {name}")
+    if name.startswith(OWN_FILE_PREFIX):
+        raise CannotStart(f"--folder-prompt {name}: that name is this tool's own (its lock and journal)")
+    if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        raise CannotStart(f"--folder-prompt {name}: that is an image's name")
+
+
+def folders_and_prompt(paths: list[Path], prompt: Path | None) -> tuple[list[Path], Path, bool]:
+    """The folders to caption and the prompt file. DIR PROMPT_FILE is the form the tool always
+    had; otherwise every path is a folder: a file in a shell glob's expansion (datasets/* with a
+    notes.md in it) must never silently become the prompt."""
+    if prompt is None and len(paths) == 2 and not paths[1].is_dir():
+        if not paths[0].is_dir():
+            refuse_not_folder(paths[0])
+        return [paths[0]], paths[1], True
+    folders: list[Path] = []
+    seen = set()
+    for path in paths:
+        if not path.is_dir():
+            refuse_not_folder(path, several=len(paths) > 1 and prompt is None)
+        # Given twice: captioned once. By what it is, not its path: a bind mount (mount --bind A B)
+        # shows one folder at two real paths, whose second lock would look like another run's.
+        if folder_identity(str(path)) not in seen:
+            seen.add(folder_identity(str(path)))
+            folders.append(path)
+    return folders, prompt or DEFAULT_PROMPT_FILE, False
+
+
+def refuse_not_folder(path: Path, several: bool = False) -> NoReturn:
+    hint = (
+        "; with several folders, give the prompt file as --prompt FILE" if several and path.is_file() else ""
+    )
+    raise CannotStart(f"{path} is not a folder{hint}")
+
+
+def refuse_folders_inside_others(folders: list[Path], recursive: bool) -> None:
+    # With --recursive a folder inside another given one would be captioned twice, and its lock
+    # would look like another run's.
+    if not recursive:
+        return
+    for inner in folders:
+        for outer in folders:
+            if inner is not outer and is_below(inner, outer):
+                raise CannotStart(
+                    f"{inner} is inside {outer}, which --recursive already covers; give one of them"
+                )
+
+
+def is_below(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
+    urls: dict[str, str] = {}
+    for text in given:
+        try:
+            url = server_url(text, ollama_port)
+        except argparse.ArgumentTypeError as exc:
+            raise CannotStart(f"{source}: {exc}") from None
+        if not ollama_port:
+            url = re.sub(r"/v1$", "", url)  # the base URL with or without /v1, as clients take it
+        urls.setdefault(same_server(url), url)  # one server given twice is one server
+    return list(urls.values())
+
+
+def same_server(url: str) -> str:
+    # localhost is 127.0.0.1: the server given both ways is one, reached by the name given first.
+    return re.sub(r"^(https?://)localhost(?=:)", r"\g<1>127.0.0.1", url)
+
+
+def read_prompt(path: Path) -> Template:
+    if path == DEFAULT_PROMPT_FILE and not os.path.lexists(path):
+        return Template(BUILT_IN_PROMPT, source="the built-in prompt", as_read=BUILT_IN_PROMPT)
+    try:
+        data = read_regular_file(path)
+        # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
+        as_read = data.decode("utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CannotStart(f"cannot read prompt file {path}: {reason(exc)}") from None
+    if not as_read:
+        raise CannotStart(f"prompt file {path} is empty")
+    # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
+    # as one saved with "\n": the model is never sent a carriage return.
+    text = as_read.replace("\r\n", "\n").replace("\r", "\n")
+    return Template(text, source=f"prompt file {path}", as_read=as_read)
+
+
+def caption_extension(ext: str) -> str:
+    ext = ext if ext.startswith(".") else "." + ext
+    if ext == "." or "/" in ext or os.sep in ext:
+        raise CannotStart(f"--ext {ext!r} is not a file extension")
+    # Judged by the final suffix: "--ext .1.jpg" would make photo.1.jpg's caption photo.1.jpg.
+    final = os.path.splitext("x" + ext)[1].lower()
+    if final in IMAGE_EXTENSIONS:
+        raise CannotStart(f"--ext {ext} would overwrite images")
+    if final in DATASET_SIDE_EXTENSIONS:
+        raise CannotStart(f"--ext {ext} would overwrite files a trainer keeps beside the images ({final})")
+    return ext
 
 
 class Signals:
