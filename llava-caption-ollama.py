@@ -53,7 +53,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, ClassVar, NamedTuple, NoReturn, TextIO
 from urllib.parse import urlsplit
 
-# The libraries only a run that sends images needs, imported by import_run_libraries().
+# The libraries only a run that sends images needs, imported by import_run_libraries(): once,
+# under a lock, as a thumbnail thread may ask for them while the main thread imports them.
+IMPORTING = threading.Lock()
 httpx: Any = None
 ollama: Any = None
 Image: Any = None
@@ -342,9 +344,13 @@ def import_run_libraries() -> None:
     """Import what only a run that sends images needs: the ollama client (with httpx and
     pydantic: 0.19 s of a 0.25 s start, measured here) and Pillow. An invocation with nothing
     to caption, as most of a shell loop's over captioned folders are, never pays for them."""
+    with IMPORTING:
+        if UnidentifiedImageError is None:
+            import_them()
+
+
+def import_them() -> None:
     global httpx, ollama, Image, UnidentifiedImageError
-    if ollama is not None:
-        return
     # The ollama package builds a default Client as it is imported (ollama/__init__.py), which
     # parses OLLAMA_HOST and the proxy variables (httpx reads them as a client is made) and
     # raises on a malformed one, or on a SOCKS proxy without httpx's SOCKS support; this tool
@@ -431,7 +437,7 @@ class Config:
     prompt: Template
     folder_prompt: str = ""  # a file of this name in a folder is the prompt for its images
     announce_prompt: bool = False  # say which file is the prompt: it came as DIR PROMPT_FILE
-    model: str = "llava:13b"  # "" with --api openai: the one model the server serves
+    model: str = DEFAULT_MODEL  # "" with --api openai: the one model the server serves
     api: str = "ollama"  # or "openai": POST /v1/chat/completions
     api_key: str = field(default="", repr=False)  # sent as a bearer token to an OpenAI-compatible server
     hosts: list[str] = field(default_factory=lambda: [DEFAULT_HOST])
@@ -4489,7 +4495,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api",
         choices=tuple(APIS),
-        default="ollama",
+        default=Config.api,
         help="the servers' API: Ollama's own, or the OpenAI-compatible one of vLLM, SGLang, llama.cpp's "
         "llama-server and LM Studio (default: %(default)s)",
     )
@@ -4510,7 +4516,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-j",
         "--jobs",
         type=number(int, at_least=1),
-        default=2,
+        default=Config.jobs,
         help="requests in flight per server; set it to the server's OLLAMA_NUM_PARALLEL + 1 "
         "(default: %(default)s)",
     )
@@ -4523,13 +4529,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout",
         type=number(float, more_than=0, at_most=86400),
-        default=600.0,
+        default=Config.timeout,
         help="seconds to wait for one answer, queueing included (default: %(default)s)",
     )
     parser.add_argument(
         "--max-size",
         type=number(int, at_least=0),
-        default=1344,
+        default=Config.max_size,
         help="downscale so the longer side is at most this many pixels; "
         "0 sends every file's original bytes untouched (default: %(default)s)",
     )
@@ -4537,8 +4543,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ext",
         dest="caption_ext",
         metavar="EXT",
-        default=".txt",
-        help="caption file extension (default: .txt)",
+        default=Config.caption_ext,
+        help="caption file extension (default: %(default)s)",
     )
     parser.add_argument(
         "--existing",
@@ -4573,14 +4579,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retries",
         type=number(int, at_least=0),
-        default=3,
+        default=Config.retries,
         help="times to try an image again after an answer unfit to train on (with a new seed), "
         "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
     )
     parser.add_argument(
         "--wait-server",
         type=number(float, at_least=0, at_most=86400 * 7),
-        default=300.0,
+        default=Config.wait_server,
         metavar="SECONDS",
         help="how long to wait for a server that stopped answering before giving up on it "
         "(default: %(default)s)",
