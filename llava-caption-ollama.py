@@ -594,7 +594,7 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
     summary = Summary(dry_run=config.dry_run, limit=config.limit)
     summary.by_folder = {root: FolderCount() for root in config.folders}
     if config.announce_prompt:
-        reporter.say(f"using the {config.prompt.source}")
+        reporter.prompt_taken(config.prompt.source)
     review = Review(config.review, config) if config.review else None
     with ExitStack() as run:
         # A dry run only reads: it needs no lock.
@@ -659,7 +659,7 @@ def write_review_and_lists(
     config: Config, review: Review | None, summary: Summary, reporter: Reporter, stop: Stop
 ) -> None:
     if review and written(review.page, lambda: review.write(summary, stop), summary):
-        reporter.say(f"review page: {review.page} (open it in a browser)")
+        reporter.review_written(review.page)
         summary.output_errors += [review.broken] if review.broken else []
     if config.failed_list:
         failed = [image for image, _ in summary.failed]
@@ -689,10 +689,7 @@ def count(
         reporter.image_failed(task.image, outcome.failure)
         return
     if outcome.answer.thought and not (config.think or summary.thought):
-        reporter.say(
-            f"warning: {config.model} thinks although asked not to (a thinking-only tag?): every caption "
-            "costs its thinking time; choose a tag that does not think, such as an -instruct one"
-        )
+        reporter.thinks_anyway(config.model)
     summary.thought = summary.thought or outcome.answer.thought
     summary.captioned += 1
     summary.folder(task.root).captioned += 1
@@ -1568,7 +1565,7 @@ class Discovery:
 
     def folder_left_out(self, path: str, why: str) -> None:
         self.summary.left_out.append((Path(path), why))
-        self.reporter.say(f"FAILED {self.reporter.folder_name(Path(path))}: {why}")
+        self.reporter.folder_failed(Path(path), why)
 
     def fail(self, root: Path, image: Path, why: str) -> None:
         if self.review:
@@ -1893,7 +1890,7 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
         raise CannotStart("no server answers: " + "; ".join(server.why for server in servers))
     for server in servers:
         if server.state is State.DEAD:
-            reporter.say(f"warning: {server.report()}; captioning with the others")
+            reporter.left_out_at_the_start(server.report())
     models = {server.model for server in servers if server.in_rotation}
     if len(models) > 1:  # --api openai without --model, and servers that serve different models
         served = ", ".join(f"{server.model} on {server.url}" for server in servers if server.in_rotation)
@@ -1932,9 +1929,7 @@ def wait_for_a_restart(servers: list[Server], config: Config, reporter: Reporter
     if not restarting or seconds <= 0:
         return
     for server in restarting:
-        reporter.say(
-            f"{server.url} {server.down_sign}; waiting up to {duration(seconds)} in case it is restarting"
-        )
+        reporter.waiting_for_a_restart(server.url, server.down_sign, seconds)
     until, pause = time.monotonic() + seconds, PROBE_FIRST
     while not any(server.in_rotation for server in servers):
         left = until - time.monotonic()
@@ -1946,7 +1941,7 @@ def wait_for_a_restart(servers: list[Server], config: Config, reporter: Reporter
         check_servers(restarting, config, reporter, stop)
     for server in restarting:
         if server.in_rotation:
-            reporter.say(f"{server.url} answers")
+            reporter.answers(server.url)
 
 
 def down_sign(failure: TryFailed) -> str:
@@ -1979,9 +1974,7 @@ def patiently(call: Callable[[], Any], server: Server, config: Config, reporter:
             ):
                 raise
             if not tries:
-                reporter.say(
-                    f"{server.url} is busy or loading ({failure}); waiting up to {duration(config.wait_server)}"
-                )
+                reporter.busy_at_the_start(server.url, str(failure), config.wait_server)
             tries += 1
             stop.asked.wait(max(backoff(tries), failure.pause))
 
@@ -2223,10 +2216,7 @@ class OllamaApi(Api):
         self.thinks = "thinking" in (details.capabilities or [])
         architecture = str((details.modelinfo or {}).get("general.architecture", ""))
         if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
-            reporter.say(
-                f"note: {config.model} ({architecture}) answers one request at a time on {self.url}, whatever "
-                f"OLLAMA_NUM_PARALLEL says: --jobs {config.jobs} only queues there"
-            )
+            reporter.one_at_a_time(config.model, architecture, self.url, config.jobs)
         if config.think and not self.thinks:
             # Ollama answers every such request 400 "... does not support thinking".
             raise CannotStart(f"model {config.model} on {self.url} cannot think; run without --think")
@@ -2386,9 +2376,7 @@ class OpenAiApi(Api):
             and self.url.startswith("http://")
             and host not in ("127.0.0.1", "::1", "localhost")
         ):
-            reporter.say(
-                f"warning: the API key goes to {self.url} unencrypted (http://); use https:// to send it"
-            )
+            reporter.key_unencrypted(self.url)
         # Each server has its own switch for thinking: vLLM, SGLang and llama-server read the
         # chat template's enable_thinking; Ollama's /v1 reads only reasoning_effort "none",
         # which vLLM would refuse.
@@ -2396,9 +2384,7 @@ class OpenAiApi(Api):
         if self.is_ollama():
             self.thinking_off = {"reasoning_effort": "none"}
             self.refuse_blind_ollama_model(server.model)
-            reporter.say(
-                f"note: {self.url} is Ollama: --api ollama is its better path (--num-ctx, --keep-alive)"
-            )
+            reporter.ollama_behind_openai(self.url)
         probe = probe_task()
         try:
             patiently(
@@ -3478,7 +3464,7 @@ class Pipeline:
             server = self.probing.pop(future)
             server.probed(future.result(), self.config.wait_server)
             if server.state is State.ANSWERING:
-                self.reporter.say(f"{server.url} answers again")
+                self.reporter.answers(server.url, again=True)
             return None
         if future in self.writing:
             return self.written(future)
@@ -3533,10 +3519,7 @@ class Pipeline:
             return None
         if action is Action.WAIT_FOR_SERVER and server.state is State.ANSWERING:
             server.went_quiet(str(failure))
-            self.reporter.say(
-                f"{server.url} stopped answering ({failure}); "
-                f"waiting up to {duration(self.config.wait_server)} for it"
-            )
+            self.reporter.stopped_answering(server.url, str(failure), self.config.wait_server)
         elif action is Action.TAKE_SERVER_OUT:
             server.take_out(str(failure))
         elif action is Action.STOP_RUN:
@@ -3550,10 +3533,7 @@ class Pipeline:
         for future in self.preparing:
             future.cancel()
         if self.sending and not self.halted:
-            self.reporter.say(
-                f"stopping: waiting up to {DRAIN_SECONDS:.0f}s for the answers on their way "
-                "(Ctrl-C again to quit at once)"
-            )
+            self.reporter.stopping(DRAIN_SECONDS)
         deadline = time.monotonic() + DRAIN_SECONDS
         while True:
             awaited = list(self.writing)
@@ -3904,7 +3884,7 @@ class Metadata:
             try:
                 self.save()
             except OSError as exc:  # the save at the end of the run tries again
-                reporter.say(f"warning: cannot write {self.path}: {reason(exc)}")
+                reporter.cannot_write(self.path, reason(exc))
 
     def recover(self, image: Path, caption: Path, data: bytes) -> None:
         """A line for the caption beside an image as planning found it, where the JSONL lacks it
@@ -4256,6 +4236,61 @@ class Reporter:
             )
         if self.sending_since:
             self.say_plan(summary)
+
+    # -- what the run says as it goes, each worded once --------------------
+
+    def prompt_taken(self, source: str) -> None:
+        self.say(f"using the {source}")
+
+    def folder_failed(self, folder: Path, why: str) -> None:
+        self.say(f"FAILED {self.folder_name(folder)}: {why}")
+
+    def left_out_at_the_start(self, report: str) -> None:
+        self.say(f"warning: {report}; captioning with the others")
+
+    def waiting_for_a_restart(self, url: str, sign: str, seconds: float) -> None:
+        self.say(f"{url} {sign}; waiting up to {duration(seconds)} in case it is restarting")
+
+    def answers(self, url: str, again: bool = False) -> None:
+        self.say(f"{url} answers{' again' if again else ''}")
+
+    def busy_at_the_start(self, url: str, failure: str, seconds: float) -> None:
+        self.say(f"{url} is busy or loading ({failure}); waiting up to {duration(seconds)}")
+
+    def one_at_a_time(self, model: str, architecture: str, url: str, jobs: int) -> None:
+        self.say(
+            f"note: {model} ({architecture}) answers one request at a time on {url}, whatever "
+            f"OLLAMA_NUM_PARALLEL says: --jobs {jobs} only queues there"
+        )
+
+    def key_unencrypted(self, url: str) -> None:
+        self.say(f"warning: the API key goes to {url} unencrypted (http://); use https:// to send it")
+
+    def ollama_behind_openai(self, url: str) -> None:
+        self.say(f"note: {url} is Ollama: --api ollama is its better path (--num-ctx, --keep-alive)")
+
+    def thinks_anyway(self, model: str) -> None:
+        self.say(
+            f"warning: {model} thinks although asked not to (a thinking-only tag?): every caption "
+            "costs its thinking time; choose a tag that does not think, such as an -instruct one"
+        )
+
+    def stopped_answering(self, url: str, failure: str, seconds: float) -> None:
+        self.say(f"{url} stopped answering ({failure}); waiting up to {duration(seconds)} for it")
+
+    def stopping(self, seconds: float) -> None:
+        self.say(
+            f"stopping: waiting up to {seconds:.0f}s for the answers on their way (Ctrl-C again to quit at once)"
+        )
+
+    def cannot_write(self, path: Path, why: str) -> None:
+        self.say(f"warning: cannot write {path}: {why}")
+
+    def review_written(self, page: Path) -> None:
+        self.say(f"review page: {page} (open it in a browser)")
+
+    def error(self, message: str) -> None:
+        self.say(f"error: {message}")
 
     def say_plan(self, summary: Summary) -> None:
         if self.verbosity >= 0:
@@ -5069,13 +5104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summary = caption_folders(config_from_args(args), reporter, stop)
         except CannotStart as exc:
-            reporter.say(f"error: {exc}")
+            reporter.error(str(exc))
             summary = None
         if summary and not args.dry_run:
             reporter.finish(summary)
         elif summary:
             for error in summary.output_errors:
-                reporter.say(f"error: {error}")
+                reporter.error(error)
     if signals.received:
         return signals.die()
     return summary.exit_code if summary else EXIT_CANNOT_START
