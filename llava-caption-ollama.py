@@ -569,6 +569,39 @@ class Summary:
     def folder(self, root: Path) -> FolderCount:
         return self.by_folder.setdefault(root, FolderCount())
 
+    # The one place images are counted: as planning decides them, and as each one planned ends.
+
+    def image_planned(self, times: int = 1) -> None:
+        """To caption (times -1: planned again, when the server named its model)."""
+        self.to_caption += times
+
+    def image_settled(self) -> None:
+        """One planned image ended, captioned or failed (the rest is left for a rerun)."""
+        self.settled += 1
+
+    def image_kept(self, root: Path, left_alone: bool, times: int = 1) -> None:
+        """Its caption stays: done before, or (left_alone) edited by a person since."""
+        if left_alone:
+            self.left_alone += times
+            self.folder(root).left_alone += times
+        else:
+            self.skipped += times
+            self.folder(root).skipped += times
+
+    def image_failed(self, root: Path, image: Path, why: str) -> None:
+        self.failed.append((image, why))
+        self.folder(root).failed += 1
+
+    def image_captioned(self, root: Path, server: str, answer: Answer, text: str) -> None:
+        self.captioned += 1
+        self.folder(root).captioned += 1
+        self.by_server[server] = self.by_server.get(server, 0) + 1
+        self.tokens += answer.tokens
+        self.generation_ns += answer.generation_ns
+        self.words += len(text.split())
+        self.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
+        self.thought = self.thought or answer.thought
+
 
 class Stop:
     """How a run is asked to end early, from any thread: asked once, it sends nothing more and
@@ -678,26 +711,19 @@ def count(
     metadata: Metadata | None,
     review: Review | None,
 ) -> None:
-    """Account for one image's end: the only place it is counted and reported."""
-    summary.settled += 1
+    """Account for the end of an image that was planned: counted (by the summary), reported,
+    and kept in the JSONL and on the review page."""
+    summary.image_settled()
     task = outcome.task
     if review:
         review.settled(outcome)
     if outcome.failure:
-        summary.failed.append((task.image, outcome.failure))
-        summary.folder(task.root).failed += 1
+        summary.image_failed(task.root, task.image, outcome.failure)
         reporter.image_failed(task.image, outcome.failure)
         return
     if outcome.answer.thought and not (config.think or summary.thought):
         reporter.thinks_anyway(config.model)
-    summary.thought = summary.thought or outcome.answer.thought
-    summary.captioned += 1
-    summary.folder(task.root).captioned += 1
-    summary.by_server[outcome.server] = summary.by_server.get(outcome.server, 0) + 1
-    summary.tokens += outcome.answer.tokens
-    summary.generation_ns += outcome.answer.generation_ns
-    summary.words += len(outcome.text.split())
-    summary.over_clip_limit += estimated_clip_tokens(outcome.text) > CLIP_TOKENS
+    summary.image_captioned(task.root, outcome.server, outcome.answer, outcome.text)
     reporter.image_captioned(task.image, outcome.text, outcome.seconds)
     if metadata:
         metadata.add(
@@ -1447,12 +1473,11 @@ class Discovery:
         if not changed:
             return
         for listing, _ in changed:
-            self.summary.skipped -= 1
-            self.summary.folder(listing.root).skipped -= 1
+            self.summary.image_kept(listing.root, left_alone=False, times=-1)
         # Planned again with those to caption so far, in the order of planning, so that --limit
         # takes the first images whatever the server's answer.
         planned = [(item.listing, item.name) for item in self.waiting]
-        self.summary.to_caption -= len(planned)
+        self.summary.image_planned(times=-len(planned))
         self.waiting.clear()
         for listing, name in sorted(changed + planned, key=self.order_of):
             self.plan(listing, name)
@@ -1570,8 +1595,7 @@ class Discovery:
     def fail(self, root: Path, image: Path, why: str) -> None:
         if self.review:
             self.review.image(image, "failed", reason=why)
-        self.summary.failed.append((image, why))
-        self.summary.folder(root).failed += 1
+        self.summary.image_failed(root, image, why)
         self.reporter.image_failed(image, why, counted=False)
 
     def plan(self, listing: Listing, name: str) -> None:
@@ -1632,7 +1656,7 @@ class Discovery:
         if why:  # a subfolder that cannot be written, a journal in the way: no request wasted
             self.fail(root, image, f"cannot write {JOURNAL_NAME}: {why}")
             return
-        self.summary.to_caption += 1
+        self.summary.image_planned()
         origin = "none" if is_blank(existing) else origin_of(history, text_digest(existing))
         self.waiting.append(Planned(listing, name, text, (decided.mode, text_digest(existing), origin)))
         if self.review:
@@ -1660,12 +1684,7 @@ class Discovery:
     def not_captioned(self, listing: Listing, name: str, existing: bytes, decided: Verdict) -> None:
         """Count an image that keeps its caption: done before, or edited by a person since."""
         root, image = listing.root, Path(listing.path, name)
-        if decided.action == "left alone":
-            self.summary.left_alone += 1
-            self.summary.folder(root).left_alone += 1
-        else:
-            self.summary.skipped += 1
-            self.summary.folder(root).skipped += 1
+        self.summary.image_kept(root, left_alone=decided.action == "left alone")
         if decided.assumed_model:
             self.assumed.append((listing, name, decided.assumed_model))
         if self.review:
