@@ -1600,24 +1600,13 @@ class Discovery:
 
     def plan(self, listing: Listing, name: str) -> None:
         """Decide for one image: to caption, already captioned, or failed before it is sent."""
-        caption = caption_name(name, self.config)
+        if not self.named_by_only(listing, name):
+            return
         root, image = listing.root, Path(listing.path, name)
-        if self.config.only is not None:
-            real = os.path.realpath(image)
-            if real not in self.config.only:  # not on the list: not this run's business,
-                self.keep_in_the_jsonl(listing, name)  # but the JSONL still holds every caption
-                return
-            self.only_found.add(real)
-        if caption in listing.shared:
-            # One caption would describe only one of the pictures: caption neither.
-            twins = [other for other in listing.shared[caption] if other != name]
-            self.fail(root, image, f"shares {caption} with {', '.join(twins)}; rename one of them")
-            return
-        if caption == self.config.folder_prompt:
-            self.fail(root, image, f"its caption would overwrite the folder's prompt file {caption}")
-            return
-        if len(os.fsencode(caption)) > longest_name(listing.path):
-            self.fail(root, image, f"its caption's name would be too long for the file system ({caption})")
+        caption = caption_name(name, self.config)
+        refused = self.caption_name_refused(listing, name, caption)
+        if refused:
+            self.fail(root, image, refused)
             return
         caption_file = Path(listing.path, caption)
         try:
@@ -1646,21 +1635,61 @@ class Discovery:
             if self.review:  # left for a later run: still on the page
                 self.review.image(image, "not_attempted", readable_text(existing))
             return
+        unwritable = self.unwritable_reason(listing)
+        if unwritable:
+            self.fail(root, image, unwritable)
+            return
+        self.to_caption(listing, name, text, existing, history, decided)
+
+    def named_by_only(self, listing: Listing, name: str) -> bool:
+        """Whether the image is this run's business: every image, or those --only names."""
+        if self.config.only is None:
+            return True
+        real = os.path.realpath(Path(listing.path, name))
+        if real not in self.config.only:
+            self.keep_in_the_jsonl(listing, name)  # the JSONL still holds every caption
+            return False
+        self.only_found.add(real)
+        return True
+
+    def caption_name_refused(self, listing: Listing, name: str, caption: str) -> str:
+        """Why the image's caption file cannot be its own, or ""."""
+        if caption in listing.shared:
+            # One caption would describe only one of the pictures: caption neither.
+            twins = [other for other in listing.shared[caption] if other != name]
+            return f"shares {caption} with {', '.join(twins)}; rename one of them"
+        if caption == self.config.folder_prompt:
+            return f"its caption would overwrite the folder's prompt file {caption}"
+        if len(os.fsencode(caption)) > longest_name(listing.path):
+            return f"its caption's name would be too long for the file system ({caption})"
+        return ""
+
+    def unwritable_reason(self, listing: Listing) -> str:
+        """Why nothing can be written in the image's folder, or "". With one folder the run
+        cannot start (CannotStart); with several, its images fail and the others go on. No
+        request is wasted on a caption that could not be written."""
+        root = listing.root
         if self.unwritable.get(root):
-            # One folder: the run cannot start. One of several: its images fail, the others go on.
             if len(self.config.folders) == 1:
                 raise CannotStart(f"cannot write in {root}: {self.unwritable[root]}")
-            self.fail(root, image, f"cannot write in {root}: {self.unwritable[root]}")
-            return
+            return f"cannot write in {root}: {self.unwritable[root]}"
         why = "" if self.config.dry_run else self.journal(listing.path).open_for_writing()
-        if why:  # a subfolder that cannot be written, a journal in the way: no request wasted
-            self.fail(root, image, f"cannot write {JOURNAL_NAME}: {why}")
-            return
+        return f"cannot write {JOURNAL_NAME}: {why}" if why else ""
+
+    def to_caption(
+        self,
+        listing: Listing,
+        name: str,
+        text: str,
+        existing: bytes,
+        history: list[Written],
+        decided: Verdict,
+    ) -> None:
         self.summary.image_planned()
         origin = "none" if is_blank(existing) else origin_of(history, text_digest(existing))
         self.waiting.append(Planned(listing, name, text, (decided.mode, text_digest(existing), origin)))
         if self.review:
-            self.review.image(image, "not_attempted", readable_text(existing))
+            self.review.image(Path(listing.path, name), "not_attempted", readable_text(existing))
 
     def text_to_join(self, listing: Listing, caption_file: Path, existing: bytes, decided: Verdict) -> str:
         """The text the answer joins (append, prepend), or {existing} asks for; "" where neither
