@@ -188,11 +188,11 @@ def test_a_model_ollama_runs_one_request_at_a_time_is_named_when_jobs_would_only
     ) is False
 
 
-def test_the_readme_model_table_is_the_scripts_table_of_models():
-    """The README's table is read from the script's MODELS and ONE_AT_A_TIME, which the run reads:
-    a fact changed in one place and not the other fails here."""
-    readme = Path(captioner.__file__).with_name("README.md").read_text(encoding="utf-8")
-    table = readme.split("| model (tag) | thinks | one request at a time |", 1)[1].split("\n\n", 1)[0]
+def test_the_docs_model_table_is_the_scripts_table_of_models():
+    """The table in docs/servers-and-models.md is read from the script's MODELS and ONE_AT_A_TIME, which
+    the run reads: a fact changed in one place and not the other fails here."""
+    page = (Path(captioner.__file__).parent / "docs" / "servers-and-models.md").read_text(encoding="utf-8")
+    table = page.split("| model (tag) | thinks | one request at a time |", 1)[1].split("\n\n", 1)[0]
     rows = [
         tuple(cell.strip() for cell in line.strip().strip("|").split("|"))
         for line in table.splitlines()[2:]
@@ -202,5 +202,5 @@ def test_the_readme_model_table_is_the_scripts_table_of_models():
         (m.tags, m.thinks, "yes" if m.one_at_a_time else "no", m.num_ctx, m.notes, m.source)
         for m in captioner.MODELS
     ]
-    said = re.search(r"Ollama runs (.+?) models one request at a time", readme, re.DOTALL)[1]
+    said = re.search(r"Ollama runs (.+?) models one request at a time", page, re.DOTALL)[1]
     assert re.split(r",\s+|\s+and\s+", " ".join(said.split())) == list(captioner.ONE_AT_A_TIME)
