@@ -159,10 +159,10 @@ STALE_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What the README's model table says of a family of models (the tests hold the two to
+    """What the model table of docs/servers-and-models.md says of a family of models (the tests hold the two to
     each other)."""
 
-    tags: str  # as the README names them
+    tags: str  # as the docs' model table names them
     architectures: tuple[str, ...]  # general.architecture in Ollama's /api/show
     thinks: str  # "no", "yes", or how to avoid it
     num_ctx: str
@@ -1159,7 +1159,7 @@ class Verdict(NamedTuple):
 def verdict(
     data: bytes, history: list[Written], journal: Journal | None, config: Config, prompt: str, named: bool
 ) -> Verdict:
-    """The rules of reruns (README, "Reruns"), for one image whose caption holds data."""
+    """The rules of reruns (docs/reruns.md), for one image whose caption holds data."""
     after = text_digest(data)
     written = writer_of(history, after)
     mode = config.existing
@@ -2344,7 +2344,7 @@ def can_see(details: ollama.ShowResponse) -> bool:
 class OpenAiApi(Api):
     """The OpenAI-compatible API (POST /v1/chat/completions, streamed as server-sent events) of
     vLLM, SGLang, llama.cpp's llama-server, LM Studio and Ollama's /v1: a few dozen lines over
-    httpx, which the ollama client brings anyway (README, "Dependencies")."""
+    httpx, which the ollama client brings anyway (docs/development.md, "Dependencies")."""
 
     name = "openai"
     server_kind = "server"
@@ -3293,7 +3293,7 @@ def reason(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 # Retry policy: what follows each fault, in one place
 # ---------------------------------------------------------------------------
-# POLICY maps each Fault to what happens next (the README's table is checked against it).
+# POLICY maps each Fault to what happens next (the table in docs/when-things-go-wrong.md is checked against it).
 
 
 class Action(enum.Enum):
@@ -3368,7 +3368,7 @@ def backoff(tries: int) -> float:
 # of its own (the official sync client is safe to share between threads). Futures say this
 # with less machinery than the worker loops they replaced: no locks, no events, and nothing
 # in flight that the end of the run cannot see. The benchmark measured the same share of a
-# server's capacity for both (README, "Speed").
+# server's capacity for both (docs/speed.md).
 
 
 def in_the_background(work: Callable[..., object], *args: object) -> Future:
@@ -3600,10 +3600,10 @@ class Pipeline:
 # ---------------------------------------------------------------------------
 # Caption: the cleanup rules, and answers that are no caption
 # ---------------------------------------------------------------------------
-# What is written of a model's answer (README "Cleanup"), and what is refused.
+# What is written of a model's answer (docs/how-it-works.md, "Cleanup"), and what is refused.
 
 
-# The cleanup rules, few on purpose so that a user can predict them (README "Cleanup").
+# The cleanup rules, few on purpose so that a user can predict them (docs/how-it-works.md, "Cleanup").
 LABEL = re.compile(r"^(?:caption|description)\s*:\s*", re.IGNORECASE)
 PICTURE = "(?:image|picture|photo|photograph)"
 # Lead-ins dropped from the start of an answer (only one), each a habit of a model:
@@ -4657,7 +4657,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--suffix", type=caption_text_argument, default="", help="text put last in every caption"
     )
     parser.add_argument(
-        "--raw", action="store_true", help="write the model's answer without cleaning it up (see README)"
+        "--raw",
+        action="store_true",
+        help="write the model's answer without cleaning it up (see docs/how-it-works.md, Cleanup)",
     )
     parser.add_argument(
         "--retries",
