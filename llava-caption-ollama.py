@@ -677,7 +677,7 @@ def caption_what_is_planned(
     try:
         reporter.start(summary)
         for outcome in pipeline.outcomes():
-            count(outcome, config, summary, reporter, metadata, review)
+            account_for(outcome, config, summary, reporter, metadata, review)
         summary.stopped = pipeline.stopped_because(summary)
         summary.interrupted = stop.asked.is_set()
     finally:
@@ -691,19 +691,19 @@ def caption_what_is_planned(
 def write_review_and_lists(
     config: Config, review: Review | None, summary: Summary, reporter: Reporter, stop: Stop
 ) -> None:
-    if review and written(review.page, lambda: review.write(summary, stop), summary):
+    if review and output_written(review.page, lambda: review.write(summary, stop), summary):
         reporter.review_written(review.page)
         summary.output_errors += [review.broken] if review.broken else []
     if config.failed_list:
         failed = [image for image, _ in summary.failed]
-        written(
+        output_written(
             config.failed_list,
             lambda: write_image_list(config.failed_list, failed, "images that failed"),
             summary,
         )
 
 
-def count(
+def account_for(
     outcome: Outcome,
     config: Config,
     summary: Summary,
@@ -741,16 +741,16 @@ def left_for_a_rerun(summary: Summary) -> str:
 
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
     if metadata and not summary.dry_run:  # a dry run only reads
-        written(metadata.path, metadata.save, summary)
+        output_written(metadata.path, metadata.save, summary)
 
 
-def written(path: Path, write: Callable[[], None], summary: Summary) -> bool:
+def output_written(path: Path, write: Callable[[], None], summary: Summary) -> bool:
     """Write one of the run's outputs besides the captions (JSONL, review page, failed list);
     whether it was. One that cannot be written is said in the summary and makes the exit code 1."""
     try:
         write()
     except OSError as exc:
-        summary.output_errors.append(f"cannot write {path}: {reason(exc)}")
+        summary.output_errors.append(f"cannot write {path}: {reason_of(exc)}")
         return False
     return True
 
@@ -783,7 +783,7 @@ def folder_lock(folder: Path, recursive: bool) -> Iterator[str]:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise CannotStart(f"{path} is in the way: it is a link; remove it") from None
-            yield reason(exc)
+            yield reason_of(exc)
             return
         with open(descriptor, "r+b", buffering=0) as file:  # closing it releases the lock
             if not stat.S_ISREG(os.fstat(descriptor).st_mode):
@@ -801,7 +801,7 @@ def folder_lock(folder: Path, recursive: bool) -> Iterator[str]:
                 file.write(holder_line(recursive).encode())
                 unwritable = ""
             except OSError as exc:  # a full disk: no caption could be written either
-                unwritable = reason(exc)
+                unwritable = reason_of(exc)
             try:
                 yield unwritable
             finally:
@@ -1074,7 +1074,7 @@ class Journal:
             # ASCII: names are escaped.
             os.write(self.descriptor, (json.dumps(entry) + "\n").encode())
         except OSError as exc:
-            raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason(exc)}") from None
+            raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason_of(exc)}") from None
 
     def open_for_writing(self) -> str:
         """Open the journal for appending (once), and with --fresh mark where this pass starts
@@ -1085,7 +1085,7 @@ class Journal:
                 try:
                     self.descriptor = self.start()
                 except OSError as exc:
-                    self.unwritable = reason(exc)
+                    self.unwritable = reason_of(exc)
             return self.unwritable
 
     def start_fresh(self, mode: str) -> None:
@@ -1521,9 +1521,9 @@ class Discovery:
                 return self.listing_of(path, root, entries, prompt)
         except OSError as exc:
             if len(self.config.folders) == 1 and path == str(root):
-                raise CannotStart(f"cannot list {root}: {reason(exc)}") from None
+                raise CannotStart(f"cannot list {root}: {reason_of(exc)}") from None
             # lost+found on a data disk, say
-            self.folder_left_out(path, f"cannot list it: {reason(exc)}; its images are left out")
+            self.folder_left_out(path, f"cannot list it: {reason_of(exc)}; its images are left out")
             return None
 
     def listing_of(
@@ -1769,7 +1769,7 @@ def why_not_a_file(path: str) -> str:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        return f"cannot read: {reason(exc)}"
+        return f"cannot read: {reason_of(exc)}"
     kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
     kind = next((what for test, what in kinds.items() if test(mode)), "not a plain file")
     return f"not an image file but {kind}"
@@ -1794,7 +1794,7 @@ def existing_caption(path: Path, listed: bool) -> bytes:
         return b""
     except OSError as exc:
         what = f"the existing {path.name}"
-        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason(exc)}") from None
+        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason_of(exc)}") from None
 
 
 def readable_text(data: bytes) -> str:
@@ -2781,7 +2781,7 @@ def proxy_address_problem(url: str) -> str:
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         if url.partition("://")[0].lower() not in ("http", "https", "socks5", "socks5h"):
             return "its scheme must be http, https, socks5 or socks5h"
-        return reason(exc)
+        return reason_of(exc)
     if not parsed.host:
         return "it names no host"
     if parsed.port is not None and not 0 < parsed.port < 65536:
@@ -2919,9 +2919,9 @@ def proxy_with_secrets_kept(proxy: ProxySetting) -> httpx.Proxy:
 def proxy_failure(proxy: ProxySetting, url: httpx.URL, exc: Exception) -> str:
     """Why a request could not pass the proxy, and what to do."""
     if isinstance(exc, httpx.ProxyError):  # the proxy answered CONNECT with an error status
-        return f"the proxy {proxy.shown} ({proxy.variable}) could not reach {url.host}: {reason(exc)}"
+        return f"the proxy {proxy.shown} ({proxy.variable}) could not reach {url.host}: {reason_of(exc)}"
     return (
-        f"cannot reach the proxy {proxy.shown} ({proxy.variable}): {reason(root_cause(exc))}; start it, "
+        f"cannot reach the proxy {proxy.shown} ({proxy.variable}): {reason_of(root_cause(exc))}; start it, "
         f"or add {url.host} to NO_PROXY"
     )
 
@@ -2973,12 +2973,12 @@ def read_png_metadata_of_any_size() -> None:
     PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 
-def prepare(task: Task, config: Config) -> Task:
+def prepare_task(task: Task, config: Config) -> Task:
     """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
     task.prompt = task.template.fill(task.image, task.existing)
     task.payload = prepare_image(task.image, config.max_size)
     if config.review:  # from the picture as prepared: no second decode of a 24 MP original
-        task.thumbnail = thumbnail(io.BytesIO(task.payload))
+        task.thumbnail = thumbnail_of(io.BytesIO(task.payload))
     return task
 
 
@@ -2988,17 +2988,17 @@ def prepare_image(path: Path, max_size: int) -> bytes:
     try:
         file = open_regular_file(path)
     except OSError as exc:
-        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot read: {reason(exc)}") from None
+        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot read: {reason_of(exc)}") from None
     # Pillow reads from the file what it needs, so a huge file is never held whole in memory.
     with file:
         if not os.fstat(file.fileno()).st_size:
             raise TryFailed(Fault.IMAGE_UNREADABLE, "empty file")
         if max_size == 0:
             return file.read()
-        return prepared(file, max_size)
+        return payload_of(file, max_size)
 
 
-def prepared(file: BinaryIO, max_size: int) -> bytes:
+def payload_of(file: BinaryIO, max_size: int) -> bytes:
     try:
         with Image.open(file) as picture:
             refuse_bombs(picture)
@@ -3014,7 +3014,7 @@ def prepared(file: BinaryIO, max_size: int) -> bytes:
     except Exception as exc:  # noqa: BLE001
         # On malformed data Pillow's plugins raise OSError, ValueError, SyntaxError, but also
         # struct.error, IndexError, EOFError...: each is this file's failure, not the run's.
-        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot decode: {reason(exc)}") from None
+        raise TryFailed(Fault.IMAGE_UNREADABLE, f"cannot decode: {reason_of(exc)}") from None
 
 
 def refuse_bombs(picture: Image.Image) -> None:
@@ -3061,7 +3061,7 @@ def shrink_upright_rgb(picture: Image.Image, max_size: int, orientation: int | N
         orientation = picture.getexif().get(EXIF_ORIENTATION, 1)
     target = fitted_size(picture.size, max_size)
     # Let libjpeg decode at 1/2, 1/4 or 1/8 scale. Asked for the fitted size, not a square
-    # such as thumbnail() asks for, or a 3:2 photo is decoded whole.
+    # such as thumbnail_of() asks for, or a 3:2 photo is decoded whole.
     picture.draft(picture.mode, target)
     rgb = flatten_to_rgb(picture)
     if rgb.size != target:
@@ -3176,7 +3176,7 @@ def classified(exc: Exception, api: Api) -> TryFailed:
         fault = status_fault(exc.status_code, exc.error)
         return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
     if isinstance(exc, httpx.ProxyError):  # raised by our Transport, naming the proxy
-        return TryFailed(Fault.SERVER_DOWN, reason(exc), cause=reason(exc))
+        return TryFailed(Fault.SERVER_DOWN, reason_of(exc), cause=reason_of(exc))
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
         cause = connection_cause(exc)
         return TryFailed(
@@ -3190,13 +3190,13 @@ def classified(exc: Exception, api: Api) -> TryFailed:
             "no answer within the timeout (raise --timeout if the server is only busy)",
         )
     if isinstance(exc, httpx.TransportError):
-        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to {api.said_by} broke: {reason(exc)}")
+        return TryFailed(Fault.CONNECTION_BROKE, f"the connection to {api.said_by} broke: {reason_of(exc)}")
     if isinstance(exc, ValueError):
         return TryFailed(
             Fault.REQUEST_REFUSED,
             f"the server's answer is not {api.answer_format}",
         )
-    return TryFailed(Fault.REQUEST_REFUSED, reason(exc))
+    return TryFailed(Fault.REQUEST_REFUSED, reason_of(exc))
 
 
 def connection_cause(exc: Exception) -> str:
@@ -3211,11 +3211,11 @@ def connection_cause(exc: Exception) -> str:
         return ""
     tls = next((link for link in chain if isinstance(link, ssl.SSLError)), None)
     if isinstance(tls, ssl.SSLCertVerificationError):  # no server that is down: its words say so
-        return f"its TLS certificate is not trusted ({tls.verify_message or reason(tls)})"
+        return f"its TLS certificate is not trusted ({tls.verify_message or reason_of(tls)})"
     if tls:  # most often https:// to a port that answers in plain HTTP, as Ollama's does
-        said = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason(tls))
+        said = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason_of(tls))
         return f"the TLS handshake failed ({said}): does the port speak plain HTTP? use http://"
-    return reason(root_cause(exc))
+    return reason_of(root_cause(exc))
 
 
 def status_fault(status: int, error: str) -> Fault:
@@ -3283,7 +3283,7 @@ def server_message(text: str) -> str:
     return text if len(text) <= 300 else text[:299] + "\u2026"
 
 
-def reason(exc: BaseException) -> str:
+def reason_of(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     text = str(exc).strip()
@@ -3490,7 +3490,7 @@ class Pipeline:
         waiting = self.discovery.waiting
         while waiting and len(self.ready) + len(self.preparing) < max(1, slots):
             task = Task.of(waiting.popleft())
-            self.preparing[self.preparers.submit(prepare, task, self.config)] = task
+            self.preparing[self.preparers.submit(prepare_task, task, self.config)] = task
 
     def wait_for_any(self, at_once: bool = False) -> set[Future]:
         """The work that finished, waiting for some unless at_once; a stop is noticed within
@@ -3515,7 +3515,7 @@ class Pipeline:
                 self.reporter.answers(server.url, again=True)
             return None
         if future in self.writing:
-            return self.written(future)
+            return self.caption_written(future)
         if future in self.preparing:
             task = self.preparing.pop(future)
             server = None
@@ -3537,7 +3537,7 @@ class Pipeline:
         self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
         return None
 
-    def written(self, future: Future) -> Outcome:
+    def caption_written(self, future: Future) -> Outcome:
         outcome = self.writing.pop(future)
         try:
             outcome.text = future.result()
@@ -3818,7 +3818,7 @@ def write_caption(path: Path, text: str, replace: bool) -> None:
             Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} appeared beside it during the run"
         ) from None
     except OSError as exc:
-        raise TryFailed(write_fault(exc), f"cannot write {shown(path.name)}: {reason(exc)}") from None
+        raise TryFailed(write_fault(exc), f"cannot write {shown(path.name)}: {reason_of(exc)}") from None
 
 
 def write_atomically(path: Path, text: str | bytes, replace: bool = True) -> None:
@@ -3903,7 +3903,7 @@ class Metadata:
         except FileNotFoundError:
             return {}
         except (OSError, UnicodeDecodeError) as exc:
-            raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
+            raise CannotStart(f"cannot read {path}: {reason_of(exc)}") from None
         entries = {}
         for number, line in enumerate(lines, start=1):
             if not line.strip():
@@ -3932,7 +3932,7 @@ class Metadata:
             try:
                 self.save()
             except OSError as exc:  # the save at the end of the run tries again
-                reporter.cannot_write(self.path, reason(exc))
+                reporter.cannot_write(self.path, reason_of(exc))
 
     def recover(self, image: Path, caption: Path, data: bytes) -> None:
         """A line for the caption beside an image as planning found it, where the JSONL lacks it
@@ -4013,9 +4013,9 @@ class Review:
             recovered = ["recovered"] if Fault.UNFIT_ANSWER in task.faults else []
             seconds, tokens = round(outcome.seconds, 2), outcome.answer.tokens
             self.image(task.image, "captioned", outcome.text, seconds=seconds, tokens=tokens, flags=recovered)
-        self.thumbnail(task.image, task.thumbnail)
+        self.keep_thumbnail(task.image, task.thumbnail)
 
-    def thumbnail(self, image: Path, data: bytes) -> None:
+    def keep_thumbnail(self, image: Path, data: bytes) -> None:
         """Keep the thumbnail of an image whose prepared picture is at hand (JPEG bytes)."""
         if not data or image not in self.records or self.broken:
             return
@@ -4032,7 +4032,7 @@ class Review:
             self.thumbnails.mkdir(parents=True, exist_ok=True)
             write_atomically(self.thumbnails / f"chunk-{self.chunks_written:05d}.js", script)
         except OSError as exc:  # the page goes without thumbnails; the captions matter more
-            self.broken = f"cannot write the review's thumbnails in {self.thumbnails}: {reason(exc)}"
+            self.broken = f"cannot write the review's thumbnails in {self.thumbnails}: {reason_of(exc)}"
             for record in self.records.values():
                 record["thumb"] = None
             self.remove_thumbnails()
@@ -4048,7 +4048,7 @@ class Review:
                 for image, data in zip(missing, pool.map(thumbnail_of_file, missing)):
                     if stop.asked.is_set():
                         break
-                    self.thumbnail(image, data)
+                    self.keep_thumbnail(image, data)
         self.write_chunk()
         # Redacted as a last line of defence: a page people share must not hold what the run sends.
         data = redacted_data(
@@ -4132,7 +4132,7 @@ def read_review_template() -> str:
         return REVIEW_TEMPLATE.read_text(encoding="utf-8")
     except OSError as exc:
         raise CannotStart(
-            f"cannot read {REVIEW_TEMPLATE}: {reason(exc)}; it belongs beside the script"
+            f"cannot read {REVIEW_TEMPLATE}: {reason_of(exc)}; it belongs beside the script"
         ) from None
 
 
@@ -4158,7 +4158,7 @@ def has_trigger_words(caption: str, image: Path, config: Config) -> bool:
     )
 
 
-def thumbnail(source: BinaryIO) -> bytes:
+def thumbnail_of(source: BinaryIO) -> bytes:
     """A small JPEG of a picture (its prepared form, or the file), or b"" if it cannot be read."""
     try:
         with Image.open(source) as picture:
@@ -4172,7 +4172,7 @@ def thumbnail_of_file(image: Path) -> bytes:
     import_run_libraries()
     try:
         with open_regular_file(image) as file:
-            return thumbnail(file)
+            return thumbnail_of(file)
     except OSError:
         return b""
 
@@ -4185,7 +4185,7 @@ def read_image_list(path: Path) -> set[str]:
     try:
         data = read_regular_file(path)
     except OSError as exc:
-        raise CannotStart(f"cannot read {path}: {reason(exc)}") from None
+        raise CannotStart(f"cannot read {path}: {reason_of(exc)}") from None
     names = names_between_nuls(data, path) if b"\0" in data else names_on_lines(data)
     return {os.path.realpath(path.parent / name) for name in names if name}
 
@@ -4436,7 +4436,7 @@ class Reporter:
             # Later writes (Python's own flush at exit) go nowhere instead of printing an error.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             if not reader_went_away(exc):  # the list is the dry run's output: it is lost
-                return f"cannot write the list of images to stdout: {reason(exc)}"
+                return f"cannot write the list of images to stdout: {reason_of(exc)}"
         return ""
 
     def dry_run_done(self, summary: Summary) -> None:
@@ -5011,7 +5011,7 @@ def read_prompt(path: Path) -> Template:
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
         as_read = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CannotStart(f"cannot read prompt file {path}: {reason(exc)}") from None
+        raise CannotStart(f"cannot read prompt file {path}: {reason_of(exc)}") from None
     if not as_read:
         raise CannotStart(f"prompt file {path} is empty")
     # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,

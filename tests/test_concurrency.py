@@ -108,9 +108,9 @@ def test_no_more_images_are_prepared_ahead_than_there_are_request_slots(
     distinct_pictures(tmp_path, 12)
     server = make_server(slots=2, latency=0.05)
     prepared = []
-    real_prepare = captioner.prepare
+    real_prepare = captioner.prepare_task
     monkeypatch.setattr(
-        captioner, "prepare", lambda task, config: prepared.append(task) or real_prepare(task, config)
+        captioner, "prepare_task", lambda task, config: prepared.append(task) or real_prepare(task, config)
     )
     ahead = []
     server.answer = lambda chat: ahead.append(len(prepared) - len(server.chats)) or "A red square"
