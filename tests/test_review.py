@@ -712,3 +712,23 @@ def test_review_redo_list_and_only_close_the_loop(browser, make_server, tmp_path
     open_page(browser, tmp_path / "again.html")
     cards = {card["path"]: card for card in card_texts(browser)}
     assert cards["photos/img003.png"]["caption"] == "A redone caption of a 43 pixel wide square."
+
+
+@pytest.mark.browser
+def test_the_redo_list_leaves_out_a_path_with_a_line_break_and_says_so(browser, make_server, tmp_path):
+    # A list holds a name a line: a name with a line break would be two names, neither the image's.
+    folder = tmp_path / "photos"
+    picture(folder / "plain.png", size=(40, 32))
+    picture(folder / "line\nbreak.png", size=(41, 32))
+    review(folder, tmp_path / "review.html", "--dry-run", host=make_server().url)
+    open_page(browser, tmp_path / "review.html")
+    browser.find_element("id", "mark-shown").click()
+    button = browser.find_element("id", "download-redo")
+    assert button.text == "Download redo list (2)"
+    button.click()
+
+    lines = wait_for_file(tmp_path / "downloads" / "redo-list.txt").splitlines()
+    assert lines[1:] == [
+        "# 1 marked image(s) left out: their path holds a line break.",
+        str(folder / "plain.png"),
+    ]
