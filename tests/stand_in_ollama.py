@@ -151,6 +151,9 @@ class Reply:
     # Streamed gzip-compressed (Content-Encoding: gzip) whatever the request's Accept-Encoding
     # says, as a proxy set to compress every answer does.
     compressed: bool = False
+    # /v1 streamed: each event as `data:{...}`, without the space after the colon, which the
+    # server-sent events format leaves optional: a client must read both forms.
+    unspaced_events: bool = False
 
 
 Answer = Callable[[Chat], Union[Reply, str]]
@@ -247,6 +250,7 @@ def now() -> str:
 class Handler(BaseHTTPRequestHandler):
     stand_in: StandInOllama
     protocol_version = "HTTP/1.1"  # keep-alive and chunked NDJSON, as Go's server
+    event_field = b"data: "  # how the answer being streamed starts each event's data
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -320,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
     def stream_event(self, body: dict | str) -> None:
         """One server-sent event, as the /v1 servers frame each chunk (and the final [DONE])."""
         data = body if isinstance(body, str) else json.dumps(body)
-        self.stream_chunk(b"data: %s\n\n" % data.encode())
+        self.stream_chunk(b"%s%s\n\n" % (self.event_field, data.encode()))
 
     def end_stream(self) -> None:
         if self.gzip:
@@ -986,6 +990,7 @@ class Handler(BaseHTTPRequestHandler):
         held = 1 if flavour in VLLM and pieces and not (reply.endless or reply.runaway) else 0
         leading, last = pieces[: len(pieces) - held], pieces[len(pieces) - held :]
         self.start_stream(last=reply.vanish, content_type="text/event-stream", compressed=reply.compressed)
+        self.event_field = b"data:" if reply.unspaced_events else b"data: "
         if reply.endless_line:
             self.send_endless_line(chat, b'data: {"choices":[{"index":0,"delta":{"content":"')
             return

@@ -364,17 +364,90 @@ def test_an_openai_server_given_without_its_port_is_refused(tmp_path, caption):
     assert "needs its port, such as http://gpu1:8000" in result.err
 
 
-def test_a_server_still_loading_its_model_is_waited_for_before_the_run(tmp_path, run_against):
+@pytest.mark.parametrize(
+    "kind, status, said",
+    [
+        ("llama-server", 503, "Loading model"),
+        ("vllm", 429, "Rate limit exceeded"),  # a rate-limiting proxy in front of the server
+    ],
+)
+def test_a_server_busy_or_still_loading_its_model_is_waited_for_before_the_run(
+    kind, status, said, tmp_path, run_against
+):
     start, run = run_against
     picture(tmp_path / "a.png", size=(40, 32))
-    server = start("llama-server")
-    loading = iter([Reply(status=503, error="Loading model", retry_after=0.2)])
+    server = start(kind)
+    loading = iter([Reply(status=status, error=said, retry_after=0.2)])
     server.answer = lambda chat: (
         next(loading, "A red square") if chat.picture().width == 64 else "A red square"
     )
 
-    result = run("llama-server", server, tmp_path)
+    result = run(kind, server, tmp_path)
 
     assert result.code == 0, result.err
-    assert "is busy or loading (The server answered 503: Loading model); waiting up to 5m00s" in result.err
+    assert f"is busy or loading (The server answered {status}: {said}); waiting up to 5m00s" in result.err
     assert (tmp_path / "a.txt").read_text() == "A red square"
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
+def test_an_answer_cut_off_at_the_token_limit_fails_its_image_and_is_never_written(
+    kind, tmp_path, run_against
+):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind)
+    server.answer = lambda chat: "A red square on a white table in the light of a late afternoon"
+
+    result = run(kind, server, tmp_path, "--max-tokens", 5, "--retries", 0)
+
+    assert result.code == 1
+    assert "FAILED a.png: the answer was cut off at the token limit (raise --max-tokens" in result.err
+    assert not (tmp_path / "a.txt").exists()
+
+
+@pytest.mark.parametrize("kind", [*BOTH_APIS, "llama-server"])
+def test_an_answer_that_ends_before_the_model_finished_is_not_written_and_asked_again(
+    kind, tmp_path, run_against
+):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind)
+    # No final line, no finish reason: a connection cut cleanly mid-answer, by a proxy say.
+    replies = iter([Reply(text="A red", done=False)])
+    server.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run(kind, server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+    assert len(captions_sent(server)) == 2
+
+
+def test_events_without_a_space_after_data_are_read(tmp_path, run_against):
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start("vllm")
+    server.answer = lambda chat: Reply(text="A red square", unspaced_events=True)
+
+    result = run("vllm", server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+
+
+def test_a_retry_after_of_days_is_waited_for_no_longer_than_the_cap(tmp_path, run_against, monkeypatch):
+    # The cap, 300 s, is not one of the pauses LLAVA_CAPTION_PAUSE_SCALE shrinks: lowered here
+    # so that a run bounded by it ends at once, and one that takes the server at its word
+    # (28 hours) outlasts the test's time limit.
+    monkeypatch.setattr(captioner, "RETRY_AFTER_LONGEST", 0.2)
+    start, run = run_against
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start("vllm")
+    replies = iter([Reply(status=429, error="Rate limit exceeded", retry_after=100_000)])
+    server.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run("vllm", server, tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+    assert len(captions_sent(server)) == 2

@@ -350,6 +350,7 @@ def test_a_jsonl_must_be_where_it_can_list_the_images(tmp_path, caption, server)
     "answer, reason",
     [
         ("I apologize, but I am unable to view images.", "the model refused: "),
+        ("Sorry, there is no picture here for me to describe.", "the model refused: "),
         ("[0.64, 0.50, 0.91, 0.88]", "the model answered with box coordinates: "),
         ("[0.1,0.2,0.3,0.4] a dog", "the model answered with box coordinates: "),
     ],

@@ -99,6 +99,15 @@ def test_same_stem_in_different_folders_is_no_conflict(tmp_path, caption):
     assert (tmp_path / "x" / "a.txt").exists() and (tmp_path / "y" / "a.txt").exists()
 
 
+def test_a_subfolder_named_like_an_images_stem_is_no_twin(tmp_path, caption):
+    # Twins are two images that would write one caption file; a folder writes none.
+    picture(tmp_path / "a.jpg")
+    picture(tmp_path / "a" / "b.jpg")
+    run = caption(tmp_path, "-r")
+    assert run.code == 0, run.err
+    assert (tmp_path / "a.txt").exists() and (tmp_path / "a" / "b.txt").exists()
+
+
 def test_missing_folder_is_a_start_error(tmp_path, caption):
     run = caption(tmp_path / "nope")
     assert run.code == 2

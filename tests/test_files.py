@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import stat
@@ -241,6 +242,44 @@ def test_a_subfolder_that_cannot_be_listed_is_named_and_the_rest_captioned(tmp_p
     assert widths_sent(server) == [64, 65]
     assert (tmp_path / "a.txt").exists() and (tmp_path / "open" / "b.txt").exists()
     assert not (tmp_path / "closed" / "c.txt").exists()
+
+
+def test_a_subfolder_whose_listing_breaks_off_midway_is_named_and_the_run_exits_1(
+    tmp_path, caption, server, monkeypatch
+):
+    """A disk or network share that fails in the middle of a listing (EIO): the images listed
+    before the error are left out with the rest, and the run is no success. Unlike a folder
+    closed to the run, this needs no capability dropped."""
+    picture(tmp_path / "a.jpg", size=(64, 48))
+    picture(tmp_path / "failing" / "b.jpg", size=(65, 48))
+    picture(tmp_path / "failing" / "c.jpg", size=(66, 48))
+    real_scandir = os.scandir
+
+    class BreaksOff:
+        def __init__(self, path):
+            self.entries = real_scandir(path)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exception):
+            self.entries.close()
+
+        def __iter__(self):
+            yield next(self.entries)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def scandir(path="."):
+        return BreaksOff(path) if os.path.basename(path) == "failing" else real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+    run = caption(tmp_path, "-r")
+
+    assert run.code == 1
+    assert "FAILED failing: cannot list it: Input/output error; its images are left out" in run.err
+    assert widths_sent(server) == [64]
+    assert not (tmp_path / "failing" / "b.txt").exists() and not (tmp_path / "failing" / "c.txt").exists()
 
 
 # --- what a run leaves behind -----------------------------------------------------------------

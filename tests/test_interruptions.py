@@ -17,6 +17,7 @@ import pytest
 from conftest import (
     SCRIPT,
     as_from_a_terminal,
+    child_environment,
     distinct_pictures,
     leftovers,
     picture,
@@ -332,6 +333,52 @@ def test_a_second_run_on_the_same_folder_refuses_and_names_the_first(tmp_path, s
     assert after.code == 0, after.err
     assert (tmp_path / "late.txt").read_text(encoding="utf-8") == "A PNG picture, 90x32 pixels."
     assert not (tmp_path / LOCK).exists()
+
+
+def test_a_lock_file_removed_just_as_a_run_took_it_still_keeps_a_second_run_out(
+    tmp_path, make_server, caption, monkeypatch
+):
+    """The run before ends, and removes its lock file, between this run's opening that file and
+    locking it: what this run then holds is no file at the lock's path, and a run started next
+    would find the folder free."""
+    import fcntl
+
+    lock = tmp_path / LOCK
+    real_flock = fcntl.flock
+    removed = []
+
+    def flock(descriptor, operation):
+        if not removed and lock.exists() and os.path.samestat(os.fstat(descriptor), lock.stat()):
+            lock.unlink()
+            removed.append(lock)
+        return real_flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    expected = distinct_pictures(tmp_path, 1)
+    second = []
+
+    def answer(chat):
+        if not second:  # while the first run's request waits here, a second run starts
+            second.append(None)
+            second[0] = subprocess.run(  # not run_script: this is no main thread, to set signals in
+                [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+                env=child_environment(None),
+            )
+        return describe(chat)
+
+    server = make_server(slots=2, answer=answer)  # room for the second run, were it let in
+
+    first = caption(tmp_path, host=server.url)
+
+    assert removed and first.code == 0, first.err
+    assert second[0].returncode == 2, second[0].stderr
+    assert f"another run is captioning {tmp_path}" in second[0].stderr
+    assert len(server.chats) == 1
+    assert contents(expected) == expected
 
 
 # --- The JSONL is mended at the end of every run ---------------------------------------------

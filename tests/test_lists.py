@@ -193,3 +193,27 @@ def test_a_journal_written_by_an_earlier_version_still_says_what_is_done(tmp_pat
     assert {path: path.read_text() for path in expected} == {
         path: f"old, tags, {answer}" for path, answer in expected.items()
     }
+
+
+def test_only_a_line_starting_with_hash_and_space_is_a_comment(tmp_path, caption, server):
+    picture(tmp_path / "#1.png", size=(40, 32))
+    picture(tmp_path / "#2.png", size=(41, 32))
+    redo = tmp_path / "redo.list"  # beside the images, so that a name is the whole line
+    redo.write_text("# the images to caption again\n#1.png\n")
+
+    run = caption(tmp_path, "--only", redo)
+
+    assert run.code == 0, run.err
+    assert [chat.picture().width for chat in server.chats] == [40]
+    assert (tmp_path / "#1.txt").exists() and not (tmp_path / "#2.txt").exists()
+
+
+def test_a_list_saved_with_windows_line_ends_names_its_images(tmp_path, caption, server):
+    distinct_pictures(tmp_path / "data", 3)
+    redo = tmp_path / "redo.txt"
+    redo.write_bytes(b"# from Notepad\r\ndata/img000.png\r\ndata/img002.png\r\n")
+
+    run = caption(tmp_path / "data", "--only", redo)
+
+    assert run.code == 0, run.err
+    assert sorted(chat.picture().width for chat in server.chats) == [40, 42]

@@ -77,15 +77,32 @@ def test_a_thinking_only_model_is_named_once_and_its_captions_are_clean(tmp_path
     assert {path: path.read_text() for path in expected} == expected
 
 
-def test_thinking_that_spends_the_whole_budget_says_so(tmp_path, caption, server):
+@pytest.mark.parametrize(
+    "model",
+    # Inline, the thinking cut off by the limit is a <think> block that never closes.
+    [THINKING_ONLY_MODEL, INLINE_THINKING_MODEL],
+    ids=["thinking field", "inline"],
+)
+def test_thinking_that_spends_the_whole_budget_says_so(tmp_path, caption, server, model):
     picture(tmp_path / "a.jpg")
-    with_model(server, THINKING_ONLY_MODEL)
+    with_model(server, model)
 
     run = caption(tmp_path, "--model", MODEL, "--max-tokens", 50, "--retries", 0)
 
     assert run.code == 1
     assert "FAILED a.jpg: the model spent its answer thinking (raise --max-tokens" in run.err
     assert "cut off at the token limit" not in run.err
+
+
+def test_an_inline_thought_that_never_closes_never_reaches_a_caption(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    server.answer = lambda chat: "<think>The user wants a caption, so I look at the colours first"
+
+    run = caption(tmp_path, "--retries", 0)
+
+    assert run.code == 1
+    assert "FAILED a.jpg: " in run.err
+    assert not (tmp_path / "a.txt").exists()
 
 
 @pytest.mark.parametrize("raw", [False, True])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import distinct_pictures, picture
+from stand_in_ollama import VISION_MODEL
 
 DATA = Path(__file__).resolve().parent / "data" / "journal-47ddee3"
 JOURNAL = ".llava-caption-ollama.journal"
@@ -123,6 +124,25 @@ def test_a_server_that_changed_its_model_makes_the_unfinished_pass_a_new_one(tmp
 
     assert resumed.code == 0, resumed.err
     assert [path.read_text() for path in captions] == ["A photo by m2."] * 3
+
+
+@pytest.mark.parametrize(
+    "changed", [["--model", "llava:7b"], ["--prefix", "ohwx"]], ids=["another model", "another prefix"]
+)
+def test_an_append_rerun_with_another_model_or_prefix_is_another_pass_and_adds_its_answer(
+    tmp_path, caption, server, changed
+):
+    server.models["llava:7b"] = VISION_MODEL
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 2)
+    assert caption(folder, "--existing", "append").code == 0
+    server.chats.clear()
+
+    rerun = caption(folder, "--existing", "append", *changed)
+
+    assert rerun.code == 0, rerun.err
+    assert len(server.chats) == 2
+    assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 2)
 
 
 # --- 5: a person's edit is never destroyed -------------------------------------------------
@@ -378,6 +398,23 @@ def test_a_journal_whose_first_line_is_damaged_still_counts(tmp_path, caption, s
     assert caption(folder, "--existing", "append").code == 0
     journal = folder / JOURNAL
     journal.write_bytes(b"X" + journal.read_bytes()[1:])
+    server.chats.clear()
+
+    rerun = caption(folder, "--existing", "append")
+
+    assert rerun.code == 0, rerun.err
+    assert server.chats == []
+    assert {path: answers_in(path) for path in expected} == dict.fromkeys(expected, 1)
+
+
+def test_a_journal_that_lost_its_first_line_still_counts_every_line_it_kept(tmp_path, caption, server):
+    folder = tmp_path / "set"
+    expected = with_tags(folder, 2)
+    assert caption(folder, "--existing", "append", "--jobs", 1).code == 0
+    journal = folder / JOURNAL
+    header, *lines = journal.read_text().splitlines(keepends=True)
+    assert header == '{"journal": 2}\n'
+    journal.write_text("".join(lines))  # its first line now the first caption's
     server.chats.clear()
 
     rerun = caption(folder, "--existing", "append")
