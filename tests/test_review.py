@@ -61,7 +61,7 @@ def build_page(page: Path, images: list, run: dict | None = None) -> Path:
         timing = {key: record[key] for key in ("seconds", "tokens")}
         review.image(image, record["status"], record["caption"], record["reason"], flags=flags, **timing)
         if record.get("jpeg"):
-            review.thumbnail(image, record["jpeg"])
+            review.keep_thumbnail(image, record["jpeg"])
     page.parent.mkdir(parents=True, exist_ok=True)
     summary = captioner.Summary(seconds=754.0, tokens=415, generation_ns=10_000_000_000)
     # Without the flush to disk of each file written: 200 of them for 20,000 images, a second of
