@@ -229,13 +229,21 @@ def distinct_pictures(folder: Path, count: int) -> dict:
     return expected
 
 
+HELD_PORTS: list = []  # sockets bound and never listening, for the life of the tests
+
+
 def closed_port_url() -> str:
+    """A port where nothing listens, and nothing else of the tests will: the socket stays bound
+    (connections are refused, bind(0) of another test passes it over), where a port closed at
+    once could be handed to another test's server during a run's wait. SO_REUSEADDR lets a test
+    start a server on it deliberately, as a server coming back."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    HELD_PORTS.append(sock)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 JOURNAL = ".llava-caption-ollama.journal"
