@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -820,8 +820,20 @@ class Reruns(RuleBasedStateMachine):
     def worlds(self, spec: RunSpec) -> list[dict[str, Plan]]:
         """The plans the rules allow for the run's images: one per way of reading what the model
         is unsure of (usually one), --limit applied in the order of planning."""
+        worlds = self.worlds_planned(spec, assumed=False)
+        if self.bench.api != "openai" or spec.model != "default" or spec.only is not None:
+            return worlds
+        # Without --model the served model is learnt at the preflight, which a run with nothing
+        # to caption never reaches: there, a caption holding this pass's answer by another model
+        # counts as done (docs/reruns.md). A run with work learns the model and plans by it.
+        before = self.worlds_planned(spec, assumed=True)
+        idle = [world for world in before if not any(plan.action == "caption" for plan in world.values())]
+        busy = len(idle) < len(before)
+        return idle + (worlds if busy else [])
+
+    def worlds_planned(self, spec: RunSpec, assumed: bool) -> list[dict[str, Plan]]:
         scope = self.scope(FOLDER_SPECS[spec.folders][1])
-        readings = [self.readings(spec, pic) for pic in scope]
+        readings = [self.readings(spec, pic, assumed) for pic in scope]
         worlds = []
         for chosen in itertools.product(*readings):
             world, captioning = {}, 0
@@ -834,7 +846,7 @@ class Reruns(RuleBasedStateMachine):
             worlds.append(world)
         return worlds
 
-    def readings(self, spec: RunSpec, picture: Picture) -> list[Plan]:
+    def readings(self, spec: RunSpec, picture: Picture, assumed: bool = False) -> list[Plan]:
         caption = self.captions[picture.caption]
         if spec.only is not None:
             if picture.rel not in spec.only:
@@ -845,6 +857,8 @@ class Reruns(RuleBasedStateMachine):
             return [Plan("caption", "blank: the answer alone", by)]
         if by in caption.passes:
             return [Plan("skip", f"done by {by} before", by, holds_answer=True)]
+        if assumed and any(replace(one, model=by.model) == by for one in caption.passes):
+            return [Plan("skip", f"done by {by} with another model before; the model is not asked", by)]
         plans = []
         if by.mode == "skip":  # a caption exists, whoever wrote it: the journal is not read
             return [Plan("skip", "a caption exists (--existing skip)", by)]
@@ -867,24 +881,43 @@ class Reruns(RuleBasedStateMachine):
 
     def redo_plan(self, spec: RunSpec, caption: Caption) -> Plan:
         """A redo: the mode is --existing when given, else the mode of the pass that wrote the
-        caption when that pass has the run's other settings, else overwrite."""
+        caption when that pass has the run's other settings, else overwrite. With --api openai
+        and no --model a redo is planned before the server says which model it serves: the
+        pass it looks for is the run's settings with any model (docs/reruns.md)."""
+        agnostic = self.bench.api == "openai" and spec.model == "default"
         settings = self.pass_of(spec, "skip").settings()
-        in_the_text = [one for one in caption.passes if one.settings() == settings]
-        landed = [one for one in caption.wrote_by if one.settings() == settings]
+
+        def same_settings(one: Pass) -> bool:
+            return one.settings() == settings or (
+                agnostic and (one.prompt, one.prefix) == (settings[0], settings[2])
+            )
+
+        in_the_text = [one for one in caption.passes if same_settings(one)]
+        landed = [one for one in caption.wrote_by if same_settings(one)]
         if spec.mode:
             mode = spec.mode
-        elif caption.kind == "tool" and caption.write and caption.write.by.settings() == settings:
+        elif caption.kind == "tool" and caption.write and same_settings(caption.write.by):
             mode = caption.write.by.mode
         elif in_the_text or landed:
             mode = (in_the_text or landed[-1:])[0].mode
         else:
             mode = "overwrite"
+        # A redo in skip mode writes the answer alone, as overwrite does, and is that pass's.
+        mode = "overwrite" if mode == "skip" else mode
         by = self.pass_of(spec, mode)
+
+        def of_this_pass(one: Pass) -> bool:
+            return one == by or (agnostic and replace(one, model=by.model) == by)
+
         if caption.blank or mode in ("skip", "overwrite"):
             return Plan("caption", f"redo ({mode}): the answer alone", by)
-        if self.edited_since_it_wrote(caption, by):
+        if (
+            mode in ("append", "prepend")
+            and caption.kind == "person"
+            and any(map(of_this_pass, caption.wrote_by))
+        ):
             return Plan("fail", "redo: edited since this pass wrote it", by)
-        if caption.kind == "tool" and caption.write and caption.write.by == by:
+        if caption.kind == "tool" and caption.write and of_this_pass(caption.write.by):
             write = caption.write
             return Plan(
                 "caption",
@@ -893,7 +926,7 @@ class Reruns(RuleBasedStateMachine):
                 write.base,
                 write.base_passes,
             )
-        if by in caption.passes:
+        if any(map(of_this_pass, caption.passes)):
             return Plan("fail", "redo: another pass added to its caption since", by)
         return Plan("caption", f"redo ({mode}): the answer added", by, caption.text, caption.passes)
 
