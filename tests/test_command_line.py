@@ -175,7 +175,7 @@ def test_second_ctrl_c_quits_at_once(tmp_path, server, spawn):
     wait_until(lambda: server.in_flight >= 1)
 
     signal_twice(process, signal.SIGINT)
-    _, err = process.communicate(timeout=5)
+    _, err = process.communicate(timeout=15)
 
     assert process.returncode == -signal.SIGINT
     assert "interrupted: captioned 0, skipped 0, failed 0 in " in err
@@ -198,7 +198,7 @@ def test_ctrl_c_while_the_only_server_is_down_ends_at_once(tmp_path, server, spa
         if " stopped answering " in line:
             break
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=5)  # not the 20 s kept for answers on their way
+    _, err = process.communicate(timeout=15)  # not the 20 s kept for answers on their way
 
     assert process.returncode == -signal.SIGINT
     assert "stopping: waiting" not in err  # no answer can be on its way

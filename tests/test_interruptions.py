@@ -91,7 +91,7 @@ def test_second_term_during_the_wait_quits_at_once_and_still_keeps_the_jsonl(tmp
     first = next(tmp_path.glob("*.txt"))
 
     signal_twice(process, signal.SIGTERM)
-    _, err = process.communicate(timeout=5)
+    _, err = process.communicate(timeout=15)
 
     assert process.returncode == -signal.SIGTERM
     assert "interrupted: captioned 1, skipped 0, failed 0 in " in err
