@@ -139,8 +139,10 @@ PAUSE_SCALE = pause_scale()
 BACKOFF_FIRST, BACKOFF_LONGEST = 0.5 * PAUSE_SCALE, 30.0 * PAUSE_SCALE
 PROBE_FIRST, PROBE_LONGEST = 0.25 * PAUSE_SCALE, 15.0 * PAUSE_SCALE
 # /api/version, /api/tags and /api/show load no model: a server answers them in milliseconds,
-# so a port that accepts and stays silent is found out in seconds, not after --timeout.
-QUICK_TIMEOUT = 10.0 * PAUSE_SCALE
+# so a port that accepts and stays silent is found out in seconds, not after --timeout. Never
+# under 3 s, whatever the scale: a server on a loaded machine (the tests' stand-in beside four
+# suites at once) has taken more than a second to list its models.
+QUICK_TIMEOUT = max(10.0 * PAUSE_SCALE, 3.0)
 DRAIN_SECONDS = 20.0  # after the first Ctrl-C, how long answers already on their way may take
 POLL_SECONDS = 0.1  # how soon the coordinator notices a stop
 PLAN_FIRST_SECONDS = 0.1  # planning before the first request: 10,000 images here, not 100,000
