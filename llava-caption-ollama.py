@@ -2048,10 +2048,6 @@ def probe_task() -> Task:
 # one caption request, the words of its errors. A new API is a class added to APIS.
 
 
-# Everything that differs between the APIs lives in its class: settings, clients, listing the
-# models, the checks before the first image, one caption request, the words of its errors.
-
-
 @dataclass
 class Answer:
     text: str
@@ -2094,8 +2090,9 @@ class Gathered:
 
 
 class ServerSaid(Exception):
-    """An OpenAI-compatible server's error: its status (-1 for an error in the middle of an
-    answer), its message, and how long it asked us to wait (Retry-After), if it did."""
+    """A server's error answer, for the APIs spoken over httpx (the official client raises its
+    own, ollama.ResponseError): its status (-1 for an error in the middle of an answer), its
+    message, and how long it asked us to wait (Retry-After), if it did."""
 
     def __init__(self, status: int, error: str, retry_after: float = 0.0) -> None:
         super().__init__(error)
