@@ -17,6 +17,9 @@ final chunk it imitates; the same `answer` script and Reply fields drive both AP
 It can also be hostile, as no upstream server is but a broken one or a proxy in front of one
 can be: echo the request's Authorization header into what it says, stream an answer that never
 ends and never repeats (ignoring the token limit), or a line that never ends.
+
+`engine="mlx"` imitates Ollama's MLX engine (the default on Apple Silicon since v0.40.0): one
+request at a time, its own context overflow message, gemma4's empty answers without thinking.
 """
 
 from __future__ import annotations
@@ -63,6 +66,33 @@ INLINE_THINKING_MODEL = {
     "families": ["qwen3vl"],
     "inline_thinking": True,
 }
+# Since PR #18473 (merged 2026-09-15) /api/show says how a model takes "think": "values" are
+# booleans and/or level names, "default" what it does when "think" is left out
+# (types/model Thinking; server's legacyThinking lists e.g. {Values: [false, true], Default: true}).
+# A value the model does not list is taken and resolves to the default ("Other names may still be
+# accepted by the endpoint and resolve to the default", Thinking.Supports).
+# gemma4 thinks by default on /api/chat (ollama/ollama#15268).
+GEMMA4_MODEL = {
+    "capabilities": ["completion", "vision", "thinking"],
+    "families": ["gemma4"],
+    "architecture": "gemma4",
+    "thinking": {"values": [True, False], "default": True},
+}
+# Qwen 3.6/3.8 (architecture qwen35) see and think at levels (ollama PR #15787); 3.8 lists no
+# false and thinks at "high" when "think" is left out (issue 20's brief; Ollama's
+# thinkingForLocalRenderer as stored here sets "medium" for qwen3.8: one of the two is stale).
+QWEN38_MODEL = {
+    "capabilities": ["completion", "vision", "thinking"],
+    "families": ["qwen35"],
+    "architecture": "qwen35",
+    "thinking": {"values": ["low", "medium", "high", "max"], "default": "high"},
+}
+# The level names Ollama takes as "think"; any other string is a 400 (server's
+# validateLegacyThinking).
+THINK_LEVELS = ("low", "medium", "high", "max")
+# Qwen 3.8's template refusing a conversation it finds no user turn in, a 500 (ollama#17778, #17812).
+NO_USER_QUERY = "no user query found in messages"
+ENGINES = ("llama", "mlx")
 THOUGHT = " ".join(  # 105 tokens of what a model thinks
     f"Step {step}: the user wants a caption, so I look at part {step} of the picture and note what I see."
     for step in range(1, 6)
@@ -87,6 +117,20 @@ VLLM = ("vllm", "vllm-old")
 OLLAMA_IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", ""}
 DATA_URI = re.compile(r"data:([^;,]*)(;base64)?,(.*)", re.DOTALL)
 MODELS_CREATED = 1746405464  # the models' modified_at below, in Unix seconds
+
+
+def mlx_overflow(tokens: int) -> str:
+    """The MLX runner's words for a prompt longer than the context (x/mlxrunner/client.go)."""
+    return f"input length ({tokens} tokens) exceeds the model's maximum context length"
+
+
+def llama_server_error(status: int, message: str) -> str:
+    """An error as Ollama's llama-server era passes it on: llama-server's JSON error body as the
+    string inside Ollama's {"error": ...} (llm/llama_server.go, statusErrorMessage)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return json.dumps({"error": {"code": status, "message": message, "type": kind}}, separators=(",", ":"))
+
+
 RUNNER_CRASH = (
     "model runner has unexpectedly stopped, this may be due to resource limitations "
     "or an internal error, check ollama server logs for details"
@@ -179,6 +223,13 @@ class StandInOllama:
     # Ollama's own API (/, /api/...) answers too, as on Ollama; False: only /v1, as on vLLM,
     # SGLang, llama-server and LM Studio, which answer it 404.
     native: bool = True
+    # Ollama's inference engine: "llama" (llama.cpp's) or "mlx", the default on Apple Silicon since
+    # v0.40.0. MLX answers one request at a time whatever `slots` says (its sampler takes batch
+    # size 1, x/mlxrunner/sample.go:519); gemma4 with think:false answers an empty content, done
+    # (ollama/ollama#17823, open); on /api/chat a prompt (Reply.prompt_tokens) over the context is
+    # a 500 with mlx_overflow's words instead of an answer. Which context MLX holds it to is not
+    # confirmed: the stand-in takes the request's num_ctx, else 4096, as on the llama engine.
+    engine: str = "llama"
 
     # Every endpoint answers 502 with nginx's page, as a reverse proxy does while its Ollama
     # restarts.
@@ -196,13 +247,15 @@ class StandInOllama:
     def __post_init__(self) -> None:
         if self.flavour not in (*FLAVOURS, TOY):
             raise ValueError(f"flavour must be one of {(*FLAVOURS, TOY)}, not {self.flavour!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         self.chats: list = []
         self.requests: list = []  # (time.monotonic(), method, path) of every request
         self.connections: set = set()
         self.lock = threading.Lock()
         self.in_flight = 0
         self.most_in_flight = 0
-        self.slot_gate = threading.Semaphore(self.slots)
+        self.slot_gate = threading.Semaphore(1 if self.engine == "mlx" else self.slots)
         handler = type("Handler", (Handler,), {"stand_in": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
         self.httpd.daemon_threads = True
@@ -499,6 +552,8 @@ class Handler(BaseHTTPRequestHandler):
         capabilities = self.stand_in.models[name]["capabilities"]
         if capabilities is not None:
             answer["capabilities"] = capabilities
+        if "thinking" in self.stand_in.models[name]:
+            answer["thinking"] = self.stand_in.models[name]["thinking"]
         self.send_json(200, answer)
 
     def pull(self, body: dict) -> None:
@@ -551,6 +606,13 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("think") and "thinking" not in (entry.get("capabilities") or []):
             self.send_error_json(400, f'"{model}" does not support thinking')
             return
+        think = body.get("think")
+        if isinstance(think, str) and think not in THINK_LEVELS:
+            self.send_error_json(
+                400,
+                f'invalid think value: "{think}" (must be "high", "medium", "low", "max", true, or false)',
+            )
+            return
         chat = Chat(
             model=model,
             prompt="".join(m.get("content") or "" for m in messages),
@@ -599,7 +661,13 @@ class Handler(BaseHTTPRequestHandler):
         can_think = "thinking" in (entry.get("capabilities") or []) or entry.get("inline_thinking")
         if not can_think:
             return ""
-        return THOUGHT if chat.think is None or chat.think or entry.get("thinking_only") else ""
+        think = chat.think
+        levels = entry.get("thinking")
+        if levels and think not in levels["values"]:  # left out or not listed: the default
+            think = levels["default"]
+        elif think is None:
+            think = True
+        return THOUGHT if think or entry.get("thinking_only") else ""
 
     def pieces(self, chat: Chat, reply: Reply, limit: int) -> tuple[str, list, str]:
         """The answer as the model generates it: the whole text (inline thinking included), its
@@ -607,7 +675,10 @@ class Handler(BaseHTTPRequestHandler):
         limit cuts thinking and answer alike, as thinking spends num_predict and max_tokens."""
         text = self.said(reply.text or "") if reply.text else ""
         thought = self.thought(chat)
-        if thought and (self.entry(chat.model, chat.api) or {}).get("inline_thinking"):
+        entry = self.entry(chat.model, chat.api) or {}
+        if self.stand_in.engine == "mlx" and entry.get("architecture") == "gemma4" and chat.think is False:
+            text = ""  # ollama/ollama#17823
+        if thought and entry.get("inline_thinking"):
             text, thought = f"<think>{thought}</think>{text}", ""
         pieces = [("thinking", token) for token in re.findall(r"\S+\s*", thought)]
         pieces += [("content", token) for token in re.findall(r"\S+\s*|\s+", text)]
@@ -660,6 +731,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_reply(self, model: str, reply: Reply, chat: Chat) -> None:
         stream = chat.stream
+        context = chat.options.get("num_ctx") or 4096
+        if self.stand_in.engine == "mlx" and reply.status == 200 and reply.prompt_tokens > context:
+            reply = Reply(status=500, error=mlx_overflow(reply.prompt_tokens))
         if self.sent_failure(
             reply, lambda status, error, headers: self.send_json(status, {"error": self.said(error)}, headers)
         ):
