@@ -19,12 +19,20 @@ from stand_in_ollama import BUSY, RUNNER_CRASH, Reply, StandInOllama, describe
 
 
 def every(k: int, fault: Reply, faulted: list):
-    """An answer that fails every k-th time (counted where answers are given, one at a time)."""
+    """An answer that fails every k-th time (counted where answers are given, one at a time),
+    never twice for one image: where the k-th request is a retry, the fault goes to the next
+    image instead. Counted by request alone, a loaded machine's order of retries could make one
+    image fail all its tries."""
     count = itertools.count(1)
+    owed, failed_once = [False], set()
 
     def answer(chat):
-        if next(count) % k:
+        owed[0] = owed[0] or next(count) % k == 0
+        width = chat.picture().width
+        if not owed[0] or width in failed_once:
             return describe(chat)
+        owed[0] = False
+        failed_once.add(width)
         faulted.append(chat)
         return fault
 
