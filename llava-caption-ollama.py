@@ -1167,6 +1167,10 @@ def verdict(
     mode = config.existing
     if named and config.redo_in_its_mode and journal:
         mode = mode_of_the_pass(history, written, journal, prompt) or mode
+    if named and mode == "skip":
+        # A redo is never skipped: it writes the answer alone, as overwrite does, and is recorded
+        # as the overwrite pass's, a blank caption's as much as any other (docs/reruns.md).
+        mode = "overwrite"
     if is_blank(data):
         return Verdict("caption", mode, "")
     ours = pass_answer(history, written, journal, mode, prompt) if journal else None

@@ -514,3 +514,26 @@ def test_images_done_with_a_model_the_server_no_longer_serves_keep_their_place_u
 
     assert run.code == 0, run.err
     assert [chat.picture().width for chat in server.chats if chat.picture().size != (64, 64)] == [40]
+
+
+@pytest.mark.parametrize("before", ["no caption", "an empty caption"])
+def test_a_redo_with_existing_skip_of_an_image_without_caption_is_the_overwrite_passs(
+    tmp_path, caption, server, before
+):
+    """Found by the soak: a redo in skip mode of an image with nothing beside it was recorded as
+    the skip pass's, so the overwrite pass that followed captioned it a second time."""
+    folder = tmp_path / "set"
+    expected = distinct_pictures(folder, 1)
+    [path] = expected
+    if before == "no caption":
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text("", encoding="utf-8")
+
+    redo = caption(folder, "--existing", "skip", "--only", redo_list(folder, path.with_suffix(".png")))
+    assert redo.code == 0, redo.err
+    assert path.read_text(encoding="utf-8") == expected[path]
+
+    again = caption(folder, "--existing", "overwrite")
+    assert again.code == 0, again.err
+    assert len(server.chats) == 1 and "skipped 1" in again.err
