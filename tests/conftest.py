@@ -145,8 +145,12 @@ def spawn():
             process.communicate()
 
 
+WITHOUT_TRIO = str(Path(__file__).resolve().parent / "without_trio")
+
+
 def child_environment(env: dict | None) -> dict:
     environment = {k: v for k, v in os.environ.items() if k != "OLLAMA_HOST"}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [WITHOUT_TRIO, os.environ.get("PYTHONPATH")]))
     environment.update(env or {})
     return environment
 
