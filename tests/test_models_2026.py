@@ -57,6 +57,14 @@ def test_the_stand_in_shows_how_each_model_takes_think(make_server):
     ]
 
 
+def test_the_stand_in_before_pr_18473_shows_no_thinking_values_though_its_models_take_them(make_server):
+    server = make_server(models={QWEN38: QWEN38_MODEL}, answer=lambda c: "hi", shows_thinking=False)
+    shown = httpx.post(f"{server.url}/api/show", json={"model": QWEN38}, timeout=10).json()
+    assert "thinking" not in shown
+    assert "thinking" in shown["capabilities"]
+    assert chat(server, QWEN38, think=False)[0]["message"]["thinking"]  # no false: its default, as before
+
+
 def test_the_stand_in_on_mlx_answers_gemma4_without_thinking_with_nothing_and_overflows_in_its_words(
     make_server,
 ):
