@@ -180,6 +180,11 @@ class ModelFacts:
 # (server/sched.go at v0.33: "model architecture does not currently support parallel requests").
 ONE_AT_A_TIME = ("mllama", "qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen3next", "lfm2", "nemotron_h")
 
+# The levels Ollama's "think" takes, lowest first; any other string is a 400 "invalid think value"
+# (ollama/ollama PR #15787; Qwen 3.8 takes all four, ollama/ollama#18091). Which values a model takes,
+# levels or true/false, its /api/show says since PR #18473: "thinking": {"values": [...], "default": ...}.
+THINK_LEVELS = ("low", "medium", "high", "max")
+
 MODELS = [
     ModelFacts(
         "`llava:13b` (default), `llava:7b`, `llava:34b`",
@@ -467,6 +472,7 @@ class Config:
     seed: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     think: bool = False
+    think_level: str = ""  # one of THINK_LEVELS, asked of a model that thinks at levels; "" lets it choose
     num_ctx: int = DEFAULT_NUM_CTX
     jsonl: Path | None = None
     review: Path | None = None  # the review page to write
@@ -495,6 +501,8 @@ class Config:
         }
         if self.folder_prompt:
             settings["folder_prompt"] = self.folder_prompt
+        if self.think_level:
+            settings["think_level"] = self.think_level
         return settings
 
     def settings_digest(self) -> str:
@@ -723,7 +731,7 @@ def account_for(
         summary.image_failed(task.root, task.image, outcome.failure)
         reporter.image_failed(task.image, outcome.failure)
         return
-    if outcome.answer.thought and not (config.think or summary.thought):
+    if outcome.answer.thought and not (config.think or outcome.answer.thinking_asked or summary.thought):
         reporter.thinks_anyway(config.model)
     summary.image_captioned(task.root, outcome.server, outcome.answer, outcome.text)
     reporter.image_captioned(task.image, outcome.text, outcome.seconds)
@@ -2059,6 +2067,9 @@ class Answer:
     tokens: int  # generated, thinking included
     generation_ns: int
     thought: bool = False  # thinking came back, in message.thinking or as a <think> block
+    # The request let the model think: a model that cannot turn thinking off is sent its lowest
+    # level, and its thinking is no surprise worth a warning.
+    thinking_asked: bool = False
 
 
 class Gathered:
@@ -2229,6 +2240,8 @@ class OllamaApi(Api):
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         super().__init__(url, timeout)
         self.thinks = False  # the model can think (its /api/show capabilities say so)
+        self.thinking: Thinking | None = None  # the values "think" takes, where /api/show says
+        self.think: bool | str | None = None  # what each request sends as "think" (None: nothing)
 
     @classmethod
     def settings(cls, args: argparse.Namespace) -> dict:
@@ -2258,25 +2271,50 @@ class OllamaApi(Api):
         _, trouble = self.first_contact(server, self.quick.list)
         if trouble:
             return trouble
-        details = self.show_model(config, reporter, stop)
+        details, self.thinking = self.show_model(config, reporter, stop)
         if not can_see(details):
             raise CannotStart(
                 f"model {config.model} on {self.url} cannot see images (it lacks the 'vision' capability); "
                 "choose a vision model such as llava"
             )
-        self.thinks = "thinking" in (details.capabilities or [])
+        self.thinks = "thinking" in (details.capabilities or []) or self.thinking is not None
+        self.think = self.think_to_send(config)
         architecture = str((details.modelinfo or {}).get("general.architecture", ""))
         if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
             reporter.one_at_a_time(config.model, architecture, self.url, config.jobs)
-        if config.think and not self.thinks:
-            # Ollama answers every such request 400 "... does not support thinking".
-            raise CannotStart(f"model {config.model} on {self.url} cannot think; run without --think")
+        if self.think not in (False, None) and not (config.think or config.think_level):
+            reporter.cannot_stop_thinking(config.model, self.url, self.think)
         return ""
 
-    def show_model(self, config: Config, reporter: Reporter, stop: Stop) -> ollama.ShowResponse:
+    def think_to_send(self, config: Config) -> bool | str | None:
+        """What each request sends as "think": nothing to a model that cannot think, else what
+        the run asks for in the values the model takes (thinking off where it can be)."""
+        option = "--think-level" if config.think_level else "--think"
+        if not self.thinks:
+            if config.think or config.think_level:
+                # Ollama answers every such request 400 "... does not support thinking".
+                raise CannotStart(f"model {config.model} on {self.url} cannot think; run without {option}")
+            return None
+        if self.thinking is None:  # an Ollama before PR #18473: its capabilities alone, as always
+            if config.think_level:
+                raise CannotStart(
+                    f"{self.url} does not say which thinking levels {config.model} takes (Ollama shows them "
+                    "since September 2026, PR #18473): update Ollama, or run with --think instead"
+                )
+            return config.think
+        think = self.thinking.asked(config.think, config.think_level)
+        if think is None:
+            raise CannotStart(
+                f"model {config.model} on {self.url} takes no thinking level {config.think_level}: "
+                f"{self.thinking.named()}"
+            )
+        refuse_what_the_client_cannot_send(think, config.model)
+        return think
+
+    def show_model(self, config: Config, reporter: Reporter, stop: Stop) -> tuple[Any, Thinking | None]:
         try:
             with self.errors():
-                return self.quick.show(config.model)
+                return self.show(config.model)
         except TryFailed as failure:
             if failure.fault is not Fault.MODEL_GONE:
                 raise CannotStart(f"{self.url} could not show model {config.model}: {failure}") from None
@@ -2287,9 +2325,24 @@ class OllamaApi(Api):
         self.pull_model(config.model, reporter, stop)
         try:
             with self.errors():
-                return self.quick.show(config.model)
+                return self.show(config.model)
         except TryFailed as failure:
             raise CannotStart(f"{self.url} could not show model {config.model}: {failure}") from None
+
+    def show(self, model: str) -> tuple[Any, Thinking | None]:
+        """The model's /api/show: what the official client reads of it (an ollama.ShowResponse,
+        validated as the client validates it), and how the model takes "think". The client's
+        ShowResponse (0.6.3) drops "thinking" (PR #18473, 2026-09-15), so this one request is sent
+        by the httpx.Client the ollama client itself sends with (BaseClient._client in
+        ollama/_client.py, 0.6.0 to 0.6.3: its transport, timeouts, headers and OLLAMA_API_KEY), and
+        an error answer is a ServerSaid, as ResponseError would be (its error, its status)."""
+        response = self.quick._client.post("/api/show", json={"model": model})
+        if not response.is_success:
+            raise ServerSaid(response.status_code, error_said(response), retry_after(response))
+        shown = response.json()
+        if not isinstance(shown, dict):
+            raise ValueError("no JSON object")  # noqa: TRY004 - what the client raises for bad JSON
+        return ollama.ShowResponse.model_validate(shown), Thinking.shown(shown)
 
     def pull_model(self, model: str, reporter: Reporter, stop: Stop) -> None:
         try:
@@ -2319,18 +2372,86 @@ class OllamaApi(Api):
                 options=options,
                 keep_alive=config.keep_alive,  # resets the unload timer with every request
                 # Since Ollama 0.12.4 a model that can think does so unless told not to: hundreds of
-                # tokens before every caption. Sent only to such models (others answer 400).
-                think=config.think if self.thinks else None,
+                # tokens before every caption. Sent only to such models (others answer 400); chosen
+                # by the preflight (think_to_send()).
+                think=self.think,
             )
             with closing(stream):  # closing the stream hangs up; Ollama then stops generating
                 for part in stream:
                     gathered.add(part.message.content or "", part.message.thinking or "")
                     if part.done:
                         refuse_cut_prompt(part.prompt_eval_count or 0, config.num_ctx)
-                        return gathered.answer(
+                        answer = gathered.answer(
                             part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
                         )
+                        answer.thinking_asked = self.think not in (False, None)
+                        return answer
         raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How a model takes "think", as Ollama's /api/show says since PR #18473 (merged 2026-09-15):
+    "values" are true/false and/or levels of THINK_LEVELS (gemma4: [true, false]; Qwen 3.8: the
+    four levels, no false), "default" what the model does when "think" is left out."""
+
+    values: tuple[bool | str, ...]
+    default: bool | str | None
+
+    @classmethod
+    def shown(cls, answer: dict) -> Thinking | None:
+        """None where /api/show says nothing of it (an Ollama before PR #18473) or says it in a
+        shape this version does not know: the capabilities decide then, as they did before."""
+        said = answer.get("thinking")
+        values = said.get("values") if isinstance(said, dict) else None
+        if not isinstance(values, list) or not values or not all(isinstance(v, (bool, str)) for v in values):
+            return None
+        default = said.get("default")
+        return cls(tuple(values), default if isinstance(default, (bool, str)) else None)
+
+    @property
+    def levels(self) -> list[str]:
+        return sorted((value for value in self.values if isinstance(value, str)), key=level_rank)
+
+    def asked(self, think: bool, level: str) -> bool | str | None:
+        """The value to send: the level asked for (None when the model does not take it); with
+        --think the model's own default; else thinking off, or where the model cannot turn it off
+        its lowest level."""
+        if level:
+            return level if level in self.levels else None
+        if think:
+            # Its default as it lists it (Qwen 3.8: "high"); else true, as before (Ollama takes a
+            # value the model does not list as its default: Thinking.Supports in types/model).
+            return self.default if self.default is not False and self.default in self.values else True
+        if False in self.values or not self.levels:
+            return False
+        return self.levels[0]
+
+    def named(self) -> str:
+        """The levels the model takes, for a refusal of another."""
+        if not self.levels:
+            return "it thinks or not, at no level; run with --think instead"
+        return f"it takes {', '.join(self.levels)}"
+
+
+def level_rank(level: str) -> int:
+    # A level of no known rank (a later Ollama's) comes after the known ones.
+    return THINK_LEVELS.index(level) if level in THINK_LEVELS else len(THINK_LEVELS)
+
+
+def refuse_what_the_client_cannot_send(think: bool | str, model: str) -> None:
+    """The official client validates "think" before it sends anything: ollama 0.6.0 to 0.6.2 take
+    only "low", "medium" and "high" (ollama/_types.py; "max" waits in ollama/ollama-python PR #681,
+    issue #743), 0.6.3 any string. A level it would refuse for every image is refused here, once."""
+    if not isinstance(think, str):
+        return
+    try:
+        ollama._types.ChatRequest(model=model, think=think)  # what Client.chat() builds and validates
+    except ValueError:  # pydantic's ValidationError
+        raise CannotStart(
+            f'this ollama client cannot send the thinking level "{think}" (before 0.6.3 it takes only low, '
+            "medium and high): upgrade it (pip install -U ollama), or ask for another with --think-level"
+        ) from None
 
 
 def can_see(details: ollama.ShowResponse) -> bool:
@@ -2376,6 +2497,14 @@ class OpenAiApi(Api):
             ),
             "--keep-alive": (args.keep_alive, "the server keeps its model loaded as long as it runs"),
             "--pull": (args.pull or None, "the server loads the model it was started with"),
+            "--think-level": (
+                args.think_level,
+                (
+                    "an OpenAI-compatible server does not say which thinking levels its model takes, and each "
+                    "names them its own way (reasoning_effort, chat_template_kwargs); --think lets it think "
+                    "as it does by default"
+                ),
+            ),
         }
         for option, (value, why) in refused.items():
             if value is not None:
@@ -4320,6 +4449,12 @@ class Reporter:
     def ollama_behind_openai(self, url: str) -> None:
         self.say(f"note: {url} is Ollama: --api ollama is its better path (--num-ctx, --keep-alive)")
 
+    def cannot_stop_thinking(self, model: str, url: str, level: str) -> None:
+        self.say(
+            f"note: {model} cannot turn thinking off on {url} (its thinking values list no false): it thinks "
+            f"at its lowest level, {level}, and each caption costs that thinking time"
+        )
+
     def thinks_anyway(self, model: str) -> None:
         self.say(
             f"warning: {model} thinks although asked not to (a thinking-only tag?): every caption "
@@ -4692,8 +4827,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--think",
         action="store_true",
-        help="let a model that can think (qwen3-vl, qwen3.5...) think before it captions: sometimes a better "
-        "caption, always slower; by default thinking is turned off",
+        help="let a model that can think (qwen3-vl, qwen3.5, gemma4...) think before it captions, as it does by "
+        "default: sometimes a better caption, always slower; by default thinking is turned off (a model that "
+        "cannot turn it off, such as Qwen 3.8, thinks at its lowest level)",
+    )
+    parser.add_argument(
+        "--think-level",
+        choices=THINK_LEVELS,
+        metavar="LEVEL",
+        help=f"let a model that thinks at levels (Qwen 3.8...) think at this one of {', '.join(THINK_LEVELS)} "
+        "(implies --think); refused, naming the levels it takes, where the model does not take it",
     )
     parser.add_argument(
         "--num-ctx",
@@ -4821,7 +4964,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     refuse_folder_prompt_name(args.folder_prompt)
     settings.update(
         folders=folders,
-        max_tokens=args.max_tokens or (DEFAULT_MAX_TOKENS_THINKING if args.think else DEFAULT_MAX_TOKENS),
+        think=args.think or bool(args.think_level),  # a level is thinking, with thinking's budget
+        think_level=args.think_level or "",
+        max_tokens=args.max_tokens
+        or (DEFAULT_MAX_TOKENS_THINKING if args.think or args.think_level else DEFAULT_MAX_TOKENS),
         prompt=read_prompt(prompt_file),
         # A glob that matched one folder and one file (datasets/* with a notes.md) takes this
         # form too: the run says which file it took for the prompt.

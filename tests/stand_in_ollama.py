@@ -230,6 +230,9 @@ class StandInOllama:
     # a 500 with mlx_overflow's words instead of an answer. Which context MLX holds it to is not
     # confirmed: the stand-in takes the request's num_ctx, else 4096, as on the llama engine.
     engine: str = "llama"
+    # False: an Ollama from before PR #18473 (merged 2026-09-15), whose /api/show says nothing of
+    # how a model takes "think" (no "thinking"), though its models take the same values.
+    shows_thinking: bool = True
 
     # Every endpoint answers 502 with nginx's page, as a reverse proxy does while its Ollama
     # restarts.
@@ -552,7 +555,7 @@ class Handler(BaseHTTPRequestHandler):
         capabilities = self.stand_in.models[name]["capabilities"]
         if capabilities is not None:
             answer["capabilities"] = capabilities
-        if "thinking" in self.stand_in.models[name]:
+        if self.stand_in.shows_thinking and "thinking" in self.stand_in.models[name]:
             answer["thinking"] = self.stand_in.models[name]["thinking"]
         self.send_json(200, answer)
 
