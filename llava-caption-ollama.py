@@ -2,7 +2,7 @@
 # /// script
 # requires-python = ">=3.10"
 # dependencies = [
-#     "ollama>=0.6,<0.7",
+#     "ollama>=0.6.3,<0.7",
 #     "httpx>=0.27",
 #     "Pillow>=9.1",
 # ]
@@ -2308,7 +2308,6 @@ class OllamaApi(Api):
                 f"model {config.model} on {self.url} takes no thinking level {config.think_level}: "
                 f"{self.thinking.named()}"
             )
-        refuse_what_the_client_cannot_send(think, config.model)
         return think
 
     def show_model(self, config: Config, reporter: Reporter, stop: Stop) -> tuple[Any, Thinking | None]:
@@ -2437,21 +2436,6 @@ class Thinking:
 def level_rank(level: str) -> int:
     # A level of no known rank (a later Ollama's) comes after the known ones.
     return THINK_LEVELS.index(level) if level in THINK_LEVELS else len(THINK_LEVELS)
-
-
-def refuse_what_the_client_cannot_send(think: bool | str, model: str) -> None:
-    """The official client validates "think" before it sends anything: ollama 0.6.0 to 0.6.2 take
-    only "low", "medium" and "high" (ollama/_types.py; "max" waits in ollama/ollama-python PR #681,
-    issue #743), 0.6.3 any string. A level it would refuse for every image is refused here, once."""
-    if not isinstance(think, str):
-        return
-    try:
-        ollama._types.ChatRequest(model=model, think=think)  # what Client.chat() builds and validates
-    except ValueError:  # pydantic's ValidationError
-        raise CannotStart(
-            f'this ollama client cannot send the thinking level "{think}" (before 0.6.3 it takes only low, '
-            "medium and high): upgrade it (pip install -U ollama), or ask for another with --think-level"
-        ) from None
 
 
 def can_see(details: ollama.ShowResponse) -> bool:

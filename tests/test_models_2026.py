@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import http.server
 import json
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import httpx
 import pytest
@@ -382,29 +380,6 @@ def test_think_level_is_refused_with_api_openai_with_the_reason(tmp_path, captio
     )
     assert "--think lets it think as it does by default" in run.err
     assert server.requests == []
-
-
-def test_max_is_refused_before_any_image_by_a_client_that_cannot_send_it(
-    tmp_path, caption, server, monkeypatch
-):
-    # ollama 0.6.0-0.6.2 validate "think" as Literal["low", "medium", "high"] (ollama/_types.py).
-    import ollama._types
-
-    class ChatRequestBefore063(ollama._types.ChatRequest):
-        think: bool | Literal["low", "medium", "high"] | None = None
-
-    monkeypatch.setattr(ollama._types, "ChatRequest", ChatRequestBefore063)
-    monkeypatch.setattr(sys.modules["ollama._client"], "ChatRequest", ChatRequestBefore063)
-    picture(tmp_path / "a.png")
-    server.models[QWEN38] = QWEN38_MODEL
-
-    run = caption(tmp_path, "--model", QWEN38, "--think-level", "max")
-
-    assert run.code == 2
-    assert 'this ollama client cannot send the thinking level "max"' in run.err
-    assert "pip install -U ollama" in run.err
-    assert server.chats == []
-    assert caption(tmp_path, "--model", QWEN38, "--think-level", "high").code == 0  # the others it sends
 
 
 def test_think_level_enters_the_pass_identity_only_when_given():
