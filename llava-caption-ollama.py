@@ -281,17 +281,49 @@ UNUSABLE_MODEL = [
         re.compile(r"image input is not supported.*mmproj()", re.IGNORECASE | re.DOTALL),
         "the server was started without the model's vision projector: start llama-server with --mmproj FILE",
     ),
+    # Ollama's MLX engine, the default on Apple Silicon since v0.40.0 (x/mlxrunner/client.go). It
+    # takes num_ctx as a soft limit only: the hard one is the model's own maximum.
+    (
+        re.compile(
+            r"input length \((\d+) tokens\) exceeds the model's maximum context length", re.IGNORECASE
+        ),
+        (
+            "image and prompt take {0} tokens, more than the context Ollama's MLX engine allows: raise "
+            "--num-ctx to {1} (MLX takes it as a soft limit only; past the model's own maximum, lower "
+            "--max-size)"
+        ),
+    ),
+    # Qwen 3.8's chat template, a 500; reported gone with a larger context (ollama/ollama#17778, #17812).
+    (
+        re.compile(r"no user query found in messages()", re.IGNORECASE),
+        (
+            "the model's chat template finds no user turn in the request (as Qwen 3.8's can): "
+            "update Ollama, or give the model a larger context (--num-ctx, or OLLAMA_CONTEXT_LENGTH on "
+            "the server), which reportedly avoids it"
+        ),
+    ),
 ]
+
+# A model that can think and answers nothing at all when told not to: gemma4 on Ollama's MLX
+# engine, the default on Apple Silicon since v0.40.0, answers think:false with an empty content
+# (ollama/ollama#17823, open). Of these architectures the first such answer is taken for the
+# model's every answer; of another model, only answers that fail alike (FailureWatch).
+SILENT_WITHOUT_THINKING = ("gemma4",)
+SILENT_WITHOUT_THINKING_CAUSE = (
+    "the model returns nothing with thinking off (a known bug of Ollama's MLX engine with gemma4, "
+    "ollama/ollama#17823)"
+)
 
 
 # Answers that are no caption, recognised by how they start, each with why it is refused.
+REFUSED = "the model refused"
 NOT_A_CAPTION = [
     (
         r"i'?m sorry|i am sorry|sorry\b|i apologi[sz]e\b",
-        "the model refused",
+        REFUSED,
     ),  # granite: "I apologize, but ..."
-    (r"i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)", "the model refused"),
-    (r"as an ai\b|unfortunately,? i\b", "the model refused"),
+    (r"i cannot|i can'?t|i'?m (?:not able|unable)|i am (?:not able|unable)", REFUSED),
+    (r"as an ai\b|unfortunately,? i\b", REFUSED),
     # moondream answers a caption prompt with a box: "[0.64, 0.50, 0.91, 0.88]" (ollama/ollama#6365)
     (r"\[\s*-?[\d.]+\s*(?:,\s*-?[\d.]+\s*){3}\]", "the model answered with box coordinates"),
 ]
@@ -323,7 +355,12 @@ class Fault(enum.Enum):
     MODEL_GONE = "the model is no longer on the server (404)"
     MODEL_UNUSABLE = (
         "the server cannot run the model as asked: an architecture it cannot load, a context too small "
-        "for image and prompt, too little memory, no vision projector"
+        "for image and prompt, too little memory, no vision projector, a template that finds no user "
+        "turn, a model known to answer nothing with thinking off"
+    )
+    FAILING_ALIKE = (
+        "the server's answers so far all failed the same way, for one image after another, and none "
+        "succeeded: the same error of its own, or the same answer unfit to train on"
     )
     ACCESS_DENIED = "the server (or a proxy) refuses us: 401 or 403"
     REQUEST_REFUSED = "a request the server will never accept: 400, 413, 422, an image it cannot decode"
@@ -1874,6 +1911,7 @@ class Server:
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
         self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
+        self.watch = FailureWatch()
 
     @property
     def in_rotation(self) -> bool:
@@ -2133,6 +2171,11 @@ class Api:
     refused_advice: ClassVar[str]  # said after "refuses this client" of a 403
     # The fix when image, prompt and answer do not fit the context; "" for the --num-ctx one.
     context_fix: ClassVar[str] = ""
+    # What the API says of the model, where it says it (Ollama's /api/show): it can think, its
+    # architecture, the values its "think" takes (thinking.values, PR #18473); empty when unknown.
+    thinks = False
+    architecture = ""
+    thinking_values: tuple = ()
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         self.url = url
@@ -2280,6 +2323,7 @@ class OllamaApi(Api):
         self.thinks = "thinking" in (details.capabilities or []) or self.thinking is not None
         self.think = self.think_to_send(config)
         architecture = str((details.modelinfo or {}).get("general.architecture", ""))
+        self.architecture = architecture
         if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
             reporter.one_at_a_time(config.model, architecture, self.url, config.jobs)
         if self.think not in (False, None) and not (config.think or config.think_level):
@@ -3256,7 +3300,7 @@ def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
         caption = tidy(caption)
     problem = caption_problem(answer, caption)
     if problem:
-        raise TryFailed(Fault.UNFIT_ANSWER, problem)
+        raise unfit_answer(problem, answer, caption, server, config)
     secret = SECRETS.found_in(caption)
     if secret:  # the server says back what it was sent: no training set may hold it
         raise TryFailed(
@@ -3289,8 +3333,9 @@ def classified(exc: Exception, api: Api) -> TryFailed:
     """What an exception of a client means: the one place where errors get their fault."""
     if isinstance(exc, answer_errors()):
         pause = getattr(exc, "retry_after", 0.0)
-        fault = status_fault(exc.status_code, exc.error)
-        return TryFailed(fault, explain(exc.status_code, exc.error, api), pause, exc.status_code)
+        error = inner_message(exc.error)
+        fault = status_fault(exc.status_code, error)
+        return TryFailed(fault, explain(exc.status_code, error, api), pause, exc.status_code)
     if isinstance(exc, httpx.ProxyError):  # raised by our Transport, naming the proxy
         return TryFailed(Fault.SERVER_DOWN, reason_of(exc), cause=reason_of(exc))
     if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
@@ -3366,11 +3411,20 @@ def explain(status: int, error: str, api: Api) -> str:
     return f"{server[0].upper()}{server[1:]} answered {status}: {said}{advice}"
 
 
+def inner_message(error: object) -> str:
+    """What a server's error says. Since Ollama 0.30 an error of llama-server reaches /api/chat
+    as llama-server's own JSON body, a string inside Ollama's {"error": ...} (llm/llama_server.go,
+    statusErrorMessage): the client decodes one level of it, two for an error mid-answer (a
+    dict). Its message is what the server said, shown and matched without the JSON around it."""
+    text = error if isinstance(error, str) else json.dumps(error)
+    return error_message(text.encode()) if text.lstrip().startswith("{") else text
+
+
 def unusable_model_fix(error: str, api: type[Api] | Api = OllamaApi) -> str:
     for pattern, fix in UNUSABLE_MODEL:
         found = pattern.search(error)
         if found:
-            if "--num-ctx" in fix and api.context_fix:  # the context is the server's, set as it starts
+            if "--num-ctx to {" in fix and api.context_fix:  # the context is the server's, set as it starts
                 return api.context_fix
             needed = int(found.group(1)) if found.group(1).isdigit() else 0
             return fix.format(*found.groups(), context_for(needed))
@@ -3380,6 +3434,76 @@ def unusable_model_fix(error: str, api: type[Api] | Api = OllamaApi) -> str:
 def context_for(tokens: int) -> int:
     # Room for the prompt and a caption's tokens, rounded up to a multiple of 1024.
     return math.ceil((tokens + DEFAULT_MAX_TOKENS) / 1024) * 1024
+
+
+# How an empty answer of a model told not to think is told (FailureWatch gives it its fix).
+EMPTY_WITHOUT_THINKING = "the model answered with an empty caption, with thinking off"
+
+
+def unfit_answer(problem: str, answer: Answer, caption: str, server: Server, config: Config) -> TryFailed:
+    """An answer unfit to train on, for `problem`. An empty one of a model told not to think is
+    told as such; of a model known to answer nothing so (SILENT_WITHOUT_THINKING), before its
+    server has answered well, it is every answer to come: the server cannot be used as asked."""
+    if re.search(r"\w", caption) or answer.thought or answer.done_reason == "length":
+        return TryFailed(Fault.UNFIT_ANSWER, problem)
+    if not thinking_sent_off(server.api, config):
+        return TryFailed(Fault.UNFIT_ANSWER, problem)
+    if server.api.architecture in SILENT_WITHOUT_THINKING and not server.watch.answered:
+        return TryFailed(Fault.MODEL_UNUSABLE, f"an empty answer: {silence_fix(server.api)}")
+    return TryFailed(Fault.UNFIT_ANSWER, EMPTY_WITHOUT_THINKING)
+
+
+def thinking_sent_off(api: Api, config: Config) -> bool:
+    # A model that can think is sent think:false unless --think, where its thinking values (if
+    # the server lists them) allow false.
+    return api.thinks and not config.think and (not api.thinking_values or False in api.thinking_values)
+
+
+def silence_fix(api: Api) -> str:
+    """The fix for a model that answers nothing with thinking off: to think, as little as it can."""
+    if "low" in api.thinking_values:
+        return f"{SILENT_WITHOUT_THINKING_CAUSE}: try --think-level low"
+    return f"{SILENT_WITHOUT_THINKING_CAUSE}: run with --think (thinking on)"
+
+
+def failing_alike(failure: TryFailed, watch: FailureWatch, api: Api) -> TryFailed:
+    """What takes out a server whose answers so far all failed as `failure` did: why, and the
+    most likely fix."""
+    fix = alike_fix(failure, api)
+    return TryFailed(
+        Fault.FAILING_ALIKE,
+        f"{len(watch.images)} answers in a row ({len(set(watch.images))} images) failed alike and none "
+        f"has succeeded: {failure}" + (f"; {fix}" if fix else ""),
+        status=failure.status,
+    )
+
+
+def alike_fix(failure: TryFailed, api: Api) -> str:
+    """The most likely fix for a server whose every answer fails as `failure` did, from what it
+    said; "" where the reason names its own (raise --max-tokens)."""
+    if str(failure) == EMPTY_WITHOUT_THINKING:
+        return silence_fix(api)
+    if failure.fault is not Fault.UNFIT_ANSWER:
+        return (
+            f"the {api.server_kind} fails so whatever the image: its log says why; update it, or "
+            "choose another model"
+        )
+    if re.search(r"--\w", QUOTED.sub("", str(failure))):
+        return ""
+    return "the model gives no usable answer with this prompt and these settings: try another prompt or model"
+
+
+# Text a reason quotes (the model's answer, as shortened() gives it; a name in a server's words).
+QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def alike_key(failure: TryFailed, image: Path) -> tuple[Fault, int, str]:
+    """What failures that fail alike share, whichever image each came from: the fault, the status,
+    and the reason without what changes from image to image: the image's name, what the model
+    said, and every word with a digit (token counts, sizes, positions, ids)."""
+    reason = QUOTED.sub("<quoted>", str(failure).replace(image.name, "<image>"))
+    reason = re.sub(r"\S*\d\S*", "<n>", reason)
+    return failure.fault, failure.status, " ".join(reason.lower().split())
 
 
 def write_fault(exc: OSError) -> Fault:
@@ -3432,12 +3556,16 @@ class Rule:
     # Before the first image: the server's listing and the OpenAI probe picture are asked
     # again, for up to --wait-server, instead of the server being left out.
     waited_for_at_start: bool = False
+    # The server may be to blame: when its answers so far all failed alike, it is taken out
+    # (FailureWatch). Not so of the image's faults (a picture it cannot decode) nor of those
+    # waited out (a busy server, one down, a broken connection).
+    server_may_be_to_blame: bool = False
 
 
 POLICY = {
-    Fault.UNFIT_ANSWER: Rule(Action.RETRY_NOW_NEW_SEED, uses_a_try=True),
+    Fault.UNFIT_ANSWER: Rule(Action.RETRY_NOW_NEW_SEED, uses_a_try=True, server_may_be_to_blame=True),
     Fault.SERVER_BUSY: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True, waited_for_at_start=True),
-    Fault.SERVER_STRUGGLING: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True),
+    Fault.SERVER_STRUGGLING: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True, server_may_be_to_blame=True),
     # The image may be to blame, so it uses a try; asking the server is pause enough.
     Fault.CONNECTION_BROKE: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True),
     # The server is to blame, not the image: waiting uses none of its tries. But an image the
@@ -3447,6 +3575,7 @@ POLICY = {
     Fault.MODEL_GONE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
     # Every further request to that server would fail the same way: a night of nothing.
     Fault.MODEL_UNUSABLE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
+    Fault.FAILING_ALIKE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
     Fault.ACCESS_DENIED: Rule(Action.STOP_RUN, uses_a_try=False),
     Fault.REQUEST_REFUSED: Rule(Action.FAIL_IMAGE, uses_a_try=False),
     Fault.IMAGE_UNREADABLE: Rule(Action.FAIL_IMAGE, uses_a_try=False),
@@ -3470,6 +3599,55 @@ def decide(fault: Fault, tries: int, retries: int, times: int = 1) -> tuple[Acti
 def backoff(tries: int) -> float:
     # Exponential, with jitter so that the workers of several runs do not retry in step.
     return min(BACKOFF_LONGEST, BACKOFF_FIRST * 2 ** (tries - 1)) * random.uniform(0.5, 1.5)
+
+
+# A server whose answers all fail alike, one image after another, fails every image: a
+# template that cannot render, a model that answers nothing, the next bug nobody has listed.
+# Image by image, each using its tries, that is a night of nothing. So a server none of whose
+# answers has succeeded is taken out after ALIKE_ANSWERS failures in a row alike, from
+# ALIKE_IMAGES images at least. The second image is what tells the server's doing from the
+# image's: one unlucky picture (one that crashes the runner every time) fails alone, as it
+# always did, and the run goes on. 4 is the tries one image has at the default --retries 3, so
+# the stop costs what one failed image costs: 4 requests where the tries interleave (a 500
+# waits out a pause while the next image is sent), 5 at most (one image's 4 in a row, then the
+# next one's first); seconds, not a night. More would buy little: before any success, a second
+# image failing exactly as the first did is the server's doing far more often than chance.
+ALIKE_ANSWERS = 4
+ALIKE_IMAGES = 2
+
+
+class FailureWatch:
+    """A server's failed answers until its first good one: whether they all fail alike."""
+
+    def __init__(self) -> None:
+        self.answered = False  # one of its answers was fit to train on
+        self.kind: tuple = ()  # what the failures in a row share (alike_key())
+        self.images: list[Path] = []  # the image of each of them
+
+    def answered_well(self) -> None:
+        self.answered = True
+
+    def fails_alike(self, failure: TryFailed, image: Path) -> bool:
+        """Take in a failed try; whether the server's answers so far failed alike enough for it
+        to be taken out."""
+        if self.answered or not the_servers_doing(failure):
+            return False
+        kind = alike_key(failure, image)
+        if kind != self.kind:
+            self.kind, self.images = kind, []
+        self.images.append(image)
+        return len(self.images) >= ALIKE_ANSWERS and len(set(self.images)) >= ALIKE_IMAGES
+
+
+def the_servers_doing(failure: TryFailed) -> bool:
+    # What the server said (an error status, or an answer), not its silence: a timeout or an
+    # answer that broke off is the retry policy's to wait out. A refusal is the picture's doing:
+    # its content, which no new seed changes, so two such pictures first in a folder would stop
+    # every rerun too.
+    said = failure.status or failure.fault is Fault.UNFIT_ANSWER
+    return (
+        bool(said) and POLICY[failure.fault].server_may_be_to_blame and not str(failure).startswith(REFUSED)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -3648,6 +3826,7 @@ class Pipeline:
             self.ready.append(result)
             return None
         caption, answer = result
+        server.watch.answered_well()
         outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
         self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
@@ -3667,6 +3846,8 @@ class Pipeline:
 
     def after_failure(self, server: Server | None, task: Task, failure: TryFailed) -> Outcome | None:
         """Carry out the retry policy's decision for one failed try."""
+        if server and server.watch.fails_alike(failure, task.image):
+            failure = failing_alike(failure, server.watch, server.api)
         task.faults[failure.fault] = task.faults.get(failure.fault, 0) + 1
         action, task.tries = decide(
             failure.fault, task.tries, self.config.retries, task.faults[failure.fault]

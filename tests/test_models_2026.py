@@ -126,11 +126,6 @@ def test_gemma4_on_ollamas_llama_engine_is_told_not_to_think_and_captions(tmp_pa
     assert {path: path.read_text() for path in expected} == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20: gemma4's empty answers on MLX with think:false are retried image by image, "
-    "not named as the cause with a fix",
-)
 def test_gemma4_on_mlx_ends_within_seconds_naming_the_cause_and_a_fix(tmp_path, caption, make_server):
     distinct_pictures(tmp_path, 6)
     mlx = make_server(models={GEMMA4: GEMMA4_MODEL}, engine="mlx")
@@ -157,10 +152,6 @@ def test_a_model_whose_thinking_values_lack_false_is_sent_its_lowest_level(tmp_p
     assert "thinks although asked not to" not in run.err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20: the MLX engine's context overflow message is not recognised: retried, not a fix",
-)
 def test_the_mlx_context_overflow_takes_the_server_out_with_a_fix_and_a_rerun_does_the_rest(
     tmp_path, caption, make_server
 ):
@@ -179,11 +170,6 @@ def test_the_mlx_context_overflow_takes_the_server_out_with_a_fix_and_a_rerun_do
     assert {path: path.read_text() for path in expected} == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20: Qwen 3.8's 'no user query found in messages' 500 is retried image by image, "
-    "not a run-level error with a fix",
-)
 @pytest.mark.parametrize(
     "error", [NO_USER_QUERY, llama_server_error(500, NO_USER_QUERY)], ids=["ollama", "llama-server-era"]
 )
