@@ -2286,6 +2286,10 @@ class OllamaApi(Api):
         self.thinking: Thinking | None = None  # the values "think" takes, where /api/show says
         self.think: bool | str | None = None  # what each request sends as "think" (None: nothing)
 
+    @property
+    def thinking_values(self) -> tuple:  # type: ignore[override]
+        return self.thinking.values if self.thinking else ()
+
     @classmethod
     def settings(cls, args: argparse.Namespace) -> dict:
         if args.api_key_env:
