@@ -187,8 +187,9 @@ MODELS = [
         ("llama", "clip"),
         "no",
         "4096 (up to ~2,880 image tokens)",
-        "a 2023 model; the default because it is the user's choice",
-        "Ollama docs and source; the tests' stand-in",
+        "a 2023 model; the default because it is the user's choice. Since Ollama 0.32.10 its `repeat_penalty` "
+        "is 1.0 (was 1.1) and it may repeat itself more: `--option repeat_penalty=1.1` restores the older one",
+        "Ollama docs and source (commit 6a261db7d); the tests' stand-in",
     ),
     ModelFacts(
         "`qwen2.5vl:7b`",
@@ -2043,7 +2044,9 @@ def patiently(call: Callable[[], Any], server: Server, config: Config, reporter:
 def probe_task() -> Task:
     picture = Image.new("RGB", (64, 64), "white")
     return Task(
-        Path("a 64x64 probe picture"),
+        # An absolute path: folder_name() caches each folder's name by its path, and a --system
+        # template filled for a relative one would fix "." to the working folder of the moment.
+        DEFAULT_PROMPT_FILE.with_name("a 64x64 probe picture"),
         Path(),
         "",
         Template(""),
