@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import difflib
 import enum
 import errno
 import functools
@@ -191,8 +192,9 @@ MODELS = [
         ("llama", "clip"),
         "no",
         "4096 (up to ~2,880 image tokens)",
-        "a 2023 model; the default because it is the user's choice",
-        "Ollama docs and source; the tests' stand-in",
+        "a 2023 model; the default because it is the user's choice. Since Ollama 0.32.10 its `repeat_penalty` "
+        "is 1.0 (was 1.1) and it may repeat itself more: `--option repeat_penalty=1.1` restores the older one",
+        "Ollama docs and source (commit 6a261db7d); the tests' stand-in",
     ),
     ModelFacts(
         "`qwen2.5vl:7b`",
@@ -511,6 +513,10 @@ class Config:
     think: bool = False
     think_level: str = ""  # one of THINK_LEVELS, asked of a model that thinks at levels; "" lets it choose
     num_ctx: int = DEFAULT_NUM_CTX
+    # --option: the server's own options (Ollama's) or request fields (OpenAI-compatible), in its
+    # own words, sent as given; {} unless given.
+    model_options: dict = field(default_factory=dict)
+    system: Template = field(default_factory=lambda: Template(""))  # --system: the system message
     jsonl: Path | None = None
     review: Path | None = None  # the review page to write
     only: frozenset[str] | None = None  # --only: the real paths of the images to caption, and no others
@@ -540,6 +546,10 @@ class Config:
             settings["folder_prompt"] = self.folder_prompt
         if self.think_level:
             settings["think_level"] = self.think_level
+        if self.model_options:
+            settings["model_options"] = self.model_options
+        if self.system.text:
+            settings["system"] = self.system.text
         return settings
 
     def settings_digest(self) -> str:
@@ -1772,7 +1782,9 @@ class Discovery:
 
     def wants_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
-        asked = prompt.fields | self.config.prefix.fields | self.config.suffix.fields
+        asked = (
+            prompt.fields | self.config.prefix.fields | self.config.suffix.fields | self.config.system.fields
+        )
         return self.config.existing in ("append", "prepend") or "existing" in asked
 
 
@@ -2082,7 +2094,9 @@ def patiently(call: Callable[[], Any], server: Server, config: Config, reporter:
 def probe_task() -> Task:
     picture = Image.new("RGB", (64, 64), "white")
     return Task(
-        Path("a 64x64 probe picture"),
+        # An absolute path: folder_name() caches each folder's name by its path, and a --system
+        # template filled for a relative one would fix "." to the working folder of the moment.
+        DEFAULT_PROMPT_FILE.with_name("a 64x64 probe picture"),
         Path(),
         "",
         Template(""),
@@ -2176,6 +2190,8 @@ class Api:
     thinks = False
     architecture = ""
     thinking_values: tuple = ()
+    # Whether its requests carry a system message (--system); one that cannot refuses it.
+    sends_system: ClassVar[bool] = False
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         self.url = url
@@ -2198,6 +2214,13 @@ class Api:
         """The run's settings that depend on the API: the servers' addresses, the model, the
         key; an option the API cannot honour is refused with the reason, never ignored."""
         raise NotImplementedError
+
+    @classmethod
+    def refuse_options(cls, given: dict) -> None:
+        """Raise CannotStart for an --option this API cannot send as given (key: its value as
+        typed). An API with no place for them refuses them all: they would be dropped."""
+        if given:
+            raise CannotStart(f"--option: the {cls.name} API has no place for model options; run without it")
 
     def connect(self, timeout: Any, transport: Transport) -> Any:
         """A client of this API. Redirects are not followed: httpx turns a POST into a GET when
@@ -2279,6 +2302,7 @@ class OllamaApi(Api):
     answer_format = "Ollama's JSON"
     key_advice = "OLLAMA_API_KEY"
     refused_advice = " (check OLLAMA_ORIGINS or the proxy)"
+    sends_system = True
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         super().__init__(url, timeout)
@@ -2304,6 +2328,13 @@ class OllamaApi(Api):
             "keep_alive": DEFAULT_KEEP_ALIVE if args.keep_alive is None else args.keep_alive,
             "num_ctx": args.num_ctx or DEFAULT_NUM_CTX,
         }
+
+    @classmethod
+    def refuse_options(cls, given: dict) -> None:
+        for key, value in given.items():
+            why = ollama_option_refusal(key, value)
+            if why:
+                raise CannotStart(f"--option {option_text(key, value)}: {why}")
 
     def connect(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
         SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
@@ -2332,6 +2363,11 @@ class OllamaApi(Api):
             reporter.one_at_a_time(config.model, architecture, self.url, config.jobs)
         if self.think not in (False, None) and not (config.think or config.think_level):
             reporter.cannot_stop_thinking(config.model, self.url, self.think)
+        if config.think and not self.thinks:
+            # Ollama answers every such request 400 "... does not support thinking".
+            raise CannotStart(f"model {config.model} on {self.url} cannot think; run without --think")
+        for key in sorted(config.model_options.keys() & OLLAMA_DEPRECATED_OPTIONS.keys()):
+            reporter.option_deprecated(key, OLLAMA_DEPRECATED_OPTIONS[key], self.url)
         return ""
 
     def think_to_send(self, config: Config) -> bool | str | None:
@@ -2406,7 +2442,8 @@ class OllamaApi(Api):
 
     def request(self, server: Server, config: Config, task: Task, seed: int | None) -> Answer:
         message = {"role": "user", "content": task.prompt, "images": [task.payload]}
-        options = config.options() if seed is None else {**config.options(), "seed": seed}
+        options = {**config.options(), **config.model_options}
+        options = options if seed is None else {**options, "seed": seed}
         gathered = Gathered(config.max_tokens)
         with self.errors():
             # Streamed, so the read timeout bounds the silence before and between tokens rather
@@ -2414,7 +2451,7 @@ class OllamaApi(Api):
             # looping answer can be stopped as it loops.
             stream = self.client.chat(
                 model=server.model,
-                messages=[message],
+                messages=[*system_messages(config, task), message],
                 stream=True,
                 options=options,
                 keep_alive=config.keep_alive,  # resets the unload timer with every request
@@ -2497,6 +2534,72 @@ def can_see(details: ollama.ShowResponse) -> bool:
     return "vision" in (details.capabilities or []) or "clip" in families or vision_keys
 
 
+# Ollama's options and the type each takes (api/types.go, Options and Runner, v0.33). Options.FromMap
+# skips an option it does not know with nothing but a line in the server's log ("invalid option
+# provided"), so one mistyped would be lost without a word: it is refused. A value of another type
+# fails every request (500 `option "top_k" must be of type integer`), and a fraction given for an
+# integer is cut: both are refused too.
+OLLAMA_OPTION_TYPES = {
+    **dict.fromkeys(("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx"), "integer"),
+    **dict.fromkeys(("num_batch", "num_gpu", "main_gpu", "num_thread", "draft_num_predict"), "integer"),
+    **dict.fromkeys(("top_p", "min_p", "typical_p", "temperature", "repeat_penalty"), "float32"),
+    **dict.fromkeys(("presence_penalty", "frequency_penalty"), "float32"),
+    "use_mmap": "boolean",
+    "stop": "array",
+}
+# Options a flag sets (and request fields that are no options): given as --option, refused with
+# the flag's name, so that the flag and the option never disagree.
+OLLAMA_SET_BY_FLAGS = {
+    "num_ctx": "set it with --num-ctx",
+    "num_predict": "set it with --max-tokens",
+    "temperature": "set it with --temperature",
+    "seed": "set it with --seed",
+    "keep_alive": "set it with --keep-alive",
+    "think": "set it with --think",
+}
+# Sent as given, with a warning: Ollama 0.35 deprecated typical_p (its release notes).
+OLLAMA_DEPRECATED_OPTIONS = {"typical_p": "Ollama 0.35"}
+
+
+def ollama_option_refusal(key: str, value: Any) -> str:
+    """Why Ollama would not take --option key=value as given, or ""."""
+    if key in OLLAMA_SET_BY_FLAGS:
+        return OLLAMA_SET_BY_FLAGS[key]
+    kind = OLLAMA_OPTION_TYPES.get(key)
+    if kind is None:
+        known = sorted(name for name in OLLAMA_OPTION_TYPES if name not in OLLAMA_SET_BY_FLAGS)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return (
+            "Ollama has no such option and would skip it, saying so only in its log; "
+            f"{hint}its options: {', '.join(known)}"
+        )
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind in ("integer", "float32") and not number:
+        return f'it takes a number; Ollama would answer every request: option "{key}" must be of type {kind}'
+    if kind == "integer" and not float(value).is_integer():
+        return f"it takes a whole number: Ollama would cut {value} to {int(value)}"
+    if kind == "boolean" and not isinstance(value, bool):
+        return "it takes true or false"
+    if kind == "array" and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        return f"""it takes a JSON list of strings, such as {key}='["###"]'"""
+    return ""
+
+
+def option_text(key: str, value: Any) -> str:
+    """--option as given: KEY=VALUE, the value as text, or as JSON where it parsed."""
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def system_messages(config: Config, task: Task) -> list[dict]:
+    """--system for this image, as the first message (role "system", on both APIs). Sent first, it
+    takes the place of the SYSTEM of an Ollama model's Modelfile, which Ollama adds only before a
+    conversation that does not start with one (server/routes.go, ChatHandler)."""
+    if not config.system.text:
+        return []
+    return [{"role": "system", "content": config.system.fill(task.image, task.existing)}]
+
+
 class OpenAiApi(Api):
     """The OpenAI-compatible API (POST /v1/chat/completions, streamed as server-sent events) of
     vLLM, SGLang, llama.cpp's llama-server, LM Studio and Ollama's /v1: a few dozen lines over
@@ -2511,6 +2614,7 @@ class OpenAiApi(Api):
     answer_format = "the API's JSON"
     key_advice = "the key in OPENAI_API_KEY or --api-key-env"
     refused_advice = " or key"
+    sends_system = True
     context_fix = (
         "image, prompt and --max-tokens do not fit the model's context: start the server with a longer one "
         "(vLLM --max-model-len, llama-server -c, SGLang --context-length) or lower --max-tokens"
@@ -2557,6 +2661,12 @@ class OpenAiApi(Api):
             "num_ctx": 0,
         }
 
+    @classmethod
+    def refuse_options(cls, given: dict) -> None:
+        for key, value in given.items():
+            if key in OPENAI_SET_BY_THE_CAPTIONER:
+                raise CannotStart(f"--option {option_text(key, value)}: {OPENAI_SET_BY_THE_CAPTIONER[key]}")
+
     def models(self) -> list[dict]:
         response = self.quick.get("/v1/models")
         if response.status_code != 200:
@@ -2582,6 +2692,8 @@ class OpenAiApi(Api):
         if trouble:
             return trouble
         server.model = self.served_model(config, [model["name"] for model in served])
+        ollama_v1 = self.is_ollama()
+        self.refuse_options_passed_over(config, {model["owner"] for model in served}, ollama_v1)
         host = urlsplit(self.url).hostname or ""
         if (
             config.api_key
@@ -2593,7 +2705,7 @@ class OpenAiApi(Api):
         # chat template's enable_thinking; Ollama's /v1 reads only reasoning_effort "none",
         # which vLLM would refuse.
         self.thinking_off = {"chat_template_kwargs": {"enable_thinking": False}}
-        if self.is_ollama():
+        if ollama_v1:
             self.thinking_off = {"reasoning_effort": "none"}
             self.refuse_blind_ollama_model(server.model)
             reporter.ollama_behind_openai(self.url)
@@ -2606,9 +2718,32 @@ class OpenAiApi(Api):
             if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
                 return f"{self.url} stopped answering when asked to look at a picture: {failure}"
             raise CannotStart(
-                f"model {server.model} on {self.url} cannot take a picture: {failure}"
+                f"model {server.model} on {self.url} cannot take a picture{sent_with(config)}: {failure}"
             ) from None
         return ""
+
+    def refuse_options_passed_over(self, config: Config, owners: set[str], ollama_v1: bool) -> None:
+        """Refuse an --option the server is known to pass over without a word. Ollama's /v1 reads
+        only the fields of its ChatCompletionRequest (openai/openai.go; Go's encoding/json skips
+        the others); vLLM has no field for most of Ollama's options, and ignores a field it does
+        not know, saying so only in its log (OpenAIBaseModel.__log_extra_fields__,
+        vllm/entrypoints/openai/protocol.py). Of any other field a server does not read, no
+        server says a word in its answer: that goes unnoticed (docs/servers-and-models.md)."""
+        if ollama_v1:
+            dropped = [key for key in config.model_options if key not in OLLAMA_V1_FIELDS]
+            if dropped:
+                raise CannotStart(
+                    f"{self.url} is Ollama, whose OpenAI-compatible API would pass over --option "
+                    f"{', '.join(dropped)} without a word: run with --api ollama, where Ollama's options go"
+                )
+        elif "vllm" in owners:  # vLLM's model cards say owned_by "vllm" (ModelCard)
+            for key in config.model_options:
+                if key in OLLAMA_OPTION_TYPES and key not in VLLM_READS_TOO:
+                    spelt = "; vLLM spells it repetition_penalty" if key == "repeat_penalty" else ""
+                    raise CannotStart(
+                        f"{self.url} is vLLM, which has no field {key} (an option of Ollama's) and would "
+                        f"pass over it, saying so only in its log{spelt}"
+                    )
 
     def served_model(self, config: Config, names: list[str]) -> str:
         """The model the run asks for: the one named, which the server must serve, or else the
@@ -2659,8 +2794,11 @@ class OpenAiApi(Api):
             {"type": "image_url", "image_url": {"url": data_uri(task.payload)}},
         ]
         body = {
+            # The server's own top-level fields (--option), in its words: vLLM's repetition_penalty,
+            # top_k, min_p. None of the fields below: refuse_options() refused those.
+            **config.model_options,
             "model": server.model,
-            "messages": [{"role": "user", "content": content}],
+            "messages": [*system_messages(config, task), {"role": "user", "content": content}],
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": max_tokens,  # the one limit every server reads (Ollama's /v1 reads only it)
@@ -2703,6 +2841,40 @@ def api_key(args: argparse.Namespace) -> str:
             f"the API key in {key_name} holds characters an HTTP header cannot carry (spaces, line breaks, accents)"
         )
     return key
+
+
+# The top-level fields the captioner sets itself, or a flag does: given as --option, refused with
+# the reason, so that the two never disagree.
+OPENAI_SET_BY_THE_CAPTIONER = {
+    "model": "set it with --model",
+    "messages": "the prompt file and --system make the messages",
+    "max_tokens": "set it with --max-tokens",
+    "max_completion_tokens": "set it with --max-tokens",
+    "num_predict": "set it with --max-tokens",
+    "temperature": "set it with --temperature",
+    "seed": "set it with --seed",
+    "stream": "the captioner streams every answer",
+    "stream_options": "the captioner streams every answer",
+    "n": "the captioner reads one answer per image",
+    "chat_template_kwargs": "the captioner turns thinking off with it: set thinking with --think",
+    "reasoning_effort": "the captioner turns thinking off with it: set thinking with --think",
+    "num_ctx": "the context is set as the server starts (vLLM --max-model-len, llama-server -c)",
+}
+# The fields of Ollama's /v1 an option may set (openai/openai.go, ChatCompletionRequest).
+OLLAMA_V1_FIELDS = frozenset(("top_p", "stop", "frequency_penalty", "presence_penalty", "response_format"))
+# Ollama's options that vLLM reads under the same name (vllm/entrypoints/openai/protocol.py,
+# ChatCompletionRequest).
+VLLM_READS_TOO = frozenset(("top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "stop"))
+
+
+def sent_with(config: Config) -> str:
+    """What of the user's own a request carries (--option, --system), to name it where a server
+    refuses the request: " sent with --option top_k=40 and --system", or ""."""
+    given = [f"--option {option_text(key, value)}" for key, value in config.model_options.items()]
+    given += ["--system"] if config.system.text else []
+    if not given:
+        return ""
+    return " sent with " + (given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}")
 
 
 # The APIs by the name --api gives them.
@@ -4612,6 +4784,9 @@ class Reporter:
             f"OLLAMA_NUM_PARALLEL says: --jobs {jobs} only queues there"
         )
 
+    def option_deprecated(self, key: str, since: str, url: str) -> None:
+        self.say(f"warning: --option {key} is deprecated since {since}: {url} may not apply it")
+
     def key_unencrypted(self, url: str) -> None:
         self.say(f"warning: the API key goes to {url} unencrypted (http://); use https:// to send it")
 
@@ -4988,6 +5163,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
     parser.add_argument(
+        "--option",
+        action="append",
+        type=option_argument,
+        metavar="KEY=VALUE",
+        help="a model option in the server's own words, sent with every request; give it once per option. "
+        "Ollama's options (repeat_penalty=1.1, top_k=40, min_p=0.05), or a request field of an "
+        "OpenAI-compatible server (vLLM: repetition_penalty=1.1). The value is JSON where it parses "
+        "(numbers, true, false), else text",
+    )
+    parser.add_argument(
+        "--system",
+        type=Path,
+        metavar="FILE",
+        help="text file sent as the system message, before the prompt, with the same placeholders "
+        "(JoyCaption expects one: see docs/servers-and-models.md)",
+    )
+    parser.add_argument(
         "--max-tokens",
         type=number(int, at_least=1),
         help=f"longest answer in tokens (num_predict), thinking included; longer answers fail as cut off "
@@ -5066,6 +5258,28 @@ def number(
     return parse
 
 
+def option_argument(text: str) -> tuple[str, Any]:
+    """--option KEY=VALUE: the key, and the value as JSON where it parses (1.1, 40, true,
+    ["###"]), else as the text it is. NaN and Infinity, which Python's json takes but JSON has
+    not, stay text."""
+    key, equals, value = text.partition("=")
+    if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, such as repeat_penalty=1.1")
+    if not value:
+        raise argparse.ArgumentTypeError(f"{text!r} gives {key} no value")
+    try:
+        parsed = json.loads(value, parse_constant=not_json)
+    except ValueError:
+        return key, value
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: null leaves {key} at the server's default; leave it out")
+    return key, parsed
+
+
+def not_json(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
 def caption_text_argument(text: str) -> str:
     # A byte that is not UTF-8 (typed in a Latin-1 terminal) reaches Python as a lone
     # surrogate, which no caption file can hold.
@@ -5122,6 +5336,7 @@ def server_url(text: str, ollama_port: bool = True) -> str:
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
     settings.update(APIS[args.api].settings(args))
+    settings.update(model_options=model_options(args), system=system_prompt(args))
     folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
     if args.jsonl and not args.jsonl.parent.is_dir():
@@ -5153,6 +5368,26 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**settings)
 
 
+def model_options(args: argparse.Namespace) -> dict:
+    """--option, each key given once, as the API can send them (CannotStart otherwise)."""
+    given: dict = {}
+    for key, value in args.option or []:
+        if key in given:
+            raise CannotStart(f"--option {key} is given twice")
+        given[key] = value
+    APIS[args.api].refuse_options(given)
+    return given
+
+
+def system_prompt(args: argparse.Namespace) -> Template:
+    """--system's file, read as a prompt file is; an empty Template without it."""
+    if args.system is None:
+        return Template("")
+    if not APIS[args.api].sends_system:
+        raise CannotStart(f"--system: the {args.api} API has no place for a system message; run without it")
+    return read_template(args.system, "system prompt file")
+
+
 def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file: Path) -> None:
     """What the run writes besides captions must be a regular file or nothing, and land on none
     of the run's inputs (an image, a caption, a prompt), the tool's own files, or each other."""
@@ -5170,6 +5405,8 @@ def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file:
                 "beside it and renamed over it)"
             )
         overwritten = input_at(path, caption_ext, prompt_file, args.folder_prompt)
+        if args.system and same_file(path, args.system):
+            overwritten = "the system prompt file"
         if overwritten:
             raise CannotStart(f"{option}: {path} would overwrite {overwritten}")
     for (one, first), (other, second) in itertools.combinations(given, 2):
@@ -5324,18 +5561,24 @@ def same_server(url: str) -> str:
 def read_prompt(path: Path) -> Template:
     if path == DEFAULT_PROMPT_FILE and not os.path.lexists(path):
         return Template(BUILT_IN_PROMPT, source="the built-in prompt", as_read=BUILT_IN_PROMPT)
+    return read_template(path, "prompt file")
+
+
+def read_template(path: Path, what: str) -> Template:
+    """A prompt file's text (the prompt's, or --system's) as a Template; CannotStart if it cannot be
+    read or is empty."""
     try:
         data = read_regular_file(path)
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
         as_read = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CannotStart(f"cannot read prompt file {path}: {reason_of(exc)}") from None
+        raise CannotStart(f"cannot read {what} {path}: {reason_of(exc)}") from None
     if not as_read:
-        raise CannotStart(f"prompt file {path} is empty")
+        raise CannotStart(f"{what} {path} is empty")
     # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
     # as one saved with "\n": the model is never sent a carriage return.
     text = as_read.replace("\r\n", "\n").replace("\r", "\n")
-    return Template(text, source=f"prompt file {path}", as_read=as_read)
+    return Template(text, source=f"{what} {path}", as_read=as_read)
 
 
 def caption_extension(ext: str) -> str:

@@ -18,6 +18,12 @@ It can also be hostile, as no upstream server is but a broken one or a proxy in 
 can be: echo the request's Authorization header into what it says, stream an answer that never
 ends and never repeats (ignoring the token limit), or a line that never ends.
 
+Options are taken as each server takes them: Ollama's native `options` by its api/types.go (an
+option it does not know is skipped with only a log line, a value of the wrong type fails the
+request), vLLM's and Ollama's /v1 top-level fields by theirs (a field they do not know is passed
+over); what a server passed over is in the chat's `ignored`. A system message is recorded apart
+from the prompt, with the order of the messages' roles.
+
 `engine="mlx"` imitates Ollama's MLX engine (the default on Apple Silicon since v0.40.0): one
 request at a time, its own context overflow message, gemma4's empty answers without thinking.
 """
@@ -136,6 +142,58 @@ RUNNER_CRASH = (
     "or an internal error, check ollama server logs for details"
 )
 
+# Ollama's options and the type each takes (api/types.go, Options and Runner, v0.33): FromMap
+# skips an option it does not know with a log line only ("invalid option provided"), takes any
+# JSON number for an integer (cutting 1.5 to 1) or a float, and fails the request on another
+# type: `option "top_k" must be of type integer`, a 500 (handleScheduleError's default branch),
+# before any model is loaded. typical_p is deprecated since Ollama 0.35 (its release notes);
+# what a server does with it since is not known here: the stand-in still takes it.
+OLLAMA_OPTIONS = {
+    **dict.fromkeys(
+        ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu"),
+        "integer",
+    ),
+    **dict.fromkeys(("main_gpu", "num_thread", "draft_num_predict"), "integer"),
+    **dict.fromkeys(
+        (
+            "top_p",
+            "min_p",
+            "typical_p",
+            "temperature",
+            "repeat_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ),
+        "float32",
+    ),
+    "use_mmap": "boolean",
+    "stop": "array",
+}
+# The top-level fields of a /v1/chat/completions request each flavour reads, with the type of
+# those an option may set. vLLM's ChatCompletionRequest (vllm/entrypoints/openai/protocol.py)
+# takes any other field and logs it ("The following fields were present in the request but
+# ignored", OpenAIBaseModel.__log_extra_fields__), a subset of its fields here; Ollama's /v1
+# decodes into its ChatCompletionRequest (openai/openai.go) with Go's encoding/json, which
+# passes over a field it does not know without a word and refuses a value of the wrong type.
+VLLM_FIELDS = {
+    **dict.fromkeys(("model", "messages", "stream", "stream_options", "chat_template_kwargs"), None),
+    **dict.fromkeys(
+        ("n", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "user"), None
+    ),
+    **dict.fromkeys(("max_tokens", "max_completion_tokens", "seed", "top_k", "min_tokens"), int),
+    **dict.fromkeys(
+        ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"),
+        float,
+    ),
+    "stop": None,
+}
+OLLAMA_V1_FIELDS = {
+    **dict.fromkeys(("model", "messages", "stream", "stream_options", "stop", "response_format"), None),
+    **dict.fromkeys(("tools", "reasoning", "reasoning_effort", "_debug_render_only"), None),
+    **dict.fromkeys(("max_tokens", "seed"), int),
+    **dict.fromkeys(("temperature", "frequency_penalty", "presence_penalty", "top_p"), float),
+}
+
 
 @dataclass
 class Chat:
@@ -156,6 +214,10 @@ class Chat:
     api: str = "ollama"  # "openai": it came to /v1/chat/completions
     body: dict = field(default_factory=dict)  # a /v1 request's JSON as sent (options stays {})
     authorization: str = ""  # the request's Authorization header, if any
+    system: str = ""  # the system messages' text (not part of the prompt)
+    roles: list = field(default_factory=list)  # each message's role, in the order sent
+    # Options (native) or top-level fields (/v1) the server passed over without applying them.
+    ignored: list = field(default_factory=list)
 
     def picture(self, index: int = 0) -> Image.Image:
         return Image.open(io.BytesIO(self.images[index]))
@@ -616,16 +678,24 @@ class Handler(BaseHTTPRequestHandler):
                 f'invalid think value: "{think}" (must be "high", "medium", "low", "max", true, or false)',
             )
             return
+        options = body.get("options") or {}
+        wrong = ollama_option_error(options)
+        if wrong:
+            self.send_error_json(500, wrong)
+            return
         chat = Chat(
             model=model,
-            prompt="".join(m.get("content") or "" for m in messages),
+            prompt="".join(m.get("content") or "" for m in messages if m.get("role") != "system"),
             images=images,
-            options=body.get("options") or {},
+            options=options,
             keep_alive=body.get("keep_alive"),
             stream=body.get("stream", True),
             received_at=time.monotonic(),
             think=body.get("think"),
             authorization=self.headers.get("Authorization") or "",
+            system="".join(m.get("content") or "" for m in messages if m.get("role") == "system"),
+            roles=[m.get("role") for m in messages],
+            ignored=sorted(key for key in options if key not in OLLAMA_OPTIONS),  # "invalid option provided"
         )
         self.serve(chat, lambda reply: self.send_reply(model, reply, chat))
 
@@ -904,6 +974,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def openai_chat(self, body: dict) -> None:
         flavour = self.stand_in.flavour
+        known = self.fields_read()
+        wrong = field_type_error(body, known, flavour) if known else ""
+        if wrong:  # the request is refused as it is read, before its model is looked for
+            self.send_openai_error(400, wrong)
+            return
         model = body.get("model") or ""
         entry = self.entry(model, "openai")
         if entry is None:
@@ -933,15 +1008,25 @@ class Handler(BaseHTTPRequestHandler):
             api="openai",
             body=body,
             authorization=self.headers.get("Authorization") or "",
+            system="".join(text_of(m) for m in messages if m.get("role") == "system"),
+            roles=[message.get("role") for message in messages],
+            ignored=sorted(name for name in body if known and name not in known),
         )
         self.completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
         self.serve(chat, lambda reply: self.send_openai_reply(reply, chat))
 
+    def fields_read(self) -> dict:
+        """The top-level fields this flavour's server reads, where the stand-in knows them
+        (vLLM's, Ollama's /v1); {} for the others, which take every field here."""
+        return {"ollama": OLLAMA_V1_FIELDS, **dict.fromkeys(VLLM, VLLM_FIELDS)}.get(self.stand_in.flavour, {})
+
     def openai_content(self, messages: list, entry: dict) -> tuple[str, list]:
-        """The prompt (every text part) and the decoded images of the messages."""
+        """The prompt (every text part) and the decoded images of the messages but the system's."""
         texts, images = [], []
         for message in messages:
+            if message.get("role") == "system":
+                continue
             content = message.get("content")
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
             for part in parts:
@@ -1118,6 +1203,85 @@ def sees(entry: dict) -> bool:
     if capabilities is None:
         return "clip" in (entry.get("families") or [])
     return "vision" in capabilities
+
+
+def ollama_option_error(options: dict) -> str:
+    """Ollama's error for an option of the wrong type (api/types.go, Options.FromMap), or "". Go
+    ranges over a map in no set order: of two wrong options, either may be named."""
+    for key, value in options.items():
+        kind = OLLAMA_OPTIONS.get(key)
+        if kind is None or value is None:  # unknown: skipped with a log line; null: skipped
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = {
+            "integer": number,
+            "float32": number,
+            "boolean": isinstance(value, bool),
+            "array": isinstance(value, list),
+        }
+        if not fits[kind]:
+            return f'option "{key}" must be of type {kind}'
+        if kind == "array" and not all(isinstance(item, str) for item in value):
+            return f'option "{key}" must be of an array of strings'
+    return ""
+
+
+def field_type_error(body: dict, known: dict, flavour: str) -> str:
+    """The server's refusal of a top-level field of the wrong type, or "". vLLM validates the
+    request with pydantic (lax: "40" is an integer), and its 400 carries the validation errors,
+    worded here as pydantic's errors() list (the exact message around it varies by version);
+    Ollama's /v1 answers encoding/json's error."""
+    for name, kind in known.items():
+        value = body.get(name)
+        if kind is None or value is None:
+            continue
+        if flavour == "ollama":
+            wrong = go_decode_error(value, kind)
+            if wrong:
+                go_type = "int" if kind is int else "float64"
+                return f"json: cannot unmarshal {wrong} into Go struct field ChatCompletionRequest.{name} of type {go_type}"
+            continue
+        wrong = pydantic_error(value, kind)
+        if wrong:
+            error_type, message = wrong
+            return str([{"type": error_type, "loc": ("body", name), "msg": message, "input": value}])
+    return ""
+
+
+def go_decode_error(value: Any, kind: type) -> str:
+    """What Go's encoding/json calls a JSON value it cannot decode into an int or a float64."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, float) and kind is int and not value.is_integer():
+        return f"number {value:g}"
+    if isinstance(value, (int, float)):
+        return ""
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def pydantic_error(value: Any, kind: type) -> tuple[str, str] | None:
+    """Pydantic's (lax mode) error type and message for a value of an int or float field."""
+    what, article = ("integer", "an") if kind is int else ("number", "a")
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        return (
+            f"{kind.__name__}_parsing",
+            f"Input should be a valid {what}, unable to parse string as {article} {what}",
+        )
+    if not isinstance(number, (int, float)):
+        return f"{kind.__name__}_type", f"Input should be a valid {what}"
+    if kind is int and not float(number).is_integer():
+        return "int_from_float", "Input should be a valid integer, got a number with a fractional part"
+    return None
+
+
+def text_of(message: dict) -> str:
+    """A message's text: its content as a string, or its text parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content or [] if part.get("type") == "text")
 
 
 def error_name(status: int) -> str:
