@@ -171,6 +171,8 @@ class ModelFacts:
     num_ctx: str
     notes: str
     source: str
+    # Answers nothing at all when told not to think (read by the run: SILENT_WITHOUT_THINKING).
+    silent_without_thinking: bool = False
 
     @property
     def one_at_a_time(self) -> bool:
@@ -212,8 +214,35 @@ MODELS = [
         "thinking tags ignore `think: false`: use `-instruct`",
         "Ollama source (sched.go), #14798",
     ),
-    ModelFacts("`gemma3:12b`, `gemma4`", ("gemma3",), "no", "4096 (256 image tokens)", "", "Ollama source"),
-    ModelFacts("`minicpm-v`", ("qwen2",), "no", "4096", "", "Ollama issues"),
+    ModelFacts("`gemma3:12b`", ("gemma3",), "no", "4096 (256 image tokens)", "", "Ollama source"),
+    ModelFacts(
+        "`gemma4`",
+        ("gemma4",),
+        "yes, by default: `think: false` sent",
+        "4096 (280 image tokens)",
+        "on Ollama's MLX engine (Apple Silicon, 0.40+) `think: false` gets an empty answer: the run stops at "
+        "the first, saying so, and `--think` captions",
+        "Ollama #15268, #17823, PR #17154",
+        silent_without_thinking=True,
+    ),
+    ModelFacts(
+        "`qwen3.6`, `qwen3.8`",
+        ("qwen35", "qwen35moe"),
+        "at levels, never off: `low` sent (`--think-level`)",
+        "8192",
+        '3.8 thinks at `high` by default; its template can answer 500 "no user query found in messages": '
+        "the run stops, naming the fix (a newer Ollama, a larger context)",
+        "Ollama #18091, #17778, PR #15787, PR #18473",
+    ),
+    ModelFacts("`qwen3.5`", ("qwen35",), "yes: `think: false` sent", "8192", "", "Ollama source"),
+    ModelFacts(
+        "`minicpm-v`, MiniCPM-V 4.6",
+        ("qwen2",),
+        "no",
+        "4096",
+        "4.6 (1.3B) runs on Ollama, llama.cpp and vLLM alike",
+        "Ollama issues; OpenBMB",
+    ),
     ModelFacts(
         "`mistral-small3.2`",
         ("mistral3",),
@@ -222,7 +251,14 @@ MODELS = [
         "",
         "Ollama source",
     ),
-    ModelFacts("`qwen3.5`", ("qwen35",), "yes", "8192", "`think: false` sent", "Ollama source"),
+    ModelFacts(
+        "JoyCaption Beta One (community uploads)",
+        ("llama", "clip"),
+        "no",
+        "4096",
+        'made to be asked with the system prompt "You are a helpful image captioner.": give it with `--system`',
+        "fpgaminer/joycaption README",
+    ),
     ModelFacts(
         "`llama3.2-vision`",
         ("mllama",),
@@ -310,7 +346,9 @@ UNUSABLE_MODEL = [
 # engine, the default on Apple Silicon since v0.40.0, answers think:false with an empty content
 # (ollama/ollama#17823, open). Of these architectures the first such answer is taken for the
 # model's every answer; of another model, only answers that fail alike (FailureWatch).
-SILENT_WITHOUT_THINKING = ("gemma4",)
+SILENT_WITHOUT_THINKING = tuple(
+    architecture for model in MODELS if model.silent_without_thinking for architecture in model.architectures
+)
 SILENT_WITHOUT_THINKING_CAUSE = (
     "the model returns nothing with thinking off (a known bug of Ollama's MLX engine with gemma4, "
     "ollama/ollama#17823)"
