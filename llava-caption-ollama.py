@@ -3652,13 +3652,16 @@ def context_for(tokens: int) -> int:
 
 # How an empty answer of a model told not to think is told (FailureWatch gives it its fix).
 EMPTY_WITHOUT_THINKING = "the model answered with an empty caption, with thinking off"
+EMPTY_CAPTION = "the model answered with an empty caption"
+EMPTY_ANSWERS = (EMPTY_CAPTION, EMPTY_WITHOUT_THINKING)
 
 
 def unfit_answer(problem: str, answer: Answer, caption: str, server: Server, config: Config) -> TryFailed:
     """An answer unfit to train on, for `problem`. An empty one of a model told not to think is
     told as such; of a model known to answer nothing so (SILENT_WITHOUT_THINKING), before its
     server has answered well, it is every answer to come: the server cannot be used as asked."""
-    if re.search(r"\w", caption) or answer.thought or answer.done_reason == "length":
+    # The answer as the model sent it: "The image shows." cleaned to nothing is no silence.
+    if answer.text.strip() or answer.thought or answer.done_reason == "length":
         return TryFailed(Fault.UNFIT_ANSWER, problem)
     if not thinking_sent_off(server.api, config):
         return TryFailed(Fault.UNFIT_ANSWER, problem)
@@ -3686,8 +3689,8 @@ def failing_alike(failure: TryFailed, watch: FailureWatch, api: Api) -> TryFaile
     fix = alike_fix(failure, api)
     return TryFailed(
         Fault.FAILING_ALIKE,
-        f"{len(watch.images)} answers in a row ({len(set(watch.images))} images) failed alike and none "
-        f"has succeeded: {failure}" + (f"; {fix}" if fix else ""),
+        f"its first {len(watch.images)} images failed alike, after all their tries, and none has "
+        f"succeeded: {failure}" + (f"; {fix}" if fix else ""),
         status=failure.status,
     )
 
@@ -3818,50 +3821,47 @@ def backoff(tries: int) -> float:
 # A server whose answers all fail alike, one image after another, fails every image: a
 # template that cannot render, a model that answers nothing, the next bug nobody has listed.
 # Image by image, each using its tries, that is a night of nothing. So a server none of whose
-# answers has succeeded is taken out after ALIKE_ANSWERS failures in a row alike, from
-# ALIKE_IMAGES images at least. The second image is what tells the server's doing from the
-# image's: one unlucky picture (one that crashes the runner every time) fails alone, as it
-# always did, and the run goes on. 4 is the tries one image has at the default --retries 3, so
-# the stop costs what one failed image costs: 4 requests where the tries interleave (a 500
-# waits out a pause while the next image is sent), 5 at most (one image's 4 in a row, then the
-# next one's first); seconds, not a night. More would buy little: before any success, a second
-# image failing exactly as the first did is the server's doing far more often than chance.
-ALIKE_ANSWERS = 4
+# answers has succeeded is taken out once ALIKE_IMAGES images in a row have failed on it for
+# good, alike. Only images that used all their tries count: a server that fails for a while (a
+# model loading, a runner restarting) answers one of the retries, and its failures before were
+# nothing. One image failing for good is as often the image's doing (a picture that crashes the
+# runner every time): it fails alone, as it always did. A second one failing exactly as the first
+# did, before any success, is the server's. The stop costs two images' tries (8 requests at the
+# default --retries 3), where no stop costs every image's.
 ALIKE_IMAGES = 2
 
 
 class FailureWatch:
-    """A server's failed answers until its first good one: whether they all fail alike."""
+    """A server's images that failed for good until its first good answer: whether they all
+    failed alike."""
 
     def __init__(self) -> None:
         self.answered = False  # one of its answers was fit to train on
         self.kind: tuple = ()  # what the failures in a row share (alike_key())
-        self.images: list[Path] = []  # the image of each of them
+        self.images: list[Path] = []  # the images that failed so, in a row
 
     def answered_well(self) -> None:
         self.answered = True
 
     def fails_alike(self, failure: TryFailed, image: Path) -> bool:
-        """Take in a failed try; whether the server's answers so far failed alike enough for it
-        to be taken out."""
+        """Take in an image that failed for good on the server; whether the server's images so
+        far failed alike enough for it to be taken out."""
         if self.answered or not the_servers_doing(failure):
             return False
         kind = alike_key(failure, image)
         if kind != self.kind:
             self.kind, self.images = kind, []
         self.images.append(image)
-        return len(self.images) >= ALIKE_ANSWERS and len(set(self.images)) >= ALIKE_IMAGES
+        return len(self.images) >= ALIKE_IMAGES
 
 
 def the_servers_doing(failure: TryFailed) -> bool:
-    # What the server said (an error status, or an answer), not its silence: a timeout or an
-    # answer that broke off is the retry policy's to wait out. A refusal is the picture's doing:
-    # its content, which no new seed changes, so two such pictures first in a folder would stop
-    # every rerun too.
-    said = failure.status or failure.fault is Fault.UNFIT_ANSWER
-    return (
-        bool(said) and POLICY[failure.fault].server_may_be_to_blame and not str(failure).startswith(REFUSED)
-    )
+    # An error the server answered with (a status), or an empty answer: not its silence (a
+    # timeout, an answer that broke off: the retry policy waits them out), and not what the model
+    # made of a picture (a refusal, a loop, an answer cut off at the limit), which depends on the
+    # picture: a folder that starts with two hard pictures must not stop every rerun.
+    said = failure.status or str(failure) in EMPTY_ANSWERS
+    return bool(said) and POLICY[failure.fault].server_may_be_to_blame
 
 
 # ---------------------------------------------------------------------------
@@ -4060,13 +4060,14 @@ class Pipeline:
 
     def after_failure(self, server: Server | None, task: Task, failure: TryFailed) -> Outcome | None:
         """Carry out the retry policy's decision for one failed try."""
-        if server and server.watch.fails_alike(failure, task.image):
-            failure = failing_alike(failure, server.watch, server.api)
         task.faults[failure.fault] = task.faults.get(failure.fault, 0) + 1
         action, task.tries = decide(
             failure.fault, task.tries, self.config.retries, task.faults[failure.fault]
         )
         if action is Action.FAIL_IMAGE:
+            if server and server.watch.fails_alike(failure, task.image):
+                alike = failing_alike(failure, server.watch, server.api)
+                self.act_on_server(server, decide(alike.fault, 0, self.config.retries)[0], alike)
             tries = f" (after {task.tries} tries)" if task.tries > 1 else ""
             return Outcome(task, failure=f"{failure}{tries}")
         if action is Action.RETRY_AFTER_PAUSE:
@@ -4074,8 +4075,12 @@ class Pipeline:
             self.delayed.append(task)
             return None
         self.ready.appendleft(task)
-        if server is None:
-            return None
+        if server is not None:
+            self.act_on_server(server, action, failure)
+        return None
+
+    def act_on_server(self, server: Server, action: Action, failure: TryFailed) -> None:
+        """What the policy's action does to the server a try failed on."""
         if action is Action.WAIT_FOR_SERVER and server.state is State.ANSWERING:
             server.went_quiet(str(failure))
             self.reporter.stopped_answering(server.url, str(failure), self.config.wait_server)
@@ -4083,7 +4088,6 @@ class Pipeline:
             server.take_out(str(failure))
         elif action is Action.STOP_RUN:
             self.halt(f"{server.url}: {failure}")
-        return None
 
     def drain(self) -> Iterator[Outcome]:
         """After a stop: start nothing more; the answers already on their way (for at most
@@ -4176,7 +4180,7 @@ def caption_problem(answer: Answer, caption: str) -> str:
     if answer.done_reason == "length":
         return "the answer was cut off at the token limit (raise --max-tokens, or the server's context)"
     if not re.search(r"\w", caption):  # "The image shows." leaves only "."
-        return "the model answered with an empty caption"
+        return EMPTY_CAPTION
     for pattern, why in NOT_A_CAPTION_START:
         if pattern.match(caption.replace("\u2019", "'")):
             return f"{why}: {shortened(caption)}"
