@@ -542,6 +542,7 @@ class Summary:
     by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
+    one_at_a_time: list[tuple[str, int]] = field(default_factory=list)  # (server, --jobs) found so
     stopped: str = ""  # why the run ended before its last image
     output_errors: list[str] = field(default_factory=list)  # --jsonl, --review, --failed-list unwritten
     interrupted: bool = False
@@ -686,6 +687,7 @@ def caption_what_is_planned(
         pipeline.close()
         writer.close()
         summary.server_trouble += [server.report() for server in servers if server.report()]
+        summary.one_at_a_time += [(server.url, server.jobs) for server in servers if server.turns.told]
         for server in servers:
             server.close()
 
@@ -1862,6 +1864,7 @@ class Server:
         self.next_probe = 0.0
         self.probe_pause = PROBE_FIRST
         self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
+        self.turns = TurnTaking(jobs)  # whether it answers one request at a time
 
     @property
     def in_rotation(self) -> bool:
@@ -1917,6 +1920,110 @@ class Server:
 
     def close(self) -> None:
         self.api.close()
+
+
+# How many requests a server really runs at once. OLLAMA_NUM_PARALLEL silently falls back to 1
+# slot when memory is short, and /api/ps does not show it (ollama/ollama#17556); Ollama's MLX
+# engine samples one sequence at a time whatever it says (x/mlxrunner/sample.go): more --jobs
+# then only queue. The times the run has of each request anyway (sent, first token of content or
+# thinking, end) tell, without a request more: a server that answers one at a time begins each
+# answer only after the one before it ended, although the next request was already waiting, and
+# gives each a whole turn of its own; one that answers several at once streams them side by side,
+# or (answers shorter than the wait for their first token) ends them moments apart.
+#
+# An answer took a turn of its own when (1) its request was sent before the server, answering one
+# at a time, could have begun the answer before it (so it waited through all of that one), (2) no
+# other answer streamed while it did, and (3) its turn, from the end of the answer before it to
+# its own, lasted at least TURN_SHARE of the longest of the last TURNS_REMEMBERED: answers begun
+# together on a server with several slots end moments apart, where a turn of one's own takes an
+# answer's whole time (half of the longest, as captions differ in length). The first turn, from
+# its request's sending, may include loading the model: it only delays the verdict.
+# TURNS_IN_A_ROW such answers in a row name the server: a 4-slot server behind --jobs 5 makes one
+# request in five wait, and the others' answers stream beside it or end with it; a server that
+# answers one at a time is named at its sixth answer (the first has no answer before it, the
+# second was sent with the first): the stand-in's within 10 images, even on a loaded machine.
+# With --jobs 1 or 2 nothing is watched: no request waits, or one does as --jobs = slots + 1
+# means it to (README), so that the next starts the moment a slot frees.
+# Where answers stream for less time than their requests wait for their first token, a server
+# with several slots whose requests have drifted apart ends them one after another, as a faster
+# server that answers one at a time would: no timing tells the two apart. Captions stream for
+# seconds (the tests' stand-in streams its default answer in a millisecond).
+TURNS_IN_A_ROW = 4
+TURN_SHARE = 0.5
+TURNS_REMEMBERED = 8
+LEAST_JOBS_WATCHED = 3
+# The turn of the request this thread sends (each request has a thread of its own), set by
+# TurnTaking.timed(), for Gathered to time its first token whichever API streams it.
+SENDING = threading.local()
+
+
+@dataclass(eq=False)
+class Turn:
+    """One request's times (time.monotonic()) as its server served it."""
+
+    taking: TurnTaking
+    sent: float
+    first: float = 0.0  # its first token, of content or of thinking
+    could_start: float = 0.0  # when a server answering one at a time could have begun it
+    queued: bool = False  # sent before that server could begin the answer before it
+    together: bool = False  # another answer streamed while this one did
+
+    def first_token(self) -> None:
+        self.taking.began(self)
+
+
+class TurnTaking:
+    """Whether a server answers one request at a time, from the times of its requests (see
+    TURNS_IN_A_ROW). The requests' threads tell it of each one's start, first token and end,
+    each under a lock held for microseconds."""
+
+    def __init__(self, jobs: int) -> None:
+        self.watching = jobs >= LEAST_JOBS_WATCHED
+        self.lock = threading.Lock()
+        self.answering: set[Turn] = set()
+        self.last: Turn | None = None  # the answer that ended last
+        self.last_end = 0.0
+        self.lengths: deque[float] = deque(maxlen=TURNS_REMEMBERED)
+        self.in_a_row = 0  # answers in a row that took a turn of their own
+        self.one_at_a_time = False
+        self.told = False  # the run said so
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time the request this thread sends within (its first token is Gathered's to time)."""
+        if not self.watching or self.one_at_a_time:  # nothing left to learn
+            yield
+            return
+        SENDING.turn = turn = Turn(self, time.monotonic())
+        try:
+            yield
+        finally:
+            SENDING.turn = None
+            self.ended(turn)
+
+    def began(self, turn: Turn) -> None:
+        with self.lock:
+            turn.first = time.monotonic()
+            turn.could_start = max(turn.sent, self.last_end)
+            turn.queued = self.last is not None and turn.sent <= self.last.could_start
+            turn.together = bool(self.answering)
+            for other in self.answering:
+                other.together = True
+            self.answering.add(turn)
+
+    def ended(self, turn: Turn) -> None:
+        with self.lock:
+            if turn not in self.answering:  # no token came: no turn to time
+                return
+            self.answering.discard(turn)
+            now = time.monotonic()
+            length = now - turn.could_start
+            whole = length >= TURN_SHARE * max(self.lengths, default=0.0)
+            own_turn = turn.queued and not turn.together and whole
+            self.lengths.append(length)
+            self.in_a_row = self.in_a_row + 1 if own_turn else 0
+            self.one_at_a_time = self.one_at_a_time or self.in_a_row >= TURNS_IN_A_ROW
+            self.last, self.last_end = turn, max(self.last_end, now)
 
 
 def server_for(url: str, config: Config) -> Server:
@@ -2067,8 +2174,12 @@ class Gathered:
         self.thought = False
         self.max_tokens = max_tokens
         self.length = 0  # characters, thinking included
+        self.untimed: Turn | None = getattr(SENDING, "turn", None)  # until its first token
 
     def add(self, content: str, thinking: str) -> None:
+        if self.untimed and (content or thinking):
+            self.untimed.first_token()
+            self.untimed = None
         self.parts.append(content)
         self.thought = self.thought or bool(thinking)
         self.length += len(content) + len(thinking)
@@ -2118,6 +2229,7 @@ class Api:
     refused_advice: ClassVar[str]  # said after "refuses this client" of a 403
     # The fix when image, prompt and answer do not fit the context; "" for the --num-ctx one.
     context_fix: ClassVar[str] = ""
+    one_at_a_time_causes: ClassVar[str]  # why one of its servers may answer one request at a time
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         self.url = url
@@ -2221,6 +2333,10 @@ class OllamaApi(Api):
     answer_format = "Ollama's JSON"
     key_advice = "OLLAMA_API_KEY"
     refused_advice = " (check OLLAMA_ORIGINS or the proxy)"
+    one_at_a_time_causes = (
+        "OLLAMA_NUM_PARALLEL may have fallen back to 1 for lack of memory (ollama/ollama#17556), or the "
+        "model runs one at a time (as every model does on Ollama's MLX engine)"
+    )
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         super().__init__(url, timeout)
@@ -2264,6 +2380,7 @@ class OllamaApi(Api):
         architecture = str((details.modelinfo or {}).get("general.architecture", ""))
         if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
             reporter.one_at_a_time(config.model, architecture, self.url, config.jobs)
+            server.turns.watching = False  # said already, with the cause
         if config.think and not self.thinks:
             # Ollama answers every such request 400 "... does not support thinking".
             raise CannotStart(f"model {config.model} on {self.url} cannot think; run without --think")
@@ -2354,6 +2471,10 @@ class OpenAiApi(Api):
     answer_format = "the API's JSON"
     key_advice = "the key in OPENAI_API_KEY or --api-key-env"
     refused_advice = " or key"
+    one_at_a_time_causes = (
+        "it may have one slot (llama-server -np 1; Ollama's OLLAMA_NUM_PARALLEL, which falls back to 1 for "
+        "lack of memory: ollama/ollama#17556), or run the model one at a time"
+    )
     context_fix = (
         "image, prompt and --max-tokens do not fit the model's context: start the server with a longer one "
         "(vLLM --max-model-len, llama-server -c, SGLang --context-length) or lower --max-tokens"
@@ -3133,7 +3254,8 @@ def usable_cpus() -> int:
 
 def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     """One try (on a worker thread): the caption, cleaned up, and the answer it came in."""
-    answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
+    with server.turns.timed():
+        answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
     caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
     if not config.raw:
         caption = tidy(caption)
@@ -3521,6 +3643,7 @@ class Pipeline:
         else:
             server, task, started = self.sending.pop(future)
             server.in_flight -= 1
+            self.tell_if_one_at_a_time(server)
         try:
             result = future.result()
         except TryFailed as failure:
@@ -3535,6 +3658,11 @@ class Pipeline:
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
         self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
         return None
+
+    def tell_if_one_at_a_time(self, server: Server) -> None:
+        if server.turns.one_at_a_time and not server.turns.told:
+            server.turns.told = True
+            self.reporter.answers_one_at_a_time(server.url, server.jobs, server.api.one_at_a_time_causes)
 
     def caption_written(self, future: Future) -> Outcome:
         outcome = self.writing.pop(future)
@@ -4310,6 +4438,12 @@ class Reporter:
             f"OLLAMA_NUM_PARALLEL says: --jobs {jobs} only queues there"
         )
 
+    def answers_one_at_a_time(self, url: str, jobs: int, causes: str) -> None:
+        self.say(
+            f"note: {url} answers one request at a time although --jobs is {jobs}: {causes}; "
+            "--jobs 2 keeps it as busy there, --jobs 1 nearly"
+        )
+
     def key_unencrypted(self, url: str) -> None:
         self.say(f"warning: the API key goes to {url} unencrypted (http://); use https:// to send it")
 
@@ -4465,6 +4599,8 @@ class Reporter:
                 self.say(f"  {server}: captioned {count}")
             for trouble in summary.server_trouble:
                 self.say(f"  {trouble}")
+        for url, jobs in summary.one_at_a_time:
+            self.say(f"  {url} answered one request at a time: --jobs {jobs} only queued there")
         if summary.captioned:
             self.say(caption_statistics(summary))
         if summary.stopped:
