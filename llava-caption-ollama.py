@@ -292,6 +292,47 @@ NOT_A_CAPTION = [
 ]
 
 
+@dataclass(frozen=True)
+class Script:
+    """A script an answer can drift into: its code points, and how long a run of it is a drift."""
+
+    name: str
+    ranges: tuple[tuple[int, int], ...]  # code points, first and last
+    drift: int  # its letters in one run that make a drift rather than a quoted sign or name
+
+
+# Qwen models drift into Chinese mid-caption (users of AThousandWords ask for a filter), and other
+# models into other scripts. A run of letters of a script that neither the prompt nor the trigger
+# words use is a drift once it holds `drift` of them: a clause of some five words (8 Chinese
+# characters, each a syllable and often a word; 12 kana or Hangul, which spell words out syllable
+# by syllable; 20 letters of an alphabet). A sign, a brand or a name that a caption quotes is one
+# to four words: 拉面 is 2, 山田太郎 4, スターバックス 7, Ресторан 8. Scripts not listed (Latin
+# among them) are never judged.
+SCRIPTS = [
+    Script(
+        "Chinese characters (Han)",
+        ((0x3005, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x323AF)),
+        8,
+    ),
+    Script("Japanese kana", ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F), (0x1B000, 0x1B16F)), 12),
+    Script(
+        "Korean Hangul",
+        ((0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF), (0xFFA0, 0xFFDC)),
+        12,
+    ),
+    Script("Cyrillic", ((0x0400, 0x052F), (0x1C80, 0x1C8F), (0x2DE0, 0x2DFF), (0xA640, 0xA69F)), 20),
+    Script("Greek", ((0x0370, 0x03FF), (0x1F00, 0x1FFF)), 20),
+    Script(
+        "Arabic",
+        ((0x0600, 0x06FF), (0x0750, 0x077F), (0x08A0, 0x08FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF)),
+        20,
+    ),
+    Script("Hebrew", ((0x0590, 0x05FF), (0xFB1D, 0xFB4F)), 20),
+    Script("Thai", ((0x0E00, 0x0E7F),), 20),
+    Script("Devanagari", ((0x0900, 0x097F), (0xA8E0, 0xA8FF)), 20),
+]
+
+
 # ---------------------------------------------------------------------------
 # What goes wrong, and the libraries a run loads
 # ---------------------------------------------------------------------------
@@ -308,7 +349,10 @@ class Fault(enum.Enum):
     """What went wrong with one try at one image: the retry policy (decide()) maps each to what
     happens next."""
 
-    UNFIT_ANSWER = "an answer unfit to train on: empty, a refusal, a loop, cut off at the token limit"
+    UNFIT_ANSWER = (
+        "an answer unfit to train on: empty, a refusal, a loop, in a script the prompt is not written in, "
+        "cut off at the token limit"
+    )
     SERVER_BUSY = (
         '429 or 503: the server is busy, or still loading its model (llama-server\'s "Loading model")'
     )
@@ -461,6 +505,7 @@ class Config:
     prefix: Template = field(default_factory=lambda: Template(""))
     suffix: Template = field(default_factory=lambda: Template(""))
     raw: bool = False
+    any_script: bool = False  # accept answers in scripts neither the prompt nor the trigger words use
     retries: int = 3
     wait_server: float = 300.0
     temperature: float | None = None
@@ -3259,7 +3304,7 @@ def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
     if not config.raw:
         caption = tidy(caption)
-    problem = caption_problem(answer, caption)
+    problem = caption_problem(answer, caption) or script_problem(caption, task, config)
     if problem:
         raise TryFailed(Fault.UNFIT_ANSWER, problem)
     secret = SECRETS.found_in(caption)
@@ -3799,6 +3844,65 @@ def caption_problem(answer: Answer, caption: str) -> str:
     if is_looping(caption):
         return f"the answer repeats itself: {shortened(caption)}"
     return ""
+
+
+def script_problem(caption: str, task: Task, config: Config) -> str:
+    """Why the caption is refused for its script (see SCRIPTS), or "". Only the model's answer is
+    judged: not the prefix, suffix or an existing caption it joins, nor its thinking (a Qwen model
+    may think in Chinese), which never reaches a caption."""
+    if config.any_script:
+        return ""
+    trigger_words = [words.fill(task.image, task.existing) for words in (config.prefix, config.suffix)]
+    return wrong_script(caption, " ".join([task.prompt, *trigger_words]))
+
+
+def wrong_script(answer: str, written: str) -> str:
+    """Why the answer is in a script that `written` (the prompt and the trigger words) does not
+    use: a run long enough to be a drift, or most of its letters (an answer in another language,
+    however short: 一只猫); or ""."""
+    allowed = {script_of(char) for char in written}
+    runs = list(foreign_runs(answer, allowed))
+    drift = next((run for run in runs if drift_weight(run) >= 1), None)
+    foreign = sum(script_of(char) is not None for run in runs for char in run)
+    letters = sum(char.isalpha() or script_of(char) is not None for char in answer)
+    if not (drift or 2 * foreign > letters):
+        return ""
+    run = drift or max(runs, key=drift_weight)
+    scripts = [script for script in map(script_of, run) if script]
+    name = max(scripts, key=scripts.count).name
+    how = f"is in {name}" if foreign == letters else f"drifts into {name}"
+    return (
+        f"the answer {how}, which neither the prompt nor the trigger words are written in: "
+        f"{shortened(run, 40)} (--any-script keeps such answers)"
+    )
+
+
+def foreign_runs(text: str, allowed: set[Script | None]) -> Iterator[str]:
+    """The stretches of text in scripts of SCRIPTS not allowed, each from a letter of theirs to the
+    last before a letter of another script (Latin, or one allowed). Spaces, digits and punctuation
+    do not end one: Cyrillic and Hangul put spaces between words, Chinese its own commas."""
+    start = end = -1
+    for index, char in enumerate(text):
+        script = script_of(char)
+        if script is not None and script not in allowed:
+            start, end = (index if start < 0 else start), index + 1
+        elif char.isalpha() and start >= 0:
+            yield text[start:end]
+            start = -1
+    if start >= 0:
+        yield text[start:end]
+
+
+def drift_weight(run: str) -> float:
+    # Each letter counts as a share of its script's drift, so a run that mixes scripts (Japanese
+    # writes Han and kana) is judged as a whole: 東京の夜景がきれいです is a drift, 東京タワー not.
+    return sum(1 / script.drift for script in map(script_of, run) if script)
+
+
+@functools.lru_cache(maxsize=4096)
+def script_of(char: str) -> Script | None:
+    code = ord(char)
+    return next((script for script in SCRIPTS for low, high in script.ranges if low <= code <= high), None)
 
 
 def shortened(text: str, length: int = 60) -> str:
@@ -4795,6 +4899,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw",
         action="store_true",
         help="write the model's answer without cleaning it up (see docs/how-it-works.md, Cleanup)",
+    )
+    parser.add_argument(
+        "--any-script",
+        action="store_true",
+        help="accept answers in any script; by default an answer that drifts into a script neither the "
+        "prompt nor the trigger words use (Chinese from a Qwen model asked in English) is asked again",
     )
     parser.add_argument(
         "--retries",
