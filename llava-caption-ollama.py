@@ -3860,6 +3860,8 @@ def wrong_script(answer: str, written: str) -> str:
     """Why the answer is in a script that `written` (the prompt and the trigger words) does not
     use: a run long enough to be a drift, or most of its letters (an answer in another language,
     however short: 一只猫); or ""."""
+    if answer.isascii():  # most captions: no letter of any script of SCRIPTS
+        return ""
     allowed = {script_of(char) for char in written}
     runs = list(foreign_runs(answer, allowed))
     drift = next((run for run in runs if drift_weight(run) >= 1), None)
