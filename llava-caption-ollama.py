@@ -369,6 +369,47 @@ NOT_A_CAPTION = [
 ]
 
 
+@dataclass(frozen=True)
+class Script:
+    """A script an answer can drift into: its code points, and how long a run of it is a drift."""
+
+    name: str
+    ranges: tuple[tuple[int, int], ...]  # code points, first and last
+    drift: int  # its letters in one run that make a drift rather than a quoted sign or name
+
+
+# Qwen models drift into Chinese mid-caption (users of AThousandWords ask for a filter), and other
+# models into other scripts. A run of letters of a script that neither the prompt nor the trigger
+# words use is a drift once it holds `drift` of them: a clause of some five words (8 Chinese
+# characters, each a syllable and often a word; 12 kana or Hangul, which spell words out syllable
+# by syllable; 20 letters of an alphabet). A sign, a brand or a name that a caption quotes is one
+# to four words: 拉面 is 2, 山田太郎 4, スターバックス 7, Ресторан 8. Scripts not listed (Latin
+# among them) are never judged.
+SCRIPTS = [
+    Script(
+        "Chinese characters (Han)",
+        ((0x3005, 0x3007), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x323AF)),
+        8,
+    ),
+    Script("Japanese kana", ((0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F), (0x1B000, 0x1B16F)), 12),
+    Script(
+        "Korean Hangul",
+        ((0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF), (0xFFA0, 0xFFDC)),
+        12,
+    ),
+    Script("Cyrillic", ((0x0400, 0x052F), (0x1C80, 0x1C8F), (0x2DE0, 0x2DFF), (0xA640, 0xA69F)), 20),
+    Script("Greek", ((0x0370, 0x03FF), (0x1F00, 0x1FFF)), 20),
+    Script(
+        "Arabic",
+        ((0x0600, 0x06FF), (0x0750, 0x077F), (0x08A0, 0x08FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF)),
+        20,
+    ),
+    Script("Hebrew", ((0x0590, 0x05FF), (0xFB1D, 0xFB4F)), 20),
+    Script("Thai", ((0x0E00, 0x0E7F),), 20),
+    Script("Devanagari", ((0x0900, 0x097F), (0xA8E0, 0xA8FF)), 20),
+]
+
+
 # ---------------------------------------------------------------------------
 # What goes wrong, and the libraries a run loads
 # ---------------------------------------------------------------------------
@@ -385,7 +426,10 @@ class Fault(enum.Enum):
     """What went wrong with one try at one image: the retry policy (decide()) maps each to what
     happens next."""
 
-    UNFIT_ANSWER = "an answer unfit to train on: empty, a refusal, a loop, cut off at the token limit"
+    UNFIT_ANSWER = (
+        "an answer unfit to train on: empty, a refusal, a loop, in a script the prompt is not written in, "
+        "cut off at the token limit"
+    )
     SERVER_BUSY = (
         '429 or 503: the server is busy, or still loading its model (llama-server\'s "Loading model")'
     )
@@ -543,6 +587,7 @@ class Config:
     prefix: Template = field(default_factory=lambda: Template(""))
     suffix: Template = field(default_factory=lambda: Template(""))
     raw: bool = False
+    any_script: bool = False  # accept answers in scripts neither the prompt nor the trigger words use
     retries: int = 3
     wait_server: float = 300.0
     temperature: float | None = None
@@ -635,6 +680,7 @@ class Summary:
     by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
+    one_at_a_time: list[tuple[str, int]] = field(default_factory=list)  # (server, --jobs) found so
     stopped: str = ""  # why the run ended before its last image
     output_errors: list[str] = field(default_factory=list)  # --jsonl, --review, --failed-list unwritten
     interrupted: bool = False
@@ -779,6 +825,7 @@ def caption_what_is_planned(
         pipeline.close()
         writer.close()
         summary.server_trouble += [server.report() for server in servers if server.report()]
+        summary.one_at_a_time += [(server.url, server.jobs) for server in servers if server.turns.told]
         for server in servers:
             server.close()
 
@@ -1962,6 +2009,7 @@ class Server:
         self.probe_pause = PROBE_FIRST
         self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
         self.watch = FailureWatch()
+        self.turns = TurnTaking(jobs)  # whether it answers one request at a time
 
     @property
     def in_rotation(self) -> bool:
@@ -2017,6 +2065,110 @@ class Server:
 
     def close(self) -> None:
         self.api.close()
+
+
+# How many requests a server really runs at once. OLLAMA_NUM_PARALLEL silently falls back to 1
+# slot when memory is short, and /api/ps does not show it (ollama/ollama#17556); Ollama's MLX
+# engine samples one sequence at a time whatever it says (x/mlxrunner/sample.go): more --jobs
+# then only queue. The times the run has of each request anyway (sent, first token of content or
+# thinking, end) tell, without a request more: a server that answers one at a time begins each
+# answer only after the one before it ended, although the next request was already waiting, and
+# gives each a whole turn of its own; one that answers several at once streams them side by side,
+# or (answers shorter than the wait for their first token) ends them moments apart.
+#
+# An answer took a turn of its own when (1) its request was sent before the server, answering one
+# at a time, could have begun the answer before it (so it waited through all of that one), (2) no
+# other answer streamed while it did, and (3) its turn, from the end of the answer before it to
+# its own, lasted at least TURN_SHARE of the longest of the last TURNS_REMEMBERED: answers begun
+# together on a server with several slots end moments apart, where a turn of one's own takes an
+# answer's whole time (half of the longest, as captions differ in length). The first turn, from
+# its request's sending, may include loading the model: it only delays the verdict.
+# TURNS_IN_A_ROW such answers in a row name the server: a 4-slot server behind --jobs 5 makes one
+# request in five wait, and the others' answers stream beside it or end with it; a server that
+# answers one at a time is named at its sixth answer (the first has no answer before it, the
+# second was sent with the first): the stand-in's within 10 images, even on a loaded machine.
+# With --jobs 1 or 2 nothing is watched: no request waits, or one does as --jobs = slots + 1
+# means it to (README), so that the next starts the moment a slot frees.
+# Where answers stream for less time than their requests wait for their first token, a server
+# with several slots whose requests have drifted apart ends them one after another, as a faster
+# server that answers one at a time would: no timing tells the two apart. Captions stream for
+# seconds (the tests' stand-in streams its default answer in a millisecond).
+TURNS_IN_A_ROW = 4
+TURN_SHARE = 0.5
+TURNS_REMEMBERED = 8
+LEAST_JOBS_WATCHED = 3
+# The turn of the request this thread sends (each request has a thread of its own), set by
+# TurnTaking.timed(), for Gathered to time its first token whichever API streams it.
+SENDING = threading.local()
+
+
+@dataclass(eq=False)
+class Turn:
+    """One request's times (time.monotonic()) as its server served it."""
+
+    taking: TurnTaking
+    sent: float
+    first: float = 0.0  # its first token, of content or of thinking
+    could_start: float = 0.0  # when a server answering one at a time could have begun it
+    queued: bool = False  # sent before that server could begin the answer before it
+    together: bool = False  # another answer streamed while this one did
+
+    def first_token(self) -> None:
+        self.taking.began(self)
+
+
+class TurnTaking:
+    """Whether a server answers one request at a time, from the times of its requests (see
+    TURNS_IN_A_ROW). The requests' threads tell it of each one's start, first token and end,
+    each under a lock held for microseconds."""
+
+    def __init__(self, jobs: int) -> None:
+        self.watching = jobs >= LEAST_JOBS_WATCHED
+        self.lock = threading.Lock()
+        self.answering: set[Turn] = set()
+        self.last: Turn | None = None  # the answer that ended last
+        self.last_end = 0.0
+        self.lengths: deque[float] = deque(maxlen=TURNS_REMEMBERED)
+        self.in_a_row = 0  # answers in a row that took a turn of their own
+        self.one_at_a_time = False
+        self.told = False  # the run said so
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time the request this thread sends within (its first token is Gathered's to time)."""
+        if not self.watching or self.one_at_a_time:  # nothing left to learn
+            yield
+            return
+        SENDING.turn = turn = Turn(self, time.monotonic())
+        try:
+            yield
+        finally:
+            SENDING.turn = None
+            self.ended(turn)
+
+    def began(self, turn: Turn) -> None:
+        with self.lock:
+            turn.first = time.monotonic()
+            turn.could_start = max(turn.sent, self.last_end)
+            turn.queued = self.last is not None and turn.sent <= self.last.could_start
+            turn.together = bool(self.answering)
+            for other in self.answering:
+                other.together = True
+            self.answering.add(turn)
+
+    def ended(self, turn: Turn) -> None:
+        with self.lock:
+            if turn not in self.answering:  # no token came: no turn to time
+                return
+            self.answering.discard(turn)
+            now = time.monotonic()
+            length = now - turn.could_start
+            whole = length >= TURN_SHARE * max(self.lengths, default=0.0)
+            own_turn = turn.queued and not turn.together and whole
+            self.lengths.append(length)
+            self.in_a_row = self.in_a_row + 1 if own_turn else 0
+            self.one_at_a_time = self.one_at_a_time or self.in_a_row >= TURNS_IN_A_ROW
+            self.last, self.last_end = turn, max(self.last_end, now)
 
 
 def server_for(url: str, config: Config) -> Server:
@@ -2172,8 +2324,12 @@ class Gathered:
         self.thought = False
         self.max_tokens = max_tokens
         self.length = 0  # characters, thinking included
+        self.untimed: Turn | None = getattr(SENDING, "turn", None)  # until its first token
 
     def add(self, content: str, thinking: str) -> None:
+        if self.untimed and (content or thinking):
+            self.untimed.first_token()
+            self.untimed = None
         self.parts.append(content)
         self.thought = self.thought or bool(thinking)
         self.length += len(content) + len(thinking)
@@ -2230,6 +2386,7 @@ class Api:
     thinking_values: tuple = ()
     # Whether its requests carry a system message (--system); one that cannot refuses it.
     sends_system: ClassVar[bool] = False
+    one_at_a_time_causes: ClassVar[str]  # why one of its servers may answer one request at a time
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         self.url = url
@@ -2341,6 +2498,10 @@ class OllamaApi(Api):
     key_advice = "OLLAMA_API_KEY"
     refused_advice = " (check OLLAMA_ORIGINS or the proxy)"
     sends_system = True
+    one_at_a_time_causes = (
+        "OLLAMA_NUM_PARALLEL may have fallen back to 1 for lack of memory (ollama/ollama#17556), or the "
+        "model runs one at a time (as every model does on Ollama's MLX engine)"
+    )
 
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         super().__init__(url, timeout)
@@ -2399,11 +2560,9 @@ class OllamaApi(Api):
         self.architecture = architecture
         if config.jobs > 1 and architecture.startswith(ONE_AT_A_TIME):
             reporter.one_at_a_time(config.model, architecture, self.url, config.jobs)
+            server.turns.watching = False  # said already, with the cause
         if self.think not in (False, None) and not (config.think or config.think_level):
             reporter.cannot_stop_thinking(config.model, self.url, self.think)
-        if config.think and not self.thinks:
-            # Ollama answers every such request 400 "... does not support thinking".
-            raise CannotStart(f"model {config.model} on {self.url} cannot think; run without --think")
         for key in sorted(config.model_options.keys() & OLLAMA_DEPRECATED_OPTIONS.keys()):
             reporter.option_deprecated(key, OLLAMA_DEPRECATED_OPTIONS[key], self.url)
         return ""
@@ -2653,6 +2812,10 @@ class OpenAiApi(Api):
     key_advice = "the key in OPENAI_API_KEY or --api-key-env"
     refused_advice = " or key"
     sends_system = True
+    one_at_a_time_causes = (
+        "it may have one slot (llama-server -np 1; Ollama's OLLAMA_NUM_PARALLEL, which falls back to 1 for "
+        "lack of memory: ollama/ollama#17556), or run the model one at a time"
+    )
     context_fix = (
         "image, prompt and --max-tokens do not fit the model's context: start the server with a longer one "
         "(vLLM --max-model-len, llama-server -c, SGLang --context-length) or lower --max-tokens"
@@ -3508,11 +3671,12 @@ def usable_cpus() -> int:
 
 def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     """One try (on a worker thread): the caption, cleaned up, and the answer it came in."""
-    answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
+    with server.turns.timed():
+        answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
     caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
     if not config.raw:
         caption = tidy(caption)
-    problem = caption_problem(answer, caption)
+    problem = caption_problem(answer, caption) or script_problem(caption, task, config)
     if problem:
         raise unfit_answer(problem, answer, caption, server, config)
     secret = SECRETS.found_in(caption)
@@ -4030,6 +4194,7 @@ class Pipeline:
         else:
             server, task, started = self.sending.pop(future)
             server.in_flight -= 1
+            self.tell_if_one_at_a_time(server)
         try:
             result = future.result()
         except TryFailed as failure:
@@ -4045,6 +4210,11 @@ class Pipeline:
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
         self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
         return None
+
+    def tell_if_one_at_a_time(self, server: Server) -> None:
+        if server.turns.one_at_a_time and not server.turns.told:
+            server.turns.told = True
+            self.reporter.answers_one_at_a_time(server.url, server.jobs, server.api.one_at_a_time_causes)
 
     def caption_written(self, future: Future) -> Outcome:
         outcome = self.writing.pop(future)
@@ -4187,6 +4357,67 @@ def caption_problem(answer: Answer, caption: str) -> str:
     if is_looping(caption):
         return f"the answer repeats itself: {shortened(caption)}"
     return ""
+
+
+def script_problem(caption: str, task: Task, config: Config) -> str:
+    """Why the caption is refused for its script (see SCRIPTS), or "". Only the model's answer is
+    judged: not the prefix, suffix or an existing caption it joins, nor its thinking (a Qwen model
+    may think in Chinese), which never reaches a caption."""
+    if config.any_script:
+        return ""
+    trigger_words = [words.fill(task.image, task.existing) for words in (config.prefix, config.suffix)]
+    return wrong_script(caption, " ".join([task.prompt, *trigger_words]))
+
+
+def wrong_script(answer: str, written: str) -> str:
+    """Why the answer is in a script that `written` (the prompt and the trigger words) does not
+    use: a run long enough to be a drift, or most of its letters (an answer in another language,
+    however short: 一只猫); or ""."""
+    if answer.isascii():  # most captions: no letter of any script of SCRIPTS
+        return ""
+    allowed = {script_of(char) for char in written}
+    runs = list(foreign_runs(answer, allowed))
+    drift = next((run for run in runs if drift_weight(run) >= 1), None)
+    foreign = sum(script_of(char) is not None for run in runs for char in run)
+    letters = sum(char.isalpha() or script_of(char) is not None for char in answer)
+    if not (drift or 2 * foreign > letters):
+        return ""
+    run = drift or max(runs, key=drift_weight)
+    scripts = [script for script in map(script_of, run) if script]
+    name = max(scripts, key=scripts.count).name
+    how = f"is in {name}" if foreign == letters else f"drifts into {name}"
+    return (
+        f"the answer {how}, which neither the prompt nor the trigger words are written in: "
+        f"{shortened(run, 40)} (--any-script keeps such answers)"
+    )
+
+
+def foreign_runs(text: str, allowed: set[Script | None]) -> Iterator[str]:
+    """The stretches of text in scripts of SCRIPTS not allowed, each from a letter of theirs to the
+    last before a letter of another script (Latin, or one allowed). Spaces, digits and punctuation
+    do not end one: Cyrillic and Hangul put spaces between words, Chinese its own commas."""
+    start = end = -1
+    for index, char in enumerate(text):
+        script = script_of(char)
+        if script is not None and script not in allowed:
+            start, end = (index if start < 0 else start), index + 1
+        elif char.isalpha() and start >= 0:
+            yield text[start:end]
+            start = -1
+    if start >= 0:
+        yield text[start:end]
+
+
+def drift_weight(run: str) -> float:
+    # Each letter counts as a share of its script's drift, so a run that mixes scripts (Japanese
+    # writes Han and kana) is judged as a whole: 東京の夜景がきれいです is a drift, 東京タワー not.
+    return sum(1 / script.drift for script in map(script_of, run) if script)
+
+
+@functools.lru_cache(maxsize=4096)
+def script_of(char: str) -> Script | None:
+    code = ord(char)
+    return next((script for script in SCRIPTS for low, high in script.ranges if low <= code <= high), None)
 
 
 def shortened(text: str, length: int = 60) -> str:
@@ -4829,6 +5060,12 @@ class Reporter:
     def option_deprecated(self, key: str, since: str, url: str) -> None:
         self.say(f"warning: --option {key} is deprecated since {since}: {url} may not apply it")
 
+    def answers_one_at_a_time(self, url: str, jobs: int, causes: str) -> None:
+        self.say(
+            f"note: {url} answers one request at a time although --jobs is {jobs}: {causes}; "
+            "--jobs 2 keeps it as busy there, --jobs 1 nearly"
+        )
+
     def key_unencrypted(self, url: str) -> None:
         self.say(f"warning: the API key goes to {url} unencrypted (http://); use https:// to send it")
 
@@ -4990,6 +5227,8 @@ class Reporter:
                 self.say(f"  {server}: captioned {count}")
             for trouble in summary.server_trouble:
                 self.say(f"  {trouble}")
+        for url, jobs in summary.one_at_a_time:
+            self.say(f"  {url} answered one request at a time: --jobs {jobs} only queued there")
         if summary.captioned:
             self.say(caption_statistics(summary))
         if summary.stopped:
@@ -5184,6 +5423,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw",
         action="store_true",
         help="write the model's answer without cleaning it up (see docs/how-it-works.md, Cleanup)",
+    )
+    parser.add_argument(
+        "--any-script",
+        action="store_true",
+        help="accept answers in any script; by default an answer that drifts into a script neither the "
+        "prompt nor the trigger words use (Chinese from a Qwen model asked in English) is asked again",
     )
     parser.add_argument(
         "--retries",

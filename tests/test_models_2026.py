@@ -187,10 +187,6 @@ def test_no_user_query_found_is_a_run_level_error_with_a_fix(tmp_path, caption, 
     assert "update Ollama" in run.err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20: a server that answers one request at a time behind --jobs 5 is not named",
-)
 @pytest.mark.parametrize("engine, slots", [("llama", 1), ("mlx", 4)], ids=["num-parallel-fell-back", "mlx"])
 def test_a_server_answering_one_at_a_time_behind_jobs_5_is_named_once(
     tmp_path, caption, make_server, engine, slots
