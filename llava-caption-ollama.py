@@ -327,8 +327,8 @@ UNUSABLE_MODEL = [
         ),
         (
             "image and prompt take {0} tokens, more than the context Ollama's MLX engine allows: raise "
-            "--num-ctx to {1} (MLX takes it as a soft limit only; past the model's own maximum, lower "
-            "--max-size)"
+            "--num-ctx to {1} where it is lower; where it is not, the model's own maximum is the limit "
+            "(MLX takes --num-ctx as a soft limit only): lower --max-size"
         ),
     ),
     # Qwen 3.8's chat template, a 500; reported gone with a larger context (ollama/ollama#17778, #17812).
@@ -3875,7 +3875,8 @@ def alike_fix(failure: TryFailed, api: Api) -> str:
 
 
 # Text a reason quotes (the model's answer, as shortened() gives it; a name in a server's words).
-QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+# A quote opens only where no letter stands before it: "couldn't decode 'x'" quotes x alone.
+QUOTED = re.compile(r"(?<!\w)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`|\u00ab[^\u00bb]*\u00bb)")
 
 
 def alike_key(failure: TryFailed, image: Path) -> tuple[Fault, int, str]:

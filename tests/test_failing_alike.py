@@ -55,6 +55,21 @@ def test_failures_alike_are_told_apart_from_their_images_names_numbers_and_the_m
     assert first != key(failed("Ollama answered 500: template: 40:7: unexpected EOF", status=502), Path("a"))
 
 
+@pytest.mark.parametrize(
+    "one, other",
+    [
+        ("couldn't decode 'jouknv' for request", "couldn't decode 'qzrtw' for request"),
+        ("can't render `ab` here", "can't render `xyz` here"),
+        ("no template for \u00abab\u00bb", "no template for \u00abxyz\u00bb"),
+    ],
+    ids=["after-a-contraction", "backticks", "guillemets"],
+)
+def test_what_a_reason_quotes_is_left_out_however_it_is_quoted(one, other):
+    assert captioner.alike_key(failed(one), Path("a.png")) == captioner.alike_key(
+        failed(other), Path("b.png")
+    )
+
+
 def test_a_server_is_watched_until_two_images_fail_for_good_alike():
     watch = captioner.FailureWatch()
     eof = failed("Ollama answered 500: template: unexpected EOF")
