@@ -2845,7 +2845,7 @@ class OpenAiApi(Api):
         }
         for option, (value, why) in refused.items():
             if value is not None:
-                raise CannotStart(f"{option} is Ollama's: {why}; run without it")
+                raise CannotStart(f"{option} is Ollama's: {why}; run without {option}")
         # Never OLLAMA_HOST: an OpenAI-compatible server is another server.
         given = args.hosts or [os.environ.get("OPENAI_BASE_URL", "")]
         if not given[0] and args.dry_run:  # sends nothing: needs no server
