@@ -2411,11 +2411,13 @@ class Api:
         raise NotImplementedError
 
     @classmethod
-    def refuse_options(cls, given: dict) -> None:
-        """Raise CannotStart for an --option this API cannot send as given (key: its value as
-        typed). An API with no place for them refuses them all: they would be dropped."""
+    def options_to_send(cls, given: dict) -> dict:
+        """--option (key: its value as typed) as this API sends it, and as the pass knows it; raise
+        CannotStart for one it cannot send. An API with no place for them refuses them all: they
+        would be dropped."""
         if given:
             raise CannotStart(f"--option: the {cls.name} API has no place for model options; run without it")
+        return given
 
     def connect(self, timeout: Any, transport: Transport) -> Any:
         """A client of this API. Redirects are not followed: httpx turns a POST into a GET when
@@ -2529,11 +2531,12 @@ class OllamaApi(Api):
         }
 
     @classmethod
-    def refuse_options(cls, given: dict) -> None:
+    def options_to_send(cls, given: dict) -> dict:
         for key, value in given.items():
             why = ollama_option_refusal(key, value)
             if why:
                 raise CannotStart(f"--option {option_text(key, value)}: {why}")
+        return {key: in_ollamas_type(key, value) for key, value in given.items()}
 
     def connect(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
         SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
@@ -2756,6 +2759,13 @@ OLLAMA_SET_BY_FLAGS = {
 }
 # Sent as given, with a warning: Ollama 0.35 deprecated typical_p (its release notes).
 OLLAMA_DEPRECATED_OPTIONS = {"typical_p": "Ollama 0.35"}
+# What the types hold. Options.FromMap converts a JSON number (a float64) with int64() for an
+# integer option, whose result beyond 2**63 the Go spec leaves to the implementation, and with
+# reflect's SetFloat for a float32 one, which makes a number beyond float32's largest
+# (3.4028235e38) infinite. Whole numbers past 2**53 already lose digits as a float64; no option of
+# Ollama's means anything near either bound.
+OLLAMA_INTEGER_LIMIT = 2**63
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def ollama_option_refusal(key: str, value: Any) -> str:
@@ -2773,14 +2783,63 @@ def ollama_option_refusal(key: str, value: Any) -> str:
         )
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind in ("integer", "float32") and not number:
-        return f'it takes a number; Ollama would answer every request: option "{key}" must be of type {kind}'
-    if kind == "integer" and not float(value).is_integer():
+        return not_a_number_refusal(key, value, kind)
+    if kind == "integer" and abs(value) >= OLLAMA_INTEGER_LIMIT:
+        return "it takes a whole number under 2**63 (Go's int, which Ollama keeps it in), and over -2**63"
+    if kind == "integer" and isinstance(value, float) and not value.is_integer():
         return f"it takes a whole number: Ollama would cut {value} to {int(value)}"
+    if kind == "float32" and abs(value) > FLOAT32_MAX:
+        return (
+            "it is beyond float32's range (3.4e38 either side of 0), which Ollama keeps it in: it would be "
+            "infinity"
+        )
     if kind == "boolean" and not isinstance(value, bool):
         return "it takes true or false"
     if kind == "array" and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
         return f"""it takes a JSON list of strings, such as {key}='["###"]'"""
     return ""
+
+
+def not_a_number_refusal(key: str, value: Any, kind: str) -> str:
+    """Why a numeric option's value that JSON did not read as a number is refused: a number in
+    another spelling (.9, +5, 1., a decimal comma) is told JSON's."""
+    text = value if isinstance(value, str) else ""
+    number = python_number(text)
+    # One comma is a decimal comma (1,1), unless three digits follow it: 1,000 may be a thousand.
+    decimal_comma = text.count(",") == 1 and not re.search(r",\d{3}$", text)
+    with_point = python_number(text.replace(",", ".")) if decimal_comma else None
+    if number is not None and not math.isfinite(number):
+        return "not a finite number"  # NaN, Infinity, as Python spells them
+    if number is not None:
+        return f"write numbers as JSON does: {key}={json_spelling(number, kind)}"
+    if with_point is not None and math.isfinite(with_point):
+        return f"write numbers as JSON does, with a decimal point: {key}={json_spelling(with_point, kind)}"
+    if python_number(text.replace(",", "")) is not None:
+        return "write numbers as JSON does, with a decimal point and no thousands separator (1000, 1.5)"
+    return f'it takes a number; Ollama would answer every request: option "{key}" must be of type {kind}'
+
+
+def python_number(text: str) -> float | None:
+    """text as Python reads a number (which JSON may not: .9, +5, 1., 1_000), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def json_spelling(number: float, kind: str) -> str:
+    return str(int(number)) if kind == "integer" and number.is_integer() else json.dumps(number)
+
+
+def in_ollamas_type(key: str, value: Any) -> Any:
+    """An option's value in the type Ollama keeps it in (api/types.go): 40.0 for top_k is 40, 1
+    for repeat_penalty is 1.0, one value to Ollama and so one value sent and one pass."""
+    kind = OLLAMA_OPTION_TYPES.get(key)
+    if kind == "integer":
+        return int(value)
+    if kind == "float32":
+        return float(value)
+    return value
 
 
 def option_text(key: str, value: Any) -> str:
@@ -2863,10 +2922,13 @@ class OpenAiApi(Api):
         }
 
     @classmethod
-    def refuse_options(cls, given: dict) -> None:
+    def options_to_send(cls, given: dict) -> dict:
         for key, value in given.items():
             if key in OPENAI_SET_BY_THE_CAPTIONER:
                 raise CannotStart(f"--option {option_text(key, value)}: {OPENAI_SET_BY_THE_CAPTIONER[key]}")
+        # As typed: a field's type is the server's (vLLM's top_k is an int, llama-server's a number),
+        # which no API of theirs tells, so 40 and 40.0 are two values and two passes.
+        return given
 
     def models(self) -> list[dict]:
         response = self.quick.get("/v1/models")
@@ -5548,23 +5610,51 @@ def number(
 def option_argument(text: str) -> tuple[str, Any]:
     """--option KEY=VALUE: the key, and the value as JSON where it parses (1.1, 40, true,
     ["###"]), else as the text it is. NaN and Infinity, which Python's json takes but JSON has
-    not, stay text."""
+    not, stay text. A value no request can carry is refused here, whatever the API."""
     key, equals, value = text.partition("=")
-    if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, such as repeat_penalty=1.1")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"'{shown(text)}' is not KEY=VALUE, such as repeat_penalty=1.1")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(
+            f"'{shown(text)}': option names are ASCII letters, digits and _ (not starting with a digit), "
+            "such as repeat_penalty"
+        )
     if not value:
         raise argparse.ArgumentTypeError(f"{text!r} gives {key} no value")
     try:
         parsed = json.loads(value, parse_constant=not_json)
     except ValueError:
-        return key, value
+        parsed = value
     if parsed is None:
         raise argparse.ArgumentTypeError(f"{text!r}: null leaves {key} at the server's default; leave it out")
+    why = unsendable(parsed)
+    if why:
+        raise argparse.ArgumentTypeError(f"{shown(text)}: {why}")
     return key, parsed
 
 
 def not_json(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
+
+
+def unsendable(value: Any) -> str:
+    """Why no request could carry value (an --option's, as parsed), or "". JSON reads a number
+    beyond a double's range (1e400) as infinity, which JSON has no way to write; a byte that is not
+    UTF-8 (typed in a Latin-1 terminal) or a lone surrogate escaped in JSON ("\\ud800") is text
+    that UTF-8, which every request is encoded in, cannot hold. The client fails to encode either,
+    so every image failed with nothing sent, told that the server's answer was not its JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid text (UTF-8)"
+        return ""
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    if isinstance(items, list):
+        return next(filter(None, map(unsendable, items)), "")
+    return ""
 
 
 def caption_text_argument(text: str) -> str:
@@ -5656,14 +5746,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """--option, each key given once, as the API can send them (CannotStart otherwise)."""
+    """--option, each key given once, as the API sends them (CannotStart for one it cannot)."""
     given: dict = {}
     for key, value in args.option or []:
         if key in given:
             raise CannotStart(f"--option {key} is given twice")
         given[key] = value
-    APIS[args.api].refuse_options(given)
-    return given
+    return APIS[args.api].options_to_send(given)
 
 
 def system_prompt(args: argparse.Namespace) -> Template:
