@@ -1405,7 +1405,12 @@ def is_blank(data: bytes) -> bool:
     """Nothing a person or a trainer could read: empty, white space (no-break spaces too),
     a byte-order mark alone (what Notepad saves for an empty file), control and format
     characters (NUL, zero-width spaces). Such a file is no caption."""
-    text = data.decode("utf-8", "replace")
+    return has_nothing_visible(data.decode("utf-8", "replace"))
+
+
+def has_nothing_visible(text: str) -> bool:
+    """is_blank() for text: a caption, a prompt or a system prompt with nothing a person or a
+    model could read."""
     return not any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
 
 
@@ -5742,6 +5747,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         redo_in_its_mode=bool(args.only) and args.existing is None,
     )
     refuse_output_paths(args, settings["caption_ext"], prompt_file)
+    inputs = [("the prompt file", prompt_file), ("--system", args.system)]
+    refuse_inputs_where_captions_go(inputs, folders, args.recursive, settings["caption_ext"])
     return Config(**settings)
 
 
@@ -5788,6 +5795,46 @@ def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file:
     for (one, first), (other, second) in itertools.combinations(given, 2):
         if same_file(first, second):
             raise CannotStart(f"{one} and {other} name the same file, {first}")
+
+
+def refuse_inputs_where_captions_go(
+    inputs: list[tuple[str, Path | None]], folders: list[Path], recursive: bool, caption_ext: str
+) -> None:
+    """A prompt file or --system's file must not be where the run writes an image's caption: the
+    caption would replace it, and the next run would send that caption as its prompt. Each input
+    is (what it is, its path or None)."""
+    for what, path in inputs:
+        image = image_captioned_at(path, folders, recursive, caption_ext) if path else ""
+        if image:
+            raise CannotStart(
+                f"{what} {path} is where the caption of {image} goes: the run would write over it; "
+                "move it out of the folder or rename it"
+            )
+
+
+def image_captioned_at(path: Path, folders: list[Path], recursive: bool, caption_ext: str) -> str:
+    """The image whose caption the run writes at path (image_captioned_by(), in a folder the run
+    captions), or "". A caption replaces the name it is written at, whatever file that name
+    leads to, so the folder is path's own, not its target's."""
+    if not os.path.lexists(path):  # the built-in prompt: no file to write over
+        return ""
+    folder = path.parent.resolve()
+    if any(is_captioned_folder(folder, given, recursive) for given in folders):
+        return image_captioned_by(path, caption_ext)
+    return ""
+
+
+def is_captioned_folder(folder: Path, given: Path, recursive: bool) -> bool:
+    """Whether the run captions the images of folder (resolved), given that folder on the command
+    line: the folder itself, or with --recursive one below it that is not hidden (discovery
+    passes over names that start with a dot)."""
+    try:
+        below = folder.relative_to(given.resolve())
+    except ValueError:
+        return False
+    if not below.parts:
+        return True
+    return recursive and not any(part.startswith(".") for part in below.parts)
 
 
 def input_at(path: Path, caption_ext: str, prompt_file: Path, folder_prompt: str) -> str:
@@ -5942,15 +5989,16 @@ def read_prompt(path: Path) -> Template:
 
 def read_template(path: Path, what: str) -> Template:
     """A prompt file's text (the prompt's, or --system's) as a Template; CannotStart if it cannot be
-    read or is empty."""
+    read or is empty: nothing visible, by the rule a caption is judged empty by (is_blank())."""
     try:
         data = read_regular_file(path)
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
         as_read = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CannotStart(f"cannot read {what} {path}: {reason_of(exc)}") from None
-    if not as_read:
-        raise CannotStart(f"{what} {path} is empty")
+    if has_nothing_visible(as_read):
+        invisible = ": it holds only invisible characters (control or format ones: NUL, zero-width space)"
+        raise CannotStart(f"{what} {path} is empty{invisible if as_read else ''}")
     # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
     # as one saved with "\n": the model is never sent a carriage return.
     text = as_read.replace("\r\n", "\n").replace("\r", "\n")
