@@ -878,7 +878,7 @@ def left_for_a_rerun(summary: Summary) -> str:
     # A run that ends early does not plan the rest: planning reads every caption file, and a
     # Ctrl-C must not wait for a listing of 100,000 files.
     unplanned = "" if summary.listed else " and the images not yet planned"
-    return f"{summary.left} images{unplanned} left for a rerun"
+    return f"{counted(summary.left, 'image')}{unplanned} left for a rerun"
 
 
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
@@ -5092,8 +5092,10 @@ class Reporter:
         if summary.orphans:
             names = ", ".join(self.name(orphan) for orphan in summary.orphans[:5])
             more = f" and {len(summary.orphans) - 5} more" if len(summary.orphans) > 5 else ""
+            have = "has" if len(summary.orphans) == 1 else "have"
             self.say(
-                f"note: {len(summary.orphans)} caption files have no image (left untouched): {names}{more}"
+                f"note: {counted(len(summary.orphans), 'caption file')} {have} no image (left untouched): "
+                f"{names}{more}"
             )
         if self.sending_since:
             self.say_plan(summary)
@@ -5308,6 +5310,11 @@ class Reporter:
             self.say(f"  failed {self.name(image)}: {why}")
 
 
+def counted(count: int, noun: str) -> str:
+    """count of a noun, singular for one: "1 image", "2 images"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def left_alone(count: int) -> str:
     return f"left alone {count} (edited since written), " if count else ""
 
@@ -5329,7 +5336,7 @@ def caption_statistics(summary: Summary) -> str:
     # A server that sends no usage (some OpenAI-compatible ones) gives no token count to divide.
     generated = f"{speed:.1f} tokens/s generated{thinking}; " if summary.tokens else ""
     return (
-        f"  {generated}captions average {summary.words / count:.0f} words; "
+        f"  {generated}captions average {counted(round(summary.words / count), 'word')}; "
         f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
         "(estimated from words and punctuation)"
     )
