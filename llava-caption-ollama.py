@@ -878,7 +878,7 @@ def left_for_a_rerun(summary: Summary) -> str:
     # A run that ends early does not plan the rest: planning reads every caption file, and a
     # Ctrl-C must not wait for a listing of 100,000 files.
     unplanned = "" if summary.listed else " and the images not yet planned"
-    return f"{summary.left} images{unplanned} left for a rerun"
+    return f"{counted(summary.left, 'image')}{unplanned} left for a rerun"
 
 
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:
@@ -1405,7 +1405,12 @@ def is_blank(data: bytes) -> bool:
     """Nothing a person or a trainer could read: empty, white space (no-break spaces too),
     a byte-order mark alone (what Notepad saves for an empty file), control and format
     characters (NUL, zero-width spaces). Such a file is no caption."""
-    text = data.decode("utf-8", "replace")
+    return has_nothing_visible(data.decode("utf-8", "replace"))
+
+
+def has_nothing_visible(text: str) -> bool:
+    """is_blank() for text: a caption, a prompt or a system prompt with nothing a person or a
+    model could read."""
     return not any(not char.isspace() and unicodedata.category(char) not in ("Cc", "Cf") for char in text)
 
 
@@ -2411,11 +2416,13 @@ class Api:
         raise NotImplementedError
 
     @classmethod
-    def refuse_options(cls, given: dict) -> None:
-        """Raise CannotStart for an --option this API cannot send as given (key: its value as
-        typed). An API with no place for them refuses them all: they would be dropped."""
+    def options_to_send(cls, given: dict) -> dict:
+        """--option (key: its value as typed) as this API sends it, and as the pass knows it; raise
+        CannotStart for one it cannot send. An API with no place for them refuses them all: they
+        would be dropped."""
         if given:
             raise CannotStart(f"--option: the {cls.name} API has no place for model options; run without it")
+        return given
 
     def connect(self, timeout: Any, transport: Transport) -> Any:
         """A client of this API. Redirects are not followed: httpx turns a POST into a GET when
@@ -2529,11 +2536,12 @@ class OllamaApi(Api):
         }
 
     @classmethod
-    def refuse_options(cls, given: dict) -> None:
+    def options_to_send(cls, given: dict) -> dict:
         for key, value in given.items():
             why = ollama_option_refusal(key, value)
             if why:
                 raise CannotStart(f"--option {option_text(key, value)}: {why}")
+        return {key: in_ollamas_type(key, value) for key, value in given.items()}
 
     def connect(self, timeout: Any, transport: Transport | None = None) -> ollama.Client:
         SECRETS.add(os.environ.get("OLLAMA_API_KEY", ""), "API key")  # the client sends it if set
@@ -2756,6 +2764,13 @@ OLLAMA_SET_BY_FLAGS = {
 }
 # Sent as given, with a warning: Ollama 0.35 deprecated typical_p (its release notes).
 OLLAMA_DEPRECATED_OPTIONS = {"typical_p": "Ollama 0.35"}
+# What the types hold. Options.FromMap converts a JSON number (a float64) with int64() for an
+# integer option, whose result beyond 2**63 the Go spec leaves to the implementation, and with
+# reflect's SetFloat for a float32 one, which makes a number beyond float32's largest
+# (3.4028235e38) infinite. Whole numbers past 2**53 already lose digits as a float64; no option of
+# Ollama's means anything near either bound.
+OLLAMA_INTEGER_LIMIT = 2**63
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def ollama_option_refusal(key: str, value: Any) -> str:
@@ -2773,14 +2788,63 @@ def ollama_option_refusal(key: str, value: Any) -> str:
         )
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind in ("integer", "float32") and not number:
-        return f'it takes a number; Ollama would answer every request: option "{key}" must be of type {kind}'
-    if kind == "integer" and not float(value).is_integer():
+        return not_a_number_refusal(key, value, kind)
+    if kind == "integer" and abs(value) >= OLLAMA_INTEGER_LIMIT:
+        return "it takes a whole number under 2**63 (Go's int, which Ollama keeps it in), and over -2**63"
+    if kind == "integer" and isinstance(value, float) and not value.is_integer():
         return f"it takes a whole number: Ollama would cut {value} to {int(value)}"
+    if kind == "float32" and abs(value) > FLOAT32_MAX:
+        return (
+            "it is beyond float32's range (3.4e38 either side of 0), which Ollama keeps it in: it would be "
+            "infinity"
+        )
     if kind == "boolean" and not isinstance(value, bool):
         return "it takes true or false"
     if kind == "array" and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
         return f"""it takes a JSON list of strings, such as {key}='["###"]'"""
     return ""
+
+
+def not_a_number_refusal(key: str, value: Any, kind: str) -> str:
+    """Why a numeric option's value that JSON did not read as a number is refused: a number in
+    another spelling (.9, +5, 1., a decimal comma) is told JSON's."""
+    text = value if isinstance(value, str) else ""
+    number = python_number(text)
+    # One comma is a decimal comma (1,1), unless three digits follow it: 1,000 may be a thousand.
+    decimal_comma = text.count(",") == 1 and not re.search(r",\d{3}$", text)
+    with_point = python_number(text.replace(",", ".")) if decimal_comma else None
+    if number is not None and not math.isfinite(number):
+        return "not a finite number"  # NaN, Infinity, as Python spells them
+    if number is not None:
+        return f"write numbers as JSON does: {key}={json_spelling(number, kind)}"
+    if with_point is not None and math.isfinite(with_point):
+        return f"write numbers as JSON does, with a decimal point: {key}={json_spelling(with_point, kind)}"
+    if python_number(text.replace(",", "")) is not None:
+        return "write numbers as JSON does, with a decimal point and no thousands separator (1000, 1.5)"
+    return f'it takes a number; Ollama would answer every request: option "{key}" must be of type {kind}'
+
+
+def python_number(text: str) -> float | None:
+    """text as Python reads a number (which JSON may not: .9, +5, 1., 1_000), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def json_spelling(number: float, kind: str) -> str:
+    return str(int(number)) if kind == "integer" and number.is_integer() else json.dumps(number)
+
+
+def in_ollamas_type(key: str, value: Any) -> Any:
+    """An option's value in the type Ollama keeps it in (api/types.go): 40.0 for top_k is 40, 1
+    for repeat_penalty is 1.0, one value to Ollama and so one value sent and one pass."""
+    kind = OLLAMA_OPTION_TYPES.get(key)
+    if kind == "integer":
+        return int(value)
+    if kind == "float32":
+        return float(value)
+    return value
 
 
 def option_text(key: str, value: Any) -> str:
@@ -2863,10 +2927,13 @@ class OpenAiApi(Api):
         }
 
     @classmethod
-    def refuse_options(cls, given: dict) -> None:
+    def options_to_send(cls, given: dict) -> dict:
         for key, value in given.items():
             if key in OPENAI_SET_BY_THE_CAPTIONER:
                 raise CannotStart(f"--option {option_text(key, value)}: {OPENAI_SET_BY_THE_CAPTIONER[key]}")
+        # As typed: a field's type is the server's (vLLM's top_k is an int, llama-server's a number),
+        # which no API of theirs tells, so 40 and 40.0 are two values and two passes.
+        return given
 
     def models(self) -> list[dict]:
         response = self.quick.get("/v1/models")
@@ -5026,8 +5093,10 @@ class Reporter:
         if summary.orphans:
             names = ", ".join(self.name(orphan) for orphan in summary.orphans[:5])
             more = f" and {len(summary.orphans) - 5} more" if len(summary.orphans) > 5 else ""
+            have = "has" if len(summary.orphans) == 1 else "have"
             self.say(
-                f"note: {len(summary.orphans)} caption files have no image (left untouched): {names}{more}"
+                f"note: {counted(len(summary.orphans), 'caption file')} {have} no image (left untouched): "
+                f"{names}{more}"
             )
         if self.sending_since:
             self.say_plan(summary)
@@ -5242,6 +5311,11 @@ class Reporter:
             self.say(f"  failed {self.name(image)}: {why}")
 
 
+def counted(count: int, noun: str) -> str:
+    """count of a noun, singular for one: "1 image", "2 images"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def left_alone(count: int) -> str:
     return f"left alone {count} (edited since written), " if count else ""
 
@@ -5263,7 +5337,7 @@ def caption_statistics(summary: Summary) -> str:
     # A server that sends no usage (some OpenAI-compatible ones) gives no token count to divide.
     generated = f"{speed:.1f} tokens/s generated{thinking}; " if summary.tokens else ""
     return (
-        f"  {generated}captions average {summary.words / count:.0f} words; "
+        f"  {generated}captions average {counted(round(summary.words / count), 'word')}; "
         f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
         "(estimated from words and punctuation)"
     )
@@ -5549,23 +5623,51 @@ def number(
 def option_argument(text: str) -> tuple[str, Any]:
     """--option KEY=VALUE: the key, and the value as JSON where it parses (1.1, 40, true,
     ["###"]), else as the text it is. NaN and Infinity, which Python's json takes but JSON has
-    not, stay text."""
+    not, stay text. A value no request can carry is refused here, whatever the API."""
     key, equals, value = text.partition("=")
-    if not equals or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE, such as repeat_penalty=1.1")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"'{shown(text)}' is not KEY=VALUE, such as repeat_penalty=1.1")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise argparse.ArgumentTypeError(
+            f"'{shown(text)}': option names are ASCII letters, digits and _ (not starting with a digit), "
+            "such as repeat_penalty"
+        )
     if not value:
         raise argparse.ArgumentTypeError(f"{text!r} gives {key} no value")
     try:
         parsed = json.loads(value, parse_constant=not_json)
     except ValueError:
-        return key, value
+        parsed = value
     if parsed is None:
         raise argparse.ArgumentTypeError(f"{text!r}: null leaves {key} at the server's default; leave it out")
+    why = unsendable(parsed)
+    if why:
+        raise argparse.ArgumentTypeError(f"{shown(text)}: {why}")
     return key, parsed
 
 
 def not_json(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
+
+
+def unsendable(value: Any) -> str:
+    """Why no request could carry value (an --option's, as parsed), or "". JSON reads a number
+    beyond a double's range (1e400) as infinity, which JSON has no way to write; a byte that is not
+    UTF-8 (typed in a Latin-1 terminal) or a lone surrogate escaped in JSON ("\\ud800") is text
+    that UTF-8, which every request is encoded in, cannot hold. The client fails to encode either,
+    so every image failed with nothing sent, told that the server's answer was not its JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "not valid text (UTF-8)"
+        return ""
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    if isinstance(items, list):
+        return next(filter(None, map(unsendable, items)), "")
+    return ""
 
 
 def caption_text_argument(text: str) -> str:
@@ -5653,18 +5755,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         redo_in_its_mode=bool(args.only) and args.existing is None,
     )
     refuse_output_paths(args, settings["caption_ext"], prompt_file)
+    inputs = [("the prompt file", prompt_file), ("--system", args.system)]
+    refuse_inputs_where_captions_go(inputs, folders, args.recursive, settings["caption_ext"])
     return Config(**settings)
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    """--option, each key given once, as the API can send them (CannotStart otherwise)."""
+    """--option, each key given once, as the API sends them (CannotStart for one it cannot)."""
     given: dict = {}
     for key, value in args.option or []:
         if key in given:
             raise CannotStart(f"--option {key} is given twice")
         given[key] = value
-    APIS[args.api].refuse_options(given)
-    return given
+    return APIS[args.api].options_to_send(given)
 
 
 def system_prompt(args: argparse.Namespace) -> Template:
@@ -5700,6 +5803,46 @@ def refuse_output_paths(args: argparse.Namespace, caption_ext: str, prompt_file:
     for (one, first), (other, second) in itertools.combinations(given, 2):
         if same_file(first, second):
             raise CannotStart(f"{one} and {other} name the same file, {first}")
+
+
+def refuse_inputs_where_captions_go(
+    inputs: list[tuple[str, Path | None]], folders: list[Path], recursive: bool, caption_ext: str
+) -> None:
+    """A prompt file or --system's file must not be where the run writes an image's caption: the
+    caption would replace it, and the next run would send that caption as its prompt. Each input
+    is (what it is, its path or None)."""
+    for what, path in inputs:
+        image = image_captioned_at(path, folders, recursive, caption_ext) if path else ""
+        if image:
+            raise CannotStart(
+                f"{what} {path} is where the caption of {image} goes: the run would write over it; "
+                "move it out of the folder or rename it"
+            )
+
+
+def image_captioned_at(path: Path, folders: list[Path], recursive: bool, caption_ext: str) -> str:
+    """The image whose caption the run writes at path (image_captioned_by(), in a folder the run
+    captions), or "". A caption replaces the name it is written at, whatever file that name
+    leads to, so the folder is path's own, not its target's."""
+    if not os.path.lexists(path):  # the built-in prompt: no file to write over
+        return ""
+    folder = path.parent.resolve()
+    if any(is_captioned_folder(folder, given, recursive) for given in folders):
+        return image_captioned_by(path, caption_ext)
+    return ""
+
+
+def is_captioned_folder(folder: Path, given: Path, recursive: bool) -> bool:
+    """Whether the run captions the images of folder (resolved), given that folder on the command
+    line: the folder itself, or with --recursive one below it that is not hidden (discovery
+    passes over names that start with a dot)."""
+    try:
+        below = folder.relative_to(given.resolve())
+    except ValueError:
+        return False
+    if not below.parts:
+        return True
+    return recursive and not any(part.startswith(".") for part in below.parts)
 
 
 def input_at(path: Path, caption_ext: str, prompt_file: Path, folder_prompt: str) -> str:
@@ -5854,15 +5997,16 @@ def read_prompt(path: Path) -> Template:
 
 def read_template(path: Path, what: str) -> Template:
     """A prompt file's text (the prompt's, or --system's) as a Template; CannotStart if it cannot be
-    read or is empty."""
+    read or is empty: nothing visible, by the rule a caption is judged empty by (is_blank())."""
     try:
         data = read_regular_file(path)
         # utf-8-sig: Notepad's byte-order mark is not part of the prompt.
         as_read = data.decode("utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise CannotStart(f"cannot read {what} {path}: {reason_of(exc)}") from None
-    if not as_read:
-        raise CannotStart(f"{what} {path} is empty")
+    if has_nothing_visible(as_read):
+        invisible = ": it holds only invisible characters (control or format ones: NUL, zero-width space)"
+        raise CannotStart(f"{what} {path} is empty{invisible if as_read else ''}")
     # A file saved on Windows (CRLF) or an old Mac (CR) is the same prompt, and the same pass,
     # as one saved with "\n": the model is never sent a carriage return.
     text = as_read.replace("\r\n", "\n").replace("\r", "\n")

@@ -252,6 +252,16 @@ def test_summary_reports_speed_length_and_captions_too_long_for_clip(tmp_path, c
     assert "1 of 2 longer than 77 CLIP tokens" in run.err
 
 
+def test_a_count_of_one_is_said_in_the_singular(tmp_path, caption, server):
+    picture(tmp_path / "a.jpg")
+    server.answer = lambda chat: "fox"
+
+    run = caption(tmp_path)
+
+    assert run.code == 0, run.err
+    assert "captions average 1 word; " in run.err
+
+
 def test_a_caption_with_no_word_left_after_cleanup_is_refused(tmp_path, caption, server):
     one_picture(tmp_path)
     answers = iter(["The image shows.", "\u200b\u200b \u2060", "a red fox"])

@@ -6,6 +6,7 @@ are given. And an unfinished pass of the version before them finishes adding not
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -185,6 +186,84 @@ def test_an_option_ollama_would_skip_or_refuse_is_refused_before_anything_is_sen
     assert server.requests == []
 
 
+@pytest.mark.parametrize(
+    "kind, option, said",
+    [
+        ("ollama", "top_k=1e400", "top_k=1e400: not a finite number"),
+        ("ollama", "top_k=-1e400", "top_k=-1e400: not a finite number"),
+        ("ollama", "num_keep=1e309", "num_keep=1e309: not a finite number"),
+        ("ollama", "repeat_penalty=1e400", "repeat_penalty=1e400: not a finite number"),
+        ("ollama", "stop=[1e400]", "stop=[1e400]: not a finite number"),
+        ("vllm", "repetition_penalty=1e400", "repetition_penalty=1e400: not a finite number"),
+        # A byte that is not UTF-8 reaches Python as a lone surrogate (surrogateescape), as
+        # os.fsdecode gives it here: no request could carry it.
+        ("ollama", os.fsdecode(b'stop=["\xff"]'), 'stop=["\\xff"]: not valid text (UTF-8)'),
+        ("ollama", 'stop=["\\ud800"]', 'stop=["\\ud800"]: not valid text (UTF-8)'),
+        ("vllm", os.fsdecode(b"user=<\xff>"), "user=<\\xff>: not valid text (UTF-8)"),
+    ],
+)
+def test_a_value_no_request_can_carry_is_refused_in_one_line(tmp_path, against, kind, option, said):
+    # JSON reads 1e400 as infinity, which no JSON encoder sends; a lone surrogate has no UTF-8.
+    distinct_pictures(tmp_path, 1)
+
+    server, run = against(kind, tmp_path, "--option", option)
+
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and said in run.err and "Traceback" not in run.err
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        ("top_k=9223372036854775808", "a whole number under 2**63 (Go's int"),
+        ("num_keep=-1e19", "a whole number under 2**63 (Go's int"),
+        ("repeat_penalty=3.5e38", "beyond float32's range (3.4e38"),
+        ("top_p=-1e39", "beyond float32's range (3.4e38"),
+    ],
+)
+def test_a_number_beyond_what_ollamas_type_holds_is_refused(tmp_path, against, option, said):
+    distinct_pictures(tmp_path, 1)
+
+    server, run = against("ollama", tmp_path, "--option", option)
+
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and f"--option {option.split('=')[0]}=" in run.err and said in run.err
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        ("top_p=.9", "write numbers as JSON does: top_p=0.9"),
+        ("top_k=+5", "write numbers as JSON does: top_k=5"),
+        ("top_p=1.", "write numbers as JSON does: top_p=1.0"),
+        ("repeat_penalty=1,1", "write numbers as JSON does, with a decimal point: repeat_penalty=1.1"),
+        ("top_k=1,000", "write numbers as JSON does, with a decimal point and no thousands separator"),
+        ("top_p=Infinity", "top_p=Infinity: not a finite number"),
+    ],
+)
+def test_a_number_not_spelt_as_json_is_told_its_spelling(tmp_path, against, option, said):
+    distinct_pictures(tmp_path, 1)
+
+    server, run = against("ollama", tmp_path, "--option", option)
+
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and said in run.err and "must be of type" not in run.err
+    assert server.requests == []
+
+
+def test_an_option_name_that_is_not_ascii_is_told_so(tmp_path, against):
+    distinct_pictures(tmp_path, 1)
+
+    server, run = against("ollama", tmp_path, "--option", "k\u00e9=1")
+
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and "names are ASCII letters, digits and _" in run.err
+    assert "is not KEY=VALUE" not in run.err
+    assert server.requests == []
+
+
 def test_typical_p_is_sent_with_a_warning_that_ollama_deprecated_it(tmp_path, against):
     distinct_pictures(tmp_path, 1)
 
@@ -320,6 +399,43 @@ def test_a_run_with_a_new_option_or_system_prompt_is_a_new_pass_and_its_rerun_ad
     assert sent == [2, 2, 4, 4]  # a rerun of either pass adds nothing
 
 
+def test_ollamas_numbers_are_sent_in_the_options_type_whichever_way_they_are_typed(tmp_path, against):
+    # Ollama keeps top_k as an int and repeat_penalty as a float32 (api/types.go): 40.0 and 40 are
+    # one value to it, and so one value sent and one pass.
+    distinct_pictures(tmp_path, 1)
+
+    server, run = against("ollama", tmp_path, "--option", "top_k=40.0", "--option", "repeat_penalty=1")
+
+    assert run.code == 0, run.err
+    sent = server.chats[0].options
+    assert (sent["top_k"], sent["repeat_penalty"]) == (40, 1.0)
+    assert type(sent["top_k"]) is int and type(sent["repeat_penalty"]) is float
+
+
+def test_a_field_of_an_openai_compatible_server_is_sent_as_typed(tmp_path, against):
+    # Its type is the server's, which the captioner does not know (vLLM takes 40.0 for an int).
+    distinct_pictures(tmp_path, 1)
+
+    server, run = against("vllm", tmp_path, "--option", "top_k=40.0", "--option", "repetition_penalty=1")
+
+    assert run.code == 0, run.err
+    sent = captions_sent(server)[0].body
+    assert type(sent["top_k"]) is float and type(sent["repetition_penalty"]) is int
+
+
+@pytest.mark.parametrize(
+    "typed, again", [("top_k=40", "top_k=40.0"), ("repeat_penalty=1.0", "repeat_penalty=1")], ids=str
+)
+def test_an_ollama_option_typed_another_way_is_the_same_pass(tmp_path, caption, server, typed, again):
+    distinct_pictures(tmp_path, 2)
+
+    first = caption(tmp_path, "--existing", "overwrite", "--option", typed)
+    rerun = caption(tmp_path, "--existing", "overwrite", "--option", again)
+
+    assert (first.code, rerun.code) == (0, 0), rerun.err
+    assert len(server.chats) == 2  # the rerun adds nothing
+
+
 # -- an upgrade -----------------------------------------------------------------------------
 # tests/data/journal-7cd8973/folder.journal is the journal 7cd8973 (the version before --option
 # and --system) wrote in a folder of three pictures (img000-002.png, PNGs 40-42 px wide, 32 high),
@@ -359,6 +475,80 @@ DIGESTS_OF_7CD8973 = [
     (["--folder-prompt", "prompt.txt"], "76a2ea95e2217097"),
     (["--api", "openai", "--host", "http://127.0.0.1:8000", "--model", "m"], "54b9c0e1721f5fa1"),
 ]
+
+
+# What 71d83e5 (the version with --option and --system, before their values were typed as Ollama
+# types them) gives for these command lines, each typed the way that version sent: typed so, or
+# the other way (40.0 for an integer, 1 for a float), a pass keeps its identity.
+DIGESTS_OF_71D83E5 = [
+    (["--option", "top_k=40"], "187de0c18a0a7ae2", ["--option", "top_k=40.0"]),
+    (["--option", "repeat_penalty=1.1"], "6d6137a455ff721a", ["--option", "repeat_penalty=1.1"]),
+    (["--option", "repeat_penalty=1.0"], "155c6f52338b963a", ["--option", "repeat_penalty=1"]),
+    (
+        ["--option", "top_k=40", "--option", "repeat_penalty=1.1", "--option", "top_p=0.9"],
+        "de2d3bd13a5d0aae",
+        ["--option", "top_k=4e1", "--option", "repeat_penalty=1.1", "--option", "top_p=0.9"],
+    ),
+    (
+        [
+            "--option",
+            "num_keep=5",
+            "--option",
+            "min_p=0.05",
+            "--option",
+            'stop=["###"]',
+            "--option",
+            "use_mmap=false",
+        ],
+        "805646d3cdf410d7",
+        [
+            "--option",
+            "num_keep=5.0",
+            "--option",
+            "min_p=0.05",
+            "--option",
+            'stop=["###"]',
+            "--option",
+            "use_mmap=false",
+        ],
+    ),
+    (
+        [
+            "--api",
+            "openai",
+            "--host",
+            "http://127.0.0.1:8000",
+            "--model",
+            "m",
+            "--option",
+            "top_k=40",
+            "--option",
+            "repetition_penalty=1",
+        ],
+        "30801d67456755fd",
+        None,  # sent as typed: repetition_penalty=1.0 is another value to a server of unknown types
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, expected, other_way", DIGESTS_OF_71D83E5, ids=[" ".join(a) for a, _, _ in DIGESTS_OF_71D83E5]
+)
+def test_a_pass_with_options_of_the_version_before_typing_them_keeps_its_identity(
+    tmp_path, argv, expected, other_way
+):
+    for typed in [argv, other_way] if other_way else [argv]:
+        args = captioner.build_parser().parse_args([str(tmp_path), *typed])
+        assert captioner.config_from_args(args).settings_digest() == expected, typed
+
+
+def test_a_pass_with_a_system_prompt_of_the_version_before_keeps_its_identity(tmp_path):
+    (tmp_path / "set").mkdir()
+    system = tmp_path / "system.txt"
+    system.write_text("You are a helpful image captioner.\n", encoding="utf-8")
+    for given, expected in [([], "93b81110dc53b49f"), (["--option", "top_k=40.0"], "c540b2540506adc2")]:
+        args = captioner.build_parser().parse_args([str(tmp_path / "set"), "--system", str(system), *given])
+        assert captioner.config_from_args(args).settings_digest() == expected
 
 
 @pytest.mark.parametrize(

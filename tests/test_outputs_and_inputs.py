@@ -140,6 +140,64 @@ def test_an_output_at_a_file_of_the_tools_own_is_refused(tmp_path, caption, serv
     assert server.requests == []
 
 
+# --- captions that would overwrite an input ---------------------------------------------------
+# A caption is written over whatever has its name: a prompt or system prompt file named as an image's
+# caption would become a caption, and the next run would send that as its prompt.
+
+
+def prompt_or_system(which: str, path: Path, folder: Path) -> list:
+    """The arguments that give path as the prompt file (either form) or as --system."""
+    return {
+        "--system": [folder, "--system", path],
+        "--prompt": [folder, "--prompt", path],
+        "DIR PROMPT_FILE": [folder, path],
+    }[which]
+
+
+@pytest.mark.parametrize("which", ["--system", "--prompt", "DIR PROMPT_FILE"])
+def test_a_prompt_or_system_file_where_a_caption_goes_is_refused(tmp_path, caption, server, which):
+    distinct_pictures(tmp_path, 1)
+    given = tmp_path / "img000.txt"
+    given.write_text("Describe the picture.", encoding="utf-8")
+
+    run = caption(*prompt_or_system(which, given, tmp_path), "--existing", "overwrite")
+
+    assert run.code == 2
+    assert run.err.count("\n") == 1
+    assert f"{given} is where the caption of img000.png goes" in run.err
+    assert given.read_text(encoding="utf-8") == "Describe the picture."
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("which", ["--system", "--prompt"])
+def test_a_prompt_or_system_file_in_a_subfolder_is_refused_only_with_recursive(
+    tmp_path, caption, server, which
+):
+    distinct_pictures(tmp_path / "sub", 1)
+    given = tmp_path / "sub" / "IMG000.txt"  # whatever the case: macOS and Windows ignore it
+    given.write_text("Describe the picture.", encoding="utf-8")
+
+    alone = caption(*prompt_or_system(which, given, tmp_path), "--existing", "overwrite")
+    recursive = caption(*prompt_or_system(which, given, tmp_path), "--existing", "overwrite", "-r")
+
+    assert alone.code == 0, alone.err  # the subfolder is not captioned
+    assert recursive.code == 2 and "is where the caption of img000.png goes" in recursive.err
+    assert given.read_text(encoding="utf-8") == "Describe the picture."
+
+
+def test_a_system_file_is_judged_by_the_caption_extension_of_the_run(tmp_path, caption, server):
+    distinct_pictures(tmp_path, 1)
+    system = tmp_path / "img000.caption"
+    system.write_text("You are a helpful image captioner.", encoding="utf-8")
+
+    with_txt = caption(tmp_path, "--system", system)
+    with_caption = caption(tmp_path, "--system", system, "--ext", ".caption")
+
+    assert with_txt.code == 0, with_txt.err
+    assert with_caption.code == 2 and "is where the caption of img000.png goes" in with_caption.err
+    assert system.read_text(encoding="utf-8") == "You are a helpful image captioner."
+
+
 # --- --only lists -----------------------------------------------------------------------------
 
 
@@ -371,3 +429,21 @@ def test_a_prompt_keeps_its_text_as_read_for_passes_of_earlier_versions(tmp_path
     assert template.text == "Describe the picture.\nOne line only.\nNo lists."
     assert template.as_read == "Describe the picture.\r\nOne line only.\rNo lists."
     assert captioner.Template("{name}").as_read == "{name}"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\0\0\0\n", "\u200b".encode(), "\ufeff\u200b\u2060 \u200c\n".encode(), b"\x1b\x7f\t"],
+    ids=["NUL bytes", "a zero-width space", "format characters", "control characters"],
+)
+@pytest.mark.parametrize("which", ["--system", "--prompt"])
+def test_a_prompt_or_system_file_with_nothing_visible_is_empty(tmp_path, caption, server, which, content):
+    picture(tmp_path / "data" / "a.png")
+    given = tmp_path / "given.txt"
+    given.write_bytes(content)
+
+    run = caption(*prompt_or_system(which, given, tmp_path / "data"))
+
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and f"{given} is empty" in run.err
+    assert server.requests == []

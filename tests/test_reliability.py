@@ -298,7 +298,12 @@ def test_caption_files_without_an_image_are_reported_and_left_alone(tmp_path, ca
     (tmp_path / "deleted-photo.txt").write_text("a caption whose image is gone")
 
     run = caption(tmp_path)
+    (tmp_path / "renamed-photo.txt").write_text("another caption whose image is gone")
+    rerun = caption(tmp_path)
 
     assert run.code == 0
-    assert "note: 1 caption files have no image (left untouched): deleted-photo.txt" in run.err
+    assert "note: 1 caption file has no image (left untouched): deleted-photo.txt" in run.err
+    assert "note: 2 caption files have no image (left untouched): deleted-photo.txt, renamed-photo.txt" in (
+        rerun.err
+    )
     assert (tmp_path / "deleted-photo.txt").read_text() == "a caption whose image is gone"

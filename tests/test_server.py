@@ -137,8 +137,9 @@ def test_an_answer_slower_than_the_timeout_fails_that_image(tmp_path, caption, s
     assert (tmp_path / "b.txt").read_text() == "on time"
 
 
-def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, caption, server):
-    for name in "abcd":
+@pytest.mark.parametrize("names, left", [("abcd", "2 images"), ("abc", "1 image")])
+def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, caption, server, names, left):
+    for name in names:
         picture(tmp_path / f"{name}.jpg")
     server.answer = lambda chat: Reply(text="A red square", vanish=len(server.chats) == 2)
 
@@ -147,7 +148,7 @@ def test_a_server_that_goes_away_mid_run_stops_the_run_with_exit_1(tmp_path, cap
     assert run.code == 1
     assert len(list(tmp_path.glob("*.txt"))) == 2
     assert f"  {server.url} taken out of rotation: cannot reach the Ollama server for more than 1s" in run.err
-    assert "stopped: no Ollama server left to ask; 2 images left for a rerun" in run.err
+    assert f"stopped: no Ollama server left to ask; {left} left for a rerun" in run.err
     assert "Traceback" not in run.err
 
 
