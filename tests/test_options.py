@@ -121,6 +121,13 @@ def test_options_reach_the_server_typed_in_its_own_words(tmp_path, against, kind
         assert server.chats[0].options["num_ctx"] == 4096
 
 
+def refused_at_the_start(server, run, *said: str) -> None:
+    """The run stopped before anything was sent, in one line that says each of `said`."""
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and all(part in run.err for part in said), run.err
+    assert "Traceback" not in run.err and server.requests == []
+
+
 @pytest.mark.parametrize(
     "kind, option, flag",
     [
@@ -140,9 +147,7 @@ def test_an_option_a_flag_sets_is_refused_naming_the_flag(tmp_path, against, kin
 
     server, run = against(kind, tmp_path, "--option", option)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and f"--option {option}" in run.err and flag in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, f"--option {option}", flag)
 
 
 @pytest.mark.parametrize("given", ["foo", "=1", "top_k=", "1x=2", "top k=2", "top_k=null"])
@@ -151,9 +156,7 @@ def test_a_malformed_option_is_refused(tmp_path, against, given):
 
     server, run = against("ollama", tmp_path, "--option", given)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and "argument --option" in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, "argument --option")
 
 
 def test_an_option_given_twice_is_refused(tmp_path, against):
@@ -181,9 +184,7 @@ def test_an_option_ollama_would_skip_or_refuse_is_refused_before_anything_is_sen
 
     server, run = against("ollama", tmp_path, "--option", option)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and said in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, said)
 
 
 @pytest.mark.parametrize(
@@ -208,9 +209,7 @@ def test_a_value_no_request_can_carry_is_refused_in_one_line(tmp_path, against, 
 
     server, run = against(kind, tmp_path, "--option", option)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and said in run.err and "Traceback" not in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, said)
 
 
 @pytest.mark.parametrize(
@@ -227,9 +226,7 @@ def test_a_number_beyond_what_ollamas_type_holds_is_refused(tmp_path, against, o
 
     server, run = against("ollama", tmp_path, "--option", option)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and f"--option {option.split('=')[0]}=" in run.err and said in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, f"--option {option.split('=')[0]}=", said)
 
 
 @pytest.mark.parametrize(
@@ -248,9 +245,8 @@ def test_a_number_not_spelt_as_json_is_told_its_spelling(tmp_path, against, opti
 
     server, run = against("ollama", tmp_path, "--option", option)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and said in run.err and "must be of type" not in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, said)
+    assert "must be of type" not in run.err
 
 
 def test_an_option_name_that_is_not_ascii_is_told_so(tmp_path, against):
@@ -361,9 +357,7 @@ def test_a_system_prompt_file_that_cannot_be_used_is_refused(tmp_path, against, 
 
     server, run = against("ollama", tmp_path / "set", "--system", system)
 
-    assert run.code == 2
-    assert run.err.count("\n") == 1 and said in run.err and "system prompt file" in run.err
-    assert server.requests == []
+    refused_at_the_start(server, run, said, "system prompt file")
 
 
 def test_an_output_is_not_written_over_the_system_prompt_file(tmp_path, against):
