@@ -5095,6 +5095,11 @@ class Review:
             if summary.generation_ns
             else 0.0,
             "seconds": round(summary.seconds, 1),
+            # What the run paid for (every try and the preflight's picture), and at --price its cost.
+            "input_tokens": summary.prompt_tokens,
+            "output_tokens": summary.output_tokens,
+            "reasoning_tokens": summary.reasoning_tokens,
+            "cost": round(summary.cost, 8) if summary.price else None,
             "dry_run": config.dry_run,
             "thumbnails": self.relative(self.thumbnails) if self.chunks_written and not self.broken else "",
             "chunk_size": THUMBNAILS_PER_CHUNK,
