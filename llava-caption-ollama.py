@@ -718,6 +718,7 @@ class Summary:
     most_prompt_tokens: int = 0  # the largest prompt an answer reported: the reserve for the next
     preflight_cost: float = 0.0  # of the probe pictures: paid once, not per image
     answers_paid: int = 0  # answers to images (not the probe), each try's
+    estimated_answers: int = 0  # answers that said no token count, with --price counted at an estimate
     # --dry-run --price: the input tokens estimated for the images planned (estimated_tokens_of()),
     # and how many could not be opened to be estimated.
     estimated_prompt_tokens: int = 0
@@ -804,17 +805,21 @@ class Summary:
         output = EXPECTED_CAPTION_TOKENS * (self.to_caption - self.not_estimated)
         return self.estimated_prompt_tokens, output, self.cost_of(self.estimated_prompt_tokens, output)
 
-    def answer_paid(self, answer: Answer, preflight: bool = False) -> None:
+    def answer_paid(
+        self, answer: Answer, preflight: bool = False, estimated: tuple[int, int] | None = None
+    ) -> None:
         """An answer came, fit to train on or not (the preflight's picture too): its tokens are
-        paid for."""
+        paid for. estimated: (input, output) in place of the counts of an answer that said none."""
+        prompt_tokens, output_tokens = estimated or (answer.prompt_tokens, answer.tokens)
+        self.estimated_answers += estimated is not None
         if preflight:
-            self.preflight_cost += self.cost_of(answer.prompt_tokens, answer.tokens)
+            self.preflight_cost += self.cost_of(prompt_tokens, output_tokens)
         else:
             self.answers_paid += 1
-        self.prompt_tokens += answer.prompt_tokens
-        self.output_tokens += answer.tokens
+        self.prompt_tokens += prompt_tokens
+        self.output_tokens += output_tokens
         self.reasoning_tokens += answer.reasoning_tokens
-        self.most_prompt_tokens = max(self.most_prompt_tokens, answer.prompt_tokens)
+        self.most_prompt_tokens = max(self.most_prompt_tokens, prompt_tokens)
 
 
 class Stop:
@@ -4407,6 +4412,14 @@ class Pipeline:
             task = Task.of(waiting.popleft())
             self.preparing[self.preparers.submit(prepare_task, task, self.config)] = task
 
+    def unreported(self, answer: Answer, task: Task) -> tuple[int, int] | None:
+        """With --price, the estimated (input, output) tokens of an answer that said none (a
+        server that sends no usage, the OpenAI API's being optional): never free, or --max-cost
+        would never stop. None for an answer that said."""
+        if answer.prompt_tokens or not self.config.price:
+            return None
+        return estimated_prompt_tokens(task, self.config), max(answer.tokens, text_tokens(answer.text))
+
     def affordable(self, task: Task) -> bool:
         """Whether --max-cost leaves room for one more request: what was paid, and the worst case
         of each request in flight and of this one (its prompt, as the largest yet or as estimated
@@ -4460,7 +4473,7 @@ class Pipeline:
             result = future.result()
         except TryFailed as failure:
             if failure.spent:
-                self.summary.answer_paid(failure.spent)
+                self.summary.answer_paid(failure.spent, estimated=self.unreported(failure.spent, task))
             return self.after_failure(server, task, failure)
         except Exception as exc:  # noqa: BLE001 - a defect must fail its image, never lose it
             return Outcome(task, failure=f"unexpected error: {exc!r}")
@@ -4468,7 +4481,7 @@ class Pipeline:
             self.ready.append(result)
             return None
         caption, answer = result
-        self.summary.answer_paid(answer)
+        self.summary.answer_paid(answer, estimated=self.unreported(answer, task))
         server.watch.answered_well()
         outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
@@ -5523,7 +5536,7 @@ class Reporter:
         if summary.captioned:
             self.say(caption_statistics(summary))
         if summary.price:  # else the tokens end the statistics' line, where captions were written
-            self.say(f"  {tokens_paid(summary)}; cost {money(summary.cost)} at --price")
+            self.say(f"  {tokens_paid(summary)}; cost {money(summary.cost)} at --price{unsaid(summary)}")
         if summary.stopped:
             self.say(f"stopped: {summary.stopped}")
         for error in summary.output_errors:
@@ -5561,6 +5574,11 @@ def money(amount: float) -> str:
 def tokens_paid(summary: Summary) -> str:
     reasoning = f" ({summary.reasoning_tokens:,} reasoning, no caption)" if summary.reasoning_tokens else ""
     return f"tokens paid for: {summary.prompt_tokens:,} input, {summary.output_tokens:,} output{reasoning}"
+
+
+def unsaid(summary: Summary) -> str:
+    answers = summary.estimated_answers
+    return f" ({counted(answers, 'answer')} said no token count: estimated)" if answers else ""
 
 
 def caption_statistics(summary: Summary) -> str:

@@ -8,7 +8,8 @@ import json
 
 import pytest
 from conftest import captioner, distinct_pictures, picture
-from stand_in_ollama import THINKING_MODEL, Reply
+from stand_in_ollama import THINKING_MODEL, TOY, Reply
+from toy_api import ToyApi
 
 PRICE = (1000.0, 2000.0)  # per million tokens: large, so that every token shows in the cost
 PROMPT_TOKENS = Reply().prompt_tokens  # what the stand-in reports of every prompt
@@ -253,3 +254,22 @@ def test_an_answer_unfit_to_train_on_is_paid_for_too(tmp_path, server, caption):
     assert len(server.chats) == 2
     total_in, total_out = (sum(tokens) for tokens in zip(*(paid(chat) for chat in server.chats)))
     assert f"tokens paid for: {total_in:,} input, {total_out:,} output" in result.err
+
+
+def test_an_answer_without_a_token_count_is_counted_at_an_estimate(
+    tmp_path, make_server, caption, monkeypatch
+):
+    """A server that says no token count (the toy API, an OpenAI-compatible server without usage)
+    is no free one: --max-cost still stops."""
+    monkeypatch.setitem(captioner.APIS, ToyApi.name, ToyApi)
+    server = make_server(flavour=TOY)
+    expected = distinct_pictures(tmp_path, 5)
+
+    result = caption(
+        tmp_path, "--api", "toy", "--price", "1000/1000", "--max-cost", "1", "--jobs", "1", host=server.url
+    )
+
+    assert result.code == 1, result.err
+    assert "(1 answer said no token count: estimated)" in result.err
+    assert "--max-cost 1 would be passed" in result.err
+    assert len([path for path in expected if path.exists()]) == 1
