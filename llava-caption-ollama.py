@@ -91,6 +91,15 @@ OWN_FILE_PREFIX = ".llava-caption-ollama"
 # ollama#16184): a model allowed to think gets room for some 1,500 tokens of it.
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_TOKENS_THINKING = 2048
+# What OpenAI bills for a picture at detail "high" (or "auto"), its GPT-4o family's rule
+# (platform.openai.com/docs/guides/images-vision, "Calculating costs", as quoted on 2026-12-06):
+# scaled to fit 2048x2048, then down so its shortest side is 768, then 170 tokens for each
+# 512-px tile it covers, plus 85; at detail "low" 85 whatever its size. Other models and
+# providers count otherwise (GPT-4.1-mini in 32-px patches, Gemini per 768-px tile, a local
+# model by its encoder): an estimate from it is as exact as the model counts alike.
+OPENAI_IMAGE_TOKENS = {"base": 85, "tile": 170, "tile_side": 512, "fit": 2048, "shortest": 768}
+# What a dry run expects a caption to cost, in output tokens: one or two sentences (see above).
+EXPECTED_CAPTION_TOKENS = 150
 # llava 1.6 turns one image into up to ~2,880 tokens, so Ollama's old 2,048 default context
 # gave empty answers (ollama/ollama#2813).
 DEFAULT_NUM_CTX = 4096
@@ -466,6 +475,9 @@ class TryFailed(Exception):
         # What stood in the way of a connection when it was more than that nothing listened: a
         # proxy, a TLS handshake, a name that does not resolve.
         self.cause = redacted(cause)
+        # The answer this try was paid for, where one came (an answer unfit to train on, a
+        # content filter's refusal): its tokens count toward the run's cost all the same.
+        self.spent: Answer | None = None
 
 
 def import_run_libraries() -> None:
@@ -604,6 +616,11 @@ class Config:
     review: Path | None = None  # the review page to write
     only: frozenset[str] | None = None  # --only: the real paths of the images to caption, and no others
     failed_list: Path | None = None
+    # --price: (input, output) per million tokens, as providers publish their prices; None: no
+    # cost is shown. --max-cost: what the run may spend at those prices. Neither changes a
+    # caption, so neither enters caption_settings().
+    price: tuple[float, float] | None = None
+    max_cost: float | None = None
 
     def options(self) -> dict:
         """Sampling and load options, the same on every request: a changed load-time option
@@ -692,6 +709,20 @@ class Summary:
     words: int = 0  # in the captions written
     over_clip_limit: int = 0  # captions estimated longer than CLIP's 77 tokens
     thought: bool = False  # some answers came with thinking, counted in the tokens
+    # What the servers were paid for, every try and the preflight's picture included, as their
+    # answers counted it (usage, prompt_eval_count and eval_count); reasoning is part of output.
+    price: tuple[float, float] | None = None  # --price
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    most_prompt_tokens: int = 0  # the largest prompt an answer reported: the reserve for the next
+    preflight_cost: float = 0.0  # of the probe pictures: paid once, not per image
+    answers_paid: int = 0  # answers to images (not the probe), each try's
+    estimated_answers: int = 0  # answers that said no token count, with --price counted at an estimate
+    # --dry-run --price: the input tokens estimated for the images planned (estimated_tokens_of()),
+    # and how many could not be opened to be estimated.
+    estimated_prompt_tokens: int = 0
+    not_estimated: int = 0
 
     @property
     def left(self) -> int:
@@ -702,6 +733,24 @@ class Summary:
         trouble = self.failed or self.left_out or self.stopped or self.output_errors or self.left
         trouble = trouble or not (self.listed or self.dry_run)
         return EXIT_SOME_FAILED if trouble else EXIT_OK
+
+    @property
+    def cost(self) -> float:
+        return self.cost_of(self.prompt_tokens, self.output_tokens)
+
+    def cost_of(self, prompt_tokens: int, output_tokens: int) -> float:
+        """At --price (per million tokens, input and output); 0 without it."""
+        price_in, price_out = self.price or (0.0, 0.0)
+        return (prompt_tokens * price_in + output_tokens * price_out) / 1e6
+
+    def estimated_total_cost(self) -> float | None:
+        """What the whole run will cost, each image left at what an answer cost so far (answers
+        are paid as they come, before their images are written); None before the total is
+        known or an answer came."""
+        if not (self.total_known and self.answers_paid):
+            return None
+        per_answer = (self.cost - self.preflight_cost) / self.answers_paid
+        return self.cost + per_answer * max(0, self.to_caption - self.answers_paid)
 
     @property
     def total_known(self) -> bool:
@@ -743,6 +792,35 @@ class Summary:
         self.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
         self.thought = self.thought or answer.thought
 
+    def image_estimated(self, prompt_tokens: int | None) -> None:
+        """A dry run's estimate of one image's input tokens; None: it could not be opened."""
+        if prompt_tokens is None:
+            self.not_estimated += 1
+        else:
+            self.estimated_prompt_tokens += prompt_tokens
+
+    def estimated_cost(self) -> tuple[int, int, float]:
+        """A dry run's estimate: input tokens, output tokens (EXPECTED_CAPTION_TOKENS a caption),
+        and their cost at --price."""
+        output = EXPECTED_CAPTION_TOKENS * (self.to_caption - self.not_estimated)
+        return self.estimated_prompt_tokens, output, self.cost_of(self.estimated_prompt_tokens, output)
+
+    def answer_paid(
+        self, answer: Answer, preflight: bool = False, estimated: tuple[int, int] | None = None
+    ) -> None:
+        """An answer came, fit to train on or not (the preflight's picture too): its tokens are
+        paid for. estimated: (input, output) in place of the counts of an answer that said none."""
+        prompt_tokens, output_tokens = estimated or (answer.prompt_tokens, answer.tokens)
+        self.estimated_answers += estimated is not None
+        if preflight:
+            self.preflight_cost += self.cost_of(prompt_tokens, output_tokens)
+        else:
+            self.answers_paid += 1
+        self.prompt_tokens += prompt_tokens
+        self.output_tokens += output_tokens
+        self.reasoning_tokens += answer.reasoning_tokens
+        self.most_prompt_tokens = max(self.most_prompt_tokens, prompt_tokens)
+
 
 class Stop:
     """How a run is asked to end early, from any thread: asked once, it sends nothing more and
@@ -765,7 +843,7 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
     reporter.name_relative_to(config.folders)
     stop = stop or Stop()
     started = time.monotonic()
-    summary = Summary(dry_run=config.dry_run, limit=config.limit)
+    summary = Summary(dry_run=config.dry_run, limit=config.limit, price=config.price)
     summary.by_folder = {root: FolderCount() for root in config.folders}
     if config.announce_prompt:
         reporter.prompt_taken(config.prompt.source)
@@ -813,8 +891,11 @@ def caption_what_is_planned(
         discovery.model_known(config.model)
         metadata = metadata and metadata.for_model(config.model)
         review = review and review.for_model(config.model)
+    for server in servers:
+        if server.api.probe_answer:  # the preflight's picture is paid for too
+            summary.answer_paid(server.api.probe_answer, preflight=True)
     writer = Writer()
-    pipeline = Pipeline(discovery, writer, servers, config, stop, reporter)
+    pipeline = Pipeline(discovery, writer, servers, config, stop, reporter, summary)
     try:
         reporter.start(summary)
         for outcome in pipeline.outcomes():
@@ -868,8 +949,13 @@ def account_for(
     summary.image_captioned(task.root, outcome.server, outcome.answer, outcome.text)
     reporter.image_captioned(task.image, outcome.text, outcome.seconds)
     if metadata:
+        answer = outcome.answer
+        # "tokens" (output, reasoning included) came first; the others beside it, cost with --price.
+        paid = {"prompt_tokens": answer.prompt_tokens, "reasoning_tokens": answer.reasoning_tokens}
+        if config.price:
+            paid["cost"] = round(summary.cost_of(answer.prompt_tokens, answer.tokens), 8)
         metadata.add(
-            task.image, outcome.text, seconds=round(outcome.seconds, 2), tokens=outcome.answer.tokens
+            task.image, outcome.text, seconds=round(outcome.seconds, 2), tokens=answer.tokens, **paid
         )
         metadata.save_now_and_then(reporter)
 
@@ -1556,6 +1642,10 @@ class Discovery:
         while not self.finished and not stop.asked.is_set():
             self.step()
             planned = [Path(item.listing.path, item.name) for item in self.waiting]
+            if self.config.price:  # --dry-run --price: what sending them would cost
+                for item, image in zip(self.waiting, planned):
+                    prompt = item.listing.prompt.fill(image, item.existing)
+                    self.summary.image_estimated(estimated_tokens_of(image, prompt, self.config))
             unwritten = self.reporter.list_planned(planned)
             self.summary.output_errors += [unwritten] if unwritten else []
             self.waiting.clear()
@@ -2317,6 +2407,10 @@ class Answer:
     # The request let the model think: a model that cannot turn thinking off is sent its lowest
     # level, and its thinking is no surprise worth a warning.
     thinking_asked: bool = False
+    prompt_tokens: int = 0  # as the server counted them (image included); 0 where it said nothing
+    # Of the generated tokens, those spent thinking, where the server says (OpenAI's usage,
+    # completion_tokens_details.reasoning_tokens): billed as output, but no caption.
+    reasoning_tokens: int = 0
 
 
 class Gathered:
@@ -2389,6 +2483,8 @@ class Api:
     thinks = False
     architecture = ""
     thinking_values: tuple = ()
+    # The answer to the preflight's picture, where one is sent (OpenAI-compatible): paid for.
+    probe_answer: Answer | None = None
     # Whether its requests carry a system message (--system); one that cannot refuses it.
     sends_system: ClassVar[bool] = False
     one_at_a_time_causes: ClassVar[str]  # why one of its servers may answer one request at a time
@@ -2673,6 +2769,7 @@ class OllamaApi(Api):
                         answer = gathered.answer(
                             part.done_reason or "", part.eval_count or 0, part.eval_duration or 0
                         )
+                        answer.prompt_tokens = part.prompt_eval_count or 0
                         answer.thinking_asked = self.think not in (False, None)
                         return answer
         raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
@@ -2979,7 +3076,7 @@ class OpenAiApi(Api):
             reporter.ollama_behind_openai(self.url)
         probe = probe_task()
         try:
-            patiently(
+            self.probe_answer = patiently(
                 lambda: self.send(server, config, probe, None, max_tokens=1), server, config, reporter, stop
             )
         except TryFailed as failure:
@@ -3076,7 +3173,7 @@ class OpenAiApi(Api):
         }
         gathered = Gathered(max_tokens)
         started = time.monotonic()
-        finish, tokens = "", 0
+        finish, usage = "", Usage()
         with self.errors(), self.client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 raise ServerSaid(response.status_code, error_said(response), retry_after(response))
@@ -3091,12 +3188,21 @@ class OpenAiApi(Api):
                     if not isinstance(chunk, dict) or chunk.get("error"):  # an error mid-answer
                         raise ServerSaid(-1, error_message(data.encode()))
                     finish = stream_choice(chunk, gathered) or finish
-                    tokens = completion_tokens(chunk) or tokens
+                    usage = Usage.of(chunk) or usage
         if not finish:
             raise TryFailed(Fault.SERVER_STRUGGLING, "the answer broke off before the model finished")
         # No server says how long it generated: the time from sending to the end stands in for it.
         spent = int((time.monotonic() - started) * 1e9)
-        return gathered.answer("length" if finish == "length" else "stop", tokens, spent)
+        answer = gathered.answer("length" if finish == "length" else "stop", usage.completion, spent)
+        answer.prompt_tokens, answer.reasoning_tokens = usage.prompt, usage.reasoning
+        if finish == "content_filter":
+            # A hosted provider's filter withheld the answer (finish_reason "content_filter":
+            # platform.openai.com/docs/api-reference/chat/object; Azure OpenAI's filter the same).
+            # It says so again for the same picture, and every try is paid for.
+            refused = TryFailed(Fault.REQUEST_REFUSED, CONTENT_FILTERED)
+            refused.spent = answer
+            raise refused
+        return answer
 
 
 def api_key(args: argparse.Namespace) -> str:
@@ -3168,10 +3274,53 @@ def text_of(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def completion_tokens(chunk: dict) -> int:
-    usage = chunk.get("usage")
-    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
-    return tokens if isinstance(tokens, int) else 0
+def image_tokens(width: int, height: int) -> int:
+    """The tokens OpenAI bills for a picture of this size at detail "high" (OPENAI_IMAGE_TOKENS)."""
+    facts = OPENAI_IMAGE_TOKENS
+    scale = min(1.0, facts["fit"] / max(width, height, 1))
+    scale *= min(1.0, facts["shortest"] / max(min(width, height) * scale, 1))
+    side = facts["tile_side"]
+    tiles = math.ceil(width * scale / side) * math.ceil(height * scale / side)
+    return facts["base"] + facts["tile"] * tiles
+
+
+def text_tokens(text: str) -> int:
+    # Some four characters a token in English, as OpenAI's tokenizer guide says (help.openai.com,
+    # "What are tokens and how to count them?"): an estimate, as exact as the text is English.
+    return math.ceil(len(text) / 4)
+
+
+def estimated_prompt_tokens(task: Task, config: Config) -> int:
+    """A request's prompt tokens before it is sent: its picture as sent (OpenAI's count), its
+    prompt and --system."""
+    try:
+        with Image.open(io.BytesIO(task.payload)) as picture:
+            width, height = picture.size
+    except (OSError, ValueError):
+        width = height = config.max_size
+    texts = [task.prompt, *(message["content"] for message in system_messages(config, task))]
+    return image_tokens(width, height) + sum(text_tokens(text) for text in texts)
+
+
+class Usage(NamedTuple):
+    """The tokens an OpenAI-compatible answer reports in its last chunk (stream_options
+    include_usage): completion_tokens includes the reasoning tokens, which OpenAI details in
+    completion_tokens_details.reasoning_tokens (platform.openai.com/docs/api-reference/chat/object,
+    "usage"). A field of another type is read as absent."""
+
+    prompt: int = 0
+    completion: int = 0
+    reasoning: int = 0
+
+    @classmethod
+    def of(cls, chunk: dict) -> Usage | None:
+        usage = chunk.get("usage")
+        if not isinstance(usage, dict):
+            return None
+        details = usage.get("completion_tokens_details")
+        details = details if isinstance(details, dict) else {}
+        counts = (usage.get("prompt_tokens"), usage.get("completion_tokens"), details.get("reasoning_tokens"))
+        return cls(*(count if isinstance(count, int) and count >= 0 else 0 for count in counts))
 
 
 def data_uri(payload: bytes) -> str:
@@ -3577,6 +3726,22 @@ def read_png_metadata_of_any_size() -> None:
     PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 
+def estimated_tokens_of(image: Path, prompt: str, config: Config) -> int | None:
+    """A dry run's estimate of the input tokens of an image's request: the picture at the size it
+    would be sent (read from its header alone), as OpenAI counts it, and the prompt and --system;
+    None where the file cannot be opened (the run would fail it, unpaid)."""
+    import_run_libraries()
+    try:
+        with Image.open(image) as picture:
+            size = picture.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    if config.max_size and max(size) > config.max_size:
+        size = fitted_size(size, config.max_size)
+    system = config.system.fill(image, "") if config.system.text else ""
+    return image_tokens(*size) + text_tokens(prompt) + text_tokens(system)
+
+
 def prepare_task(task: Task, config: Config) -> Task:
     """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
     task.prompt = task.template.fill(task.image, task.existing)
@@ -3740,6 +3905,15 @@ def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     """One try (on a worker thread): the caption, cleaned up, and the answer it came in."""
     with server.turns.timed():
         answer = server.api.request(server, config, task, seed_for(config.seed, task.tries))
+    try:
+        return checked(answer, server, config, task)
+    except TryFailed as failure:
+        failure.spent = answer  # refused here, but paid for all the same
+        raise
+
+
+def checked(answer: Answer, server: Server, config: Config, task: Task) -> tuple[str, Answer]:
+    """The caption of an answer, cleaned up, or why it is unfit to train on."""
     caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
     if not config.raw:
         caption = tidy(caption)
@@ -3880,6 +4054,10 @@ def context_for(tokens: int) -> int:
     # Room for the prompt and a caption's tokens, rounded up to a multiple of 1024.
     return math.ceil((tokens + DEFAULT_MAX_TOKENS) / 1024) * 1024
 
+
+# What a hosted provider's content filter refusing an image is told; asked again it refuses
+# again, and each try is paid for, so the image fails at once (REQUEST_REFUSED).
+CONTENT_FILTERED = "the provider's content filter refused the image (finish_reason content_filter)"
 
 # How an empty answer of a model told not to think is told (FailureWatch gives it its fix).
 EMPTY_WITHOUT_THINKING = "the model answered with an empty caption, with thinking off"
@@ -4157,8 +4335,10 @@ class Pipeline:
         config: Config,
         stop: Stop,
         reporter: Reporter,
+        summary: Summary,
     ) -> None:
         self.discovery = discovery
+        self.summary = summary  # counts the tokens paid for, which --max-cost holds to
         self.writer = writer
         self.config = config
         self.servers = servers
@@ -4222,7 +4402,7 @@ class Pipeline:
             if server.probe_due() and server not in self.probing.values():
                 self.probing[in_the_background(server.probe)] = server
         for server in self.servers:
-            while server.free_slots() > 0 and self.ready:
+            while server.free_slots() > 0 and self.ready and self.affordable(self.ready[0]):
                 task = self.ready.popleft()
                 server.in_flight += 1
                 self.sending[in_the_background(ask, server, self.config, task)] = (server, task, now)
@@ -4231,6 +4411,32 @@ class Pipeline:
         while waiting and len(self.ready) + len(self.preparing) < max(1, slots):
             task = Task.of(waiting.popleft())
             self.preparing[self.preparers.submit(prepare_task, task, self.config)] = task
+
+    def unreported(self, answer: Answer, task: Task) -> tuple[int, int] | None:
+        """With --price, the estimated (input, output) tokens of an answer that said none (a
+        server that sends no usage, the OpenAI API's being optional): never free, or --max-cost
+        would never stop. None for an answer that said."""
+        if answer.prompt_tokens or not self.config.price:
+            return None
+        return estimated_prompt_tokens(task, self.config), max(answer.tokens, text_tokens(answer.text))
+
+    def affordable(self, task: Task) -> bool:
+        """Whether --max-cost leaves room for one more request: what was paid, and the worst case
+        of each request in flight and of this one (its prompt, as the largest yet or as estimated
+        from its picture, and --max-tokens of output), within the budget. Where it does not and
+        nothing is in flight, the run ends: the rest is left for a rerun."""
+        if self.config.max_cost is None:
+            return True
+        prompt = max(self.summary.most_prompt_tokens, estimated_prompt_tokens(task, self.config))
+        worst = self.summary.cost_of(prompt, self.config.max_tokens)
+        if self.summary.cost + worst * (len(self.sending) + 1) <= self.config.max_cost:
+            return True
+        if not self.sending:
+            self.halt(
+                f"--max-cost {self.config.max_cost:g} would be passed by one more request "
+                f"({money(self.summary.cost)} spent)"
+            )
+        return False
 
     def wait_for_any(self, at_once: bool = False) -> set[Future]:
         """The work that finished, waiting for some unless at_once; a stop is noticed within
@@ -4266,6 +4472,8 @@ class Pipeline:
         try:
             result = future.result()
         except TryFailed as failure:
+            if failure.spent:
+                self.summary.answer_paid(failure.spent, estimated=self.unreported(failure.spent, task))
             return self.after_failure(server, task, failure)
         except Exception as exc:  # noqa: BLE001 - a defect must fail its image, never lose it
             return Outcome(task, failure=f"unexpected error: {exc!r}")
@@ -4273,6 +4481,7 @@ class Pipeline:
             self.ready.append(result)
             return None
         caption, answer = result
+        self.summary.answer_paid(answer, estimated=self.unreported(answer, task))
         server.watch.answered_well()
         outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
@@ -4899,6 +5108,11 @@ class Review:
             if summary.generation_ns
             else 0.0,
             "seconds": round(summary.seconds, 1),
+            # What the run paid for (every try and the preflight's picture), and at --price its cost.
+            "input_tokens": summary.prompt_tokens,
+            "output_tokens": summary.output_tokens,
+            "reasoning_tokens": summary.reasoning_tokens,
+            "cost": round(summary.cost, 8) if summary.price else None,
             "dry_run": config.dry_run,
             "thumbnails": self.relative(self.thumbnails) if self.chunks_written and not self.broken else "",
             "chunk_size": THUMBNAILS_PER_CHUNK,
@@ -5184,7 +5398,9 @@ class Reporter:
     def image_captioned(self, image: Path, caption: str, seconds: float) -> None:
         self.done += 1
         if self.verbosity >= 0 and not self.live:
-            self.say(f"[{self.position()}] {self.name(image)} {seconds:.1f}s, ETA {self.eta()}")
+            self.say(
+                f"[{self.position()}] {self.name(image)} {seconds:.1f}s, ETA {self.eta()}{self.spending()}"
+            )
         if self.verbosity > 0:
             self.say(f"    {caption}")
         if self.live:
@@ -5213,8 +5429,15 @@ class Reporter:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         self.draw_live_line(
             f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {self.position()} "
-            f"{rate:.2f} img/s ETA {self.eta()}  {current}"
+            f"{rate:.2f} img/s ETA {self.eta()}{self.spending()}  {current}"
         )
+
+    def spending(self) -> str:
+        """With --price: ", $0.0421 so far of ~$1.27" (the estimate once the total is known)."""
+        if not self.summary.price:
+            return ""
+        total = self.summary.estimated_total_cost()
+        return f", {money(self.summary.cost)} so far" + (f" of ~{money(total)}" if total is not None else "")
 
     def draw_live_line(self, line: str) -> None:
         self.write("\r\x1b[K" + shown(line))
@@ -5276,6 +5499,17 @@ class Reporter:
             f"dry run: would caption {summary.to_caption}, skip {summary.skipped} already captioned"
             f"{edited_since(summary.left_alone)}{unfinished}; nothing was sent"
         )
+        if summary.price:
+            prompt_tokens, output_tokens, cost = summary.estimated_cost()
+            unopened = summary.not_estimated
+            unreadable = f"; {counted(unopened, 'image')} could not be opened" if unopened else ""
+            self.say(
+                f"estimated cost: {money(cost)} at --price ({prompt_tokens:,} input tokens: each picture as "
+                f"OpenAI's GPT-4o family counts it at detail high, the text at 4 characters a token; "
+                f"{output_tokens:,} output tokens at {EXPECTED_CAPTION_TOKENS} a caption{unreadable}). "
+                "Other models count pictures otherwise, and retries and thinking cost more: a rough guide, "
+                "not a bill"
+            )
 
     def finish(self, summary: Summary) -> None:
         rate = summary.captioned / summary.seconds if summary.seconds else 0.0
@@ -5301,6 +5535,8 @@ class Reporter:
             self.say(f"  {url} answered one request at a time: --jobs {jobs} only queued there")
         if summary.captioned:
             self.say(caption_statistics(summary))
+        if summary.price:  # else the tokens end the statistics' line, where captions were written
+            self.say(f"  {tokens_paid(summary)}; cost {money(summary.cost)} at --price{unsaid(summary)}")
         if summary.stopped:
             self.say(f"stopped: {summary.stopped}")
         for error in summary.output_errors:
@@ -5330,16 +5566,32 @@ def reader_went_away(exc: OSError) -> bool:
     return isinstance(exc, BrokenPipeError) or (os.name == "nt" and exc.errno == errno.EINVAL)
 
 
+def money(amount: float) -> str:
+    # Providers publish prices in dollars; a caption costs a fraction of a cent.
+    return f"${amount:.2f}" if amount >= 10 else f"${amount:.4f}"
+
+
+def tokens_paid(summary: Summary) -> str:
+    reasoning = f" ({summary.reasoning_tokens:,} reasoning, no caption)" if summary.reasoning_tokens else ""
+    return f"tokens paid for: {summary.prompt_tokens:,} input, {summary.output_tokens:,} output{reasoning}"
+
+
+def unsaid(summary: Summary) -> str:
+    answers = summary.estimated_answers
+    return f" ({counted(answers, 'answer')} said no token count: estimated)" if answers else ""
+
+
 def caption_statistics(summary: Summary) -> str:
     count = summary.captioned
     speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
     thinking = " (thinking included)" if summary.thought else ""
     # A server that sends no usage (some OpenAI-compatible ones) gives no token count to divide.
     generated = f"{speed:.1f} tokens/s generated{thinking}; " if summary.tokens else ""
+    paid = f"; {tokens_paid(summary)}" if summary.prompt_tokens and not summary.price else ""
     return (
         f"  {generated}captions average {counted(round(summary.words / count), 'word')}; "
         f"{summary.over_clip_limit} of {count} longer than {CLIP_TOKENS} CLIP tokens "
-        "(estimated from words and punctuation)"
+        f"(estimated from words and punctuation){paid}"
     )
 
 
@@ -5591,6 +5843,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the images that failed to FILE, in the form --only reads",
     )
+    parser.add_argument(
+        "--price",
+        type=price_pair,
+        metavar="IN/OUT",
+        help="the model's price per million input and output tokens, as the provider publishes it (e.g. "
+        "0.15/0.60): the cost so far and the estimated total are shown, and with --dry-run estimated",
+    )
+    parser.add_argument(
+        "--max-cost",
+        type=number(float, more_than=0),
+        metavar="AMOUNT",
+        help="stop before the run would spend more than AMOUNT at --price (the requests in flight reserve "
+        "their worst case); what is left waits for a rerun",
+    )
     parser.add_argument("--pull", action="store_true", help="pull the model if the server lacks it")
     parser.add_argument("--dry-run", action="store_true", help="list what would be captioned; send nothing")
     parser.add_argument("--limit", type=number(int, at_least=1), help="caption at most N images")
@@ -5723,6 +5989,20 @@ def server_url(text: str, ollama_port: bool = True) -> str:
     return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
+def price_pair(text: str) -> tuple[float, float]:
+    """An argparse type: IN/OUT, two prices per million tokens."""
+    parts = text.split("/")
+    try:
+        prices = tuple(float(part) for part in parts)
+    except ValueError:
+        prices = ()
+    if len(prices) != 2 or not all(math.isfinite(price) and 0 <= price <= 1e6 for price in prices):
+        raise argparse.ArgumentTypeError(
+            f"must be IN/OUT, the prices per million input and output tokens (e.g. 0.15/0.60), not {text}"
+        )
+    return prices[0], prices[1]
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
     settings.update(APIS[args.api].settings(args))
@@ -5736,6 +6016,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             # imagefolder reads file_name relative to the JSONL's folder, with no "..".
             raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
     refuse_folder_prompt_name(args.folder_prompt)
+    if args.max_cost is not None and args.price is None:
+        raise CannotStart("--max-cost needs --price IN/OUT, the prices it counts the cost at")
     settings.update(
         folders=folders,
         think=args.think or bool(args.think_level),  # a level is thinking, with thinking's budget

@@ -308,6 +308,10 @@ class StandInOllama:
     echo_authorization: bool = False
     # (certificate file, key file): speak HTTPS with them, as a server behind a TLS proxy does.
     certificate: tuple[str, str] | None = None
+    # /v1's usage details the thinking tokens, of the completion_tokens that include them, in
+    # completion_tokens_details.reasoning_tokens, as OpenAI's does (platform.openai.com/docs/
+    # api-reference/chat/object, "usage"; read 2026-12-06); the servers people run send none.
+    reasoning_details: bool = False
 
     def __post_init__(self) -> None:
         if self.flavour not in (*FLAVOURS, TOY):
@@ -1108,11 +1112,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def usage(self, reply: Reply, pieces: list) -> dict:
         generated = len(pieces)
-        return {
+        usage = {
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": generated,
             "total_tokens": reply.prompt_tokens + generated,
         }
+        if self.stand_in.reasoning_details:
+            thinking = sum(kind == "thinking" for kind, _ in pieces)
+            usage["completion_tokens_details"] = {"reasoning_tokens": thinking}
+        return usage
 
     def send_openai_reply(self, reply: Reply, chat: Chat) -> None:
         if self.sent_failure(reply, self.send_openai_error):

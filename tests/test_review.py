@@ -732,3 +732,29 @@ def test_the_redo_list_leaves_out_a_path_with_a_line_break_and_says_so(browser, 
         "# 1 marked image(s) left out: their path holds a line break.",
         str(folder / "plain.png"),
     ]
+
+
+@pytest.mark.browser
+def test_the_page_says_the_tokens_paid_for_and_the_cost(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 2)
+    server = make_server()
+    review(folder, tmp_path / "review.html", "--price", "1000/2000", host=server.url)
+    paid_in = sum(Reply().prompt_tokens for _ in server.chats)
+    paid_out = sum(max(1, chat.tokens_sent) for chat in server.chats)
+    open_page(browser, tmp_path / "review.html")
+
+    header = browser.find_element("id", "run").text
+    assert f"{paid_in:,} + {paid_out:,} tokens paid for" in header
+    assert f"{captioner.money((paid_in * 1000 + paid_out * 2000) / 1e6)} spent" in header
+
+
+@pytest.mark.browser
+def test_the_page_shows_no_cost_without_a_price(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 1)
+    review(folder, tmp_path / "review.html", host=make_server().url)
+    open_page(browser, tmp_path / "review.html")
+
+    header = browser.find_element("id", "run").text
+    assert "tokens paid for" in header and "spent" not in header
