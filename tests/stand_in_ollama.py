@@ -145,6 +145,10 @@ GEMINI_EFFORTS = ("none", "minimal", "low", "medium", "high")
 # (openrouter.ai/docs/use-cases/reasoning-tokens, read 2026-12-06).
 OPENROUTER_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 IMAGE_DETAILS = ("low", "high", "auto")  # OpenAI's image_url.detail
+# Where each hosted service's OpenAI-compatible API lives: its documented base URL's path
+# (platform.openai.com/docs/api-reference, ai.google.dev/gemini-api/docs/openai,
+# openrouter.ai/docs/quickstart; read 2026-12-06).
+HOSTED_PATHS = {"openai": "/v1", "gemini": "/v1beta/openai", "openrouter": "/api/v1"}
 # A toy API of no real server, for the tests' own third adapter (tests/toy_api.py): GET
 # /toy/models answers {"models": [names]}; POST /toy/caption takes {"model", "prompt", "image"
 # (base64)} and answers {"caption": text}, or {"problem": message} with an error status.
@@ -352,6 +356,7 @@ class StandInOllama:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         self.chats: list = []
+        self.refusals: list = []  # (body, error object) of each request a hosted flavour refused
         self.requests: list = []  # (time.monotonic(), method, path) of every request
         self.connections: set = set()
         self.lock = threading.Lock()
@@ -532,8 +537,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def hosted_route(self) -> None:
+        """A hosted service's API under its own path (Gemini's /v1beta/openai/...) is served as
+        /v1/...; anything else it answers 404."""
+        base = HOSTED_PATHS.get(self.stand_in.flavour)
+        if base and base != "/v1":
+            rest = self.path[len(base) :] if self.path.startswith(f"{base}/") else None
+            self.path = "/not-here" if rest is None else f"/v1{rest}"
+
     def do_GET(self) -> None:
         stand_in = self.stand_in
+        self.hosted_route()
         if self.proxy_says_down():
             return
         if stand_in.flavour == TOY:
@@ -570,6 +584,7 @@ class Handler(BaseHTTPRequestHandler):
             "/api/chat": self.chat,
             "/v1/chat/completions": self.openai_chat,
         }
+        self.hosted_route()
         route = routes.get(self.path)
         if self.proxy_says_down():
             return
@@ -1022,6 +1037,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         refusal = self.hosted_refusal(body) if flavour in HOSTED else None
         if refusal:
+            with self.stand_in.lock:
+                self.stand_in.refusals.append((body, refusal))
             self.send_json(400, {"error": refusal})
             return
         model = body.get("model") or ""

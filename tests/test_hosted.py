@@ -3,8 +3,11 @@ behaves as each is documented to, and the captioner sends each only what it take
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
+from conftest import distinct_pictures, picture
 from stand_in_ollama import VISION_MODEL, StandInOllama
 
 REASONING = "gpt-5-mini"  # an OpenAI reasoning model: max_completion_tokens, temperature 1 only
@@ -83,3 +86,255 @@ def test_strict_openai_checks_the_image_detail(strict):
     assert error["param"] == "messages[0].content[1].image_url.detail"
     request["messages"][0]["content"][1]["image_url"]["detail"] = "low"
     assert post(strict, request).status_code == 200
+
+
+# ---- the captioner against them ----
+
+KEY = "sk-test-7f3a9c2e1b"  # a made-up key: it must appear in no output or file
+HOSTED_MODELS = {REASONING: VISION_MODEL, PLAIN: VISION_MODEL, "google/gemini-2.5-flash": VISION_MODEL}
+# Each hosted flavour with a model of its own, and its thinking switched off in its own words.
+THINKING_OFF = {
+    ("openai", REASONING): {"reasoning_effort": "minimal"},
+    ("openai", PLAIN): {},  # it refused reasoning_effort in the preflight: nothing to turn off
+    ("gemini", "google/gemini-2.5-flash"): {"reasoning_effort": "none"},
+    ("openrouter", "google/gemini-2.5-flash"): {"reasoning": {"effort": "none"}},
+}
+# What each sends the token limit as.
+LIMIT_FIELD = {"openai": "max_completion_tokens", "gemini": "max_tokens", "openrouter": "max_tokens"}
+KEY_ENV = {"openai": "OPENAI_API_KEY", "gemini": "GEMINI_API_KEY", "openrouter": "OPENROUTER_API_KEY"}
+PROBE_WIDTH = 64  # the preflight's probe picture is 64x64; the tests' pictures are narrower
+
+
+@pytest.fixture
+def hosted(make_server, caption, monkeypatch):
+    """A hosted flavour's stand-in, and a run of the captioner against it as --provider."""
+
+    def start(flavour: str) -> StandInOllama:
+        monkeypatch.setenv(KEY_ENV[flavour], KEY)
+        return make_server(flavour=flavour, native=False, models=HOSTED_MODELS)
+
+    def run(stand_in: StandInOllama, *args: object):
+        return caption("--api", "openai", "--provider", stand_in.flavour, *args, host=stand_in.url)
+
+    return start, run
+
+
+def images_sent(stand_in: StandInOllama) -> list:
+    return [chat for chat in stand_in.chats if chat.picture().width != PROBE_WIDTH]
+
+
+@pytest.mark.parametrize(("flavour", "model"), list(THINKING_OFF))
+def test_a_hosted_provider_is_sent_only_what_it_takes(flavour, model, tmp_path, hosted):
+    """Every image captioned; each field the server refused is refused once, on the probe
+    picture; no image request carries chat_template_kwargs, and thinking is off in the
+    provider's own words."""
+    start, run = hosted
+    expected = distinct_pictures(tmp_path, 3)
+    stand_in = start(flavour)
+
+    result = run(stand_in, tmp_path, "--model", model, "--seed", 7)
+
+    assert result.code == 0, result.err
+    assert {path: path.read_text() for path in expected} == expected
+    refused = [error["param"] or error["message"].rsplit(" ", 1)[-1] for _, error in stand_in.refusals]
+    assert len(refused) == len(set(refused))  # at most one 400 per field
+    assert all(
+        body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] == 1
+        for body, _ in stand_in.refusals
+    )
+    sent = images_sent(stand_in)
+    assert len(sent) == 3
+    for chat in sent:
+        assert "chat_template_kwargs" not in chat.body
+        assert LIMIT_FIELD[flavour] in chat.body
+        assert {key: chat.body[key] for key in ("reasoning_effort", "reasoning") if key in chat.body} == (
+            THINKING_OFF[flavour, model]
+        )
+    assert KEY not in result.out + result.err
+    assert all(
+        KEY not in path.read_text() for path in tmp_path.iterdir() if path.is_file() and path.suffix == ".txt"
+    )
+
+
+def test_a_reasoning_model_is_adapted_to_in_the_preflight_once(tmp_path, hosted):
+    """OpenAI's reasoning model refuses temperature 0.8 (the captioner's default) on the probe
+    picture; from then on no request carries it, and every image is captioned."""
+    start, run = hosted
+    distinct_pictures(tmp_path, 4)
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", REASONING, "--jobs", 2)
+
+    assert result.code == 0, result.err
+    assert [error["param"] for _, error in stand_in.refusals] == ["temperature"]
+    assert "does not take temperature for this model: left out for the rest of the run" in result.err
+    assert all("temperature" not in chat.body for chat in stand_in.chats)
+    assert len(images_sent(stand_in)) == 4
+
+
+def test_a_plain_openai_model_sheds_reasoning_effort_once(tmp_path, hosted):
+    start, run = hosted
+    distinct_pictures(tmp_path, 2)
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", PLAIN)
+
+    assert result.code == 0, result.err
+    assert [error["message"] for _, error in stand_in.refusals] == [
+        "Unrecognized request argument supplied: reasoning_effort"
+    ]
+    assert all(chat.body.get("temperature") == 0.8 for chat in images_sent(stand_in))
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("--temperature", 0.5), "Unsupported value: 'temperature' does not support 0.5 with this model"),
+        (("--option", "top_k=40"), "Unrecognized request argument supplied: top_k"),
+    ],
+)
+def test_what_the_user_asked_for_is_refused_in_the_providers_words_not_dropped(args, said, tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", REASONING, *args)
+
+    assert result.code == 2
+    assert said in result.err
+    assert not images_sent(stand_in) and not (tmp_path / "a.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("flavour", "level", "sent"),
+    [
+        ("openai", "high", {"reasoning_effort": "high"}),
+        ("gemini", "low", {"reasoning_effort": "low"}),
+        ("openrouter", "max", {"reasoning": {"effort": "xhigh"}}),
+    ],
+)
+def test_a_think_level_is_sent_in_the_providers_reasoning_words(flavour, level, sent, tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start(flavour)
+    model = REASONING if flavour == "openai" else "google/gemini-2.5-flash"
+
+    result = run(stand_in, tmp_path, "--model", model, "--think-level", level)
+
+    assert result.code == 0, result.err
+    (chat,) = images_sent(stand_in)
+    assert {key: chat.body[key] for key in ("reasoning_effort", "reasoning") if key in chat.body} == sent
+
+
+def test_a_think_level_a_provider_lacks_is_refused(tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", REASONING, "--think-level", "max")
+
+    assert result.code == 2
+    assert (
+        "--think-level max: OpenAI's reasoning_effort has no such level; it takes low, medium, high"
+        in result.err
+    )
+    assert not stand_in.chats
+
+
+def test_reasoning_tokens_are_not_counted_as_the_captions(tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start("openai")
+    jsonl = tmp_path / "metadata.jsonl"
+
+    result = run(stand_in, tmp_path, "--model", REASONING, "--think-level", "low", "--jsonl", jsonl)
+
+    assert result.code == 0, result.err
+    (chat,) = images_sent(stand_in)
+    (line,) = jsonl.read_text().splitlines()
+    # The stand-in spent 40 reasoning tokens at "low" and streamed only the caption's.
+    assert json.loads(line)["tokens"] == chat.tokens_sent
+
+
+def test_detail_is_sent_to_openai(tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", PLAIN, "--detail", "low")
+
+    assert result.code == 0, result.err
+    for chat in stand_in.chats:
+        assert chat.body["messages"][-1]["content"][1]["image_url"]["detail"] == "low"
+
+
+@pytest.mark.parametrize("flavour", ["gemini", "vllm"])
+def test_detail_is_refused_where_the_server_is_not_known_to_take_it(
+    flavour, tmp_path, make_server, caption, monkeypatch
+):
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = make_server(flavour=flavour, native=False, models=HOSTED_MODELS)
+    provider = ["--provider", "gemini"] if flavour == "gemini" else []
+
+    result = caption(
+        "--api", "openai", *provider, tmp_path, "--model", PLAIN, "--detail", "low", host=stand_in.url
+    )
+
+    assert result.code == 2
+    assert "--detail is OpenAI's image_url.detail" in result.err
+    assert not stand_in.chats
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "http://api.openai.com",
+        "http://generativelanguage.googleapis.com/v1beta/openai",
+        "http://openrouter.ai/api/v1",
+    ],
+)
+def test_a_hosted_provider_is_reached_over_https_only(host, tmp_path, caption, monkeypatch):
+    for name in KEY_ENV.values():
+        monkeypatch.setenv(name, KEY)
+    picture(tmp_path / "a.png", size=(40, 32))
+
+    result = caption("--api", "openai", tmp_path, "--model", PLAIN, host=host)
+
+    assert result.code == 2
+    assert "is reached over https only" in result.err and "--host https://" in result.err
+
+
+def test_a_hosted_provider_needs_its_key_named_by_its_variable(tmp_path, caption, monkeypatch):
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    picture(tmp_path / "a.png", size=(40, 32))
+
+    result = caption(
+        "--api", "openai", tmp_path, host="https://generativelanguage.googleapis.com/v1beta/openai/"
+    )
+
+    assert result.code == 2
+    assert "Gemini needs an API key: set GEMINI_API_KEY" in result.err
+
+
+def test_a_server_of_ones_own_keeps_todays_request(tmp_path, make_server, caption):
+    """vLLM (and every server no provider's host names) is sent today's body: max_tokens, the
+    default temperature, thinking off in its chat template's words, no image detail."""
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = make_server(native=False)
+
+    result = caption("--api", "openai", tmp_path, host=stand_in.url)
+
+    assert result.code == 0, result.err
+    for chat in stand_in.chats:
+        assert set(chat.body) == {
+            "model",
+            "messages",
+            "stream",
+            "stream_options",
+            "max_tokens",
+            "temperature",
+            "chat_template_kwargs",
+        }
+        assert chat.body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert set(chat.body["messages"][-1]["content"][1]["image_url"]) == {"url"}
