@@ -7,7 +7,7 @@ import json
 
 import httpx
 import pytest
-from conftest import distinct_pictures, picture
+from conftest import captioner, distinct_pictures, picture
 from stand_in_ollama import VISION_MODEL, StandInOllama
 
 REASONING = "gpt-5-mini"  # an OpenAI reasoning model: max_completion_tokens, temperature 1 only
@@ -338,3 +338,27 @@ def test_a_server_of_ones_own_keeps_todays_request(tmp_path, make_server, captio
         }
         assert chat.body["chat_template_kwargs"] == {"enable_thinking": False}
         assert set(chat.body["messages"][-1]["content"][1]["image_url"]) == {"url"}
+
+
+def test_a_refusal_of_max_tokens_renames_it_for_the_rest_of_the_run():
+    """Only OpenAI's reasoning models are known to refuse max_tokens, and OpenAI is sent
+    max_completion_tokens from the start: the rename, for a provider sent max_tokens whose model
+    refuses it (a gateway in front of OpenAI), is the preflight's reading of the 400 and the body
+    every request is sent afterwards."""
+    said = "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+    assert captioner.refused_field(said) == ("max_tokens", "max_completion_tokens")
+    api = captioner.OpenAiApi("http://127.0.0.1:9", 5)
+    try:
+        api.provider = captioner.PROVIDERS["openrouter"]
+        api.adapted = {"max_tokens": "max_completion_tokens", "temperature": None}
+        sent = api.hosted_body({"model": "m", "max_tokens": 300, "temperature": 0.8})
+    finally:
+        api.close()
+    assert sent == {"model": "m", "max_completion_tokens": 300}
+
+
+def test_provider_and_detail_are_refused_with_ollamas_api(tmp_path, caption):
+    picture(tmp_path / "a.png", size=(40, 32))
+    for args in (("--provider", "openai"), ("--detail", "low")):
+        result = caption(tmp_path, *args)
+        assert result.code == 2 and f"{args[0]} is for --api openai" in result.err
