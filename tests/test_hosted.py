@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 from conftest import captioner, distinct_pictures, picture
-from stand_in_ollama import VISION_MODEL, StandInOllama
+from stand_in_ollama import VISION_MODEL, Reply, StandInOllama
 
 REASONING = "gpt-5-mini"  # an OpenAI reasoning model: max_completion_tokens, temperature 1 only
 PLAIN = "gpt-4.1-mini"  # one that does not reason
@@ -362,3 +362,55 @@ def test_provider_and_detail_are_refused_with_ollamas_api(tmp_path, caption):
     for args in (("--provider", "openai"), ("--detail", "low")):
         result = caption(tmp_path, *args)
         assert result.code == 2 and f"{args[0]} is for --api openai" in result.err
+
+
+# ---- behaviours every OpenAI-compatible server shares, strict (OpenAI) and lenient (vLLM) ----
+
+RATE_LIMITED = "Rate limit reached for gpt-4.1-mini on requests per min (RPM): Limit 3, Used 3, Requested 1."
+
+
+@pytest.fixture(params=["openai", "vllm"])
+def either(request, make_server, caption, monkeypatch):
+    """A strict (OpenAI's) or lenient (vLLM's) stand-in, and a run against it."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    stand_in = make_server(flavour=request.param, native=False, models={PLAIN: VISION_MODEL})
+    provider = ["--provider", "openai"] if request.param == "openai" else []
+
+    def run(*args: object):
+        return caption("--api", "openai", *provider, "--model", PLAIN, *args, host=stand_in.url)
+
+    return stand_in, run
+
+
+@pytest.mark.parametrize(
+    "trouble", [Reply(status=429, error=RATE_LIMITED, retry_after=0.2), Reply(drop=True)]
+)
+def test_a_rate_limit_or_a_dropped_connection_is_asked_again_on_either(trouble, tmp_path, either):
+    stand_in, run = either
+    picture(tmp_path / "a.png", size=(40, 32))
+    replies = iter([trouble])
+    stand_in.answer = lambda chat: next(replies, "A red square") if chat.picture().width == 40 else "probe"
+
+    result = run(tmp_path)
+
+    assert result.code == 0, result.err
+    assert (tmp_path / "a.txt").read_text() == "A red square"
+    assert len(images_sent(stand_in)) == 2
+
+
+def test_a_refusal_met_by_an_image_is_no_adaptation(tmp_path, either):
+    """Only the probe picture adapts: a 400 an image meets fails that image with the server's
+    words, and the next image is sent as before."""
+    stand_in, run = either
+    picture(tmp_path / "a.png", size=(40, 32))
+    picture(tmp_path / "b.png", size=(41, 32))
+    said = "Unrecognized request argument supplied: temperature"
+    stand_in.answer = lambda chat: (
+        Reply(status=400, error=said) if chat.picture().width == 40 else "A red square"
+    )
+
+    result = run(tmp_path, "--retries", 0)
+
+    assert result.code == 1
+    assert not (tmp_path / "a.txt").exists() and (tmp_path / "b.txt").read_text() == "A red square"
+    assert all("temperature" in chat.body for chat in stand_in.chats)
