@@ -412,5 +412,6 @@ def test_a_refusal_met_by_an_image_is_no_adaptation(tmp_path, either):
     result = run(tmp_path, "--retries", 0)
 
     assert result.code == 1
+    assert f"failed a.png: The server answered 400: {said}" in result.err
     assert not (tmp_path / "a.txt").exists() and (tmp_path / "b.txt").read_text() == "A red square"
     assert all("temperature" in chat.body for chat in stand_in.chats)
