@@ -3448,12 +3448,15 @@ def data_uri(payload: bytes) -> str:
 def error_message(body: bytes) -> str:
     """The message in an error body, whichever server wrote it: vLLM's flat {"object": "error",
     "message": ...} (before 0.10.1) or nested {"error": {"message": ...}} (also llama-server's and
-    Ollama's /v1), LM Studio's {"error": "..."}, or a proxy's text or HTML page."""
+    Ollama's /v1), LM Studio's {"error": "..."}, Google's list of one [{"error": {...}}] (Gemini's
+    endpoint: google-gemini/gemini-cli#4635), or a proxy's text or HTML page."""
     text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
     except ValueError:
         return text
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+        data = data[0]
     error = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(error, dict):
         return str(error.get("message") or error)

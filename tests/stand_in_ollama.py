@@ -166,6 +166,15 @@ def openai_values(values: tuple) -> str:
     return f"{', '.join(quoted[:-1])}, and {quoted[-1]}"
 
 
+def gemini_error(status: int, message: str) -> list:
+    """Google's error body, which its OpenAI-compatible endpoint sends as a list of one
+    (google-gemini/gemini-cli#4635, #13665: `[{"error": {"code": 400, ..., "status":
+    "INVALID_ARGUMENT"}}]`)."""
+    statuses = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
+    statuses.update({429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"})
+    return [{"error": {"code": status, "message": message, "status": statuses.get(status, "UNKNOWN")}}]
+
+
 def mlx_overflow(tokens: int) -> str:
     """The MLX runner's words for a prompt longer than the context (x/mlxrunner/client.go)."""
     return f"input length ({tokens} tokens) exceeds the model's maximum context length"
@@ -436,7 +445,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------
 
-    def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
+    def send_json(self, status: int, body: dict | list, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -955,10 +964,12 @@ class Handler(BaseHTTPRequestHandler):
             models.append(card)
         return {"object": "list", "data": models}
 
-    def openai_error(self, status: int, message: str) -> dict:
+    def openai_error(self, status: int, message: str) -> dict | list:
         """The error body of this flavour's server."""
         flavour = self.stand_in.flavour
         message = self.said(message)
+        if flavour == "gemini":  # Google's error, in a list (google-gemini/gemini-cli#4635)
+            return gemini_error(status, message)
         if flavour == "lmstudio":
             return {"error": message}
         if flavour in VLLM:
@@ -1039,7 +1050,9 @@ class Handler(BaseHTTPRequestHandler):
         if refusal:
             with self.stand_in.lock:
                 self.stand_in.refusals.append((body, refusal))
-            self.send_json(400, {"error": refusal})
+            self.send_json(
+                400, gemini_error(400, refusal["message"]) if flavour == "gemini" else {"error": refusal}
+            )
             return
         model = body.get("model") or ""
         entry = self.entry(model, "openai")

@@ -415,3 +415,16 @@ def test_a_refusal_met_by_an_image_is_no_adaptation(tmp_path, either):
     assert f"failed a.png: The server answered 400: {said}" in result.err
     assert not (tmp_path / "a.txt").exists() and (tmp_path / "b.txt").read_text() == "A red square"
     assert all("temperature" in chat.body for chat in stand_in.chats)
+
+
+def test_geminis_error_in_a_list_is_told_by_its_message(tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start("gemini")
+    said = "Request contains an invalid argument."
+    stand_in.answer = lambda chat: Reply(status=400, error=said) if chat.picture().width == 40 else "probe"
+
+    result = run(stand_in, tmp_path, "--model", "google/gemini-2.5-flash", "--retries", 0)
+
+    assert result.code == 1
+    assert f"failed a.png: The server answered 400: {said}\n" in result.err
