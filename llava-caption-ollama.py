@@ -3118,7 +3118,7 @@ class OpenAiApi(Api):
                     )
                     return ""
                 except Refusal as refusal:
-                    self.adapt(refusal, config, reporter)
+                    self.adapt(refusal, config, reporter, server.model)
         except TryFailed as failure:
             if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
                 return f"{self.url} stopped answering when asked to look at a picture: {failure}"
@@ -3129,7 +3129,7 @@ class OpenAiApi(Api):
             self.adapting = False
         raise CannotStart(f"{provider.title} refused every way of asking {server.model} for a caption")
 
-    def adapt(self, refusal: Refusal, config: Config, reporter: Reporter) -> None:
+    def adapt(self, refusal: Refusal, config: Config, reporter: Reporter, model: str) -> None:
         """Send a refused field as the server asked, for the rest of the run; CannotStart where
         the user gave it, or where it was refused before."""
         given = {
@@ -3140,7 +3140,7 @@ class OpenAiApi(Api):
             given[self.provider.effort_field] = "--think-level"
         if refusal.name in given or refusal.name in self.adapted or refusal.name not in HOSTED_ADAPTABLE:
             asked = f" ({given[refusal.name]})" if refusal.name in given else ""
-            raise CannotStart(f"{self.url} refuses {refusal.name}{asked} for {config.model}: {refusal.said}")
+            raise CannotStart(f"{self.url} refuses {refusal.name}{asked} for {model}: {refusal.said}")
         self.adapted[refusal.name] = refusal.instead
         reporter.field_adapted(self.url, refusal.name, refusal.instead)
 

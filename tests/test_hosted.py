@@ -4,6 +4,7 @@ behaves as each is documented to, and the captioner sends each only what it take
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -428,3 +429,29 @@ def test_geminis_error_in_a_list_is_told_by_its_message(tmp_path, hosted):
 
     assert result.code == 1
     assert f"failed a.png: The server answered 400: {said}\n" in result.err
+
+
+def test_the_docs_table_holds_each_providers_base_url_and_key():
+    """docs/servers-and-models.md's table of hosted APIs says what PROVIDERS says."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "servers-and-models.md").read_text(
+        encoding="utf-8"
+    )
+    rows = [line for line in page.splitlines() if line.startswith("| ") and "_API_KEY" in line]
+    assert len(rows) == len(captioner.PROVIDERS)
+    for provider, row in zip(captioner.PROVIDERS.values(), rows):
+        assert row.startswith(f"| {provider.title} | `https://{provider.host}{provider.path}")
+        assert f"`{provider.key_env}`" in row and "--api openai --host https://" in row
+
+
+def test_a_refusal_of_what_the_user_asked_names_the_served_model(tmp_path, make_server, caption, monkeypatch):
+    """Without --model, the server's one model is named."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = make_server(flavour="openai", native=False, models={REASONING: VISION_MODEL})
+
+    result = caption(
+        "--api", "openai", "--provider", "openai", tmp_path, "--temperature", 0.5, host=stand_in.url
+    )
+
+    assert result.code == 2
+    assert f"refuses temperature (--temperature) for {REASONING}: Unsupported value" in result.err
