@@ -4,11 +4,13 @@ behaves as each is documented to, and the captioner sends each only what it take
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import captioner, distinct_pictures, picture
+from conftest import captioner, distinct_pictures, picture, run_script
 from stand_in_ollama import VISION_MODEL, Reply, StandInOllama
 
 REASONING = "gpt-5-mini"  # an OpenAI reasoning model: max_completion_tokens, temperature 1 only
@@ -455,3 +457,40 @@ def test_a_refusal_of_what_the_user_asked_names_the_served_model(tmp_path, make_
 
     assert result.code == 2
     assert f"refuses temperature (--temperature) for {REASONING}: Unsupported value" in result.err
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1: (cert, key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=20,
+    )
+    return str(cert), str(key)
+
+
+def test_a_provider_is_reached_at_its_documented_base_url_over_https(tmp_path, make_server, certificate):
+    """Gemini's base URL as its docs give it (with /v1beta/openai/) is where /models and
+    /chat/completions are asked; the key goes in its own variable."""
+    expected = distinct_pictures(tmp_path, 2)
+    stand_in = make_server(flavour="gemini", native=False, models=HOSTED_MODELS, certificate=certificate)
+
+    result = run_script(
+        tmp_path,
+        *("--api", "openai", "--provider", "gemini", "--model", "google/gemini-2.5-flash"),
+        *("--host", f"{stand_in.url}/v1beta/openai/"),
+        env={"SSL_CERT_FILE": certificate[0], "GEMINI_API_KEY": KEY},
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert {path: path.read_text() for path in expected} == expected
+    assert {chat.authorization for chat in stand_in.chats} == {f"Bearer {KEY}"}
+    assert KEY not in result.stdout + result.stderr
