@@ -494,3 +494,18 @@ def test_a_provider_is_reached_at_its_documented_base_url_over_https(tmp_path, m
     assert {path: path.read_text() for path in expected} == expected
     assert {chat.authorization for chat in stand_in.chats} == {f"Bearer {KEY}"}
     assert KEY not in result.stdout + result.stderr
+
+
+def test_a_think_level_for_a_model_that_does_not_reason_is_refused_in_openais_words(tmp_path, hosted):
+    start, run = hosted
+    picture(tmp_path / "a.png", size=(40, 32))
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", PLAIN, "--think-level", "low")
+
+    assert result.code == 2
+    assert (
+        "refuses reasoning_effort (--think-level) for gpt-4.1-mini: Unrecognized request argument"
+        in result.err
+    )
+    assert not images_sent(stand_in)
