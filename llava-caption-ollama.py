@@ -419,6 +419,81 @@ SCRIPTS = [
 ]
 
 
+@dataclass(frozen=True)
+class Provider:
+    """A hosted service's OpenAI-compatible API: how its base URL is recognised and what its
+    chat completions take (the table "Hosted APIs" in docs/servers-and-models.md says the same).
+    None of them could be reached from here: each row is the provider's documentation, read on
+    the date given, and the behaviour built on it is tested against the tests' stand-in."""
+
+    name: str  # the value of --provider
+    title: str  # how messages name it
+    host: str  # the base URL's host
+    path: str  # the documented base URL's path, under which /models and /chat/completions are
+    key_env: str  # where its key is read by default
+    # The token limit's field: OpenAI's reasoning models refuse max_tokens (a 400 "Use
+    # 'max_completion_tokens' instead"), and max_completion_tokens is what all its chat models take.
+    limit_field: str
+    # How thinking is set: "reasoning_effort": LEVEL, or "reasoning": {"effort": LEVEL}.
+    effort_field: str
+    thinking_off: str  # the effort that turns thinking off, or the lowest the provider has
+    levels: dict  # --think-level: the provider's effort
+    detail: bool  # takes image_url.detail (--detail)
+    source: str
+
+
+PROVIDERS = {
+    provider.name: provider
+    for provider in (
+        Provider(
+            "openai",
+            "OpenAI",
+            "api.openai.com",
+            "/v1",
+            "OPENAI_API_KEY",
+            "max_completion_tokens",
+            # reasoning_effort minimal/low/medium/high on reasoning models only: another model
+            # answers 400 "Unrecognized request argument supplied: reasoning_effort" (adapted in
+            # the preflight); "minimal" is the lowest, no model takes "off".
+            "reasoning_effort",
+            "minimal",
+            {"low": "low", "medium": "medium", "high": "high"},
+            True,
+            "platform.openai.com/docs/api-reference/chat/create and docs/guides/images-vision, read 2026-12-06",
+        ),
+        Provider(
+            "gemini",
+            "Gemini",
+            "generativelanguage.googleapis.com",
+            "/v1beta/openai",
+            "GEMINI_API_KEY",
+            "max_tokens",
+            # reasoning_effort maps to a thinking budget; "none" turns thinking off.
+            "reasoning_effort",
+            "none",
+            {"low": "low", "medium": "medium", "high": "high"},
+            False,
+            "ai.google.dev/gemini-api/docs/openai, read 2026-12-06",
+        ),
+        Provider(
+            "openrouter",
+            "OpenRouter",
+            "openrouter.ai",
+            "/api/v1",
+            "OPENROUTER_API_KEY",
+            "max_tokens",
+            # reasoning: {effort}, one of xhigh/high/medium/low/minimal/none, for every model.
+            "reasoning",
+            "none",
+            {"low": "low", "medium": "medium", "high": "high", "max": "xhigh"},
+            False,
+            "openrouter.ai/docs/use-cases/reasoning-tokens and docs/api-reference, read 2026-12-06",
+        ),
+    )
+}
+IMAGE_DETAILS = ("low", "high", "auto")  # OpenAI's image_url.detail
+
+
 # ---------------------------------------------------------------------------
 # What goes wrong, and the libraries a run loads
 # ---------------------------------------------------------------------------
@@ -612,6 +687,10 @@ class Config:
     # own words, sent as given; {} unless given.
     model_options: dict = field(default_factory=dict)
     system: Template = field(default_factory=lambda: Template(""))  # --system: the system message
+    # The hosted service (a key of PROVIDERS) the OpenAI-compatible servers are, or "": a server of
+    # the user's own, sent today's request.
+    provider: str = ""
+    detail: str = ""  # --detail: OpenAI's image_url.detail, "" unless given
     jsonl: Path | None = None
     review: Path | None = None  # the review page to write
     only: frozenset[str] | None = None  # --only: the real paths of the images to caption, and no others
@@ -650,6 +729,8 @@ class Config:
             settings["model_options"] = self.model_options
         if self.system.text:
             settings["system"] = self.system.text
+        if self.detail:
+            settings["detail"] = self.detail
         return settings
 
     def settings_digest(self) -> str:
@@ -2622,6 +2703,9 @@ class OllamaApi(Api):
             raise CannotStart(
                 "--api-key-env is for --api openai; Ollama's client reads OLLAMA_API_KEY itself"
             )
+        for option, value in (("--provider", args.provider != "auto"), ("--detail", args.detail)):
+            if value:
+                raise CannotStart(f"{option} is for --api openai, the API of the hosted services")
         given = args.hosts or [os.environ.get("OLLAMA_HOST") or DEFAULT_HOST]
         source = "--host" if args.hosts else "OLLAMA_HOST"
         return {
@@ -2985,6 +3069,13 @@ class OpenAiApi(Api):
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         super().__init__(url, timeout, key)
         self.thinking_off: dict = {}  # what this server reads as "do not think"
+        self.prefix = "/v1"  # where the API lives: a hosted provider's path (Gemini's /v1beta/openai)
+        self.provider: Provider | None = None
+        # A field of the captioner's own that the server refused in the preflight, and what it is
+        # sent as for the rest of the run: another name, or None for not at all.
+        self.adapted: dict[str, str | None] = {}
+        self.adapting = False  # the preflight's probe: a refusal naming a field is adapted to
+        self.reasoning: dict = {}  # a hosted provider's reasoning field: thinking off, or --think-level
 
     @classmethod
     def settings(cls, args: argparse.Namespace) -> dict:
@@ -2995,14 +3086,6 @@ class OpenAiApi(Api):
             ),
             "--keep-alive": (args.keep_alive, "the server keeps its model loaded as long as it runs"),
             "--pull": (args.pull or None, "the server loads the model it was started with"),
-            "--think-level": (
-                args.think_level,
-                (
-                    "an OpenAI-compatible server does not say which thinking levels its model takes, and each "
-                    "names them its own way (reasoning_effort, chat_template_kwargs); --think lets it think "
-                    "as it does by default"
-                ),
-            ),
         }
         for option, (value, why) in refused.items():
             if value is not None:
@@ -3015,12 +3098,22 @@ class OpenAiApi(Api):
             raise CannotStart(
                 "--api openai needs the server's address: --host http://HOST:PORT (or OPENAI_BASE_URL)"
             )
-        key = api_key(args)
+        hosts = server_urls(given, "--host" if args.hosts else "OPENAI_BASE_URL", ollama_port=False)
+        provider = hosted_provider(hosts, args.provider)
+        if args.think_level and not (provider and args.think_level in provider.levels):
+            raise CannotStart(think_level_refusal(provider, args.think_level))
+        if args.detail and not (provider and provider.detail):
+            where = provider.title if provider else "a server of your own"
+            raise CannotStart(
+                f"--detail is OpenAI's image_url.detail, which {where} is not known to take; run without it"
+            )
         return {
-            "hosts": server_urls(given, "--host" if args.hosts else "OPENAI_BASE_URL", ollama_port=False),
+            "hosts": [hosted_root(url, provider) for url in hosts] if provider else hosts,
             "model": args.model or "",
-            "api_key": key,
+            "api_key": api_key(args, provider),
             "num_ctx": 0,
+            "provider": provider.name if provider else "",
+            "detail": args.detail or "",
         }
 
     @classmethod
@@ -3033,7 +3126,7 @@ class OpenAiApi(Api):
         return given
 
     def models(self) -> list[dict]:
-        response = self.quick.get("/v1/models")
+        response = self.quick.get(f"{self.prefix}/models")
         if response.status_code != 200:
             raise ServerSaid(response.status_code, error_said(response), retry_after(response))
         listed = response.json()
@@ -3051,12 +3144,16 @@ class OpenAiApi(Api):
         these servers says whether a model can see, so a small picture is sent (64 px a side:
         some vision encoders crash the runner on tinier ones). It loads the model, which can
         take minutes, so it may take up to --timeout."""
+        self.provider = PROVIDERS.get(config.provider)
+        self.prefix = self.provider.path if self.provider else "/v1"
         served, trouble = self.first_contact(
             server, lambda: patiently(self.models, server, config, reporter, stop)
         )
         if trouble:
             return trouble
         server.model = self.served_model(config, [model["name"] for model in served])
+        if self.provider:
+            return self.hosted_preflight(server, config, reporter, stop)
         ollama_v1 = self.is_ollama()
         self.refuse_options_passed_over(config, {model["owner"] for model in served}, ollama_v1)
         host = urlsplit(self.url).hostname or ""
@@ -3086,6 +3183,63 @@ class OpenAiApi(Api):
                 f"model {server.model} on {self.url} cannot take a picture{sent_with(config)}: {failure}"
             ) from None
         return ""
+
+    def hosted_preflight(self, server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
+        """A hosted provider is sent the standard fields alone, thinking set in its own words. A
+        model may still refuse one of them (OpenAI's reasoning models: max_tokens, a temperature
+        but 1; the others: reasoning_effort): the probe picture meets that refusal, once per
+        field, and the run sends the field as the server asked from then on, so no image does.
+        What the user asked for is never dropped: it stops the run in the provider's words."""
+        provider = self.provider
+        assert provider is not None  # preflight() calls this for a provider only
+        effort = provider.levels.get(config.think_level) if config.think_level else None
+        effort = effort or (None if config.think else provider.thinking_off)
+        self.thinking_off = {}
+        if effort is None:  # --think: the model thinks as it does by default
+            self.reasoning = {}
+        elif provider.effort_field == "reasoning":
+            self.reasoning = {"reasoning": {"effort": effort}}
+        else:
+            self.reasoning = {provider.effort_field: effort}
+        probe = probe_task()
+        self.adapting = True
+        try:
+            for _ in range(len(HOSTED_ADAPTABLE) + 1):
+                try:
+                    patiently(
+                        lambda: self.send(server, config, probe, None, max_tokens=1),
+                        server,
+                        config,
+                        reporter,
+                        stop,
+                    )
+                    return ""
+                except Refusal as refusal:
+                    self.adapt(refusal, config, reporter, server.model)
+        except TryFailed as failure:
+            if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
+                return f"{self.url} stopped answering when asked to look at a picture: {failure}"
+            raise CannotStart(
+                f"model {server.model} on {self.url} cannot take a picture{sent_with(config)}: {failure}"
+            ) from None
+        finally:
+            self.adapting = False
+        raise CannotStart(f"{provider.title} refused every way of asking {server.model} for a caption")
+
+    def adapt(self, refusal: Refusal, config: Config, reporter: Reporter, model: str) -> None:
+        """Send a refused field as the server asked, for the rest of the run; CannotStart where
+        the user gave it, or where it was refused before."""
+        given = {
+            **dict.fromkeys(config.model_options, "--option"),
+            **({"temperature": "--temperature"} if config.temperature is not None else {}),
+        }
+        if config.think_level and self.provider:
+            given[self.provider.effort_field] = "--think-level"
+        if refusal.name in given or refusal.name in self.adapted or refusal.name not in HOSTED_ADAPTABLE:
+            asked = f" ({given[refusal.name]})" if refusal.name in given else ""
+            raise CannotStart(f"{self.url} refuses {refusal.name}{asked} for {model}: {refusal.said}")
+        self.adapted[refusal.name] = refusal.instead
+        reporter.field_adapted(self.url, refusal.name, refusal.instead)
 
     def refuse_options_passed_over(self, config: Config, owners: set[str], ollama_v1: bool) -> None:
         """Refuse an --option the server is known to pass over without a word. Ollama's /v1 reads
@@ -3154,10 +3308,8 @@ class OpenAiApi(Api):
         return self.send(server, config, task, seed, config.max_tokens)
 
     def send(self, server: Server, config: Config, task: Task, seed: int | None, max_tokens: int) -> Answer:
-        content = [
-            {"type": "text", "text": task.prompt},
-            {"type": "image_url", "image_url": {"url": data_uri(task.payload)}},
-        ]
+        image_url = {"url": data_uri(task.payload), **({"detail": config.detail} if config.detail else {})}
+        content = [{"type": "text", "text": task.prompt}, {"type": "image_url", "image_url": image_url}]
         body = {
             # The server's own top-level fields (--option), in its words: vLLM's repetition_penalty,
             # top_k, min_p. None of the fields below: refuse_options() refused those.
@@ -3171,12 +3323,21 @@ class OpenAiApi(Api):
             **({} if seed is None else {"seed": seed}),
             **({} if config.think else self.thinking_off),
         }
+        if self.provider:
+            body = self.hosted_body(body)
         gathered = Gathered(max_tokens)
         started = time.monotonic()
         finish, usage = "", Usage()
-        with self.errors(), self.client.stream("POST", "/v1/chat/completions", json=body) as response:
+        with (
+            self.errors(),
+            self.client.stream("POST", f"{self.prefix}/chat/completions", json=body) as response,
+        ):
             if response.status_code != 200:
-                raise ServerSaid(response.status_code, error_said(response), retry_after(response))
+                said = error_said(response)
+                refused = refused_field(said) if self.adapting and response.status_code == 400 else None
+                if refused:
+                    raise Refusal(*refused, said)
+                raise ServerSaid(response.status_code, said, retry_after(response))
             if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
                 raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
             for line in response.iter_lines():
@@ -3204,11 +3365,109 @@ class OpenAiApi(Api):
             raise refused
         return answer
 
+    def hosted_body(self, body: dict) -> dict:
+        """Today's body in the provider's words: its token limit's field, thinking as preflight
+        set it (already in), and each field the preflight adapted sent as the server asked."""
+        assert self.provider is not None  # send() calls this for a provider only
+        sent = {key: value for key, value in body.items() if key != "max_tokens"}
+        sent[self.provider.limit_field] = body["max_tokens"]
+        sent.update(self.reasoning)
+        for name, instead in self.adapted.items():
+            if name in sent:
+                value = sent.pop(name)
+                if instead:
+                    sent[instead] = value
+        return sent
 
-def api_key(args: argparse.Namespace) -> str:
-    key_name = args.api_key_env or "OPENAI_API_KEY"
+
+class Refusal(Exception):
+    """A 400 of the preflight's probe naming a field the server does not take (not a TryFailed:
+    the preflight adapts to it)."""
+
+    def __init__(self, name: str, instead: str | None, said: str) -> None:
+        super().__init__(said)
+        self.name, self.instead, self.said = name, instead, said
+
+
+# What the captioner sends of its own and may send otherwise, when a server refuses it: by
+# another name (OpenAI's reasoning models: max_completion_tokens), or not at all (the default
+# temperature; reasoning_effort to a model that does not reason, which has nothing to turn off).
+HOSTED_ADAPTABLE = ("max_tokens", "temperature", "reasoning_effort", "reasoning", "seed", "stream_options")
+# OpenAI's words for a field or value a model does not take (platform.openai.com error codes;
+# TutteInstitute/toponymy#148, koosoli/ESPHomeDesigner#379): the field, and its other name.
+REFUSED_FIELD = (
+    (re.compile(r"Unrecognized request argument supplied: (\w+)"), None),
+    (re.compile(r"Unsupported parameter: '(\w+)' is not supported with this model\. Use '(\w+)' instead"), 2),
+    (
+        re.compile(
+            r"Unsupported value: '(\w+)' does not support .* Only the default \(.*\) value is supported"
+        ),
+        None,
+    ),
+)
+
+
+def refused_field(said: str) -> tuple[str, str | None] | None:
+    """The field a server's 400 says it does not take, and the name to send it by instead."""
+    for pattern, instead in REFUSED_FIELD:
+        match = pattern.search(said)
+        if match:
+            return match[1], match[instead] if instead else None
+    return None
+
+
+def hosted_provider(hosts: list[str], asked: str) -> Provider | None:
+    """The hosted service the servers are: the one --provider names, else the one whose host the
+    base URL names (a gateway or proxy in front of one is named with --provider). A hosted service
+    is reached over https only: its key must not cross the network in the clear (a gateway on
+    this machine, at a loopback address, may speak plain http)."""
+    by_host = {provider.host: provider.name for provider in PROVIDERS.values()}
+    found = {by_host.get(urlsplit(url).hostname or "", "") for url in hosts}
+    provider = PROVIDERS.get(asked) or (PROVIDERS.get(found.pop(), None) if len(found) == 1 else None)
+    if asked == "auto" and len(found) > 1:
+        raise CannotStart(
+            "--host: one run speaks to one kind of server; give the hosts of one provider, or of none"
+        )
+    for url in hosts if provider else []:
+        host = urlsplit(url).hostname or ""
+        if url.startswith("http://") and (host in by_host or host not in ("127.0.0.1", "::1", "localhost")):
+            raise CannotStart(
+                f"{provider.title} is reached over https only (the API key would cross the network in the "
+                f"clear): --host https://{host}{provider.path}"
+            )
+    return provider
+
+
+def hosted_root(url: str, provider: Provider) -> str:
+    """The URL the provider's path goes under: its documented base URL (https://openrouter.ai/api/v1)
+    or the host alone (https://openrouter.ai) give the same."""
+    for suffix in (provider.path, provider.path.removesuffix("/v1")):
+        if suffix and url.endswith(suffix):
+            return url[: -len(suffix)]
+    return url
+
+
+def think_level_refusal(provider: Provider | None, level: str) -> str:
+    if provider is None:
+        return (
+            "--think-level is Ollama's: an OpenAI-compatible server does not say which thinking levels its model "
+            "takes, and each names them its own way (reasoning_effort, chat_template_kwargs); --think lets it "
+            "think as it does by default; run without --think-level"
+        )
+    return (
+        f"--think-level {level}: {provider.title}'s {provider.effort_field} has no such level; it takes "
+        f"{', '.join(provider.levels)}"
+    )
+
+
+def api_key(args: argparse.Namespace, provider: Provider | None = None) -> str:
+    key_name = args.api_key_env or (provider.key_env if provider else "OPENAI_API_KEY")
     if args.api_key_env and args.api_key_env not in os.environ:
         raise CannotStart(f"--api-key-env: the environment variable {args.api_key_env} is not set")
+    if provider and not os.environ.get(key_name) and not args.dry_run:
+        raise CannotStart(
+            f"{provider.title} needs an API key: set {key_name} (or name another variable with --api-key-env)"
+        )
     key = os.environ.get(key_name, "")
     if key and not re.fullmatch(r"[\x21-\x7e]+", key):
         raise CannotStart(
@@ -3331,12 +3590,15 @@ def data_uri(payload: bytes) -> str:
 def error_message(body: bytes) -> str:
     """The message in an error body, whichever server wrote it: vLLM's flat {"object": "error",
     "message": ...} (before 0.10.1) or nested {"error": {"message": ...}} (also llama-server's and
-    Ollama's /v1), LM Studio's {"error": "..."}, or a proxy's text or HTML page."""
+    Ollama's /v1), LM Studio's {"error": "..."}, Google's list of one [{"error": {...}}] (Gemini's
+    endpoint: google-gemini/gemini-cli#4635), or a proxy's text or HTML page."""
     text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
     except ValueError:
         return text
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+        data = data[0]
     error = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(error, dict):
         return str(error.get("message") or error)
@@ -5350,6 +5612,10 @@ class Reporter:
             "--jobs 2 keeps it as busy there, --jobs 1 nearly"
         )
 
+    def field_adapted(self, url: str, name: str, instead: str | None) -> None:
+        sent = f"sent as {instead}" if instead else "left out"
+        self.say(f"note: {url} does not take {name} for this model: {sent} for the rest of the run")
+
     def key_unencrypted(self, url: str) -> None:
         self.say(f"warning: the API key goes to {url} unencrypted (http://); use https:// to send it")
 
@@ -5683,7 +5949,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key-env",
         metavar="NAME",
-        help="with --api openai: the environment variable holding the API key (default: OPENAI_API_KEY)",
+        help="with --api openai: the environment variable holding the API key (default: OPENAI_API_KEY, or the "
+        "hosted provider's: GEMINI_API_KEY, OPENROUTER_API_KEY)",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=("auto", *PROVIDERS),
+        default="auto",
+        help="with --api openai: the hosted service the server is, sent only the fields it takes (default: auto, "
+        "known by the host of --host: api.openai.com, generativelanguage.googleapis.com, openrouter.ai); name it "
+        "for a gateway or proxy in front of one",
+    )
+    parser.add_argument(
+        "--detail",
+        choices=IMAGE_DETAILS,
+        help="OpenAI's image detail: low is a small fixed number of tokens per image, high reads it in tiles; "
+        "only where the provider takes it (OpenAI)",
     )
     parser.add_argument(
         "-j",

@@ -114,6 +114,41 @@ NO_MMPROJ = "image input is not supported - hint: if this is unexpected, you may
 # Whose OpenAI-compatible server the /v1 routes imitate. vLLM nests its error object since
 # 0.10.1 ("vllm"); before, it was flat ("vllm-old").
 FLAVOURS = ("vllm", "vllm-old", "llama-server", "lmstudio", "ollama")
+# The hosted services' endpoints: OpenAI's own (strict), Gemini's and OpenRouter's
+# OpenAI-compatible ones, with native=False (none of them speaks Ollama's API).
+HOSTED = ("openai", "gemini", "openrouter")
+# OpenAI's Chat Completions request (platform.openai.com/docs/api-reference/chat/create, read
+# 2026-12-06): any other argument is a 400 "Unrecognized request argument supplied: X" with
+# param and code null (seen for chat_template_kwargs, top_k, reasoning_effort on a model that
+# does not reason: TutteInstitute/toponymy#148, Tencent/WeKnora#495, open-webui#14520).
+OPENAI_FIELDS = frozenset(
+    (
+        *("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens"),
+        *("temperature", "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias"),
+        *("logprobs", "top_logprobs", "user", "seed", "response_format", "tools", "tool_choice"),
+        *("parallel_tool_calls", "reasoning_effort", "service_tier", "store", "metadata", "modalities"),
+        *("prediction", "audio", "verbosity", "web_search_options", "prompt_cache_key", "safety_identifier"),
+    )
+)
+# OpenAI's reasoning models (o-series, GPT-5.x) take reasoning_effort at these levels, refuse
+# max_tokens for max_completion_tokens and any temperature but the default 1 (koosoli/
+# ESPHomeDesigner#379, dsp05/overleaf-copilot#43); their reasoning is billed as output
+# (usage.completion_tokens_details.reasoning_tokens) and never streamed on Chat Completions.
+OPENAI_REASONING = re.compile(r"(o\d|gpt-5)")
+OPENAI_EFFORTS = ("minimal", "low", "medium", "high")
+# The reasoning tokens the stand-in's reasoning model spends at each effort (medium by default).
+REASONING_SPENT = {"minimal": 0, "low": 40, "medium": 160, "high": 640}
+# Gemini's OpenAI-compatible endpoint maps reasoning_effort to a thinking budget, "none" turning
+# thinking off (ai.google.dev/gemini-api/docs/openai, read 2026-12-06).
+GEMINI_EFFORTS = ("none", "minimal", "low", "medium", "high")
+# OpenRouter normalises reasoning as reasoning: {effort}, "none" turning it off
+# (openrouter.ai/docs/use-cases/reasoning-tokens, read 2026-12-06).
+OPENROUTER_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+IMAGE_DETAILS = ("low", "high", "auto")  # OpenAI's image_url.detail
+# Where each hosted service's OpenAI-compatible API lives: its documented base URL's path
+# (platform.openai.com/docs/api-reference, ai.google.dev/gemini-api/docs/openai,
+# openrouter.ai/docs/quickstart; read 2026-12-06).
+HOSTED_PATHS = {"openai": "/v1", "gemini": "/v1beta/openai", "openrouter": "/api/v1"}
 # A toy API of no real server, for the tests' own third adapter (tests/toy_api.py): GET
 # /toy/models answers {"models": [names]}; POST /toy/caption takes {"model", "prompt", "image"
 # (base64)} and answers {"caption": text}, or {"problem": message} with an error status.
@@ -123,6 +158,21 @@ VLLM = ("vllm", "vllm-old")
 OLLAMA_IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "image/webp", ""}
 DATA_URI = re.compile(r"data:([^;,]*)(;base64)?,(.*)", re.DOTALL)
 MODELS_CREATED = 1746405464  # the models' modified_at below, in Unix seconds
+
+
+def openai_values(values: tuple) -> str:
+    """OpenAI's list of supported values: 'low', 'high', and 'auto'."""
+    quoted = [f"'{value}'" for value in values]
+    return f"{', '.join(quoted[:-1])}, and {quoted[-1]}"
+
+
+def gemini_error(status: int, message: str) -> list:
+    """Google's error body, which its OpenAI-compatible endpoint sends as a list of one
+    (google-gemini/gemini-cli#4635, #13665: `[{"error": {"code": 400, ..., "status":
+    "INVALID_ARGUMENT"}}]`)."""
+    statuses = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}
+    statuses.update({429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"})
+    return [{"error": {"code": status, "message": message, "status": statuses.get(status, "UNKNOWN")}}]
 
 
 def mlx_overflow(tokens: int) -> str:
@@ -314,11 +364,12 @@ class StandInOllama:
     reasoning_details: bool = False
 
     def __post_init__(self) -> None:
-        if self.flavour not in (*FLAVOURS, TOY):
-            raise ValueError(f"flavour must be one of {(*FLAVOURS, TOY)}, not {self.flavour!r}")
+        if self.flavour not in (*FLAVOURS, *HOSTED, TOY):
+            raise ValueError(f"flavour must be one of {(*FLAVOURS, *HOSTED, TOY)}, not {self.flavour!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, not {self.engine!r}")
         self.chats: list = []
+        self.refusals: list = []  # (body, error object) of each request a hosted flavour refused
         self.requests: list = []  # (time.monotonic(), method, path) of every request
         self.connections: set = set()
         self.lock = threading.Lock()
@@ -398,7 +449,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------
 
-    def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
+    def send_json(self, status: int, body: dict | list, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -499,8 +550,17 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.do_GET()
 
+    def hosted_route(self) -> None:
+        """A hosted service's API under its own path (Gemini's /v1beta/openai/...) is served as
+        /v1/...; anything else it answers 404."""
+        base = HOSTED_PATHS.get(self.stand_in.flavour)
+        if base and base != "/v1":
+            rest = self.path[len(base) :] if self.path.startswith(f"{base}/") else None
+            self.path = "/not-here" if rest is None else f"/v1{rest}"
+
     def do_GET(self) -> None:
         stand_in = self.stand_in
+        self.hosted_route()
         if self.proxy_says_down():
             return
         if stand_in.flavour == TOY:
@@ -537,6 +597,7 @@ class Handler(BaseHTTPRequestHandler):
             "/api/chat": self.chat,
             "/v1/chat/completions": self.openai_chat,
         }
+        self.hosted_route()
         route = routes.get(self.path)
         if self.proxy_says_down():
             return
@@ -897,6 +958,7 @@ class Handler(BaseHTTPRequestHandler):
     def model_list(self) -> dict:
         flavour = self.stand_in.flavour
         owner = {"llama-server": "llamacpp", "lmstudio": "organization_owner", "ollama": "library"}
+        owner.update(openai="system", gemini="google", openrouter="openrouter")
         models = []
         for name in self.stand_in.models:
             card = {"id": name, "object": "model", "created": MODELS_CREATED}
@@ -906,10 +968,12 @@ class Handler(BaseHTTPRequestHandler):
             models.append(card)
         return {"object": "list", "data": models}
 
-    def openai_error(self, status: int, message: str) -> dict:
+    def openai_error(self, status: int, message: str) -> dict | list:
         """The error body of this flavour's server."""
         flavour = self.stand_in.flavour
         message = self.said(message)
+        if flavour == "gemini":  # Google's error, in a list (google-gemini/gemini-cli#4635)
+            return gemini_error(status, message)
         if flavour == "lmstudio":
             return {"error": message}
         if flavour in VLLM:
@@ -986,6 +1050,14 @@ class Handler(BaseHTTPRequestHandler):
         if wrong:  # the request is refused as it is read, before its model is looked for
             self.send_openai_error(400, wrong)
             return
+        refusal = self.hosted_refusal(body) if flavour in HOSTED else None
+        if refusal:
+            with self.stand_in.lock:
+                self.stand_in.refusals.append((body, refusal))
+            self.send_json(
+                400, gemini_error(400, refusal["message"]) if flavour == "gemini" else {"error": refusal}
+            )
+            return
         model = body.get("model") or ""
         entry = self.entry(model, "openai")
         if entry is None:
@@ -1022,6 +1094,71 @@ class Handler(BaseHTTPRequestHandler):
         self.completion_id = f"chatcmpl-{secrets.token_hex(12)}"
         self.created = int(time.time())
         self.serve(chat, lambda reply: self.send_openai_reply(reply, chat))
+
+    def hosted_refusal(self, body: dict) -> dict | None:
+        """The error object a hosted service answers this request with (400), or None.
+        OpenAI is strict: an unknown argument, max_tokens or a temperature other than 1 for a
+        reasoning model, an effort it does not take, an image detail it does not know; Gemini and
+        OpenRouter check only their reasoning words here (they pass other fields on or over)."""
+        flavour = self.stand_in.flavour
+        reasoning = bool(OPENAI_REASONING.match(str(body.get("model") or "")))
+
+        def refused(message: str, param: str | None = None, code: str | None = None) -> dict:
+            return {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+        if flavour == "gemini":
+            effort = body.get("reasoning_effort")
+            if effort is not None and effort not in GEMINI_EFFORTS:
+                return refused(f"Invalid reasoning_effort: {effort}")
+            return None
+        if flavour == "openrouter":
+            effort = (body.get("reasoning") or {}).get("effort")
+            if effort is not None and effort not in OPENROUTER_EFFORTS:
+                return refused(f"Invalid reasoning effort: {effort}")
+            return None
+        for name in body:
+            if name not in OPENAI_FIELDS or (name == "reasoning_effort" and not reasoning):
+                return refused(f"Unrecognized request argument supplied: {name}")
+        if reasoning and "max_tokens" in body:
+            return refused(
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "max_tokens",
+                "unsupported_parameter",
+            )
+        temperature = body.get("temperature")
+        if reasoning and temperature is not None and temperature != 1:
+            return refused(
+                f"Unsupported value: 'temperature' does not support {temperature} with this model. "
+                "Only the default (1) value is supported.",
+                "temperature",
+                "unsupported_value",
+            )
+        effort = body.get("reasoning_effort")
+        if effort is not None and effort not in OPENAI_EFFORTS:
+            return refused(
+                f"Invalid value: '{effort}'. Supported values are: {openai_values(OPENAI_EFFORTS)}.",
+                "reasoning_effort",
+                "invalid_value",
+            )
+        for index, message in enumerate(body.get("messages") or []):
+            content = message.get("content") if isinstance(message, dict) else None
+            for part_index, part in enumerate(content if isinstance(content, list) else []):
+                image_url = part.get("image_url") if isinstance(part, dict) else None
+                detail = image_url.get("detail") if isinstance(image_url, dict) else None
+                if detail is not None and detail not in IMAGE_DETAILS:
+                    return refused(
+                        f"Invalid value: '{detail}'. Supported values are: {openai_values(IMAGE_DETAILS)}.",
+                        f"messages[{index}].content[{part_index}].image_url.detail",
+                        "invalid_value",
+                    )
+        return None
+
+    def reasoning_spent(self, chat: Chat) -> int:
+        """The reasoning tokens an OpenAI reasoning model spent (billed, never streamed)."""
+        if self.stand_in.flavour != "openai" or not OPENAI_REASONING.match(chat.model):
+            return 0
+        return REASONING_SPENT[chat.body.get("reasoning_effort") or "medium"]
 
     def fields_read(self) -> dict:
         """The top-level fields this flavour's server reads, where the stand-in knows them
@@ -1087,6 +1224,13 @@ class Handler(BaseHTTPRequestHandler):
             return by_effort
         if flavour in VLLM:
             return by_template
+        if flavour == "openai":  # the lowest effort there is
+            return body.get("reasoning_effort") == "minimal"
+        if flavour == "gemini":
+            return by_effort
+        if flavour == "openrouter":
+            reasoning = body.get("reasoning") or {}
+            return reasoning.get("effort") == "none" or reasoning.get("enabled") is False
         return by_template or by_effort
 
     def reasoning_field(self) -> str:
@@ -1110,15 +1254,16 @@ class Handler(BaseHTTPRequestHandler):
             return {"role": "assistant", "content": "", "reasoning": token}
         return {"role": "assistant", self.reasoning_field(): token}
 
-    def usage(self, reply: Reply, pieces: list) -> dict:
-        generated = len(pieces)
+    def usage(self, reply: Reply, pieces: list, chat: Chat | None = None) -> dict:
+        hidden = self.reasoning_spent(chat) if chat else 0  # reasoning a hosted model does not stream
+        generated = len(pieces) + hidden  # reasoning is billed as output (completion) tokens
         usage = {
             "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": generated,
             "total_tokens": reply.prompt_tokens + generated,
         }
-        if self.stand_in.reasoning_details:
-            thinking = sum(kind == "thinking" for kind, _ in pieces)
+        if self.stand_in.reasoning_details or self.stand_in.flavour in HOSTED:
+            thinking = sum(kind == "thinking" for kind, _ in pieces) + hidden
             usage["completion_tokens_details"] = {"reasoning_tokens": thinking}
         return usage
 
@@ -1135,6 +1280,11 @@ class Handler(BaseHTTPRequestHandler):
         if self.stand_in.flavour != "ollama":
             limit = body.get("max_completion_tokens") or limit
         _, pieces, finish_reason = self.pieces(chat, reply, limit if isinstance(limit, int) else -1)
+        reasoning = self.reasoning_spent(chat)
+        if reasoning and isinstance(limit, int):  # reasoning spends max_completion_tokens first
+            budget = max(limit - reasoning, 0)
+            if budget < len(pieces):
+                pieces, finish_reason = pieces[:budget], "length"
         if chat.stream:
             self.stream_openai(reply, chat, pieces, finish_reason)
             return
@@ -1147,7 +1297,7 @@ class Handler(BaseHTTPRequestHandler):
         if thinking:
             message[self.reasoning_field()] = thinking
         choice = {"index": 0, "message": message, "finish_reason": finish_reason}
-        usage = self.usage(reply, pieces)
+        usage = self.usage(reply, pieces, chat)
         self.send_json(200, self.openai_object(chat, "chat.completion", choices=[choice], usage=usage))
 
     def send_piece(self, chat: Chat, kind: str, token: str, finish_reason: str | None = None) -> None:
@@ -1193,7 +1343,7 @@ class Handler(BaseHTTPRequestHandler):
                 ending = {"role": "assistant", "content": ""} if flavour in (*VLLM, "ollama") else {}
                 self.stream_event(self.chunk(chat, ending, finish_reason))
             if (chat.body.get("stream_options") or {}).get("include_usage"):
-                usage = self.usage(reply, pieces)
+                usage = self.usage(reply, pieces, chat)
                 self.stream_event(self.openai_object(chat, "chat.completion.chunk", choices=[], usage=usage))
             self.stream_event("[DONE]")
         self.end_stream()
