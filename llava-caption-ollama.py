@@ -4268,7 +4268,7 @@ class Pacer:
                 self.left -= 1
                 if self.left <= 0:
                     self.hold_until(
-                        self.left_until, "the server's rate limit: no requests left in its window"
+                        self.left_until, "its x-ratelimit-* headers: no requests left in the window"
                     )
             if self.waiting_since:
                 self.waited += now - self.waiting_since
@@ -4285,11 +4285,11 @@ class Pacer:
                 self.left, self.left_until = limits.requests_left - others, now + limits.requests_reset
                 if self.left <= 0:
                     self.hold_until(
-                        self.left_until, "the server's rate limit: no requests left in its window"
+                        self.left_until, "its x-ratelimit-* headers: no requests left in the window"
                     )
             if limits.tokens_left is not None and limits.tokens_left < self.tokens:
                 self.hold_until(
-                    now + limits.tokens_reset, "the server's rate limit: no tokens left in its window"
+                    now + limits.tokens_reset, "its x-ratelimit-* headers: too few tokens left in the window"
                 )
 
     def landed(self) -> None:
@@ -4301,9 +4301,7 @@ class Pacer:
         """The server refused as busy (429, 503): nothing more for `pause` seconds. A 429 is its
         rate limit; a 503 a server busy or loading its model, whose own speed sets the pace."""
         with self.lock:
-            self.hold_until(
-                time.monotonic() + pause, "the server's rate limit (429)" if status == 429 else ""
-            )
+            self.hold_until(time.monotonic() + pause, "it answered 429" if status == 429 else "")
 
     def hold_until(self, when: float, why: str) -> None:
         if when > self.held_until:
@@ -4533,7 +4531,9 @@ class Pipeline:
             self.reporter.stopped_answering(server.url, str(failure), self.config.wait_server)
         elif action is Action.WAIT_FOR_PACE:
             if time.monotonic() - server.busy_since > self.config.wait_server:
-                server.take_out(f"{failure}, for more than {duration(self.config.wait_server)}")
+                server.take_out(
+                    f"{failure}, refusing for more than {duration(self.config.wait_server)} (--wait-server)"
+                )
             else:
                 server.pacer.refused(max(backoff(server.busy_times), failure.pause), failure.status)
         elif action is Action.TAKE_SERVER_OUT:
@@ -5353,8 +5353,8 @@ class Reporter:
 
     def paced(self, url: str, why: str) -> None:
         self.say(
-            f"note: {url} is sent requests at its rate limit ({why}): the limit, not the server, sets "
-            "the pace, and the ETA follows it"
+            f"note: {url} is paced by its rate limit ({why}): the limit, not the server's speed, "
+            "sets the pace, and the ETA follows it"
         )
 
     def pace_sets(self, pacing: bool) -> None:
@@ -5525,8 +5525,8 @@ class Reporter:
             self.say(f"  {url} answered one request at a time: --jobs {jobs} only queued there")
         for url, why, waited in summary.paced:
             self.say(
-                f"  {url} was paced by the rate limit, not the server ({why}): requests waited "
-                f"{duration(waited)} for it"
+                f"  {url} was paced by its rate limit, not its speed ({why}): requests waited "
+                f"{duration(waited)} in all for it"
             )
         if summary.captioned:
             self.say(caption_statistics(summary))
