@@ -2512,7 +2512,8 @@ class Api:
                     f"{self.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: "
                     f"is it {self.said_by}?"
                 )
-            if failure.fault is Fault.ACCESS_DENIED:  # no other server would be let in either
+            # No other server would let us in either, nor would a spent quota come back by waiting.
+            if failure.fault in (Fault.ACCESS_DENIED, Fault.QUOTA_SPENT):
                 raise CannotStart(f"{self.url}: {failure}") from None
             return None, f"{self.url} does not answer like {self.answers_like}: {failure}"
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import test_apis
 from conftest import captioner, distinct_pictures
@@ -122,16 +124,35 @@ def test_a_spent_quota_ends_the_run_with_the_reason(tmp_path, run_against):
     assert "FAILED" not in result.err
 
 
-def test_a_quota_spent_at_the_start_stops_it_there(tmp_path, run_against):
+@pytest.mark.parametrize("listing", [False, True])
+def test_a_quota_spent_at_the_start_stops_it_there(listing, tmp_path, run_against):
     start, run = run_against
     distinct_pictures(tmp_path, 1)
     server = start("vllm", quota_spent=True)
+    if listing:  # a provider that refuses even the list of models
+        server.models_reply = Reply(status=429, error=QUOTA_SPENT)
 
     result = run("vllm", server, tmp_path)
 
     assert result.code == 2
     assert "the quota is spent: check your plan and billing" in result.err
     assert "cannot take a picture" not in result.err
+    assert "does not answer like" not in result.err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_line_says_when_the_rate_limit_sets_the_pace():
+    reporter = captioner.Reporter(stream=Terminal())
+    reporter.start(captioner.Summary())
+    reporter.draw_bar("")
+    assert "at the rate limit" not in reporter.stream.getvalue()
+    reporter.pace_sets(True)
+    reporter.draw_bar("")
+    assert " img/s at the rate limit ETA " in reporter.stream.getvalue()
 
 
 @pytest.mark.timeout(60)
