@@ -5740,7 +5740,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, at_least=0),
         default=Config.retries,
         help="times to try an image again after an answer unfit to train on (with a new seed), "
-        "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
+        "a crashed server, a timeout or a broken connection; a busy or rate-limited server (429, 503) "
+        "uses none (default: %(default)s)",
     )
     parser.add_argument(
         "--wait-server",
