@@ -82,7 +82,9 @@ def captioner_default(chat) -> str:
 
 
 @pytest.mark.parametrize("kind", ["ollama", "vllm"])
-def test_the_stand_in_rate_limit_refuses_a_client_that_keeps_no_pace(kind, tmp_path, run_against):
+def test_a_server_that_keeps_refusing_past_wait_server_is_taken_out_and_no_image_fails(
+    kind, tmp_path, run_against
+):
     # Without --wait-server's bound a server that never stops refusing would be asked for ever:
     # past it the server is taken out, with the reason, and no image has failed.
     start, run = run_against
