@@ -110,6 +110,13 @@ DEFAULT_MODEL = "llava:13b"
 # APIs alike.
 OPENAI_TEMPERATURE = 0.8
 RETRY_AFTER_LONGEST = 300.0  # a Retry-After beyond this is read as this
+# A request's tokens as --tpm counts them, before any answer says: OpenAI counts a request against
+# its tokens-per-minute limit as its max tokens plus an estimate of its prompt, before it is
+# answered (platform.openai.com/docs/guides/rate-limits, as stored on 2026-06-26). A picture at
+# the default --max-size 1344 is at most 1,105 tokens at OpenAI's high detail (85, and 170 for
+# each 512-px tile of 1152x768: its images-and-vision guide) and 1,032 at Gemini's (258 for each
+# 768-px tile); 1,200 covers either with the prompt. An overestimate only paces a little slow.
+PROMPT_TOKENS_GUESS = 1200
 
 # Re-encoding a small plain JPEG/PNG costs ~5 ms and a generation of quality for ~5% fewer
 # bytes, so files up to this size that need no change are sent as they are.
@@ -531,6 +538,7 @@ class Fault(enum.Enum):
         "succeeded: the same error of its own, or the same answer unfit to train on"
     )
     ACCESS_DENIED = "the server (or a proxy) refuses us: 401 or 403"
+    QUOTA_SPENT = "429 `insufficient_quota`: the account's quota or credit is spent"
     REQUEST_REFUSED = "a request the server will never accept: 400, 413, 422, an image it cannot decode"
     IMAGE_UNREADABLE = "the file cannot be read or decoded here"
     DISK_UNWRITABLE = "the disk is full, read-only or over quota"
@@ -677,6 +685,8 @@ class Config:
     any_script: bool = False  # accept answers in scripts neither the prompt nor the trigger words use
     retries: int = 3
     wait_server: float = 300.0
+    rpm: float = 0.0  # --rpm: requests a minute each server may be sent (0: as many as it takes)
+    tpm: int = 0  # --tpm: tokens a minute, each request counted as --max-tokens + PROMPT_TOKENS_GUESS
     temperature: float | None = None
     seed: int | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -779,6 +789,9 @@ class Summary:
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
     one_at_a_time: list[tuple[str, int]] = field(default_factory=list)  # (server, --jobs) found so
+    # (server, what set its pace, seconds work with a free slot waited for it) of each server
+    # whose rate limit, not its speed, held requests back.
+    paced: list[tuple[str, str, float]] = field(default_factory=list)
     stopped: str = ""  # why the run ended before its last image
     output_errors: list[str] = field(default_factory=list)  # --jsonl, --review, --failed-list unwritten
     interrupted: bool = False
@@ -988,6 +1001,9 @@ def caption_what_is_planned(
         writer.close()
         summary.server_trouble += [server.report() for server in servers if server.report()]
         summary.one_at_a_time += [(server.url, server.jobs) for server in servers if server.turns.told]
+        summary.paced += [
+            (server.url, server.pacer.told, server.pacer.waited) for server in servers if server.pacer.told
+        ]
         for server in servers:
             server.close()
 
@@ -2186,6 +2202,9 @@ class Server:
         self.down_sign = ""  # at the start: how it showed that it may be restarting (down_sign())
         self.watch = FailureWatch()
         self.turns = TurnTaking(jobs)  # whether it answers one request at a time
+        self.pacer = Pacer()  # when it may be sent the next request (its rate limit)
+        self.busy_since = 0.0  # since when it refuses as busy (429, 503) without a good answer
+        self.busy_times = 0
 
     @property
     def in_rotation(self) -> bool:
@@ -2350,7 +2369,9 @@ class TurnTaking:
 def server_for(url: str, config: Config) -> Server:
     import_run_libraries()
     refuse_unusable_proxies(url)
-    return Server(url, config.jobs, APIS[config.api](url, config.timeout, config.api_key))
+    server = Server(url, config.jobs, APIS[config.api](url, config.timeout, config.api_key))
+    server.pacer = Pacer(config.rpm, config.tpm, config.max_tokens + PROMPT_TOKENS_GUESS)
+    return server
 
 
 def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server]:
@@ -2435,11 +2456,22 @@ def down_sign(failure: TryFailed) -> str:
     )
 
 
-def patiently(call: Callable[[], Any], server: Server, config: Config, reporter: Reporter, stop: Stop) -> Any:
+def patiently(
+    call: Callable[[], Any],
+    server: Server,
+    config: Config,
+    reporter: Reporter,
+    stop: Stop,
+    paced: bool = False,
+) -> Any:
     """call(), asked again while the server answers that it is busy or still loading its model
-    (429, 503: llama-server says "Loading model"), for up to --wait-server."""
+    (429, 503: llama-server says "Loading model"), for up to --wait-server. A paced call (the
+    probe picture, a request like any other) keeps to the server's rate limit."""
     since, tries = time.monotonic(), 0
     while True:
+        if paced:
+            stop.asked.wait(max(0.0, server.pacer.due() - time.monotonic()))
+            server.pacer.sent(time.monotonic())
         try:
             with server.api.errors():
                 return call()
@@ -2455,6 +2487,9 @@ def patiently(call: Callable[[], Any], server: Server, config: Config, reporter:
                 reporter.busy_at_the_start(server.url, str(failure), config.wait_server)
             tries += 1
             stop.asked.wait(max(backoff(tries), failure.pause))
+        finally:
+            if paced:
+                server.pacer.landed()
 
 
 def probe_task() -> Task:
@@ -2654,7 +2689,8 @@ class Api:
                     f"{self.url} accepts connections but sent no answer in {QUICK_TIMEOUT:g}s: "
                     f"is it {self.said_by}?"
                 )
-            if failure.fault is Fault.ACCESS_DENIED:  # no other server would be let in either
+            # No other server would let us in either, nor would a spent quota come back by waiting.
+            if failure.fault in (Fault.ACCESS_DENIED, Fault.QUOTA_SPENT):
                 raise CannotStart(f"{self.url}: {failure}") from None
             return None, f"{self.url} does not answer like {self.answers_like}: {failure}"
 
@@ -3174,11 +3210,18 @@ class OpenAiApi(Api):
         probe = probe_task()
         try:
             self.probe_answer = patiently(
-                lambda: self.send(server, config, probe, None, max_tokens=1), server, config, reporter, stop
+                lambda: self.send(server, config, probe, None, max_tokens=1),
+                server,
+                config,
+                reporter,
+                stop,
+                paced=True,
             )
         except TryFailed as failure:
             if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
                 return f"{self.url} stopped answering when asked to look at a picture: {failure}"
+            if failure.fault is Fault.QUOTA_SPENT:  # no fault of the model's: no request would pass
+                raise CannotStart(f"{self.url}: {failure}") from None
             raise CannotStart(
                 f"model {server.model} on {self.url} cannot take a picture{sent_with(config)}: {failure}"
             ) from None
@@ -3332,6 +3375,7 @@ class OpenAiApi(Api):
             self.errors(),
             self.client.stream("POST", f"{self.prefix}/chat/completions", json=body) as response,
         ):
+            server.pacer.heard(rate_limits(response.headers))
             if response.status_code != 200:
                 said = error_said(response)
                 refused = refused_field(said) if self.adapting and response.status_code == 400 else None
@@ -3611,6 +3655,28 @@ def error_said(response: httpx.Response) -> str:
     said = error_message(response.read())
     location = response.headers.get("Location")
     return f"{server_message(said)} (to {location})" if response.is_redirect and location else said
+
+
+def rate_limits(headers: httpx.Headers) -> RateLimits:
+    """What a hosted API says of its rate limits with each answer: the requests and tokens its
+    window has left and the seconds until each resets (x-ratelimit-remaining-requests, -tokens,
+    x-ratelimit-reset-requests, -tokens, a reset as a duration such as "1s", "6m0s", "20ms": OpenAI's
+    rate-limits guide, platform.openai.com/docs/guides/rate-limits, as stored on 2026-06-26). None
+    for what an answer does not say, as a server that limits nothing."""
+
+    def number(name: str) -> int | None:
+        try:
+            return int(headers.get(f"x-ratelimit-remaining-{name}", ""))
+        except ValueError:
+            return None
+
+    def reset(name: str) -> float:
+        said = headers.get(f"x-ratelimit-reset-{name}", "").strip()
+        parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", said)
+        seconds = sum(float(value) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit] for value, unit in parts)
+        return min(seconds, RETRY_AFTER_LONGEST)
+
+    return RateLimits(number("requests"), reset("requests"), number("tokens"), reset("tokens"))
 
 
 def retry_after(response: httpx.Response) -> float:
@@ -4260,6 +4326,12 @@ def connection_cause(exc: Exception) -> str:
     return reason_of(root_cause(exc))
 
 
+# OpenAI's 429 for an account whose credit or quota is spent: code insufficient_quota, "You
+# exceeded your current quota, please check your plan and billing details." (its error-codes
+# guide, platform.openai.com/docs/guides/error-codes). The message is what reaches us (error_message()).
+QUOTA_SPENT = re.compile(r"insufficient_quota|exceeded your current quota", re.IGNORECASE)
+
+
 def status_fault(status: int, error: str) -> Fault:
     if unusable_model_fix(error):
         return Fault.MODEL_UNUSABLE
@@ -4271,6 +4343,8 @@ def status_fault(status: int, error: str) -> Fault:
         return Fault.SERVER_DOWN
     if status in (400, 413, 422) or UNDECODABLE.search(error):
         return Fault.REQUEST_REFUSED
+    if status == 429 and QUOTA_SPENT.search(error):
+        return Fault.QUOTA_SPENT
     if status in (429, 503):
         return Fault.SERVER_BUSY
     return Fault.SERVER_STRUGGLING  # 500 (runner crashed), -1 (error mid-answer)
@@ -4289,6 +4363,8 @@ def explain(status: int, error: str, api: Api) -> str:
         403: f"; the server or a proxy in front of it refuses this client{api.refused_advice}",
         413: "; the image is too large for this server: lower --max-size",
     }.get(status, "")
+    if status == 429 and QUOTA_SPENT.search(error):
+        advice = "; the quota is spent: check your plan and billing"
     return f"{server[0].upper()}{server[1:]} answered {status}: {said}{advice}"
 
 
@@ -4432,6 +4508,10 @@ class Action(enum.Enum):
         "if longer)"
     )
     WAIT_FOR_SERVER = "back to the queue; the server is probed, more and more slowly, until it answers"
+    WAIT_FOR_PACE = (
+        "back to the queue; the server is sent nothing until its `Retry-After` (or a pause that doubles "
+        "each time) is over; refusing for longer than `--wait-server`, it is taken out"
+    )
     TAKE_SERVER_OUT = "back to the queue; that server gets no more requests"
     STOP_RUN = "end the run: summary, exit 1; what is left waits for a rerun"
     FAIL_IMAGE = "the image fails with the reason"
@@ -4453,7 +4533,9 @@ class Rule:
 
 POLICY = {
     Fault.UNFIT_ANSWER: Rule(Action.RETRY_NOW_NEW_SEED, uses_a_try=True, server_may_be_to_blame=True),
-    Fault.SERVER_BUSY: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True, waited_for_at_start=True),
+    # A rate limit or a server that is busy or loading its model says nothing of the image: the
+    # server is paced (Pacer), and --wait-server bounds one that never stops refusing.
+    Fault.SERVER_BUSY: Rule(Action.WAIT_FOR_PACE, uses_a_try=False, waited_for_at_start=True),
     Fault.SERVER_STRUGGLING: Rule(Action.RETRY_AFTER_PAUSE, uses_a_try=True, server_may_be_to_blame=True),
     # The image may be to blame, so it uses a try; asking the server is pause enough.
     Fault.CONNECTION_BROKE: Rule(Action.WAIT_FOR_SERVER, uses_a_try=True),
@@ -4466,6 +4548,8 @@ POLICY = {
     Fault.MODEL_UNUSABLE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
     Fault.FAILING_ALIKE: Rule(Action.TAKE_SERVER_OUT, uses_a_try=False),
     Fault.ACCESS_DENIED: Rule(Action.STOP_RUN, uses_a_try=False),
+    # No request will be answered until someone pays: every one would be refused alike.
+    Fault.QUOTA_SPENT: Rule(Action.STOP_RUN, uses_a_try=False),
     Fault.REQUEST_REFUSED: Rule(Action.FAIL_IMAGE, uses_a_try=False),
     Fault.IMAGE_UNREADABLE: Rule(Action.FAIL_IMAGE, uses_a_try=False),
     # Every further caption would fail the same way while the server works for nothing.
@@ -4569,6 +4653,110 @@ def in_the_background(work: Callable[..., object], *args: object) -> Future:
     return future
 
 
+class RateLimits(NamedTuple):
+    """What an answer said of the server's rate limits (rate_limits()); None: nothing."""
+
+    requests_left: int | None
+    requests_reset: float  # seconds until the requests' window resets
+    tokens_left: int | None
+    tokens_reset: float
+
+
+class Pacer:
+    """When a server may be sent its next request: at the user's --rpm and --tpm, and within what
+    the server said of its own limits (the x-ratelimit-* headers of its answers, a 429's
+    Retry-After). The scheduler asks it before each request; the requests' threads tell it what
+    each answer said, so it holds a lock.
+
+    --rpm R and --tpm T space the requests evenly, one at a time (a burst of 1): two requests
+    are at least max(60/R, 60*E/T) seconds apart, E being a request's tokens as the limit counts
+    them (--max-tokens + PROMPT_TOKENS_GUESS). So any t seconds hold at most 1 + R*t/60 requests,
+    and the pace never outruns a provider that counts its minute in shorter slices, as OpenAI
+    says it may (its rate-limits guide). A server that says its window has no requests left, or
+    fewer tokens than a request, is sent nothing until the window resets."""
+
+    def __init__(self, rpm: float = 0.0, tpm: int = 0, tokens: int = 0) -> None:
+        self.tokens = tokens  # a request's tokens, as the limit counts them
+        spacings = ([60.0 / rpm] if rpm else []) + ([60.0 * tokens / tpm] if tpm else [])
+        self.spacing = max(spacings, default=0.0)
+        self.given = ", ".join(
+            [f"--rpm {rpm:g}"] * bool(rpm) + [f"--tpm {tpm} at ~{tokens} tokens a request"] * bool(tpm)
+        )
+        self.lock = threading.Lock()
+        self.next_at = 0.0  # the user's limit: no request before this
+        self.held_until = 0.0  # the server's limit: no request before this
+        self.why = ""  # what holds the next request back: the user's limit, or the server's
+        self.count = 0  # requests sent so far
+        self.flying = 0  # of them, those whose answer has not come back
+        self.left: int | None = None  # requests the server's window still has for us, as last said
+        self.left_until = 0.0  # and when that window resets
+        self.waiting_since = 0.0  # since when work that had a free slot has waited for the pace
+        self.waited = 0.0  # seconds work with a free slot waited for the pace, in all
+        self.told = ""  # what the run said sets the pace ("" until it did)
+
+    def due(self) -> float:
+        """When the next request may be sent (time.monotonic())."""
+        with self.lock:
+            return max(self.next_at, self.held_until)
+
+    def sent(self, now: float) -> None:
+        """A request goes now."""
+        with self.lock:
+            self.next_at = now + self.spacing
+            self.count += 1
+            self.flying += 1
+            if self.left is not None and now < self.left_until:
+                self.left -= 1
+                if self.left <= 0:
+                    self.hold_until(
+                        self.left_until, "its x-ratelimit-* headers: no requests left in the window"
+                    )
+            if self.waiting_since:
+                self.waited += now - self.waiting_since
+                self.waiting_since = 0.0
+
+    def heard(self, limits: RateLimits) -> None:
+        """Take in what an answer said of the server's limits. The other requests still in
+        flight may not be counted in it yet (threads send in any order): they are taken off
+        what is left, which at worst paces a little slow."""
+        now = time.monotonic()
+        with self.lock:
+            if limits.requests_left is not None:
+                others = max(0, self.flying - 1)
+                self.left, self.left_until = limits.requests_left - others, now + limits.requests_reset
+                if self.left <= 0:
+                    self.hold_until(
+                        self.left_until, "its x-ratelimit-* headers: no requests left in the window"
+                    )
+            if limits.tokens_left is not None and limits.tokens_left < self.tokens:
+                self.hold_until(
+                    now + limits.tokens_reset, "its x-ratelimit-* headers: too few tokens left in the window"
+                )
+
+    def landed(self) -> None:
+        """A request sent is over (answered, failed or given up on)."""
+        with self.lock:
+            self.flying = max(0, self.flying - 1)
+
+    def refused(self, pause: float, status: int) -> None:
+        """The server refused as busy (429, 503): nothing more for `pause` seconds. A 429 is its
+        rate limit; a 503 a server busy or loading its model, whose own speed sets the pace."""
+        with self.lock:
+            self.hold_until(time.monotonic() + pause, "it answered 429" if status == 429 else "")
+
+    def hold_until(self, when: float, why: str) -> None:
+        if when > self.held_until:
+            self.held_until, self.why = when, why
+
+    def holds_back(self, now: float) -> str:
+        """Called while work with a free slot waits for the pace: what holds it back."""
+        with self.lock:
+            self.waiting_since = self.waiting_since or now
+            if self.held_until > now and self.held_until >= self.next_at:
+                return self.why
+            return self.given
+
+
 @dataclass
 class Outcome:
     task: Task
@@ -4665,7 +4853,11 @@ class Pipeline:
                 self.probing[in_the_background(server.probe)] = server
         for server in self.servers:
             while server.free_slots() > 0 and self.ready and self.affordable(self.ready[0]):
+                if server.pacer.due() > now:
+                    self.paced(server, now)
+                    break
                 task = self.ready.popleft()
+                server.pacer.sent(now)
                 server.in_flight += 1
                 self.sending[in_the_background(ask, server, self.config, task)] = (server, task, now)
         slots = sum(server.jobs for server in self.servers if server.in_rotation)
@@ -4700,12 +4892,22 @@ class Pipeline:
             )
         return False
 
+    def paced(self, server: Server, now: float) -> None:
+        """Work with a free slot waits for the server's pace: the run says once what sets it."""
+        why = server.pacer.holds_back(now)
+        if why and not server.pacer.told:
+            server.pacer.told = why
+            self.reporter.paced(server.url, why)
+        self.reporter.pace_sets(bool(why))
+
     def wait_for_any(self, at_once: bool = False) -> set[Future]:
         """The work that finished, waiting for some unless at_once; a stop is noticed within
         POLL_SECONDS."""
         running = [*self.preparing, *self.sending, *self.writing, *self.probing]
         due = [task.not_before for task in self.delayed]
         due += [server.next_probe for server in self.servers if server.state is State.QUIET]
+        if self.ready:
+            due += [server.pacer.due() for server in self.servers if server.free_slots() > 0]
         timeout = (
             0.0 if at_once else min([POLL_SECONDS] + [max(0.0, when - time.monotonic()) for when in due])
         )
@@ -4730,6 +4932,7 @@ class Pipeline:
         else:
             server, task, started = self.sending.pop(future)
             server.in_flight -= 1
+            server.pacer.landed()
             self.tell_if_one_at_a_time(server)
         try:
             result = future.result()
@@ -4745,6 +4948,8 @@ class Pipeline:
         caption, answer = result
         self.summary.answer_paid(answer, estimated=self.unreported(answer, task))
         server.watch.answered_well()
+        server.busy_since, server.busy_times = 0.0, 0
+        self.reporter.pace_sets(any(server.pacer.waiting_since for server in self.servers))
         outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
         self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
@@ -4769,6 +4974,9 @@ class Pipeline:
 
     def after_failure(self, server: Server | None, task: Task, failure: TryFailed) -> Outcome | None:
         """Carry out the retry policy's decision for one failed try."""
+        if server is not None and failure.fault is Fault.SERVER_BUSY:
+            server.busy_times += 1
+            server.busy_since = server.busy_since or time.monotonic()
         task.faults[failure.fault] = task.faults.get(failure.fault, 0) + 1
         action, task.tries = decide(
             failure.fault, task.tries, self.config.retries, task.faults[failure.fault]
@@ -4793,6 +5001,13 @@ class Pipeline:
         if action is Action.WAIT_FOR_SERVER and server.state is State.ANSWERING:
             server.went_quiet(str(failure))
             self.reporter.stopped_answering(server.url, str(failure), self.config.wait_server)
+        elif action is Action.WAIT_FOR_PACE:
+            if time.monotonic() - server.busy_since > self.config.wait_server:
+                server.take_out(
+                    f"{failure}, refusing for more than {duration(self.config.wait_server)} (--wait-server)"
+                )
+            else:
+                server.pacer.refused(max(backoff(server.busy_times), failure.pause), failure.status)
         elif action is Action.TAKE_SERVER_OUT:
             server.take_out(str(failure))
         elif action is Action.STOP_RUN:
@@ -5535,6 +5750,7 @@ class Reporter:
         self.done = 0
         self.sending_since = 0.0
         self.live_line_shown = False
+        self.pacing = False  # the rate limit, not the servers, sets the pace now
         self.last_pull_status = ""
         self.writing = threading.Lock()  # servers are checked, and may pull, in parallel
 
@@ -5616,6 +5832,15 @@ class Reporter:
         sent = f"sent as {instead}" if instead else "left out"
         self.say(f"note: {url} does not take {name} for this model: {sent} for the rest of the run")
 
+    def paced(self, url: str, why: str) -> None:
+        self.say(
+            f"note: {url} is paced by its rate limit ({why}): the limit, not the server's speed, "
+            "sets the pace, and the ETA follows it"
+        )
+
+    def pace_sets(self, pacing: bool) -> None:
+        self.pacing = pacing
+
     def key_unencrypted(self, url: str) -> None:
         self.say(f"warning: the API key goes to {url} unencrypted (http://); use https:// to send it")
 
@@ -5695,7 +5920,8 @@ class Reporter:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         self.draw_live_line(
             f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {self.position()} "
-            f"{rate:.2f} img/s ETA {self.eta()}{self.spending()}  {current}"
+            f"{rate:.2f} img/s{' at the rate limit' if self.pacing else ''} ETA {self.eta()}{self.spending()}"
+            f"  {current}"
         )
 
     def spending(self) -> str:
@@ -5799,6 +6025,11 @@ class Reporter:
                 self.say(f"  {trouble}")
         for url, jobs in summary.one_at_a_time:
             self.say(f"  {url} answered one request at a time: --jobs {jobs} only queued there")
+        for url, why, waited in summary.paced:
+            self.say(
+                f"  {url} was paced by its rate limit, not its speed ({why}): requests waited "
+                f"{duration(waited)} in all for it"
+            )
         if summary.captioned:
             self.say(caption_statistics(summary))
         if summary.price:  # else the tokens end the statistics' line, where captions were written
@@ -6043,7 +6274,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, at_least=0),
         default=Config.retries,
         help="times to try an image again after an answer unfit to train on (with a new seed), "
-        "a busy or crashed server, a timeout or a broken connection (default: %(default)s)",
+        "a crashed server, a timeout or a broken connection; a busy or rate-limited server (429, 503) "
+        "uses none (default: %(default)s)",
     )
     parser.add_argument(
         "--wait-server",
@@ -6052,6 +6284,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for a server that stopped answering before giving up on it "
         "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rpm",
+        type=number(float, at_least=0),
+        default=Config.rpm,
+        metavar="N",
+        help="requests a minute each server may be sent, a hosted API's limit you know; a server's "
+        "x-ratelimit-* headers and Retry-After are kept to anyway (default: no limit of its own)",
+    )
+    parser.add_argument(
+        "--tpm",
+        type=number(int, at_least=0),
+        default=Config.tpm,
+        metavar="N",
+        help=f"tokens a minute each server may be sent, each request counted as --max-tokens + "
+        f"{PROMPT_TOKENS_GUESS:,} (a picture and the prompt) (default: no limit of its own)",
     )
     parser.add_argument(
         "--temperature", type=number(float, at_least=0), help="sampling temperature (model default)"

@@ -1,6 +1,6 @@
 """Benchmark: how busy the captioner keeps Ollama, and what it costs on the client.
 
-    python tests/bench.py            # the whole table (about 4 minutes on 2 cores)
+    python tests/bench.py            # the whole table (about 6 minutes on 2 cores: 2 of them the pace)
     python tests/bench.py --quick    # fewer images, same rows
     python tests/bench.py --script OTHER.py   # the same rows for another version of the script
 
@@ -228,12 +228,36 @@ def report(root: Path, scale: int) -> None:
     print(f"  ({share:.1%} of the two servers' capacity)")
     print()
 
+    pace_rows(root, scale)
     several_folders_rows(root, scale)
     preparation_rows(root, scale)
     input_type_rows(root, scale)
     huge_folder_rows(root, scale)
     nothing_to_do_row(root)
     review_rows(root, scale)
+
+
+def pace_rows(root: Path, scale: int) -> None:
+    """The pace against a real minute (the tests check it in seconds): --rpm 60, and a stand-in
+    whose headers say it takes 30 requests a minute; the most requests any 60 s held, and 429s."""
+    count = 40 // scale  # some 40 s and 80 s
+    folder = folder_of_photos(root, "pace", count, (640, 480))
+    print("| limit | images | requests in the busiest 60 s | requests/min overall | 429s |")
+    print("|---|---:|---:|---:|---:|")
+    for label, settings, extra in (
+        ("--rpm 60", {}, ("--rpm", "60")),
+        ("server: 30 a minute (x-ratelimit-*)", {"rate_limit": (30, 10**9)}, ()),
+    ):
+        stand_in = StandInOllama(slots=4, answer=lambda chat: CAPTION, flavour="vllm", **settings).start()
+        try:
+            result = run_captioner(folder, [stand_in], 4, "--api", "openai", *extra)
+        finally:
+            stand_in.stop()
+        times = sorted(chat.received_at for chat in result["chats"])
+        busiest = max(sum(1 for t in times if start <= t < start + 60) for start in times)
+        overall = 60 * (len(times) - 1) / (times[-1] - times[0])
+        print(f"| {label} | {count} | {busiest} | {overall:.1f} | {len(stand_in.refused_for_rate)} |")
+    print()
 
 
 def several_folders_rows(root: Path, scale: int) -> None:

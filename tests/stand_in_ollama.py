@@ -35,6 +35,7 @@ import binascii
 import io
 import itertools
 import json
+import math
 import re
 import secrets
 import select
@@ -103,6 +104,10 @@ THOUGHT = " ".join(  # 105 tokens of what a model thinks
     f"Step {step}: the user wants a caption, so I look at part {step} of the picture and note what I see."
     for step in range(1, 6)
 )
+# OpenAI's words for a key whose quota is spent (429, code insufficient_quota).
+QUOTA_SPENT = "You exceeded your current quota, please check your plan and billing details."
+# The prompt's tokens a rate-limited stand-in counts for each request, on top of its max tokens.
+RATE_PROMPT_TOKENS = 100
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 NGINX_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -362,6 +367,20 @@ class StandInOllama:
     # completion_tokens_details.reasoning_tokens, as OpenAI's does (platform.openai.com/docs/
     # api-reference/chat/object, "usage"; read 2026-12-06); the servers people run send none.
     reasoning_details: bool = False
+    # A hosted provider's rate limit on POST /v1/chat/completions, any flavour: (requests, tokens)
+    # per `rate_window` seconds (OpenAI's are per minute; the tests use a second or so). As
+    # OpenAI's rate-limits guide says (platform.openai.com/docs/guides/rate-limits, as stored on
+    # 2026-06-26): every answer carries x-ratelimit-limit-, -remaining- and -reset-requests and
+    # -tokens, a reset as a duration ("1s", "6m0s", "20ms"); a request past the budget is a 429
+    # with Retry-After and an error of type "requests" (or "tokens"), code rate_limit_exceeded.
+    # A request's tokens are counted as OpenAI counts them against the limit, its max tokens
+    # (max_completion_tokens or max_tokens) and an estimate of its prompt: here RATE_PROMPT_TOKENS.
+    # The budget is a fixed window from its first request; a refused request spends none of it.
+    rate_limit: tuple[int, int] | None = None
+    rate_window: float = 60.0
+    # Every chat request is a 429 insufficient_quota, as OpenAI answers a key whose credit is
+    # spent (its error-codes guide, platform.openai.com/docs/guides/error-codes).
+    quota_spent: bool = False
 
     def __post_init__(self) -> None:
         if self.flavour not in (*FLAVOURS, *HOSTED, TOY):
@@ -375,6 +394,9 @@ class StandInOllama:
         self.lock = threading.Lock()
         self.in_flight = 0
         self.most_in_flight = 0
+        self.rate_used = [0, 0]  # requests and tokens of the rate window that runs
+        self.rate_since = 0.0  # when it began (0: none yet)
+        self.refused_for_rate: list = []  # time.monotonic() of each 429 for the rate limit
         self.slot_gate = threading.Semaphore(1 if self.engine == "mlx" else self.slots)
         handler = type("Handler", (Handler,), {"stand_in": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
@@ -430,6 +452,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.rate_headers: dict = {}  # sent with every status line of the request being answered
         with self.stand_in.lock:
             self.stand_in.connections.add(self.connection)
 
@@ -448,6 +471,11 @@ class Handler(BaseHTTPRequestHandler):
             pass  # the connection was cut by stop(), as when a server dies
 
     # -- plumbing ---------------------------------------------------------
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        super().send_response(code, message)
+        for name, value in self.rate_headers.items():
+            self.send_header(name, value)
 
     def send_json(self, status: int, body: dict | list, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
@@ -521,6 +549,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- routes -----------------------------------------------------------
 
     def proxy_says_down(self) -> bool:
+        self.rate_headers = {}  # a kept-alive connection's earlier answer had its own
         with self.stand_in.lock:
             self.stand_in.requests.append((time.monotonic(), self.command, self.path))
         if not self.stand_in.down:
@@ -1043,8 +1072,56 @@ class Handler(BaseHTTPRequestHandler):
 
         self.serve(chat, send)
 
+    def rate_limited(self, body: dict) -> bool:
+        """Count the request against the rate limit, if there is one, and set the headers its
+        answer carries; or answer the 429 of a spent quota or budget. Whether it answered."""
+        stand_in = self.stand_in
+        if stand_in.quota_spent:
+            error = {"message": QUOTA_SPENT, "type": "insufficient_quota", "param": None}
+            self.send_json(429, {"error": {**error, "code": "insufficient_quota"}})
+            return True
+        if not stand_in.rate_limit:
+            return False
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        tokens = RATE_PROMPT_TOKENS + (limit if isinstance(limit, int) else 0)
+        with stand_in.lock:
+            now = time.monotonic()
+            if not stand_in.rate_since or now - stand_in.rate_since >= stand_in.rate_window:
+                stand_in.rate_since, stand_in.rate_used = now, [0, 0]
+            reset = stand_in.rate_since + stand_in.rate_window - now
+            (requests, most_tokens), (used, tokens_used) = stand_in.rate_limit, stand_in.rate_used
+            over = (
+                "requests" if used + 1 > requests else "tokens" if tokens_used + tokens > most_tokens else ""
+            )
+            if not over:
+                stand_in.rate_used = [used + 1, tokens_used + tokens]
+            else:
+                stand_in.refused_for_rate.append(now)
+            used, tokens_used = stand_in.rate_used
+        self.rate_headers = {
+            "x-ratelimit-limit-requests": str(requests),
+            "x-ratelimit-limit-tokens": str(most_tokens),
+            "x-ratelimit-remaining-requests": str(requests - used),
+            "x-ratelimit-remaining-tokens": str(most_tokens - tokens_used),
+            "x-ratelimit-reset-requests": go_duration(reset),
+            "x-ratelimit-reset-tokens": go_duration(reset),
+        }
+        if over:
+            said = (requests, used, 1) if over == "requests" else (most_tokens, tokens_used, tokens)
+            unit = "requests per min (RPM)" if over == "requests" else "tokens per min (TPM)"
+            message = (
+                f"Rate limit reached for {body.get('model')} in organization org-standin on {unit}: "
+                f"Limit {said[0]}, Used {said[1]}, Requested {said[2]}. Please try again in "
+                f"{go_duration(reset)}. Visit https://platform.openai.com/account/rate-limits to learn more."
+            )
+            error = {"message": message, "type": over, "param": None, "code": "rate_limit_exceeded"}
+            self.send_json(429, {"error": error}, {"Retry-After": str(math.ceil(reset))})
+        return bool(over)
+
     def openai_chat(self, body: dict) -> None:
         flavour = self.stand_in.flavour
+        if self.rate_limited(body):
+            return
         known = self.fields_read()
         wrong = field_type_error(body, known, flavour) if known else ""
         if wrong:  # the request is refused as it is read, before its model is looked for
@@ -1451,6 +1528,15 @@ def error_name(status: int) -> str:
         return HTTPStatus(status).phrase.replace(" ", "").replace("-", "") + "Error"
     except ValueError:  # a status no standard names, as a proxy's 529
         return "Error"
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI's x-ratelimit-reset-* headers write it (Go's): "20ms", "1s", "6m0s"."""
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest = f"{round(rest, 3):g}s"
+    return f"{int(minutes)}m{rest}" if minutes else rest
 
 
 def retry_after(reply: Reply) -> dict:

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from conftest import by_width, closed_port_url, distinct_pictures, leftovers, picture, run_script, wait_until
-from stand_in_ollama import BUSY, OLD_VISION_MODEL, RUNNER_CRASH, TEXT_MODEL, VISION_MODEL, Reply
+from stand_in_ollama import OLD_VISION_MODEL, RUNNER_CRASH, TEXT_MODEL, VISION_MODEL, Reply
 
 
 def test_each_request_carries_the_prompt_one_image_and_constant_options(tmp_path, caption, server):
@@ -100,7 +100,6 @@ def test_servers_too_old_to_list_capabilities_are_judged_by_the_clip_family(tmp_
     "reply, reason",
     [
         (Reply(status=500, error=RUNNER_CRASH), f"Ollama answered 500: {RUNNER_CRASH}"),
-        (Reply(status=503, error=BUSY), f"Ollama answered 503: {BUSY}"),
         (
             Reply(text="A cat", error="an error was encountered while running the model"),
             "Ollama failed mid-answer: an error was encountered while running the model",
@@ -108,7 +107,7 @@ def test_servers_too_old_to_list_capabilities_are_judged_by_the_clip_family(tmp_
         (Reply(text="A cat sitting on", done=False), "the answer broke off before the model finished"),
         (Reply(text=" \n "), "the model answered with an empty caption"),
     ],
-    ids=["runner-crash", "busy", "mid-stream-error", "no-done", "empty"],
+    ids=["runner-crash", "mid-stream-error", "no-done", "empty"],
 )
 def test_a_failed_answer_fails_that_image_only_and_writes_nothing(tmp_path, caption, server, reply, reason):
     for width, name in enumerate("abc", start=64):
