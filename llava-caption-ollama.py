@@ -3220,11 +3220,7 @@ class OpenAiApi(Api):
         except TryFailed as failure:
             if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
                 return f"{self.url} stopped answering when asked to look at a picture: {failure}"
-            if failure.fault is Fault.QUOTA_SPENT:  # no fault of the model's: no request would pass
-                raise CannotStart(f"{self.url}: {failure}") from None
-            raise CannotStart(
-                f"model {server.model} on {self.url} cannot take a picture{sent_with(config)}: {failure}"
-            ) from None
+            raise CannotStart(probe_refused(failure, server, self.url, config)) from None
         return ""
 
     def hosted_preflight(self, server: Server, config: Config, reporter: Reporter, stop: Stop) -> str:
@@ -3262,9 +3258,7 @@ class OpenAiApi(Api):
         except TryFailed as failure:
             if failure.fault in (Fault.SERVER_DOWN, Fault.CONNECTION_BROKE):
                 return f"{self.url} stopped answering when asked to look at a picture: {failure}"
-            raise CannotStart(
-                f"model {server.model} on {self.url} cannot take a picture{sent_with(config)}: {failure}"
-            ) from None
+            raise CannotStart(probe_refused(failure, server, self.url, config)) from None
         finally:
             self.adapting = False
         raise CannotStart(f"{provider.title} refused every way of asking {server.model} for a caption")
@@ -3451,6 +3445,16 @@ REFUSED_FIELD = (
 )
 
 
+def probe_refused(failure: TryFailed, server: Server, url: str, config: Config) -> str:
+    """Why the picture sent before the run got no caption, told as the model's doing only where
+    it is: a spent quota or a server that stayed busy is no fault of the model's."""
+    if failure.fault is Fault.QUOTA_SPENT:
+        return f"{url}: {failure}"
+    if failure.fault is Fault.SERVER_BUSY:
+        return f"{url} stayed busy or rate-limited for longer than --wait-server {config.wait_server:g}s: {failure}"
+    return f"model {server.model} on {url} cannot take a picture{sent_with(config)}: {failure}"
+
+
 def refused_field(said: str) -> tuple[str, str | None] | None:
     """The field a server's 400 says it does not take, and the name to send it by instead."""
     for pattern, instead in REFUSED_FIELD:
@@ -3466,20 +3470,25 @@ def hosted_provider(hosts: list[str], asked: str) -> Provider | None:
     is reached over https only: its key must not cross the network in the clear (a gateway on
     this machine, at a loopback address, may speak plain http)."""
     by_host = {provider.host: provider.name for provider in PROVIDERS.values()}
-    found = {by_host.get(urlsplit(url).hostname or "", "") for url in hosts}
+    found = {by_host.get(host_of(url), "") for url in hosts}
     provider = PROVIDERS.get(asked) or (PROVIDERS.get(found.pop(), None) if len(found) == 1 else None)
     if asked == "auto" and len(found) > 1:
         raise CannotStart(
             "--host: one run speaks to one kind of server; give the hosts of one provider, or of none"
         )
     for url in hosts if provider else []:
-        host = urlsplit(url).hostname or ""
+        host = host_of(url)
         if url.startswith("http://") and (host in by_host or host not in ("127.0.0.1", "::1", "localhost")):
             raise CannotStart(
                 f"{provider.title} is reached over https only (the API key would cross the network in the "
-                f"clear): --host https://{host}{provider.path}"
+                f"clear): --host https://{urlsplit(url).netloc}{provider.path}"
             )
     return provider
+
+
+def host_of(url: str) -> str:
+    # "api.openai.com." names the same host as "api.openai.com" (a fully qualified name).
+    return (urlsplit(url).hostname or "").rstrip(".")
 
 
 def hosted_root(url: str, provider: Provider) -> str:
@@ -4881,6 +4890,11 @@ class Pipeline:
         nothing is in flight, the run ends: the rest is left for a rerun."""
         if self.config.max_cost is None:
             return True
+        if not self.summary.answers_paid and self.sending:
+            # Until an image's answer says what a picture costs here, the estimate may be far
+            # below it (gpt-4.1-mini counts 32-px patches, Gemini tiles): requests in flight on an
+            # estimate could pass the budget together, so one goes at a time.
+            return False
         prompt = max(self.summary.most_prompt_tokens, estimated_prompt_tokens(task, self.config))
         worst = self.summary.cost_of(prompt, self.config.max_tokens)
         if self.summary.cost + worst * (len(self.sending) + 1) <= self.config.max_cost:
@@ -6565,10 +6579,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
         existing=args.existing or ("overwrite" if args.only else "skip"),
         redo_in_its_mode=bool(args.only) and args.existing is None,
     )
+    refuse_unreachable_pace(args.rpm, args.tpm, settings["max_tokens"] + PROMPT_TOKENS_GUESS)
     refuse_output_paths(args, settings["caption_ext"], prompt_file)
     inputs = [("the prompt file", prompt_file), ("--system", args.system)]
     refuse_inputs_where_captions_go(inputs, folders, args.recursive, settings["caption_ext"])
     return Config(**settings)
+
+
+def refuse_unreachable_pace(rpm: float, tpm: int, tokens: int) -> None:
+    """A pace no run could keep: a request an hour or more apart, or a minute's tokens fewer than
+    one request's (it would never be sent)."""
+    if rpm and rpm < 1 / 60:
+        raise CannotStart(
+            f"--rpm {rpm:g} sends less than one request an hour: give at least 0.02, or no --rpm"
+        )
+    if tpm and tpm < tokens:
+        raise CannotStart(
+            f"--tpm {tpm} is less than one request counts (~{tokens:,} tokens: --max-tokens + "
+            f"{PROMPT_TOKENS_GUESS:,}): no request could ever be sent; raise it, or lower --max-tokens"
+        )
 
 
 def model_options(args: argparse.Namespace) -> dict:

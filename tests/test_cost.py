@@ -273,3 +273,29 @@ def test_an_answer_without_a_token_count_is_counted_at_an_estimate(
     assert "(1 answer said no token count: estimated)" in result.err
     assert "--max-cost 1 would be passed" in result.err
     assert len([path for path in expected if path.exists()]) == 1
+
+
+def test_max_cost_holds_when_a_picture_costs_far_more_than_its_estimate(tmp_path, make_server, caption):
+    # Found by a red-team pass: with --jobs 8 every first request went out on the estimate (a
+    # 64x64 probe's 300 tokens, or OpenAI's rule for the picture) while the server counted 20,000,
+    # and the run spent three times its budget. Until an image's answer says, one goes at a time.
+    distinct_pictures(tmp_path, 16)
+    costly = 20_000
+
+    def answer(chat):
+        probe = chat.picture().size == (64, 64)
+        return Reply(text="A red square on white.", prompt_tokens=300 if probe else costly)
+
+    server = start(make_server, "vllm", slots=8, latency=0.05, answer=answer)
+
+    run = caption(
+        tmp_path, "--api", "openai", "--price", "1000/1000", "--max-cost", 50, "--jobs", 8, host=server.url
+    )
+
+    spent = (
+        sum((300 if chat.picture().size == (64, 64) else costly) + chat.tokens_sent for chat in server.chats)
+        * 1000
+        / 1e6
+    )
+    assert run.code == 1, run.err
+    assert spent <= 50 and "--max-cost 50 would be passed" in run.err

@@ -298,6 +298,7 @@ def test_detail_is_refused_where_the_server_is_not_known_to_take_it(
         "http://api.openai.com",
         "http://generativelanguage.googleapis.com/v1beta/openai",
         "http://openrouter.ai/api/v1",
+        "http://api.openai.com./v1",  # a fully qualified name is the same host (red-team finding)
     ],
 )
 def test_a_hosted_provider_is_reached_over_https_only(host, tmp_path, caption, monkeypatch):
@@ -512,3 +513,42 @@ def test_a_think_level_for_a_model_that_does_not_reason_is_refused_in_openais_wo
         in result.err
     )
     assert not images_sent(stand_in)
+
+
+def test_the_https_address_a_refusal_suggests_keeps_the_port(tmp_path, caption, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    picture(tmp_path / "a.png", size=(40, 32))
+
+    result = caption("--api", "openai", "--provider", "openai", tmp_path, host="http://10.0.0.5:8080/v1")
+
+    assert result.code == 2
+    assert "--host https://10.0.0.5:8080/v1" in result.err
+
+
+@pytest.mark.parametrize("quota", [False, True], ids=["rate-limited", "quota-spent"])
+def test_a_probe_refused_for_the_rate_or_the_quota_is_not_blamed_on_the_model(
+    quota, tmp_path, make_server, caption, monkeypatch
+):
+    # Found by a red-team pass: both said "model ... cannot take a picture".
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    picture(tmp_path / "a.png", size=(40, 32))
+    settings = {"quota_spent": True} if quota else {"rate_limit": (0, 10**9), "rate_window": 0.3}
+    stand_in = make_server(flavour="openai", native=False, models=HOSTED_MODELS, **settings)
+
+    result = caption(
+        "--api",
+        "openai",
+        "--provider",
+        "openai",
+        tmp_path,
+        "--model",
+        PLAIN,
+        "--wait-server",
+        1,
+        host=stand_in.url,
+    )
+
+    assert result.code == 2
+    assert "cannot take a picture" not in result.err
+    said = "the quota is spent" if quota else "stayed busy or rate-limited for longer than --wait-server 1s"
+    assert said in result.err

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import test_apis
-from conftest import captioner, distinct_pictures
+from conftest import captioner, distinct_pictures, picture
 from stand_in_ollama import BUSY, QUOTA_SPENT, Reply
 from test_apis import EVERY_API, captions_sent
 
@@ -225,3 +225,20 @@ def test_the_rate_limit_headers_are_read_as_openai_writes_them(headers, limits):
     captioner.import_run_libraries()
     got = captioner.rate_limits(captioner.httpx.Headers(headers))
     assert [round(value, 3) if isinstance(value, float) else value for value in got] == list(limits)
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (["--rpm", "0.001"], "--rpm 0.001 sends less than one request an hour"),
+        (["--tpm", "1"], "--tpm 1 is less than one request counts (~1,712 tokens"),
+    ],
+)
+def test_a_pace_no_run_could_keep_is_refused_at_the_start(tmp_path, server, caption, given, said):
+    # Found by a red-team pass: both were accepted and the run waited, forever, with "ETA 0s".
+    picture(tmp_path / "a.png")
+
+    run = caption(tmp_path, *given)
+
+    assert run.code == 2 and said in run.err and run.err.count("\n") == 1
+    assert server.chats == []
