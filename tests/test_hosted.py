@@ -4,8 +4,6 @@ behaves as each is documented to, and the captioner sends each only what it take
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -461,24 +459,6 @@ def test_a_refusal_of_what_the_user_asked_names_the_served_model(tmp_path, make_
 
     assert result.code == 2
     assert f"refuses temperature (--temperature) for {REASONING}: Unsupported value" in result.err
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1: (cert, key)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-        timeout=20,
-    )
-    return str(cert), str(key)
 
 
 def test_a_provider_is_reached_at_its_documented_base_url_over_https(tmp_path, make_server, certificate):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
-import shutil
-import subprocess
 
 import pytest
 from conftest import by_width, captioner, closed_port_url, distinct_pictures, picture, run_script, wait_until
@@ -339,24 +337,6 @@ def test_https_to_a_plain_http_port_keeps_the_tls_reason(kind, tmp_path, run_aga
     assert result.code == 2
     assert "TLS" in result.err and "plain HTTP? use http://" in result.err
     assert "ollama serve" not in result.err
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory) -> tuple[str, str]:
-    """A self-signed certificate for 127.0.0.1, made for this run of the suite: (cert, key)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-        timeout=20,
-    )
-    return str(cert), str(key)
 
 
 @pytest.mark.parametrize("kind", BOTH_APIS)
