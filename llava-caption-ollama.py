@@ -603,7 +603,8 @@ def import_them() -> None:
 
 class Template:
     """The prompt file's text, parsed once: {name} {folder} {class} {existing} are filled in for
-    each image, {{ and }} are literal braces."""
+    each image, {caption:EXT} by the image's caption of the style EXT (see Style), {{ and }}
+    are literal braces."""
 
     def __init__(self, text: str, source: str = "the prompt", as_read: str | None = None) -> None:
         # An unknown placeholder silently filled with nothing would change every caption of the
@@ -618,9 +619,18 @@ class Template:
         self.as_read = text if as_read is None else as_read
         self.source = source
         self.fields = {name for _, name, _, _ in parsed if name is not None}
+        # {caption:.tags}: the extensions of the captions it asks for, in the order it asks.
+        self.captions = list(dict.fromkeys(spec for _, name, spec, _ in parsed if name == "caption"))
         for _, name, spec, conversion in parsed:
+            if name == "caption" and not conversion and spec and spec.startswith(".") and "{" not in spec:
+                continue
+            if name == "caption":
+                raise CannotStart(
+                    f"{source}: write {{caption:EXT}} with the extension of a style's captions, "
+                    "such as {caption:.tags}"
+                )
             if name is not None and name not in PLACEHOLDERS:
-                known = ", ".join(f"{{{known}}}" for known in PLACEHOLDERS)
+                known = ", ".join(f"{{{known}}}" for known in PLACEHOLDERS) + ", {caption:EXT}"
                 raise CannotStart(
                     f"{source} asks for {{{name}}}, which is not one of {known}; "
                     "write {{ or }} for a literal brace"
@@ -628,7 +638,8 @@ class Template:
             if name is not None and (spec or conversion):
                 raise CannotStart(f"{source}: write {{{name}}} alone, without a conversion or a format")
 
-    def fill(self, image: Path, existing: str) -> str:
+    def fill(self, image: Path, existing: str, captions: dict[str, str] | None = None) -> str:
+        """The text for one image; captions: its caption in each style the template asks for."""
         if not self.fields:
             return self.text.replace("{{", "{").replace("}}", "}")
         folder = folder_name(str(image.parent))
@@ -638,7 +649,26 @@ class Template:
             # Kohya's folder convention "15_guideboat": 15 repeats of the class "guideboat".
             **{"class": re.sub(r"^\d+_(?=.)", "", folder)},
             existing=existing,
+            caption=CaptionsOf(captions or {}),
         )
+
+
+class CaptionsOf:
+    """{caption:EXT} as str.format() fills it in: the format spec is the style's extension."""
+
+    def __init__(self, captions: dict[str, str]) -> None:
+        self.captions = captions
+
+    def __format__(self, ext: str) -> str:
+        return self.captions.get(ext, "")
+
+
+class Style(NamedTuple):
+    """--also PROMPT_FILE:EXT: a second caption of every image, in a file of its own extension,
+    asked with its own prompt. Each style is a pass of its own (see RunPass)."""
+
+    prompt: Template
+    ext: str
 
 
 @functools.lru_cache(maxsize=256)
@@ -710,6 +740,10 @@ class Config:
     # caption, so neither enters caption_settings().
     price: tuple[float, float] | None = None
     max_cost: float | None = None
+    also: list[Style] = field(default_factory=list)  # --also: the styles besides the main caption
+    # --join: what joins an answer to the caption it is added to (append, prepend). With a line
+    # break each line is a caption of its own (OneTrainer reads one caption per line).
+    join: str = ", "
 
     def options(self) -> dict:
         """Sampling and load options, the same on every request: a changed load-time option
@@ -741,7 +775,27 @@ class Config:
             settings["system"] = self.system.text
         if self.detail:
             settings["detail"] = self.detail
+        if self.join != Config.join:
+            settings["join"] = self.join
         return settings
+
+    @property
+    def line_per_caption(self) -> bool:
+        """--join with a line break: each line of a caption file is a caption of its own."""
+        return "\n" in self.join
+
+    def styles(self) -> list[Config]:
+        """The run's passes: its main caption, then a Config per --also style (its prompt and
+        extension in place of --prompt and --ext). A style is the same pass whether it came as
+        --also or as --prompt and --ext, so a style can be redone alone. --folder-prompt is the
+        main caption's only."""
+        return [self] + [
+            replace(self, prompt=style.prompt, caption_ext=style.ext, folder_prompt="", also=[])
+            for style in self.also
+        ]
+
+    def style(self, index: int) -> Config:
+        return self if index == 0 else self.styles()[index]
 
     def settings_digest(self) -> str:
         """A pass is these settings, with the prompt, the model and the mode of each caption."""
@@ -757,6 +811,36 @@ class Config:
             **self.caption_settings(),
         }
         return digest(json.dumps(settings, sort_keys=True))
+
+
+def asking_order(prompt: Template, config: Config) -> list[int]:
+    """The run's styles (indexes into Config.styles(), with prompt as the main caption's), in
+    the order an image's requests are sent: each after those whose {caption:EXT} it asks for.
+    CannotStart for an extension no style writes, or styles that ask for each other."""
+    exts = [style.caption_ext for style in config.styles()]
+    prompts = [prompt] + [style.prompt for style in config.also]
+    for each in prompts:
+        unknown = [ext for ext in each.captions if ext not in exts]
+        if unknown:
+            raise CannotStart(
+                f"{each.source} asks for {{caption:{unknown[0]}}}, but no style of the run writes "
+                f"{unknown[0]} captions (the run's: {', '.join(exts)})"
+            )
+    order: list[int] = []
+
+    def after_what_it_needs(index: int, asking: list[int]) -> None:
+        if index in order:
+            return
+        if index in asking:
+            cycle = " -> ".join(exts[each] for each in [*asking[asking.index(index) :], index])
+            raise CannotStart(f"the styles ask for each other's captions ({cycle}): no order can ask them")
+        for ext in prompts[index].captions:
+            after_what_it_needs(exts.index(ext), [*asking, index])
+        order.append(index)
+
+    for index in range(len(prompts)):
+        after_what_it_needs(index, [])
+    return order
 
 
 # ---------------------------------------------------------------------------
@@ -776,7 +860,8 @@ class FolderCount:
 
 @dataclass
 class Summary:
-    to_caption: int = 0  # images planned for captioning so far (at most --limit)
+    to_caption: int = 0  # captions planned so far (an image's in each style: at most --limit images)
+    images_planned: int = 0  # the images of to_caption: what --limit counts
     listed: bool = False  # every folder is listed and planned: to_caption is final
     captioned: int = 0
     skipped: int = 0  # already captioned, or done by this pass before
@@ -786,6 +871,7 @@ class Summary:
     left_out: list[tuple[Path, str]] = field(default_factory=list)  # folders not captioned, and why
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
     by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
+    by_style: dict[str, FolderCount] = field(default_factory=dict)  # per style (--also), by extension
     by_server: dict[str, int] = field(default_factory=dict)  # captions each server wrote
     server_trouble: list[str] = field(default_factory=list)  # servers lost, dead or silent, and why
     one_at_a_time: list[tuple[str, int]] = field(default_factory=list)  # (server, --jobs) found so
@@ -848,7 +934,7 @@ class Summary:
 
     @property
     def total_known(self) -> bool:
-        return self.listed or (self.limit is not None and self.to_caption >= self.limit)
+        return self.listed or (self.limit is not None and self.images_planned >= self.limit)
 
     def folder(self, root: Path) -> FolderCount:
         return self.by_folder.setdefault(root, FolderCount())
@@ -863,27 +949,40 @@ class Summary:
         """One planned image ended, captioned or failed (the rest is left for a rerun)."""
         self.settled += 1
 
-    def image_kept(self, root: Path, left_alone: bool, times: int = 1) -> None:
+    def style(self, ext: str) -> FolderCount:
+        """The counts of one style (by_style holds them only in a run with --also)."""
+        return self.by_style.setdefault(ext, FolderCount()) if self.by_style else FolderCount()
+
+    def image_kept(self, root: Path, left_alone: bool, times: int = 1, ext: str = "") -> None:
         """Its caption stays: done before, or (left_alone) edited by a person since."""
         if left_alone:
             self.left_alone += times
             self.folder(root).left_alone += times
+            self.style(ext).left_alone += times
         else:
             self.skipped += times
             self.folder(root).skipped += times
+            self.style(ext).skipped += times
 
-    def image_failed(self, root: Path, image: Path, why: str) -> None:
+    def image_failed(self, root: Path, image: Path, why: str, ext: str = "") -> None:
+        """image: the image, or in a run with styles the caption file of the style that failed."""
         self.failed.append((image, why))
         self.folder(root).failed += 1
+        self.style(ext).failed += 1
 
-    def image_captioned(self, root: Path, server: str, answer: Answer, text: str) -> None:
+    def image_captioned(
+        self, root: Path, server: str, answer: Answer, text: str, config: Config | None = None
+    ) -> None:
         self.captioned += 1
         self.folder(root).captioned += 1
+        self.style(config.caption_ext if config else "").captioned += 1
         self.by_server[server] = self.by_server.get(server, 0) + 1
         self.tokens += answer.tokens
         self.generation_ns += answer.generation_ns
-        self.words += len(text.split())
-        self.over_clip_limit += estimated_clip_tokens(text) > CLIP_TOKENS
+        # With a line break joining captions, each line is a caption, and CLIP reads each alone.
+        for caption in captions_in(text, config):
+            self.words += len(caption.split())
+            self.over_clip_limit += estimated_clip_tokens(caption) > CLIP_TOKENS
         self.thought = self.thought or answer.thought
 
     def image_estimated(self, prompt_tokens: int | None) -> None:
@@ -939,6 +1038,8 @@ def caption_folders(config: Config, reporter: Reporter | None = None, stop: Stop
     started = time.monotonic()
     summary = Summary(dry_run=config.dry_run, limit=config.limit, price=config.price)
     summary.by_folder = {root: FolderCount() for root in config.folders}
+    if config.also:
+        summary.by_style = {style.caption_ext: FolderCount() for style in config.styles()}
     if config.announce_prompt:
         reporter.prompt_taken(config.prompt.source)
     review = Review(config.review, config) if config.review else None
@@ -1035,17 +1136,22 @@ def account_for(
     and kept in the JSONL and on the review page."""
     summary.image_settled()
     task = outcome.task
+    style = config.style(task.style)
+    ext = style.caption_ext
     if review:
-        review.settled(outcome)
+        review.settled(outcome, ext)
     if outcome.failure:
-        summary.image_failed(task.root, task.image, outcome.failure)
-        reporter.image_failed(task.image, outcome.failure)
+        summary.image_failed(task.root, task.named or task.image, outcome.failure, ext)
+        reporter.image_failed(task.named or task.image, outcome.failure)
         return
     if outcome.answer.thought and not (config.think or outcome.answer.thinking_asked or summary.thought):
         reporter.thinks_anyway(config.model)
-    summary.image_captioned(task.root, outcome.server, outcome.answer, outcome.text)
-    reporter.image_captioned(task.image, outcome.text, outcome.seconds)
-    if metadata:
+    summary.image_captioned(task.root, outcome.server, outcome.answer, outcome.text, style)
+    reporter.image_captioned(task.named or task.image, outcome.text, outcome.seconds)
+    if metadata and task.style:
+        metadata.add_style(task.image, style_column(ext, task.style), outcome.text)
+        metadata.save_now_and_then(reporter)
+    elif metadata:
         answer = outcome.answer
         # "tokens" (output, reasoning included) came first; the others beside it, cost with --price.
         paid = {"prompt_tokens": answer.prompt_tokens, "reasoning_tokens": answer.reasoning_tokens}
@@ -1234,9 +1340,14 @@ class RunPass(NamedTuple):
     fresh: bool  # --fresh: the pass's earlier writes do not count
     legacy: dict[str, tuple[str, str]]  # a version 1 journal's first line: the (mode, model) it means
     prompt: tuple[str, str]  # the run's prompt: its digest as version 1 took it (line ends as read), and now
+    # The extension of the captions this pass writes, and the one whose lines name none: lines
+    # written before styles (--also) existed are the main caption's.
+    ext: str = Config.caption_ext
+    unnamed_ext: str = Config.caption_ext
 
     @classmethod
-    def of(cls, config: Config) -> RunPass:
+    def of(cls, config: Config, main: Config | None = None) -> RunPass:
+        """config's pass; main: the run's main caption's Config, where config is a style's."""
         models = {config.model, ""}  # a version 1 run without --model recorded ""
         legacy = {
             config.pass_identity(mode, model): (mode, model)
@@ -1244,7 +1355,10 @@ class RunPass(NamedTuple):
             for model in models
         }
         prompt = (digest(config.prompt.as_read), digest(config.prompt.text))
-        return cls(config.settings_digest(), config.model, config.fresh, legacy, prompt)
+        unnamed = (main or config).caption_ext
+        return cls(
+            config.settings_digest(), config.model, config.fresh, legacy, prompt, config.caption_ext, unnamed
+        )
 
 
 class Journal:
@@ -1260,11 +1374,17 @@ class Journal:
     write that did land has edited the caption. Each folder that holds images keeps its own
     journal, so a pass is the same whether its folders were named one by one or found by
     --recursive. Journals of version 1 (one pass per folder given, its images named by their
-    path below it) are read, and rewritten in this form before a line is added."""
+    path below it) are read, and rewritten in this form before a line is added.
 
-    def __init__(self, folder: str, run: RunPass) -> None:
+    Each style of a run (--also) is a pass with a Journal of its own on the same file: a line
+    names the extension of the caption it wrote ("x"), and each reads only its own lines. The
+    main caption's Journal (owner) opens the file and writes every line."""
+
+    def __init__(self, folder: str, run: RunPass, owner: Journal | None = None) -> None:
         self.path = os.path.join(folder, JOURNAL_NAME)
         self.run = run
+        self.owner = owner or self
+        self.others: list[str] = []  # the lines of other styles' captions, kept as they are
         self.records: dict[str, list[Written]] = {}
         self.fresh_from: dict[tuple[str, str, str], int] = {}  # a pass: its first line that counts
         self.lines = 0
@@ -1300,6 +1420,8 @@ class Journal:
         return self
 
     def read_version_1(self, identity: str, lines: list[str]) -> None:
+        if self.run.ext != self.run.unnamed_ext:
+            return  # a style's: version 1 knew only the main caption
         mode, model = self.run.legacy.get(identity, ("", ""))
         settings = self.run.settings if mode else f"v1:{identity}"
         as_read, prompt_now = self.run.prompt
@@ -1318,6 +1440,9 @@ class Journal:
     def read_line(self, line: str) -> None:
         try:
             entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("x", self.run.unnamed_ext) != self.run.ext:
+                self.others.append(line + "\n")
+                return
             if "ok" in entry:
                 self.landed(str(entry["ok"]), str(entry["a"]))
             elif "fresh" in entry:
@@ -1382,6 +1507,7 @@ class Journal:
             "b": task.before,
             "a": digest(text),
             "o": task.origin,
+            "x": self.run.ext,
         }
         if kept:
             entry["k"] = list(kept)
@@ -1389,15 +1515,16 @@ class Journal:
 
     def confirm(self, task: Task, text: str) -> None:
         """The caption of the line before is in place."""
-        self.write({"ok": self.name(task.image), "a": digest(text)})
+        self.write({"ok": self.name(task.image), "a": digest(text), "x": self.run.ext})
 
     def write(self, entry: dict) -> None:
+        owner = self.owner
         try:
-            if self.open_for_writing():
-                raise OSError(errno.EIO, self.unwritable)
+            if owner.open_for_writing():
+                raise OSError(errno.EIO, owner.unwritable)
             # Unbuffered: the line is in the operating system's hands before the caption is.
             # ASCII: names are escaped.
-            os.write(self.descriptor, (json.dumps(entry) + "\n").encode())
+            os.write(owner.descriptor, (json.dumps(entry) + "\n").encode())
         except OSError as exc:
             raise TryFailed(write_fault(exc), f"cannot write {JOURNAL_NAME}: {reason_of(exc)}") from None
 
@@ -1405,6 +1532,8 @@ class Journal:
         """Open the journal for appending (once), and with --fresh mark where this pass starts
         anew; why it cannot be, or "". Planning asks before an image is sent, so a folder whose
         journal cannot be written costs no request."""
+        if self.owner is not self:
+            return self.owner.open_for_writing()
         with self.opening:
             if self.descriptor is None and not self.unwritable:
                 try:
@@ -1417,7 +1546,7 @@ class Journal:
         """--fresh: from here on, the pass's earlier writes in this folder do not count."""
         if mode not in self.freshened and not self.open_for_writing():
             self.freshened.add(mode)
-            self.write({"fresh": self.run.settings, "e": mode, "m": self.run.model})
+            self.write({"fresh": self.run.settings, "e": mode, "m": self.run.model, "x": self.run.ext})
 
     def start(self) -> int:
         """Open the journal for appending; one of version 1 is rewritten in this form first. A
@@ -1453,6 +1582,7 @@ class Journal:
                 yield json.dumps(entry) + "\n"
                 if written.landed:
                     yield json.dumps({"ok": name, "a": written.after}) + "\n"
+        yield from self.others
 
     def name(self, image: Path) -> str:
         return os.path.relpath(image, os.path.dirname(self.path)).replace(os.sep, "/")
@@ -1629,12 +1759,25 @@ class Task:
     tries: int = 0  # tries that failed in a way that counts against --retries
     faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
     not_before: float = 0.0  # time.monotonic() before which it must not be sent again
+    style: int = 0  # which of Config.styles() it is captioned in: 0 the main caption, else an --also
+    named: Path | None = None  # what its failure is said of: the image, or its style's caption file
+    image_styles: ImageStyles | None = None  # the image's captions in every style this run asks for
 
     @classmethod
-    def of(cls, planned: Planned) -> Task:
+    def of(cls, planned: Planned, config: Config) -> Task:
         listing = planned.listing
         image = Path(listing.path, planned.name)
-        return cls(image, listing.root, planned.existing, listing.prompt, *planned.journaled)
+        style = planned.style
+        template = listing.prompt if style == 0 else config.also[style - 1].prompt
+        task = cls(image, listing.root, planned.existing, template, *planned.journaled, style=style)
+        task.named = named_in_reports(image, config, style)
+        return task
+
+
+def named_in_reports(image: Path, config: Config, style: int) -> Path:
+    """What a failure is said of, and --failed-list names: the image; in a run with styles, the
+    caption file of the style that failed, so that --only redoes that style alone."""
+    return image.with_name(caption_name(image.name, config.style(style))) if config.also else image
 
 
 @dataclass
@@ -1651,6 +1794,7 @@ class Listing:
     shared: dict[str, list[str]]  # caption name: the images that would all write it
     prompt: Template
     wants_text: bool  # its images' existing captions are used: merged, or asked for by a placeholder
+    order: list[int] = field(default_factory=lambda: [0])  # its styles, in the order they are asked
     position: int = 0
 
     def next_name(self) -> str | None:
@@ -1667,6 +1811,17 @@ class Planned(NamedTuple):
     name: str
     existing: str  # the caption already there, where --existing or {existing} uses it
     journaled: tuple[str, str, str]  # the Task's mode, before and origin
+    style: int = 0  # the Task's style
+
+
+class Pending(NamedTuple):
+    """An image's caption in one style that planning found to be asked for."""
+
+    style: int
+    text: str  # the text the answer joins, or {existing} asks for
+    existing: bytes
+    history: list[Written]
+    decided: Verdict
 
 
 # How far above a folder a journal of version 1 may name its images (-r kept it in the folder given).
@@ -1698,15 +1853,18 @@ class Discovery:
         self.reporter = reporter
         self.metadata = metadata
         self.unwritable = unwritable
-        self.waiting: deque[Planned] = deque()  # to caption, not prepared yet
-        self.journals: dict[str, Journal] = {}  # by folder
+        self.waiting: deque[Planned] = deque()  # to caption, not prepared yet; an image's styles together
+        self.journals: dict[tuple[str, int], Journal] = {}  # by folder and style
         self.legacy_above: dict[str, list[tuple[str, Journal]]] = {}  # by folder: see journals_above()
-        self.run = RunPass.of(config)
-        # Skipped as done by this pass with a model, before the server said which it serves.
-        self.assumed: list[tuple[Listing, str, str]] = []
+        self.styles = config.styles()
+        self.runs = [RunPass.of(style, config) for style in self.styles]
+        # Skipped as done by this pass with a model, before the server said which it serves:
+        # (listing, image name, style, model).
+        self.assumed: list[tuple[Listing, str, int, str]] = []
         self.seen_folders: set[tuple[int, int]] = set()
         self.roots = {folder_identity(str(root)): root for root in config.folders}
         self.finished = False
+        self.order = asking_order(config.prompt, config)
         self.steps = self.walk_every_folder()
 
     def step(self) -> None:
@@ -1756,24 +1914,26 @@ class Discovery:
         for root in self.config.folders:
             yield from self.walk(root)
 
-    def journal(self, folder: str) -> Journal:
+    def journal(self, folder: str, style: int = 0) -> Journal:
         folder = os.path.abspath(folder)
-        if folder not in self.journals:
-            self.journals[folder] = Journal(folder, self.run)
-        return self.journals[folder]
+        if (folder, style) not in self.journals:
+            owner = self.journal(folder) if style else None
+            self.journals[(folder, style)] = Journal(folder, self.runs[style], owner)
+        return self.journals[(folder, style)]
 
     def journal_of(self, task: Task) -> Journal:
-        return self.journal(str(task.image.parent))
+        return self.journal(str(task.image.parent), task.style)
 
-    def history(self, listing: Listing, name: str) -> tuple[list[Written], Journal | None]:
-        """An image's journal lines, if its verdict needs them: not for --existing skip, where a
-        caption is done whoever wrote it."""
+    def history(self, listing: Listing, name: str, style: int = 0) -> tuple[list[Written], Journal | None]:
+        """An image's journal lines in a style, if its verdict needs them: not for --existing
+        skip, where a caption is done whoever wrote it."""
         if self.config.existing == "skip" and self.config.only is None:
             return [], None
-        journal = self.journal(listing.path)
-        if self.run.fresh and not self.config.dry_run:
+        journal = self.journal(listing.path, style)
+        if self.runs[style].fresh and not self.config.dry_run:
             journal.start_fresh(self.config.existing)
-        return self.written_above(listing.path, name) + journal.history(name), journal
+        above = self.written_above(listing.path, name) if style == 0 else []
+        return above + journal.history(name), journal
 
     def written_above(self, folder: str, name: str) -> list[Written]:
         """Lines of version 1 journals in the folders above (a run with --recursive kept one
@@ -1802,29 +1962,40 @@ class Discovery:
     def model_known(self, model: str) -> None:
         """The server said which model it serves (--api openai without --model): images skipped
         as done by this pass with another model are planned again."""
-        self.run = self.run._replace(model=model)
+        self.runs = [run._replace(model=model) for run in self.runs]
         self.config = replace(self.config, model=model)
-        for journal in self.journals.values():
-            journal.run = self.run
+        self.styles = self.config.styles()
+        for (_, style), journal in self.journals.items():
+            journal.run = self.runs[style]
         assumed, self.assumed = self.assumed, []
-        changed = [(listing, name) for listing, name, assumed_model in assumed if assumed_model != model]
+        changed = [
+            (listing, name, style)
+            for listing, name, style, assumed_model in assumed
+            if assumed_model != model
+        ]
         if not changed:
             return
-        for listing, _ in changed:
-            self.summary.image_kept(listing.root, left_alone=False, times=-1)
+        for listing, _, style in changed:
+            self.summary.image_kept(
+                listing.root, left_alone=False, times=-1, ext=self.styles[style].caption_ext
+            )
         # Planned again with those to caption so far, in the order of planning, so that --limit
         # takes the first images whatever the server's answer.
-        planned = [(item.listing, item.name) for item in self.waiting]
+        planned = [(item.listing, item.name, item.style) for item in self.waiting]
         self.summary.image_planned(times=-len(planned))
+        self.summary.images_planned -= len({(listing.path, name) for listing, name, _ in planned})
         self.waiting.clear()
-        for listing, name in sorted(changed + planned, key=self.order_of):
-            self.plan(listing, name)
+        again = sorted(changed + planned, key=self.order_of)
+        for _, group in itertools.groupby(again, key=lambda each: (id(each[0]), each[1])):
+            styles = list(group)
+            self.plan(styles[0][0], styles[0][1], {style for _, _, style in styles})
 
-    def order_of(self, image: tuple[Listing, str]) -> tuple[int, tuple[str, ...]]:
-        """Where planning comes to an image: folder by folder as given, each by relative path."""
-        listing, name = image
+    def order_of(self, image: tuple[Listing, str, int]) -> tuple[int, tuple[str, ...], int]:
+        """Where planning comes to an image's caption: folder by folder as given, each by relative
+        path, each image's styles in the order they are asked."""
+        listing, name, style = image
         relative = Path(os.path.relpath(os.path.join(listing.path, name), listing.root))
-        return self.config.folders.index(listing.root), relative.parts
+        return self.config.folders.index(listing.root), relative.parts, listing.order.index(style)
 
     def walk(self, root: Path) -> Iterator[None]:
         first = self.listing(str(root), root, self.config.prompt)
@@ -1867,7 +2038,7 @@ class Discovery:
     def listing_of(
         self, path: str, root: Path, entries: Iterator[os.DirEntry], prompt: Template
     ) -> Listing | None:
-        ext = self.config.caption_ext
+        exts = tuple(style.caption_ext for style in self.styles)
         names: list[str] = []
         folders = set()
         captions = set()
@@ -1882,7 +2053,7 @@ class Discovery:
             has_own_prompt = has_own_prompt or name == self.config.folder_prompt
             if name.startswith("."):
                 continue
-            if name.endswith(ext):
+            if name.endswith(exts):
                 captions.add(name)  # whatever it is: existing_caption() looks closer
             if entry.is_dir():
                 if self.config.recursive:
@@ -1896,6 +2067,7 @@ class Discovery:
         if has_own_prompt:
             try:
                 prompt = read_prompt(Path(path, self.config.folder_prompt))
+                order = asking_order(prompt, self.config)
             except CannotStart as exc:
                 below = " and those of its subfolders" if folders else ""
                 self.folder_left_out(path, f"{exc}; its images{below} are left out")
@@ -1912,8 +2084,11 @@ class Discovery:
                 shared[caption_name(name, self.config)].append(name)
         captions.discard(self.config.folder_prompt)
         if captions:
-            self.summary.orphans += [Path(path, name) for name in sorted(captions.difference(written))]
-        return Listing(path, root, names, folders, captions, shared, prompt, self.wants_text(prompt))
+            stems = {os.path.splitext(name)[0] for name in names if name not in folders}
+            ours = {stem + ext for stem in stems for ext in exts}
+            self.summary.orphans += [Path(path, name) for name in sorted(captions.difference(ours))]
+        order = order if has_own_prompt else self.order
+        return Listing(path, root, names, folders, captions, shared, prompt, self.wants_text(prompt), order)
 
     def own_file(self, path: str, root: Path, entry: os.DirEntry) -> str:
         """Deal with a file of this tool's in a listing: a killed run's temporary file is removed,
@@ -1930,64 +2105,97 @@ class Discovery:
         self.summary.left_out.append((Path(path), why))
         self.reporter.folder_failed(Path(path), why)
 
-    def fail(self, root: Path, image: Path, why: str) -> None:
+    def fail(self, root: Path, image: Path, why: str, style: int | None = None) -> None:
+        """An image failed before it was sent: in one style, or (None) whole."""
         if self.review:
-            self.review.image(image, "failed", reason=why)
-        self.summary.image_failed(root, image, why)
-        self.reporter.image_failed(image, why, counted=False)
+            self.review.image(image, "failed", reason=why, style=self.ext(style))
+        named = image if style is None else named_in_reports(image, self.config, style)
+        self.summary.image_failed(root, named, why, self.ext(style))
+        self.reporter.image_failed(named, why, counted=False)
 
-    def plan(self, listing: Listing, name: str) -> None:
-        """Decide for one image: to caption, already captioned, or failed before it is sent."""
-        if not self.named_by_only(listing, name):
+    def plan(self, listing: Listing, name: str, styles: set[int] | None = None) -> None:
+        """Decide for one image, in each style (or those given): to caption, already captioned,
+        or failed before it is sent. Its captions to ask for are planned together, in the order
+        they are asked, so that the image is prepared once for all of them."""
+        pending = [
+            decided
+            for style in listing.order
+            if styles is None or style in styles
+            for decided in [self.plan_style(listing, name, style)]
+            if decided
+        ]
+        if not pending:
             return
+        image = Path(listing.path, name)
+        if self.config.limit is not None and self.summary.images_planned >= self.config.limit:
+            if self.review:  # left for a later run: still on the page
+                for each in pending:
+                    self.review.image(
+                        image, "not_attempted", readable_text(each.existing), style=self.ext(each.style)
+                    )
+            return
+        unwritable = self.unwritable_reason(listing)
+        if unwritable:
+            for each in pending:
+                self.fail(listing.root, image, unwritable, each.style)
+            return
+        self.summary.images_planned += 1
+        for each in pending:
+            self.to_caption(listing, name, each)
+
+    def plan_style(self, listing: Listing, name: str, style: int) -> Pending | None:
+        """Decide for one image in one style; what to ask for, or None where it is decided."""
+        if not self.named_by_only(listing, name, style):
+            return None
+        config = self.styles[style]
         root, image = listing.root, Path(listing.path, name)
-        caption = caption_name(name, self.config)
+        caption = caption_name(name, config)
         refused = self.caption_name_refused(listing, name, caption)
         if refused:
-            self.fail(root, image, refused)
-            return
+            self.fail(root, image, refused, style)
+            return None
         caption_file = Path(listing.path, caption)
         try:
             existing = existing_caption(caption_file, caption in listing.captions)
         except TryFailed as failure:
-            self.fail(root, image, str(failure))
-            return
+            self.fail(root, image, str(failure), style)
+            return None
         if self.metadata:
-            self.metadata.recover(image, caption_file, existing)
-        history, journal = self.history(listing, name)
+            self.metadata.recover(image, caption_file, existing, style_column(config.caption_ext, style))
+        history, journal = self.history(listing, name, style)
+        prompt = listing.prompt if style == 0 else config.prompt
         decided = verdict(
-            existing, history, journal, self.config, digest(listing.prompt.text), self.config.only is not None
+            existing, history, journal, config, digest(prompt.text), self.config.only is not None
         )
         if decided.action == "fail":
-            self.fail(root, image, decided.why)
-            return
+            self.fail(root, image, decided.why, style)
+            return None
         if decided.action != "caption":
-            self.not_captioned(listing, name, existing, decided)
-            return
+            self.not_captioned(listing, name, existing, decided, style)
+            return None
         try:
-            text = self.text_to_join(listing, caption_file, existing, decided)
+            text = self.text_to_join(caption_file, existing, decided, prompt)
         except TryFailed as failure:
-            self.fail(root, image, str(failure))
-            return
-        if self.config.limit is not None and self.summary.to_caption >= self.config.limit:
-            if self.review:  # left for a later run: still on the page
-                self.review.image(image, "not_attempted", readable_text(existing))
-            return
-        unwritable = self.unwritable_reason(listing)
-        if unwritable:
-            self.fail(root, image, unwritable)
-            return
-        self.to_caption(listing, name, text, existing, history, decided)
+            self.fail(root, image, str(failure), style)
+            return None
+        return Pending(style, text, existing, history, decided)
 
-    def named_by_only(self, listing: Listing, name: str) -> bool:
-        """Whether the image is this run's business: every image, or those --only names."""
+    def ext(self, style: int | None) -> str:
+        """The extension of a style's captions, where the run has styles ("" otherwise)."""
+        return self.styles[style].caption_ext if style is not None and self.config.also else ""
+
+    def named_by_only(self, listing: Listing, name: str, style: int = 0) -> bool:
+        """Whether the image's caption in a style is this run's business: every one, or those
+        --only names: by the image (every style), or by the style's caption file."""
         if self.config.only is None:
             return True
-        real = os.path.realpath(Path(listing.path, name))
-        if real not in self.config.only:
-            self.keep_in_the_jsonl(listing, name)  # the JSONL still holds every caption
+        image = os.path.realpath(Path(listing.path, name))
+        caption = os.path.realpath(Path(listing.path, caption_name(name, self.styles[style])))
+        named = {image, caption} & self.config.only
+        if not named:
+            self.keep_in_the_jsonl(listing, name, style)  # the JSONL still holds every caption
             return False
-        self.only_found.add(real)
+        self.only_found |= named
         return True
 
     def caption_name_refused(self, listing: Listing, name: str, caption: str) -> str:
@@ -2014,48 +2222,46 @@ class Discovery:
         why = "" if self.config.dry_run else self.journal(listing.path).open_for_writing()
         return f"cannot write {JOURNAL_NAME}: {why}" if why else ""
 
-    def to_caption(
-        self,
-        listing: Listing,
-        name: str,
-        text: str,
-        existing: bytes,
-        history: list[Written],
-        decided: Verdict,
-    ) -> None:
+    def to_caption(self, listing: Listing, name: str, pending: Pending) -> None:
         self.summary.image_planned()
-        origin = "none" if is_blank(existing) else origin_of(history, text_digest(existing))
-        self.waiting.append(Planned(listing, name, text, (decided.mode, text_digest(existing), origin)))
+        existing, decided = pending.existing, pending.decided
+        origin = "none" if is_blank(existing) else origin_of(pending.history, text_digest(existing))
+        journaled = (decided.mode, text_digest(existing), origin)
+        self.waiting.append(Planned(listing, name, pending.text, journaled, pending.style))
         if self.review:
-            self.review.image(Path(listing.path, name), "not_attempted", readable_text(existing))
+            image = Path(listing.path, name)
+            self.review.image(image, "not_attempted", readable_text(existing), style=self.ext(pending.style))
 
-    def text_to_join(self, listing: Listing, caption_file: Path, existing: bytes, decided: Verdict) -> str:
+    def text_to_join(self, caption_file: Path, existing: bytes, decided: Verdict, prompt: Template) -> str:
         """The text the answer joins (append, prepend), or {existing} asks for; "" where neither
         needs it."""
         if decided.base is not None:
             return decided.base
-        if listing.wants_text or decided.mode in MERGING:
+        if self.wants_text(prompt) or decided.mode in MERGING:
             return caption_text(caption_file, existing)
         return ""
 
-    def keep_in_the_jsonl(self, listing: Listing, name: str) -> None:
-        caption = caption_name(name, self.config)
+    def keep_in_the_jsonl(self, listing: Listing, name: str, style: int = 0) -> None:
+        caption = caption_name(name, self.styles[style])
         if self.metadata and caption not in listing.shared:
             caption_file = Path(listing.path, caption)
             try:
                 existing = existing_caption(caption_file, caption in listing.captions)
             except TryFailed:
                 return  # not readable: a run that names it says why
-            self.metadata.recover(Path(listing.path, name), caption_file, existing)
+            column = style_column(self.styles[style].caption_ext, style)
+            self.metadata.recover(Path(listing.path, name), caption_file, existing, column)
 
-    def not_captioned(self, listing: Listing, name: str, existing: bytes, decided: Verdict) -> None:
+    def not_captioned(
+        self, listing: Listing, name: str, existing: bytes, decided: Verdict, style: int = 0
+    ) -> None:
         """Count an image that keeps its caption: done before, or edited by a person since."""
         root, image = listing.root, Path(listing.path, name)
-        self.summary.image_kept(root, left_alone=decided.action == "left alone")
+        self.summary.image_kept(root, left_alone=decided.action == "left alone", ext=self.ext(style))
         if decided.assumed_model:
-            self.assumed.append((listing, name, decided.assumed_model))
+            self.assumed.append((listing, name, style, decided.assumed_model))
         if self.review:
-            self.review.image(image, "before", readable_text(existing))
+            self.review.image(image, "before", readable_text(existing), style=self.ext(style))
 
     def wants_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
@@ -4079,6 +4285,21 @@ def estimated_tokens_of(image: Path, prompt: str, config: Config) -> int | None:
     return image_tokens(*size) + text_tokens(prompt) + text_tokens(system)
 
 
+def prepare_styles(styles: ImageStyles, config: Config) -> ImageStyles:
+    """Prepare an image once for every style it is asked in (its picture decoded, shrunk and
+    encoded once, the same bytes sent with each request), and read the captions its prompts
+    ask for that this run does not write ({caption:EXT}) from their files."""
+    first = styles.tasks[0]
+    payload = prepare_image(first.image, config.max_size)
+    thumbnail = thumbnail_of(io.BytesIO(payload)) if config.review else b""
+    for task in styles.tasks:
+        task.payload, task.thumbnail = payload, thumbnail
+    asked = {config.style(task.style).caption_ext for task in styles.tasks}
+    for ext in {ext for task in styles.tasks for ext in task.template.captions} - asked:
+        styles.caption_on_disk(ext, first.image.with_name(os.path.splitext(first.image.name)[0] + ext))
+    return styles
+
+
 def prepare_task(task: Task, config: Config) -> Task:
     """Fill in the task's prompt and the bytes to send; TryFailed if the file is unusable."""
     task.prompt = task.template.fill(task.image, task.existing)
@@ -4251,7 +4472,9 @@ def ask(server: Server, config: Config, task: Task) -> tuple[str, Answer]:
 
 def checked(answer: Answer, server: Server, config: Config, task: Task) -> tuple[str, Answer]:
     """The caption of an answer, cleaned up, or why it is unfit to train on."""
-    caption = without_invisibles(answer.text, keep_lines=config.raw).strip()
+    # With a line break joining captions (--join), a line is a caption: an answer is one line,
+    # --raw's included.
+    caption = without_invisibles(answer.text, keep_lines=config.raw and not config.line_per_caption).strip()
     if not config.raw:
         caption = tidy(caption)
     problem = caption_problem(answer, caption) or script_problem(caption, task, config)
@@ -4776,6 +4999,62 @@ class Outcome:
     seconds: float = 0.0
 
 
+class ImageStyles:
+    """One image and its captions this run asks for, a Task per style in the order they are asked
+    (asking_order()): prepared once (prepare_styles()), then each style sent as soon as the
+    captions its prompt asks for ({caption:EXT}) are known, back to back; a style whose prompt
+    asks for a caption that failed fails too, with the reason."""
+
+    def __init__(self, tasks: list[Task], config: Config) -> None:
+        self.tasks = tasks
+        self.exts = {id(task): config.style(task.style).caption_ext for task in tasks}
+        self.captions: dict[str, str] = {}  # by extension: on disk, or written by this run
+        self.missing: dict[str, str] = {}  # by extension: why the caption cannot be had
+        self.waiting = list(tasks)  # prepared or not, not yet sent
+        for task in tasks:
+            task.image_styles = self
+
+    def caption_on_disk(self, ext: str, path: Path) -> None:
+        try:
+            text = readable_text(read_regular_file(path))
+        except OSError as exc:
+            text = "" if isinstance(exc, FileNotFoundError) else None
+            if text is None:
+                self.missing[ext] = f"cannot be read: {reason_of(exc)}"
+                return
+        if is_blank(text.encode()):
+            self.missing[ext] = "is missing (none on disk, and this run did not ask for it)"
+        else:
+            self.captions[ext] = text
+
+    def settled(self, task: Task, text: str, failure: str) -> None:
+        """One of its styles ended: its caption is written (text), or failed."""
+        self.waiting = [each for each in self.waiting if each is not task]
+        if failure:
+            self.missing[self.exts[id(task)]] = f"failed: {failure}"
+        else:
+            self.captions[self.exts[id(task)]] = text
+
+    def to_send(self) -> list[tuple[Task, str]]:
+        """The styles that can go now, each with why it fails instead ("" if it goes), in order;
+        their prompts filled in."""
+        going = []
+        for task in list(self.waiting):
+            asked = task.template.captions
+            lacking = next((ext for ext in asked if ext in self.missing), "")
+            if not lacking and not all(ext in self.captions for ext in asked):
+                continue  # its caption comes later in this run
+            self.waiting = [each for each in self.waiting if each is not task]
+            if lacking:
+                going.append(
+                    (task, f"its prompt asks for the {lacking} caption, which {self.missing[lacking]}")
+                )
+                continue
+            task.prompt = task.template.fill(task.image, task.existing, self.captions)
+            going.append((task, ""))
+        return going
+
+
 class Pipeline:
     """Images flow: planned -> preparing -> ready -> sent to any server with a free slot ->
     writing -> done.
@@ -4805,7 +5084,8 @@ class Pipeline:
         self.reporter = reporter
         self.ready: deque[Task] = deque()  # prepared, to be sent
         self.delayed: list[Task] = []  # to be sent again once their pause is over
-        self.preparing: dict[Future, Task] = {}
+        self.preparing: dict[Future, ImageStyles] = {}
+        self.due: deque[Outcome] = deque()  # outcomes to yield: those of an image's other styles
         self.sending: dict[Future, tuple[Server, Task, float]] = {}
         self.writing: dict[Future, Outcome] = {}
         self.probing: dict[Future, Server] = {}
@@ -4824,9 +5104,7 @@ class Pipeline:
             if planning:
                 self.discovery.step()
             for future in self.wait_for_any(at_once=planning):
-                outcome = self.settle(future)
-                if outcome:
-                    yield outcome
+                yield from self.settled(future)
 
     def close(self) -> None:
         """Cancel the preparation that has not started. A request still in flight is left to its
@@ -4868,12 +5146,46 @@ class Pipeline:
                 task = self.ready.popleft()
                 server.pacer.sent(now)
                 server.in_flight += 1
-                self.sending[in_the_background(ask, server, self.config, task)] = (server, task, now)
+                self.sending[in_the_background(ask, server, self.config.style(task.style), task)] = (
+                    server,
+                    task,
+                    now,
+                )
         slots = sum(server.jobs for server in self.servers if server.in_rotation)
         waiting = self.discovery.waiting
-        while waiting and len(self.ready) + len(self.preparing) < max(1, slots):
-            task = Task.of(waiting.popleft())
-            self.preparing[self.preparers.submit(prepare_task, task, self.config)] = task
+        while waiting and len(self.ready) + sum(len(each.tasks) for each in self.preparing.values()) < max(
+            1, slots
+        ):
+            styles = ImageStyles(self.next_image(waiting), self.config)
+            self.preparing[self.preparers.submit(prepare_styles, styles, self.config)] = styles
+
+    def next_image(self, waiting: deque[Planned]) -> list[Task]:
+        """The next image's Tasks, one per style it is asked in (planned together)."""
+        first = waiting.popleft()
+        planned = [first]
+        while waiting and waiting[0].listing is first.listing and waiting[0].name == first.name:
+            planned.append(waiting.popleft())
+        return [Task.of(each, self.config) for each in planned]
+
+    def settled(self, future: Future) -> Iterator[Outcome]:
+        """The outcomes a finished piece of work gives: its image's, and those of the image's other
+        styles that fail with it; the styles it lets go are sent next."""
+        outcome = self.settle(future)
+        if outcome:
+            self.due.append(outcome)
+        while self.due:
+            outcome = self.due.popleft()
+            styles = outcome.task.image_styles
+            if styles and len(styles.tasks) > 1:
+                styles.settled(outcome.task, outcome.text, outcome.failure)
+                self.send_next(styles)
+            yield outcome
+
+    def send_next(self, styles: ImageStyles) -> None:
+        """An image's styles that can be sent now go next, back to back, ahead of other images."""
+        going = styles.to_send()
+        self.ready.extendleft(reversed([task for task, why in going if not why]))
+        self.due.extend(Outcome(task, failure=why) for task, why in going if why)
 
     def unreported(self, answer: Answer, task: Task) -> tuple[int, int] | None:
         """With --price, the estimated (input, output) tokens of an answer that said none (a
@@ -4941,13 +5253,12 @@ class Pipeline:
         if future in self.writing:
             return self.caption_written(future)
         if future in self.preparing:
-            task = self.preparing.pop(future)
-            server = None
-        else:
-            server, task, started = self.sending.pop(future)
-            server.in_flight -= 1
-            server.pacer.landed()
-            self.tell_if_one_at_a_time(server)
+            self.prepared(future)
+            return None
+        server, task, started = self.sending.pop(future)
+        server.in_flight -= 1
+        server.pacer.landed()
+        self.tell_if_one_at_a_time(server)
         try:
             result = future.result()
         except TryFailed as failure:
@@ -4956,9 +5267,6 @@ class Pipeline:
             return self.after_failure(server, task, failure)
         except Exception as exc:  # noqa: BLE001 - a defect must fail its image, never lose it
             return Outcome(task, failure=f"unexpected error: {exc!r}")
-        if server is None:
-            self.ready.append(result)
-            return None
         caption, answer = result
         self.summary.answer_paid(answer, estimated=self.unreported(answer, task))
         server.watch.answered_well()
@@ -4966,8 +5274,26 @@ class Pipeline:
         self.reporter.pace_sets(any(server.pacer.waiting_since for server in self.servers))
         outcome = Outcome(task, answer=answer, server=server.url, seconds=time.monotonic() - started)
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
-        self.writing[self.writer.submit(write_answer, task, caption, self.config, journal)] = outcome
+        config = self.config.style(task.style)
+        self.writing[self.writer.submit(write_answer, task, caption, config, journal)] = outcome
         return None
+
+    def prepared(self, future: Future) -> None:
+        """An image is prepared: its styles that can go are ready, in order; or each fails."""
+        styles = self.preparing.pop(future)
+        try:
+            future.result()
+        except TryFailed as failure:
+            styles.waiting = []  # each style fails here, once
+            self.due.extend(filter(None, (self.after_failure(None, task, failure) for task in styles.tasks)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a defect must fail its image, never lose it
+            styles.waiting = []
+            self.due.extend(Outcome(task, failure=f"unexpected error: {exc!r}") for task in styles.tasks)
+            return
+        going = styles.to_send()
+        self.ready.extend(task for task, why in going if not why)
+        self.due.extend(Outcome(task, failure=why) for task, why in going if why)
 
     def tell_if_one_at_a_time(self, server: Server) -> None:
         if server.turns.one_at_a_time and not server.turns.told:
@@ -5045,9 +5371,7 @@ class Pipeline:
             if not awaited:
                 return
             for future in wait(awaited, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)[0]:
-                outcome = self.settle(future)
-                if outcome:
-                    yield outcome
+                yield from self.settled(future)
 
 
 # ---------------------------------------------------------------------------
@@ -5194,26 +5518,52 @@ def shortened(text: str, length: int = 60) -> str:
 
 
 def finished_caption(caption: str, task: Task, config: Config) -> tuple[str, tuple[int, int] | None]:
-    """The text to write: merged with an existing caption if asked, trigger words in place; and
-    where the existing caption stands in it (the journal keeps it, for a redo to replace only
-    what this pass added)."""
+    """The text to write: merged with an existing caption if asked (joined by --join), trigger
+    words in place; and where the existing caption stands in it (the journal keeps it, for a
+    redo to replace only what this pass added)."""
     old = task.existing
-    kept = None
-    if task.mode == "append":
-        caption, kept = (f"{old}, {caption}" if old else caption), (0, len(old))
-    elif task.mode == "prepend":
-        start = len(caption) + 2 if old else len(caption)
-        caption, kept = (f"{caption}, {old}" if old else caption), (start, start + len(old))
     prefix = config.prefix.fill(task.image, old)
     suffix = config.suffix.fill(task.image, old)
+    if config.line_per_caption:
+        # Each line a caption of its own: each gets the trigger words, the old lines as the
+        # answer's line does.
+        old = "\n".join(
+            with_trigger_words(line.strip(), prefix, suffix) for line in old.splitlines() if line.strip()
+        )
+        caption = with_trigger_words(caption, prefix, suffix)
+        prefix = suffix = ""
+    join = config.join
+    kept = None
+    if task.mode == "append":
+        caption, kept = (f"{old}{join}{caption}" if old else caption), (0, len(old))
+    elif task.mode == "prepend":
+        start = len(caption) + len(join) if old else len(caption)
+        caption, kept = (f"{caption}{join}{old}" if old else caption), (start, start + len(old))
+    if prefix and not has_prefix(caption, prefix):
+        kept = kept and (kept[0] + len(prefix) + 2, kept[1] + len(prefix) + 2)
+    return with_trigger_words(caption, prefix, suffix), kept
+
+
+def with_trigger_words(caption: str, prefix: str, suffix: str) -> str:
     # A trigger word the model (or an earlier run) already put in place is not repeated; it
     # must be there as whole words: "man" is not in place at the start of "many people".
-    if prefix and not re.match(rf"{re.escape(prefix)}(?!\w)", caption, re.IGNORECASE):
+    if prefix and not has_prefix(caption, prefix):
         caption = f"{prefix}, {caption}"
-        kept = kept and (kept[0] + len(prefix) + 2, kept[1] + len(prefix) + 2)
     if suffix and not re.search(rf"(?<!\w){re.escape(suffix)}[\s.]*$", caption, re.IGNORECASE):
         caption = f"{caption}, {suffix}"
-    return caption, kept
+    return caption
+
+
+def has_prefix(caption: str, prefix: str) -> bool:
+    return bool(re.match(rf"{re.escape(prefix)}(?!\w)", caption, re.IGNORECASE))
+
+
+def captions_in(text: str, config: Config | None) -> list[str]:
+    """The captions a caption file holds: one, or with a line break joining them (--join) one
+    a line."""
+    if config and config.line_per_caption:
+        return [line for line in text.splitlines() if line.strip()]
+    return [text]
 
 
 def estimated_clip_tokens(caption: str) -> int:
@@ -5391,6 +5741,28 @@ def remove_quietly(path: str) -> None:
 JSON_ESCAPES = {code: f"\\u{code:04x}" for code in [0x85, 0x2028, 0x2029, *range(0xDC80, 0xDD00)]}
 
 
+# The columns of the JSONL's rows; each style (--also) adds one of its own (style_column()).
+JSONL_COLUMNS = frozenset(
+    [
+        "file_name",
+        "text",
+        "model",
+        "seconds",
+        "tokens",
+        "prompt_tokens",
+        "reasoning_tokens",
+        "cost",
+        "recovered",
+    ]
+)
+
+
+def style_column(ext: str, style: int = 1) -> str:
+    """A style's column in the JSONL: its extension without the dot (".tags": "tags"); the main
+    caption's is "text", as imagefolder reads it."""
+    return ext[1:] if style else "text"
+
+
 class Metadata:
     """The --jsonl file: one JSON object a line (Hugging Face imagefolder's metadata.jsonl).
     Kept in memory by file name, so a caption written again replaces its line, and rewritten
@@ -5438,8 +5810,27 @@ class Metadata:
 
     def add(self, image: Path, text: str, **extra: object) -> None:
         file_name = self.file_name(image)
-        self.entries[file_name] = {"file_name": file_name, "text": text, "model": self.model, **extra}
+        styles = self.styles_of(file_name)
+        self.entries[file_name] = {
+            "file_name": file_name,
+            "text": text,
+            "model": self.model,
+            **extra,
+            **styles,
+        }
         self.unsaved = True
+
+    def add_style(self, image: Path, column: str, text: str) -> None:
+        """A style's caption (--also), in its own column of the image's row."""
+        file_name = self.file_name(image)
+        self.entries.setdefault(file_name, {"file_name": file_name})[column] = text
+        self.unsaved = True
+
+    def styles_of(self, file_name: str) -> dict:
+        """The styles' columns of an image's row, which the main caption's own do not replace."""
+        return {
+            key: value for key, value in self.entries.get(file_name, {}).items() if key not in JSONL_COLUMNS
+        }
 
     def save_now_and_then(self, reporter: Reporter) -> None:
         if time.monotonic() - self.saved_at > self.SAVE_EVERY:
@@ -5448,10 +5839,10 @@ class Metadata:
             except OSError as exc:  # the save at the end of the run tries again
                 reporter.cannot_write(self.path, reason_of(exc))
 
-    def recover(self, image: Path, caption: Path, data: bytes) -> None:
+    def recover(self, image: Path, caption: Path, data: bytes, column: str = "text") -> None:
         """A line for the caption beside an image as planning found it, where the JSONL lacks it
         or says otherwise (a crash between saves, an earlier run without --jsonl, an edit). A
-        caption this run writes replaces it."""
+        caption this run writes replaces it. column: the style's (see style_column())."""
         file_name = self.file_name(image)
         if file_name.startswith("../"):
             return  # not covered by this JSONL
@@ -5460,11 +5851,25 @@ class Metadata:
         except TryFailed:
             return  # not readable: planning names it where it matters
         entry = self.entries.get(file_name)
-        if not text and entry is not None:  # a caption made blank, or removed: no caption now
-            del self.entries[file_name]
+        if column != "text":
+            if (entry or {}).get(column) != (text or None):
+                row = self.entries.setdefault(file_name, {"file_name": file_name})
+                if text:
+                    row[column] = text
+                else:
+                    row.pop(column, None)
+                self.unsaved = True
+            return
+        styles = self.styles_of(file_name)
+        if (
+            not text and entry is not None and "text" in entry
+        ):  # a caption made blank, or removed: no caption now
+            self.entries[file_name] = {"file_name": file_name, **styles}
+            if not styles:
+                del self.entries[file_name]
             self.unsaved = True
         if text and (entry is None or entry.get("text") != text):
-            self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True}
+            self.entries[file_name] = {"file_name": file_name, "text": text, "recovered": True, **styles}
             self.unsaved = True
 
     def save(self) -> None:
@@ -5510,8 +5915,17 @@ class Review:
         self.chunks_written = 0
         self.broken = ""  # why no more thumbnails can be written
 
-    def image(self, image: Path, status: str, caption: str = "", reason: str = "", **more: object) -> None:
+    def image(
+        self, image: Path, status: str, caption: str = "", reason: str = "", style: str = "", **more: object
+    ) -> None:
+        """What the card of an image shows: its main caption, or (style: an --also extension) a
+        line for its caption in that style."""
         record = self.records.setdefault(image, {"thumb": None})
+        if style and style != self.config.caption_ext:
+            record.setdefault("status", "before")  # the main caption's, until said
+            record.setdefault("caption", "")
+            record.setdefault("styles", {})[style] = {"status": status, "caption": caption, "reason": reason}
+            return
         record.update(status=status, caption=caption, reason=reason, seconds=None, tokens=None, flags=[])
         record.update(more)
 
@@ -5519,9 +5933,12 @@ class Review:
         self.config = replace(self.config, model=model)
         return self
 
-    def settled(self, outcome: Outcome) -> None:
+    def settled(self, outcome: Outcome, style: str = "") -> None:
         task = outcome.task
-        if outcome.failure:
+        if task.style:
+            status = "failed" if outcome.failure else "captioned"
+            self.image(task.image, status, outcome.text, outcome.failure, style=style)
+        elif outcome.failure:
             self.image(task.image, "failed", reason=outcome.failure)
         else:
             recovered = ["recovered"] if Fault.UNFIT_ANSWER in task.faults else []
@@ -6032,6 +6449,11 @@ class Reporter:
                     f"  {folder}: captioned {counted.captioned}, "
                     f"skipped {counted.skipped}, {left_alone(counted.left_alone)}failed {counted.failed}"
                 )
+        for ext, counted in summary.by_style.items():  # a run with --also: each style is a pass
+            self.say(
+                f"  {ext} captions: captioned {counted.captioned}, "
+                f"skipped {counted.skipped}, {left_alone(counted.left_alone)}failed {counted.failed}"
+            )
         if len(summary.by_server) > 1 or summary.server_trouble:
             for server, count in summary.by_server.items():
                 self.say(f"  {server}: captioned {count}")
@@ -6244,6 +6666,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXT",
         default=Config.caption_ext,
         help="caption file extension (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--also",
+        action="append",
+        metavar="PROMPT_FILE:EXT",
+        help="also write a caption of another style beside each image, asked with PROMPT_FILE, in "
+        "<image stem>EXT (such as tags.txt:.tags); give it once per style",
+    )
+    parser.add_argument(
+        "--join",
+        metavar="SEP",
+        help='with --existing append/prepend: what joins the answer to the caption (default: ", "); '
+        '"\\n" puts each caption on a line of its own',
     )
     parser.add_argument(
         "--existing",
@@ -6579,11 +7014,63 @@ def config_from_args(args: argparse.Namespace) -> Config:
         existing=args.existing or ("overwrite" if args.only else "skip"),
         redo_in_its_mode=bool(args.only) and args.existing is None,
     )
+    settings.update(also=styles_of(args.also or [], settings["caption_ext"]), join=join_of(args))
     refuse_unreachable_pace(args.rpm, args.tpm, settings["max_tokens"] + PROMPT_TOKENS_GUESS)
-    refuse_output_paths(args, settings["caption_ext"], prompt_file)
+    exts = [settings["caption_ext"]] + [style.ext for style in settings["also"]]
+    for ext in exts:
+        refuse_output_paths(args, ext, prompt_file)
     inputs = [("the prompt file", prompt_file), ("--system", args.system)]
-    refuse_inputs_where_captions_go(inputs, folders, args.recursive, settings["caption_ext"])
-    return Config(**settings)
+    inputs += [(f"--also {value}", Path(value.rpartition(":")[0])) for value in args.also or []]
+    for ext in exts:
+        refuse_inputs_where_captions_go(inputs, folders, args.recursive, ext)
+    config = Config(**settings)
+    for words in (config.prefix, config.suffix, config.system):
+        if words.captions:
+            raise CannotStart(f"{words.source}: only a prompt may ask for {{caption:EXT}}")
+    asking_order(config.prompt, config)
+    if config.jsonl:
+        refuse_clashing_columns(config)
+    return config
+
+
+def styles_of(values: list[str], caption_ext: str) -> list[Style]:
+    """--also PROMPT_FILE:EXT, each split on its last colon (a Windows path has one of its own)."""
+    styles: list[Style] = []
+    for value in values:
+        prompt_file, colon, ext = value.rpartition(":")
+        if not (colon and prompt_file and ext.startswith(".")):
+            raise CannotStart(f"--also {value}: give PROMPT_FILE:EXT, such as tags.txt:.tags")
+        ext = caption_extension(ext, f"--also {value}:")
+        taken = [caption_ext] + [style.ext for style in styles]
+        if ext.lower() in map(str.lower, taken):
+            whose = "--ext" if ext.lower() == caption_ext.lower() else "another --also"
+            raise CannotStart(f"--also {value}: {ext} is the extension of {whose}; give each style its own")
+        styles.append(Style(read_prompt(Path(prompt_file)), ext))
+    return styles
+
+
+def join_of(args: argparse.Namespace) -> str:
+    """--join, with "\\n" read as a line break (what people type in a shell); CannotStart where it
+    could join nothing."""
+    if args.join is None:
+        return Config.join
+    join = args.join.replace("\\n", "\n").replace("\\t", "\t")
+    if not join or "\r" in join:
+        raise CannotStart('--join: give the text that joins two captions, such as ", " or "\\n"')
+    if args.existing not in MERGING and not args.only:
+        raise CannotStart(
+            "--join joins an answer to the caption it adds to: give --existing append or prepend"
+        )
+    return join
+
+
+def refuse_clashing_columns(config: Config) -> None:
+    for style in config.also:
+        if style_column(style.ext) in JSONL_COLUMNS:
+            raise CannotStart(
+                f"--also ...:{style.ext}: its --jsonl column would be {style_column(style.ext)!r}, "
+                "which the JSONL uses for something else; give the style another extension"
+            )
 
 
 def refuse_unreachable_pace(rpm: float, tpm: int, tokens: int) -> None:
@@ -6853,16 +7340,16 @@ def read_template(path: Path, what: str) -> Template:
     return Template(text, source=f"{what} {path}", as_read=as_read)
 
 
-def caption_extension(ext: str) -> str:
+def caption_extension(ext: str, option: str = "--ext") -> str:
     ext = ext if ext.startswith(".") else "." + ext
     if ext == "." or "/" in ext or os.sep in ext:
-        raise CannotStart(f"--ext {ext!r} is not a file extension")
+        raise CannotStart(f"{option} {ext!r} is not a file extension")
     # Judged by the final suffix: "--ext .1.jpg" would make photo.1.jpg's caption photo.1.jpg.
     final = os.path.splitext("x" + ext)[1].lower()
     if final in IMAGE_EXTENSIONS:
-        raise CannotStart(f"--ext {ext} would overwrite images")
+        raise CannotStart(f"{option} {ext} would overwrite images")
     if final in DATASET_SIDE_EXTENSIONS:
-        raise CannotStart(f"--ext {ext} would overwrite files a trainer keeps beside the images ({final})")
+        raise CannotStart(f"{option} {ext} would overwrite files a trainer keeps beside the images ({final})")
     return ext
 
 
