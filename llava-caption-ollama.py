@@ -887,6 +887,7 @@ class Summary:
     tokens: int = 0  # generated, as the servers counted them
     generation_ns: int = 0
     words: int = 0  # in the captions written
+    lines: int = 0  # captions in the files written: one a file, or with --join "\n" one a line
     over_clip_limit: int = 0  # captions estimated longer than CLIP's 77 tokens
     thought: bool = False  # some answers came with thinking, counted in the tokens
     # What the servers were paid for, every try and the preflight's picture included, as their
@@ -981,6 +982,7 @@ class Summary:
         self.generation_ns += answer.generation_ns
         # With a line break joining captions, each line is a caption, and CLIP reads each alone.
         for caption in captions_in(text, config):
+            self.lines += 1
             self.words += len(caption.split())
             self.over_clip_limit += estimated_clip_tokens(caption) > CLIP_TOKENS
         self.thought = self.thought or answer.thought
@@ -4289,11 +4291,9 @@ def prepare_styles(styles: ImageStyles, config: Config) -> ImageStyles:
     """Prepare an image once for every style it is asked in (its picture decoded, shrunk and
     encoded once, the same bytes sent with each request), and read the captions its prompts
     ask for that this run does not write ({caption:EXT}) from their files."""
-    first = styles.tasks[0]
-    payload = prepare_image(first.image, config.max_size)
-    thumbnail = thumbnail_of(io.BytesIO(payload)) if config.review else b""
-    for task in styles.tasks:
-        task.payload, task.thumbnail = payload, thumbnail
+    first = prepare_task(styles.tasks[0], config)
+    for task in styles.tasks[1:]:
+        task.payload, task.thumbnail = first.payload, first.thumbnail
     asked = {config.style(task.style).caption_ext for task in styles.tasks}
     for ext in {ext for task in styles.tasks for ext in task.template.captions} - asked:
         styles.caption_on_disk(ext, first.image.with_name(os.path.splitext(first.image.name)[0] + ext))
@@ -5176,7 +5176,7 @@ class Pipeline:
         while self.due:
             outcome = self.due.popleft()
             styles = outcome.task.image_styles
-            if styles and len(styles.tasks) > 1:
+            if outcome.failure and styles and len(styles.tasks) > 1:
                 styles.settled(outcome.task, outcome.text, outcome.failure)
                 self.send_next(styles)
             yield outcome
@@ -5276,6 +5276,12 @@ class Pipeline:
         journal = None if self.config.dry_run else self.discovery.journal_of(task)
         config = self.config.style(task.style)
         self.writing[self.writer.submit(write_answer, task, caption, config, journal)] = outcome
+        styles = task.image_styles
+        if styles and len(styles.tasks) > 1:
+            # The styles that ask for this caption go now, back to back with it, with the text
+            # being written: waiting for the write would let other images' requests in between.
+            styles.settled(task, finished_caption(caption, task, config)[0], "")
+            self.send_next(styles)
         return None
 
     def prepared(self, future: Future) -> None:
@@ -6515,7 +6521,7 @@ def unsaid(summary: Summary) -> str:
 
 
 def caption_statistics(summary: Summary) -> str:
-    count = summary.captioned
+    count = summary.lines
     speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
     thinking = " (thinking included)" if summary.thought else ""
     # A server that sends no usage (some OpenAI-compatible ones) gives no token count to divide.
