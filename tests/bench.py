@@ -229,6 +229,7 @@ def report(root: Path, scale: int) -> None:
     print()
 
     pace_rows(root, scale)
+    styles_rows(root, scale)
     several_folders_rows(root, scale)
     preparation_rows(root, scale)
     input_type_rows(root, scale)
@@ -257,6 +258,34 @@ def pace_rows(root: Path, scale: int) -> None:
         busiest = max(sum(1 for t in times if start <= t < start + 60) for start in times)
         overall = 60 * (len(times) - 1) / (times[-1] - times[0])
         print(f"| {label} | {count} | {busiest} | {overall:.1f} | {len(stand_in.refused_for_rate)} |")
+    print()
+
+
+def styles_rows(root: Path, scale: int) -> None:
+    """Two styles per image (--also): each image prepared once, its two requests back to back;
+    requests served against the server's capacity, with the second style's prompt asking for the
+    first's caption ({caption:.tags}: sent only once that answer is in) and without."""
+    count = 80 // scale
+    folder = folder_of_photos(root, "styles", count, (1600, 1200))
+    prompts = root / "style-prompts"
+    prompts.mkdir()
+    (prompts / "tags.txt").write_text("List tags.")
+    (prompts / "long.txt").write_text("Describe it.")
+    (prompts / "grounded.txt").write_text("Describe it, with these tags: {caption:.tags}")
+    print("| two styles per image, 4 slots, --jobs 5 | images | requests/s | share of capacity |")
+    print("|---|---:|---:|---:|")
+    for label, prompt in (("independent", "long.txt"), ("the second asks for the first's caption", "grounded.txt")):
+        for tags in folder.glob("*.tags"):
+            tags.unlink()
+        stand_in = servers_with(1, slots=4)
+        try:
+            result = run_captioner(
+                folder, stand_in, 5, "--prompt", str(prompts / prompt), "--also", f"{prompts / 'tags.txt'}:.tags"
+            )
+        finally:
+            stand_in[0].stop()
+        rate = served_rate(result["chats"])
+        print(f"| {label} | {count} | {rate:.2f} | {rate / (4 / LATENCY):.1%} |")
     print()
 
 
