@@ -5928,8 +5928,8 @@ class Review:
         line for its caption in that style."""
         record = self.records.setdefault(image, {"thumb": None})
         if style and style != self.config.caption_ext:
-            record.setdefault("status", "before")  # the main caption's, until said
-            record.setdefault("caption", "")
+            if "status" not in record:  # the main caption's, until said
+                record.update(status="before", caption="", reason="", seconds=None, tokens=None, flags=[])
             record.setdefault("styles", {})[style] = {"status": status, "caption": caption, "reason": reason}
             return
         record.update(status=status, caption=caption, reason=reason, seconds=None, tokens=None, flags=[])
@@ -6042,8 +6042,10 @@ class Review:
             flags += ["short"] if words < SHORT_CAPTION_WORDS else []
             flags += ["no_trigger"] if not has_trigger_words(caption, image, self.config) else []
         path = self.relative(image)
+        styles = [{"ext": ext, **line} for ext, line in record.get("styles", {}).items()]
         return {
             **record,
+            **({"styles": styles} if styles else {}),
             "path": path,
             "folder": path.rpartition("/")[0],
             "clip_tokens": clip_tokens,

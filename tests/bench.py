@@ -274,13 +274,22 @@ def styles_rows(root: Path, scale: int) -> None:
     (prompts / "grounded.txt").write_text("Describe it, with these tags: {caption:.tags}")
     print("| two styles per image, 4 slots, --jobs 5 | images | requests/s | share of capacity |")
     print("|---|---:|---:|---:|")
-    for label, prompt in (("independent", "long.txt"), ("the second asks for the first's caption", "grounded.txt")):
+    for label, prompt in (
+        ("independent", "long.txt"),
+        ("the second asks for the first's caption", "grounded.txt"),
+    ):
         for tags in folder.glob("*.tags"):
             tags.unlink()
         stand_in = servers_with(1, slots=4)
         try:
             result = run_captioner(
-                folder, stand_in, 5, "--prompt", str(prompts / prompt), "--also", f"{prompts / 'tags.txt'}:.tags"
+                folder,
+                stand_in,
+                5,
+                "--prompt",
+                str(prompts / prompt),
+                "--also",
+                f"{prompts / 'tags.txt'}:.tags",
             )
         finally:
             stand_in[0].stop()

@@ -758,3 +758,32 @@ def test_the_page_shows_no_cost_without_a_price(browser, make_server, tmp_path):
 
     header = browser.find_element("id", "run").text
     assert "tokens paid for" in header and "spent" not in header
+
+
+@pytest.mark.browser
+def test_each_card_has_a_line_for_each_style(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 2)
+    tags = tmp_path / "tags.txt"
+    tags.write_text("List tags.")
+
+    def answer(chat):
+        if chat.prompt != "List tags.":
+            return describe(chat)
+        width = chat.picture().width
+        return Reply(status=400, error="no tags today") if width == 41 else f"red, <b>tags</b> {width}"
+
+    server = make_server(answer=answer)
+    review(folder, tmp_path / "review.html", "--also", f"{tags}:.tags", host=server.url)
+    open_page(browser, tmp_path / "review.html")
+
+    lines = browser.execute_script(
+        "return [...document.querySelectorAll('.card')].map((card) => [card.dataset.path,"
+        " [...card.querySelectorAll('.style-line')].map((line) => [line.dataset.ext, line.className, line.textContent])])"
+    )
+    lines = dict(lines)
+    assert lines["photos/img000.png"] == [[".tags", "style-line", ".tagsred, <b>tags</b> 40"]]
+    [[ext, kind, text]] = lines["photos/img001.png"]
+    assert (ext, kind) == (".tags", "style-line failed") and "no tags today" in text
+    cards = {card["path"]: card for card in card_texts(browser)}
+    assert cards["photos/img001.png"]["caption"] == "A PNG picture, 41x32 pixels."  # the main caption's
