@@ -1901,9 +1901,13 @@ class Discovery:
             planned = [Path(item.listing.path, item.name) for item in self.waiting]
             if self.config.price:  # --dry-run --price: what sending them would cost
                 for item, image in zip(self.waiting, planned):
-                    prompt = item.listing.prompt.fill(image, item.existing)
+                    template = (
+                        item.listing.prompt if item.style == 0 else self.config.also[item.style - 1].prompt
+                    )
+                    prompt = template.fill(image, item.existing)
                     self.summary.image_estimated(estimated_tokens_of(image, prompt, self.config))
-            unwritten = self.reporter.list_planned(planned)
+            # An image is listed once, however many of its styles it would be asked in.
+            unwritten = self.reporter.list_planned(list(dict.fromkeys(planned)))
             self.summary.output_errors += [unwritten] if unwritten else []
             self.waiting.clear()
 
