@@ -138,7 +138,8 @@ def failure(api: str, batch_seed: int, error: BaseException) -> Failure:
 
 def report(failures: list[Failure], counters: Counters, seconds: float) -> None:
     print(
-        f"\nsoaked {seconds / 60:.1f} min: {counters.steps} steps ({counters.runs} runs of the script), "
+        f"\nsoaked {seconds / 60:.1f} min: {counters.steps} steps ({counters.runs} runs of the script, "
+        f"{counters.styled} with --also, {counters.joined} with --join), "
         f"{counters.examples} examples (shrinking included), {len(failures)} failures found"
     )
     kinds: dict[str, list[Failure]] = {}

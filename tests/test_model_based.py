@@ -5,7 +5,10 @@ A Hypothesis state machine whose rules are a user's actions, in any order: runs 
 by one, --jsonl, --review, another prompt, model or --prefix, a server that changes the one model
 it serves, a run killed (kill -9 or TERM) when the stand-in receives its k-th request, a caption
 edited by hand, made blank (empty, a byte-order mark, NUL bytes, invisible spaces) or deleted, an
-image added or removed. The script runs as a subprocess, as a user runs it, against one stand-in
+image added or removed; and (issue 22) runs with a second style, `--also prompts/tags.txt:.tags`,
+each style a pass of its own with its own caption files, and appends or prepends joined by a line
+break (`--join "\n"`: one caption a line, each with the trigger word). A run with --also has no
+--limit here (it counts images, not captions: one rule more the model would have to keep). The script runs as a subprocess, as a user runs it, against one stand-in
 server per test.
 
 After every step a model of the dataset says what must be on disk, following the integrity
@@ -84,6 +87,12 @@ PROMPTS = {  # each with its marker word, which the stand-in puts in its answer
     "beta": "Name what the picture shows, comma-separated. Marker word: beta.",
 }
 PREFIX = "trig"
+# The second style of a run with --also, a pass of its own in files of their own; its answers are
+# told apart from the main caption's by the prompt's marker word.
+TAGS = ".tags"
+TAGS_PROMPT = "List the tags of the picture. Marker word: tags."
+MAIN = ".txt"
+MERGING = ("append", "prepend")
 FOLDER_SPECS = {  # how the folders are given: not part of a pass
     "-r root": (["-r", "root"], ("a", "b")),
     "root/a root/b": (["root/a", "root/b"], ("a", "b")),
@@ -102,6 +111,10 @@ TAG = re.compile(r"tag(\d+) by (\S+) for (\w+)")
 SUMMARY = re.compile(
     r"^(interrupted: )?captioned (\d+), skipped (\d+), "
     r"(?:left alone (\d+) \(edited since written\), )?failed (\d+) in ",
+    re.MULTILINE,
+)
+STYLE_LINE = re.compile(
+    r"^  (\.\w+) captions: captioned (\d+), skipped (\d+), (?:left alone (\d+) \(edited since written\), )?failed (\d+)$",
     re.MULTILINE,
 )
 FOLDER_LINE = re.compile(
@@ -123,6 +136,12 @@ REFERENCE = Path(__file__).resolve().parent / "rules_reference.py"
 # Whether the script has the rules' --overwrite-edits yet: read from its source, not run, since
 # this module is imported whenever the suite is collected.
 HAS_OVERWRITE_EDITS = "--overwrite-edits" in SCRIPT_UNDER_TEST.read_text(encoding="utf-8")
+
+
+def has_styles(script: Path) -> bool:
+    """Whether a script has --also and --join (the rules' reference has neither: with it, the
+    machine's runs go without them)."""
+    return '"--also"' in script.read_text(encoding="utf-8")
 
 
 # --- What went wrong: one class per invariant, so Hypothesis shrinks each to its own shortest case
@@ -171,17 +190,19 @@ class RunHung(Violation):
 class Pass:
     """Every setting of a run that changes a caption, as far as these runs vary them."""
 
-    prompt: str  # the marker word of the prompt file
+    prompt: str  # the marker word of the prompt file ("tags": the --also style's)
     model: str
     mode: str  # --existing: skip, overwrite, append, prepend
     prefix: str
+    join: str = ""  # --join: "" (as without it, ", ") or "\n"
 
-    def settings(self) -> tuple[str, str, str]:
-        return self.prompt, self.model, self.prefix
+    def settings(self) -> tuple[str, str, str, str]:
+        return self.prompt, self.model, self.prefix, self.join
 
     def __str__(self) -> str:
         trigger = f" --prefix {self.prefix}" if self.prefix else ""
-        return f"[{self.mode} {self.prompt} {self.model}{trigger}]"
+        joined = " --join \\n" if self.join else ""
+        return f"[{self.mode} {self.prompt} {self.model}{trigger}{joined}]"
 
 
 @dataclass(frozen=True)
@@ -244,7 +265,10 @@ class Picture:
 
     @property
     def caption(self) -> str:
-        return self.rel[: -len(".png")] + ".txt"
+        return self.caption_of(MAIN)
+
+    def caption_of(self, style: str) -> str:
+        return self.rel[: -len(".png")] + style
 
 
 @dataclass(frozen=True)
@@ -260,7 +284,7 @@ class Plan:
 
     def text(self, answer: str) -> str:
         assert self.by
-        return merged(self.base, answer, self.by.mode, self.by.prefix)
+        return merged(self.base, answer, self.by.mode, self.by.prefix, self.by.join)
 
     def write(self, answer: str) -> Write:
         assert self.by
@@ -279,6 +303,12 @@ class RunSpec:
     outputs: str = ""  # "", "--jsonl", "--review", "--jsonl --review"
     overwrite_edits: bool = False
     kill: tuple | None = None  # (a key of KILLS, at which request)
+    also: bool = False  # --also prompts/tags.txt:.tags
+    join: bool = False  # --join "\n" (given only where the script takes it: append, prepend, --only)
+
+    @property
+    def styles(self) -> tuple[str, ...]:
+        return (MAIN, TAGS) if self.also else (MAIN,)
 
     @property
     def jsonl(self) -> bool:
@@ -328,6 +358,8 @@ class Counters:
     examples: int = 0
     steps: int = 0
     runs: int = 0
+    styled: int = 0  # runs with --also
+    joined: int = 0  # runs with --join "\n"
 
 
 @dataclass
@@ -339,6 +371,10 @@ class Bench:
     base: Path
     script: Path = SCRIPT_UNDER_TEST
     counters: Counters = field(default_factory=Counters)
+
+    @property
+    def styles(self) -> bool:
+        return has_styles(self.script)
 
     @classmethod
     def start(
@@ -365,16 +401,24 @@ def decoded(data: bytes | None) -> str:
     return "" if data is None else data.decode("utf-8-sig", "replace").strip()
 
 
-def merged(base: str, answer: str, mode: str, prefix: str) -> str:
+def merged(base: str, answer: str, mode: str, prefix: str, join: str = "") -> str:
     """The caption a write leaves: the answer added to base as the mode says, the trigger word in
-    front unless already there as whole words (the script's finished_caption)."""
+    front unless already there as whole words (the script's finished_caption). Joined by a line
+    break, each line is a caption: each line gets the trigger word, the lines of base included."""
+    if join:
+        base = "\n".join(with_prefix(line.strip(), prefix) for line in base.splitlines() if line.strip())
+        answer, prefix = with_prefix(answer, prefix), ""
     caption = answer
     if base and mode == "append":
-        caption = f"{base}, {answer}"
+        caption = f"{base}{join or ', '}{answer}"
     elif base and mode == "prepend":
-        caption = f"{answer}, {base}"
+        caption = f"{answer}{join or ', '}{base}"
+    return with_prefix(caption, prefix)
+
+
+def with_prefix(caption: str, prefix: str) -> str:
     if prefix and not re.match(rf"{re.escape(prefix)}(?!\w)", caption, re.IGNORECASE):
-        caption = f"{prefix}, {caption}"
+        return f"{prefix}, {caption}"
     return caption
 
 
@@ -402,10 +446,11 @@ class Reruns(RuleBasedStateMachine):
         self.captions: dict[str, Caption] = {}  # by caption path below root, orphans included
         self.files: dict[str, bytes] = {}  # prompt files and lists: never to change
         self.passes_of_tags: dict[int, Pass] = {}
-        self.images_of_tags: dict[int, str] = {}
+        self.captions_of_tags: dict[int, str] = {}  # the caption file each answer was asked for
         self.served = DEFAULT_MODEL  # with --api openai: the one model the server serves
         self.jsonl_used = self.review_used = False
-        self.history: list[tuple[str, str, str | None, bool]] = []  # each run's pass settings, in order
+        # Each run's pass settings, in order: prompt, model, mode, prefix, --also, --join.
+        self.history: list[tuple[str, str, str | None, bool, bool, bool]] = []
         self.widths = (width for width in itertools.count(40) if width != 64)  # 64: the probe's
         self.edits = itertools.count(1)
         self.lists = itertools.count(1)
@@ -439,17 +484,24 @@ class Reruns(RuleBasedStateMachine):
     @initialize(
         sizes=st.tuples(st.integers(2, 3), st.integers(2, 3)),
         originals=st.sets(st.integers(0, 5), max_size=2),
+        tag_originals=st.sets(st.integers(0, 5), max_size=3),
     )
-    def dataset(self, sizes: tuple[int, int], originals: set[int]) -> None:
-        """Two folders of small PNGs, some with captions made by hand before the tool came."""
+    def dataset(self, sizes: tuple[int, int], originals: set[int], tag_originals: set[int]) -> None:
+        """Two folders of small PNGs, some with captions made by hand before the tool came, some
+        with tags from another tagger (.tags files, the --also style's)."""
         for folder in ("root/a", "root/b", "prompts", "lists", "out"):
             (self.work / folder).mkdir(parents=True)
         for marker, text in PROMPTS.items():
             self.keep_file(f"prompts/{marker}.txt", text.encode())
+        self.keep_file("prompts/tags.txt", TAGS_PROMPT.encode())
         index = 0
         for folder, size in zip("ab", sizes):
             for _ in range(size):
-                self.new_picture(folder, original=index in originals)
+                picture = self.new_picture(folder, original=index in originals)
+                if index in tag_originals:
+                    tags = self.captions[picture.caption_of(TAGS)]
+                    tags.data, tags.kind = f"tagger tags {next(self.edits)}".encode(), "original"
+                    self.caption_path(picture, TAGS).write_bytes(tags.data)
                 index += 1
         made = ", ".join(sorted(self.pictures))
         note(f"dataset: {made}; original captions: {self.described_captions()}")
@@ -466,13 +518,14 @@ class Reruns(RuleBasedStateMachine):
         (self.work / "root" / picture.rel).write_bytes(picture.data)
         self.pictures[picture.rel] = picture
         caption = self.captions[picture.caption] = Caption()
+        self.captions[picture.caption_of(TAGS)] = Caption()
         if original:
             caption.data, caption.kind = f"hand tags {next(self.edits)}, a square".encode(), "original"
             self.caption_path(picture).write_bytes(caption.data)
         return picture
 
-    def caption_path(self, picture: Picture) -> Path:
-        return self.work / "root" / picture.caption
+    def caption_path(self, picture: Picture, style: str = MAIN) -> Path:
+        return self.work / "root" / picture.caption_of(style)
 
     def present(self, folder: str | None = None) -> list[Picture]:
         return sorted(
@@ -498,6 +551,8 @@ class Reruns(RuleBasedStateMachine):
         limit=st.sampled_from((None, None, 1, 2)),
         outputs=st.sampled_from(("", "", "--jsonl", "--review", "--jsonl --review")),
         overwrite_edits=st.booleans() if HAS_OVERWRITE_EDITS else st.just(False),
+        also=st.booleans(),
+        join=st.booleans(),
     )
     def run(
         self,
@@ -509,9 +564,13 @@ class Reruns(RuleBasedStateMachine):
         limit: int | None,
         outputs: str,
         overwrite_edits: bool,
+        also: bool,
+        join: bool,
     ) -> None:
-        """An ordinary run, perhaps with another prompt, model, mode or trigger word."""
-        self.step(RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs, overwrite_edits))
+        """An ordinary run, perhaps with another prompt, model, mode or trigger word, a second
+        style or captions joined by a line break."""
+        spec = RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs, overwrite_edits)
+        self.step(self.styled(spec, also, join))
 
     @rule(
         folders=st.sampled_from(sorted(FOLDER_SPECS)),
@@ -521,6 +580,8 @@ class Reruns(RuleBasedStateMachine):
         prefix=st.booleans(),
         picks=st.lists(st.integers(0, 7), min_size=1, max_size=3),
         outputs=st.sampled_from(("", "", "--jsonl", "--review")),
+        also=st.booleans(),
+        join=st.booleans(),
     )
     def redo(
         self,
@@ -531,12 +592,16 @@ class Reruns(RuleBasedStateMachine):
         prefix: bool,
         picks: list[int],
         outputs: str,
+        also: bool,
+        join: bool,
     ) -> None:
         """A redo with --only: a list naming some images of the folders given (as the review
         page's redo list), with or without --existing."""
         scope = self.scope(FOLDER_SPECS[folders][1])
         named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
-        self.step(RunSpec(folders, prompt, model, mode, prefix, None, named, outputs))
+        self.step(
+            self.styled(RunSpec(folders, prompt, model, mode, prefix, None, named, outputs), also, join)
+        )
 
     @rule(
         how=st.sampled_from(sorted(KILLS)),
@@ -547,6 +612,8 @@ class Reruns(RuleBasedStateMachine):
         mode=st.sampled_from((None, "skip", "overwrite", "append", "prepend")),
         prefix=st.booleans(),
         outputs=st.sampled_from(("", "--jsonl")),
+        also=st.booleans(),
+        join=st.booleans(),
     )
     def killed_run(
         self,
@@ -558,10 +625,13 @@ class Reruns(RuleBasedStateMachine):
         mode: str | None,
         prefix: bool,
         outputs: str,
+        also: bool,
+        join: bool,
     ) -> None:
         """A run killed (kill -9, or TERM as `kill` sends) when the stand-in receives its k-th
         request (with --jobs 1: see argv); a run with fewer requests ends on its own."""
-        self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
+        spec = RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request))
+        self.step(self.styled(spec, also, join))
 
     # The same pass again: what the rerun guarantees are about. Drawn afresh, a run's settings
     # (4 folder forms x 2 prompts x 3 models x 5 modes x 2 prefixes) would seldom repeat a pass.
@@ -576,8 +646,9 @@ class Reruns(RuleBasedStateMachine):
     def run_again(self, earlier: int, folders: str, limit: int | None, outputs: str) -> None:
         """The settings of an earlier run (the earlier-th, counted round), perhaps over the
         folders given another way, with --limit or other outputs: none of them part of a pass."""
-        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
-        self.step(RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs))
+        prompt, model, mode, prefix, also, join = self.history[earlier % len(self.history)]
+        spec = RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs)
+        self.step(self.styled(spec, also, join))
 
     @precondition(lambda self: self.history)
     @rule(
@@ -592,10 +663,11 @@ class Reruns(RuleBasedStateMachine):
     ) -> None:
         """A redo with the settings of an earlier run, with its --existing or without it (as the
         review page's redo list is run): in the middle of an append pass, say."""
-        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
+        prompt, model, mode, prefix, also, join = self.history[earlier % len(self.history)]
         scope = self.scope(FOLDER_SPECS[folders][1])
         named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
-        self.step(RunSpec(folders, prompt, model, mode if existing else None, prefix, None, named, outputs))
+        spec = RunSpec(folders, prompt, model, mode if existing else None, prefix, None, named, outputs)
+        self.step(self.styled(spec, also, join))
 
     @precondition(lambda self: self.history)
     @rule(
@@ -607,8 +679,9 @@ class Reruns(RuleBasedStateMachine):
     )
     def killed_run_again(self, earlier: int, how: str, at_request: int, folders: str, outputs: str) -> None:
         """An earlier run's settings again, killed at the stand-in's k-th request."""
-        prompt, model, mode, prefix = self.history[earlier % len(self.history)]
-        self.step(RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request)))
+        prompt, model, mode, prefix, also, join = self.history[earlier % len(self.history)]
+        spec = RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request))
+        self.step(self.styled(spec, also, join))
 
     @precondition(lambda self: self.ready and self.bench.api == "openai")
     @rule()
@@ -621,33 +694,37 @@ class Reruns(RuleBasedStateMachine):
         self.bench.counters.steps += 1
 
     @precondition(lambda self: self.ready)
-    @rule(pick=st.integers(0, 7))
-    def edit_by_hand(self, pick: int) -> None:
+    @rule(pick=st.integers(0, 7), style=st.sampled_from((MAIN, MAIN, TAGS)))
+    def edit_by_hand(self, pick: int, style: str) -> None:
         """A person rewrites a caption (or writes one where there was none)."""
         picture = self.pick(pick)
-        caption = self.captions[picture.caption]
+        caption = self.captions[picture.caption_of(style)]
         caption.data = f"hand edit {next(self.edits)}".encode()
         # "A person" only where the tool wrote this caption at some time; else nobody we know.
         # Where only a killed run's write that never landed says so, either reading is allowed.
         caption.kind = "person" if caption.written or caption.attempted else "original"
         caption.write, caption.maybe_original = None, not caption.written and caption.attempted
-        self.caption_path(picture).write_bytes(caption.data)
-        note(f"# {picture.caption} edited by hand: {short(caption.data)} ({caption.kind})")
+        self.caption_path(picture, style).write_bytes(caption.data)
+        note(f"# {picture.caption_of(style)} edited by hand: {short(caption.data)} ({caption.kind})")
         self.bench.counters.steps += 1
 
     @precondition(lambda self: self.ready)
-    @rule(pick=st.integers(0, 7), kind=st.sampled_from(sorted(BLANKS)))
-    def make_blank(self, pick: int, kind: str) -> None:
+    @rule(
+        pick=st.integers(0, 7),
+        kind=st.sampled_from(sorted(BLANKS)),
+        style=st.sampled_from((MAIN, MAIN, TAGS)),
+    )
+    def make_blank(self, pick: int, kind: str, style: str) -> None:
         """A caption emptied, left with a byte-order mark, NUL bytes or invisible spaces, or deleted."""
         picture = self.pick(pick)
-        caption = self.captions[picture.caption]
+        caption = self.captions[picture.caption_of(style)]
         caption.data, caption.kind, caption.write, caption.maybe_original = BLANKS[kind], "blank", None, False
-        path = self.caption_path(picture)
+        path = self.caption_path(picture, style)
         if caption.data is None:
             path.unlink(missing_ok=True)
         else:
             path.write_bytes(caption.data)
-        note(f"# {picture.caption} made blank: {kind}")
+        note(f"# {picture.caption_of(style)} made blank: {kind}")
         self.bench.counters.steps += 1
 
     @precondition(lambda self: self.ready and len(self.pictures) < 14)
@@ -680,14 +757,29 @@ class Reruns(RuleBasedStateMachine):
 
     # --- a run: what the rules say, the run itself, and the two compared
 
+    def styled(self, spec: RunSpec, also: bool, join: bool) -> RunSpec:
+        """spec with the second style and the line-break join where drawn, where the script has
+        them, and where it takes --join (append, prepend, a redo)."""
+        if not self.bench.styles:
+            return spec
+        join = join and (spec.mode in MERGING or spec.only is not None)
+        return replace(spec, also=also, join=join, limit=None if also else spec.limit)
+
     def step(self, spec: RunSpec) -> None:
-        self.history.append((spec.prompt, spec.model, spec.mode, spec.prefix))
+        self.history.append((spec.prompt, spec.model, spec.mode, spec.prefix, spec.also, spec.join))
         self.bench.counters.steps += 1
         self.bench.counters.runs += 1
+        self.bench.counters.styled += spec.also
+        self.bench.counters.joined += spec.join
         worlds = self.worlds(spec)
         argv = self.argv(spec)
         refused = self.bench.api == "openai" and spec.model not in ("default", self.served)
-        refused = refused and any(plan.action == "caption" for world in worlds for plan in world.values())
+        refused = refused and any(
+            plan.action == "caption"
+            for styles in worlds
+            for world in styles.values()
+            for plan in world.values()
+        )
         outcome = self.execute(spec, argv)
         summary = SUMMARY.search(outcome.err)
         how = f"killed ({outcome.killed}) at request {spec.kill[1]}" if outcome.killed else "ended"
@@ -703,10 +795,11 @@ class Reruns(RuleBasedStateMachine):
         if outcome.code == 2:
             raise SummaryWrong(f"the run could not start (exit 2):\n{outcome.err}")
         failures = []
-        for world in worlds:  # one, unless a kill left the model unsure how the tool reads an edit
-            problems = self.compare(spec, world, outcome, disk)
+        for styles in worlds:  # one, unless a kill left the model unsure how the tool reads an edit
+            problems = self.compare_styles(spec, styles, outcome, disk)
             if not problems:
-                self.settle(spec, world, outcome, disk)
+                for style, world in styles.items():
+                    self.settle(spec, style, world, outcome, disk)
                 return
             failures.append(problems)
         kind = failures[0][0][0]
@@ -737,6 +830,10 @@ class Reruns(RuleBasedStateMachine):
             argv += ["--review", "out/review.html"]
         if spec.overwrite_edits:
             argv += ["--overwrite-edits"]
+        if spec.also:
+            argv += ["--also", f"prompts/tags.txt:{TAGS}"]
+        if spec.join:
+            argv += ["--join", "\\n"]
         if spec.kill:
             # One request at a time: when the k-th arrives, k-1 answers came and no other request
             # is on its way, so what the kill interrupts does not depend on timing (but whether the
@@ -808,32 +905,45 @@ class Reruns(RuleBasedStateMachine):
 
     # --- the rules
 
-    def pass_of(self, spec: RunSpec, mode: str) -> Pass:
+    def pass_of(self, spec: RunSpec, mode: str, style: str = MAIN) -> Pass:
         if spec.model != "default":
             model = spec.model  # with --api openai, if the server does not serve it, the run is refused
         elif self.bench.api == "openai":
             model = self.served  # learnt at the preflight
         else:
             model = DEFAULT_MODEL
-        return Pass(spec.prompt, model, mode, PREFIX if spec.prefix else "")
+        prompt = spec.prompt if style == MAIN else "tags"
+        return Pass(prompt, model, mode, PREFIX if spec.prefix else "", "\n" if spec.join else "")
 
-    def worlds(self, spec: RunSpec) -> list[dict[str, Plan]]:
-        """The plans the rules allow for the run's images: one per way of reading what the model
-        is unsure of (usually one), --limit applied in the order of planning."""
-        worlds = self.worlds_planned(spec, assumed=False)
+    def worlds(self, spec: RunSpec) -> list[dict[str, dict[str, Plan]]]:
+        """The plans the rules allow for the run's images, style by style ({style: {image: plan}}):
+        one per way of reading what the model is unsure of (usually one), --limit applied in the
+        order of planning. Each style is a pass of its own, planned by the same rules."""
         if self.bench.api != "openai" or spec.model != "default" or spec.only is not None:
-            return worlds
-        # Without --model the served model is learnt at the preflight, which a run with nothing
-        # to caption never reaches: there, a caption holding this pass's answer by another model
-        # counts as done (docs/reruns.md). A run with work learns the model and plans by it.
-        before = self.worlds_planned(spec, assumed=True)
-        idle = [world for world in before if not any(plan.action == "caption" for plan in world.values())]
-        busy = len(idle) < len(before)
-        return idle + (worlds if busy else [])
+            per_style = {style: self.worlds_planned(spec, False, style) for style in spec.styles}
+        else:
+            # Without --model the served model is learnt at the preflight, which a run with nothing
+            # to caption (in any style) never reaches: there, a caption holding this pass's answer
+            # by another model counts as done (docs/reruns.md). A run with work learns the model
+            # and plans by it.
+            before = {style: self.worlds_planned(spec, True, style) for style in spec.styles}
+            idle = {
+                style: [
+                    world for world in worlds if not any(plan.action == "caption" for plan in world.values())
+                ]
+                for style, worlds in before.items()
+            }
+            busy = any(len(idle[style]) < len(before[style]) for style in spec.styles)
+            per_style = {
+                style: idle[style] + (self.worlds_planned(spec, False, style) if busy else [])
+                for style in spec.styles
+            }
+        chosen = itertools.product(*(per_style[style] for style in spec.styles))
+        return [dict(zip(spec.styles, worlds)) for worlds in chosen]
 
-    def worlds_planned(self, spec: RunSpec, assumed: bool) -> list[dict[str, Plan]]:
+    def worlds_planned(self, spec: RunSpec, assumed: bool, style: str = MAIN) -> list[dict[str, Plan]]:
         scope = self.scope(FOLDER_SPECS[spec.folders][1])
-        readings = [self.readings(spec, pic, assumed) for pic in scope]
+        readings = [self.readings(spec, pic, assumed, style) for pic in scope]
         worlds = []
         for chosen in itertools.product(*readings):
             world, captioning = {}, 0
@@ -846,13 +956,15 @@ class Reruns(RuleBasedStateMachine):
             worlds.append(world)
         return worlds
 
-    def readings(self, spec: RunSpec, picture: Picture, assumed: bool = False) -> list[Plan]:
-        caption = self.captions[picture.caption]
+    def readings(
+        self, spec: RunSpec, picture: Picture, assumed: bool = False, style: str = MAIN
+    ) -> list[Plan]:
+        caption = self.captions[picture.caption_of(style)]
         if spec.only is not None:
             if picture.rel not in spec.only:
                 return [Plan("none", "not named by --only")]
-            return [self.redo_plan(spec, caption)]
-        by = self.pass_of(spec, spec.mode or "skip")
+            return [self.redo_plan(spec, caption, style)]
+        by = self.pass_of(spec, spec.mode or "skip", style)
         if caption.blank:
             return [Plan("caption", "blank: the answer alone", by)]
         if by in caption.passes:
@@ -879,17 +991,17 @@ class Reruns(RuleBasedStateMachine):
             plans.append(Plan("caption", why, by, caption.text, caption.passes))
         return plans
 
-    def redo_plan(self, spec: RunSpec, caption: Caption) -> Plan:
+    def redo_plan(self, spec: RunSpec, caption: Caption, style: str = MAIN) -> Plan:
         """A redo: the mode is --existing when given, else the mode of the pass that wrote the
         caption when that pass has the run's other settings, else overwrite. With --api openai
         and no --model a redo is planned before the server says which model it serves: the
         pass it looks for is the run's settings with any model (docs/reruns.md)."""
         agnostic = self.bench.api == "openai" and spec.model == "default"
-        settings = self.pass_of(spec, "skip").settings()
+        settings = self.pass_of(spec, "skip", style).settings()
 
         def same_settings(one: Pass) -> bool:
             return one.settings() == settings or (
-                agnostic and (one.prompt, one.prefix) == (settings[0], settings[2])
+                agnostic and (one.prompt, one.prefix, one.join) == (settings[0], settings[2], settings[3])
             )
 
         in_the_text = [one for one in caption.passes if same_settings(one)]
@@ -904,7 +1016,7 @@ class Reruns(RuleBasedStateMachine):
             mode = "overwrite"
         # A redo in skip mode writes the answer alone, as overwrite does, and is that pass's.
         mode = "overwrite" if mode == "skip" else mode
-        by = self.pass_of(spec, mode)
+        by = self.pass_of(spec, mode, style)
 
         def of_this_pass(one: Pass) -> bool:
             return one == by or (agnostic and replace(one, model=by.model) == by)
@@ -945,19 +1057,49 @@ class Reruns(RuleBasedStateMachine):
             disk[rel] = path.read_bytes() if path.is_file() else None
         return disk
 
-    def compare(
-        self, spec: RunSpec, world: dict[str, Plan], outcome: Outcome, disk: dict[str, bytes | None]
+    def compare_styles(
+        self,
+        spec: RunSpec,
+        styles: dict[str, dict[str, Plan]],
+        outcome: Outcome,
+        disk: dict[str, bytes | None],
     ) -> list[tuple[type, str]]:
-        """What of the run's outcome the rules (in this world) do not allow."""
+        """What of the run's outcome the rules (in these worlds, one per style) do not allow."""
+        problems: list[tuple[type, str]] = []
+        by_style: dict[str, dict[str, int]] = {}
+        written = 0
+        for style, world in styles.items():
+            found, by_style[style], style_written = self.compare(spec, style, world, outcome, disk)
+            problems += found
+            written += style_written
+        counts = {action: sum(each.get(action, 0) for each in by_style.values()) for action in ACTIONS}
+        problems += self.check_summary(spec, styles, outcome, counts, written, by_style)
+        if spec.jsonl and not outcome.killed:
+            problems += self.check_jsonl(spec, disk)
+        problems.sort(key=lambda problem: PRIORITY.index(problem[0]))
+        return problems
+
+    def compare(
+        self,
+        spec: RunSpec,
+        style: str,
+        world: dict[str, Plan],
+        outcome: Outcome,
+        disk: dict[str, bytes | None],
+    ) -> tuple[list[tuple[type, str]], dict[str, int], int]:
+        """What of the run's outcome in one style the rules (in this world) do not allow; the
+        plans' counts by action, and the captions written as planned."""
         problems: list[tuple[type, str]] = []
         by_width = {pic.width: pic for pic in self.pictures.values()}
         asked: dict[str, list[Asked]] = {}
         tag_passes = dict(self.passes_of_tags)
         for one in outcome.asked:
+            if style_of(one.marker) != style:
+                continue
             picture = by_width[one.width]
             plan = world.get(picture.rel)
             asked.setdefault(picture.rel, []).append(one)
-            nominal = plan.by if plan and plan.by else self.pass_of(spec, spec.mode or "skip")
+            nominal = plan.by if plan and plan.by else self.pass_of(spec, spec.mode or "skip", style)
             tag_passes[one.number] = nominal
             if (one.model, one.marker) != (nominal.model, nominal.prompt):
                 problems.append(
@@ -967,8 +1109,8 @@ class Reruns(RuleBasedStateMachine):
         written = 0
         for rel, plan in world.items():
             picture = self.pictures[rel]
-            caption = self.captions[picture.caption]
-            before, actual = caption.data, disk[picture.caption]
+            caption = self.captions[picture.caption_of(style)]
+            before, actual = caption.data, disk[picture.caption_of(style)]
             requests = asked.get(rel, [])
             counts[plan.action] = counts.get(plan.action, 0) + 1
             if plan.action == "caption":
@@ -1002,23 +1144,23 @@ class Reruns(RuleBasedStateMachine):
             problems.append(
                 (
                     kind,
-                    f"{picture.caption}: {wanted}, found {short(actual)}; before the run {short(before)} ({caption.kind}); {plan.why}",
+                    f"{picture.caption_of(style)}: {wanted}, found {short(actual)}; before the run {short(before)} ({caption.kind}); {plan.why}",
                 )
             )
-        for rel, data in disk.items():  # captions of images outside the run, orphans included
-            if not any(self.pictures[p].caption == rel for p in world) and data != self.captions[rel].data:
+        mine = {rel: data for rel, data in disk.items() if rel.endswith(style)}
+        for rel, data in mine.items():  # captions of images outside the run, orphans included
+            if (
+                not any(self.pictures[p].caption_of(style) == rel for p in world)
+                and data != self.captions[rel].data
+            ):
                 problems.append(
                     (
                         CaptionWrong,
                         f"{rel} is outside the run but changed: {short(self.captions[rel].data)} -> {short(data)}",
                     )
                 )
-        problems += self.doubled_answers(disk, tag_passes)
-        problems += self.check_summary(spec, world, outcome, counts, written)
-        if spec.jsonl and not outcome.killed:
-            problems += self.check_jsonl(spec, disk)
-        problems.sort(key=lambda problem: PRIORITY.index(problem[0]))
-        return problems
+        problems += self.doubled_answers(mine, tag_passes)
+        return problems, counts, written
 
     def kind_of_change(
         self, spec: RunSpec, plan: Plan, caption: Caption, actual: bytes | None, tag_passes: dict[int, Pass]
@@ -1052,7 +1194,13 @@ class Reruns(RuleBasedStateMachine):
         return problems
 
     def check_summary(
-        self, spec: RunSpec, world: dict[str, Plan], outcome: Outcome, counts: dict[str, int], written: int
+        self,
+        spec: RunSpec,
+        styles: dict[str, dict[str, Plan]],
+        outcome: Outcome,
+        counts: dict[str, int],
+        written: int,
+        by_style: dict[str, dict[str, int]],
     ) -> list[tuple[type, str]]:
         if outcome.killed == "kill -9":
             return (
@@ -1095,7 +1243,12 @@ class Reruns(RuleBasedStateMachine):
                 for match in FOLDER_LINE.finditer(outcome.err)
             }
             for folder in folders:
-                plans = [plan for rel, plan in world.items() if f"root/{rel}".startswith(folder + "/")]
+                plans = [
+                    plan
+                    for world in styles.values()
+                    for rel, plan in world.items()
+                    if f"root/{rel}".startswith(folder + "/")
+                ]
                 want = [
                     sum(plan.action == action for plan in plans)
                     for action in ("caption", "skip", "left alone", "fail")
@@ -1103,6 +1256,17 @@ class Reruns(RuleBasedStateMachine):
                 if lines.get(folder) != want:
                     problems.append(
                         (SummaryWrong, f"{folder}'s line says {lines.get(folder)}, the rules {want}")
+                    )
+        if spec.also:  # a line per style
+            lines = {
+                match[1]: [int(match[2]), int(match[3]), int(match[4] or 0), int(match[5])]
+                for match in STYLE_LINE.finditer(outcome.err)
+            }
+            for style, style_counts in by_style.items():
+                want = [style_counts.get(action, 0) for action in ACTIONS]
+                if lines.get(style) != want:
+                    problems.append(
+                        (SummaryWrong, f"the {style} line says {lines.get(style)}, the rules {want}")
                     )
         return problems
 
@@ -1124,29 +1288,43 @@ class Reruns(RuleBasedStateMachine):
             data = disk[picture.caption]
             found = by_name.get(picture.rel, [])
             if is_blank(data):
-                if found:
+                if any("text" in row for row in found):
                     problems.append(
                         (JsonlWrong, f"{picture.rel}: its caption is blank, yet the JSONL holds {found}")
                     )
             elif len(found) != 1 or found[0].get("text") != decoded(data):
                 problems.append((JsonlWrong, f"{picture.rel}: caption {short(data)}, JSONL rows {found}"))
+            tags = disk[picture.caption_of(TAGS)]
+            column = [row["tags"] for row in found if "tags" in row]
+            if spec.also and column != ([] if is_blank(tags) else [decoded(tags)]):
+                problems.append(
+                    (JsonlWrong, f"{picture.rel}: {TAGS} caption {short(tags)}, JSONL rows {found}")
+                )
         return problems
 
     def settle(
-        self, spec: RunSpec, world: dict[str, Plan], outcome: Outcome, disk: dict[str, bytes | None]
+        self,
+        spec: RunSpec,
+        style: str,
+        world: dict[str, Plan],
+        outcome: Outcome,
+        disk: dict[str, bytes | None],
     ) -> None:
-        """The model takes in what the run did, as the rules allowed it."""
+        """The model takes in what the run did in one style, as the rules allowed it."""
         by_width = {pic.width: pic for pic in self.pictures.values()}
-        for one in outcome.asked:
+        mine = [one for one in outcome.asked if style_of(one.marker) == style]
+        for one in mine:
             picture = by_width[one.width]
             plan = world.get(picture.rel)
-            self.passes_of_tags[one.number] = plan.by if plan and plan.by else self.pass_of(spec, "skip")
-            self.images_of_tags[one.number] = picture.rel
-        answered = {by_width[one.width].rel: one for one in outcome.asked}
+            self.passes_of_tags[one.number] = (
+                plan.by if plan and plan.by else self.pass_of(spec, "skip", style)
+            )
+            self.captions_of_tags[one.number] = picture.caption_of(style)
+        answered = {by_width[one.width].rel: one for one in mine}
         for rel, plan in world.items():
             picture = self.pictures[rel]
-            caption = self.captions[picture.caption]
-            actual = disk[picture.caption]
+            caption = self.captions[picture.caption_of(style)]
+            actual = disk[picture.caption_of(style)]
             if plan.action != "caption" or rel not in answered:
                 continue
             write = plan.write(answered[rel].answer)
@@ -1198,14 +1376,22 @@ class Reruns(RuleBasedStateMachine):
                     )
                 )
             for match in TAG.finditer(decoded(data)):
-                image = self.images_of_tags.get(int(match[1]))
-                if image is not None and Picture(image, 0, b"").caption != rel:
-                    problems.append((CaptionWrong, f"root/{rel} holds the answer sent for {image}"))
+                asked_for = self.captions_of_tags.get(int(match[1]))
+                if asked_for is not None and asked_for != rel:
+                    problems.append((CaptionWrong, f"root/{rel} holds the answer asked for {asked_for}"))
         if problems:
             raise problems[0][0]("\n".join(message for _, message in problems))
 
     def teardown(self) -> None:
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+ACTIONS = ("caption", "skip", "left alone", "fail")
+
+
+def style_of(marker: str) -> str:
+    """The style an answer was asked for, by its prompt's marker word."""
+    return TAGS if marker == "tags" else MAIN
 
 
 PRIORITY = [
