@@ -1866,7 +1866,7 @@ class Discovery:
         self.seen_folders: set[tuple[int, int]] = set()
         self.roots = {folder_identity(str(root)): root for root in config.folders}
         self.finished = False
-        self.order = asking_order(config.prompt, config)
+        asking_order(config.prompt, config)  # styles that cannot be asked stop a library caller's run too
         self.steps = self.walk_every_folder()
 
     def step(self) -> None:
@@ -2093,7 +2093,8 @@ class Discovery:
             stems = {os.path.splitext(name)[0] for name in names if name not in folders}
             ours = {stem + ext for stem in stems for ext in exts}
             self.summary.orphans += [Path(path, name) for name in sorted(captions.difference(ours))]
-        order = order if has_own_prompt else self.order
+        # A prompt from a folder above was checked when that folder was listed.
+        order = order if has_own_prompt else asking_order(prompt, self.config)
         return Listing(path, root, names, folders, captions, shared, prompt, self.wants_text(prompt), order)
 
     def own_file(self, path: str, root: Path, entry: os.DirEntry) -> str:

@@ -311,3 +311,41 @@ def test_a_folder_prompt_replaces_the_main_prompt_and_not_the_styles(tmp_path, c
     assert run.code == 0, run.err
     assert (data / "a.txt").read_text() == "answer to The folder's own."
     assert (data / "a.tags").read_text() == "answer to List tags."
+
+
+def test_a_folder_prompt_may_ask_for_a_style_and_one_that_cannot_be_asked_leaves_its_folder_out(
+    tmp_path, caption, server
+):
+    picture(tmp_path / "data" / "good" / "deeper" / "a.png")
+    picture(tmp_path / "data" / "bad" / "b.png")
+    (tmp_path / "data" / "good" / ".prompt").write_text("Describe, tags: {caption:.tags}")
+    (tmp_path / "data" / "bad" / ".prompt").write_text("Describe, notes: {caption:.notes}")
+    given = prompts(tmp_path / "prompts", tags="List tags.")
+    server.answer = lambda chat: f"answer to {chat.prompt}"
+
+    run = caption(tmp_path / "data", "-r", "--folder-prompt", ".prompt", "--also", f"{given['tags']}:.tags")
+
+    assert run.code == 1
+    deeper = tmp_path / "data" / "good" / "deeper"
+    assert (deeper / "a.txt").read_text() == "answer to Describe, tags: answer to List tags."
+    assert "asks for {caption:.notes}, but no style of the run writes .notes captions" in run.err
+    assert not (tmp_path / "data" / "bad" / "b.tags").exists()
+
+
+def test_a_redo_of_a_joined_pass_replaces_only_the_line_it_added(tmp_path, caption, server):
+    data = tmp_path / "data"
+    picture(data / "a.png")
+    given = prompts(tmp_path / "prompts", short="Say it short.", long="Describe it.")
+    answers = iter(["short one", "long one", "long two"])
+    server.answer = lambda chat: next(answers)
+    joined = ["--prompt", given["long"], "--prefix", "ohwx", "--join", "\\n"]
+    assert caption(data, "--prompt", given["short"], "--prefix", "ohwx").code == 0
+    assert caption(data, *joined, "--existing", "prepend").code == 0
+    assert (data / "a.txt").read_text() == "ohwx, long one\nohwx, short one"
+    redo = tmp_path / "redo.txt"
+    redo.write_text("data/a.png\n")
+
+    run = caption(data, *joined, "--only", redo)
+
+    assert run.code == 0, run.err
+    assert (data / "a.txt").read_text() == "ohwx, long two\nohwx, short one"
