@@ -6528,7 +6528,7 @@ def unsaid(summary: Summary) -> str:
 
 
 def caption_statistics(summary: Summary) -> str:
-    count = summary.lines
+    count = summary.lines or summary.captioned  # each line a caption with --join "\\n"
     speed = summary.tokens / (summary.generation_ns / 1e9) if summary.generation_ns else 0.0
     thinking = " (thinking included)" if summary.thought else ""
     # A server that sends no usage (some OpenAI-compatible ones) gives no token count to divide.
