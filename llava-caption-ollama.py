@@ -459,9 +459,10 @@ PROVIDERS = {
             "/v1",
             "OPENAI_API_KEY",
             "max_completion_tokens",
-            # reasoning_effort minimal/low/medium/high on reasoning models only: another model
-            # answers 400 "Unrecognized request argument supplied: reasoning_effort" (adapted in
-            # the preflight); "minimal" is the lowest, no model takes "off".
+            # reasoning_effort on reasoning models only: another model answers 400 "Unrecognized
+            # request argument supplied: reasoning_effort" (adapted in the preflight). GPT-5 and
+            # the o-series take minimal/low/medium/high, GPT-5.1 and later none/low/medium/high
+            # and refuse "minimal" (the preflight sends the least the refusal lists instead).
             "reasoning_effort",
             "minimal",
             {"low": "low", "medium": "medium", "high": "high"},
@@ -2591,6 +2592,12 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
     """Every server checked at once; those that do not answer are named and left out. Raises
     CannotStart if none answers, or if one lacks the model or has one that cannot see."""
     servers = [server_for(url, config) for url in config.hosts]
+    if config.provider:
+        # One key: a provider counts the requests of every base URL it is reached by (a gateway
+        # and the API itself) against one account's limits (OpenAI's per organization and project,
+        # Gemini's per project), so the run paces them together.
+        for server in servers[1:]:
+            server.pacer = servers[0].pacer
     check_servers(servers, config, reporter, stop)
     if not any(server.in_rotation for server in servers):
         wait_for_a_restart(servers, config, reporter, stop)
@@ -3447,12 +3454,7 @@ class OpenAiApi(Api):
         effort = provider.levels.get(config.think_level) if config.think_level else None
         effort = effort or (None if config.think else provider.thinking_off)
         self.thinking_off = {}
-        if effort is None:  # --think: the model thinks as it does by default
-            self.reasoning = {}
-        elif provider.effort_field == "reasoning":
-            self.reasoning = {"reasoning": {"effort": effort}}
-        else:
-            self.reasoning = {provider.effort_field: effort}
+        self.reasoning = self.effort_sent(effort)  # None for --think: the model's default
         probe = probe_task()
         self.adapting = True
         try:
@@ -3485,11 +3487,31 @@ class OpenAiApi(Api):
         }
         if config.think_level and self.provider:
             given[self.provider.effort_field] = "--think-level"
+        least = next((effort for effort in EFFORTS_LEAST_FIRST if effort in refusal.values), None)
         if refusal.name in given or refusal.name in self.adapted or refusal.name not in HOSTED_ADAPTABLE:
             asked = f" ({given[refusal.name]})" if refusal.name in given else ""
             raise CannotStart(f"{self.url} refuses {refusal.name}{asked} for {model}: {refusal.said}")
+        if refusal.values and (least is None or least == self.reasoning_effort()):
+            raise CannotStart(f"{self.url} refuses {refusal.name} for {model}: {refusal.said}")
+        if refusal.values:  # thinking off, as the least effort this model takes
+            self.reasoning = self.effort_sent(least)
+            reporter.value_adapted(self.url, refusal.name, least)
+            return
         self.adapted[refusal.name] = refusal.instead
         reporter.field_adapted(self.url, refusal.name, refusal.instead)
+
+    def effort_sent(self, effort: str | None) -> dict:
+        """The reasoning field in the provider's words: none for --think (the model's default)."""
+        assert self.provider is not None
+        if effort is None:
+            return {}
+        if self.provider.effort_field == "reasoning":
+            return {"reasoning": {"effort": effort}}
+        return {self.provider.effort_field: effort}
+
+    def reasoning_effort(self) -> str | None:
+        effort = self.reasoning.get("reasoning")
+        return effort.get("effort") if isinstance(effort, dict) else self.reasoning.get("reasoning_effort")
 
     def refuse_options_passed_over(self, config: Config, owners: set[str], ollama_v1: bool) -> None:
         """Refuse an --option the server is known to pass over without a word. Ollama's /v1 reads
@@ -3588,6 +3610,14 @@ class OpenAiApi(Api):
                 refused = refused_field(said) if self.adapting and response.status_code == 400 else None
                 if refused:
                     raise Refusal(*refused, said)
+                value = refused_value(said) if self.adapting and response.status_code == 400 else None
+                effort = self.reasoning_effort()
+                if (
+                    value
+                    and value[0] in (None, self.provider and self.provider.effort_field)
+                    and value[1] == effort
+                ):
+                    raise Refusal(self.provider.effort_field if self.provider else "", None, said, value[2])
                 raise ServerSaid(response.status_code, said, retry_after(response))
             if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
                 raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
@@ -3632,12 +3662,12 @@ class OpenAiApi(Api):
 
 
 class Refusal(Exception):
-    """A 400 of the preflight's probe naming a field the server does not take (not a TryFailed:
-    the preflight adapts to it)."""
+    """A 400 of the preflight's probe naming a field the server does not take, or a value of it
+    with the values it does take (not a TryFailed: the preflight adapts to it)."""
 
-    def __init__(self, name: str, instead: str | None, said: str) -> None:
+    def __init__(self, name: str, instead: str | None, said: str, values: tuple[str, ...] = ()) -> None:
         super().__init__(said)
-        self.name, self.instead, self.said = name, instead, said
+        self.name, self.instead, self.said, self.values = name, instead, said, values
 
 
 # What the captioner sends of its own and may send otherwise, when a server refuses it: by
@@ -3656,6 +3686,35 @@ REFUSED_FIELD = (
         None,
     ),
 )
+
+
+# OpenAI's words for a value a model does not take, with those it does: the value alone ("Invalid
+# value: 'none'. Supported values are: ...", GPT-5 and the o-series), with the model ("Unsupported
+# value: 'minimal' is not supported with the 'gpt-5.1' model. Supported values are: 'none', ...":
+# GPT-5.1 and later, anomalyco/opencode#4451), or with the field (an OpenAI-compatible API refusing
+# "none": Kilo-Org/cloud#3807).
+REFUSED_VALUE = (
+    re.compile(r"Invalid value: '(?P<value>[\w-]+)'\. Supported values are: (?P<values>.*)"),
+    re.compile(
+        r"Unsupported value: '(?P<value>[\w-]+)' is not supported with the .*Supported values are: (?P<values>.*)"
+    ),
+    re.compile(
+        r"Unsupported value: '(?P<field>\w+)' does not support '(?P<value>[\w-]+)'.*Supported values are: (?P<values>.*)"
+    ),
+)
+# The reasoning efforts of the providers, least first: thinking off is sent as the least a model takes.
+EFFORTS_LEAST_FIRST = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def refused_value(said: str) -> tuple[str | None, str, tuple[str, ...]] | None:
+    """The field (where the server names it), the value a server's 400 refuses, and the values it
+    says it takes."""
+    for pattern in REFUSED_VALUE:
+        match = pattern.search(said)
+        if match:
+            values = tuple(re.findall(r"'([\w-]+)'", match["values"]))
+            return match.groupdict().get("field"), match["value"], values
+    return None
 
 
 def probe_refused(failure: TryFailed, server: Server, url: str, config: Config) -> str:
@@ -4487,8 +4546,10 @@ def checked(answer: Answer, server: Server, config: Config, task: Task) -> tuple
         raise unfit_answer(problem, answer, caption, server, config)
     secret = SECRETS.found_in(caption)
     if secret:  # the server says back what it was sent: no training set may hold it
+        # Not asked again: a key comes back from what the server or a proxy echoes of the request
+        # (the model is never shown it), which it will echo again, each try paid for.
         raise TryFailed(
-            Fault.UNFIT_ANSWER, f"the answer holds the {secret} sent to the server, so it is not written"
+            Fault.REQUEST_REFUSED, f"the answer holds the {secret} sent to the server, so it is not written"
         )
     return caption, answer
 
@@ -6275,6 +6336,11 @@ class Reporter:
     def field_adapted(self, url: str, name: str, instead: str | None) -> None:
         sent = f"sent as {instead}" if instead else "left out"
         self.say(f"note: {url} does not take {name} for this model: {sent} for the rest of the run")
+
+    def value_adapted(self, url: str, name: str, value: str) -> None:
+        self.say(
+            f"note: {url} takes another {name} for this model: {value} (its least) for the rest of the run"
+        )
 
     def paced(self, url: str, why: str) -> None:
         self.say(
