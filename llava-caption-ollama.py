@@ -6020,8 +6020,8 @@ class Review:
 
     def keep_thumbnail(self, image: Path, data: bytes) -> None:
         """Keep the thumbnail of an image whose prepared picture is at hand (JPEG bytes)."""
-        if not data or image not in self.records or self.broken:
-            return
+        if not data or image not in self.records or self.broken or self.records[image]["thumb"] is not None:
+            return  # kept already: an image's styles share its picture
         self.records[image]["thumb"] = [self.chunks_written, len(self.chunk)]
         self.chunk.append("data:image/jpeg;base64," + base64.b64encode(data).decode("ascii"))
         if len(self.chunk) == THUMBNAILS_PER_CHUNK:

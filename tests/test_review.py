@@ -787,3 +787,6 @@ def test_each_card_has_a_line_for_each_style(browser, make_server, tmp_path):
     assert (ext, kind) == (".tags", "style-line failed") and "no tags today" in text
     cards = {card["path"]: card for card in card_texts(browser)}
     assert cards["photos/img001.png"]["caption"] == "A PNG picture, 41x32 pixels."  # the main caption's
+    # One thumbnail an image, whatever its styles.
+    chunks = (tmp_path / ".review.html-thumbnails").rglob("chunk-*.js")
+    assert sum(chunk.read_text().count("data:image/jpeg") for chunk in chunks) == 2
