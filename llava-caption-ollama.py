@@ -1796,7 +1796,6 @@ class Listing:
     captions: set[str]  # caption files the listing showed
     shared: dict[str, list[str]]  # caption name: the images that would all write it
     prompt: Template
-    wants_text: bool  # its images' existing captions are used: merged, or asked for by a placeholder
     order: list[int] = field(default_factory=lambda: [0])  # its styles, in the order they are asked
     position: int = 0
 
@@ -2096,7 +2095,7 @@ class Discovery:
             self.summary.orphans += [Path(path, name) for name in sorted(captions.difference(ours))]
         # A prompt from a folder above was checked when that folder was listed.
         order = order if has_own_prompt else asking_order(prompt, self.config)
-        return Listing(path, root, names, folders, captions, shared, prompt, self.wants_text(prompt), order)
+        return Listing(path, root, names, folders, captions, shared, prompt, order)
 
     def own_file(self, path: str, root: Path, entry: os.DirEntry) -> str:
         """Deal with a file of this tool's in a listing: a killed run's temporary file is removed,
