@@ -255,7 +255,7 @@ def reason_group(reason: str) -> str:
     return head if len(head) <= 40 else head[:40].rstrip() + "\u2026"
 
 
-def values(record: dict, group: str, marked=frozenset()) -> list:
+def values(record: dict, group: str, marked=frozenset(), edited=frozenset()) -> list:
     folder = record["folder"] or "."
     return {
         "status": [record["status"]],
@@ -263,13 +263,14 @@ def values(record: dict, group: str, marked=frozenset()) -> list:
         "flag": record["flags"],
         "folder": [folder],
         "redo": ["marked"] if record["path"] in marked else [],
+        "edit": ["edited"] if record["path"] in edited else [],
     }[group]
 
 
 def expected_counts(records: list, selected: dict, query: str = "") -> tuple:
     """What the page must show: the images that match, and for each option of each group the images
     that match the search and every other group (a faceted count)."""
-    groups = ("status", "reason", "flag", "folder", "redo")
+    groups = ("status", "reason", "flag", "folder", "redo", "edit")
     query = query.lower()
     matching, counts = [], {group: {} for group in groups}
     for record in records:
