@@ -5888,10 +5888,11 @@ def read_edits_file(path: Path) -> list:
     if not isinstance(document, dict) or EDITS_FORMAT not in document:
         raise CannotStart(f'{not_edits} (it has no "{EDITS_FORMAT}" mark)')
     version = document[EDITS_FORMAT]
-    if type(version) is not int or version != EDITS_VERSION:
+    if type(version) is not int:
+        raise CannotStart(f"{not_edits}: its version is not a number")
+    if version != EDITS_VERSION:
         raise CannotStart(
-            f"{path} is an edits file of version {shortened(str(version), 20)}; this version of the tool "
-            f"reads version {EDITS_VERSION}"
+            f"{path} is an edits file of version {version}; this version of the tool reads version {EDITS_VERSION}"
         )
     edits = document.get("edits")
     if not isinstance(edits, list):
