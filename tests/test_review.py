@@ -903,3 +903,29 @@ def test_edits_and_find_and_replace_are_downloaded_and_applied_byte_for_byte(bro
     for rel, text in expected.items():
         if rel != "a/img010.txt":
             assert (data / rel).read_bytes() == text.encode("utf-8"), rel
+
+
+def test_the_page_keeps_what_a_failed_images_caption_holds_and_the_caption_extension(make_server, tmp_path):
+    # A failed redo keeps the caption before it: that is the text a person edits on the page, and the
+    # text --apply-edits checks the file against.
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 2)
+    (folder / "img000.caption").write_text("an old caption, written by hand", encoding="utf-8")
+    server = make_server(
+        answer=lambda chat: (
+            Reply(status=400, error="image too strange") if chat.picture().width == 40 else describe(chat)
+        )
+    )
+    page = tmp_path / "review.html"
+    run = run_script(
+        folder, "--existing", "overwrite", "--ext", ".caption", "--review", page, "--host", server.url
+    )
+    assert run.returncode == 1, run.stderr
+    records = {record["path"]: record for record in page_images(page)}
+    assert records["photos/img000.png"]["status"] == "failed"
+    assert records["photos/img000.png"]["kept"] == "an old caption, written by hand"
+    assert (
+        records["photos/img001.png"]["status"] == "captioned" and "kept" not in records["photos/img001.png"]
+    )
+    html = page.read_text(encoding="utf-8")
+    assert '"caption_ext": ".caption"' in html
