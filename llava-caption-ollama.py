@@ -5942,7 +5942,8 @@ def edit_of(number: int, entry: object, base: Path, config: Config) -> Edit | st
         if not isinstance(entry.get(key), str):
             return f"its {key} is {'missing' if entry.get(key) is None else 'not text'}"
     name, ext, shown_text, text = (entry[key] for key in keys)
-    why = edit_text_refused(text, "text") or edit_text_refused(shown_text, "shown text")
+    # The text shown is whatever the caption file held, control characters and all.
+    why = edit_text_refused(text, "text") or edit_text_refused(shown_text, "shown text", controls=True)
     if why:
         return why
     if ext not in caption_extensions(config):
@@ -5991,14 +5992,17 @@ def edit_of_image(number: int, root: Path, image: Path, ext: str, shown_text: st
     return Edit(number, root, image, caption, shown_text, text)
 
 
-def edit_text_refused(text: str, what: str) -> str:
-    """Why a text of an edit cannot be a caption, or "" (see EDIT_CONTROLS_KEPT)."""
+def edit_text_refused(text: str, what: str, controls: bool = False) -> str:
+    """Why a text of an edit cannot be a caption, or "" (see EDIT_CONTROLS_KEPT; with controls,
+    control characters are no reason)."""
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         return f"its {what} is not valid text (it holds a lone surrogate, which UTF-8 cannot)"
     if size > MAX_EDIT_BYTES:
         return f"its {what} is {size:,} bytes: longer than any caption ({MAX_EDIT_BYTES:,})"
+    if controls:
+        return ""
     control = next(
         (char for char in text if unicodedata.category(char) == "Cc" and char not in EDIT_CONTROLS_KEPT), None
     )
