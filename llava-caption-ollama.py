@@ -5792,9 +5792,9 @@ MAX_EDIT_BYTES = 1024 * 1024
 # escape sequences) are no text a trainer's tokenizer should read, and no textarea types them.
 EDIT_LINE_BREAKS = "\n\r"
 EDIT_CONTROLS_KEPT = "\n\r\t"
-# What a run may write besides an edit's caption: nothing. Only these of the command line's
-# settings have a part in --apply-edits (the folders, how they are named, the caption extension,
-# --dry-run, how much is said); any other given with it is refused rather than ignored.
+# The command line's settings that have a part in --apply-edits: the folders, how they are named,
+# the caption extension, --dry-run, how much is said. Any other given with it (--model, --review...)
+# is refused rather than ignored: a person who gives it expects it to do something.
 EDIT_RUN_SETTINGS = frozenset(
     ["paths", "recursive", "caption_ext", "dry_run", "quiet", "verbose", "apply_edits"]
 )
@@ -5847,18 +5847,18 @@ def apply_edits(
             if config.dry_run
             else {root: claimed.enter_context(folder_lock(root, config.recursive)) for root in config.folders}
         )
-        journals: dict[Path, Journal] = {}
-        claimed.callback(lambda: [journal.close() for journal in journals.values()])
-        for edit in edits:
-            if stop.asked.is_set():
-                summary.interrupted = True
-                break
-            if edit.image.parent not in journals:
-                journals[edit.image.parent] = Journal(str(edit.image.parent), run)
-            journal = journals[edit.image.parent]
-            apply_edit(edit, journal, unwritable.get(edit.root, ""), summary, reporter)
-        for folder in journals:
-            sync_folder(str(folder))
+        journals: dict[Path, Journal] = {}  # by folder: each folder of images keeps its own
+        try:
+            for edit in edits:
+                if stop.asked.is_set():
+                    summary.interrupted = True
+                    break
+                journal = journals.setdefault(edit.image.parent, Journal(str(edit.image.parent), run))
+                apply_edit(edit, journal, unwritable.get(edit.root, ""), summary, reporter)
+        finally:
+            for folder, journal in journals.items():
+                journal.close()
+                sync_folder(str(folder))  # the renames made durable, as the Writer does
     return summary
 
 
