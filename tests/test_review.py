@@ -791,6 +791,8 @@ def test_each_card_has_a_line_for_each_style(browser, make_server, tmp_path):
     # One thumbnail an image, whatever its styles.
     chunks = (tmp_path / ".review.html-thumbnails").rglob("chunk-*.js")
     assert sum(chunk.read_text().count("data:image/jpeg") for chunk in chunks) == 2
+
+
 # ---- Edits: in place, find & replace, downloaded, applied with --apply-edits ----
 
 HOSTILE_EDIT = f'{HOSTILE_IMG} {HOSTILE_SCRIPT} & "cat"\nשלום עולם, a cat \u202eevil end'
