@@ -2652,6 +2652,7 @@ class Api:
         return {key: value for key, value in vars(self).items() if key not in ("client", "quick", "patient")}
 
     def __setstate__(self, state: dict) -> None:
+        import_run_libraries()  # a process that only unpickles it (Ray Client's server) has not
         vars(self).update(state)
         self.open_clients(self.timeout)
 
@@ -5147,8 +5148,9 @@ class Pipeline:
 # what came of it. So the state a run shares lives in one place, the driver's Server objects and
 # Summary, which every request is decided from; the workers keep none.
 
-# Tested with Ray 2.60 (Python 3.10 or later); installed only by those who use --ray.
-RAY_INSTALL = 'pip install "ray>=2.60,<2.61"'
+# Tested with Ray 2.60 (Python 3.10 or later); installed only by those who use --ray. Its client
+# extra (grpcio) is what a driver outside the cluster (--ray ray://HOST:10001) needs.
+RAY_INSTALL = 'pip install "ray[client]>=2.60,<2.61"'
 # The name the workers import this file by: its own name has hyphens.
 RAY_MODULE = "llava_caption_ollama"
 # --host local:PORT: each worker node's own server, at its loopback address, unless the node's
