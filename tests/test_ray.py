@@ -7,6 +7,7 @@ Marker `ray`; the tests share one cluster and run one after another in one xdist
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -22,7 +23,16 @@ import pytest
 from conftest import distinct_pictures, run_script, wait_until
 from stand_in_ollama import StandInOllama
 
-pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray"), pytest.mark.timeout(180)]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.xdist_group("ray"),
+    pytest.mark.timeout(180),
+    # CI installs it (tests/requirements.txt); a machine without it skips them, saying why.
+    pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None,
+        reason="Ray is not installed: pip install -r tests/requirements.txt",
+    ),
+]
 RAY = Path(sys.executable).with_name("ray")
 # Usage statistics off (these machines reach no outside service), and no token: Ray 2.60's head
 # writes one to ~/.ray/auth_token, and the test cluster is this machine's alone.
