@@ -55,7 +55,7 @@ class Node:
     """One `ray start --block` in a session of its own: killing its process group ends the node
     and every worker process it started."""
 
-    def __init__(self, arguments: list[str], env: dict) -> None:
+    def __init__(self, arguments: list[str], env: dict, within: tuple[str, ...] = ()) -> None:
         # Short: Ray's sockets live below it, and a Unix socket's path has at most 107 bytes.
         self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.log = open(self.temp / "start.log", "w")  # noqa: SIM115 - closed by stop()
@@ -63,7 +63,7 @@ class Node:
         command += ["--object-store-memory=80000000", "--node-ip-address=127.0.0.1", "--block"]
         command += [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
         self.process = subprocess.Popen(
-            command,
+            [*within, *command],
             env={**os.environ, **RAY_ENV, **env},
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -201,18 +201,20 @@ def test_a_worker_killed_mid_run_leaves_every_image_captioned_once(cluster, make
     assert len(server.chats) > 24  # the lost worker's images were asked again
 
 
-def test_ctrl_c_stops_the_run_and_the_clusters_work(cluster, make_server, tmp_path, spawn):
-    """Ctrl-C: the answers on their way are written, the workers are ended with whatever they were
-    doing (the server is sent nothing more), and the process dies by SIGINT."""
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_ctrl_c_stops_the_run_and_the_clusters_work(number, cluster, make_server, tmp_path, spawn):
+    """Ctrl-C (or kill): the answers on their way are written, the workers are ended with whatever
+    they were doing (the server is sent nothing more), and the process dies by the signal (Ray's
+    own SIGTERM handler, which ray.init() installs, does not take over)."""
     address, nodes, _, _ = cluster
     server = make_server(slots=2, latency=1.0)
     folder = tmp_path / "folder"
     distinct_pictures(folder, 30)
     run = spawn(folder, "--host", server.url, "--jobs", 3, "--ray", "auto", env=driver_env(address))
     wait_until(lambda: len(server.chats) >= 3, 60)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(number)
     out, err = run.communicate(timeout=60)
-    assert run.returncode == -signal.SIGINT, err
+    assert run.returncode == -number, err
     wait_until(lambda: not (nodes[0].workers() or nodes[1].workers()), 30)
     sent = len(server.chats)
     time.sleep(1.5)  # longer than an answer: a worker left running would have asked again
@@ -237,3 +239,48 @@ def test_each_node_sends_to_its_own_server(cluster, tmp_path):
     assert all(len(server.chats) > count for server, count in zip(servers, before))
     for server in servers:
         assert re.search(rf"{server.url} on \S+: captioned [1-9]", done.stderr)
+
+
+def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster, make_server, tmp_path):
+    """A third node whose view of the folder is another (here a tmpfs mounted over it in a mount
+    namespace of its own, as a node without the share would have an empty folder there): the run
+    ends before any image is sent, naming the node and the folder."""
+    address = cluster[0]
+    server = make_server()
+    folder = tmp_path / "folder"
+    distinct_pictures(folder, 3)
+    within = (
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs none "{folder}" && exec "$@"',
+        "-",
+    )
+    if subprocess.run([*within[:-1], "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no mount namespace here (unshare and mount need root)")
+    blind = Node([f"--address={address}"], {}, within)
+    try:
+        three_nodes = "import ray; ray.init(); assert len([n for n in ray.nodes() if n['Alive']]) == 3"
+        wait_until(
+            lambda: (
+                subprocess.run(
+                    [sys.executable, "-c", three_nodes], env=driver_env(address), check=False
+                ).returncode
+                == 0
+            ),
+            90,
+        )
+        done = run_script(folder, "--host", server.url, "--ray", "auto", env=driver_env(address), timeout=150)
+    finally:
+        blind.stop()
+    assert done.returncode == 2
+    assert re.search(
+        rf"error: the Ray node \S+ does not see {re.escape(str(folder))} as this machine does \(cannot read",
+        done.stderr,
+    )
+    assert "the images must be on a filesystem every node sees, at the same path" in done.stderr
+    assert not server.chats
+    assert not list(folder.glob("*.txt"))
