@@ -524,7 +524,7 @@ def ray_rows(root: Path, scale: int) -> None:
     )
     print()
     peaks = {}
-    for count in (2_000 // scale, 8_000 // scale):
+    for count in (10_000 // scale, 40_000 // scale):
         many = root / f"ray-many-{count}"
         many.mkdir()
         template = many / "template.png"

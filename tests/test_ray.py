@@ -284,3 +284,20 @@ def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster
     assert "the images must be on a filesystem every node sees, at the same path" in done.stderr
     assert not server.chats
     assert not list(folder.glob("*.txt"))
+
+
+def test_no_cluster_to_join_is_said_in_one_line(make_server, tmp_path):
+    server = make_server()
+    distinct_pictures(tmp_path / "folder", 1)
+    # An address where no Ray listens: Ray tries it for some 2 minutes, here for a few seconds.
+    env = {
+        **RAY_ENV,
+        "RAY_ADDRESS": f"127.0.0.1:{free_port()}",
+        "RAY_gcs_server_port_wait_time_s": "1",
+        "RAY_py_gcs_connect_timeout_s": "2",
+    }
+    done = run_script(tmp_path / "folder", "--host", server.url, "--ray", "auto", env=env, timeout=120)
+    assert done.returncode == 2
+    assert "error: --ray auto: cannot join the Ray cluster: " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not server.chats
