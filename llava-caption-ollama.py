@@ -1640,6 +1640,7 @@ class Task:
     prompt: str = ""  # filled in by preparation
     payload: bytes = b""  # the encoded image to send, filled in by preparation
     thumbnail: bytes = b""  # for the review page, made from the payload by preparation
+    prepared: Any = None  # with --ray: the payload in the cluster's object store, in place of payload
     tries: int = 0  # tries that failed in a way that counts against --retries
     faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
     not_before: float = 0.0  # time.monotonic() before which it must not be sent again
@@ -4811,9 +4812,8 @@ class Placement:
     """Where an image is prepared and its request sent: the one seam between the scheduler, which
     decides what is sent to which server and when, and the machines that do the work."""
 
-    prepares_ahead = True  # images are prepared apart from their request, a few ahead
-
     def prepare(self, task: Task, config: Config) -> Future:
+        """The image read and made ready to send, a few ahead; its future holds the task."""
         raise NotImplementedError
 
     def send(self, server: Server, config: Config, task: Task) -> Future:
@@ -4958,10 +4958,7 @@ class Pipeline:
         waiting = self.discovery.waiting
         while waiting and len(self.ready) + len(self.preparing) < max(1, slots):
             task = Task.of(waiting.popleft())
-            if self.placement.prepares_ahead:
-                self.preparing[self.placement.prepare(task, self.config)] = task
-            else:  # prepared where it is sent, just before
-                self.ready.append(task)
+            self.preparing[self.placement.prepare(task, self.config)] = task
 
     def unreported(self, answer: Answer, task: Task) -> tuple[int, int] | None:
         """With --price, the estimated (input, output) tokens of an answer that said none (a
@@ -5236,18 +5233,31 @@ class Worker:
     def use(self, checked: dict[str, tuple[Api, str]]) -> None:
         self.checked = checked
 
-    def caption(self, name: str, task: Task) -> tuple[Any, str, bytes, RateLimits | None]:
-        """One try at the image on the server named: ((caption, answer) or the TryFailed, the
-        prompt, the thumbnail, the rate limits its answer said)."""
+    def prepare(self, task: Task) -> tuple[Any, bytes]:
+        """(The prompt and thumbnail, or the TryFailed; the payload), the payload to stay in the
+        object store of this node until a worker sends it."""
+        try:
+            prepare_task(task, self.config)
+        except TryFailed as failure:
+            return failure, b""
+        return (task.prompt, task.thumbnail), task.payload
+
+    def caption(self, name: str, task: Task, payload: bytes | None) -> tuple[Any, RateLimits | None]:
+        """One try at the image on the server named: ((caption, answer) or the TryFailed, the rate
+        limits its answer said). Prepared here where its payload was lost."""
         api, model = self.checked[name]
         server = Server(api.url, self.config.jobs, api)
         server.model, server.pacer = model, Overheard()
         server.turns.watching = False
         try:
-            result: Any = ask(server, self.config, prepare_task(task, self.config))
+            if payload is None:
+                prepare_task(task, self.config)
+            else:
+                task.payload = payload
+            result: Any = ask(server, self.config, task)
         except TryFailed as failure:
             result = failure
-        return result, task.prompt, task.thumbnail, server.pacer.limits
+        return result, server.pacer.limits
 
     def probe(self, name: str) -> str:
         api = self.checked[name][0]
@@ -5280,8 +5290,6 @@ class Cluster(Placement):
     """The run's workers on a Ray cluster: a few per node (as many as the node has CPUs: each a
     process of its own, so preparation is not held to one interpreter's lock), and the node of
     each --host local:PORT server."""
-
-    prepares_ahead = False  # the worker that sends an image prepares it, from the shared filesystem
 
     def __init__(self, config: Config, reporter: Reporter, stop: Stop) -> None:
         self.ray = ray = import_ray()
@@ -5396,8 +5404,9 @@ class Cluster(Placement):
         checked = {server.url: (server.api, server.model) for server in servers if server.in_rotation}
         self.ray.get([worker.use.remote(checked) for worker in self.flying])
 
-    def worker_for(self, server: Server) -> Any:
-        node = self.node_servers.get(server.url)
+    def worker_for(self, server: Server | None) -> Any:
+        """The least busy worker that may send to the server (any, for None)."""
+        node = self.node_servers.get(server.url) if server else None
         with self.lock:
             workers = [
                 worker
@@ -5413,32 +5422,71 @@ class Cluster(Placement):
             return "its Ray node has no worker left"
         return "no Ray worker is left"
 
-    def send(self, server: Server, config: Config, task: Task) -> Future:
-        worker = self.worker_for(server)
-        # The workers' working folders are not this one: they read the images by absolute path.
-        sent = replace(task, image=Path(os.path.abspath(task.image)), root=Path(os.path.abspath(task.root)))
+    def prepare(self, task: Task, config: Config) -> Future:
+        """On the least busy worker; the payload stays in the cluster's object store, and the
+        driver holds its reference alone."""
+        worker = self.worker_for(None)
+        if worker is None:  # the servers are taken out too (gone()): the run ends
+            lost: Future = Future()
+            lost.set_exception(TryFailed(Fault.WORKER_LOST, "no Ray worker is left"))
+            return lost
         with self.lock:
             self.flying[worker] += 1
-        return in_the_background(self.caption, worker, server, task, worker.caption.remote(server.url, sent))
+        said, payload = worker.prepare.options(num_returns=2).remote(self.as_sent(task))
+        return in_the_background(self.prepared, worker, task, said, payload)
+
+    def prepared(self, worker: Any, task: Task, said: Any, payload: Any) -> Task:
+        result = self.result_of(worker, said)
+        if isinstance(result, TryFailed):
+            raise result
+        (task.prompt, task.thumbnail), task.prepared = result, payload
+        return task
+
+    def send(self, server: Server, config: Config, task: Task) -> Future:
+        worker = self.worker_for(server)
+        with self.lock:
+            self.flying[worker] += 1
+        ref = worker.caption.remote(server.url, self.as_sent(task), task.prepared)
+        return in_the_background(self.caption, worker, server, task, ref)
+
+    @staticmethod
+    def as_sent(task: Task) -> Task:
+        # The workers' working folders are not this one: they read the images by absolute path.
+        image, root = Path(os.path.abspath(task.image)), Path(os.path.abspath(task.root))
+        return replace(task, image=image, root=root, prepared=None, thumbnail=b"")
 
     def caption(self, worker: Any, server: Server, task: Task, ref: Any) -> tuple[str, Answer]:
         """On a thread of the driver: the worker's result, as ask() would have given it."""
         try:
-            result, task.prompt, task.thumbnail, limits = self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as exc:
-            raise exc.cause from None
-        except self.ray.exceptions.RayError as exc:
-            with self.lock:
-                self.lost.add(worker)
-            raise TryFailed(Fault.WORKER_LOST, f"its Ray worker was lost ({reason_of(exc)})") from None
-        finally:
-            with self.lock:
-                self.flying[worker] -= 1
+            result, limits = self.result_of(worker, ref)
+        except TryFailed:
+            task.prepared = None  # the next try prepares it again, in case it was its payload that was lost
+            raise
         if limits:
             server.pacer.heard(limits)
         if isinstance(result, TryFailed):
             raise result
+        task.prepared = None  # its object is freed
         return result
+
+    def result_of(self, worker: Any, ref: Any) -> Any:
+        """What a worker's call returned; TryFailed(WORKER_LOST) where it, or its node, was lost."""
+        errors = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except errors.RayError as exc:
+            # The worker's own exception comes wrapped (a defect: the image fails with it); Ray's
+            # (a process, a node or an object lost) means the work is to be done again.
+            cause = exc.cause if isinstance(exc, errors.RayTaskError) else exc
+            if not isinstance(cause, errors.RayError):
+                raise cause from None
+            if isinstance(cause, errors.RayActorError):
+                with self.lock:
+                    self.lost.add(worker)
+            raise TryFailed(Fault.WORKER_LOST, f"its Ray worker was lost ({reason_of(cause)})") from None
+        finally:
+            with self.lock:
+                self.flying[worker] -= 1
 
     def probe(self, server: Server) -> Future:
         if server.url not in self.node_servers:
