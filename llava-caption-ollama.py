@@ -5156,8 +5156,8 @@ LOCAL_HOST = "local:"
 NODE_SERVER_ENV = "LLAVA_CAPTION_NODE_SERVER"
 # Passed on to the workers, whose environment is their node's: the tests' shorter pauses.
 RAY_PASSED_ENV = ("LLAVA_CAPTION_PAUSE_SCALE",)
-# Nothing large passes through Ray's object store (an image's path goes out, a caption and a
-# small thumbnail come back), so a Ray started by --ray local reserves this, not 30% of memory.
+# Ray's object store holds the images prepared ahead, at most one per request slot (some 300 KB
+# each at the default --max-size), so a Ray started by --ray local reserves this, not 30% of memory.
 RAY_OBJECT_STORE_BYTES = 128 * 1024**2
 # Ray waits this long for a node to start a worker process before it calls it lost.
 RAY_START_SECONDS = 120.0
@@ -5343,6 +5343,9 @@ class Cluster(Placement):
                     max_concurrency=slots,
                     max_restarts=0,
                     max_task_retries=0,  # the retry policy decides, not Ray
+                    # No record of each call kept by the driver for Ray's state API and dashboard,
+                    # which the run does not use: its memory stays flat per image.
+                    enable_task_events=False,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
                 ).remote(config)
                 self.flying[worker], self.node_of[worker] = 0, node["NodeID"]
