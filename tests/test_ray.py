@@ -3,7 +3,8 @@
 each node with its own temporary folder and its own stand-in server for --host local:PORT.
 
 Marker `ray`; the tests share one cluster and run one after another in one xdist worker (group
-"ray"). Their budget: 3 minutes (158 s measured on two cores under load), most of it Ray starting."""
+"ray"). Their budget: 3 minutes (91-158 s measured on two cores under load), most of it Ray
+starting; a test's limit is 5 minutes, as a cluster started beside a loaded suite took over 90 s."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from stand_in_ollama import StandInOllama
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.xdist_group("ray"),
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
     # CI installs it (tests/requirements.txt); a machine without it skips them, saying why.
     pytest.mark.skipif(
         importlib.util.find_spec("ray") is None,
@@ -113,7 +114,7 @@ def cluster():
         head_only = [f"--port={port}", f"--ray-client-server-port={client_port}", "--include-dashboard=false"]
         nodes.append(Node(["--head", *head_only], {"LLAVA_CAPTION_NODE_SERVER": servers[0].url}))
         address = f"127.0.0.1:{port}"
-        wait_until(lambda: socket_answers(port), 60)
+        wait_until(lambda: socket_answers(port), 150)
         nodes.append(Node([f"--address={address}"], {"LLAVA_CAPTION_NODE_SERVER": servers[1].url}))
         two_nodes = "import ray; ray.init(); assert len([n for n in ray.nodes() if n['Alive']]) == 2"
         wait_until(
@@ -123,7 +124,7 @@ def cluster():
                 ).returncode
                 == 0
             ),
-            90,
+            150,
         )
         yield address, nodes, servers, f"ray://127.0.0.1:{client_port}"
     finally:
@@ -271,7 +272,7 @@ def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster
                 ).returncode
                 == 0
             ),
-            90,
+            150,
         )
         done = run_script(folder, "--host", server.url, "--ray", "auto", env=driver_env(address), timeout=150)
     finally:
