@@ -459,9 +459,10 @@ PROVIDERS = {
             "/v1",
             "OPENAI_API_KEY",
             "max_completion_tokens",
-            # reasoning_effort minimal/low/medium/high on reasoning models only: another model
-            # answers 400 "Unrecognized request argument supplied: reasoning_effort" (adapted in
-            # the preflight); "minimal" is the lowest, no model takes "off".
+            # reasoning_effort on reasoning models only: another model answers 400 "Unrecognized
+            # request argument supplied: reasoning_effort" (adapted in the preflight). GPT-5 and
+            # the o-series take minimal/low/medium/high, GPT-5.1 and later none/low/medium/high
+            # and refuse "minimal" (the preflight sends the least the refusal lists instead).
             "reasoning_effort",
             "minimal",
             {"low": "low", "medium": "medium", "high": "high"},
@@ -1219,6 +1220,9 @@ def lock_file(file: io.BufferedRandom) -> None:
 JOURNAL_NAME = f"{OWN_FILE_PREFIX}.journal"
 JOURNAL_HEADER = json.dumps({"journal": 2})
 MERGING = ("append", "prepend")
+# The mode of a journal line that records a person's text, applied with --apply-edits: the text it
+# leaves is a person's, as an edit made by hand is (origin_of()).
+PERSON_EDIT = "edit"
 EDITED_SINCE = (
     "edited since this pass wrote it, so what the pass added cannot be told from the edit; "
     "redo it with --existing overwrite, or edit it by hand"
@@ -1405,6 +1409,15 @@ class Journal:
         """The caption of the line before is in place."""
         self.write({"ok": self.name(task.image), "a": digest(text)})
 
+    def add_edit(self, image: Path, before: str, data: bytes, origin: str) -> None:
+        """The line of a person's text about to be written (--apply-edits), and its second line
+        once it is in place (edit_landed()): the text is theirs, which no later pass touches."""
+        entry = {"i": self.name(image), "s": "", "e": PERSON_EDIT, "m": "", "t": "", "b": before}
+        self.write({**entry, "a": text_digest(data), "o": origin})
+
+    def edit_landed(self, image: Path, data: bytes) -> None:
+        self.write({"ok": self.name(image), "a": text_digest(data)})
+
     def write(self, entry: dict) -> None:
         try:
             if self.open_for_writing():
@@ -1589,8 +1602,9 @@ def origin_of(history: list[Written], after: str) -> str:
     "original" (the tool never wrote it). The text before a write that never landed is as it
     was before that write. Lines of version 1 journals, which knew no text before, never make a
     caption a person's: an earlier version did such an image again."""
-    if writer_of(history, after):
-        return "tool"
+    written = writer_of(history, after)
+    if written:
+        return "person" if written.mode == PERSON_EDIT else "tool"
     known = [written for written in history if written.before]
     undone = next((w for w in reversed(known) if w.before == after and not w.landed), None)
     if undone:
@@ -2396,6 +2410,12 @@ def ready_servers(
     CannotStart if none answers, or if one lacks the model or has one that cannot see. A Ray
     node's own server (--host local:PORT) is checked from that node."""
     servers = [server_for(url, config) for url in config.hosts if not url.startswith(LOCAL_HOST)]
+    if config.provider:
+        # One key: a provider counts the requests of every base URL it is reached by (a gateway
+        # and the API itself) against one account's limits (OpenAI's per organization and project,
+        # Gemini's per project), so the run paces them together.
+        for server in servers[1:]:
+            server.pacer = servers[0].pacer
     check_servers(servers, config, reporter, stop)
     for url in config.hosts:
         if cluster and url.startswith(LOCAL_HOST):
@@ -3270,12 +3290,7 @@ class OpenAiApi(Api):
         effort = provider.levels.get(config.think_level) if config.think_level else None
         effort = effort or (None if config.think else provider.thinking_off)
         self.thinking_off = {}
-        if effort is None:  # --think: the model thinks as it does by default
-            self.reasoning = {}
-        elif provider.effort_field == "reasoning":
-            self.reasoning = {"reasoning": {"effort": effort}}
-        else:
-            self.reasoning = {provider.effort_field: effort}
+        self.reasoning = self.effort_sent(effort)  # None for --think: the model's default
         probe = probe_task()
         self.adapting = True
         try:
@@ -3308,11 +3323,31 @@ class OpenAiApi(Api):
         }
         if config.think_level and self.provider:
             given[self.provider.effort_field] = "--think-level"
+        least = next((effort for effort in EFFORTS_LEAST_FIRST if effort in refusal.values), None)
         if refusal.name in given or refusal.name in self.adapted or refusal.name not in HOSTED_ADAPTABLE:
             asked = f" ({given[refusal.name]})" if refusal.name in given else ""
             raise CannotStart(f"{self.url} refuses {refusal.name}{asked} for {model}: {refusal.said}")
+        if refusal.values and (least is None or least == self.reasoning_effort()):
+            raise CannotStart(f"{self.url} refuses {refusal.name} for {model}: {refusal.said}")
+        if refusal.values:  # thinking off, as the least effort this model takes
+            self.reasoning = self.effort_sent(least)
+            reporter.value_adapted(self.url, refusal.name, least)
+            return
         self.adapted[refusal.name] = refusal.instead
         reporter.field_adapted(self.url, refusal.name, refusal.instead)
+
+    def effort_sent(self, effort: str | None) -> dict:
+        """The reasoning field in the provider's words: none for --think (the model's default)."""
+        assert self.provider is not None
+        if effort is None:
+            return {}
+        if self.provider.effort_field == "reasoning":
+            return {"reasoning": {"effort": effort}}
+        return {self.provider.effort_field: effort}
+
+    def reasoning_effort(self) -> str | None:
+        effort = self.reasoning.get("reasoning")
+        return effort.get("effort") if isinstance(effort, dict) else self.reasoning.get("reasoning_effort")
 
     def refuse_options_passed_over(self, config: Config, owners: set[str], ollama_v1: bool) -> None:
         """Refuse an --option the server is known to pass over without a word. Ollama's /v1 reads
@@ -3411,6 +3446,14 @@ class OpenAiApi(Api):
                 refused = refused_field(said) if self.adapting and response.status_code == 400 else None
                 if refused:
                     raise Refusal(*refused, said)
+                value = refused_value(said) if self.adapting and response.status_code == 400 else None
+                effort = self.reasoning_effort()
+                if (
+                    value
+                    and value[0] in (None, self.provider and self.provider.effort_field)
+                    and value[1] == effort
+                ):
+                    raise Refusal(self.provider.effort_field if self.provider else "", None, said, value[2])
                 raise ServerSaid(response.status_code, said, retry_after(response))
             if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
                 raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
@@ -3455,12 +3498,12 @@ class OpenAiApi(Api):
 
 
 class Refusal(Exception):
-    """A 400 of the preflight's probe naming a field the server does not take (not a TryFailed:
-    the preflight adapts to it)."""
+    """A 400 of the preflight's probe naming a field the server does not take, or a value of it
+    with the values it does take (not a TryFailed: the preflight adapts to it)."""
 
-    def __init__(self, name: str, instead: str | None, said: str) -> None:
+    def __init__(self, name: str, instead: str | None, said: str, values: tuple[str, ...] = ()) -> None:
         super().__init__(said)
-        self.name, self.instead, self.said = name, instead, said
+        self.name, self.instead, self.said, self.values = name, instead, said, values
 
 
 # What the captioner sends of its own and may send otherwise, when a server refuses it: by
@@ -3479,6 +3522,35 @@ REFUSED_FIELD = (
         None,
     ),
 )
+
+
+# OpenAI's words for a value a model does not take, with those it does: the value alone ("Invalid
+# value: 'none'. Supported values are: ...", GPT-5 and the o-series), with the model ("Unsupported
+# value: 'minimal' is not supported with the 'gpt-5.1' model. Supported values are: 'none', ...":
+# GPT-5.1 and later, anomalyco/opencode#4451), or with the field (an OpenAI-compatible API refusing
+# "none": Kilo-Org/cloud#3807).
+REFUSED_VALUE = (
+    re.compile(r"Invalid value: '(?P<value>[\w-]+)'\. Supported values are: (?P<values>.*)"),
+    re.compile(
+        r"Unsupported value: '(?P<value>[\w-]+)' is not supported with the .*Supported values are: (?P<values>.*)"
+    ),
+    re.compile(
+        r"Unsupported value: '(?P<field>\w+)' does not support '(?P<value>[\w-]+)'.*Supported values are: (?P<values>.*)"
+    ),
+)
+# The reasoning efforts of the providers, least first: thinking off is sent as the least a model takes.
+EFFORTS_LEAST_FIRST = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def refused_value(said: str) -> tuple[str | None, str, tuple[str, ...]] | None:
+    """The field (where the server names it), the value a server's 400 refuses, and the values it
+    says it takes."""
+    for pattern in REFUSED_VALUE:
+        match = pattern.search(said)
+        if match:
+            values = tuple(re.findall(r"'([\w-]+)'", match["values"]))
+            return match.groupdict().get("field"), match["value"], values
+    return None
 
 
 def probe_refused(failure: TryFailed, server: Server, url: str, config: Config) -> str:
@@ -4295,8 +4367,10 @@ def checked(answer: Answer, server: Server, config: Config, task: Task) -> tuple
         raise unfit_answer(problem, answer, caption, server, config)
     secret = SECRETS.found_in(caption)
     if secret:  # the server says back what it was sent: no training set may hold it
+        # Not asked again: a key comes back from what the server or a proxy echoes of the request
+        # (the model is never shown it), which it will echo again, each try paid for.
         raise TryFailed(
-            Fault.UNFIT_ANSWER, f"the answer holds the {secret} sent to the server, so it is not written"
+            Fault.REQUEST_REFUSED, f"the answer holds the {secret} sent to the server, so it is not written"
         )
     return caption, answer
 
@@ -6025,6 +6099,7 @@ class Review:
                         break
                     self.keep_thumbnail(image, data)
         self.write_chunk()
+        self.keep_captions_of_failures()
         # Redacted as a last line of defence: a page people share must not hold what the run sends.
         data = redacted_data(
             {"run": self.run_data(summary), "images": [self.entry(image) for image in sorted(self.records)]}
@@ -6039,6 +6114,18 @@ class Review:
             if older != self.thumbnails:
                 remove_thumbnail_chunks(older)
         remove_empty_folder(self.thumbnail_folders)
+
+    def keep_captions_of_failures(self) -> None:
+        """What the caption file of each image that failed holds as the page is written (a failed
+        redo keeps the caption before it): the text a person edits on the page, and the text the
+        edit is checked against when applied (--apply-edits)."""
+        for image, record in self.records.items():
+            if record["status"] == "failed":
+                caption = image.with_name(caption_name(image.name, self.config))
+                try:
+                    record["kept"] = readable_text(existing_caption(caption, listed=True))
+                except TryFailed:
+                    record["kept"] = ""
 
     def remove_thumbnails(self) -> None:
         """Remove this run's thumbnails, which no page will show (some could not be written, or
@@ -6066,6 +6153,9 @@ class Review:
             "reasoning_tokens": summary.reasoning_tokens,
             "cost": round(summary.cost, 8) if summary.price else None,
             "dry_run": config.dry_run,
+            # The caption each card shows is the file of this extension beside its image: an edit
+            # made on the page names its caption by the two (--apply-edits).
+            "caption_ext": config.caption_ext,
             "thumbnails": self.relative(self.thumbnails) if self.chunks_written and not self.broken else "",
             "chunk_size": THUMBNAILS_PER_CHUNK,
         }
@@ -6203,6 +6293,352 @@ def write_image_list(path: Path, images: list[Path], what: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Applying edits: a person's captions from the review page, written back
+# ---------------------------------------------------------------------------
+# --apply-edits FILE, a run of its own: read the edits the page downloaded, claim the folders,
+# check that each caption still holds what the page showed, write it, say what became of each.
+
+
+EDITS_FORMAT = "llava-caption-edits"  # the edits file's mark; its value is the file's version
+EDITS_VERSION = 1
+# The page's edits of 20,000 captions of a few hundred characters, each with the text it showed,
+# take some 20 MB; a file many times that is no page's, and json.loads holds it several times over.
+MAX_EDITS_FILE_BYTES = 128 * 1024 * 1024
+# A caption is a line or a few paragraphs (T5, the longest text encoder trainers use, reads 512
+# tokens, some 2,000 characters); a megabyte is no caption, whatever a file says.
+MAX_EDIT_BYTES = 1024 * 1024
+# A person's text is written as it is (the cleanup rules are for models' answers), line breaks
+# and tabs included: a caption of several lines is how some trainers take several captions
+# (kohya-ss/sd-scripts reads only the first line of a caption file unless --enable_wildcard,
+# library/train_util.py read_caption; OneTrainer picks a line). Other control characters (NUL,
+# escape sequences) are no text a trainer's tokenizer should read, and no textarea types them.
+EDIT_LINE_BREAKS = "\n\r"
+EDIT_CONTROLS_KEPT = "\n\r\t"
+# The command line's settings that have a part in --apply-edits: the folders, how they are named,
+# the caption extension, --dry-run, how much is said. Any other given with it (--model, --review...)
+# is refused rather than ignored: a person who gives it expects it to do something.
+EDIT_RUN_SETTINGS = frozenset(
+    ["paths", "recursive", "caption_ext", "dry_run", "quiet", "verbose", "apply_edits"]
+)
+
+
+class Edit(NamedTuple):
+    """One edit of the file, checked: the caption (image, caption extension) and its texts."""
+
+    number: int  # its place in the file's list, from 1
+    root: Path  # the folder given that holds the image
+    image: Path  # resolved
+    caption: Path
+    shown: str  # the text the page showed
+    text: str  # the text to write
+
+
+@dataclass
+class EditsSummary:
+    dry_run: bool = False
+    applied: list[Path] = field(default_factory=list)  # written (with --dry-run: would be)
+    already: list[Path] = field(default_factory=list)  # the caption holds the edit's text already
+    changed: list[Path] = field(default_factory=list)  # no longer what the page showed: left alone
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (the edit, why): not applied
+    unwritten: list[tuple[Path, str]] = field(default_factory=list)  # could not be read or written
+    with_line_breaks: int = 0  # of the edits applied
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        trouble = self.changed or self.refused or self.unwritten or self.interrupted
+        return EXIT_SOME_FAILED if trouble else EXIT_OK
+
+
+def apply_edits(
+    config: Config, edits_file: Path, reporter: Reporter, stop: Stop | None = None
+) -> EditsSummary:
+    """Write the edits of a review page's edits file into the captions of config.folders, each
+    only where the caption still holds the text the page showed, each recorded in its folder's
+    journal as a person's (no later run of any pass touches it). With config.dry_run nothing is
+    written and no lock is taken. Raises CannotStart if the file cannot be used at all."""
+    stop = stop or Stop()
+    reporter.name_relative_to([folder.resolve() for folder in config.folders])  # captions are named resolved
+    summary = EditsSummary(dry_run=config.dry_run)
+    entries = read_edits_file(edits_file)
+    edits = checked_edits(entries, edits_file, config, summary, reporter)
+    run = RunPass.of(config)
+    with ExitStack() as claimed:
+        unwritable = (
+            {}
+            if config.dry_run
+            else {root: claimed.enter_context(folder_lock(root, config.recursive)) for root in config.folders}
+        )
+        journals: dict[Path, Journal] = {}  # by folder: each folder of images keeps its own
+        try:
+            for edit in edits:
+                if stop.asked.is_set():
+                    summary.interrupted = True
+                    break
+                journal = journals.setdefault(edit.image.parent, Journal(str(edit.image.parent), run))
+                apply_edit(edit, journal, unwritable.get(edit.root, ""), summary, reporter)
+        finally:
+            for folder, journal in journals.items():
+                journal.close()
+                sync_folder(str(folder))  # the renames made durable, as the Writer does
+    return summary
+
+
+def read_edits_file(path: Path) -> list:
+    """The list of edits an edits file holds; CannotStart for a file that is none."""
+    try:
+        with open_regular_file(path) as file:
+            data = file.read(MAX_EDITS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise CannotStart(f"cannot read {path}: {reason_of(exc)}") from None
+    if len(data) > MAX_EDITS_FILE_BYTES:
+        raise CannotStart(
+            f"{path} is larger than {MAX_EDITS_FILE_BYTES // 2**20} MiB: no review page's edits are; "
+            "is it the right file?"
+        )
+    not_edits = f"{path} is not an edits file of the review page"
+    try:
+        document = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise CannotStart(f"{not_edits}: it is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise CannotStart(
+            f"{not_edits}: not JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
+        ) from None
+    except (ValueError, RecursionError):  # digits past Python's limit, nesting past its stack
+        raise CannotStart(f"{not_edits}: not JSON this tool can read") from None
+    if not isinstance(document, dict) or EDITS_FORMAT not in document:
+        raise CannotStart(f'{not_edits} (it has no "{EDITS_FORMAT}" mark)')
+    version = document[EDITS_FORMAT]
+    if type(version) is not int:
+        raise CannotStart(f"{not_edits}: its version is not a number")
+    if version != EDITS_VERSION:
+        raise CannotStart(
+            f"{path} is an edits file of version {version}; this version of the tool reads version {EDITS_VERSION}"
+        )
+    edits = document.get("edits")
+    if not isinstance(edits, list):
+        raise CannotStart(f'{not_edits}: its "edits" is not a list')
+    return edits
+
+
+def checked_edits(
+    entries: list, edits_file: Path, config: Config, summary: EditsSummary, reporter: Reporter
+) -> list[Edit]:
+    """The entries that name a caption of the folders given with texts that can be written;
+    each other one is refused (named, with why), and so is every edit of a caption named twice."""
+    edits: list[Edit] = []
+    for number, entry in enumerate(entries, start=1):
+        edit = edit_of(number, entry, edits_file.parent, config)
+        if isinstance(edit, Edit):
+            edits.append(edit)
+        else:
+            refuse_edit(summary, reporter, edit_named(number, entry), edit)
+    named: dict[Path, int] = {}
+    for edit in edits:
+        named[edit.caption] = named.get(edit.caption, 0) + 1
+    for edit in edits:
+        if named[edit.caption] > 1:
+            why = f"its caption is named {named[edit.caption]} times in {edits_file.name}; none of them is applied"
+            refuse_edit(summary, reporter, f"edit {edit.number} ({reporter.name(edit.caption)})", why)
+    return [edit for edit in edits if named[edit.caption] == 1]
+
+
+def edit_named(number: int, entry: object) -> str:
+    image = entry.get("image") if isinstance(entry, dict) else None
+    return f"edit {number}" + (f" ({shortened(image, 80)})" if isinstance(image, str) else "")
+
+
+def refuse_edit(summary: EditsSummary, reporter: Reporter, edit: str, why: str) -> None:
+    summary.refused.append((edit, why))
+    reporter.say(f"  refused {edit}: {why}")
+
+
+def edit_of(number: int, entry: object, base: Path, config: Config) -> Edit | str:
+    """The edit an entry of the file means, or why it cannot be applied. The file comes from a
+    browser's downloads, and may have been written by anyone: nothing in it is trusted."""
+    keys = ("image", "ext", "shown", "text")
+    if not isinstance(entry, dict):
+        return "not an edit (an object with " + ", ".join(keys) + ")"
+    for key in keys:
+        if not isinstance(entry.get(key), str):
+            return f"its {key} is {'missing' if entry.get(key) is None else 'not text'}"
+    name, ext, shown_text, text = (entry[key] for key in keys)
+    # The text shown is whatever the caption file held, control characters and all.
+    why = edit_text_refused(text, "text") or edit_text_refused(shown_text, "shown text", controls=True)
+    if why:
+        return why
+    if ext not in caption_extensions(config):
+        given = " ".join(caption_extensions(config))
+        return f"{shortened(ext, 20)} is not the caption extension of this run ({given}); give the --ext the page's run had"
+    if not name or "\0" in name:
+        return "its image is not a path"
+    try:
+        image = Path(os.path.abspath(base / name))  # relative names: to the edits file's folder
+        folder = image.parent.resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # a loop of links
+        return f"its image cannot be found: {reason_of(exc)}"
+    root = next(
+        (given for given in config.folders if is_captioned_folder(folder, given, config.recursive)), None
+    )
+    if root is None:
+        below = any(is_below(folder, given) for given in config.folders) and not config.recursive
+        return "its image is not in the folders given" + (" (it is below one: give -r)" if below else "")
+    return edit_of_image(number, root, folder / image.name, ext, shown_text, text)
+
+
+def edit_of_image(number: int, root: Path, image: Path, ext: str, shown_text: str, text: str) -> Edit | str:
+    """The edit of an image of the folders given, if the image is one the run captions and its
+    caption is a file of its own."""
+    if os.path.splitext(image.name)[1].lower() not in IMAGE_EXTENSIONS or image.name.startswith("."):
+        return f"{image.name} is not an image the tool captions"
+    if not image.is_file():
+        return f"{image.name} is not there (moved or deleted since the page was written)"
+    stem = os.path.splitext(image.name)[0]
+    caption = image.with_name(stem + ext)
+    try:
+        twins = [
+            name
+            for name in os.listdir(image.parent)
+            if name != image.name
+            and os.path.splitext(name)[0] == stem
+            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
+    except OSError as exc:
+        return f"cannot list {image.parent}: {reason_of(exc)}"
+    if twins:
+        return f"{image.name} shares {caption.name} with {', '.join(sorted(twins))}; rename one of them"
+    what = not_a_regular_file(caption)
+    if what:
+        return f"its caption {caption.name} is {what}; the tool writes only regular files"
+    return Edit(number, root, image, caption, shown_text, text)
+
+
+def edit_text_refused(text: str, what: str, controls: bool = False) -> str:
+    """Why a text of an edit cannot be a caption, or "" (see EDIT_CONTROLS_KEPT; with controls,
+    control characters are no reason)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"its {what} is not valid text (it holds a lone surrogate, which UTF-8 cannot)"
+    if size > MAX_EDIT_BYTES:
+        return f"its {what} is {size:,} bytes: longer than any caption ({MAX_EDIT_BYTES:,})"
+    if controls:
+        return ""
+    control = next(
+        (char for char in text if unicodedata.category(char) == "Cc" and char not in EDIT_CONTROLS_KEPT), None
+    )
+    if control is not None:
+        return f"its {what} holds a control character (U+{ord(control):04X}); a caption is text"
+    return ""
+
+
+def caption_extensions(config: Config) -> tuple[str, ...]:
+    """The caption files of an image the run writes, by their extension: the edits file names
+    each caption by its image and one of these."""
+    return (config.caption_ext,)
+
+
+def apply_edit(
+    edit: Edit, journal: Journal, unwritable: str, summary: EditsSummary, reporter: Reporter
+) -> None:
+    """Check one caption against the text the page showed, and write the edit where it holds it:
+    the journal line first, as for every caption the tool writes (see Journal)."""
+    name = reporter.name(edit.caption)
+    try:
+        now = read_regular_file(edit.caption)
+    except FileNotFoundError:
+        now = b""
+    except OSError as exc:
+        edit_unwritten(summary, reporter, edit, f"cannot read it: {reason_of(exc)}")
+        return
+    data = edit.text.encode("utf-8")
+    if now == data:  # applied before (the same file twice), or typed alike
+        summary.already.append(edit.caption)
+        if not summary.dry_run and not unwritable and not is_blank(now):
+            mark_as_a_persons(edit, journal, now, summary, reporter)
+        return
+    if not holds_what_was_shown(now, edit.shown):
+        summary.changed.append(edit.caption)
+        reporter.say(f"  changed since the page was written, left alone: {name}")
+        return
+    if summary.dry_run:
+        summary.applied.append(edit.caption)
+        summary.with_line_breaks += any(char in EDIT_LINE_BREAKS for char in edit.text)
+        reporter.say(f"  would apply {name}")
+        return
+    if unwritable:
+        edit_unwritten(summary, reporter, edit, f"cannot write in {edit.root}: {unwritable}")
+        return
+    history = journal.history(journal.name(edit.image))
+    before = text_digest(now)
+    origin = "none" if is_blank(now) else origin_of(history, before)
+    try:
+        if journal.open_for_writing():
+            raise OSError(errno.EIO, journal.unwritable)
+        journal.add_edit(edit.image, before, data, origin)  # before the caption: see Journal
+        write_atomically(edit.caption, data)
+        journal.edit_landed(edit.image, data)
+    except (OSError, TryFailed) as exc:
+        edit_unwritten(summary, reporter, edit, f"cannot write it: {reason_of(exc)}")
+        return
+    summary.applied.append(edit.caption)
+    summary.with_line_breaks += any(char in EDIT_LINE_BREAKS for char in edit.text)
+    if reporter.verbosity > 0:
+        reporter.say(f"  applied {name}")
+
+
+def mark_as_a_persons(
+    edit: Edit, journal: Journal, now: bytes, summary: EditsSummary, reporter: Reporter
+) -> None:
+    """A caption that holds the edit's text already is the person's all the same: recorded so,
+    unless its journal says so already."""
+    history = journal.history(journal.name(edit.image))
+    if origin_of(history, text_digest(now)) == "person":
+        return
+    try:
+        journal.add_edit(edit.image, text_digest(now), now, origin_of(history, text_digest(now)))
+        journal.edit_landed(edit.image, now)
+    except TryFailed as exc:
+        summary.already.remove(edit.caption)
+        edit_unwritten(summary, reporter, edit, f"cannot record it: {exc}")
+
+
+def holds_what_was_shown(data: bytes, shown_text: str) -> bool:
+    """Whether a caption file holds the text the page showed of it, as the page shows a caption
+    (readable_text()); a blank file, where the page showed nothing visible."""
+    return readable_text(data) == shown_text or (is_blank(data) and has_nothing_visible(shown_text))
+
+
+def edit_unwritten(summary: EditsSummary, reporter: Reporter, edit: Edit, why: str) -> None:
+    summary.unwritten.append((edit.caption, why))
+    reporter.say(f"  not applied {reporter.name(edit.caption)}: {why}")
+
+
+def report_edits(summary: EditsSummary, reporter: Reporter) -> None:
+    """A line for each outcome that some edit had."""
+    applied = "would apply" if summary.dry_run else "applied"
+    reporter.say(f"{applied} {counted(len(summary.applied), 'edit')}")
+    if summary.with_line_breaks:
+        reporter.say(
+            f"  {summary.with_line_breaks} of them with line breaks, kept: sd-scripts reads only a caption's "
+            "first line unless --enable_wildcard"
+        )
+    if summary.already:
+        reporter.say(f"already on disk: {counted(len(summary.already), 'edit')}")
+    if summary.changed:
+        reporter.say(
+            f"changed since the page was written, left alone: {counted(len(summary.changed), 'caption')}"
+        )
+    if summary.refused:
+        reporter.say(f"refused: {counted(len(summary.refused), 'edit')}")
+    if summary.unwritten:
+        reporter.say(f"not written: {counted(len(summary.unwritten), 'edit')}")
+    if summary.interrupted:
+        reporter.say("interrupted: the edits after the last one applied are left for a rerun")
+
+
+# ---------------------------------------------------------------------------
 # Reporter: everything the run prints
 # ---------------------------------------------------------------------------
 # Progress, ETA, failures and the summary, worded here; a terminal gets a live line, a
@@ -6309,6 +6745,11 @@ class Reporter:
     def field_adapted(self, url: str, name: str, instead: str | None) -> None:
         sent = f"sent as {instead}" if instead else "left out"
         self.say(f"note: {url} does not take {name} for this model: {sent} for the rest of the run")
+
+    def value_adapted(self, url: str, name: str, value: str) -> None:
+        self.say(
+            f"note: {url} takes another {name} for this model: {value} (its least) for the rest of the run"
+        )
 
     def paced(self, url: str, why: str) -> None:
         self.say(
@@ -6851,6 +7292,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help="caption exactly the images a list names (one path a line, as the review page's redo list or "
         "--failed-list writes it), overwriting their captions",
+    )
+    parser.add_argument(
+        "--apply-edits",
+        type=Path,
+        metavar="FILE",
+        help="write the captions edited on the review page (its downloaded edits file) into the folders "
+        "given, each only where the caption still holds what the page showed; nothing is captioned",
     )
     parser.add_argument(
         "--failed-list",
@@ -7470,19 +7918,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = Stop()
     with Signals(stop).handled() as signals, library_chatter_silenced():
         reporter = Reporter(verbosity=-1 if args.quiet else int(args.verbose))
-        try:
-            summary = caption_folders(config_from_args(args), reporter, stop)
-        except CannotStart as exc:
-            reporter.error(str(exc))
-            summary = None
-        if summary and not args.dry_run:
-            reporter.finish(summary)
-        elif summary:
-            for error in summary.output_errors:
-                reporter.error(error)
+        if args.apply_edits:
+            code = edits_applied(args, parser, reporter, stop)
+        else:
+            code = captions_made(args, reporter, stop)
     if signals.received:
         return signals.die()
-    return summary.exit_code if summary else EXIT_CANNOT_START
+    return code
+
+
+def captions_made(args: argparse.Namespace, reporter: Reporter, stop: Stop) -> int:
+    """A run that captions; its exit code."""
+    try:
+        summary = caption_folders(config_from_args(args), reporter, stop)
+    except CannotStart as exc:
+        reporter.error(str(exc))
+        return EXIT_CANNOT_START
+    if not args.dry_run:
+        reporter.finish(summary)
+    else:
+        for error in summary.output_errors:
+            reporter.error(error)
+    return summary.exit_code
+
+
+def edits_applied(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, reporter: Reporter, stop: Stop
+) -> int:
+    """--apply-edits: a run that writes a person's edits; its exit code."""
+    try:
+        summary = apply_edits(edits_config_from_args(args, parser), args.apply_edits, reporter, stop)
+    except CannotStart as exc:
+        reporter.error(str(exc))
+        return EXIT_CANNOT_START
+    report_edits(summary, reporter)
+    return summary.exit_code
+
+
+def edits_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """The settings --apply-edits uses (EDIT_RUN_SETTINGS); any other option given is refused."""
+    for action in parser._actions:
+        if action.dest in EDIT_RUN_SETTINGS or action.dest == "help":
+            continue
+        if getattr(args, action.dest, action.default) != action.default:
+            flag = max(action.option_strings, key=len)
+            raise CannotStart(
+                f"--apply-edits writes the edits and nothing else: {flag} has no part in it; leave it out"
+            )
+    folders, _, _ = folders_and_prompt(args.paths, args.prompt)
+    refuse_folders_inside_others(folders, args.recursive)
+    return Config(
+        folders=folders,
+        prompt=Template(BUILT_IN_PROMPT),  # a prompt writes no edit: the run's pass is nobody's
+        caption_ext=caption_extension(args.caption_ext),
+        recursive=args.recursive,
+        dry_run=args.dry_run,
+    )
 
 
 if __name__ == "__main__":

@@ -418,6 +418,10 @@ return performance.now() - start;
 REVIEW_ACTIONS = {
     "next page": "document.getElementById('page-next').click()",
     "sort by length": "const s = document.getElementById('sort'); s.value = 'length'; s.dispatchEvent(new Event('change'))",
+    # Over every caption (no search or filter yet): a preview, then the replace in each caption that
+    # has the word, kept in the browser's storage.
+    "find & replace preview": "document.getElementById('find').value = 'street'; document.getElementById('replace-with').value = 'road'; document.getElementById('preview-replace').click()",
+    "replace": "document.getElementById('apply-replace').click()",
     "search": "const b = document.getElementById('search'); b.value = 'cobblestone'; b.dispatchEvent(new Event('input'))",
     "filter": "document.querySelector('#filters input[data-group=\"flag\"]').click()",
 }

@@ -2,7 +2,8 @@
 
 Not a captioner to use: it speaks only what the model-based test (test_model_based.py) runs: folders
 or -r, --prompt, --model, --api, --existing, --prefix, --limit, --only, --jsonl, --review,
---overwrite-edits, --jobs and --host, one request at a time, to the stand-in. It exists so that the
+--overwrite-edits, --jobs and --host, one request at a time, to the stand-in; and --apply-edits
+(with --dry-run), the review page's edits written back as a person's. It exists so that the
 harness can be checked against something that keeps the rules: the state machine must find nothing
 here, and whatever it finds in the real script is then the script's, not the harness's:
 
@@ -126,8 +127,9 @@ class Journal:
         return held
 
     def who(self, entries: list[Entry], text: str) -> str:
-        if any(entry.after == text for entry in entries):
-            return "tool"
+        producer = self.producer(entries, text)
+        if producer:
+            return "person" if producer.mode == "edit" else "tool"  # "edit": applied from the page
         if entries and not any(entry.before == text and not entry.landed for entry in entries):
             return "person"  # the text before a write that landed, put back by hand, too
         return "original"  # never written, or the text before a write that never landed
@@ -200,7 +202,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("-r", "--recursive", action="store_true")
-    parser.add_argument("--prompt", type=Path, required=True)
+    parser.add_argument("--prompt", type=Path)
     parser.add_argument("--model")
     parser.add_argument("--api", default="ollama")
     parser.add_argument("--existing")
@@ -211,8 +213,12 @@ def main() -> int:
     parser.add_argument("--review", type=Path)
     parser.add_argument("--overwrite-edits", action="store_true")
     parser.add_argument("--jobs", type=int)
-    parser.add_argument("--host", required=True)
+    parser.add_argument("--host")
+    parser.add_argument("--apply-edits", type=Path)
+    parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
+    if args.apply_edits:
+        return apply_edits(args.apply_edits, args.dry_run)
     stop = Stop()
     signal.signal(signal.SIGTERM, lambda *_: setattr(stop, "asked", True))
     prompt = args.prompt.read_text(encoding="utf-8").strip()
@@ -273,6 +279,7 @@ def main() -> int:
             if only is not None:  # a redo
                 producer = journal.producer(entries, text) if who == "tool" else None
                 mode = args.existing or journal.mode_of(entries, text, settings) or "overwrite"
+                mode = "overwrite" if mode == "skip" else mode  # a redo is never skipped: overwrite's
                 pass_id = digest(settings + mode)
                 if not text or mode in ("skip", "overwrite"):
                     base = ""
@@ -353,6 +360,26 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
     return 1 if counts["failed"] else 0
+
+
+def apply_edits(path: Path, dry_run: bool) -> int:
+    """--apply-edits: each edit written where the caption holds what the page showed, and
+    journaled as a person's (mode "edit"), the journal line before the caption."""
+    left_alone = 0
+    for edit in json.loads(path.read_text(encoding="utf-8"))["edits"]:
+        image = path.parent / edit["image"]
+        caption = image.with_suffix(edit["ext"])
+        data = caption.read_bytes() if caption.exists() else None
+        if data == edit["text"].encode():
+            continue
+        if text_of(data) != edit["shown"] and not (is_blank(data) and is_blank(edit["shown"].encode())):
+            left_alone += 1
+            print(f"  changed since the page was written, left alone: {caption.name}", file=sys.stderr)
+            continue
+        if not dry_run:
+            entry = Entry(image.name, "person", "", "edit", text_of(data), "", edit["text"])
+            write(Journal(image.parent), entry, caption)
+    return 1 if left_alone else 0
 
 
 def summary_line(tally: dict[str, int], seconds: float | None = None, interrupted: bool = False) -> str:

@@ -141,8 +141,13 @@ OPENAI_FIELDS = frozenset(
 # (usage.completion_tokens_details.reasoning_tokens) and never streamed on Chat Completions.
 OPENAI_REASONING = re.compile(r"(o\d|gpt-5)")
 OPENAI_EFFORTS = ("minimal", "low", "medium", "high")
+# GPT-5.1 and later take "none" and no longer "minimal": a 400 "Unsupported value: 'minimal' is
+# not supported with the 'gpt-5.1' model. Supported values are: 'none', 'low', 'medium', and
+# 'high'." (code unsupported_value; anomalyco/opencode#4451, November 2025).
+OPENAI_EFFORTS_SINCE_5_1 = ("none", "low", "medium", "high")
+OPENAI_SINCE_5_1 = re.compile(r"gpt-5\.[1-9]")
 # The reasoning tokens the stand-in's reasoning model spends at each effort (medium by default).
-REASONING_SPENT = {"minimal": 0, "low": 40, "medium": 160, "high": 640}
+REASONING_SPENT = {"none": 0, "minimal": 0, "low": 40, "medium": 160, "high": 640}
 # Gemini's OpenAI-compatible endpoint maps reasoning_effort to a thinking budget, "none" turning
 # thinking off (ai.google.dev/gemini-api/docs/openai, read 2026-12-06).
 GEMINI_EFFORTS = ("none", "minimal", "low", "medium", "high")
@@ -1212,7 +1217,15 @@ class Handler(BaseHTTPRequestHandler):
                 "unsupported_value",
             )
         effort = body.get("reasoning_effort")
-        if effort is not None and effort not in OPENAI_EFFORTS:
+        model = str(body.get("model"))
+        if effort is not None and OPENAI_SINCE_5_1.match(model) and effort not in OPENAI_EFFORTS_SINCE_5_1:
+            return refused(
+                f"Unsupported value: '{effort}' is not supported with the '{model}' model. "
+                f"Supported values are: {openai_values(OPENAI_EFFORTS_SINCE_5_1)}.",
+                "reasoning_effort",
+                "unsupported_value",
+            )
+        if effort is not None and not OPENAI_SINCE_5_1.match(model) and effort not in OPENAI_EFFORTS:
             return refused(
                 f"Invalid value: '{effort}'. Supported values are: {openai_values(OPENAI_EFFORTS)}.",
                 "reasoning_effort",

@@ -13,6 +13,7 @@ from stand_in_ollama import VISION_MODEL, Reply, StandInOllama
 
 REASONING = "gpt-5-mini"  # an OpenAI reasoning model: max_completion_tokens, temperature 1 only
 PLAIN = "gpt-4.1-mini"  # one that does not reason
+LATER = "gpt-5.1"  # a reasoning model that takes effort "none" and refuses "minimal"
 # The 1x1 PNG every decoder takes.
 PIXEL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
@@ -92,7 +93,10 @@ def test_strict_openai_checks_the_image_detail(strict):
 # ---- the captioner against them ----
 
 KEY = "sk-test-7f3a9c2e1b"  # a made-up key: it must appear in no output or file
-HOSTED_MODELS = {REASONING: VISION_MODEL, PLAIN: VISION_MODEL, "google/gemini-2.5-flash": VISION_MODEL}
+HOSTED_MODELS = {
+    **dict.fromkeys((REASONING, PLAIN, LATER), VISION_MODEL),
+    "google/gemini-2.5-flash": VISION_MODEL,
+}
 # Each hosted flavour with a model of its own, and its thinking switched off in its own words.
 THINKING_OFF = {
     ("openai", REASONING): {"reasoning_effort": "minimal"},
@@ -185,6 +189,59 @@ def test_a_plain_openai_model_sheds_reasoning_effort_once(tmp_path, hosted):
         "Unrecognized request argument supplied: reasoning_effort"
     ]
     assert all(chat.body.get("temperature") == 0.8 for chat in images_sent(stand_in))
+
+
+def test_strict_openai_refuses_minimal_effort_from_gpt_5_1_and_later(strict_later):
+    refused = post(strict_later, body(LATER, reasoning_effort="minimal")).json()["error"]
+    assert refused["message"] == (
+        "Unsupported value: 'minimal' is not supported with the 'gpt-5.1' model. "
+        "Supported values are: 'none', 'low', 'medium', and 'high'."
+    )
+    assert (refused["param"], refused["code"]) == ("reasoning_effort", "unsupported_value")
+    assert post(strict_later, body(LATER, reasoning_effort="none")).status_code == 200
+
+
+@pytest.fixture
+def strict_later(make_server) -> StandInOllama:
+    return make_server(flavour="openai", native=False, models={LATER: VISION_MODEL})
+
+
+def test_a_model_that_refuses_the_least_effort_gets_its_own_least_once(tmp_path, hosted):
+    """GPT-5.1 and later refuse "minimal", the captioner's way of turning thinking down for
+    OpenAI: the probe picture meets the refusal once and every image is sent "none", the least
+    this model says it takes, so no image is refused and none spends reasoning."""
+    start, run = hosted
+    distinct_pictures(tmp_path, 3)
+    stand_in = start("openai")
+
+    result = run(stand_in, tmp_path, "--model", LATER, "--jsonl", tmp_path / "run.jsonl")
+
+    assert result.code == 0, result.err
+    assert sorted(error["param"] for _, error in stand_in.refusals) == ["reasoning_effort", "temperature"]
+    assert "takes another reasoning_effort for this model: none (its least)" in result.err
+    assert [chat.body.get("reasoning_effort") for chat in images_sent(stand_in)] == ["none"] * 3
+    rows = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert [row.get("reasoning_tokens", 0) for row in rows] == [0, 0, 0]
+
+
+@pytest.mark.timeout(60)
+def test_two_addresses_of_one_provider_are_paced_as_one_account(tmp_path, hosted, make_server):
+    """One key, one account's limits: --rpm holds for the requests to both addresses together
+    (a gateway on this machine and the API, say), not for each."""
+    start, run = hosted
+    distinct_pictures(tmp_path, 10)
+    first, second = start("openai"), start("openai")
+
+    result = run(first, tmp_path, "--model", PLAIN, "--rpm", 300, "--jobs", 2, "--host", second.url)
+
+    assert result.code == 0, result.err
+    # The images' requests (each address's probe picture goes before the run, one each).
+    times = sorted(chat.received_at for chat in images_sent(first) + images_sent(second))
+    assert len(times) == 10
+    rate, burst, slack = 5.0, 1, 0.25  # a second; slack as in test_pacing.py
+    for begin in range(len(times)):
+        for end in range(begin, len(times)):
+            assert end - begin + 1 <= burst + rate * (times[end] - times[begin] + slack), (begin, end)
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,23 @@ def test_a_key_the_server_echoes_reaches_no_output(kind, where, tmp_path, run_ag
 
 
 @pytest.mark.parametrize("kind", BOTH_APIS)
+def test_an_answer_that_echoes_the_key_is_not_asked_again(kind, tmp_path, run_against, monkeypatch):
+    """The model never sees the key: an answer holding it is the server's echo of the request,
+    which every try would repeat, each paid for on a hosted API."""
+    start, run = run_against
+    monkeypatch.setenv(key_variable(kind), KEY)
+    picture(tmp_path / "a.png", size=(40, 32))
+    server = start(kind, echo_authorization=True)
+    server.answer = by_width({40: ECHOED["answer"]}, default="probe")
+
+    result = run(kind, server.url, tmp_path, "--retries", 3)
+
+    assert result.code == 1
+    assert len(captions_sent(server)) == 1
+    assert "FAILED a.png: " in result.err and KEY not in result.err
+
+
+@pytest.mark.parametrize("kind", BOTH_APIS)
 def test_a_key_echoed_before_the_run_starts_is_not_shown(kind, tmp_path, run_against, monkeypatch):
     start, run = run_against
     monkeypatch.setenv(key_variable(kind), KEY)

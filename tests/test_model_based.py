@@ -215,6 +215,9 @@ class Caption:
     # landed): the rules read such a text as "nobody we know", not as a person's. The model
     # cannot know whether the journal line was written, so either reading is accepted.
     maybe_original: bool = False
+    # A person's text was applied here from the review page (--apply-edits) at some time: the journal
+    # says so, so a text no run wrote is a person's from then on, whatever a killed run left.
+    paged: bool = False
 
     @property
     def blank(self) -> bool:
@@ -629,8 +632,9 @@ class Reruns(RuleBasedStateMachine):
         caption.data = f"hand edit {next(self.edits)}".encode()
         # "A person" only where the tool wrote this caption at some time; else nobody we know.
         # Where only a killed run's write that never landed says so, either reading is allowed.
-        caption.kind = "person" if caption.written or caption.attempted else "original"
-        caption.write, caption.maybe_original = None, not caption.written and caption.attempted
+        caption.kind = "person" if caption.written or caption.attempted or caption.paged else "original"
+        caption.write = None
+        caption.maybe_original = not caption.written and caption.attempted and not caption.paged
         self.caption_path(picture).write_bytes(caption.data)
         note(f"# {picture.caption} edited by hand: {short(caption.data)} ({caption.kind})")
         self.bench.counters.steps += 1
@@ -669,6 +673,66 @@ class Reruns(RuleBasedStateMachine):
         (self.work / "root" / picture.rel).unlink()
         note(f"# root/{picture.rel} removed")
         self.bench.counters.steps += 1
+
+    @precondition(lambda self: self.ready)
+    @rule(
+        pick=st.integers(0, 7),
+        folders=st.sampled_from(sorted(FOLDER_SPECS)),
+        stale=st.sampled_from((False, False, True)),
+        dry_run=st.sampled_from((False, False, False, True)),
+    )
+    def apply_page_edit(self, pick: int, folders: str, stale: bool, dry_run: bool) -> None:
+        """A caption fixed on the review page, downloaded, and written back with --apply-edits: a
+        person's from then on, which no later run of any pass touches (unless --only names it, or
+        --overwrite-edits). Stale: the page showed the caption as it was before a later change,
+        so the edit is left alone (exit 1)."""
+        scope = self.scope(FOLDER_SPECS[folders][1])
+        picture = scope[pick % len(scope)]
+        caption = self.captions[picture.caption]
+        shown = decoded(caption.data) + (" (as an older page showed it)" if stale else "")
+        text = f"page edit {next(self.edits)}"
+        name = f"lists/edits-{next(self.lists)}.json"
+        entry = {"image": str(self.work / "root" / picture.rel), "ext": ".txt", "shown": shown, "text": text}
+        self.keep_file(name, json.dumps({"llava-caption-edits": 1, "edits": [entry]}).encode())
+        argv = [*FOLDER_SPECS[folders][0], "--apply-edits", name, *(["--dry-run"] if dry_run else [])]
+        self.bench.counters.steps += 1
+        self.bench.counters.runs += 1
+        with as_from_a_terminal():
+            try:
+                done = subprocess.run(
+                    [sys.executable, str(self.bench.script), *argv],
+                    check=False,
+                    cwd=self.work,
+                    env=child_environment(None),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=RUN_SECONDS,
+                )
+            except subprocess.TimeoutExpired:
+                raise RunHung(
+                    f"`llava-caption-ollama.py {' '.join(argv)}` still ran after {RUN_SECONDS:g} s"
+                ) from None
+        last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        note(
+            f"$ llava-caption-ollama.py {' '.join(argv)}  # {picture.caption}\n    exit {done.returncode}: {last}"
+        )
+        applied = not stale and not dry_run
+        if done.returncode != (1 if stale else 0):
+            raise SummaryWrong(
+                f"--apply-edits exited {done.returncode}, the rules say {1 if stale else 0}:\n{done.stderr}"
+            )
+        path = self.caption_path(picture)
+        actual = path.read_bytes() if path.is_file() else None
+        wanted = text.encode() if applied else caption.data
+        if actual != wanted:
+            kind = EditOverwritten if caption.kind == "person" and not applied else CaptionWrong
+            raise kind(
+                f"{picture.caption}: {short(wanted)} after --apply-edits, found {short(actual)}\n{done.stderr}"
+            )
+        if applied:
+            caption.data, caption.kind, caption.write = wanted, "person", None
+            caption.maybe_original, caption.paged = False, True
 
     def pick(self, pick: int) -> Picture:
         pictures = self.present()
@@ -1157,7 +1221,7 @@ class Reruns(RuleBasedStateMachine):
                 caption.maybe_original = False
             else:  # killed before its write landed: its journal line may say a write came
                 caption.attempted = True
-                caption.maybe_original = caption.kind == "person"
+                caption.maybe_original = caption.kind == "person" and not caption.paged
 
     # --- checked after every step
 

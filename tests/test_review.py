@@ -255,7 +255,7 @@ def reason_group(reason: str) -> str:
     return head if len(head) <= 40 else head[:40].rstrip() + "\u2026"
 
 
-def values(record: dict, group: str, marked=frozenset()) -> list:
+def values(record: dict, group: str, marked=frozenset(), edited=frozenset()) -> list:
     folder = record["folder"] or "."
     return {
         "status": [record["status"]],
@@ -263,13 +263,14 @@ def values(record: dict, group: str, marked=frozenset()) -> list:
         "flag": record["flags"],
         "folder": [folder],
         "redo": ["marked"] if record["path"] in marked else [],
+        "edit": ["edited"] if record["path"] in edited else [],
     }[group]
 
 
 def expected_counts(records: list, selected: dict, query: str = "") -> tuple:
     """What the page must show: the images that match, and for each option of each group the images
     that match the search and every other group (a faceted count)."""
-    groups = ("status", "reason", "flag", "folder", "redo")
+    groups = ("status", "reason", "flag", "folder", "redo", "edit")
     query = query.lower()
     matching, counts = [], {group: {} for group in groups}
     for record in records:
@@ -758,3 +759,173 @@ def test_the_page_shows_no_cost_without_a_price(browser, make_server, tmp_path):
 
     header = browser.find_element("id", "run").text
     assert "tokens paid for" in header and "spent" not in header
+
+
+# ---- Edits: in place, find & replace, downloaded, applied with --apply-edits ----
+
+HOSTILE_EDIT = f'{HOSTILE_IMG} {HOSTILE_SCRIPT} & "cat"\nשלום עולם, a cat \u202eevil end'
+
+
+def on_card(driver, path: str, selector: str):
+    """The element of a card (on the page shown) that the selector finds."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#cards .card')].find(c => c.dataset.path === arguments[0])"
+        ".querySelector(arguments[1])",
+        path,
+        selector,
+    )
+
+
+def caption_shown(driver, path: str) -> str:
+    return driver.execute_script(
+        "const card = [...document.querySelectorAll('#cards .card')].find(c => c.dataset.path === arguments[0]);"
+        "return (card.querySelector('.caption:not(.empty)') || {}).textContent || ''",
+        path,
+    )
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(90)
+def test_edits_and_find_and_replace_are_downloaded_and_applied_byte_for_byte(browser, make_server, tmp_path):
+    data = tmp_path / "data"
+    captions = {}
+    for number in range(125):  # more than a page of cards (120): the replace reaches the second page
+        picture(data / "a" / f"img{number:03d}.png", size=(16, 12))
+        captions[f"a/img{number:03d}.txt"] = f"a photo of a cat, number {number}"
+    for number in range(3):
+        picture(data / "b" / f"img{number:03d}.png", size=(16, 12))
+        captions[f"b/img{number:03d}.txt"] = f"a cat in folder b, number {number}"
+    # Hostile captions on disk: markup, line breaks, right-to-left text, 50,000 characters.
+    captions["a/img001.txt"] = f"{HOSTILE_SCRIPT} <b>cat</b> &amp;"
+    captions["a/img002.txt"] = "line one, a cat\nline two\r\nline three"
+    captions["a/img003.txt"] = "חתול שחור \u202ecat\u202c " + "a long cat caption " * 2630
+    for rel, text in captions.items():
+        (data / rel).write_bytes(text.encode("utf-8"))
+    images = {path: path.read_bytes() for path in data.rglob("*.png")}
+    page = tmp_path / "review.html"
+    run = run_script(data / "a", data / "b", "--review", page, "--dry-run", "--host", make_server().url)
+    assert run.returncode == 0, run.stderr
+    open_page(browser, page)
+
+    # One caption edited in place, typed as a person types it (line break and all).
+    on_card(browser, "data/a/img000.png", ".edit-toggle").click()
+    area = on_card(browser, "data/a/img000.png", "textarea")
+    assert area.get_attribute("value") == captions["a/img000.txt"]
+    area.clear()
+    area.send_keys(HOSTILE_EDIT)
+    on_card(browser, "data/a/img000.png", ".edit-save").click()
+    assert caption_shown(browser, "data/a/img000.png") == HOSTILE_EDIT
+    assert browser.find_element("id", "download-edits").text == "Download edits (1)"
+    # 50,000 characters, set as a paste would.
+    long_edit = "ein langer Satz über eine cat, " * 1613 + "שלום"
+    on_card(browser, "data/a/img003.png", ".edit-toggle").click()
+    browser.execute_script(
+        "arguments[0].value = arguments[1]", on_card(browser, "data/a/img003.png", "textarea"), long_edit
+    )
+    on_card(browser, "data/a/img003.png", ".edit-save").click()
+    assert len(long_edit) >= 50_000 and caption_shown(browser, "data/a/img003.png") == long_edit
+    assert (
+        alert_shown(browser) is None and browser.execute_script("return typeof window.pwned") == "undefined"
+    )
+
+    # Find & replace over every caption folder a shows (two pages of cards), none of folder b's.
+    toggle(browser, "folder", "data/a")
+    assert "125 of 128 images" in browser.find_element("id", "shown-count").text
+    browser.find_element("id", "open-replace").click()
+    browser.find_element("id", "find").send_keys("cat")
+    browser.find_element("id", "replace-with").send_keys("dog")
+    browser.find_element("id", "preview-replace").click()
+    texts = {rel: text for rel, text in captions.items()}
+    texts["a/img000.txt"], texts["a/img003.txt"] = HOSTILE_EDIT, long_edit
+    changing = [rel for rel, text in texts.items() if rel.startswith("a/") and "cat" in text]
+    occurrences = sum(texts[rel].count("cat") for rel in changing)
+    summary = browser.find_element("id", "replace-summary").text
+    assert f"{occurrences:,} occurrences in {len(changing)} captions of the 125 images" in summary
+    assert len(browser.find_elements("css selector", "#replace-list li")) == 51  # 50 and "... more"
+    assert all(caption_shown(browser, f"data/{rel[:-4]}.png").count("dog") == 0 for rel in changing[:5])
+    apply_button = browser.find_element("id", "apply-replace")
+    assert apply_button.text == f"Replace in {len(changing)} captions"
+    apply_button.click()
+    expected = {rel: texts[rel].replace("cat", "dog") for rel in changing}
+    browser.find_element("id", "page-next").click()
+    assert caption_shown(browser, "data/a/img124.png") == expected["a/img124.txt"]
+    toggle(browser, "folder", "data/a")
+    type_search(browser, "folder b")
+    assert caption_shown(browser, "data/b/img001.png") == captions["b/img001.txt"]  # not shown: not replaced
+    type_search(browser, "")
+    toggle(browser, "edit", "edited")
+    assert f"{len(changing)} of 128 images" in browser.find_element("id", "shown-count").text
+
+    # Kept in the browser until downloaded, across a reload; then one file.
+    open_page(browser, page)
+    assert browser.find_element("id", "download-edits").text == f"Download edits ({len(changing)})"
+    browser.find_element("id", "download-edits").click()
+    edits_file = tmp_path / "downloads" / "caption-edits.json"
+    downloaded = json.loads(wait_for_file(edits_file))
+    assert downloaded["llava-caption-edits"] == 1 and "--apply-edits" in downloaded["apply"]
+    by_image = {edit["image"]: edit for edit in downloaded["edits"]}
+    assert set(by_image) == {str(data / rel[:-4]) + ".png" for rel in changing}
+    first = by_image[str(data / "a" / "img000.png")]
+    assert first == {
+        "image": str(data / "a" / "img000.png"),
+        "ext": ".txt",
+        "shown": captions["a/img000.txt"],
+        "text": expected["a/img000.txt"],
+    }
+    assert by_image[str(data / "a" / "img002.png")]["shown"] == captions["a/img002.txt"]
+
+    # A caption changed on disk since the page was written is left alone, named, exit 1.
+    (data / "a" / "img010.txt").write_bytes(b"changed by hand after the page")
+    applied = run_script(data / "a", data / "b", "--apply-edits", edits_file)
+    assert applied.returncode == 1, applied.stderr
+    assert "changed since the page was written, left alone: a/img010.txt" in applied.stderr
+    assert f"applied {len(changing) - 1} edits" in applied.stderr
+    for rel, text in captions.items():
+        on_disk = (data / rel).read_bytes()
+        if rel == "a/img010.txt":
+            assert on_disk == b"changed by hand after the page"
+        elif rel in expected:
+            assert on_disk == expected[rel].encode("utf-8"), rel
+        else:
+            assert on_disk == text.encode("utf-8"), rel
+    assert {path: path.read_bytes() for path in data.rglob("*.png")} == images
+    others = sorted(
+        p.relative_to(data).as_posix() for p in data.rglob("*") if p.suffix not in (".png", ".txt")
+    )
+    assert others == ["a", f"a/{JOURNAL}", "b"]  # the folders, and the journal that holds the edits
+
+    # No later pass touches them: an overwrite pass leaves every applied edit alone.
+    again = run_script(data / "a", "--existing", "overwrite", "--host", make_server().url)
+    assert (
+        f"left alone {len([rel for rel in expected if rel.startswith('a/')]) - 1} (edited since written)"
+        in again.stderr
+    )
+    for rel, text in expected.items():
+        if rel != "a/img010.txt":
+            assert (data / rel).read_bytes() == text.encode("utf-8"), rel
+
+
+def test_the_page_keeps_what_a_failed_images_caption_holds_and_the_caption_extension(make_server, tmp_path):
+    # A failed redo keeps the caption before it: that is the text a person edits on the page, and the
+    # text --apply-edits checks the file against.
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 2)
+    (folder / "img000.caption").write_text("an old caption, written by hand", encoding="utf-8")
+    server = make_server(
+        answer=lambda chat: (
+            Reply(status=400, error="image too strange") if chat.picture().width == 40 else describe(chat)
+        )
+    )
+    page = tmp_path / "review.html"
+    run = run_script(
+        folder, "--existing", "overwrite", "--ext", ".caption", "--review", page, "--host", server.url
+    )
+    assert run.returncode == 1, run.stderr
+    records = {record["path"]: record for record in page_images(page)}
+    assert records["photos/img000.png"]["status"] == "failed"
+    assert records["photos/img000.png"]["kept"] == "an old caption, written by hand"
+    assert (
+        records["photos/img001.png"]["status"] == "captioned" and "kept" not in records["photos/img001.png"]
+    )
+    html = page.read_text(encoding="utf-8")
+    assert '"caption_ext": ".caption"' in html

@@ -1,0 +1,384 @@
+"""--apply-edits: the review page's edits written back as a person's captions. Each edit is applied
+only where the caption still holds the text the page showed; the file is hostile input (it comes from
+a browser's downloads, and anyone may have written it); an applied edit is a person's, which no later
+run of any pass touches. The page's side (editing, find & replace, the download) is tested in a
+browser in test_review.py."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import JOURNAL, captioner, picture, run_script
+
+OWN = ".llava-caption-ollama"
+
+
+def dataset(folder: Path, captions: dict[str, str | None]) -> dict[str, bytes]:
+    """Images named by their captions' stems (img0.txt -> img0.png), each caption written as
+    given (None: none); every file below folder's parent, by path, as it now is."""
+    for number, (name, text) in enumerate(captions.items()):
+        picture(folder / (name.rsplit(".", 1)[0] + ".png"), size=(40 + number, 32))
+        if text is not None:
+            (folder / name).write_bytes(text.encode("utf-8"))
+    return snapshot(folder.parent)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below root but the tool's own and the edits files the tests put in root, by path."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.startswith(OWN) and not (p.parent == root and p.suffix == ".json")
+    }
+
+
+def edits_file(path: Path, edits: list, **head) -> Path:
+    path.write_text(json.dumps({"llava-caption-edits": 1, **head, "edits": edits}), encoding="utf-8")
+    return path
+
+
+def edit(image: Path | str, shown: str, text: str, ext: str = ".txt") -> dict:
+    return {"image": str(image), "ext": ext, "shown": shown, "text": text}
+
+
+def apply(*args: object, **options):
+    return run_script(*args, **options)
+
+
+def changed(before: dict[str, bytes], after: dict[str, bytes]) -> dict[str, bytes | None]:
+    return {
+        rel: after.get(rel) for rel in sorted(set(before) | set(after)) if before.get(rel) != after.get(rel)
+    }
+
+
+# ---- Applied where the caption is what the page showed, and only there ----
+
+
+def test_an_edit_is_written_byte_for_byte_and_nothing_else_changes(tmp_path):
+    folder = tmp_path / "photos"
+    before = dataset(folder, {"img0.txt": "a cat on a mat", "img1.txt": None, "img2.txt": "a dog\r\n"})
+    person = (
+        "a <b>cat</b>\r\non a mat\twith tabs, \u05e9\u05dc\u05d5\u05dd \u202eevil\u202c, \U0001f408 " * 100
+    )
+    file = edits_file(
+        tmp_path / "caption-edits.json",
+        [
+            edit(folder / "img0.png", "a cat on a mat", person),
+            edit(folder / "img1.png", "", "written where the model wrote nothing"),
+            edit("photos/img2.png", "a dog", "a dog, by hand"),  # relative: to the edits file's folder
+        ],
+    )
+
+    run = apply(folder, "--apply-edits", file)
+
+    assert run.returncode == 0, run.stderr
+    assert "applied 3 edits" in run.stderr
+    assert "1 of them with line breaks, kept" in run.stderr
+    assert changed(before, snapshot(tmp_path)) == {
+        "photos/img0.txt": person.encode("utf-8"),
+        "photos/img1.txt": b"written where the model wrote nothing",
+        "photos/img2.txt": b"a dog, by hand",
+    }
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [JOURNAL]  # no lock, no temp
+
+
+def test_a_caption_changed_since_the_page_was_written_is_named_and_left_alone(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "changed by hand since", "img1.txt": "as the page showed it"})
+    file = edits_file(
+        tmp_path / "edits.json",
+        [
+            edit(folder / "img0.png", "as the page showed it", "the edit"),
+            edit(folder / "img1.png", "as the page showed it", "the other edit"),
+        ],
+    )
+
+    run = apply(folder, "--apply-edits", file)
+
+    assert run.returncode == 1
+    assert "changed since the page was written, left alone: img0.txt" in run.stderr
+    assert "applied 1 edit\n" in run.stderr
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == "changed by hand since"
+    assert (folder / "img1.txt").read_text(encoding="utf-8") == "the other edit"
+    # A caption deleted since the page showed one has changed too: nothing is written in its place.
+    (folder / "img1.txt").unlink()
+    again = apply(
+        folder, "--apply-edits", edits_file(tmp_path / "e2.json", [edit(folder / "img1.png", "x", "y")])
+    )
+    assert again.returncode == 1 and not (folder / "img1.txt").exists()
+
+
+def test_applying_the_same_file_again_changes_nothing_and_says_so(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old"})
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "old", "new")])
+    assert apply(folder, "--apply-edits", file).returncode == 0
+    journal = (folder / JOURNAL).read_bytes()
+
+    again = apply(folder, "--apply-edits", file)
+
+    assert again.returncode == 0, again.stderr
+    assert "applied 0 edits" in again.stderr and "already on disk: 1 edit" in again.stderr
+    assert (folder / JOURNAL).read_bytes() == journal
+
+
+def test_a_dry_run_previews_and_writes_nothing(tmp_path):
+    folder = tmp_path / "photos"
+    before = dataset(folder, {"img0.txt": "old", "img1.txt": "changed"})
+    file = edits_file(
+        tmp_path / "edits.json",
+        [edit(folder / "img0.png", "old", "new"), edit(folder / "img1.png", "shown", "new too")],
+    )
+
+    run = apply(folder, "--apply-edits", file, "--dry-run")
+
+    assert run.returncode == 1  # as the run itself would end
+    assert "  would apply img0.txt" in run.stderr and "would apply 1 edit" in run.stderr
+    assert "changed since the page was written, left alone: img1.txt" in run.stderr
+    assert changed(before, snapshot(tmp_path)) == {}
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no journal, no lock
+
+
+def test_a_folder_another_run_holds_is_not_written(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old"})
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "old", "new")])
+    with open(folder / f"{OWN}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = apply(folder, "--apply-edits", file)
+    assert run.returncode == 2
+    assert f"another run is captioning {folder}" in run.stderr
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == "old"
+
+
+def test_with_r_the_edits_of_subfolders_are_applied_and_without_it_refused(tmp_path):
+    root = tmp_path / "root"
+    dataset(root / "sub", {"img0.txt": "old"})
+    file = edits_file(tmp_path / "edits.json", [edit(root / "sub" / "img0.png", "old", "new")])
+
+    without = apply(root, "--apply-edits", file)
+    assert without.returncode == 1
+    assert "its image is not in the folders given (it is below one: give -r)" in without.stderr
+
+    run = apply("-r", root, "--apply-edits", file)
+    assert run.returncode == 0, run.stderr
+    assert (root / "sub" / "img0.txt").read_text(encoding="utf-8") == "new"
+    assert (root / "sub" / JOURNAL).is_file()
+
+
+def test_options_that_have_no_part_in_applying_edits_are_refused(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old"})
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "old", "new")])
+    for option in (["--model", "x"], ["--existing", "overwrite"], ["--review", tmp_path / "r.html"]):
+        run = apply(folder, "--apply-edits", file, *option)
+        assert run.returncode == 2
+        assert (
+            run.stderr
+            == f"error: --apply-edits writes the edits and nothing else: {option[0]} has no part in it; leave it out\n"
+        )
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == "old"
+
+
+def test_another_caption_extension_is_written_when_the_run_has_it(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.caption": "old"})
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "old", "new", ext=".caption")])
+    assert "is not the caption extension of this run (.txt)" in apply(folder, "--apply-edits", file).stderr
+    run = apply(folder, "--apply-edits", file, "--ext", ".caption")
+    assert run.returncode == 0, run.stderr
+    assert (folder / "img0.caption").read_text(encoding="utf-8") == "new"
+
+
+# ---- The edits file is hostile input ----
+
+
+def test_each_hostile_edit_gets_one_line_and_nothing_is_written_outside_the_folders(tmp_path):
+    folder = tmp_path / "photos"
+    outside = tmp_path / "outside"
+    dataset(folder, {"img0.txt": "zero", "img1.txt": "one", "twin.txt": "shared"})
+    picture(folder / "twin.jpg")  # twin.png and twin.jpg would both write twin.txt
+    picture(folder / ".hidden.png")
+    dataset(outside, {"secret.txt": "not yours"})
+    (folder / "linked").symlink_to(outside)  # a link inside the folder to a folder outside it
+    (folder / "img0.npz").write_bytes(b"latents")
+    (folder / "meta.json").write_text("{}")
+    (folder / "img1.txt").unlink()
+    (folder / "img1.txt").symlink_to(outside / "secret.txt")  # a caption that is a link
+    before = snapshot(tmp_path)
+    hostile = [
+        edit(outside / "secret.png", "not yours", "overwritten"),  # 1: outside, absolute
+        edit("photos/../outside/secret.png", "not yours", "overwritten"),  # 2: outside, relative
+        edit(folder / "linked" / "secret.png", "not yours", "overwritten"),  # 3: outside by a link
+        edit(folder / "img0.npz", "", "x"),  # 4: not an image
+        edit(folder / "meta.json", "{}", "x"),  # 5
+        edit(folder / "img0.txt", "zero", "x"),  # 6: a caption, not its image
+        edit(folder / "img0.png", "zero", "x", ext=".png"),  # 7: an image by its extension
+        edit(folder / "img0.png", "zero", "x", ext=".json"),  # 8
+        edit(folder / "img0.png", "zero", "x", ext="/../../outside/secret.txt"),  # 9
+        edit(folder / ".hidden.png", "", "x"),  # 10: hidden: no run captions it
+        edit(folder / "twin.png", "shared", "x"),  # 11: its caption is another image's too
+        edit(folder / "img1.png", "not yours", "x"),  # 12: a caption that is a link
+        edit(folder / "gone.png", "", "x"),  # 13: no such image
+        edit(folder / "img0.png", "zero", "x" * (1024 * 1024 + 1)),  # 14: an absurd size
+        edit(folder / "img0.png", "zero", "a \x00 NUL"),  # 15: a control character
+        edit(folder / "img0.png", "zero", "an escape \x1b[2J"),  # 16
+        {"image": str(folder / "img0.png"), "ext": ".txt", "shown": "zero", "text": 5},  # 17: wrong types
+        {"image": str(folder / "img0.png"), "ext": ".txt", "text": "no shown"},  # 18
+        {"image": 7, "ext": ".txt", "shown": "zero", "text": "x"},  # 19
+        "not an object",  # 20
+        None,  # 21
+        [1, 2],  # 22
+        edit("", "zero", "x"),  # 23: no path
+        edit(str(folder / "img0.png") + "\x00.png", "zero", "x"),  # 24: a NUL in the path
+    ]
+    text = json.dumps({"llava-caption-edits": 1, "edits": hostile})
+    file = tmp_path / "edits.json"  # and 25: a lone surrogate, which JSON can spell and UTF-8 cannot hold
+    file.write_text(text[:-2] + ', {"image": "x.png", "ext": ".txt", "shown": "", "text": "\\ud800"}]}')
+
+    run = apply(folder, "--apply-edits", file)
+
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    refused = [line for line in run.stderr.splitlines() if line.startswith("  refused edit ")]
+    numbers = [int(re.match(r"  refused edit (\d+)", line)[1]) for line in refused]
+    assert numbers == list(range(1, len(hostile) + 2)), run.stderr
+    said = {number: line for number, line in zip(numbers, refused)}
+    assert "not in the folders given" in said[1] and "not in the folders given" in said[3]
+    assert "is not an image the tool captions" in said[4] and "is not an image" in said[6]
+    assert "not the caption extension of this run" in said[9]
+    assert "shares twin.txt with twin.jpg" in said[11]
+    assert "is a symbolic link" in said[12] and "is not there" in said[13]
+    assert "1,048,577 bytes: longer than any caption" in said[14]
+    assert "control character (U+0000)" in said[15] and "control character (U+001B)" in said[16]
+    assert "its text is not text" in said[17] and "its shown is missing" in said[18]
+    assert "not an edit" in said[20] and "lone surrogate" in said[25]
+    assert f"refused: {len(hostile) + 1} edits" in run.stderr
+    assert changed(before, snapshot(tmp_path)) == {}
+    assert not (folder / JOURNAL).exists()
+
+
+def test_a_caption_named_twice_is_applied_neither_time(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old", "img1.txt": "one"})
+    file = edits_file(
+        tmp_path / "edits.json",
+        [
+            edit(folder / "img0.png", "old", "first"),
+            edit(folder / "." / "img0.png", "old", "second"),  # the same caption, spelt otherwise
+            edit(folder / "img1.png", "one", "fine"),
+        ],
+    )
+    run = apply(folder, "--apply-edits", file)
+    assert run.returncode == 1
+    assert "refused edit 1 (img0.txt): its caption is named 2 times in edits.json" in run.stderr
+    assert "refused edit 2 (img0.txt)" in run.stderr
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == "old"
+    assert (folder / "img1.txt").read_text(encoding="utf-8") == "fine"
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b'{"llava-caption-edits": 1, "edits": [', "not JSON (Expecting value, line 1 column 38)"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON this tool can read"),
+        (b"\xff\xfe{}", "it is not UTF-8 text"),
+        (b"[]", 'it has no "llava-caption-edits" mark'),
+        (b'{"edits": []}', 'it has no "llava-caption-edits" mark'),
+        (b'{"llava-caption-edits": 2, "edits": []}', "is an edits file of version 2"),
+        (b'{"llava-caption-edits": "1", "edits": []}', "its version is not a number"),
+        (b'{"llava-caption-edits": 1, "edits": {}}', 'its "edits" is not a list'),
+        (b"1" * 5000, "not JSON this tool can read"),  # more digits than Python reads as a number
+    ],
+)
+def test_a_file_that_is_no_edits_file_is_refused_in_one_line(tmp_path, content, said):
+    folder = tmp_path / "photos"
+    before = dataset(folder, {"img0.txt": "old"})
+    (tmp_path / "edits.json").write_bytes(content)
+    run = apply(folder, "--apply-edits", tmp_path / "edits.json")
+    assert run.returncode == 2
+    assert said in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+    assert changed(before, snapshot(tmp_path)) == {}
+
+
+def test_an_absurdly_large_file_or_one_that_is_no_file_is_refused_without_reading_it(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old"})
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as file:
+        file.truncate(129 * 1024 * 1024)  # sparse: no disk spent
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)  # a read of it would wait for ever
+    for path, said in [
+        (huge, "is larger than 128 MiB"),
+        (pipe, "not a regular file"),
+        (tmp_path / "missing.json", "No such file or directory"),
+        (folder, "Is a directory"),
+    ]:
+        run = apply(folder, "--apply-edits", path, timeout=20)
+        assert run.returncode == 2 and said in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+
+
+def test_a_control_character_is_refused_but_line_breaks_and_tabs_are_kept():
+    refused = captioner.edit_text_refused
+    assert refused("two\nlines\r\nand a\ttab, \u202eRTL\u200d", "text") == ""
+    assert "U+007F" in refused("delete \x7f", "text") and "U+0085" in refused("next line \x85", "text")
+
+
+# ---- An applied edit is a person's: no later run of any pass touches it ----
+
+
+@pytest.mark.parametrize("mode", ["skip", "overwrite", "append", "prepend"])
+def test_no_later_pass_touches_an_applied_edit(tmp_path, make_server, mode):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": None, "img1.txt": None})
+    server = make_server()
+    assert run_script(folder, "--host", server.url).returncode == 0  # the tool writes both
+    tool_text = (folder / "img0.txt").read_text(encoding="utf-8")
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", tool_text, "fixed by a person")])
+    assert apply(folder, "--apply-edits", file).returncode == 0
+
+    for fresh in ([], ["--fresh"]) if mode != "skip" else ([],):
+        run = run_script(folder, "--existing", mode, *fresh, "--host", server.url)
+        assert run.returncode == 0, run.stderr
+        assert (folder / "img0.txt").read_bytes() == b"fixed by a person"
+        if mode != "skip":
+            assert "left alone 1 (edited since written)" in run.stderr
+
+
+def test_only_and_overwrite_edits_still_redo_an_applied_edit(tmp_path, make_server):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "written by hand before", "img1.txt": "also by hand"})
+    file = edits_file(
+        tmp_path / "edits.json",
+        [
+            edit(folder / "img0.png", "written by hand before", "fixed on the page"),
+            edit(folder / "img1.png", "also by hand", "fixed too"),
+        ],
+    )
+    assert apply(folder, "--apply-edits", file).returncode == 0
+    server = make_server()
+    # A caption the tool never wrote is a person's once applied: an overwrite pass leaves it alone.
+    assert "left alone 2" in run_script(folder, "--existing", "overwrite", "--host", server.url).stderr
+    (tmp_path / "redo.txt").write_text("photos/img0.png\n", encoding="utf-8")
+
+    redo = run_script(folder, "--only", tmp_path / "redo.txt", "--host", server.url)
+    assert redo.returncode == 0, redo.stderr
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == "A PNG picture, 40x32 pixels."
+    again = run_script(folder, "--existing", "overwrite", "--overwrite-edits", "--host", server.url)
+    assert again.returncode == 0, again.stderr
+    assert (folder / "img1.txt").read_text(encoding="utf-8") == "A PNG picture, 41x32 pixels."
+
+
+def test_an_edit_that_empties_a_caption_leaves_it_to_the_next_run(tmp_path, make_server):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "a wrong caption"})
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "a wrong caption", "")])
+    assert apply(folder, "--apply-edits", file).returncode == 0
+    assert (folder / "img0.txt").read_bytes() == b""
+    run = run_script(folder, "--host", make_server().url)
+    assert run.returncode == 0 and "captioned 1" in run.stderr
