@@ -544,6 +544,7 @@ class Fault(enum.Enum):
     IMAGE_UNREADABLE = "the file cannot be read or decoded here"
     DISK_UNWRITABLE = "the disk is full, read-only or over quota"
     CAPTION_UNWRITABLE = "this one caption file cannot be written"
+    WORKER_LOST = "with `--ray`: the worker the image was sent from was lost (its process or its node died)"
 
 
 class TryFailed(Exception):
@@ -562,6 +563,10 @@ class TryFailed(Exception):
         # The answer this try was paid for, where one came (an answer unfit to train on, a
         # content filter's refusal): its tokens count toward the run's cost all the same.
         self.spent: Answer | None = None
+
+    def __reduce__(self) -> tuple:
+        # Pickled whole (a --ray worker hands it back): an exception pickles its args alone.
+        return (TryFailed, (self.fault, str(self), self.pause, self.status, self.cause), self.__dict__)
 
 
 def import_run_libraries() -> None:
@@ -745,6 +750,7 @@ class Config:
     # --join: what joins an answer to the caption it is added to (append, prepend). With a line
     # break each line is a caption of its own (OneTrainer reads one caption per line).
     join: str = ", "
+    ray: str = ""  # --ray: the Ray cluster whose workers prepare and send ("": this process does)
 
     def options(self) -> dict:
         """Sampling and load options, the same on every request: a changed load-time option
@@ -1083,7 +1089,13 @@ def caption_what_is_planned(
     if not discovery.waiting or stop.asked.is_set():  # nothing to send: no server needed
         summary.interrupted = stop.asked.is_set()
         return
-    servers = ready_servers(config, reporter, stop)
+    cluster = Cluster(config, reporter, stop) if config.ray else None
+    try:
+        servers = ready_servers(config, reporter, stop, cluster)
+    except BaseException:
+        if cluster:
+            cluster.close()
+        raise
     if not config.model:  # --api openai without --model: the one model the servers serve
         config = replace(config, model=next(server.model for server in servers if server.in_rotation))
         discovery.model_known(config.model)
@@ -1092,8 +1104,10 @@ def caption_what_is_planned(
     for server in servers:
         if server.api.probe_answer:  # the preflight's picture is paid for too
             summary.answer_paid(server.api.probe_answer, preflight=True)
+    if cluster:
+        cluster.use(servers)
     writer = Writer()
-    pipeline = Pipeline(discovery, writer, servers, config, stop, reporter, summary)
+    pipeline = Pipeline(discovery, writer, servers, config, stop, reporter, summary, cluster)
     try:
         reporter.start(summary)
         for outcome in pipeline.outcomes():
@@ -1772,6 +1786,7 @@ class Task:
     prompt: str = ""  # filled in by preparation
     payload: bytes = b""  # the encoded image to send, filled in by preparation
     thumbnail: bytes = b""  # for the review page, made from the payload by preparation
+    prepared: Any = None  # with --ray: the payload in the cluster's object store, in place of payload
     tries: int = 0  # tries that failed in a way that counts against --retries
     faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
     not_before: float = 0.0  # time.monotonic() before which it must not be sent again
@@ -2600,10 +2615,13 @@ def server_for(url: str, config: Config) -> Server:
     return server
 
 
-def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server]:
+def ready_servers(
+    config: Config, reporter: Reporter, stop: Stop, cluster: Cluster | None = None
+) -> list[Server]:
     """Every server checked at once; those that do not answer are named and left out. Raises
-    CannotStart if none answers, or if one lacks the model or has one that cannot see."""
-    servers = [server_for(url, config) for url in config.hosts]
+    CannotStart if none answers, or if one lacks the model or has one that cannot see. A Ray
+    node's own server (--host local:PORT) is checked from that node."""
+    servers = [server_for(url, config) for url in config.hosts if not url.startswith(LOCAL_HOST)]
     if config.provider:
         # One key: a provider counts the requests of every base URL it is reached by (a gateway
         # and the API itself) against one account's limits (OpenAI's per organization and project,
@@ -2611,6 +2629,9 @@ def ready_servers(config: Config, reporter: Reporter, stop: Stop) -> list[Server
         for server in servers[1:]:
             server.pacer = servers[0].pacer
     check_servers(servers, config, reporter, stop)
+    for url in config.hosts:
+        if cluster and url.startswith(LOCAL_HOST):
+            servers += cluster.node_servers_for(config, int(url[len(LOCAL_HOST) :]), reporter, stop)
     if not any(server.in_rotation for server in servers):
         wait_for_a_restart(servers, config, reporter, stop)
     if not any(server.in_rotation for server in servers):
@@ -2840,18 +2861,33 @@ class Api:
     def __init__(self, url: str, timeout: float, key: str = "") -> None:
         self.url = url
         self.key = key
+        self.timeout = timeout
+        self.open_clients(timeout)
+
+    def open_clients(self, timeout: float) -> None:
         # A client waits forever by default. A queued request gets no byte until a slot frees,
         # so the read timeout of a caption request must be generous; connecting, and the calls
         # that load no model, need not be.
         self.patient = httpx.Timeout(timeout, connect=min(timeout, QUICK_TIMEOUT))
         caption_deadline = Transport(
-            url,
+            self.url,
             DEADLINE_TIMEOUTS * timeout,
             f" ({DEADLINE_TIMEOUTS} times --timeout); raise --timeout if it is only slow",
         )
-        quick_deadline = Transport(url, DEADLINE_TIMEOUTS * QUICK_TIMEOUT, ", for a call that loads no model")
+        quick_deadline = Transport(
+            self.url, DEADLINE_TIMEOUTS * QUICK_TIMEOUT, ", for a call that loads no model"
+        )
         self.client = self.connect(self.patient, caption_deadline)
         self.quick = self.connect(QUICK_TIMEOUT, quick_deadline)
+
+    def __getstate__(self) -> dict:
+        # Sent to --ray workers as the preflight left it: its clients are opened there again.
+        return {key: value for key, value in vars(self).items() if key not in ("client", "quick", "patient")}
+
+    def __setstate__(self, state: dict) -> None:
+        import_run_libraries()  # a process that only unpickles it (Ray Client's server) has not
+        vars(self).update(state)
+        self.open_clients(self.timeout)
 
     @classmethod
     def settings(cls, args: argparse.Namespace) -> dict:
@@ -4370,6 +4406,12 @@ def prepare_styles(styles: ImageStyles, config: Config) -> ImageStyles:
     first = prepare_task(styles.tasks[0], config)
     for task in styles.tasks[1:]:
         task.payload, task.thumbnail = first.payload, first.thumbnail
+    return captions_asked_from_disk(styles, config)
+
+
+def captions_asked_from_disk(styles: ImageStyles, config: Config) -> ImageStyles:
+    """Read the captions the image's prompts ask for ({caption:EXT}) that this run does not write."""
+    first = styles.tasks[0]
     asked = {config.style(task.style).caption_ext for task in styles.tasks}
     for ext in {ext for task in styles.tasks for ext in task.template.captions} - asked:
         styles.caption_on_disk(ext, first.image.with_name(os.path.splitext(first.image.name)[0] + ext))
@@ -4825,6 +4867,9 @@ class Action(enum.Enum):
     TAKE_SERVER_OUT = "back to the queue; that server gets no more requests"
     STOP_RUN = "end the run: summary, exit 1; what is left waits for a rerun"
     FAIL_IMAGE = "the image fails with the reason"
+    SEND_AGAIN = (
+        "back to the queue, to be sent from another worker (none of its tries is used the first twice)"
+    )
 
 
 @dataclass(frozen=True)
@@ -4865,6 +4910,9 @@ POLICY = {
     # Every further caption would fail the same way while the server works for nothing.
     Fault.DISK_UNWRITABLE: Rule(Action.STOP_RUN, uses_a_try=False),
     Fault.CAPTION_UNWRITABLE: Rule(Action.FAIL_IMAGE, uses_a_try=False),
+    # A worker killed (by the kernel's OOM killer, a node lost) says nothing of the image, but an
+    # image that kills every worker it is sent to (a decoder's crash) must not be sent forever.
+    Fault.WORKER_LOST: Rule(Action.SEND_AGAIN, uses_a_try=True, free_times=2),
 }
 
 
@@ -5067,6 +5115,46 @@ class Pacer:
             return self.given
 
 
+class Placement:
+    """Where an image is prepared and its request sent: the one seam between the scheduler, which
+    decides what is sent to which server and when, and the machines that do the work."""
+
+    def prepare(self, styles: ImageStyles, config: Config) -> Future:
+        """The image read and made ready to send for each of its styles, a few ahead; its future
+        holds the ImageStyles."""
+        raise NotImplementedError
+
+    def send(self, server: Server, config: Config, task: Task) -> Future:
+        """One try at the image on the server; its future holds ask()'s result."""
+        raise NotImplementedError
+
+    def probe(self, server: Server) -> Future:
+        return in_the_background(server.probe)
+
+    def gone(self, server: Server) -> str:
+        """Why nothing can be sent to the server any more from where the work runs; "" if it can."""
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+class OnThisMachine(Placement):
+    """Preparation on a pool of this process's threads, each request on a thread of its own."""
+
+    def __init__(self) -> None:
+        self.preparers = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="prepare")
+
+    def prepare(self, styles: ImageStyles, config: Config) -> Future:
+        return self.preparers.submit(prepare_styles, styles, config)
+
+    def send(self, server: Server, config: Config, task: Task) -> Future:
+        return in_the_background(ask, server, config, task)
+
+    def close(self) -> None:
+        self.preparers.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class Outcome:
     task: Task
@@ -5152,6 +5240,7 @@ class Pipeline:
         stop: Stop,
         reporter: Reporter,
         summary: Summary,
+        placement: Placement | None = None,
     ) -> None:
         self.discovery = discovery
         self.summary = summary  # counts the tokens paid for, which --max-cost holds to
@@ -5168,7 +5257,7 @@ class Pipeline:
         self.writing: dict[Future, Outcome] = {}
         self.probing: dict[Future, Server] = {}
         self.halted = ""  # why the run must end early (the retry policy said so)
-        self.preparers = ThreadPoolExecutor(usable_cpus(), thread_name_prefix="prepare")
+        self.placement = placement or OnThisMachine()
 
     def outcomes(self) -> Iterator[Outcome]:
         """Each image's outcome as it comes. Ends when every image has one, when no server is
@@ -5186,8 +5275,8 @@ class Pipeline:
 
     def close(self) -> None:
         """Cancel the preparation that has not started. A request still in flight is left to its
-        daemon thread, which holds up nothing."""
-        self.preparers.shutdown(wait=False, cancel_futures=True)
+        daemon thread, which holds up nothing (on a cluster, its work is cancelled)."""
+        self.placement.close()
 
     def halt(self, why: str) -> None:
         self.halted = self.halted or why
@@ -5215,8 +5304,11 @@ class Pipeline:
             self.ready.append(task)
         for server in self.servers:
             if server.probe_due() and server not in self.probing.values():
-                self.probing[in_the_background(server.probe)] = server
+                self.probing[self.placement.probe(server)] = server
         for server in self.servers:
+            gone = self.placement.gone(server)
+            if gone:
+                server.take_out(gone)
             while server.free_slots() > 0 and self.ready and self.affordable(self.ready[0]):
                 if server.pacer.due() > now:
                     self.paced(server, now)
@@ -5224,7 +5316,7 @@ class Pipeline:
                 task = self.ready.popleft()
                 server.pacer.sent(now)
                 server.in_flight += 1
-                self.sending[in_the_background(ask, server, self.config.style(task.style), task)] = (
+                self.sending[self.placement.send(server, self.config.style(task.style), task)] = (
                     server,
                     task,
                     now,
@@ -5235,7 +5327,7 @@ class Pipeline:
             1, slots
         ):
             styles = ImageStyles(self.next_image(waiting), self.config)
-            self.preparing[self.preparers.submit(prepare_styles, styles, self.config)] = styles
+            self.preparing[self.placement.prepare(styles, self.config)] = styles
 
     def next_image(self, waiting: deque[Planned]) -> list[Task]:
         """The next image's Tasks, one per style it is asked in (planned together)."""
@@ -5368,6 +5460,8 @@ class Pipeline:
         try:
             future.result()
         except TryFailed as failure:
+            if self.prepared_again(styles, failure):
+                return
             styles.waiting = []  # each style fails here, once
             self.due.extend(filter(None, (self.after_failure(None, task, failure) for task in styles.tasks)))
             return
@@ -5378,6 +5472,20 @@ class Pipeline:
         going = styles.to_send()
         self.ready.extend(task for task, why in going if not why)
         self.due.extend(Outcome(task, failure=why) for task, why in going if why)
+
+    def prepared_again(self, styles: ImageStyles, failure: TryFailed) -> bool:
+        """A preparation lost with its worker (--ray) is done again while the policy allows, for
+        every style of the image at once (counted on its first)."""
+        if failure.fault is not Fault.WORKER_LOST:
+            return False
+        first = styles.tasks[0]
+        times = first.faults.get(failure.fault, 0) + 1
+        action, tries = decide(failure.fault, first.tries, self.config.retries, times)
+        if action is not Action.SEND_AGAIN:
+            return False
+        first.faults[failure.fault], first.tries = times, tries
+        self.preparing[self.placement.prepare(styles, self.config)] = styles
+        return True
 
     def tell_if_one_at_a_time(self, server: Server) -> None:
         if server.turns.one_at_a_time and not server.turns.told:
@@ -5456,6 +5564,387 @@ class Pipeline:
                 return
             for future in wait(awaited, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)[0]:
                 yield from self.settled(future)
+
+
+# ---------------------------------------------------------------------------
+# Ray: the same run on a cluster's workers (--ray)
+# ---------------------------------------------------------------------------
+# With --ray the driver (this process) keeps every decision, as the scheduler above makes it:
+# discovery, planning, the locks, the journal, writing, the retry policy, each server's health,
+# pace, cost and failures alike. Only the work moves: on each node, worker processes prepare an
+# image and send its request with the same prepare_task() and ask() as a local run, and hand back
+# what came of it. So the state a run shares lives in one place, the driver's Server objects and
+# Summary, which every request is decided from; the workers keep none.
+
+# Tested with Ray 2.60 (Python 3.10 or later); installed only by those who use --ray. Its client
+# extra (grpcio) is what a driver outside the cluster (--ray ray://HOST:10001) needs.
+RAY_INSTALL = 'pip install "ray[client]>=2.60,<2.61"'
+# The name the workers import this file by: its own name has hyphens.
+RAY_MODULE = "llava_caption_ollama"
+# --host local:PORT: each worker node's own server, at its loopback address, unless the node's
+# environment (that of its `ray start`) names another (a container that reaches it elsewhere).
+LOCAL_HOST = "local:"
+NODE_SERVER_ENV = "LLAVA_CAPTION_NODE_SERVER"
+# Passed on to the workers, whose environment is their node's: the tests' shorter pauses.
+RAY_PASSED_ENV = ("LLAVA_CAPTION_PAUSE_SCALE",)
+# Ray's object store holds the images prepared ahead, at most one per request slot (some 300 KB
+# each at the default --max-size), so a Ray started by --ray local reserves this, not 30% of memory.
+RAY_OBJECT_STORE_BYTES = 128 * 1024**2
+# Ray waits this long for a node to start a worker process before it calls it lost.
+RAY_START_SECONDS = 120.0
+
+
+def importable_self(name: str = RAY_MODULE) -> Any:
+    """This file as a module of an importable name: the run continues in it, so that whatever is
+    pickled for the workers names its classes as the workers import them. Not cloudpickle's copy
+    of __main__ by value: the module holds locks and thread-locals (which no pickle takes), and
+    each call's Task would carry its class with it. The file is loaded by path from where it is,
+    so everything beside it (prompt.txt) stays where the run looks for it."""
+    if __name__ == name:
+        return sys.modules[__name__]
+    spec = importlib.util.spec_from_file_location(name, os.path.abspath(__file__))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def import_ray() -> Any:
+    # These machines reach no outside service, and a user's run reports to no one.
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        import ray
+    except ImportError:
+        raise CannotStart(f"--ray needs Ray, which is not installed; run: {RAY_INSTALL}") from None
+    return ray
+
+
+def workers_package(directory: Path) -> Path:
+    """A copy of this file as the package RAY_MODULE, for Ray to ship to every node (runtime_env
+    py_modules): the nodes need Ray and the run's libraries, not a copy of the script."""
+    package = directory / RAY_MODULE
+    package.mkdir()
+    (package / "__init__.py").write_bytes(Path(os.path.abspath(__file__)).read_bytes())
+    return package
+
+
+class Overheard(Pacer):
+    """A worker's pacer: what an answer said of the server's rate limits, kept for the driver,
+    whose own Pacer of that server decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits: RateLimits | None = None
+
+    def heard(self, limits: RateLimits) -> None:
+        self.limits = limits
+
+
+class Worker:
+    """One worker process on a node (a Ray actor, threaded): prepares images and asks servers,
+    one request a thread, with the servers as the driver checked them."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.checked: dict[str, tuple[Api, str]] = {}  # server name: its API and model
+        import_run_libraries()
+
+    def sees(self, folders: list[Path]) -> list[str]:
+        return locks_seen(folders)
+
+    def check(self, port: int) -> tuple[str, str, str, Api | None, list]:
+        """The preflight of this node's own server (--host local:PORT), as a local run checks a
+        server: (its address, why it does not answer, its model, its API, what it had to say)."""
+        url = server_url(os.environ.get(NODE_SERVER_ENV) or f"http://127.0.0.1:{port}")
+        server = server_for(url, self.config)
+        said = Recorded()
+        trouble = server.api.preflight(server, self.config, said, Stop())  # type: ignore[arg-type]
+        return url, trouble, server.model, (None if trouble else server.api), said.calls
+
+    def use(self, checked: dict[str, tuple[Api, str]]) -> None:
+        self.checked = checked
+
+    def prepare(self, task: Task) -> tuple[Any, bytes]:
+        """(The prompt and thumbnail, or the TryFailed; the payload), the payload to stay in the
+        object store of this node until a worker sends it."""
+        try:
+            prepare_task(task, self.config)
+        except TryFailed as failure:
+            return failure, b""
+        return (task.prompt, task.thumbnail), task.payload
+
+    def caption(self, name: str, task: Task, payload: bytes | None) -> tuple[Any, RateLimits | None]:
+        """One try at the image on the server named: ((caption, answer) or the TryFailed, the rate
+        limits its answer said). Prepared here where its payload was lost."""
+        api, model = self.checked[name]
+        server = Server(api.url, self.config.jobs, api)
+        server.model, server.pacer = model, Overheard()
+        server.turns.watching = False
+        try:
+            # The prompt came filled in from the driver (with the captions it asks for): only the
+            # picture is prepared again where its payload was lost.
+            task.payload = prepare_image(task.image, self.config.max_size) if payload is None else payload
+            result: Any = ask(server, self.config.style(task.style), task)
+        except TryFailed as failure:
+            result = failure
+        return result, server.pacer.limits
+
+    def probe(self, name: str) -> str:
+        api = self.checked[name][0]
+        return Server(api.url, self.config.jobs, api).probe()
+
+
+def locks_seen(folders: list[Path]) -> list[str]:
+    """Each folder's lock file as this machine reads it (the driver holds them), or why it cannot:
+    a node that reads the same sees the same folders."""
+    seen = []
+    for folder in folders:
+        try:
+            seen.append((folder / LOCK_NAME).read_text("utf-8", "replace"))
+        except OSError as exc:
+            seen.append(f"cannot read {folder}: {reason_of(exc)}")
+    return seen
+
+
+class Recorded:
+    """A reporter on a worker: what it was told, for the driver's reporter to say."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args: self.calls.append((name, args))
+
+
+class Cluster(Placement):
+    """The run's workers on a Ray cluster: a few per node (as many as the node has CPUs: each a
+    process of its own, so preparation is not held to one interpreter's lock), and the node of
+    each --host local:PORT server."""
+
+    def __init__(self, config: Config, reporter: Reporter, stop: Stop) -> None:
+        self.ray = ray = import_ray()
+        self.config = config
+        import tempfile
+
+        self.temporary = Path(tempfile.mkdtemp(prefix="llava-caption-ray-"))
+        self.lock = threading.Lock()
+        self.flying: dict[Any, int] = {}  # worker: its requests in flight
+        self.node_of: dict[Any, str] = {}  # worker: its node's id
+        self.node_servers: dict[str, str] = {}  # server name: its node's id (--host local:PORT)
+        self.lost: set[Any] = set()
+        passed = {name: os.environ[name] for name in RAY_PASSED_ENV if name in os.environ}
+        local = config.ray == "local"
+        # ray.init() installs signal handlers of its own (SIGTERM's, in the driver): the run's stay.
+        handlers = {number: signal.getsignal(number) for number in Signals.numbers()}
+        try:
+            ray.init(
+                address=config.ray,
+                runtime_env={"py_modules": [str(workers_package(self.temporary))], "env_vars": passed},
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+                **({"object_store_memory": RAY_OBJECT_STORE_BYTES} if local else {}),
+            )
+        except Exception as exc:  # noqa: BLE001 - Ray's ConnectionError, ValueError, RuntimeError...
+            self.remove_package()
+            raise CannotStart(f"--ray {config.ray}: cannot join the Ray cluster: {reason_of(exc)}") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                for number, handler in handlers.items():
+                    signal.signal(number, handler)  # type: ignore[arg-type]
+        try:
+            self.start_workers(config, stop)
+            reporter.ray_workers(len(self.flying), len(set(self.node_of.values())))
+        except BaseException:
+            self.close()
+            raise
+
+    def start_workers(self, config: Config, stop: Stop) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        ray = self.ray
+        remote_worker = ray.remote(Worker)
+        slots = config.jobs * len(config.hosts) + 1
+        nodes = [node for node in ray.nodes() if node["Alive"]]
+        for node in nodes:
+            for _ in range(int(node["Resources"].get("CPU", 0))):
+                worker = remote_worker.options(
+                    num_cpus=0,
+                    max_concurrency=slots,
+                    max_restarts=0,
+                    max_task_retries=0,  # the retry policy decides, not Ray
+                    # No record of each call kept by the driver for Ray's state API and dashboard,
+                    # which the run does not use: its memory stays flat per image.
+                    enable_task_events=False,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                ).remote(config)
+                self.flying[worker], self.node_of[worker] = 0, node["NodeID"]
+        if not self.flying:
+            raise CannotStart(f"--ray {config.ray}: no node of the cluster has a CPU to run workers on")
+        self.check_shared_folders(config, nodes, stop)
+
+    def check_shared_folders(self, config: Config, nodes: list[dict], stop: Stop) -> None:
+        """Every node sees the folders as this machine does: each reads the locks this run holds."""
+        folders = [Path(os.path.abspath(folder)) for folder in config.folders]
+        here = locks_seen(folders)
+        address = {node["NodeID"]: node["NodeManagerAddress"] for node in nodes}
+        asked = {worker.sees.remote(folders): worker for worker in self.flying}
+        for ref, worker in asked.items():
+            seen = self.answer(ref, stop, f"the Ray node {address[self.node_of[worker]]}")
+            for folder, mine, theirs in zip(config.folders, here, seen):
+                if theirs != mine:
+                    raise CannotStart(
+                        f"the Ray node {address[self.node_of[worker]]} does not see {folder} as this machine "
+                        f"does ({theirs.strip() or 'another folder of that name'}): the images must be on a "
+                        "filesystem every node sees, at the same path"
+                    )
+
+    def answer(self, ref: Any, stop: Stop, who: str) -> Any:
+        """A worker's answer to a call made before the first image, interruptible."""
+        deadline = time.monotonic() + RAY_START_SECONDS
+        while not self.ray.wait([ref], timeout=POLL_SECONDS)[0]:
+            if stop.asked.is_set():
+                raise CannotStart("interrupted while starting the Ray workers")
+            if time.monotonic() > deadline:
+                raise CannotStart(f"{who} started no worker in {duration(RAY_START_SECONDS)}")
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            raise exc.cause from None
+        except self.ray.exceptions.RayError as exc:
+            raise CannotStart(f"{who}: its worker was lost ({reason_of(exc)})") from None
+
+    def node_servers_for(self, config: Config, port: int, reporter: Reporter, stop: Stop) -> list[Server]:
+        """--host local:PORT: a server on each node, checked from that node."""
+        servers = []
+        nodes = {node["NodeID"]: node["NodeManagerAddress"] for node in self.ray.nodes() if node["Alive"]}
+        first = {}
+        for worker, node in self.node_of.items():
+            first.setdefault(node, worker)
+        for node, worker in first.items():
+            who = f"the Ray node {nodes[node]}"
+            url, trouble, model, api, said = self.answer(worker.check.remote(port), stop, who)
+            for name, args in said:
+                getattr(reporter, name)(*args)
+            server = Server(f"{url} on {nodes[node]}", config.jobs, api or server_for(url, config).api)
+            server.model = model
+            server.state, server.why = (State.DEAD, f"{who}: {trouble}") if trouble else (State.ANSWERING, "")
+            self.node_servers[server.url] = node
+            servers.append(server)
+        return servers
+
+    def use(self, servers: list[Server]) -> None:
+        checked = {server.url: (server.api, server.model) for server in servers if server.in_rotation}
+        self.ray.get([worker.use.remote(checked) for worker in self.flying])
+
+    def worker_for(self, server: Server | None) -> Any:
+        """The least busy worker that may send to the server (any, for None)."""
+        node = self.node_servers.get(server.url) if server else None
+        with self.lock:
+            workers = [
+                worker
+                for worker in self.flying
+                if worker not in self.lost and (node is None or self.node_of[worker] == node)
+            ]
+            return min(workers, key=self.flying.__getitem__, default=None)
+
+    def gone(self, server: Server) -> str:
+        if self.worker_for(server) is not None:
+            return ""
+        if server.url in self.node_servers:
+            return "its Ray node has no worker left"
+        return "no Ray worker is left"
+
+    def prepare(self, styles: ImageStyles, config: Config) -> Future:
+        """On the least busy worker, once for all the image's styles; the payload stays in the
+        cluster's object store, and the driver holds its reference alone."""
+        worker = self.worker_for(None)
+        if worker is None:  # the servers are taken out too (gone()): the run ends
+            lost: Future = Future()
+            lost.set_exception(TryFailed(Fault.WORKER_LOST, "no Ray worker is left"))
+            return lost
+        with self.lock:
+            self.flying[worker] += 1
+        said, payload = worker.prepare.options(num_returns=2).remote(self.as_sent(styles.tasks[0]))
+        return in_the_background(self.prepared, worker, styles, said, payload, config)
+
+    def prepared(
+        self, worker: Any, styles: ImageStyles, said: Any, payload: Any, config: Config
+    ) -> ImageStyles:
+        result = self.result_of(worker, said)
+        if isinstance(result, TryFailed):
+            raise result
+        first = styles.tasks[0]
+        first.prompt, first.thumbnail = result
+        for task in styles.tasks:
+            task.thumbnail, task.prepared = first.thumbnail, payload
+        return captions_asked_from_disk(styles, config)  # the driver reads them: it sees the folders
+
+    def send(self, server: Server, config: Config, task: Task) -> Future:
+        worker = self.worker_for(server)
+        with self.lock:
+            self.flying[worker] += 1
+        ref = worker.caption.remote(server.url, self.as_sent(task), task.prepared)
+        return in_the_background(self.caption, worker, server, task, ref)
+
+    @staticmethod
+    def as_sent(task: Task) -> Task:
+        # The workers' working folders are not this one: they read the images by absolute path.
+        image, root = Path(os.path.abspath(task.image)), Path(os.path.abspath(task.root))
+        # Its image's other styles stay on the driver, which decides when each is sent.
+        return replace(task, image=image, root=root, prepared=None, thumbnail=b"", image_styles=None)
+
+    def caption(self, worker: Any, server: Server, task: Task, ref: Any) -> tuple[str, Answer]:
+        """On a thread of the driver: the worker's result, as ask() would have given it."""
+        try:
+            result, limits = self.result_of(worker, ref)
+        except TryFailed:
+            task.prepared = None  # the next try prepares it again, in case it was its payload that was lost
+            raise
+        if limits:
+            server.pacer.heard(limits)
+        if isinstance(result, TryFailed):
+            raise result
+        task.prepared = None  # its object is freed
+        return result
+
+    def result_of(self, worker: Any, ref: Any) -> Any:
+        """What a worker's call returned; TryFailed(WORKER_LOST) where it, or its node, was lost."""
+        errors = self.ray.exceptions
+        try:
+            return self.ray.get(ref)
+        except errors.RayError as exc:
+            # The worker's own exception comes wrapped (a defect: the image fails with it); Ray's
+            # (a process, a node or an object lost) means the work is to be done again.
+            cause = exc.cause if isinstance(exc, errors.RayTaskError) else exc
+            if not isinstance(cause, errors.RayError):
+                raise cause from None
+            if isinstance(cause, errors.RayActorError):
+                with self.lock:
+                    self.lost.add(worker)
+            raise TryFailed(Fault.WORKER_LOST, f"its Ray worker was lost ({reason_of(cause)})") from None
+        finally:
+            with self.lock:
+                self.flying[worker] -= 1
+
+    def probe(self, server: Server) -> Future:
+        if server.url not in self.node_servers:
+            return super().probe(server)
+        worker = self.worker_for(server)
+        return in_the_background(lambda: self.ray.get(worker.probe.remote(server.url)))
+
+    def close(self) -> None:
+        """The cluster's work ends with the run: every worker is killed, with its requests."""
+        if self.ray.is_initialized():
+            for worker in self.flying:
+                self.ray.kill(worker, no_restart=True)
+            self.ray.shutdown()
+        self.remove_package()
+
+    def remove_package(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.temporary, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -6686,6 +7175,9 @@ class Reporter:
     def waiting_for_a_restart(self, url: str, sign: str, seconds: float) -> None:
         self.say(f"{url} {sign}; waiting up to {duration(seconds)} in case it is restarting")
 
+    def ray_workers(self, workers: int, nodes: int) -> None:
+        self.say(f"ray: {counted(workers, 'worker')} on {counted(nodes, 'node')}")
+
     def answers(self, url: str, again: bool = False) -> None:
         self.say(f"{url} answers{' again' if again else ''}")
 
@@ -7208,6 +7700,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, help="sampling seed: the same seed gives the same captions")
     parser.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default="",
+        help="prepare and send the images on a Ray cluster's workers: auto (the cluster this machine "
+        "belongs to, or $RAY_ADDRESS), ray://HOST:10001, or local (a Ray started here); with --host "
+        f"local:PORT each node sends to its own server (needs Ray: {RAY_INSTALL})",
+    )
+    parser.add_argument(
         "--option",
         action="append",
         type=option_argument,
@@ -7456,6 +7956,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     refuse_folder_prompt_name(args.folder_prompt)
     if args.max_cost is not None and args.price is None:
         raise CannotStart("--max-cost needs --price IN/OUT, the prices it counts the cost at")
+    if not args.ray and any(url.startswith(LOCAL_HOST) for url in settings["hosts"]):
+        raise CannotStart("--host local:PORT is each Ray node's own server: it needs --ray")
     settings.update(
         folders=folders,
         think=args.think or bool(args.think_level),  # a level is thinking, with thinking's budget
@@ -7761,6 +8263,12 @@ def is_below(path: Path, folder: Path) -> bool:
 def server_urls(given: list[str], source: str, ollama_port: bool) -> list[str]:
     urls: dict[str, str] = {}
     for text in given:
+        if text.strip().lower().startswith(LOCAL_HOST):  # each Ray node's own server
+            port = text.strip()[len(LOCAL_HOST) :]
+            if not (port.isdigit() and 0 < int(port) < 65536):
+                raise CannotStart(f"{source}: {text!r}: local: takes a port, such as local:11434")
+            urls.setdefault(f"{LOCAL_HOST}{int(port)}", f"{LOCAL_HOST}{int(port)}")
+            continue
         try:
             url = server_url(text, ollama_port)
         except argparse.ArgumentTypeError as exc:
@@ -7822,6 +8330,10 @@ class Signals:
     status of 130 would make bash go on with the next folder."""
 
     NAMES = ("SIGINT", "SIGTERM", "SIGHUP")  # Windows has no SIGHUP
+
+    @classmethod
+    def numbers(cls) -> list[int]:
+        return [getattr(signal, name) for name in cls.NAMES if hasattr(signal, name)]
 
     def __init__(self, stop: Stop) -> None:
         self.stop = stop
@@ -7928,6 +8440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_intermixed_args(paths_after_double_dash(argv))
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
+    if args.ray and __name__ != RAY_MODULE:
+        return importable_self().main(argv)
     stop = Stop()
     with Signals(stop).handled() as signals, library_chatter_silenced():
         reporter = Reporter(verbosity=-1 if args.quiet else int(args.verbose))

@@ -3,6 +3,7 @@
     python tests/bench.py            # the whole table (about 6 minutes on 2 cores: 2 of them the pace)
     python tests/bench.py --quick    # fewer images, same rows
     python tests/bench.py --script OTHER.py   # the same rows for another version of the script
+    python tests/bench.py --ray      # only the rows of --ray local against the threaded client
 
 The captioner runs as a real subprocess against stand-in servers (tests/stand_in_ollama.py)
 whose every answer takes a fixed latency once it has one of the server's slots. The server's
@@ -189,13 +190,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images per row")
     parser.add_argument("--script", type=Path, default=SCRIPT, help="the captioner to measure")
+    parser.add_argument("--ray", action="store_true", help="only the rows of --ray local (needs Ray)")
     args = parser.parse_args()
     global script
     script = args.script.resolve()
     scale = 4 if args.quick else 1
     root = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     try:
-        report(root, scale)
+        (ray_rows if args.ray else report)(root, scale)
     finally:
         shutil.rmtree(root)
 
@@ -236,6 +238,7 @@ def report(root: Path, scale: int) -> None:
     huge_folder_rows(root, scale)
     nothing_to_do_row(root)
     review_rows(root, scale)
+    ray_rows(root, scale)
 
 
 def pace_rows(root: Path, scale: int) -> None:
@@ -517,6 +520,78 @@ def nothing_to_do_row(root: Path) -> None:
             sys.exit(f"the captioner failed:\n{process.stderr.decode()}")
     walls.sort()
     print(f"a folder of 50 images, all captioned, no server: {walls[2]:.3f} s wall (median of 5), exit 0")
+
+
+def ray_rows(root: Path, scale: int) -> None:
+    """--ray local (a Ray started by the run, its workers on this machine's cores) against the
+    threaded client: (a) a 4-slot stand-in at LATENCY, (b) 24 MP JPEGs against an instant server,
+    where preparation is the limit, (c) the driver's memory per image as the folder grows."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print('--ray rows: Ray is not installed (pip install "ray[client]>=2.60,<2.61")')
+        return
+    cores = len(os.sched_getaffinity(0))
+    print(
+        f"--ray local against the threaded client, {cores} cores (Ray's start-up not counted: server side):"
+    )
+    print("| row | images | threaded images/s | --ray local images/s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    count = 160 // scale
+    folder = folder_of_photos(root, "ray-slots", count, (1600, 1200))
+    rates = []
+    for extra in ((), ("--ray", "local")):
+        stand_in = servers_with(1, slots=4)
+        try:
+            rates.append(served_rate(run_captioner(folder, stand_in, 5, *extra)["chats"]))
+        finally:
+            stand_in[0].stop()
+    capacity = 4 / LATENCY
+    print(
+        f"| (a) 4 slots x {LATENCY} s, --jobs 5, 1600x1200 photos | {count} | {rates[0]:.2f} ({rates[0] / capacity:.1%}) "
+        f"| {rates[1]:.2f} ({rates[1] / capacity:.1%}) | {rates[1] / rates[0]:.2f}x |"
+    )
+    count = max(8, 48 // scale)
+    folder = folder_of_inputs(root, "ray-jpeg", "jpg", (6000, 4000), count)
+    rates = []
+    for extra in ((), ("--ray", "local")):
+        stand_in = servers_with(1, slots=8, latency=0.0)
+        try:
+            rates.append(served_rate(run_captioner(folder, stand_in, 9, *extra)["chats"]))
+        finally:
+            stand_in[0].stop()
+    print(
+        f"| (b) 24 MP JPEG, instant server (8 slots, --jobs 9) | {count} | {rates[0]:.1f} | {rates[1]:.1f} "
+        f"| {rates[1] / rates[0]:.2f}x |"
+    )
+    print()
+    peaks = {}
+    for count in (10_000 // scale, 40_000 // scale):
+        many = root / f"ray-many-{count}"
+        many.mkdir()
+        template = many / "template.png"
+        Image.new("RGB", (64, 48), "red").save(template)
+        for index in range(count):
+            os.link(template, many / f"{index:06d}.png")
+        template.unlink()
+        for extra in ((), ("--ray", "local")):
+            fast = servers_with(1, slots=8, latency=0.0)
+            try:
+                result = run_captioner(many, fast, 9, *extra)
+            finally:
+                fast[0].stop()
+            peaks[count, bool(extra)] = (result["peak_rss_mb"], count / result["wall"])
+    small, large = sorted({count for count, _ in peaks})
+    print(
+        f"(c) the driver's peak RSS, small images, instant server (8 slots, --jobs 9), {small:,} and {large:,} images:"
+    )
+    for on_ray, label in ((False, "threaded"), (True, "--ray local")):
+        grown = (peaks[large, on_ray][0] - peaks[small, on_ray][0]) * 1024 / (large - small)
+        print(
+            f"  {label}: {peaks[small, on_ray][0]:.0f} MB and {peaks[large, on_ray][0]:.0f} MB, "
+            f"{grown:.2f} KB more per image; {peaks[large, on_ray][1]:.0f} images/s (wall, start-up included)"
+        )
+    print()
 
 
 if __name__ == "__main__":

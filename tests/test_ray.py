@@ -1,0 +1,343 @@
+"""--ray: the same run on a Ray cluster's workers, against the stand-in: a Ray started by the run
+(--ray local) and a two-node cluster started here (`ray start --head`, `ray start --address`),
+each node with its own temporary folder and its own stand-in server for --host local:PORT.
+
+Marker `ray`; the tests share one cluster and run one after another in one xdist worker (group
+"ray"). Their budget: 3 minutes (91-158 s measured on two cores under load), most of it Ray
+starting; a test's limit is 5 minutes, as a cluster started beside a loaded suite took over 90 s."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import distinct_pictures, run_script, wait_until
+from stand_in_ollama import StandInOllama
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.xdist_group("ray"),
+    pytest.mark.timeout(300),
+    # CI installs it (tests/requirements.txt); a machine without it skips them, saying why.
+    pytest.mark.skipif(
+        importlib.util.find_spec("ray") is None,
+        reason="Ray is not installed: pip install -r tests/requirements.txt",
+    ),
+]
+RAY = Path(sys.executable).with_name("ray")
+# Usage statistics off (these machines reach no outside service), and no token: Ray 2.60's head
+# writes one to ~/.ray/auth_token, and the test cluster is this machine's alone.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+JOURNAL = ".llava-caption-ollama.journal"
+
+
+def seeded(chat) -> str:
+    """An answer that names the picture and the seed it was asked with: the same seed, the same caption."""
+    return f"A picture {chat.picture().width} wide, seed {chat.options.get('seed')}."
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Node:
+    """One `ray start --block` in a session of its own: killing its process group ends the node
+    and every worker process it started."""
+
+    def __init__(self, arguments: list[str], env: dict, within: tuple[str, ...] = ()) -> None:
+        # Short: Ray's sockets live below it, and a Unix socket's path has at most 107 bytes.
+        self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+        self.log = open(self.temp / "start.log", "w")  # noqa: SIM115 - closed by stop()
+        command = [str(RAY), "start", *arguments, f"--temp-dir={self.temp}", "--num-cpus=2"]
+        command += ["--object-store-memory=80000000", "--node-ip-address=127.0.0.1", "--block"]
+        command += [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        self.process = subprocess.Popen(
+            [*within, *command],
+            env={**os.environ, **RAY_ENV, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def workers(self) -> list[int]:
+        """The pids of the run's worker processes on this node (Ray titles them ray::Worker)."""
+        return [pid for pid, title in self.processes() if title.startswith(b"ray::Worker")]
+
+    def processes(self) -> list[tuple[int, bytes]]:
+        """The processes the node's own started (its worker processes lead groups of their own)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit():
+                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                    if os.getpgid(parent) == self.process.pid:
+                        found.append((int(entry.name), (entry / "cmdline").read_bytes()))
+            except (OSError, ValueError, IndexError):
+                pass
+        return found
+
+    def stop(self) -> None:
+        for pid, _ in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.log.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a second node on this machine, each sending --host local:PORT to its own
+    stand-in (LLAVA_CAPTION_NODE_SERVER in its environment)."""
+    servers = [StandInOllama(slots=4).start(), StandInOllama(slots=4).start()]
+    port, client_port = free_port(), free_port()
+    nodes = []
+    try:
+        head_only = [f"--port={port}", f"--ray-client-server-port={client_port}", "--include-dashboard=false"]
+        nodes.append(Node(["--head", *head_only], {"LLAVA_CAPTION_NODE_SERVER": servers[0].url}))
+        address = f"127.0.0.1:{port}"
+        wait_until(lambda: socket_answers(port), 150)
+        nodes.append(Node([f"--address={address}"], {"LLAVA_CAPTION_NODE_SERVER": servers[1].url}))
+        two_nodes = "import ray; ray.init(); assert len([n for n in ray.nodes() if n['Alive']]) == 2"
+        wait_until(
+            lambda: (
+                subprocess.run(
+                    [sys.executable, "-c", two_nodes], env=driver_env(address), check=False
+                ).returncode
+                == 0
+            ),
+            150,
+        )
+        yield address, nodes, servers, f"ray://127.0.0.1:{client_port}"
+    finally:
+        for node in nodes:
+            node.stop()
+        for server in servers:
+            server.stop()
+
+
+def socket_answers(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def driver_env(address: str) -> dict:
+    return {**os.environ, **RAY_ENV, "RAY_ADDRESS": address}
+
+
+def captions_and_journal(folder: Path) -> tuple[dict, list]:
+    captions = {path.name: path.read_text() for path in folder.glob("*.txt")}
+    return captions, sorted((folder / JOURNAL).read_text().splitlines())
+
+
+def local_run(tmp_path: Path, server, count: int, *options: object) -> tuple[Path, tuple]:
+    folder = tmp_path / "here"
+    distinct_pictures(folder, count)
+    done = run_script(folder, "--host", server.url, "--seed", 7, *options)
+    assert done.returncode == 0, done.stderr
+    return folder, captions_and_journal(folder)
+
+
+@pytest.mark.parametrize("where", ["local", "cluster", "client"])
+def test_a_ray_run_writes_what_a_local_run_writes(where, tmp_path, make_server, request):
+    """The same folder, the same seed: the same captions and the same journal, whether this
+    process prepares and sends or a Ray's workers do (a Ray it starts, or a cluster of two nodes)."""
+    server = make_server(answer=seeded, slots=4)
+    _, expected = local_run(tmp_path, server, 12, "--jobs", 4)
+    folder = tmp_path / "there"
+    distinct_pictures(folder, 12)
+    if where == "local":
+        env, address = {**RAY_ENV}, "local"
+    elif where == "cluster":
+        env, address = driver_env(request.getfixturevalue("cluster")[0]), "auto"
+    else:  # a driver outside the cluster, through Ray Client
+        env, address = {**RAY_ENV}, request.getfixturevalue("cluster")[3]
+    done = run_script(
+        folder, "--host", server.url, "--seed", 7, "--jobs", 4, "--ray", address, env=env, timeout=150
+    )
+    assert done.returncode == 0, done.stderr
+    assert captions_and_journal(folder) == expected
+    assert ("on 1 node" if where == "local" else "on 2 nodes") in done.stdout + done.stderr
+
+
+def test_styles_on_a_cluster_are_prepared_once_and_grounded_as_locally(cluster, tmp_path, make_server):
+    """--also with a prompt that asks for another style's caption ({caption:.tags}): the workers
+    send each image's styles with the prompts the driver filled in, and write what a local run
+    writes."""
+    server = make_server(answer=seeded, slots=4)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "long.txt").write_text("Describe it, with these tags: {caption:.tags}")
+    (prompts / "tags.txt").write_text("List tags.")
+    styles = ("--prompt", prompts / "long.txt", "--also", f"{prompts / 'tags.txt'}:.tags")
+    here, expected = local_run(tmp_path, server, 6, "--jobs", 4, *styles)
+    expected_tags = {path.name: path.read_text() for path in here.glob("*.tags")}
+    sent_here = len(server.chats)
+    folder = tmp_path / "there"
+    distinct_pictures(folder, 6)
+
+    done = run_script(
+        folder,
+        "--host",
+        server.url,
+        "--seed",
+        7,
+        "--jobs",
+        4,
+        *styles,
+        "--ray",
+        "auto",
+        env=driver_env(cluster[0]),
+        timeout=150,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert captions_and_journal(folder) == expected
+    assert {path.name: path.read_text() for path in folder.glob("*.tags")} == expected_tags
+    grounded = [chat for chat in server.chats[sent_here:] if "with these tags:" in chat.prompt]
+    assert len(grounded) == 6
+    assert all("seed" in chat.prompt.split("with these tags:")[1] for chat in grounded)
+
+
+def journal_entries(folder: Path) -> list[str]:
+    """The images whose captions the journal says were written, once each time."""
+    lines = (folder / JOURNAL).read_text().splitlines()
+    return sorted(line for line in lines if line.startswith('{"ok"'))
+
+
+def test_a_worker_killed_mid_run_leaves_every_image_captioned_once(cluster, make_server, tmp_path, spawn):
+    """A worker process dies with requests in flight (as the kernel's OOM killer ends one): its
+    images are sent again from the others, and each is written exactly once."""
+    address, nodes, _, _ = cluster
+    server = make_server(slots=4, latency=0.3)
+    folder = tmp_path / "folder"
+    expected = distinct_pictures(folder, 24)
+    run = spawn(folder, "--host", server.url, "--jobs", 4, "--ray", "auto", env=driver_env(address))
+    wait_until(lambda: server.in_flight >= 4 and nodes[1].workers(), 60)
+    os.kill(nodes[1].workers()[0], signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert {path: path.read_text() for path in expected} == expected
+    assert len(journal_entries(folder)) == 24
+    assert len(set(journal_entries(folder))) == 24
+    assert len(server.chats) > 24  # the lost worker's images were asked again
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_ctrl_c_stops_the_run_and_the_clusters_work(number, cluster, make_server, tmp_path, spawn):
+    """Ctrl-C (or kill): the answers on their way are written, the workers are ended with whatever
+    they were doing (the server is sent nothing more), and the process dies by the signal (Ray's
+    own SIGTERM handler, which ray.init() installs, does not take over)."""
+    address, nodes, _, _ = cluster
+    server = make_server(slots=2, latency=1.0)
+    folder = tmp_path / "folder"
+    distinct_pictures(folder, 30)
+    run = spawn(folder, "--host", server.url, "--jobs", 3, "--ray", "auto", env=driver_env(address))
+    wait_until(lambda: len(server.chats) >= 3, 60)
+    run.send_signal(number)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == -number, err
+    wait_until(lambda: not (nodes[0].workers() or nodes[1].workers()), 30)
+    sent = len(server.chats)
+    time.sleep(1.5)  # longer than an answer: a worker left running would have asked again
+    assert len(server.chats) == sent < 30
+    written = len(list(folder.glob("*.txt")))
+    assert 0 < written < 30
+    assert "left for a rerun" in out + err
+
+
+def test_each_node_sends_to_its_own_server(cluster, tmp_path):
+    """--host local:PORT: each node's workers send to the server on that node (here each node's
+    environment names its own stand-in), and none needs to be reachable from the driver."""
+    address, _, servers, _ = cluster
+    before = [len(server.chats) for server in servers]
+    folder = tmp_path / "folder"
+    expected = distinct_pictures(folder, 16)
+    done = run_script(
+        folder, "--host", "local:9", "--jobs", 2, "--ray", "auto", env=driver_env(address), timeout=150
+    )
+    assert done.returncode == 0, done.stderr
+    assert {path: path.read_text() for path in expected} == expected
+    assert all(len(server.chats) > count for server, count in zip(servers, before))
+    for server in servers:
+        assert re.search(rf"{server.url} on \S+: captioned [1-9]", done.stderr)
+
+
+def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster, make_server, tmp_path):
+    """A third node whose view of the folder is another (here a tmpfs mounted over it in a mount
+    namespace of its own, as a node without the share would have an empty folder there): the run
+    ends before any image is sent, naming the node and the folder."""
+    address = cluster[0]
+    server = make_server()
+    folder = tmp_path / "folder"
+    distinct_pictures(folder, 3)
+    within = (
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs none "{folder}" && exec "$@"',
+        "-",
+    )
+    if subprocess.run([*within[:-1], "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no mount namespace here (unshare and mount need root)")
+    blind = Node([f"--address={address}"], {}, within)
+    try:
+        three_nodes = "import ray; ray.init(); assert len([n for n in ray.nodes() if n['Alive']]) == 3"
+        wait_until(
+            lambda: (
+                subprocess.run(
+                    [sys.executable, "-c", three_nodes], env=driver_env(address), check=False
+                ).returncode
+                == 0
+            ),
+            150,
+        )
+        done = run_script(folder, "--host", server.url, "--ray", "auto", env=driver_env(address), timeout=150)
+    finally:
+        blind.stop()
+    assert done.returncode == 2
+    assert re.search(
+        rf"error: the Ray node \S+ does not see {re.escape(str(folder))} as this machine does \(cannot read",
+        done.stderr,
+    )
+    assert "the images must be on a filesystem every node sees, at the same path" in done.stderr
+    assert not server.chats
+    assert not list(folder.glob("*.txt"))
+
+
+def test_no_cluster_to_join_is_said_in_one_line(make_server, tmp_path):
+    server = make_server()
+    distinct_pictures(tmp_path / "folder", 1)
+    # An address where no Ray listens: Ray tries it for some 2 minutes, here for a few seconds.
+    env = {
+        **RAY_ENV,
+        "RAY_ADDRESS": f"127.0.0.1:{free_port()}",
+        "RAY_gcs_server_port_wait_time_s": "1",
+        "RAY_py_gcs_connect_timeout_s": "2",
+    }
+    done = run_script(tmp_path / "folder", "--host", server.url, "--ray", "auto", env=env, timeout=120)
+    assert done.returncode == 2
+    assert "error: --ray auto: cannot join the Ray cluster: " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not server.chats
