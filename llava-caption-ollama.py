@@ -36,6 +36,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import stat
 import string
@@ -5165,6 +5166,11 @@ class Outcome:
     seconds: float = 0.0
 
 
+# The longest caption a prompt may ask for ({caption:EXT}): a caption is some 60-250 tokens; a
+# 50,000-character one a person wrote is still far under it.
+LONGEST_ASKED_CAPTION = 256 * 1024
+
+
 class ImageStyles:
     """One image and its captions this run asks for, a Task per style in the order they are asked
     (asking_order()): prepared once (prepare_styles()), then each style sent as soon as the
@@ -5181,7 +5187,15 @@ class ImageStyles:
             task.image_styles = self
 
     def caption_on_disk(self, ext: str, path: Path) -> None:
+        # What is read here is sent to the server: a link in a downloaded dataset must not send a
+        # file from outside it, and no caption is longer than a prompt may sensibly be.
         try:
+            if path.is_symlink():
+                raise OSError(
+                    errno.ELOOP, "it is a link; a caption a prompt asks for is read only from a file"
+                )
+            if path.stat().st_size > LONGEST_ASKED_CAPTION:
+                raise OSError(errno.EFBIG, f"longer than {LONGEST_ASKED_CAPTION:,} bytes, no caption")
             text = readable_text(read_regular_file(path))
         except OSError as exc:
             text = "" if isinstance(exc, FileNotFoundError) else None
@@ -5609,6 +5623,20 @@ def importable_self(name: str = RAY_MODULE) -> Any:
     return module
 
 
+def unreachable_ray(address: str) -> str:
+    """Why a HOST:PORT address has no Ray to join ("" if it may: auto, local and ray:// are Ray's
+    to find, and fail in a second). Nothing listening there made ray.init() retry for minutes
+    (measured: over 160 s with Ray 2.60 at 127.0.0.1:1)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or "://" in address or not port.isdigit():
+        return ""
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=QUICK_TIMEOUT):
+            return ""
+    except OSError as exc:
+        return f"nothing answers at {address} ({reason_of(exc)})"
+
+
 def import_ray() -> Any:
     # These machines reach no outside service, and a user's run reports to no one.
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -5724,6 +5752,9 @@ class Cluster(Placement):
     def __init__(self, config: Config, reporter: Reporter, stop: Stop) -> None:
         self.ray = ray = import_ray()
         self.config = config
+        unreachable = unreachable_ray(config.ray)
+        if unreachable:
+            raise CannotStart(f"--ray {config.ray}: cannot join the Ray cluster: {unreachable}")
         import tempfile
 
         self.temporary = Path(tempfile.mkdtemp(prefix="llava-caption-ray-"))
@@ -5735,7 +5766,12 @@ class Cluster(Placement):
         passed = {name: os.environ[name] for name in RAY_PASSED_ENV if name in os.environ}
         local = config.ray == "local"
         # ray.init() installs signal handlers of its own (SIGTERM's, in the driver): the run's stay.
+        # While it joins, a signal ends the run at once, by the signal: nothing is sent yet, and
+        # ray.init() retries a silent address for minutes without looking at the run's stop.
         handlers = {number: signal.getsignal(number) for number in Signals.numbers()}
+        if threading.current_thread() is threading.main_thread():
+            for number in handlers:
+                signal.signal(number, signal.SIG_DFL)
         try:
             ray.init(
                 address=config.ray,
@@ -8007,6 +8043,14 @@ def styles_of(values: list[str], caption_ext: str) -> list[Style]:
         if ext.lower() in map(str.lower, taken):
             whose = "--ext" if ext.lower() == caption_ext.lower() else "another --also"
             raise CannotStart(f"--also {value}: {ext} is the extension of {whose}; give each style its own")
+        for other in taken:
+            shorter, longer = sorted((ext, other), key=len)
+            if longer.lower().endswith(shorter.lower()):
+                # x.short.txt, the .short.txt caption of x.png, is the .txt caption of x.short.png.
+                raise CannotStart(
+                    f"--also {value}: x{longer} would also be the {shorter} caption of an image named "
+                    f"x{longer[: -len(shorter)]}: give each style an extension no other ends with"
+                )
         styles.append(Style(read_prompt(Path(prompt_file)), ext))
     return styles
 

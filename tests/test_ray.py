@@ -344,3 +344,18 @@ def test_no_cluster_to_join_is_said_in_one_line(make_server, tmp_path):
     assert "error: --ray auto: cannot join the Ray cluster: " in done.stderr
     assert "Traceback" not in done.stderr
     assert not server.chats
+
+
+@pytest.mark.timeout(60)
+def test_an_address_where_nothing_listens_is_said_at_once(make_server, tmp_path):
+    """Ray itself retries a silent HOST:PORT for minutes, deaf to Ctrl-C: the run says so first."""
+    server = make_server()
+    distinct_pictures(tmp_path / "folder", 1)
+    address = f"127.0.0.1:{free_port()}"
+
+    done = run_script(tmp_path / "folder", "--host", server.url, "--ray", address, env=RAY_ENV, timeout=50)
+
+    assert done.returncode == 2, done.stderr
+    assert f"error: --ray {address}: cannot join the Ray cluster: nothing answers at {address}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not server.chats

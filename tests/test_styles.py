@@ -127,6 +127,24 @@ def test_tags_on_disk_ground_the_description_and_a_style_whose_caption_failed_fa
     assert (data / "img000.txt").read_text().endswith("hand, written, tags")  # not redone
 
 
+def test_a_caption_a_prompt_asks_for_is_never_read_through_a_link(tmp_path, caption, server):
+    """What {caption:EXT} reads is sent to the server: a link in a downloaded dataset must not send
+    a file from outside it."""
+    data = tmp_path / "data"
+    distinct_pictures(data, 1)
+    (tmp_path / "outside.txt").write_text("secret")
+    (data / "img000.tags").symlink_to(tmp_path / "outside.txt")
+    given = prompts(
+        tmp_path / "prompts", long="Describe it, with these tags: {caption:.tags}", tags="List tags."
+    )
+
+    run = caption(data, "--prompt", given["long"], "--also", f"{given['tags']}:.tags")
+
+    assert run.code == 1
+    assert not any("secret" in chat.prompt for chat in server.chats)
+    assert "img000.txt: its prompt asks for the .tags caption, which cannot be read: it is a link" in run.err
+
+
 def test_only_naming_one_styles_caption_redoes_that_style_alone(tmp_path, caption, server):
     data = tmp_path / "data"
     distinct_pictures(data, 2)
@@ -201,6 +219,14 @@ def test_a_style_given_alone_is_the_same_pass_as_given_with_also(tmp_path, capti
         (["--also", "{tags}"], "give PROMPT_FILE:EXT, such as tags.txt:.tags"),
         (["--also", "{tags}:tags"], "give PROMPT_FILE:EXT"),
         (["--also", "{tags}:.jpg"], "would overwrite images"),
+        (
+            ["--also", "{tags}:.short.txt"],
+            "x.short.txt would also be the .txt caption of an image named x.short",
+        ),
+        (
+            ["--also", "{tags}:.tags", "--also", "{long}:.long.tags"],
+            "x.long.tags would also be the .tags caption of an image named x.long",
+        ),
         (
             ["--prompt", "{needs_tags}"],
             "asks for {caption:.tags}, but no style of the run writes .tags captions",
