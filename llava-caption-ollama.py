@@ -1542,10 +1542,10 @@ class Journal:
         """The line of a person's text about to be written (--apply-edits), and its second line
         once it is in place (edit_landed()): the text is theirs, which no later pass touches."""
         entry = {"i": self.name(image), "s": "", "e": PERSON_EDIT, "m": "", "t": "", "b": before}
-        self.write({**entry, "a": text_digest(data), "o": origin})
+        self.write({**entry, "a": text_digest(data), "o": origin, "x": self.run.ext})
 
     def edit_landed(self, image: Path, data: bytes) -> None:
-        self.write({"ok": self.name(image), "a": text_digest(data)})
+        self.write({"ok": self.name(image), "a": text_digest(data), "x": self.run.ext})
 
     def write(self, entry: dict) -> None:
         owner = self.owner
@@ -6607,16 +6607,19 @@ class Review:
         remove_empty_folder(self.thumbnail_folders)
 
     def keep_captions_of_failures(self) -> None:
-        """What the caption file of each image that failed holds as the page is written (a failed
-        redo keeps the caption before it): the text a person edits on the page, and the text the
+        """What the caption file of each caption that failed (the main one's, a style's) holds as
+        the page is written (a failed redo keeps the caption before it): the text a person edits on the page, and the text the
         edit is checked against when applied (--apply-edits)."""
         for image, record in self.records.items():
-            if record["status"] == "failed":
-                caption = image.with_name(caption_name(image.name, self.config))
-                try:
-                    record["kept"] = readable_text(existing_caption(caption, listed=True))
-                except TryFailed:
-                    record["kept"] = ""
+            lines = [record, *record.get("styles", {}).values()]
+            exts = [self.config.caption_ext, *record.get("styles", {})]
+            for line, ext in zip(lines, exts):
+                if line["status"] == "failed":
+                    try:
+                        caption = image.with_name(os.path.splitext(image.name)[0] + ext)
+                        line["kept"] = readable_text(existing_caption(caption, listed=True))
+                    except TryFailed:
+                        line["kept"] = ""
 
     def remove_thumbnails(self) -> None:
         """Remove this run's thumbnails, which no page will show (some could not be written, or
@@ -6808,10 +6811,10 @@ MAX_EDIT_BYTES = 1024 * 1024
 EDIT_LINE_BREAKS = "\n\r"
 EDIT_CONTROLS_KEPT = "\n\r\t"
 # The command line's settings that have a part in --apply-edits: the folders, how they are named,
-# the caption extension, --dry-run, how much is said. Any other given with it (--model, --review...)
+# the caption extensions (--ext, and each --also's EXT), --dry-run, how much is said. Any other given with it (--model, --review...)
 # is refused rather than ignored: a person who gives it expects it to do something.
 EDIT_RUN_SETTINGS = frozenset(
-    ["paths", "recursive", "caption_ext", "dry_run", "quiet", "verbose", "apply_edits"]
+    ["paths", "recursive", "caption_ext", "also", "dry_run", "quiet", "verbose", "apply_edits"]
 )
 
 
@@ -6822,6 +6825,7 @@ class Edit(NamedTuple):
     root: Path  # the folder given that holds the image
     image: Path  # resolved
     caption: Path
+    ext: str  # the caption's extension: the pass (--ext or an --also style) whose journal lines it joins
     shown: str  # the text the page showed
     text: str  # the text to write
 
@@ -6855,26 +6859,39 @@ def apply_edits(
     summary = EditsSummary(dry_run=config.dry_run)
     entries = read_edits_file(edits_file)
     edits = checked_edits(entries, edits_file, config, summary, reporter)
-    run = RunPass.of(config)
+    runs = {style.caption_ext: RunPass.of(style, main=config) for style in config.styles()}
     with ExitStack() as claimed:
         unwritable = (
             {}
             if config.dry_run
             else {root: claimed.enter_context(folder_lock(root, config.recursive)) for root in config.folders}
         )
-        journals: dict[Path, Journal] = {}  # by folder: each folder of images keeps its own
+        journals: dict[tuple[Path, str], Journal] = {}  # by folder and pass: each folder keeps its own
         try:
             for edit in edits:
                 if stop.asked.is_set():
                     summary.interrupted = True
                     break
-                journal = journals.setdefault(edit.image.parent, Journal(str(edit.image.parent), run))
+                journal = journal_of_edit(edit, journals, runs)
                 apply_edit(edit, journal, unwritable.get(edit.root, ""), summary, reporter)
         finally:
-            for folder, journal in journals.items():
+            for (folder, _), journal in journals.items():
                 journal.close()
                 sync_folder(str(folder))  # the renames made durable, as the Writer does
     return summary
+
+
+def journal_of_edit(
+    edit: Edit, journals: dict[tuple[Path, str], Journal], runs: dict[str, RunPass]
+) -> Journal:
+    """The journal of the edit's folder, as its caption's pass reads it: a style's edit is recorded
+    in that style's lines ("x"), as its captions are, and the main caption's Journal writes them all."""
+    folder = edit.image.parent
+    main_ext = next(iter(runs))  # the main caption's comes first (Config.styles())
+    owner = journals.get((folder, main_ext)) or journals.setdefault(
+        (folder, main_ext), Journal(str(folder), runs[main_ext])
+    )
+    return journals.setdefault((folder, edit.ext), Journal(str(folder), runs[edit.ext], owner))
 
 
 def read_edits_file(path: Path) -> list:
@@ -6963,7 +6980,10 @@ def edit_of(number: int, entry: object, base: Path, config: Config) -> Edit | st
         return why
     if ext not in caption_extensions(config):
         given = " ".join(caption_extensions(config))
-        return f"{shortened(ext, 20)} is not the caption extension of this run ({given}); give the --ext the page's run had"
+        return (
+            f"{shortened(ext, 20)} is not a caption extension of this run ({given}); "
+            "give the --ext and --also the page's run had"
+        )
     if not name or "\0" in name:
         return "its image is not a path"
     try:
@@ -7004,7 +7024,7 @@ def edit_of_image(number: int, root: Path, image: Path, ext: str, shown_text: st
     what = not_a_regular_file(caption)
     if what:
         return f"its caption {caption.name} is {what}; the tool writes only regular files"
-    return Edit(number, root, image, caption, shown_text, text)
+    return Edit(number, root, image, caption, ext, shown_text, text)
 
 
 def edit_text_refused(text: str, what: str, controls: bool = False) -> str:
@@ -7027,9 +7047,9 @@ def edit_text_refused(text: str, what: str, controls: bool = False) -> str:
 
 
 def caption_extensions(config: Config) -> tuple[str, ...]:
-    """The caption files of an image the run writes, by their extension: the edits file names
-    each caption by its image and one of these."""
-    return (config.caption_ext,)
+    """The caption files of an image the run writes, by their extension (--ext, then each --also
+    style's): the edits file names each caption by its image and one of these."""
+    return tuple(style.caption_ext for style in config.styles())
 
 
 def apply_edit(
@@ -8031,8 +8051,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-def styles_of(values: list[str], caption_ext: str) -> list[Style]:
-    """--also PROMPT_FILE:EXT, each split on its last colon (a Windows path has one of its own)."""
+def styles_of(values: list[str], caption_ext: str, read_prompts: bool = True) -> list[Style]:
+    """--also PROMPT_FILE:EXT, each split on its last colon (a Windows path has one of its own);
+    without read_prompts, each style's prompt is left unread (the built-in one in its place)."""
     styles: list[Style] = []
     for value in values:
         prompt_file, colon, ext = value.rpartition(":")
@@ -8051,7 +8072,8 @@ def styles_of(values: list[str], caption_ext: str) -> list[Style]:
                     f"--also {value}: x{longer} would also be the {shorter} caption of an image named "
                     f"x{longer[: -len(shorter)]}: give each style an extension no other ends with"
                 )
-        styles.append(Style(read_prompt(Path(prompt_file)), ext))
+        prompt = read_prompt(Path(prompt_file)) if read_prompts else Template(BUILT_IN_PROMPT)
+        styles.append(Style(prompt, ext))
     return styles
 
 
@@ -8544,6 +8566,8 @@ def edits_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         caption_ext=caption_extension(args.caption_ext),
         recursive=args.recursive,
         dry_run=args.dry_run,
+        # --also names the styles' extensions, checked as a run checks them; their prompts write no edit.
+        also=styles_of(args.also or [], caption_extension(args.caption_ext), read_prompts=False),
     )
 
 

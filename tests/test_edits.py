@@ -189,7 +189,7 @@ def test_another_caption_extension_is_written_when_the_run_has_it(tmp_path):
     folder = tmp_path / "photos"
     dataset(folder, {"img0.caption": "old"})
     file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "old", "new", ext=".caption")])
-    assert "is not the caption extension of this run (.txt)" in apply(folder, "--apply-edits", file).stderr
+    assert "is not a caption extension of this run (.txt)" in apply(folder, "--apply-edits", file).stderr
     run = apply(folder, "--apply-edits", file, "--ext", ".caption")
     assert run.returncode == 0, run.stderr
     assert (folder / "img0.caption").read_text(encoding="utf-8") == "new"
@@ -250,7 +250,7 @@ def test_each_hostile_edit_gets_one_line_and_nothing_is_written_outside_the_fold
     said = {number: line for number, line in zip(numbers, refused)}
     assert "not in the folders given" in said[1] and "not in the folders given" in said[3]
     assert "is not an image the tool captions" in said[4] and "is not an image" in said[6]
-    assert "not the caption extension of this run" in said[9]
+    assert "not a caption extension of this run" in said[9]
     assert "shares twin.txt with twin.jpg" in said[11]
     assert "is a symbolic link" in said[12] and "is not there" in said[13]
     assert "1,048,577 bytes: longer than any caption" in said[14]
@@ -382,3 +382,89 @@ def test_an_edit_that_empties_a_caption_leaves_it_to_the_next_run(tmp_path, make
     assert (folder / "img0.txt").read_bytes() == b""
     run = run_script(folder, "--host", make_server().url)
     assert run.returncode == 0 and "captioned 1" in run.stderr
+
+
+# ---- A style's caption (--also) is edited and applied as the main caption is ----
+
+
+def styled(chat) -> str:
+    """Tags for the tags prompt, a description for the main one; each names its picture."""
+    width = chat.picture().width
+    return f"red, square, w{width}" if chat.prompt.startswith("List tags") else f"A picture {width} wide."
+
+
+def test_a_styles_edit_is_applied_and_only_its_own_pass_leaves_it_alone(tmp_path, make_server):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": None, "img1.txt": None, "img1.tags": "tags by hand"})
+    (tmp_path / "long.txt").write_text("Describe it.", encoding="utf-8")
+    (tmp_path / "tags.txt").write_text("List tags.", encoding="utf-8")
+    server = make_server(answer=styled)
+    styles = ["--prompt", tmp_path / "long.txt", "--also", f"{tmp_path / 'tags.txt'}:.tags"]
+    assert run_script(folder, *styles, "--host", server.url).returncode == 0
+    before = snapshot(folder)
+    assert before["img0.tags"] == b"red, square, w40" and before["img1.tags"] == b"tags by hand"
+    person = "red, square,\tby hand\nsecond line, \u00e9t\u00e9 "
+    edits = [
+        edit(folder / "img0.png", "red, square, w40", person, ".tags"),  # the tool wrote it
+        edit(folder / "img1.png", "tags by hand", "tags by hand, fixed", ".tags"),  # the tool never did
+    ]
+    file = edits_file(tmp_path / "edits.json", edits)
+
+    # Which extensions are captions is said as the run said it: --also (its prompt is not read).
+    refused = apply(folder, "--apply-edits", file)
+    assert refused.returncode == 1 and "is not a caption extension of this run (.txt)" in refused.stderr
+    (tmp_path / "tags.txt").unlink()
+    run = apply(folder, "--also", f"{tmp_path / 'tags.txt'}:.tags", "--apply-edits", file)
+    assert run.returncode == 0, run.stderr
+    assert changed(before, snapshot(folder)) == {
+        "img0.tags": person.encode("utf-8"),
+        "img1.tags": b"tags by hand, fixed",
+    }
+    (tmp_path / "tags.txt").write_text("List tags.", encoding="utf-8")
+
+    # The .tags pass leaves both alone, given with --also or alone (a .tags file the tool never
+    # wrote is overwritten by an overwrite pass, unless a person's); the main pass is not confused.
+    again = run_script(folder, *styles, "--existing", "overwrite", "--host", server.url)
+    assert again.returncode == 0, again.stderr
+    assert (
+        "  .tags captions: captioned 0, skipped 0, left alone 2 (edited since written), failed 0"
+        in again.stderr
+    )
+    assert "  .txt captions: captioned 2, skipped 0, failed 0" in again.stderr
+    alone = run_script(
+        folder,
+        "--prompt",
+        tmp_path / "tags.txt",
+        "--ext",
+        ".tags",
+        "--existing",
+        "overwrite",
+        "--host",
+        server.url,
+    )
+    assert alone.returncode == 0 and "left alone 2 (edited since written)" in alone.stderr
+    main = run_script(
+        folder, "--prompt", tmp_path / "long.txt", "--existing", "overwrite", "--fresh", "--host", server.url
+    )
+    assert main.returncode == 0 and "left alone" not in main.stderr and "captioned 2" in main.stderr
+    assert (folder / "img0.tags").read_bytes() == person.encode("utf-8")
+    assert (folder / "img1.tags").read_bytes() == b"tags by hand, fixed"
+
+    # --only naming the style's caption file still redoes it.
+    (tmp_path / "redo.txt").write_text("photos/img0.tags\n", encoding="utf-8")
+    redo = run_script(folder, *styles, "--only", tmp_path / "redo.txt", "--host", server.url)
+    assert redo.returncode == 0, redo.stderr
+    assert (folder / "img0.tags").read_bytes() == b"red, square, w40"
+    assert (folder / "img1.tags").read_bytes() == b"tags by hand, fixed"
+
+
+def test_also_with_apply_edits_is_checked_as_a_run_checks_it(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old"})
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "", "x", ".npz")])
+    for also, said in (("t.txt:.txt", "is the extension of --ext"), ("t.txt:.npz", "would overwrite files")):
+        run = apply(folder, "--also", also, "--apply-edits", file)
+        assert run.returncode == 2 and said in run.stderr, run.stderr
+    run = apply(folder, "--also", "t.txt:.tags", "--apply-edits", file)
+    assert run.returncode == 1 and "is not a caption extension of this run (.txt .tags)" in run.stderr
+    assert not (folder / "img0.npz").exists()

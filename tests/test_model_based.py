@@ -756,22 +756,28 @@ class Reruns(RuleBasedStateMachine):
         pick=st.integers(0, 7),
         folders=st.sampled_from(sorted(FOLDER_SPECS)),
         stale=st.sampled_from((False, False, True)),
-        dry_run=st.sampled_from((False, False, False, True)),
+        # (dry run, the caption's style) drawn as one: the CI's derandomized sequences stay those
+        # drawn before styles could be edited, a .tags edit where a plain one was.
+        how=st.sampled_from(((False, MAIN), (False, MAIN), (False, TAGS), (True, MAIN))),
     )
-    def apply_page_edit(self, pick: int, folders: str, stale: bool, dry_run: bool) -> None:
+    def apply_page_edit(self, pick: int, folders: str, stale: bool, how: tuple[bool, str]) -> None:
         """A caption fixed on the review page, downloaded, and written back with --apply-edits: a
-        person's from then on, which no later run of any pass touches (unless --only names it, or
-        --overwrite-edits). Stale: the page showed the caption as it was before a later change,
-        so the edit is left alone (exit 1)."""
+        person's from then on, which no later run of that caption's pass touches (unless --only
+        names it, or --overwrite-edits). Stale: the page showed the caption as it was before a
+        later change, so the edit is left alone (exit 1). A .tags caption's edit is applied with
+        the run's --also, and recorded as that style's."""
+        dry_run, style = how
+        style = style if self.bench.styles else MAIN
         scope = self.scope(FOLDER_SPECS[folders][1])
         picture = scope[pick % len(scope)]
-        caption = self.captions[picture.caption]
+        caption = self.captions[picture.caption_of(style)]
         shown = decoded(caption.data) + (" (as an older page showed it)" if stale else "")
         text = f"page edit {next(self.edits)}"
         name = f"lists/edits-{next(self.lists)}.json"
-        entry = {"image": str(self.work / "root" / picture.rel), "ext": ".txt", "shown": shown, "text": text}
+        entry = {"image": str(self.work / "root" / picture.rel), "ext": style, "shown": shown, "text": text}
         self.keep_file(name, json.dumps({"llava-caption-edits": 1, "edits": [entry]}).encode())
-        argv = [*FOLDER_SPECS[folders][0], "--apply-edits", name, *(["--dry-run"] if dry_run else [])]
+        also = ["--also", f"prompts/tags.txt:{TAGS}"] if style == TAGS else []
+        argv = [*FOLDER_SPECS[folders][0], *also, "--apply-edits", name, *(["--dry-run"] if dry_run else [])]
         self.bench.counters.steps += 1
         self.bench.counters.runs += 1
         with as_from_a_terminal():
@@ -792,20 +798,20 @@ class Reruns(RuleBasedStateMachine):
                 ) from None
         last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
         note(
-            f"$ llava-caption-ollama.py {' '.join(argv)}  # {picture.caption}\n    exit {done.returncode}: {last}"
+            f"$ llava-caption-ollama.py {' '.join(argv)}  # {picture.caption_of(style)}\n    exit {done.returncode}: {last}"
         )
         applied = not stale and not dry_run
         if done.returncode != (1 if stale else 0):
             raise SummaryWrong(
                 f"--apply-edits exited {done.returncode}, the rules say {1 if stale else 0}:\n{done.stderr}"
             )
-        path = self.caption_path(picture)
+        path = self.caption_path(picture, style)
         actual = path.read_bytes() if path.is_file() else None
         wanted = text.encode() if applied else caption.data
         if actual != wanted:
             kind = EditOverwritten if caption.kind == "person" and not applied else CaptionWrong
             raise kind(
-                f"{picture.caption}: {short(wanted)} after --apply-edits, found {short(actual)}\n{done.stderr}"
+                f"{picture.caption_of(style)}: {short(wanted)} after --apply-edits, found {short(actual)}\n{done.stderr}"
             )
         if applied:
             caption.data, caption.kind, caption.write = wanted, "person", None

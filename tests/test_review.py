@@ -937,6 +937,88 @@ def test_edits_and_find_and_replace_are_downloaded_and_applied_byte_for_byte(bro
             assert (data / rel).read_bytes() == text.encode("utf-8"), rel
 
 
+@pytest.mark.browser
+@pytest.mark.timeout(90)
+def test_a_styles_captions_are_edited_replaced_downloaded_and_applied(browser, make_server, tmp_path):
+    folder = tmp_path / "photos"
+    distinct_pictures(folder, 3)
+    (folder / "img001.tags").write_bytes(b"old tags by hand")
+    tags = tmp_path / "tags.txt"
+    tags.write_text("List tags.")
+
+    def answer(chat):
+        if chat.prompt != "List tags.":
+            return describe(chat)
+        width = chat.picture().width
+        return Reply(status=400, error="no tags today") if width == 41 else f"red, tags w{width}"
+
+    page = tmp_path / "review.html"
+    also = ["--also", f"{tags}:.tags"]
+    run = run_script(
+        folder, *also, "--existing", "overwrite", "--review", page, "--host", make_server(answer=answer).url
+    )
+    assert run.returncode == 1, run.stderr  # img001's tags failed: its file keeps what a person wrote
+    main_captions = {path: path.read_bytes() for path in folder.glob("*.txt")}
+    open_page(browser, page)
+
+    def edit_tags(path: str, shown: str, text: str) -> None:
+        on_card(browser, path, ".edit-toggle").click()
+        area = on_card(browser, path, 'textarea[data-ext=".tags"]')
+        assert area.get_attribute("value") == shown
+        assert on_card(browser, path, 'textarea[data-ext=".txt"]') is not None  # the main one beside it
+        area.clear()
+        area.send_keys(text)
+        on_card(browser, path, ".edit-save").click()
+
+    def tags_line(path: str) -> list:
+        return browser.execute_script(
+            "const card = [...document.querySelectorAll('#cards .card')].find(c => c.dataset.path === arguments[0]);"
+            "const line = card.querySelector('.style-line'); return [line.className, line.textContent]",
+            path,
+        )
+
+    edit_tags("photos/img000.png", "red, tags w40", "red, hand tags\nline two")
+    assert tags_line("photos/img000.png") == ["style-line edited", ".tagsred, hand tags\nline two"]
+    assert caption_shown(browser, "photos/img000.png") == "A PNG picture, 40x32 pixels."
+    edit_tags("photos/img001.png", "old tags by hand", "tags fixed by hand")  # a failed style's
+    assert tags_line("photos/img001.png") == ["style-line edited", ".tagstags fixed by hand"]
+    assert browser.find_element("id", "download-edits").text == "Download edits (2)"
+
+    # Find & replace reaches the styles' captions, each named by its extension in the preview.
+    browser.find_element("id", "open-replace").click()
+    browser.find_element("id", "find").send_keys("red, ")
+    browser.find_element("id", "preview-replace").click()
+    assert "2 occurrences in 2 captions of the 3 images" in browser.find_element("id", "replace-summary").text
+    rows = [row.text for row in browser.find_elements("css selector", "#replace-list li")]
+    assert [row.split("\n")[0] for row in rows] == ["photos/img000.png .tags", "photos/img002.png .tags"]
+    browser.find_element("id", "apply-replace").click()
+    expected = {
+        "img000.tags": "hand tags\nline two",
+        "img001.tags": "tags fixed by hand",
+        "img002.tags": "tags w42",
+    }
+
+    # Kept across a reload, downloaded as (image, .tags), applied with the run's --also.
+    open_page(browser, page)
+    assert tags_line("photos/img002.png")[1] == ".tagstags w42"
+    browser.find_element("id", "download-edits").click()
+    edits_file = tmp_path / "downloads" / "caption-edits.json"
+    downloaded = json.loads(wait_for_file(edits_file))
+    assert "--also PROMPT_FILE:.tags --apply-edits" in downloaded["apply"]
+    assert sorted((Path(e["image"]).name, e["ext"], e["shown"], e["text"]) for e in downloaded["edits"]) == [
+        ("img000.png", ".tags", "red, tags w40", expected["img000.tags"]),
+        ("img001.png", ".tags", "old tags by hand", expected["img001.tags"]),
+        ("img002.png", ".tags", "red, tags w42", expected["img002.tags"]),
+    ]
+    refused = run_script(folder, "--apply-edits", edits_file)
+    assert refused.returncode == 1 and "refused: 3 edits" in refused.stderr
+    applied = run_script(folder, *also, "--apply-edits", edits_file)
+    assert applied.returncode == 0 and "applied 3 edits" in applied.stderr, applied.stderr
+    for name, text in expected.items():
+        assert (folder / name).read_bytes() == text.encode("utf-8"), name
+    assert {path: path.read_bytes() for path in folder.glob("*.txt")} == main_captions
+
+
 def test_the_page_keeps_what_a_failed_images_caption_holds_and_the_caption_extension(make_server, tmp_path):
     # A failed redo keeps the caption before it: that is the text a person edits on the page, and the
     # text --apply-edits checks the file against.
