@@ -2236,9 +2236,10 @@ class Discovery:
 
     def caption_name_refused(self, listing: Listing, name: str, caption: str) -> str:
         """Why the image's caption file cannot be its own, or ""."""
-        if caption in listing.shared:
+        stem_shared = caption_name(name, self.config)  # twins share a stem, so every style's caption
+        if stem_shared in listing.shared:
             # One caption would describe only one of the pictures: caption neither.
-            twins = [other for other in listing.shared[caption] if other != name]
+            twins = [other for other in listing.shared[stem_shared] if other != name]
             return f"shares {caption} with {', '.join(twins)}; rename one of them"
         if caption == self.config.folder_prompt:
             return f"its caption would overwrite the folder's prompt file {caption}"
@@ -2279,7 +2280,7 @@ class Discovery:
 
     def keep_in_the_jsonl(self, listing: Listing, name: str, style: int = 0) -> None:
         caption = caption_name(name, self.styles[style])
-        if self.metadata and caption not in listing.shared:
+        if self.metadata and caption_name(name, self.config) not in listing.shared:
             caption_file = Path(listing.path, caption)
             try:
                 existing = existing_caption(caption_file, caption in listing.captions)

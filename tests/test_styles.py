@@ -375,3 +375,19 @@ def test_a_redo_of_a_joined_pass_replaces_only_the_line_it_added(tmp_path, capti
 
     assert run.code == 0, run.err
     assert (data / "a.txt").read_text() == "ohwx, long two\nohwx, short one"
+
+
+def test_twins_that_would_share_a_styles_caption_are_refused_in_every_style(tmp_path, caption, server):
+    """a.png and a.jpg would write one a.tags as they would one a.txt: neither is captioned in any
+    style (one file would describe only one of the pictures), and each is named."""
+    data = tmp_path / "data"
+    picture(data / "a.png", size=(40, 32))
+    picture(data / "a.jpg", size=(41, 32))
+    given = prompts(tmp_path / "prompts", long="Describe it.", tags="List tags.")
+
+    run = caption(data, "--prompt", given["long"], "--also", f"{given['tags']}:.tags")
+
+    assert run.code == 1
+    assert not server.chats or all(chat.picture().width not in (40, 41) for chat in server.chats)
+    assert not (data / "a.tags").exists() and not (data / "a.txt").exists()
+    assert "shares a.tags with a.png" in run.err and "shares a.tags with a.jpg" in run.err
