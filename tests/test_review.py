@@ -761,18 +761,26 @@ def test_the_page_shows_no_cost_without_a_price(browser, make_server, tmp_path):
     assert "tokens paid for" in header and "spent" not in header
 
 
+def tags_but_for_41(tags: str):
+    """The stand-in's answer with a .tags style: the tags (by the picture's width), refused for the
+    picture 41 wide; a description for any other prompt."""
+
+    def answer(chat):
+        if chat.prompt != "List tags.":
+            return describe(chat)
+        width = chat.picture().width
+        return Reply(status=400, error="no tags today") if width == 41 else tags.format(width=width)
+
+    return answer
+
+
 @pytest.mark.browser
 def test_each_card_has_a_line_for_each_style(browser, make_server, tmp_path):
     folder = tmp_path / "photos"
     distinct_pictures(folder, 2)
     tags = tmp_path / "tags.txt"
     tags.write_text("List tags.")
-
-    def answer(chat):
-        if chat.prompt != "List tags.":
-            return describe(chat)
-        width = chat.picture().width
-        return Reply(status=400, error="no tags today") if width == 41 else f"red, <b>tags</b> {width}"
+    answer = tags_but_for_41("red, <b>tags</b> {width}")
 
     server = make_server(answer=answer)
     review(folder, tmp_path / "review.html", "--also", f"{tags}:.tags", host=server.url)
@@ -945,12 +953,7 @@ def test_a_styles_captions_are_edited_replaced_downloaded_and_applied(browser, m
     (folder / "img001.tags").write_bytes(b"old tags by hand")
     tags = tmp_path / "tags.txt"
     tags.write_text("List tags.")
-
-    def answer(chat):
-        if chat.prompt != "List tags.":
-            return describe(chat)
-        width = chat.picture().width
-        return Reply(status=400, error="no tags today") if width == 41 else f"red, tags w{width}"
+    answer = tags_but_for_41("red, tags w{width}")
 
     page = tmp_path / "review.html"
     also = ["--also", f"{tags}:.tags"]
