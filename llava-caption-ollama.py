@@ -7760,6 +7760,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray",
         metavar="ADDRESS",
         default="",
+        type=ray_address,
         help="prepare and send the images on a Ray cluster's workers: auto (the cluster this machine "
         "belongs to, or $RAY_ADDRESS), ray://HOST:10001, or local (a Ray started here); with --host "
         f"local:PORT each node sends to its own server (needs Ray: {RAY_INSTALL})",
@@ -8498,6 +8499,13 @@ def paths_after_double_dash(argv: Sequence[str] | None) -> list[str]:
     end = given.index("--")
     after = [os.path.join(os.curdir, arg) if arg.startswith("-") else arg for arg in given[end + 1 :]]
     return given[:end] + after
+
+
+def ray_address(value: str) -> str:
+    # An empty value ("--ray $UNSET_VARIABLE") would be taken as no --ray: the run would go on here.
+    if not value.strip():
+        raise argparse.ArgumentTypeError("give auto, local, ray://HOST:10001 or HOST:6379")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -109,3 +109,14 @@ def test_a_nodes_own_server_needs_ray(tmp_path):
     done = run_script(tmp_path / "images", "--host", "local:11434")
     assert done.returncode == 2
     assert "--host local:PORT is each Ray node's own server: it needs --ray" in done.stderr
+
+
+def test_an_empty_ray_address_is_refused_not_taken_as_no_ray(tmp_path, server, caption):
+    """--ray "$RAY_HEAD" with the variable unset must not caption on this machine instead."""
+    distinct_pictures(tmp_path / "images", 1)
+
+    run = caption(tmp_path / "images", "--ray", "")
+
+    assert run.code == 2
+    assert "argument --ray: give auto, local, ray://HOST:10001 or HOST:6379" in run.err
+    assert not server.chats
