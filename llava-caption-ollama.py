@@ -7759,8 +7759,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ray",
         metavar="ADDRESS",
-        default="",
-        type=ray_address,
+        type=ray_address,  # not applied to a default of None, as argparse applies it to a string's
         help="prepare and send the images on a Ray cluster's workers: auto (the cluster this machine "
         "belongs to, or $RAY_ADDRESS), ray://HOST:10001, or local (a Ray started here); with --host "
         f"local:PORT each node sends to its own server (needs Ray: {RAY_INSTALL})",
@@ -8002,7 +8001,7 @@ def price_pair(text: str) -> tuple[float, float]:
 def config_from_args(args: argparse.Namespace) -> Config:
     settings = {item.name: getattr(args, item.name) for item in fields(Config) if hasattr(args, item.name)}
     settings.update(APIS[args.api].settings(args))
-    settings.update(model_options=model_options(args), system=system_prompt(args))
+    settings.update(model_options=model_options(args), system=system_prompt(args), ray=args.ray or "")
     folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
     if args.jsonl and not args.jsonl.parent.is_dir():
