@@ -7741,7 +7741,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(float, at_least=0),
         default=Config.rpm,
         metavar="N",
-        help="requests a minute each server may be sent, a hosted API's limit you know; a server's "
+        help="requests a minute each server may be sent (every address of a hosted provider together), a hosted API's limit you know; a server's "
         "x-ratelimit-* headers and Retry-After are kept to anyway (default: no limit of its own)",
     )
     parser.add_argument(
@@ -7749,7 +7749,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(int, at_least=0),
         default=Config.tpm,
         metavar="N",
-        help=f"tokens a minute each server may be sent, each request counted as --max-tokens + "
+        help=f"tokens a minute each server may be sent (a hosted provider's addresses together), each request counted as --max-tokens + "
         f"{PROMPT_TOKENS_GUESS:,} (a picture and the prompt) (default: no limit of its own)",
     )
     parser.add_argument(

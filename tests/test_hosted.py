@@ -284,19 +284,32 @@ def test_a_think_level_is_sent_in_the_providers_reasoning_words(flavour, level, 
     assert {key: chat.body[key] for key in ("reasoning_effort", "reasoning") if key in chat.body} == sent
 
 
-def test_a_think_level_a_provider_lacks_is_refused(tmp_path, hosted):
+@pytest.mark.parametrize(
+    ("model", "level", "said"),
+    [
+        # A level the provider has no word for, refused before anything is sent.
+        (
+            REASONING,
+            "max",
+            "--think-level max: OpenAI's reasoning_effort has no such level; it takes low, medium, high",
+        ),
+        # A model that does not reason, refused in OpenAI's words on the probe picture.
+        (
+            PLAIN,
+            "low",
+            "refuses reasoning_effort (--think-level) for gpt-4.1-mini: Unrecognized request argument",
+        ),
+    ],
+)
+def test_a_think_level_the_provider_or_model_lacks_is_refused(model, level, said, tmp_path, hosted):
     start, run = hosted
     picture(tmp_path / "a.png", size=(40, 32))
     stand_in = start("openai")
 
-    result = run(stand_in, tmp_path, "--model", REASONING, "--think-level", "max")
+    result = run(stand_in, tmp_path, "--model", model, "--think-level", level)
 
     assert result.code == 2
-    assert (
-        "--think-level max: OpenAI's reasoning_effort has no such level; it takes low, medium, high"
-        in result.err
-    )
-    assert not stand_in.chats
+    assert said in result.err
 
 
 def test_reasoning_tokens_are_counted_apart_from_the_captions(tmp_path, hosted):
@@ -535,21 +548,6 @@ def test_a_provider_is_reached_at_its_documented_base_url_over_https(tmp_path, m
     assert {path: path.read_text() for path in expected} == expected
     assert {chat.authorization for chat in stand_in.chats} == {f"Bearer {KEY}"}
     assert KEY not in result.stdout + result.stderr
-
-
-def test_a_think_level_for_a_model_that_does_not_reason_is_refused_in_openais_words(tmp_path, hosted):
-    start, run = hosted
-    picture(tmp_path / "a.png", size=(40, 32))
-    stand_in = start("openai")
-
-    result = run(stand_in, tmp_path, "--model", PLAIN, "--think-level", "low")
-
-    assert result.code == 2
-    assert (
-        "refuses reasoning_effort (--think-level) for gpt-4.1-mini: Unrecognized request argument"
-        in result.err
-    )
-    assert not images_sent(stand_in)
 
 
 def test_the_https_address_a_refusal_suggests_keeps_the_port(tmp_path, caption, monkeypatch):
