@@ -3657,17 +3657,9 @@ class OpenAiApi(Api):
             server.pacer.heard(rate_limits(response.headers))
             if response.status_code != 200:
                 said = error_said(response)
-                refused = refused_field(said) if self.adapting and response.status_code == 400 else None
-                if refused:
-                    raise Refusal(*refused, said)
-                value = refused_value(said) if self.adapting and response.status_code == 400 else None
-                effort = self.reasoning_effort()
-                if (
-                    value
-                    and value[0] in (None, self.provider and self.provider.effort_field)
-                    and value[1] == effort
-                ):
-                    raise Refusal(self.provider.effort_field if self.provider else "", None, said, value[2])
+                refusal = self.refusal(said) if self.adapting and response.status_code == 400 else None
+                if refusal:
+                    raise refusal
                 raise ServerSaid(response.status_code, said, retry_after(response))
             if not response.headers.get("content-type", "").lower().startswith("text/event-stream"):
                 raise ServerSaid(-1, error_message(response.read()))  # LM Studio: an error body with 200
@@ -3695,6 +3687,19 @@ class OpenAiApi(Api):
             refused.spent = answer
             raise refused
         return answer
+
+    def refusal(self, said: str) -> Refusal | None:
+        """What a 400 of the probe says the server does not take: a field, or the reasoning effort
+        sent (with the efforts it does take); None for any other 400."""
+        field_refused = refused_field(said)
+        if field_refused:
+            return Refusal(*field_refused, said)
+        value = refused_value(said)
+        if not (self.provider and value) or value[1] != self.reasoning_effort():
+            return None
+        if value[0] not in (None, self.provider.effort_field):
+            return None
+        return Refusal(self.provider.effort_field, None, said, value[2])
 
     def hosted_body(self, body: dict) -> dict:
         """Today's body in the provider's words: its token limit's field, thinking as preflight
