@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 from stand_in_ollama import StandInOllama
@@ -26,6 +27,11 @@ SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"
 # The tool's own pauses (backoff, server probes, the limit on calls that load no model) at a
 # tenth, here and in every subprocess the tests start: the suite waits less, asserts the same.
 os.environ["LLAVA_CAPTION_PAUSE_SCALE"] = "0.1"
+
+
+# The tests' own requests straight to a stand-in share one client: httpx.post() makes a client for
+# each call, and each reads the trusted certificates (45 ms of CPU) for a plain-http request.
+to_stand_in = httpx.Client(timeout=10, trust_env=False)
 
 
 def load_script():

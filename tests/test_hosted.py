@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import captioner, distinct_pictures, picture, run_script
+from conftest import captioner, distinct_pictures, picture, run_script, to_stand_in
 from stand_in_ollama import VISION_MODEL, Reply, StandInOllama
 
 REASONING = "gpt-5-mini"  # an OpenAI reasoning model: max_completion_tokens, temperature 1 only
@@ -29,7 +29,7 @@ def strict(make_server) -> StandInOllama:
 
 
 def post(stand_in: StandInOllama, request: dict) -> httpx.Response:
-    return httpx.post(f"{stand_in.url}/v1/chat/completions", json=request, timeout=10)
+    return to_stand_in.post(f"{stand_in.url}/v1/chat/completions", json=request, timeout=10)
 
 
 @pytest.mark.parametrize("argument", ["chat_template_kwargs", "top_k", "num_ctx"])
@@ -73,7 +73,7 @@ def test_strict_openai_takes_reasoning_effort_only_from_a_reasoning_model(strict
 
 def test_strict_openai_reports_reasoning_tokens_in_the_last_chunk(strict):
     request = body(REASONING, stream=True, stream_options={"include_usage": True}, reasoning_effort="low")
-    with httpx.stream("POST", f"{strict.url}/v1/chat/completions", json=request, timeout=10) as answer:
+    with to_stand_in.stream("POST", f"{strict.url}/v1/chat/completions", json=request, timeout=10) as answer:
         events = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     usage = httpx.Response(200, content=events[-2]).json()["usage"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 from conftest import picture, run_script
@@ -108,10 +110,18 @@ def broken_files(folder):
     (folder / "half.jpg").write_bytes(whole[: len(whole) // 2])
     (folder / "empty.png").write_bytes(b"")
     (folder / "letter.jpg").write_text("Dear Sir, this is not a photo.")
-    # A 13000x13000 header with almost no data: Pillow would inflate it to 645 MB.
-    bomb = io.BytesIO()
-    Image.new("L", (13000, 13000)).save(bomb, "PNG", optimize=False)  # compresses to ~160 KB
-    (folder / "bomb.png").write_bytes(bomb.getvalue())
+    # A 13000x13000 grey PNG (169 MB once decoded) whose data stops after its first row: its header
+    # is all Pillow reads before refusing it, and making a whole one would cost a second of CPU.
+    (folder / "bomb.png").write_bytes(png_header_only(13000, 13000))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    first_row = zlib.compress(bytes(1 + width))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", first_row) + chunk(b"IEND", b"")
 
 
 def test_broken_files_fail_one_by_one_and_the_rest_is_captioned(tmp_path, caption, server):

@@ -13,9 +13,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import captioner, distinct_pictures, picture
+from conftest import captioner, distinct_pictures, picture, to_stand_in
 from stand_in_ollama import (
     GEMMA4_MODEL,
     NO_USER_QUERY,
@@ -32,7 +31,7 @@ QWEN38 = "qwen3.8:9b"
 def chat(server, model: str, **fields) -> list:
     """One streamed /api/chat request straight to the stand-in: its lines, or the error body."""
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
-    answer = httpx.post(f"{server.url}/api/chat", json=body, timeout=10)
+    answer = to_stand_in.post(f"{server.url}/api/chat", json=body, timeout=10)
     if answer.status_code != 200:
         return [answer.status_code, answer.json()]
     return [json.loads(line) for line in answer.text.splitlines()]
@@ -44,7 +43,7 @@ def chat(server, model: str, **fields) -> list:
 def test_the_stand_in_shows_how_each_model_takes_think(make_server):
     server = make_server(models={GEMMA4: GEMMA4_MODEL, QWEN38: QWEN38_MODEL}, answer=lambda c: "hi")
     shown = {
-        name: httpx.post(f"{server.url}/api/show", json={"model": name}, timeout=10).json()
+        name: to_stand_in.post(f"{server.url}/api/show", json={"model": name}, timeout=10).json()
         for name in (GEMMA4, QWEN38)
     }
     assert shown[GEMMA4]["thinking"] == {"values": [True, False], "default": True}
@@ -64,7 +63,7 @@ def test_the_stand_in_shows_how_each_model_takes_think(make_server):
 
 def test_the_stand_in_before_pr_18473_shows_no_thinking_values_though_its_models_take_them(make_server):
     server = make_server(models={QWEN38: QWEN38_MODEL}, answer=lambda c: "hi", shows_thinking=False)
-    shown = httpx.post(f"{server.url}/api/show", json={"model": QWEN38}, timeout=10).json()
+    shown = to_stand_in.post(f"{server.url}/api/show", json={"model": QWEN38}, timeout=10).json()
     assert "thinking" not in shown
     assert "thinking" in shown["capabilities"]
     assert chat(server, QWEN38, think=False)[0]["message"]["thinking"]  # no false: its default, as before

@@ -1022,7 +1022,9 @@ def test_a_styles_captions_are_edited_replaced_downloaded_and_applied(browser, m
     assert {path: path.read_bytes() for path in folder.glob("*.txt")} == main_captions
 
 
-def test_the_page_keeps_what_a_failed_images_caption_holds_and_the_caption_extension(make_server, tmp_path):
+def test_the_page_keeps_what_a_failed_images_caption_holds_and_the_caption_extension(
+    make_server, caption, tmp_path
+):
     # A failed redo keeps the caption before it: that is the text a person edits on the page, and the
     # text --apply-edits checks the file against.
     folder = tmp_path / "photos"
@@ -1034,10 +1036,8 @@ def test_the_page_keeps_what_a_failed_images_caption_holds_and_the_caption_exten
         )
     )
     page = tmp_path / "review.html"
-    run = run_script(
-        folder, "--existing", "overwrite", "--ext", ".caption", "--review", page, "--host", server.url
-    )
-    assert run.returncode == 1, run.stderr
+    run = caption(folder, "--existing", "overwrite", "--ext", ".caption", "--review", page, host=server.url)
+    assert run.code == 1, run.err
     records = {record["path"]: record for record in page_images(page)}
     assert records["photos/img000.png"]["status"] == "failed"
     assert records["photos/img000.png"]["kept"] == "an old caption, written by hand"
