@@ -4,6 +4,7 @@
     python tests/bench.py --quick    # fewer images, same rows
     python tests/bench.py --script OTHER.py   # the same rows for another version of the script
     python tests/bench.py --ray      # only the rows of --ray local against the threaded client
+    python tests/bench.py --rows slots,two-servers   # only some groups of rows (--help lists them)
 
 The captioner runs as a real subprocess against stand-in servers (tests/stand_in_ollama.py)
 whose every answer takes a fixed latency once it has one of the server's slots. The server's
@@ -191,18 +192,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images per row")
     parser.add_argument("--script", type=Path, default=SCRIPT, help="the captioner to measure")
     parser.add_argument("--ray", action="store_true", help="only the rows of --ray local (needs Ray)")
+    parser.add_argument(
+        "--rows", type=lambda text: text.split(","), help=f"only these groups of rows: {', '.join(ROWS)}"
+    )
     args = parser.parse_args()
+    if args.rows and set(args.rows) - set(ROWS):
+        parser.error(f"--rows: no such group: {', '.join(sorted(set(args.rows) - set(ROWS)))}")
     global script
     script = args.script.resolve()
     scale = 4 if args.quick else 1
     root = Path(tempfile.mkdtemp(prefix="caption-bench-"))
     try:
-        (ray_rows if args.ray else report)(root, scale)
+        report(root, scale, ["ray"] if args.ray else args.rows or list(ROWS))
     finally:
         shutil.rmtree(root)
 
 
-def report(root: Path, scale: int) -> None:
+def slots_rows(root: Path, scale: int) -> None:
     print(f"stand-in latency {LATENCY} s per answer; capacity = slots / latency; 1600x1200 JPEG photos")
     print()
     print("| server slots | --jobs | images | images/s | share of capacity | --jobs 1 images/s | speed-up |")
@@ -218,9 +224,8 @@ def report(root: Path, scale: int) -> None:
         )
     print()
 
-    thinking_rows(root, scale)
-    api_rows(root, scale)
 
+def two_servers_row(root: Path, scale: int) -> None:
     folder = folder_of_photos(root, "two", 160 // scale, (1600, 1200))
     one, _ = throughput_row(folder, slots=4, jobs=5, servers=1)
     two, share = throughput_row(folder, slots=4, jobs=5, servers=2)
@@ -230,15 +235,10 @@ def report(root: Path, scale: int) -> None:
     print(f"  ({share:.1%} of the two servers' capacity)")
     print()
 
-    pace_rows(root, scale)
-    styles_rows(root, scale)
-    several_folders_rows(root, scale)
-    preparation_rows(root, scale)
-    input_type_rows(root, scale)
-    huge_folder_rows(root, scale)
-    nothing_to_do_row(root)
-    review_rows(root, scale)
-    ray_rows(root, scale)
+
+def report(root: Path, scale: int, rows: list[str]) -> None:
+    for name in rows:
+        ROWS[name](root, scale)
 
 
 def pace_rows(root: Path, scale: int) -> None:
@@ -592,6 +592,24 @@ def ray_rows(root: Path, scale: int) -> None:
             f"{grown:.2f} KB more per image; {peaks[large, on_ray][1]:.0f} images/s (wall, start-up included)"
         )
     print()
+
+
+# The table's groups of rows, in the order the whole table prints them (--rows picks some).
+ROWS = {
+    "slots": slots_rows,
+    "thinking": thinking_rows,
+    "apis": api_rows,
+    "two-servers": two_servers_row,
+    "pace": pace_rows,
+    "styles": styles_rows,
+    "folders": several_folders_rows,
+    "preparation": preparation_rows,
+    "input-types": input_type_rows,
+    "huge-folder": huge_folder_rows,
+    "nothing-to-do": lambda root, scale: nothing_to_do_row(root),
+    "review": review_rows,
+    "ray": ray_rows,
+}
 
 
 if __name__ == "__main__":

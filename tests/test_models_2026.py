@@ -193,7 +193,7 @@ def test_a_server_answering_one_at_a_time_behind_jobs_5_is_named_once(
     # ollama#17556: OLLAMA_NUM_PARALLEL falls back to 1 slot when VRAM is short and /api/ps does
     # not say so; the stand-in's slots=1 is that server (its /api/ps lists nothing either).
     expected = distinct_pictures(tmp_path, 10)
-    one = make_server(engine=engine, slots=slots, latency=0.15)  # see test_one_at_a_time.py on 0.05 s
+    one = make_server(engine=engine, slots=slots, latency=0.4)  # see test_one_at_a_time.py on 0.15 s
 
     run = caption(tmp_path, "--jobs", 5, host=one.url)
 

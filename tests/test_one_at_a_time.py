@@ -129,9 +129,9 @@ def test_a_one_slot_server_behind_jobs_5_is_named_once_and_in_the_summary(
     tmp_path, caption, make_server, api
 ):
     expected = distinct_pictures(tmp_path, 10)
-    # Answers of 0.15 s: at 0.05 s the thread delays of a machine running four suites at once
-    # blurred the turns (real captions take seconds, where such delays are nothing).
-    one = make_server(slots=1, latency=0.15)
+    # Answers of 0.4 s: at 0.15 s, four suites at once on two cores (24 workers) stretched a turn
+    # now and then past twice the others' (real captions take seconds, where such delays are nothing).
+    one = make_server(slots=1, latency=0.4)
 
     run = caption(tmp_path, "--jobs", 5, *(["--api", "openai"] if api == "openai" else []), host=one.url)
 
@@ -175,7 +175,7 @@ def test_a_one_slot_server_is_not_named_with_jobs_1_or_2(tmp_path, caption, make
 
 def test_of_two_servers_only_the_one_answering_one_at_a_time_is_named(tmp_path, caption, make_server):
     expected = distinct_pictures(tmp_path, 40)
-    one = make_server(slots=1, latency=0.05)
+    one = make_server(slots=1, latency=0.4)  # see above on 0.15 s
     five = make_server(slots=5, latency=0.2, token_latency=0.02)
 
     run = caption(tmp_path, "--jobs", 5, "--host", five.url, host=one.url)

@@ -8,7 +8,16 @@ import socket
 import threading
 
 import pytest
-from conftest import by_width, closed_port_url, distinct_pictures, leftovers, picture, run_script, wait_until
+from conftest import (
+    by_width,
+    captioner,
+    closed_port_url,
+    distinct_pictures,
+    leftovers,
+    picture,
+    run_script,
+    wait_until,
+)
 from stand_in_ollama import OLD_VISION_MODEL, RUNNER_CRASH, TEXT_MODEL, VISION_MODEL, Reply
 
 
@@ -189,8 +198,6 @@ def test_an_image_that_breaks_the_connection_every_time_fails_after_its_retries(
 
 
 def test_ollama_host_is_the_default_host(tmp_path, server, monkeypatch, capsys):
-    from conftest import captioner
-
     picture(tmp_path / "a.jpg")
     monkeypatch.setenv("OLLAMA_HOST", server.url)
     assert captioner.main([str(tmp_path)]) == 0
@@ -315,10 +322,17 @@ def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp
     answers = itertools.count(1)
 
     def answer(chat):
-        if next(answers) == 1:  # the proxy's Ollama goes down for a while after the first answer
-            server.down = True
-            threading.Timer(0.8, setattr, (server, "down", False)).start()
+        if next(answers) == 1:  # the proxy's Ollama goes down after the first answer, for 6 probes
+            server.down = True  # (the pauses before them double from 0.025 s to 0.4 s at the tests' scale)
+            threading.Thread(target=up_after_probes, args=(len(probes()) + 6,), daemon=True).start()
         return f"A PNG picture, {chat.picture().width}x32 pixels."
+
+    def probes() -> list[float]:
+        return [at for at, method, path in list(server.requests) if path == "/api/tags"]
+
+    def up_after_probes(count: int) -> None:
+        wait_until(lambda: len(probes()) >= count)
+        server.down = False
 
     server.answer = answer
 
@@ -332,12 +346,12 @@ def test_a_proxy_saying_its_server_is_down_is_waited_for_without_using_tries(tmp
     )
     assert f"{server.url} answers again" in run.err
     assert "<html>" not in run.err and "<center>" not in run.err
-    probes = [at for at, method, path in server.requests if path == "/api/tags"][1:]  # after preflight
-    gaps = [later - earlier for earlier, later in zip(probes, probes[1:])]
-    assert len(gaps) >= 3
-    # Asked more and more slowly (the pauses double: test_policy.py checks them exactly; here
-    # each gap also holds a request's own time, which a loaded machine stretches).
-    assert max(gaps) > 1.5 * min(gaps)
+    after_preflight = probes()[1:]
+    gaps = [later - earlier for earlier, later in zip(after_preflight, after_preflight[1:])]
+    assert len(gaps) >= 5
+    # Asked more and more slowly: each pause twice the one before it (test_policy.py checks them
+    # exactly; here each gap also holds a request's own time, which a loaded machine stretches).
+    assert all(gap >= captioner.PROBE_FIRST * 2**index for index, gap in enumerate(gaps)), gaps
 
 
 def test_a_runaway_answer_is_cut_short_as_it_loops_and_asked_again(tmp_path, caption, server):
