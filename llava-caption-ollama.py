@@ -2281,6 +2281,7 @@ class Discovery:
         if decided.base is not None:
             return decided.base
         if self.wants_text(prompt) or decided.mode in MERGING:
+            refuse_to_send_or_join(caption_file, existing)
             return caption_text(caption_file, existing)
         return ""
 
@@ -2384,6 +2385,23 @@ def existing_caption(path: Path, listed: bool) -> bytes:
     except OSError as exc:
         what = f"the existing {path.name}"
         raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason_of(exc)}") from None
+
+
+def refuse_to_send_or_join(path: Path, data: bytes) -> None:
+    """Raise TryFailed for an existing caption that must be neither sent ({existing}) nor joined
+    to (append, prepend): a link, which in a downloaded dataset would send a file from outside it
+    to the server (a hosted one too) or copy it into the caption; or one longer than any prompt
+    may sensibly hold (the rule {caption:EXT} keeps, ImageStyles.caption_on_disk())."""
+    if path.is_symlink():
+        raise TryFailed(
+            Fault.CAPTION_UNWRITABLE,
+            f"the existing {path.name} is a link; a caption that is sent or joined to is read only from a file",
+        )
+    if len(data) > LONGEST_ASKED_CAPTION:
+        raise TryFailed(
+            Fault.CAPTION_UNWRITABLE,
+            f"the existing {path.name} is longer than {LONGEST_ASKED_CAPTION:,} bytes",
+        )
 
 
 def readable_text(data: bytes) -> str:

@@ -447,3 +447,45 @@ def test_a_prompt_or_system_file_with_nothing_visible_is_empty(tmp_path, caption
     assert run.code == 2
     assert run.err.count("\n") == 1 and f"{given} is empty" in run.err
     assert server.requests == []
+
+
+@pytest.mark.parametrize("existing", ["overwrite", "append"])
+def test_a_caption_that_is_a_link_is_neither_sent_nor_joined_to(tmp_path, caption, server, existing):
+    # A downloaded dataset's a.txt may point anywhere: {existing} would send the file it points to
+    # to the server, and append would copy it into the caption.
+    secret = tmp_path / "outside" / "id_ed25519"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY MATERIAL")
+    folder = tmp_path / "photos"
+    picture(folder / "a.jpg", size=(64, 48))
+    picture(folder / "b.jpg", size=(65, 48))
+    (folder / "a.txt").symlink_to(secret)
+    (folder / "b.txt").write_text("wooden, lake")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Refine these tags: {existing}")
+
+    run = caption(folder, prompt, "--existing", existing)
+
+    assert run.code == 1
+    assert (
+        "FAILED a.jpg: the existing a.txt is a link; a caption that is sent or joined to is read only"
+        in run.err
+    )
+    assert [chat.picture().width for chat in server.chats] == [65]
+    assert all("PRIVATE" not in chat.prompt for chat in server.chats)
+    assert (folder / "a.txt").is_symlink() and secret.read_text() == "PRIVATE KEY MATERIAL"
+    assert "wooden, lake" in server.chats[0].prompt
+
+
+def test_an_existing_caption_too_long_for_a_prompt_is_not_sent(tmp_path, caption, server):
+    folder = tmp_path / "photos"
+    picture(folder / "a.jpg", size=(64, 48))
+    (folder / "a.txt").write_text("tag, " * 60_000)  # 300,000 bytes: no caption a person writes
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Refine these tags: {existing}")
+
+    run = caption(folder, prompt, "--existing", "overwrite")
+
+    assert run.code == 1
+    assert "FAILED a.jpg: the existing a.txt is longer than 262,144 bytes" in run.err
+    assert server.chats == []
