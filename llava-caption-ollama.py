@@ -2566,7 +2566,7 @@ SENDING = threading.local()
 
 @dataclass(eq=False)
 class Turn:
-    """One request's times (time.monotonic()) as its server served it."""
+    """One request's times (TurnTaking.now()) as its server served it."""
 
     taking: TurnTaking
     sent: float
@@ -2576,7 +2576,7 @@ class Turn:
     together: bool = False  # another answer streamed while this one did
 
     def first_token(self) -> None:
-        self.taking.began(self)
+        self.taking.began(self, self.taking.now())
 
 
 class TurnTaking:
@@ -2601,16 +2601,20 @@ class TurnTaking:
         if not self.watching or self.one_at_a_time:  # nothing left to learn
             yield
             return
-        SENDING.turn = turn = Turn(self, time.monotonic())
+        SENDING.turn = turn = Turn(self, self.now())
         try:
             yield
         finally:
             SENDING.turn = None
-            self.ended(turn)
+            self.ended(turn, self.now())
 
-    def began(self, turn: Turn) -> None:
+    def now(self) -> float:
+        """The clock its requests are timed by (a Ray worker's is another: TurnsTold)."""
+        return time.monotonic()
+
+    def began(self, turn: Turn, now: float) -> None:
         with self.lock:
-            turn.first = time.monotonic()
+            turn.first = now
             turn.could_start = max(turn.sent, self.last_end)
             turn.queued = self.last is not None and turn.sent <= self.last.could_start
             turn.together = bool(self.answering)
@@ -2618,12 +2622,11 @@ class TurnTaking:
                 other.together = True
             self.answering.add(turn)
 
-    def ended(self, turn: Turn) -> None:
+    def ended(self, turn: Turn, now: float) -> None:
         with self.lock:
             if turn not in self.answering:  # no token came: no turn to time
                 return
             self.answering.discard(turn)
-            now = time.monotonic()
             length = now - turn.could_start
             whole = length >= TURN_SHARE * max(self.lengths, default=0.0)
             own_turn = turn.queued and not turn.together and whole

@@ -55,23 +55,18 @@ def named_at(requests: list, jobs: int) -> int | None:
         for kind, at in enumerate(times)  # 0 sent, 1 first token, 2 end
     )
     turns, ended = {}, 0
-    original = captioner.time.monotonic
-    try:
-        for at, kind, index in events:
-            captioner.time.monotonic = lambda at=at: at
-            if kind == 0:
-                turns[index] = captioner.Turn(taking, at) if taking.watching else None  # as timed() does
-            elif turns[index] is None:
-                continue
-            elif kind == 1:
-                turns[index].first_token()
-            else:
-                taking.ended(turns[index])
-                ended += 1
-                if taking.one_at_a_time:
-                    return ended
-    finally:
-        captioner.time.monotonic = original
+    for at, kind, index in events:
+        if kind == 0:
+            turns[index] = captioner.Turn(taking, at) if taking.watching else None  # as timed() does
+        elif turns[index] is None:
+            continue
+        elif kind == 1:
+            taking.began(turns[index], at)
+        else:
+            taking.ended(turns[index], at)
+            ended += 1
+            if taking.one_at_a_time:
+                return ended
     return None
 
 
