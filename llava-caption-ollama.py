@@ -5713,17 +5713,17 @@ class Overheard(Pacer):
 # The one piece of shared state that cannot wait for an answer's end: whether a server answers one
 # request at a time (TURNS_IN_A_ROW). A turn is "together" when another answer streamed beside it,
 # which is known only from first tokens as they come; the driver hears of a request only when it has
-# ended, so it could judge a turn only once every request sent before it had ended too (with --jobs 5
-# on a server that answers one at a time, some five turns late, past a small folder's end). So the
-# workers tell a Ray actor of the run, the TurnJudge, of each request's first token and end as they
-# happen, and its TurnTaking of the server (per node with --host local:PORT) decides, as a local
-# run's does; the driver reads the verdict with each answer. The times are the workers' wall clocks
-# (time.time()): a monotonic clock counts from each machine's boot, while NTP keeps nodes' wall
-# clocks within milliseconds of each other, against turns that last seconds. A call reaches the
-# judge within a few milliseconds, so it takes them in the order they happen: on a server answering
-# one at a time the next answer begins an image's prompt processing after the last one ended. A
-# request's turn is named by the driver, which tells the judge to drop it when its worker is lost:
-# an answer that never ends would stream beside every other, and the server would never be named.
+# ended, so it could judge a turn only once every request in flight beside it had ended too (with
+# --jobs 5 on a server that answers one at a time, four turns late). So the workers tell a Ray actor
+# of the run, the TurnJudge, of each request's first token and end as they happen, and its
+# TurnTaking of the server (per node with --host local:PORT) decides, as a local run's does; the
+# driver reads the verdict with each answer. The times are the workers' wall clocks (time.time()):
+# a monotonic clock counts from each machine's boot, while NTP keeps nodes' wall clocks within
+# milliseconds of each other, against turns that last seconds. A call reaches the judge within a few
+# milliseconds, so it takes them in the order they happen: on a server answering one at a time the
+# next answer begins an image's prompt processing after the last one ended. A request's turn is
+# named by the driver, which tells the judge to drop it when its worker is lost: an answer that
+# never ends would stream beside every other, and the server would never be named.
 
 
 class TurnJudge:
