@@ -286,9 +286,9 @@ def test_each_node_sends_to_its_own_server(cluster, tmp_path):
 
 @pytest.mark.parametrize("slots", [1, 4])
 def test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run(slots, cluster, tmp_path, make_server):
-    """The workers' requests timed as they go (TurnJudge): a 1-slot server behind --jobs 5 is named
-    once, during the run and in the summary, within its images; a 4-slot one is not (as in
-    tests/test_one_at_a_time.py, whose stand-in settings these are)."""
+    """The workers of both nodes send to one server and tell one TurnJudge of their requests as
+    they go: a 1-slot server behind --jobs 5 is named once, during the run and in the summary,
+    within its 10 images; a 4-slot one is not (the stand-ins of tests/test_one_at_a_time.py)."""
     count = 10 if slots == 1 else 30
     expected = distinct_pictures(tmp_path, count)
     if slots == 1:
