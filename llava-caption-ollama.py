@@ -2566,7 +2566,7 @@ SENDING = threading.local()
 
 @dataclass(eq=False)
 class Turn:
-    """One request's times (time.monotonic()) as its server served it."""
+    """One request's times (TurnTaking.now()) as its server served it."""
 
     taking: TurnTaking
     sent: float
@@ -2576,7 +2576,7 @@ class Turn:
     together: bool = False  # another answer streamed while this one did
 
     def first_token(self) -> None:
-        self.taking.began(self)
+        self.taking.began(self, self.taking.now())
 
 
 class TurnTaking:
@@ -2601,16 +2601,20 @@ class TurnTaking:
         if not self.watching or self.one_at_a_time:  # nothing left to learn
             yield
             return
-        SENDING.turn = turn = Turn(self, time.monotonic())
+        SENDING.turn = turn = Turn(self, self.now())
         try:
             yield
         finally:
             SENDING.turn = None
-            self.ended(turn)
+            self.ended(turn, self.now())
 
-    def began(self, turn: Turn) -> None:
+    def now(self) -> float:
+        """The clock its requests are timed by (a Ray worker's is another: TurnsTold)."""
+        return time.monotonic()
+
+    def began(self, turn: Turn, now: float) -> None:
         with self.lock:
-            turn.first = time.monotonic()
+            turn.first = now
             turn.could_start = max(turn.sent, self.last_end)
             turn.queued = self.last is not None and turn.sent <= self.last.could_start
             turn.together = bool(self.answering)
@@ -2618,12 +2622,17 @@ class TurnTaking:
                 other.together = True
             self.answering.add(turn)
 
-    def ended(self, turn: Turn) -> None:
+    def dropped(self, turn: Turn) -> None:
+        """A request whose end will never be told (its Ray worker was lost): no turn to time, and
+        no answer streaming beside the others from now on."""
+        with self.lock:
+            self.answering.discard(turn)
+
+    def ended(self, turn: Turn, now: float) -> None:
         with self.lock:
             if turn not in self.answering:  # no token came: no turn to time
                 return
             self.answering.discard(turn)
-            now = time.monotonic()
             length = now - turn.could_start
             whole = length >= TURN_SHARE * max(self.lengths, default=0.0)
             own_turn = turn.queued and not turn.together and whole
@@ -5618,7 +5627,10 @@ class Pipeline:
 # pace, cost and failures alike. Only the work moves: on each node, worker processes prepare an
 # image and send its request with the same prepare_task() and ask() as a local run, and hand back
 # what came of it. So the state a run shares lives in one place, the driver's Server objects and
-# Summary, which every request is decided from; the workers keep none.
+# Summary, which every request is decided from; the workers keep none. One judgement needs the
+# requests' times as they happen, not when the answers come back: whether a server answers one
+# request at a time is decided by a Ray actor of the run (TurnJudge), whose verdict comes back
+# with every answer.
 
 # Tested with Ray 2.60 (Python 3.10 or later); installed only by those who use --ray. Its client
 # extra (grpcio) is what a driver outside the cluster (--ray ray://HOST:10001) needs.
@@ -5698,26 +5710,96 @@ class Overheard(Pacer):
         self.limits = limits
 
 
+# The one piece of shared state that cannot wait for an answer's end: whether a server answers one
+# request at a time (TURNS_IN_A_ROW). A turn is "together" when another answer streamed beside it,
+# which is known only from first tokens as they come; the driver hears of a request only when it has
+# ended, so it could judge a turn only once every request in flight beside it had ended too (with
+# --jobs 5 on a server that answers one at a time, four turns late). So the workers tell a Ray actor
+# of the run, the TurnJudge, of each request's first token and end as they happen, and its
+# TurnTaking of the server (per node with --host local:PORT) decides, as a local run's does; the
+# driver reads the verdict with each answer. The times are the workers' wall clocks (time.time()):
+# a monotonic clock counts from each machine's boot, while NTP keeps nodes' wall clocks within
+# milliseconds of each other, against turns that last seconds. A call reaches the judge within a few
+# milliseconds (a request's two took 2.5-3 ms, 1.3 ms of its worker's CPU, with Ray 2.60 on 2 cores
+# under a load of 40), so it takes them in the order they happen: on a server answering one at a
+# time the next answer begins an image's prompt processing after the last one ended. A request's
+# turn is named by the driver, which tells the judge to drop it when its worker is lost: an answer
+# that never ends would stream beside every other, and the server would never be named.
+
+
+class TurnJudge:
+    """The run's Ray actor that tells, from the times the workers send it, which servers answer one
+    request at a time: a TurnTaking per server name. It takes one call at a time (Ray's default
+    for an actor), in the order each worker made them."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.servers: dict[str, TurnTaking] = {}
+        self.turns: dict[str, Turn] = {}  # the answers streaming, by the names the driver gave them
+
+    def began(self, server: str, turn: str, sent: float, first: float) -> None:
+        taking = self.servers.setdefault(server, TurnTaking(self.jobs))
+        self.turns[turn] = Turn(taking, sent)
+        taking.began(self.turns[turn], first)
+
+    def ended(self, server: str, turn: str, end: float) -> bool:
+        """Whether the server answers one request at a time, now that this answer has ended."""
+        taking = self.servers.setdefault(server, TurnTaking(self.jobs))
+        if turn in self.turns:
+            taking.ended(self.turns.pop(turn), end)
+        return taking.one_at_a_time
+
+    def lost(self, turn: str) -> None:
+        if turn in self.turns:
+            self.turns[turn].taking.dropped(self.turns.pop(turn))
+
+
+class TurnsTold(TurnTaking):
+    """A worker's TurnTaking of one request (Worker.caption makes one for each), named by the
+    driver ("": not watched): its times, told to the run's TurnJudge, which decides."""
+
+    def __init__(self, ray: Any, judge: Any, server: str, turn: str) -> None:
+        super().__init__(LEAST_JOBS_WATCHED)
+        self.watching = bool(turn)
+        self.ray, self.judge, self.server, self.turn = ray, judge, server, turn
+
+    def now(self) -> float:
+        return time.time()  # comparable between nodes (see TurnJudge)
+
+    def began(self, turn: Turn, now: float) -> None:
+        self.judge.began.remote(self.server, self.turn, turn.sent, now)  # its answer is not waited for
+
+    def ended(self, turn: Turn, now: float) -> None:
+        try:
+            self.one_at_a_time = self.ray.get(self.judge.ended.remote(self.server, self.turn, now))
+        except self.ray.exceptions.RayError:
+            pass  # the judge was lost with its node: a note the run does without, no image's fault
+
+
 class Worker:
     """One worker process on a node (a Ray actor, threaded): prepares images and asks servers,
     one request a thread, with the servers as the driver checked them."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, judge: Any) -> None:
         self.config = config
+        self.judge = judge
+        self.ray = import_ray()
         self.checked: dict[str, tuple[Api, str]] = {}  # server name: its API and model
         import_run_libraries()
 
     def sees(self, folders: list[Path]) -> list[str]:
         return locks_seen(folders)
 
-    def check(self, port: int) -> tuple[str, str, str, Api | None, list]:
+    def check(self, port: int) -> tuple[str, str, str, Api | None, list, bool]:
         """The preflight of this node's own server (--host local:PORT), as a local run checks a
-        server: (its address, why it does not answer, its model, its API, what it had to say)."""
+        server: (its address, why it does not answer, its model, its API, what it had to say,
+        whether it is still to be watched for answering one request at a time)."""
         url = server_url(os.environ.get(NODE_SERVER_ENV) or f"http://127.0.0.1:{port}")
         server = server_for(url, self.config)
         said = Recorded()
         trouble = server.api.preflight(server, self.config, said, Stop())  # type: ignore[arg-type]
-        return url, trouble, server.model, (None if trouble else server.api), said.calls
+        api = None if trouble else server.api
+        return url, trouble, server.model, api, said.calls, server.turns.watching
 
     def use(self, checked: dict[str, tuple[Api, str]]) -> None:
         self.checked = checked
@@ -5731,13 +5813,17 @@ class Worker:
             return failure, b""
         return (task.prompt, task.thumbnail), task.payload
 
-    def caption(self, name: str, task: Task, payload: bytes | None) -> tuple[Any, RateLimits | None]:
-        """One try at the image on the server named: ((caption, answer) or the TryFailed, the rate
-        limits its answer said). Prepared here where its payload was lost."""
+    def caption(
+        self, name: str, task: Task, payload: bytes | None, turn: str
+    ) -> tuple[Any, RateLimits | None, bool]:
+        """One try at the image on the server named, timed for the TurnJudge as the turn named
+        (unless ""): ((caption, answer) or the TryFailed, the rate limits its answer said, whether
+        the server answers one request at a time as far as the judge knows). Prepared here where
+        its payload was lost."""
         api, model = self.checked[name]
         server = Server(api.url, self.config.jobs, api)
         server.model, server.pacer = model, Overheard()
-        server.turns.watching = False
+        server.turns = TurnsTold(self.ray, self.judge, name, turn)
         try:
             # The prompt came filled in from the driver (with the captions it asks for): only the
             # picture is prepared again where its payload was lost.
@@ -5745,7 +5831,7 @@ class Worker:
             result: Any = ask(server, self.config.style(task.style), task)
         except TryFailed as failure:
             result = failure
-        return result, server.pacer.limits
+        return result, server.pacer.limits, server.turns.one_at_a_time
 
     def probe(self, name: str) -> str:
         api = self.checked[name][0]
@@ -5793,6 +5879,7 @@ class Cluster(Placement):
         self.node_of: dict[Any, str] = {}  # worker: its node's id
         self.node_servers: dict[str, str] = {}  # server name: its node's id (--host local:PORT)
         self.lost: set[Any] = set()
+        self.judge: Any = None  # the TurnJudge
         passed = {name: os.environ[name] for name in RAY_PASSED_ENV if name in os.environ}
         local = config.ray == "local"
         # ray.init() installs signal handlers of its own (SIGTERM's, in the driver): the run's stay.
@@ -5831,6 +5918,9 @@ class Cluster(Placement):
         ray = self.ray
         remote_worker = ray.remote(Worker)
         slots = config.jobs * len(config.hosts) + 1
+        # Anywhere (it needs no CPU), killed with the workers (close()), no record of its calls kept.
+        judge = ray.remote(TurnJudge).options(num_cpus=0, max_restarts=0, enable_task_events=False)
+        self.judge = judge.remote(config.jobs)
         nodes = [node for node in ray.nodes() if node["Alive"]]
         for node in nodes:
             for _ in range(int(node["Resources"].get("CPU", 0))):
@@ -5843,7 +5933,7 @@ class Cluster(Placement):
                     # which the run does not use: its memory stays flat per image.
                     enable_task_events=False,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-                ).remote(config)
+                ).remote(config, self.judge)
                 self.flying[worker], self.node_of[worker] = 0, node["NodeID"]
         if not self.flying:
             raise CannotStart(f"--ray {config.ray}: no node of the cluster has a CPU to run workers on")
@@ -5889,11 +5979,11 @@ class Cluster(Placement):
             first.setdefault(node, worker)
         for node, worker in first.items():
             who = f"the Ray node {nodes[node]}"
-            url, trouble, model, api, said = self.answer(worker.check.remote(port), stop, who)
+            url, trouble, model, api, said, watching = self.answer(worker.check.remote(port), stop, who)
             for name, args in said:
                 getattr(reporter, name)(*args)
             server = Server(f"{url} on {nodes[node]}", config.jobs, api or server_for(url, config).api)
-            server.model = model
+            server.model, server.turns.watching = model, watching
             server.state, server.why = (State.DEAD, f"{who}: {trouble}") if trouble else (State.ANSWERING, "")
             self.node_servers[server.url] = node
             servers.append(server)
@@ -5950,8 +6040,10 @@ class Cluster(Placement):
         worker = self.worker_for(server)
         with self.lock:
             self.flying[worker] += 1
-        ref = worker.caption.remote(server.url, self.as_sent(task), task.prepared)
-        return in_the_background(self.caption, worker, server, task, ref)
+        watched = server.turns.watching and not server.turns.one_at_a_time
+        turn = uuid.uuid4().hex if watched else ""
+        ref = worker.caption.remote(server.url, self.as_sent(task), task.prepared, turn)
+        return in_the_background(self.caption, worker, server, task, ref, turn)
 
     @staticmethod
     def as_sent(task: Task) -> Task:
@@ -5960,13 +6052,16 @@ class Cluster(Placement):
         # Its image's other styles stay on the driver, which decides when each is sent.
         return replace(task, image=image, root=root, prepared=None, thumbnail=b"", image_styles=None)
 
-    def caption(self, worker: Any, server: Server, task: Task, ref: Any) -> tuple[str, Answer]:
+    def caption(self, worker: Any, server: Server, task: Task, ref: Any, turn: str) -> tuple[str, Answer]:
         """On a thread of the driver: the worker's result, as ask() would have given it."""
         try:
-            result, limits = self.result_of(worker, ref)
+            result, limits, one_at_a_time = self.result_of(worker, ref)
         except TryFailed:
             task.prepared = None  # the next try prepares it again, in case it was its payload that was lost
+            if turn:
+                self.judge.lost.remote(turn)
             raise
+        server.turns.one_at_a_time = server.turns.one_at_a_time or one_at_a_time
         if limits:
             server.pacer.heard(limits)
         if isinstance(result, TryFailed):
@@ -6002,8 +6097,8 @@ class Cluster(Placement):
     def close(self) -> None:
         """The cluster's work ends with the run: every worker is killed, with its requests."""
         if self.ray.is_initialized():
-            for worker in self.flying:
-                self.ray.kill(worker, no_restart=True)
+            for actor in [*self.flying, *([self.judge] if self.judge else [])]:
+                self.ray.kill(actor, no_restart=True)
             self.ray.shutdown()
         self.remove_package()
 

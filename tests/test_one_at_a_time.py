@@ -55,23 +55,18 @@ def named_at(requests: list, jobs: int) -> int | None:
         for kind, at in enumerate(times)  # 0 sent, 1 first token, 2 end
     )
     turns, ended = {}, 0
-    original = captioner.time.monotonic
-    try:
-        for at, kind, index in events:
-            captioner.time.monotonic = lambda at=at: at
-            if kind == 0:
-                turns[index] = captioner.Turn(taking, at) if taking.watching else None  # as timed() does
-            elif turns[index] is None:
-                continue
-            elif kind == 1:
-                turns[index].first_token()
-            else:
-                taking.ended(turns[index])
-                ended += 1
-                if taking.one_at_a_time:
-                    return ended
-    finally:
-        captioner.time.monotonic = original
+    for at, kind, index in events:
+        if kind == 0:
+            turns[index] = captioner.Turn(taking, at) if taking.watching else None  # as timed() does
+        elif turns[index] is None:
+            continue
+        elif kind == 1:
+            taking.began(turns[index], at)
+        else:
+            taking.ended(turns[index], at)
+            ended += 1
+            if taking.one_at_a_time:
+                return ended
     return None
 
 
@@ -119,6 +114,48 @@ def test_with_jobs_1_or_2_a_server_answering_one_at_a_time_is_not_watched(jobs):
     requests = timeline(slots=1, jobs=jobs, prefill=0.5, answer=2.0, count=20)
 
     assert named_at(requests, jobs=jobs) is None
+
+
+def judged(requests: dict, jobs: int, lost: int | None = None) -> dict:
+    """Replay the requests' times of several servers, in the order they happen, to one TurnJudge
+    (--ray: each worker tells it of each first token and end, the driver of a turn whose worker
+    was lost); for each server the count of its answers ended when it was named, or None."""
+    judge = captioner.TurnJudge(jobs)
+    events = sorted(
+        (at, kind, server, index)
+        for server, times_of in requests.items()
+        for index, times in enumerate(times_of)
+        for kind, at in enumerate(times)
+        if kind  # the worker tells of its request's sending with its first token
+    )
+    named: dict = dict.fromkeys(requests)
+    ended = dict.fromkeys(requests, 0)
+    for at, kind, server, index in events:
+        turn = f"{server} {index}"
+        if kind == 1:
+            judge.began(server, turn, requests[server][index][0], at)
+        elif index == lost:
+            judge.lost(turn)  # its worker died mid-answer: it never ends
+        else:
+            ended[server] += 1
+            if judge.ended(server, turn, at) and named[server] is None:
+                named[server] = ended[server]
+    return named
+
+
+def test_the_ray_judge_names_each_server_on_its_own_and_forgets_a_lost_turn():
+    # --ray: the workers of every node tell one TurnJudge of the requests to every server (each
+    # node's own, with --host local:PORT). An answer lost with its worker does not stream beside
+    # the others for ever (the server would never be named); the next turn, from the answer before
+    # it, is two answers long, and the turns after it look short beside it until it is no longer
+    # among the last TURNS_REMEMBERED (15 answers here), as after a model's load.
+    requests = {
+        "one": timeline(slots=1, jobs=5, prefill=0.5, answer=2.0, count=20),
+        "four": timeline(slots=4, jobs=5, prefill=0.5, answer=2.0, count=60),
+    }
+
+    assert judged(requests, jobs=5) == {"one": 2 + captioner.TURNS_IN_A_ROW, "four": None}
+    assert judged(requests, jobs=5, lost=3)["one"] is not None  # within its 20 answers
 
 
 # -- against the stand-in, through the real clients ---------------------------------------------

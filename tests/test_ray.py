@@ -284,6 +284,34 @@ def test_each_node_sends_to_its_own_server(cluster, tmp_path):
         assert re.search(rf"{server.url} on \S+: captioned [1-9]", done.stderr)
 
 
+@pytest.mark.parametrize("slots", [1, 4])
+def test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run(slots, cluster, tmp_path, make_server):
+    """The workers of both nodes send to one server and tell one TurnJudge of their requests as
+    they go: a 1-slot server behind --jobs 5 is named once, during the run and in the summary,
+    within its 10 images; a 4-slot one is not (the stand-ins of tests/test_one_at_a_time.py)."""
+    count = 10 if slots == 1 else 30
+    expected = distinct_pictures(tmp_path, count)
+    if slots == 1:
+        server = make_server(slots=1, latency=0.15)
+    else:  # its answers stream for a while, as captions do
+        server = make_server(slots=4, latency=0.05, token_latency=0.01)
+
+    done = run_script(
+        tmp_path, "--host", server.url, "--jobs", 5, "--ray", "auto", env=driver_env(cluster[0]), timeout=150
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert {path: path.read_text() for path in expected} == expected
+    if slots == 1:
+        assert done.stderr.count("answers one request at a time") == 1
+        assert f"note: {server.url} answers one request at a time although --jobs is 5: " in done.stderr
+        summary = done.stderr.split(f"captioned {count}, skipped 0")[1]
+        assert f"  {server.url} answered one request at a time: --jobs 5 only queued there" in summary
+    else:
+        assert server.most_in_flight == 5
+        assert "one request at a time" not in done.stderr
+
+
 def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster, make_server, tmp_path):
     """A third node whose view of the folder is another (here a tmpfs mounted over it in a mount
     namespace of its own, as a node without the share would have an empty folder there): the run
