@@ -104,9 +104,10 @@ class Node:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
     """A head and a second node on this machine, each sending --host local:PORT to its own
     stand-in (LLAVA_CAPTION_NODE_SERVER in its environment)."""
+    refuse_tests_not_grouped(request)
     servers = [StandInOllama(slots=4).start(), StandInOllama(slots=4).start()]
     port, client_port = free_port(), free_port()
     nodes = []
@@ -132,6 +133,16 @@ def cluster():
             node.stop()
         for server in servers:
             server.stop()
+
+
+def refuse_tests_not_grouped(request) -> None:
+    """One cluster serves this module's tests only where pytest-xdist runs them in one worker (their
+    xdist_group): with pytest 9.2 it no longer can (pytest-dev/pytest-xdist#1386), and every worker
+    would start a cluster of its own, two nodes each, which a loaded machine does not start in time."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and request.config.getoption("dist", "no") == "loadgroup":
+        grouped = [item.nodeid for item in request.session.items if item.get_closest_marker("xdist_group")]
+        if not all(nodeid.endswith("@ray") for nodeid in grouped):
+            pytest.fail("pytest-xdist did not group the ray tests (pytest-dev/pytest-xdist#1386): pytest<9.2")
 
 
 def socket_answers(port: int) -> bool:
