@@ -537,7 +537,9 @@ def ray_rows(root: Path, scale: int) -> None:
     )
     print("| row | images | threaded images/s | --ray local images/s | ratio |")
     print("|---|---:|---:|---:|---:|")
-    count = 160 // scale
+    # 320 photos (some 20 s): Ray's own processes still start as a run begins, and over 160 (10 s)
+    # their start swung the share of capacity from 79% to 96% between runs (measured, 2 cores).
+    count = 320 // scale
     folder = folder_of_photos(root, "ray-slots", count, (1600, 1200))
     rates = []
     for extra in ((), ("--ray", "local")):
