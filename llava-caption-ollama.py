@@ -2282,7 +2282,7 @@ class Discovery:
         if decided.base is not None:
             return decided.base
         if self.wants_text(prompt) or decided.mode in MERGING:
-            refuse_to_send_or_join(caption_file, existing)
+            refuse_to_send_or_join(caption_file, existing, self.sends_text(prompt))
             return caption_text(caption_file, existing)
         return ""
 
@@ -2310,10 +2310,14 @@ class Discovery:
 
     def wants_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
+        return self.config.existing in ("append", "prepend") or self.sends_text(prompt)
+
+    def sends_text(self, prompt: Template) -> bool:
+        """Whether an image's existing caption goes into what is sent ({existing})."""
         asked = (
             prompt.fields | self.config.prefix.fields | self.config.suffix.fields | self.config.system.fields
         )
-        return self.config.existing in ("append", "prepend") or "existing" in asked
+        return "existing" in asked
 
 
 def caption_name(image_name: str, config: Config) -> str:
@@ -2388,17 +2392,17 @@ def existing_caption(path: Path, listed: bool) -> bytes:
         raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason_of(exc)}") from None
 
 
-def refuse_to_send_or_join(path: Path, data: bytes) -> None:
+def refuse_to_send_or_join(path: Path, data: bytes, sent: bool) -> None:
     """Raise TryFailed for an existing caption that must be neither sent ({existing}) nor joined
     to (append, prepend): a link, which in a downloaded dataset would send a file from outside it
-    to the server (a hosted one too) or copy it into the caption; or one longer than any prompt
-    may sensibly hold (the rule {caption:EXT} keeps, ImageStyles.caption_on_disk())."""
+    to the server (a hosted one too) or copy it into the caption; or, where it is sent, one longer
+    than any prompt may sensibly hold (the rule {caption:EXT} keeps, ImageStyles.caption_on_disk())."""
     if path.is_symlink():
         raise TryFailed(
             Fault.CAPTION_UNWRITABLE,
             f"the existing {path.name} is a link; a caption that is sent or joined to is read only from a file",
         )
-    if len(data) > LONGEST_ASKED_CAPTION:
+    if sent and len(data) > LONGEST_ASKED_CAPTION:
         raise TryFailed(
             Fault.CAPTION_UNWRITABLE,
             f"the existing {path.name} is longer than {LONGEST_ASKED_CAPTION:,} bytes",

@@ -489,3 +489,6 @@ def test_an_existing_caption_too_long_for_a_prompt_is_not_sent(tmp_path, caption
     assert run.code == 1
     assert "FAILED a.jpg: the existing a.txt is longer than 262,144 bytes" in run.err
     assert server.chats == []
+    # Joined to, not sent, it is no prompt's: an append pass adds its answer to it.
+    assert caption(folder, "--existing", "append").code == 0
+    assert (folder / "a.txt").read_text().startswith("tag, tag,") and len(server.chats) == 1
