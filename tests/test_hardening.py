@@ -19,11 +19,11 @@ from conftest import (
     JOURNAL,
     SCRIPT,
     as_from_a_terminal,
-    child_environment,
     distinct_pictures,
     leftovers,
     picture,
     run_script,
+    script_environment,
     wait_until,
 )
 from stand_in_ollama import Reply, describe
@@ -389,10 +389,10 @@ def test_a_lock_file_that_is_a_link_is_refused_and_its_target_untouched(
 
 def run_in_shell(redirection: str, *args: object) -> subprocess.CompletedProcess:
     """The script started by a shell with one of its streams closed (2>&- or >&-)."""
-    environment = child_environment({"PYTHON": sys.executable, "SCRIPT": str(SCRIPT)})
+    environment = script_environment({"PYTHON": sys.executable, "SCRIPT": SCRIPT.stem})
     with as_from_a_terminal():
         return subprocess.run(
-            ["bash", "-c", f'"$PYTHON" "$SCRIPT" "$@" {redirection}', "_", *map(str, args)],
+            ["bash", "-c", f'"$PYTHON" -m "$SCRIPT" "$@" {redirection}', "_", *map(str, args)],
             env=environment,
             capture_output=True,
             text=True,

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from conftest import (
     SCRIPT,
+    SCRIPT_COMMAND,
     as_from_a_terminal,
     child_environment,
     distinct_pictures,
     leftovers,
     picture,
+    script_environment,
     signal_twice,
     wait_until,
 )
@@ -133,8 +135,7 @@ def test_ctrl_c_stops_a_shell_loop_over_folders(tmp_path, make_server):
         for width in (100 * number, 100 * number + 1):
             picture(folders[-1] / f"w{width}.png", size=(width, 32))
     loop = 'for d in "$@"; do "$PYTHON" "$SCRIPT" "$d" --host "$HOST"; done; echo LOOP-FINISHED'
-    environment = {key: value for key, value in os.environ.items() if key != "OLLAMA_HOST"}
-    environment.update(PYTHON=sys.executable, SCRIPT=str(SCRIPT), HOST=server.url)
+    environment = child_environment({"PYTHON": sys.executable, "SCRIPT": str(SCRIPT), "HOST": server.url})
     with as_from_a_terminal():
         shell = subprocess.Popen(
             ["bash", "-c", loop, "_", *map(str, folders)],
@@ -361,12 +362,12 @@ def test_a_lock_file_removed_just_as_a_run_took_it_still_keeps_a_second_run_out(
         if not second:  # while the first run's request waits here, a second run starts
             second.append(None)
             second[0] = subprocess.run(  # not run_script: this is no main thread, to set signals in
-                [sys.executable, str(SCRIPT), str(tmp_path), "--host", server.url],
+                [*SCRIPT_COMMAND, str(tmp_path), "--host", server.url],
                 capture_output=True,
                 text=True,
                 timeout=20,
                 check=False,
-                env=child_environment(None),
+                env=script_environment(None),
             )
         return describe(chat)
 
