@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import shutil
 import signal
@@ -30,8 +31,9 @@ os.environ["LLAVA_CAPTION_PAUSE_SCALE"] = "0.1"
 
 
 # The tests' own requests straight to a stand-in share one client: httpx.post() makes a client for
-# each call, and each reads the trusted certificates (45 ms of CPU) for a plain-http request.
-to_stand_in = httpx.Client(timeout=10, trust_env=False)
+# each call, and each reads the trusted certificates (45 ms of CPU) for a plain-http request. These
+# stand-ins speak plain HTTP: the client reads no certificates at all (verify=False).
+to_stand_in = httpx.Client(timeout=10, trust_env=False, verify=False)
 
 
 def load_script():
@@ -68,6 +70,22 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
     if collection_path.name == "test_model_based.py" and not model_based(config):
         return True
     return None
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The files' tests taken in turn, one from each: the tests that wait (on slow stand-ins, the
+    tool's pauses, child processes) sit together in a few files, and xdist hands tests out in
+    this order, so file by file they left both cores idle at once for seconds while every worker
+    waited (measured). The Ray tests (one group: one cluster) start first, as the longest; the
+    browser tests, which share their file's Chromium, come last, each file whole."""
+    grouped = [item for item in items if item.get_closest_marker("xdist_group")]
+    in_chromium = [item for item in items if item.get_closest_marker("browser") and item not in grouped]
+    files: dict = {}
+    for item in items:
+        if item not in grouped and item not in in_chromium:
+            files.setdefault(item.path, []).append(item)
+    in_turn = [item for turn in itertools.zip_longest(*files.values()) for item in turn if item]
+    items[:] = grouped + in_turn + in_chromium
 
 
 def pytest_report_header(config) -> str:
@@ -283,7 +301,7 @@ def leftovers(folder: Path) -> list:
     return [p.name for p in folder.rglob(".*") if p.is_file() and p.name != JOURNAL]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def certificate(tmp_path_factory) -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1, made for this run of the suite: (cert, key)."""
     if shutil.which("openssl") is None:
