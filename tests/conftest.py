@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 import shutil
 import signal
@@ -28,6 +27,9 @@ SCRIPT = Path(__file__).resolve().parent.parent / "llava-caption-ollama.py"
 # The tool's own pauses (backoff, server probes, the limit on calls that load no model) at a
 # tenth, here and in every subprocess the tests start: the suite waits less, asserts the same.
 os.environ["LLAVA_CAPTION_PAUSE_SCALE"] = "0.1"
+# trio, left out of these processes (tests/without_trio), registers a Hypothesis plugin that
+# Hypothesis would import as it is imported (the model-based test).
+os.environ["HYPOTHESIS_NO_PLUGINS"] = "1"
 
 
 # The tests' own requests straight to a stand-in share one client: httpx.post() makes a client for
@@ -73,7 +75,7 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """The files' tests taken in turn, one from each: the tests that wait (on slow stand-ins, the
+    """Each file's tests spread evenly over the run: the tests that wait (on slow stand-ins, the
     tool's pauses, child processes) sit together in a few files, and xdist hands tests out in
     this order, so file by file they left both cores idle at once for seconds while every worker
     waited (measured). The Ray tests (one group: one cluster) start first, as the longest; the
@@ -84,8 +86,9 @@ def pytest_collection_modifyitems(items: list) -> None:
     for item in items:
         if item not in grouped and item not in in_chromium:
             files.setdefault(item.path, []).append(item)
-    in_turn = [item for turn in itertools.zip_longest(*files.values()) for item in turn if item]
-    items[:] = grouped + in_turn + in_chromium
+    placed = [(place / len(tests), item) for tests in files.values() for place, item in enumerate(tests, 1)]
+    spread = [item for _, item in sorted(placed, key=lambda pair: pair[0])]
+    items[:] = grouped + spread + in_chromium
 
 
 def pytest_report_header(config) -> str:
