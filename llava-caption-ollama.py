@@ -1192,7 +1192,8 @@ def left_for_a_rerun(summary: Summary) -> str:
     # A run that ends early does not plan the rest: planning reads every caption file, and a
     # Ctrl-C must not wait for a listing of 100,000 files.
     unplanned = "" if summary.listed else " and the images not yet planned"
-    return f"{counted(summary.left, 'image')}{unplanned} left for a rerun"
+    # With styles (--also), what a run plans and leaves is an image's caption in each style.
+    return f"{counted(summary.left, 'caption' if summary.by_style else 'image')}{unplanned} left for a rerun"
 
 
 def save_metadata(metadata: Metadata | None, summary: Summary) -> None:

@@ -391,3 +391,19 @@ def test_twins_that_would_share_a_styles_caption_are_refused_in_every_style(tmp_
     assert not server.chats or all(chat.picture().width not in (40, 41) for chat in server.chats)
     assert not (data / "a.tags").exists() and not (data / "a.txt").exists()
     assert "shares a.tags with a.png" in run.err and "shares a.tags with a.jpg" in run.err
+
+
+def test_a_run_with_styles_stopped_early_counts_the_captions_it_left(tmp_path, caption, server):
+    """What a run with styles plans is each image's caption in each style: those it leaves are
+    counted as captions, not as images (3 images in 2 styles are 6 captions)."""
+    data = tmp_path / "data"
+    distinct_pictures(data, 3)
+    given = prompts(tmp_path / "prompts", long="Describe it.", tags="List tags.")
+    answers = iter([Reply(text="a red square")])
+    server.answer = lambda chat: next(answers, Reply(status=401, error="unauthorized"))
+
+    run = caption(data, "--prompt", given["long"], "--also", f"{given['tags']}:.tags", "--jobs", 1)
+
+    assert run.code == 1, run.err
+    assert (data / "img000.txt").read_text() == "a red square"
+    assert "; 5 captions left for a rerun" in run.err
