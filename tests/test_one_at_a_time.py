@@ -213,12 +213,15 @@ def test_a_one_slot_server_is_not_named_with_jobs_1_or_2(tmp_path, caption, make
 def test_of_two_servers_only_the_one_answering_one_at_a_time_is_named(tmp_path, caption, make_server):
     expected = distinct_pictures(tmp_path, 40)
     one = make_server(slots=1, latency=0.4)  # see above on 0.15 s
-    five = make_server(slots=5, latency=0.2, token_latency=0.02)
+    # Its five answers take 0.7 s, so that the one-slot server answers a quarter of the images:
+    # at 0.3 s it answered six of 40 (named at its sixth), and a loaded machine left it five.
+    five = make_server(slots=5, latency=0.6, token_latency=0.02)
 
     run = caption(tmp_path, "--jobs", 5, "--host", five.url, host=one.url)
 
     assert run.code == 0, run.err
     assert {path: path.read_text() for path in expected} == expected
+    assert len(one.chats) >= 10  # room for its verdict, which comes at its sixth answer
     assert run.err.count(NOTE) == 1
     assert f"note: {one.url} {NOTE}" in run.err
     assert f"{five.url} {NOTE}" not in run.err
