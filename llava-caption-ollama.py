@@ -2311,7 +2311,7 @@ class Discovery:
 
     def wants_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption is used: merged, or asked for by a placeholder."""
-        return self.config.existing in ("append", "prepend") or self.sends_text(prompt)
+        return self.config.existing in MERGING or self.sends_text(prompt)
 
     def sends_text(self, prompt: Template) -> bool:
         """Whether an image's existing caption goes into what is sent ({existing})."""
