@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import distinct_pictures, run_script, wait_until
-from stand_in_ollama import StandInOllama
+from stand_in_ollama import QWEN38_MODEL, StandInOllama
 
 pytestmark = [
     pytest.mark.ray,
@@ -398,3 +398,130 @@ def test_an_address_where_nothing_listens_is_said_at_once(make_server, tmp_path)
     assert f"error: --ray {address}: cannot join the Ray cluster: nothing answers at {address}" in done.stderr
     assert "Traceback" not in done.stderr
     assert not server.chats
+
+
+# --host local:PORT behind more than two jobs, and what each node's server has to say. The cluster's
+# two stand-ins are changed for a test (StandInOllama.changed) and put back after it.
+
+
+@pytest.fixture(scope="module")
+def node_address(cluster) -> str:
+    """The address Ray gives the test cluster's nodes (both the same: they run on this machine),
+    by which the run names each node's own server."""
+    addresses = "import ray; ray.init(); print(*{n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']})"
+    asked = subprocess.run(
+        [sys.executable, "-c", addresses],
+        env=driver_env(cluster[0]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (address,) = asked.stdout.split()
+    return address
+
+
+def node_server_name(server: StandInOllama, node_address: str) -> str:
+    """How the run names a node's own server: its address, on its node's."""
+    return f"{server.url} on {node_address}"
+
+
+def said_lines(stderr: str) -> list[str]:
+    """The notes, warnings and errors a run printed, in order."""
+    return [line for line in stderr.splitlines() if line.startswith(("note: ", "warning: ", "error: "))]
+
+
+def test_each_nodes_server_gets_its_jobs_and_is_named_as_it_answers(cluster, node_address, tmp_path):
+    """--jobs 3 on two nodes whose servers differ, one answering one request at a time and one
+    four at once: each server is sent three at once (no more), every image is captioned once, the
+    summary counts each node's server by the name the run gives it, and only the 1-slot server is
+    named as answering one at a time, once, during the run and in the summary, as a local run
+    names a server (test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run)."""
+    address, _, (one, four), _ = cluster
+    expected = distinct_pictures(tmp_path, 32)
+    # The four-slot server's answers stream for a while, as captions do: together, not in turns.
+    with one.changed(slots=1, latency=0.15), four.changed(latency=0.05, token_latency=0.01):
+        done = run_script(
+            tmp_path, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
+        )
+        most = one.most_in_flight, four.most_in_flight
+
+    assert done.returncode == 0, done.stderr
+    assert {path: path.read_text() for path in expected} == expected
+    assert len(set(journal_entries(tmp_path))) == len(journal_entries(tmp_path)) == 32
+    assert most == (3, 3)  # the 1-slot server's are queued there
+    summary = done.stderr.split("captioned 32, skipped 0")[1]
+    counts = [
+        re.search(rf"  {re.escape(node_server_name(server, node_address))}: captioned (\d+)", summary)
+        for server in (one, four)
+    ]
+    assert all(counts), summary
+    assert sum(int(count[1]) for count in counts) == 32
+    assert done.stderr.count("one request at a time") == 2
+    assert (
+        f"note: {node_server_name(one, node_address)} answers one request at a time although --jobs is 3: "
+        in done.stderr
+    )
+    assert (
+        f"  {node_server_name(one, node_address)} answered one request at a time: --jobs 3 only queued there"
+        in summary
+    )
+
+
+def test_a_node_servers_preflight_notes_are_said_as_a_local_run_says_them(
+    cluster, node_address, tmp_path, make_server
+):
+    """A model that thinks and cannot stop (Qwen 3.8) and answers one request at a time (its
+    architecture) on each node's own server: the run says what a local run says of such a server,
+    once for each node's, naming it as the run does, and captions."""
+    qwen38 = {"llava:13b": QWEN38_MODEL}
+    here = make_server(models=qwen38, slots=4)
+    distinct_pictures(tmp_path / "here", 2)
+    local = run_script(tmp_path / "here", "--host", here.url, "--jobs", 3)
+    assert local.returncode == 0, local.stderr
+    notes_here = said_lines(local.stderr)
+    assert len(notes_here) == 2  # the two notes this test is about
+    address, _, servers, _ = cluster
+    folder = tmp_path / "there"
+    expected = distinct_pictures(folder, 4)
+    with servers[0].changed(models=qwen38), servers[1].changed(models=qwen38):
+        done = run_script(
+            folder, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
+        )
+
+    assert done.returncode == 0, done.stderr
+    assert {path: path.read_text() for path in expected} == expected
+    said = sorted(said_lines(done.stderr))
+    assert said == sorted(
+        line.replace(here.url, node_server_name(server, node_address))
+        for server in servers
+        for line in notes_here
+    )
+
+
+@pytest.mark.parametrize("trouble", ["lacks the model", "is down"])
+def test_a_node_whose_server_cannot_caption_stops_or_goes_on_as_a_local_run(
+    trouble, cluster, node_address, tmp_path, make_server
+):
+    """The second node's server lacks the model, or is down (its proxy answers 502): the run stops
+    at the start, or goes on with the other node's, as a local run with both servers as --host does,
+    saying the same of that server, named as the run names it."""
+    changes = {"models": {}} if trouble == "lacks the model" else {"down": True}
+    good, bad = make_server(), make_server(**changes)
+    here = tmp_path / "here"
+    distinct_pictures(here, 4)
+    local = run_script(here, "--host", good.url, "--host", bad.url, "--jobs", 3)
+    address, _, (_, second), _ = cluster
+    sent_before = len(second.chats)
+    folder = tmp_path / "there"
+    distinct_pictures(folder, 4)
+    with second.changed(**changes):
+        done = run_script(
+            folder, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
+        )
+
+    assert done.returncode == local.returncode == (2 if trouble == "lacks the model" else 0), done.stderr
+    assert said_lines(done.stderr) == [
+        line.replace(bad.url, node_server_name(second, node_address)) for line in said_lines(local.stderr)
+    ]
+    assert len(second.chats) == sent_before
+    assert len(list(folder.glob("*.txt"))) == len(list(here.glob("*.txt")))
