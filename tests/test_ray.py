@@ -357,6 +357,14 @@ def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster
         )
         done = run_script(folder, "--host", server.url, "--ray", "auto", env=driver_env(address), timeout=150)
     finally:
+        # Ended by SIGTERM, its `ray start --block` takes the node out of the cluster at once (under a
+        # second, measured); killed outright, Ray lists it alive for its health checks' while (17 s
+        # measured under load), and the next test's run would start workers there.
+        blind.process.terminate()
+        try:
+            blind.process.wait(20)
+        except subprocess.TimeoutExpired:
+            pass  # stop() kills it
         blind.stop()
     assert done.returncode == 2
     assert re.search(
@@ -467,61 +475,47 @@ def test_each_nodes_server_gets_its_jobs_and_is_named_as_it_answers(cluster, nod
     )
 
 
-def test_a_node_servers_preflight_notes_are_said_as_a_local_run_says_them(
-    cluster, node_address, tmp_path, make_server
+# What each node's server is at the start, set on the cluster's and on a local run's two servers alike:
+# a model that thinks and cannot stop (Qwen 3.8), which also answers one request at a time (its
+# architecture); a server that is down (its proxy answers 502); one that lacks the model.
+AT_THE_START = {
+    "notes and one down": ({"models": {"llava:13b": QWEN38_MODEL}}, {"down": True}),
+    "one lacks the model": ({}, {"models": {}}),
+}
+
+
+@pytest.mark.parametrize("case", AT_THE_START)
+def test_what_each_nodes_server_says_at_the_start_is_said_as_in_a_local_run(
+    case, cluster, node_address, tmp_path, make_server
 ):
-    """A model that thinks and cannot stop (Qwen 3.8) and answers one request at a time (its
-    architecture) on each node's own server: the run says what a local run says of such a server,
-    once for each node's, naming it as the run does, and captions."""
-    qwen38 = {"llava:13b": QWEN38_MODEL}
-    here = make_server(models=qwen38, slots=4)
-    distinct_pictures(tmp_path / "here", 2)
-    local = run_script(tmp_path / "here", "--host", here.url, "--jobs", 3)
-    assert local.returncode == 0, local.stderr
-    notes_here = said_lines(local.stderr)
-    assert len(notes_here) == 2  # the two notes this test is about
-    address, _, servers, _ = cluster
-    folder = tmp_path / "there"
-    expected = distinct_pictures(folder, 4)
-    with servers[0].changed(models=qwen38), servers[1].changed(models=qwen38):
-        done = run_script(
-            folder, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
-        )
-
-    assert done.returncode == 0, done.stderr
-    assert {path: path.read_text() for path in expected} == expected
-    said = sorted(said_lines(done.stderr))
-    assert said == sorted(
-        line.replace(here.url, node_server_name(server, node_address))
-        for server in servers
-        for line in notes_here
-    )
-
-
-@pytest.mark.parametrize("trouble", ["lacks the model", "is down"])
-def test_a_node_whose_server_cannot_caption_stops_or_goes_on_as_a_local_run(
-    trouble, cluster, node_address, tmp_path, make_server
-):
-    """The second node's server lacks the model, or is down (its proxy answers 502): the run stops
-    at the start, or goes on with the other node's, as a local run with both servers as --host does,
-    saying the same of that server, named as the run names it."""
-    changes = {"models": {}} if trouble == "lacks the model" else {"down": True}
-    good, bad = make_server(), make_server(**changes)
+    """Each node's server is checked on its node, and the run says what a local run with the same
+    two servers as --host says of them (each note once for each server, naming it as the run names
+    it), and goes on with the server that answers, or stops where one lacks the model, as it does."""
+    settings = AT_THE_START[case]
     here = tmp_path / "here"
     distinct_pictures(here, 4)
-    local = run_script(here, "--host", good.url, "--host", bad.url, "--jobs", 3)
-    address, _, (_, second), _ = cluster
-    sent_before = len(second.chats)
+    servers_here = [make_server(slots=4, **changes) for changes in settings]
+    local = run_script(here, *(f"--host={server.url}" for server in servers_here), "--jobs", 3)
+    address, _, servers, _ = cluster
+    sent = [len(server.chats) for server in servers]
     folder = tmp_path / "there"
-    distinct_pictures(folder, 4)
-    with second.changed(**changes):
+    expected = distinct_pictures(folder, 4)
+    with servers[0].changed(**settings[0]), servers[1].changed(**settings[1]):
         done = run_script(
             folder, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
         )
 
-    assert done.returncode == local.returncode == (2 if trouble == "lacks the model" else 0), done.stderr
-    assert said_lines(done.stderr) == [
-        line.replace(bad.url, node_server_name(second, node_address)) for line in said_lines(local.stderr)
-    ]
-    assert len(second.chats) == sent_before
-    assert len(list(folder.glob("*.txt"))) == len(list(here.glob("*.txt")))
+    assert done.returncode == local.returncode == (0 if case == "notes and one down" else 2), done.stderr
+    said_here = said_lines(local.stderr)
+    for server_here, server in zip(servers_here, servers):
+        said_here = [
+            line.replace(server_here.url, node_server_name(server, node_address)) for line in said_here
+        ]
+    assert said_lines(done.stderr) == said_here
+    assert len(said_here) == (3 if case == "notes and one down" else 1)
+    assert len(servers[1].chats) == sent[1]  # the second is left out, or the run stops
+    if done.returncode == 0:
+        assert {path: path.read_text() for path in expected} == expected
+    else:
+        assert len(servers[0].chats) == sent[0]
+        assert not list(folder.glob("*.txt"))
