@@ -3,8 +3,10 @@
 each node with its own temporary folder and its own stand-in server for --host local:PORT.
 
 Marker `ray`; the tests share one cluster and run one after another in one xdist worker (group
-"ray"). Their budget: 3 minutes (91-158 s measured on two cores under load), most of it Ray
-starting; a test's limit is 5 minutes, as a cluster started beside a loaded suite took over 90 s."""
+"ray"). Their budget: 3.5 minutes (206 s measured on two cores under a load of 7-17, where they
+took 178 s before the tests of --host local:PORT behind --jobs 3 and of what each node's server says
+at the start), most of it Ray starting the cluster and each run's workers; a test's limit is 5
+minutes, as a cluster started beside a loaded suite took over 90 s."""
 
 from __future__ import annotations
 
@@ -278,23 +280,6 @@ def test_ctrl_c_stops_the_run_and_the_clusters_work(number, cluster, make_server
     assert "left for a rerun" in out + err
 
 
-def test_each_node_sends_to_its_own_server(cluster, tmp_path):
-    """--host local:PORT: each node's workers send to the server on that node (here each node's
-    environment names its own stand-in), and none needs to be reachable from the driver."""
-    address, _, servers, _ = cluster
-    before = [len(server.chats) for server in servers]
-    folder = tmp_path / "folder"
-    expected = distinct_pictures(folder, 16)
-    done = run_script(
-        folder, "--host", "local:9", "--jobs", 2, "--ray", "auto", env=driver_env(address), timeout=150
-    )
-    assert done.returncode == 0, done.stderr
-    assert {path: path.read_text() for path in expected} == expected
-    assert all(len(server.chats) > count for server, count in zip(servers, before))
-    for server in servers:
-        assert re.search(rf"{server.url} on \S+: captioned [1-9]", done.stderr)
-
-
 @pytest.mark.parametrize("slots", [1, 4])
 def test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run(slots, cluster, tmp_path, make_server):
     """The workers of both nodes send to one server and tell one TurnJudge of their requests as
@@ -439,11 +424,13 @@ def said_lines(stderr: str) -> list[str]:
 
 
 def test_each_nodes_server_gets_its_jobs_and_is_named_as_it_answers(cluster, node_address, tmp_path):
-    """--jobs 3 on two nodes whose servers differ, one answering one request at a time and one
-    four at once: each server is sent three at once (no more), every image is captioned once, the
-    summary counts each node's server by the name the run gives it, and only the 1-slot server is
-    named as answering one at a time, once, during the run and in the summary, as a local run
-    names a server (test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run)."""
+    """--host local:PORT: each node's workers send to the server on that node (here each node's
+    environment names its own stand-in), none reachable from the driver. With --jobs 3 on two
+    nodes whose servers differ, one answering one request at a time and one four at once: each
+    server is sent three at once (no more), every image is captioned once, the summary counts
+    each node's server by the name the run gives it, and only the 1-slot server is named as
+    answering one at a time, once, during the run and in the summary, as a local run names a
+    server (test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run)."""
     address, _, (one, four), _ = cluster
     expected = distinct_pictures(tmp_path, 32)
     # The four-slot server's answers stream for a while, as captions do: together, not in turns.
@@ -463,7 +450,8 @@ def test_each_nodes_server_gets_its_jobs_and_is_named_as_it_answers(cluster, nod
         for server in (one, four)
     ]
     assert all(counts), summary
-    assert sum(int(count[1]) for count in counts) == 32
+    numbers = [int(count[1]) for count in counts]
+    assert min(numbers) > 0 and sum(numbers) == 32
     assert done.stderr.count("one request at a time") == 2
     assert (
         f"note: {node_server_name(one, node_address)} answers one request at a time although --jobs is 3: "
