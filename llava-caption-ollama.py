@@ -5804,6 +5804,12 @@ class TurnsTold(TurnTaking):
             pass  # the judge was lost with its node: a note the run does without, no image's fault
 
 
+def node_server_name(url: str, node: str) -> str:
+    """How the run names a node's own server (--host local:PORT): every node's may have the same
+    loopback address."""
+    return f"{url} on {node}"
+
+
 class Worker:
     """One worker process on a node (a Ray actor, threaded): prepares images and asks servers,
     one request a thread, with the servers as the driver checked them."""
@@ -5818,16 +5824,23 @@ class Worker:
     def sees(self, folders: list[Path]) -> list[str]:
         return locks_seen(folders)
 
-    def check(self, port: int) -> tuple[str, str, str, Api | None, list, bool]:
+    def check(self, port: int, node: str) -> tuple[str, str, str, Api | None, list, bool]:
         """The preflight of this node's own server (--host local:PORT), as a local run checks a
-        server: (its address, why it does not answer, its model, its API, what it had to say,
-        whether it is still to be watched for answering one request at a time)."""
+        server: (its address, why it does not answer, its model, its API, what it had to say, whether
+        it is still to be watched for answering one request at a time). What it says names the
+        server as the run does, its address on its node's, as every node's may be the same
+        loopback address."""
         url = server_url(os.environ.get(NODE_SERVER_ENV) or f"http://127.0.0.1:{port}")
+        name = node_server_name(url, node)
         server = server_for(url, self.config)
         said = Recorded()
-        trouble = server.api.preflight(server, self.config, said, Stop())  # type: ignore[arg-type]
+        try:
+            trouble = server.api.preflight(server, self.config, said, Stop())  # type: ignore[arg-type]
+        except CannotStart as refusal:
+            raise CannotStart(str(refusal).replace(url, name)) from None
         api = None if trouble else server.api
-        return url, trouble, server.model, api, said.calls, server.turns.watching
+        calls = [(call, tuple(name if arg == url else arg for arg in args)) for call, args in said.calls]
+        return url, trouble.replace(url, name), server.model, api, calls, server.turns.watching
 
     def use(self, checked: dict[str, tuple[Api, str]]) -> None:
         self.checked = checked
@@ -6008,12 +6021,16 @@ class Cluster(Placement):
             first.setdefault(node, worker)
         for node, worker in first.items():
             who = f"the Ray node {nodes[node]}"
-            url, trouble, model, api, said, watching = self.answer(worker.check.remote(port), stop, who)
+            url, trouble, model, api, said, watching = self.answer(
+                worker.check.remote(port, nodes[node]), stop, who
+            )
             for name, args in said:
                 getattr(reporter, name)(*args)
-            server = Server(f"{url} on {nodes[node]}", config.jobs, api or server_for(url, config).api)
+            server = Server(
+                node_server_name(url, nodes[node]), config.jobs, api or server_for(url, config).api
+            )
             server.model, server.turns.watching = model, watching
-            server.state, server.why = (State.DEAD, f"{who}: {trouble}") if trouble else (State.ANSWERING, "")
+            server.state, server.why = (State.DEAD, trouble) if trouble else (State.ANSWERING, "")
             self.node_servers[server.url] = node
             servers.append(server)
         return servers

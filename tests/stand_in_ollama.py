@@ -45,7 +45,8 @@ import ssl
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -434,7 +435,7 @@ class StandInOllama:
         self.rate_used = [0, 0]  # requests and tokens of the rate window that runs
         self.rate_since = 0.0  # when it began (0: none yet)
         self.refused_for_rate: list = []  # time.monotonic() of each 429 for the rate limit
-        self.slot_gate = threading.Semaphore(1 if self.engine == "mlx" else self.slots)
+        self.slot_gate = self.gate()
         handler = type("Handler", (Handler,), {"stand_in": self})
         self.httpd = Listening(("127.0.0.1", self.port), handler)
         if self.certificate:
@@ -452,9 +453,31 @@ class StandInOllama:
         scheme = "https" if self.certificate else "http"
         return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
+    def gate(self) -> threading.Semaphore:
+        return threading.Semaphore(1 if self.engine == "mlx" else self.slots)
+
     def start(self) -> StandInOllama:
         self.thread.start()
         return self
+
+    @contextmanager
+    def changed(self, **settings: Any) -> Iterator[StandInOllama]:
+        """The server as these settings (its fields) make it until the block ends, then as it was:
+        one server shared by several tests (a Ray node's own) answers each as it asks. Between
+        requests only, as a request gives its slot back to the gate it took it from."""
+        before = {name: getattr(self, name) for name in settings}
+        with self.lock:
+            assert self.in_flight == 0, "a request in flight holds a slot of the gate it was given"
+            for name, value in settings.items():
+                setattr(self, name, value)
+            self.slot_gate, self.most_in_flight = self.gate(), 0
+        try:
+            yield self
+        finally:
+            with self.lock:
+                for name, value in before.items():
+                    setattr(self, name, value)
+                self.slot_gate = self.gate()
 
     def stop(self, spare: socket.socket | None = None) -> None:
         """Die as a killed server does: stop listening and cut every open connection."""

@@ -3,8 +3,10 @@
 each node with its own temporary folder and its own stand-in server for --host local:PORT.
 
 Marker `ray`; the tests share one cluster and run one after another in one xdist worker (group
-"ray"). Their budget: 3 minutes (91-158 s measured on two cores under load), most of it Ray
-starting; a test's limit is 5 minutes, as a cluster started beside a loaded suite took over 90 s."""
+"ray"). Their budget: 3.5 minutes, most of it Ray starting the cluster and each run's workers
+(measured on two cores under a load of 7-17: 206-268 s; 178 s before the tests of --host local:PORT
+behind --jobs 3 and of what each node's server says at the start); a test's limit is 5 minutes, as
+a cluster started beside a loaded suite took over 90 s."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import distinct_pictures, run_script, wait_until
-from stand_in_ollama import StandInOllama
+from stand_in_ollama import QWEN38_MODEL, StandInOllama
 
 pytestmark = [
     pytest.mark.ray,
@@ -278,23 +280,6 @@ def test_ctrl_c_stops_the_run_and_the_clusters_work(number, cluster, make_server
     assert "left for a rerun" in out + err
 
 
-def test_each_node_sends_to_its_own_server(cluster, tmp_path):
-    """--host local:PORT: each node's workers send to the server on that node (here each node's
-    environment names its own stand-in), and none needs to be reachable from the driver."""
-    address, _, servers, _ = cluster
-    before = [len(server.chats) for server in servers]
-    folder = tmp_path / "folder"
-    expected = distinct_pictures(folder, 16)
-    done = run_script(
-        folder, "--host", "local:9", "--jobs", 2, "--ray", "auto", env=driver_env(address), timeout=150
-    )
-    assert done.returncode == 0, done.stderr
-    assert {path: path.read_text() for path in expected} == expected
-    assert all(len(server.chats) > count for server, count in zip(servers, before))
-    for server in servers:
-        assert re.search(rf"{server.url} on \S+: captioned [1-9]", done.stderr)
-
-
 @pytest.mark.parametrize("slots", [1, 4])
 def test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run(slots, cluster, tmp_path, make_server):
     """The workers of both nodes send to one server and tell one TurnJudge of their requests as
@@ -357,6 +342,14 @@ def test_a_node_that_does_not_see_the_folders_stops_the_run_at_the_start(cluster
         )
         done = run_script(folder, "--host", server.url, "--ray", "auto", env=driver_env(address), timeout=150)
     finally:
+        # Ended by SIGTERM, its `ray start --block` takes the node out of the cluster at once (under a
+        # second, measured); killed outright, Ray lists it alive for its health checks' while (17 s
+        # measured under load), and the next test's run would start workers there.
+        blind.process.terminate()
+        try:
+            blind.process.wait(20)
+        except subprocess.TimeoutExpired:
+            pass  # stop() kills it
         blind.stop()
     assert done.returncode == 2
     assert re.search(
@@ -398,3 +391,119 @@ def test_an_address_where_nothing_listens_is_said_at_once(make_server, tmp_path)
     assert f"error: --ray {address}: cannot join the Ray cluster: nothing answers at {address}" in done.stderr
     assert "Traceback" not in done.stderr
     assert not server.chats
+
+
+# --host local:PORT behind more than two jobs, and what each node's server has to say. The cluster's
+# two stand-ins are changed for a test (StandInOllama.changed) and put back after it.
+
+
+@pytest.fixture(scope="module")
+def node_address(cluster) -> str:
+    """The address Ray gives the test cluster's nodes (both the same: they run on this machine),
+    by which the run names each node's own server."""
+    addresses = "import ray; ray.init(); print(*{n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']})"
+    asked = subprocess.run(
+        [sys.executable, "-c", addresses],
+        env=driver_env(cluster[0]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (address,) = asked.stdout.split()
+    return address
+
+
+def node_server_name(server: StandInOllama, node_address: str) -> str:
+    """How the run names a node's own server: its address, on its node's."""
+    return f"{server.url} on {node_address}"
+
+
+def said_lines(stderr: str) -> list[str]:
+    """The notes, warnings and errors a run printed, in order."""
+    return [line for line in stderr.splitlines() if line.startswith(("note: ", "warning: ", "error: "))]
+
+
+def test_each_nodes_server_gets_its_jobs_and_is_named_as_it_answers(cluster, node_address, tmp_path):
+    """--host local:PORT: each node's workers send to the server on that node (here each node's
+    environment names its own stand-in), none reachable from the driver. With --jobs 3 on two
+    nodes whose servers differ, one answering one request at a time and one four at once: each
+    server is sent three at once (no more), every image is captioned once, the summary counts
+    each node's server by the name the run gives it, and only the 1-slot server is named as
+    answering one at a time, once, during the run and in the summary, as a local run names a
+    server (test_a_server_answering_one_at_a_time_is_named_as_in_a_local_run)."""
+    address, _, (one, four), _ = cluster
+    expected = distinct_pictures(tmp_path, 32)
+    # The four-slot server's answers stream for a while, as captions do: together, not in turns.
+    with one.changed(slots=1, latency=0.15), four.changed(latency=0.05, token_latency=0.01):
+        done = run_script(
+            tmp_path, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
+        )
+        most = one.most_in_flight, four.most_in_flight
+
+    assert done.returncode == 0, done.stderr
+    assert {path: path.read_text() for path in expected} == expected
+    assert len(set(journal_entries(tmp_path))) == len(journal_entries(tmp_path)) == 32
+    assert most == (3, 3)  # the 1-slot server's are queued there
+    summary = done.stderr.split("captioned 32, skipped 0")[1]
+    counts = [
+        re.search(rf"  {re.escape(node_server_name(server, node_address))}: captioned (\d+)", summary)
+        for server in (one, four)
+    ]
+    assert all(counts), summary
+    numbers = [int(count[1]) for count in counts]
+    assert min(numbers) > 0 and sum(numbers) == 32
+    assert done.stderr.count("one request at a time") == 2
+    assert (
+        f"note: {node_server_name(one, node_address)} answers one request at a time although --jobs is 3: "
+        in done.stderr
+    )
+    assert (
+        f"  {node_server_name(one, node_address)} answered one request at a time: --jobs 3 only queued there"
+        in summary
+    )
+
+
+# What each node's server is at the start, set on the cluster's and on a local run's two servers alike:
+# a model that thinks and cannot stop (Qwen 3.8), which also answers one request at a time (its
+# architecture); a server that is down (its proxy answers 502); one that lacks the model.
+AT_THE_START = {
+    "notes and one down": ({"models": {"llava:13b": QWEN38_MODEL}}, {"down": True}),
+    "one lacks the model": ({}, {"models": {}}),
+}
+
+
+@pytest.mark.parametrize("case", AT_THE_START)
+def test_what_each_nodes_server_says_at_the_start_is_said_as_in_a_local_run(
+    case, cluster, node_address, tmp_path, make_server
+):
+    """Each node's server is checked on its node, and the run says what a local run with the same
+    two servers as --host says of them (each note once for each server, naming it as the run names
+    it), and goes on with the server that answers, or stops where one lacks the model, as it does."""
+    settings = AT_THE_START[case]
+    here = tmp_path / "here"
+    distinct_pictures(here, 4)
+    servers_here = [make_server(slots=4, **changes) for changes in settings]
+    local = run_script(here, *(f"--host={server.url}" for server in servers_here), "--jobs", 3)
+    address, _, servers, _ = cluster
+    sent = [len(server.chats) for server in servers]
+    folder = tmp_path / "there"
+    expected = distinct_pictures(folder, 4)
+    with servers[0].changed(**settings[0]), servers[1].changed(**settings[1]):
+        done = run_script(
+            folder, "--host", "local:9", "--jobs", 3, "--ray", "auto", env=driver_env(address), timeout=150
+        )
+
+    assert done.returncode == local.returncode == (0 if case == "notes and one down" else 2), done.stderr
+    said_here = said_lines(local.stderr)
+    for server_here, server in zip(servers_here, servers):
+        said_here = [
+            line.replace(server_here.url, node_server_name(server, node_address)) for line in said_here
+        ]
+    assert said_lines(done.stderr) == said_here
+    assert len(said_here) == (3 if case == "notes and one down" else 1)
+    assert len(servers[1].chats) == sent[1]  # the second is left out, or the run stops
+    if done.returncode == 0:
+        assert {path: path.read_text() for path in expected} == expected
+    else:
+        assert len(servers[0].chats) == sent[0]
+        assert not list(folder.glob("*.txt"))
