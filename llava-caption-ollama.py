@@ -5669,6 +5669,8 @@ RAY_MODULE = "llava_caption_ollama"
 # environment (that of its `ray start`) names another (a container that reaches it elsewhere).
 LOCAL_HOST = "local:"
 NODE_SERVER_ENV = "LLAVA_CAPTION_NODE_SERVER"
+# Where nothing listens there: --host does not name a node's server, its node's environment does.
+NODE_SERVER_ADVICE = f"start it on that node, or give that node's `ray start` {NODE_SERVER_ENV}=URL"
 # Passed on to the workers, whose environment is their node's: the tests' shorter pauses.
 RAY_PASSED_ENV = ("LLAVA_CAPTION_PAUSE_SCALE",)
 # Ray's object store holds the images prepared ahead, at most one per request slot (some 300 KB
@@ -5840,7 +5842,8 @@ class Worker:
             raise CannotStart(str(refusal).replace(url, name)) from None
         api = None if trouble else server.api
         calls = [(call, tuple(name if arg == url else arg for arg in args)) for call, args in said.calls]
-        return url, trouble.replace(url, name), server.model, api, calls, server.turns.watching
+        trouble = trouble.replace(url, name).replace(server.api.start_advice, NODE_SERVER_ADVICE)
+        return url, trouble, server.model, api, calls, server.turns.watching
 
     def use(self, checked: dict[str, tuple[Api, str]]) -> None:
         self.checked = checked

@@ -507,3 +507,21 @@ def test_what_each_nodes_server_says_at_the_start_is_said_as_in_a_local_run(
     else:
         assert len(servers[0].chats) == sent[0]
         assert not list(folder.glob("*.txt"))
+
+
+def test_a_nodes_server_where_nothing_listens_is_said_with_the_nodes_advice(monkeypatch):
+    """Nothing listens at a node's own server: the reason names it as the run does and says what
+    to do on that node (start it there, or name its address in the node's environment), not to
+    point --host at it, which --host local:PORT already does. A worker as its node runs it, here."""
+    from conftest import captioner
+
+    monkeypatch.delenv(captioner.NODE_SERVER_ENV, raising=False)
+    port = free_port()  # nothing listens there
+    config = captioner.Config(folders=[Path(".")], prompt=captioner.Template("Describe it."))
+    url, trouble, *_ = captioner.Worker(config, judge=None).check(port, "10.0.0.5")
+    assert url == f"http://127.0.0.1:{port}"
+    assert trouble.startswith(f"cannot reach Ollama at http://127.0.0.1:{port} on 10.0.0.5; ")
+    assert trouble.endswith(
+        f"start it on that node, or give that node's `ray start` {captioner.NODE_SERVER_ENV}=URL"
+    )
+    assert "--host" not in trouble
