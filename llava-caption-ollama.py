@@ -46,7 +46,7 @@ import time
 import unicodedata
 import uuid
 import warnings
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing, contextmanager
@@ -883,6 +883,10 @@ class Summary:
     left_alone: int = 0  # edited by a person since the tool wrote them
     failed: list[tuple[Path, str]] = field(default_factory=list)
     settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
+    only_found: set[str] = field(default_factory=set)  # the --only entries found so far
+    # --only entries with captions planned and not ended (by how many): a run that ends before
+    # them keeps them in --failed-list, or a redo loop by one list would lose them.
+    only_open: Counter[str] = field(default_factory=Counter)
     left_out: list[tuple[Path, str]] = field(default_factory=list)  # folders not captioned, and why
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
     by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
@@ -964,6 +968,15 @@ class Summary:
     def image_settled(self) -> None:
         """One planned image ended, captioned or failed (the rest is left for a rerun)."""
         self.settled += 1
+
+    def only_planned(self, entries: set[str], times: int = 1) -> None:
+        """A caption --only names (by these entries) planned (times -1: ended, or planned again)."""
+        self.only_open.update(dict.fromkeys(entries, times))
+
+    def only_unfinished(self, only: set[str]) -> list[Path]:
+        """The --only entries the run left: with captions not ended, or not reached."""
+        unreached = set() if self.listed else only - self.only_found
+        return [Path(entry) for entry in sorted(unreached | {e for e, n in self.only_open.items() if n > 0})]
 
     def style(self, ext: str) -> FolderCount:
         """The counts of one style (by_style holds them only in a run with --also)."""
@@ -1142,6 +1155,9 @@ def write_review_and_lists(
         summary.output_errors += [review.broken] if review.broken else []
     if config.failed_list:
         failed = [image for image, _ in summary.failed]
+        if config.only is not None:  # what the list names and the run did not reach stays in it
+            named = {os.path.realpath(image) for image in failed}
+            failed += [entry for entry in summary.only_unfinished(config.only) if str(entry) not in named]
         output_written(
             config.failed_list,
             lambda: write_image_list(config.failed_list, failed, "images that failed"),
@@ -1161,6 +1177,8 @@ def account_for(
     and kept in the JSONL and on the review page."""
     summary.image_settled()
     task = outcome.task
+    if config.only is not None:
+        summary.only_planned(entries_naming(str(task.image), task.style, config), times=-1)
     style = config.style(task.style)
     ext = style.caption_ext
     if review:
@@ -1905,7 +1923,6 @@ class Discovery:
     ) -> None:
         self.config = config
         self.review = review
-        self.only_found: set[str] = set()  # the --only images found so far
         self.summary = summary
         self.reporter = reporter
         self.metadata = metadata
@@ -1932,7 +1949,7 @@ class Discovery:
             next(self.steps)
         except StopIteration:
             self.finished = self.summary.listed = True
-            for path in sorted((self.config.only or set()) - self.only_found):
+            for path in sorted((self.config.only or set()) - self.summary.only_found):
                 self.fail(
                     self.config.folders[0], Path(path), "listed by --only, but not found in the folders given"
                 )
@@ -2044,6 +2061,8 @@ class Discovery:
         # takes the first images whatever the server's answer.
         planned = [(item.listing, item.name, item.style) for item in self.waiting]
         self.summary.image_planned(times=-len(planned))
+        for listing, name, style in planned:
+            self.only_planned(listing, name, style, times=-1)
         self.summary.images_planned -= len({(listing.path, name) for listing, name, _ in planned})
         self.waiting.clear()
         again = sorted(changed + planned, key=self.order_of)
@@ -2189,7 +2208,9 @@ class Discovery:
         if not pending:
             return
         if self.config.limit is not None and self.summary.images_planned >= self.config.limit:
-            if self.review:  # left for a later run: still on the page
+            for each in pending:  # left for a later run
+                self.only_planned(listing, name, each.style)
+            if self.review:  # still on the page
                 for each in pending:
                     self.review.image(
                         listing.path_of(name),
@@ -2250,18 +2271,22 @@ class Discovery:
         """The extension of a style's captions, where the run has styles ("" otherwise)."""
         return self.styles[style].caption_ext if style is not None and self.config.also else ""
 
+    def only_planned(self, listing: Listing, name: str, style: int, times: int = 1) -> None:
+        if self.config.only is not None:
+            self.summary.only_planned(
+                entries_naming(os.path.join(listing.path, name), style, self.config), times
+            )
+
     def named_by_only(self, listing: Listing, name: str, style: int = 0) -> bool:
         """Whether the image's caption in a style is this run's business: every one, or those
         --only names: by the image (every style), or by the style's caption file."""
         if self.config.only is None:
             return True
-        image = os.path.realpath(os.path.join(listing.path, name))
-        caption = os.path.realpath(os.path.join(listing.path, caption_name(name, self.styles[style])))
-        named = {image, caption} & self.config.only
+        named = entries_naming(os.path.join(listing.path, name), style, self.config)
         if not named:
             self.keep_in_the_jsonl(listing, name, style)  # the JSONL still holds every caption
             return False
-        self.only_found |= named
+        self.summary.only_found |= named
         return True
 
     def caption_name_refused(self, listing: Listing, name: str, caption: str) -> str:
@@ -2291,6 +2316,7 @@ class Discovery:
 
     def to_caption(self, listing: Listing, name: str, pending: Pending) -> None:
         self.summary.image_planned()
+        self.only_planned(listing, name, pending.style)
         existing, decided = pending.existing, pending.decided
         before = text_digest(existing)
         origin = "none" if is_blank(existing) else origin_of(pending.history, before)
@@ -2341,6 +2367,14 @@ class Discovery:
             prompt.fields | self.config.prefix.fields | self.config.suffix.fields | self.config.system.fields
         )
         return "existing" in asked
+
+
+def entries_naming(image: str, style: int, config: Config) -> set[str]:
+    """The --only entries that name an image's caption in a style: the image (every style), or
+    that style's caption file."""
+    folder, name = os.path.split(image)
+    caption = os.path.join(folder, caption_name(name, config.style(style)))
+    return {os.path.realpath(image), os.path.realpath(caption)} & (config.only or set())
 
 
 def caption_name(image_name: str, config: Config) -> str:

@@ -49,6 +49,30 @@ def test_failed_list_names_the_failures_and_only_captions_exactly_them_again(tmp
     assert failed.read_text().splitlines()[1:] == []  # nothing failed this time
 
 
+def test_a_redo_by_one_list_that_ends_early_keeps_what_it_did_not_reach(tmp_path, caption, server):
+    """`--only F --failed-list F`, a redo loop by one list: a run that ends before the end of F
+    (its first images failing alike, or --limit) keeps in F the images it did not reach, beside
+    those that failed, and drops only those it captioned."""
+    distinct_pictures(tmp_path / "data", 6)
+    failed = tmp_path / "failed.txt"
+    failed.write_text("".join(f"data/img00{index}.png\n" for index in range(6)))
+    server.answer = lambda chat: ""  # the run ends after its second image fails alike
+
+    stopped = caption(tmp_path / "data", "--jobs", 1, "--only", failed, "--failed-list", failed)
+
+    assert stopped.code == 1 and "4 images left for a rerun" in stopped.err
+    assert failed.read_text().splitlines()[1:] == [f"data/img00{index}.png" for index in range(6)]
+
+    server.answer = lambda chat: "Second look"
+    limited = caption(tmp_path / "data", "--only", failed, "--failed-list", failed, "--limit", 2)
+
+    assert limited.code == 0, limited.err
+    assert failed.read_text().splitlines()[1:] == [f"data/img00{index}.png" for index in range(2, 6)]
+    assert caption(tmp_path / "data", "--only", failed, "--failed-list", failed).code == 0
+    assert failed.read_text().splitlines()[1:] == []
+    assert [path.read_text() for path in sorted((tmp_path / "data").glob("*.txt"))] == ["Second look"] * 6
+
+
 def test_only_overwrites_captions_bypasses_the_journal_and_names_what_it_cannot_find(
     tmp_path, caption, server
 ):
