@@ -6987,10 +6987,15 @@ def names_between_nuls(data: bytes, path: Path) -> list[str]:
 
 
 def write_image_list(path: Path, images: list[Path], what: str) -> None:
-    """--failed-list: the images, relative to the list's folder, in the form --only reads."""
+    """--failed-list: the images, relative to the list's folder, in the form --only reads. Both
+    folders real: --only resolves a link in the list's folder before the ".." that climb out of
+    it, so a name relative to the link's own place would name another file wherever the link
+    and its target are not as deep (and --only's entries kept are real paths already)."""
     lines = [f"# {what}, {time.strftime('%Y-%m-%d %H:%M')}; caption them again with --only {path.name}"]
+    folder = os.path.realpath(path.parent)
     for image in sorted(images):
-        name = os.path.relpath(image, path.parent)
+        image_folder, image_name = os.path.split(image)
+        name = os.path.relpath(os.path.join(os.path.realpath(image_folder), image_name), folder)
         broken = "\n" in name or "\r" in name or name.startswith("# ")
         lines.append(f"# not listed, as its name cannot be one line: {name!r}" if broken else name)
     write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))
