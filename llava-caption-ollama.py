@@ -1163,13 +1163,13 @@ def write_review_and_lists(
         summary.output_errors += [review.broken] if review.broken else []
     if config.failed_list:
         failed = [image for image, _ in summary.failed]
-        if config.only is not None:  # what the list names and the run did not reach stays in it
-            named = {os.path.realpath(image) for image in failed}
-            failed += [entry for entry in summary.only_unfinished(config.only) if str(entry) not in named]
+        named = {os.path.realpath(image) for image in failed}
+        left = [  # what --only's list names and the run did not finish stays in it
+            entry for entry in summary.only_unfinished(config.only or set()) if str(entry) not in named
+        ]
+        what = "images that failed" + (" or were not reached" if left else "")
         output_written(
-            config.failed_list,
-            lambda: write_image_list(config.failed_list, failed, "images that failed"),
-            summary,
+            config.failed_list, lambda: write_image_list(config.failed_list, failed + left, what), summary
         )
 
 

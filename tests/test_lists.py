@@ -111,6 +111,7 @@ def test_a_list_kept_in_a_linked_folder_names_what_it_kept_as_a_later_run_reads_
     limited = caption(work / "data", "--only", failed, "--failed-list", failed, "--limit", 1)
 
     assert limited.code == 0, limited.err
+    assert failed.read_text().startswith("# images that failed or were not reached, ")
     assert failed.read_text().splitlines()[1:] == ["data/img001.png", "data/img002.png"]
     rest = caption(work / "data", "--only", failed, "--failed-list", failed)
     assert rest.code == 0 and "not found" not in rest.err, rest.err
