@@ -884,9 +884,10 @@ class Summary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
     only_found: set[str] = field(default_factory=set)  # the --only entries found so far
-    # --only entries with captions planned and not ended (by how many): a run that ends before
-    # them keeps them in --failed-list, or a redo loop by one list would lose them.
-    only_open: Counter[str] = field(default_factory=Counter)
+    # --only entries with captions planned and not ended (by how many), each with what names
+    # such a caption (see entries_kept()): a run that ends before them keeps them in
+    # --failed-list, or a redo loop by one list would lose them.
+    only_open: Counter[tuple[str, str]] = field(default_factory=Counter)
     left_out: list[tuple[Path, str]] = field(default_factory=list)  # folders not captioned, and why
     orphans: list[Path] = field(default_factory=list)  # caption files without an image, left alone
     by_folder: dict[Path, FolderCount] = field(default_factory=dict)  # per folder given
@@ -969,14 +970,21 @@ class Summary:
         """One planned image ended, captioned or failed (the rest is left for a rerun)."""
         self.settled += 1
 
-    def only_planned(self, entries: set[str], times: int = 1) -> None:
+    def only_planned(self, entries: set[tuple[str, str]], times: int = 1) -> None:
         """A caption --only names (by these entries) planned (times -1: ended, or planned again)."""
         self.only_open.update(dict.fromkeys(entries, times))
 
     def only_unfinished(self, only: set[str]) -> list[Path]:
-        """The --only entries the run left: with captions not ended, or not reached."""
-        unreached = set() if self.listed else only - self.only_found
-        return [Path(entry) for entry in sorted(unreached | {e for e, n in self.only_open.items() if n > 0})]
+        """The --only entries the run left: not reached, or with captions not ended (an entry
+        whose captions ended in some styles only, by the caption files of the others)."""
+        left = set() if self.listed else only - self.only_found
+        by_entry: dict[str, list[tuple[str, int]]] = {}
+        for (entry, kept), times in self.only_open.items():
+            by_entry.setdefault(entry, []).append((kept, times))
+        for entry, captions in by_entry.items():
+            open_ones = {kept for kept, times in captions if times > 0}
+            left |= {entry} if len(open_ones) == len(captions) else open_ones
+        return [Path(entry) for entry in sorted(left)]
 
     def style(self, ext: str) -> FolderCount:
         """The counts of one style (by_style holds them only in a run with --also)."""
@@ -1155,13 +1163,13 @@ def write_review_and_lists(
         summary.output_errors += [review.broken] if review.broken else []
     if config.failed_list:
         failed = [image for image, _ in summary.failed]
-        if config.only is not None:  # what the list names and the run did not reach stays in it
-            named = {os.path.realpath(image) for image in failed}
-            failed += [entry for entry in summary.only_unfinished(config.only) if str(entry) not in named]
+        named = {os.path.realpath(image) for image in failed}
+        left = [  # what --only's list names and the run did not finish stays in it
+            entry for entry in summary.only_unfinished(config.only or set()) if str(entry) not in named
+        ]
+        what = "images that failed" + (" or were not reached" if left else "")
         output_written(
-            config.failed_list,
-            lambda: write_image_list(config.failed_list, failed, "images that failed"),
-            summary,
+            config.failed_list, lambda: write_image_list(config.failed_list, failed + left, what), summary
         )
 
 
@@ -1178,7 +1186,7 @@ def account_for(
     summary.image_settled()
     task = outcome.task
     if config.only is not None:
-        summary.only_planned(entries_naming(str(task.image), task.style, config), times=-1)
+        summary.only_planned(entries_kept(str(task.image), task.style, config), times=-1)
     style = config.style(task.style)
     ext = style.caption_ext
     if review:
@@ -2274,7 +2282,7 @@ class Discovery:
     def only_planned(self, listing: Listing, name: str, style: int, times: int = 1) -> None:
         if self.config.only is not None:
             self.summary.only_planned(
-                entries_naming(os.path.join(listing.path, name), style, self.config), times
+                entries_kept(os.path.join(listing.path, name), style, self.config), times
             )
 
     def named_by_only(self, listing: Listing, name: str, style: int = 0) -> bool:
@@ -2375,6 +2383,20 @@ def entries_naming(image: str, style: int, config: Config) -> set[str]:
     folder, name = os.path.split(image)
     caption = os.path.join(folder, caption_name(name, config.style(style)))
     return {os.path.realpath(image), os.path.realpath(caption)} & (config.only or set())
+
+
+def entries_kept(image: str, style: int, config: Config) -> set[tuple[str, str]]:
+    """The --only entries that name an image's caption in a style, each with how --failed-list
+    names that caption for a run that did not end it: in a run with styles, an entry naming
+    the image by that style's caption file, as a failure is named (named_in_reports), so that
+    the next run does not ask again (and pay again) for the styles this one wrote."""
+    real = os.path.realpath(image)
+    folder, name = os.path.split(image)
+    caption = os.path.join(os.path.realpath(folder), caption_name(name, config.style(style)))
+    return {
+        (entry, caption if config.also and entry == real else entry)
+        for entry in entries_naming(image, style, config)
+    }
 
 
 def caption_name(image_name: str, config: Config) -> str:
@@ -6987,10 +7009,15 @@ def names_between_nuls(data: bytes, path: Path) -> list[str]:
 
 
 def write_image_list(path: Path, images: list[Path], what: str) -> None:
-    """--failed-list: the images, relative to the list's folder, in the form --only reads."""
+    """--failed-list: the images, relative to the list's folder, in the form --only reads. Both
+    folders real: --only resolves a link in the list's folder before the ".." that climb out of
+    it, so a name relative to the link's own place would name another file wherever the link
+    and its target are not as deep (and --only's entries kept are real paths already)."""
     lines = [f"# {what}, {time.strftime('%Y-%m-%d %H:%M')}; caption them again with --only {path.name}"]
+    folder = os.path.realpath(path.parent)
     for image in sorted(images):
-        name = os.path.relpath(image, path.parent)
+        image_folder, image_name = os.path.split(image)
+        name = os.path.relpath(os.path.join(os.path.realpath(image_folder), image_name), folder)
         broken = "\n" in name or "\r" in name or name.startswith("# ")
         lines.append(f"# not listed, as its name cannot be one line: {name!r}" if broken else name)
     write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))

@@ -73,6 +73,51 @@ def test_a_redo_by_one_list_that_ends_early_keeps_what_it_did_not_reach(tmp_path
     assert [path.read_text() for path in sorted((tmp_path / "data").glob("*.txt"))] == ["Second look"] * 6
 
 
+def test_a_redo_by_one_list_with_styles_keeps_only_the_styles_it_did_not_write(tmp_path, caption, server):
+    """With --also, a run that ends between an image's styles (here --max-cost, after one
+    answer) keeps in the list that image's other style by its caption file, not the image,
+    which would ask (and pay) again for the caption it wrote; images it did not reach stay as
+    they were listed."""
+    data = tmp_path / "data"
+    distinct_pictures(data, 3)
+    tags = tmp_path / "tags.txt"
+    tags.write_text("List tags.")
+    failed = tmp_path / "failed.txt"
+    failed.write_text("".join(f"data/img00{index}.png\n" for index in range(3)))
+    styles = ["--also", f"{tags}:.tags", "--only", failed, "--failed-list", failed, "--jobs", 1]
+
+    stopped = caption(data, *styles, "--price", "1000/1000", "--max-cost", 1)
+
+    assert stopped.code == 1 and "5 captions left for a rerun" in stopped.err, stopped.err
+    assert sorted(path.name for path in data.glob("*.t*")) == ["img000.txt"]
+    assert failed.read_text().splitlines()[1:] == ["data/img000.tags", "data/img001.png", "data/img002.png"]
+    sent = len(server.chats)
+    assert caption(data, *styles).code == 0
+    assert len(server.chats) - sent == 5
+    assert failed.read_text().splitlines()[1:] == []
+
+
+def test_a_list_kept_in_a_linked_folder_names_what_it_kept_as_a_later_run_reads_it(tmp_path, caption, server):
+    """The folder of the list and images reached by a link to a folder of another depth, given
+    by absolute paths: the entries a run ends before are written so that --only reads them back
+    as the same images, not as names beside the link's target's parent."""
+    real = tmp_path / "disk" / "work"
+    distinct_pictures(real / "data", 3)
+    work = tmp_path / "work"
+    work.symlink_to(real)
+    failed = work / "failed.txt"
+    failed.write_text("".join(f"data/img00{index}.png\n" for index in range(3)))
+
+    limited = caption(work / "data", "--only", failed, "--failed-list", failed, "--limit", 1)
+
+    assert limited.code == 0, limited.err
+    assert failed.read_text().startswith("# images that failed or were not reached, ")
+    assert failed.read_text().splitlines()[1:] == ["data/img001.png", "data/img002.png"]
+    rest = caption(work / "data", "--only", failed, "--failed-list", failed)
+    assert rest.code == 0 and "not found" not in rest.err, rest.err
+    assert len(list((real / "data").glob("*.txt"))) == 3
+
+
 def test_only_overwrites_captions_bypasses_the_journal_and_names_what_it_cannot_find(
     tmp_path, caption, server
 ):
