@@ -100,20 +100,11 @@ class Head:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         options = [f"--port={port}", f"--ray-client-server-port={free_port()}", "--include-dashboard=false"]
-        self.node = Node(["--head", *options], {})
+        # Unbuffered: its output is a file, where it would hold the line the node is waited for.
+        self.node = Node(["--head", *options], {"PYTHONUNBUFFERED": "1"})
         try:
-            wait_until(lambda: socket_answers(port), 150)
-            # The port answers before the node has joined: a driver joins once ray.nodes() lists it.
-            one_node = "import ray; ray.init(); assert len([n for n in ray.nodes() if n['Alive']]) == 1"
-            wait_until(
-                lambda: (
-                    subprocess.run(
-                        [sys.executable, "-c", one_node], env=driver_env(self.address), check=False
-                    ).returncode
-                    == 0
-                ),
-                150,
-            )
+            # Said once its raylet has registered (ray/_private/node.py waits for that): joinable.
+            wait_until(lambda: "Ray runtime started." in (self.node.temp / "start.log").read_text(), 150)
         except BaseException:
             self.node.stop()
             raise
