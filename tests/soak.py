@@ -2,12 +2,15 @@
 
     python tests/soak.py --minutes 30                  # both APIs, new sequences all the time
     python tests/soak.py --api openai --seed 1234      # one batch again, as a failure named it
+    python tests/soak.py --ray --minutes 10            # some runs on a Ray cluster it starts (issue 24)
 
 CI runs the same machine derandomized, with a few dozen steps (tests/test_model_based.py); this
 runs it for as long as you give it, each batch of examples with a seed of its own, so that every
 run explores sequences CI never tried. Each failure is shrunk by Hypothesis towards its shortest
 sequence of steps (for --shrink-seconds at most). At the end: steps run, examples, failures found,
 and for each kind of failure the shortest failing sequence with its seed. Exit 1 if anything failed.
+With --ray it starts a Ray cluster of one node (`ray start --head`, killed at the end) and plays the
+machine's Ray variant: each run, killed ones too, drawn to go to the cluster (--ray ADDRESS) or not.
 
     LLAVA_CAPTION_SCRIPT=../main/llava-caption-ollama.py python tests/soak.py   # another tree's script
 """
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, stand_in_o
 from hypothesis import HealthCheck, seed, settings
 from hypothesis.internal.conjecture import engine
 from hypothesis.stateful import run_state_machine_as_test
+from ray_cluster import Head
 from stand_in_ollama import StandInOllama
 from test_model_based import Bench, Counters, Violation, machine
 
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25, help="steps per example (default 25)")
     parser.add_argument("--seed", type=int, help="run one batch with this seed (from a failure's report)")
     parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="start a Ray cluster of one node and send some runs to it (pip install -r tests/requirements.txt)",
+    )
+    parser.add_argument(
         "--shrink-seconds",
         type=float,
         default=120.0,
@@ -67,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(StandInOllama(**settings_of_server).start())
         return servers[-1]
 
+    head = Head() if args.ray else None  # before the clock starts: it takes 2-15 s
     counters = Counters()
     failures: list[Failure] = []
     started = time.monotonic()
     deadline = started + args.minutes * 60
     batches = 0
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
-        benches = [Bench.start(api, Path(scratch), make_server) for api in apis]
+        benches = [Bench.start(api, Path(scratch), make_server, ray=head) for api in apis]
         for bench in benches:
             bench.counters = counters
         try:
@@ -89,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 found = soak_batch(bench, batch_seed, args.steps)
                 failures += found
                 elapsed = time.monotonic() - started
+                on_ray = f", {counters.on_ray} on Ray" if head else ""
                 print(
                     f"[{elapsed / 60:5.1f} min] {bench.api} seed {batch_seed}: "
                     f"{'FAILED ' + ', '.join(f.kind for f in found) if found else 'ok'}; "
-                    f"{counters.steps} steps ({counters.runs} runs), {counters.examples} examples so far",
+                    f"{counters.steps} steps ({counters.runs} runs{on_ray}), {counters.examples} examples so far",
                     flush=True,
                 )
                 if args.seed is not None or time.monotonic() >= deadline:
@@ -102,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers:
                 server.stop()
-    report(failures, counters, time.monotonic() - started)
+            if head:
+                head.stop()
+    report(failures, counters, time.monotonic() - started, args.ray)
     return 1 if failures else 0
 
 
@@ -136,10 +149,11 @@ def failure(api: str, batch_seed: int, error: BaseException) -> Failure:
     return Failure(api, batch_seed, kind, message, notes)
 
 
-def report(failures: list[Failure], counters: Counters, seconds: float) -> None:
+def report(failures: list[Failure], counters: Counters, seconds: float, ray: bool = False) -> None:
+    on_ray = f", {counters.on_ray} sent on Ray ({counters.killed_on_ray} killed there)" if ray else ""
     print(
         f"\nsoaked {seconds / 60:.1f} min: {counters.steps} steps ({counters.runs} runs of the script, "
-        f"{counters.styled} with --also, {counters.joined} with --join), "
+        f"{counters.styled} with --also, {counters.joined} with --join{on_ray}), "
         f"{counters.examples} examples (shrinking included), {len(failures)} failures found"
     )
     kinds: dict[str, list[Failure]] = {}
@@ -152,7 +166,8 @@ def report(failures: list[Failure], counters: Counters, seconds: float) -> None:
         )
     for kind, found in sorted(kinds.items(), key=lambda item: min(one.length for one in item[1])):
         shortest = min(found, key=lambda one: one.length)
-        print(f"\nshortest failing sequence of {kind} (--api {shortest.api} --seed {shortest.seed}):")
+        again = f"--api {shortest.api}{' --ray' if ray else ''} --seed {shortest.seed}"
+        print(f"\nshortest failing sequence of {kind} ({again}):")
         print("\n".join(line for line in shortest.steps if line != "state.disk_as_the_model_says()"))
         print(f"\n{shortest.message}")
 

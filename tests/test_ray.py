@@ -13,17 +13,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from conftest import distinct_pictures, run_script, wait_until
+from ray_cluster import RAY_ENV, Node, driver_env, free_port, socket_answers
 from stand_in_ollama import QWEN38_MODEL, StandInOllama
 
 pytestmark = [
@@ -36,73 +34,12 @@ pytestmark = [
         reason="Ray is not installed: pip install -r tests/requirements.txt",
     ),
 ]
-RAY = Path(sys.executable).with_name("ray")
-# Usage statistics off (these machines reach no outside service), and no token: Ray 2.60's head
-# writes one to ~/.ray/auth_token, and the test cluster is this machine's alone.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 JOURNAL = ".llava-caption-ollama.journal"
 
 
 def seeded(chat) -> str:
     """An answer that names the picture and the seed it was asked with: the same seed, the same caption."""
     return f"A picture {chat.picture().width} wide, seed {chat.options.get('seed')}."
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Node:
-    """One `ray start --block` in a session of its own: killing its process group ends the node
-    and every worker process it started."""
-
-    def __init__(self, arguments: list[str], env: dict, within: tuple[str, ...] = ()) -> None:
-        # Short: Ray's sockets live below it, and a Unix socket's path has at most 107 bytes.
-        self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-        self.log = open(self.temp / "start.log", "w")  # noqa: SIM115 - closed by stop()
-        command = [str(RAY), "start", *arguments, f"--temp-dir={self.temp}", "--num-cpus=2"]
-        command += ["--object-store-memory=80000000", "--node-ip-address=127.0.0.1", "--block"]
-        command += [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
-        self.process = subprocess.Popen(
-            [*within, *command],
-            env={**os.environ, **RAY_ENV, **env},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def workers(self) -> list[int]:
-        """The pids of the run's worker processes on this node (Ray titles them ray::Worker)."""
-        return [pid for pid, title in self.processes() if title.startswith(b"ray::Worker")]
-
-    def processes(self) -> list[tuple[int, bytes]]:
-        """The processes the node's own started (its worker processes lead groups of their own)."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            try:
-                if entry.name.isdigit():
-                    parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                    if os.getpgid(parent) == self.process.pid:
-                        found.append((int(entry.name), (entry / "cmdline").read_bytes()))
-            except (OSError, ValueError, IndexError):
-                pass
-        return found
-
-    def stop(self) -> None:
-        for pid, _ in self.processes():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-        self.log.close()
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +82,6 @@ def refuse_tests_not_grouped(request) -> None:
         grouped = [item.nodeid for item in request.session.items if item.get_closest_marker("xdist_group")]
         if not all(nodeid.endswith("@ray") for nodeid in grouped):
             pytest.fail("pytest-xdist did not group the ray tests (pytest-dev/pytest-xdist#1386): pytest<9.2")
-
-
-def socket_answers(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def driver_env(address: str) -> dict:
-    return {**os.environ, **RAY_ENV, "RAY_ADDRESS": address}
 
 
 def captions_and_journal(folder: Path) -> tuple[dict, list]:
