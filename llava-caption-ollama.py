@@ -6005,6 +6005,10 @@ class Cluster(Placement):
             if threading.current_thread() is threading.main_thread():
                 for number, handler in handlers.items():
                     signal.signal(number, handler)  # type: ignore[arg-type]
+        # ray.init() has uploaded the package to the cluster (Ray 2.60: upload_py_modules_if_needed
+        # in ray.init, or in the client's connect): removed now, a driver killed later (kill -9,
+        # the OOM killer) leaves no copy of it behind in the temporary folder.
+        self.remove_package()
         try:
             self.start_workers(config, stop)
             reporter.ray_workers(len(self.flying), len(set(self.node_of.values())))

@@ -185,6 +185,33 @@ def test_a_worker_killed_mid_run_leaves_every_image_captioned_once(cluster, make
     assert len(server.chats) > 24  # the lost worker's images were asked again
 
 
+def test_a_driver_killed_outright_leaves_nothing_in_the_temporary_folder(
+    cluster, make_server, tmp_path, spawn
+):
+    """kill -9 (or the OOM killer) of a run on a cluster: the copy of the script it ships to the
+    nodes is gone from its temporary folder as soon as Ray has it, not at the run's end."""
+    address, nodes, _, _ = cluster
+    server = make_server(slots=2, latency=0.5)
+    folder, temporary = tmp_path / "folder", tmp_path / "tmp"
+    temporary.mkdir()
+    distinct_pictures(folder, 20)
+    run = spawn(
+        folder,
+        "--host",
+        server.url,
+        "--jobs",
+        2,
+        "--ray",
+        "auto",
+        env={**driver_env(address), "TMPDIR": str(temporary)},
+    )
+    wait_until(lambda: len(server.chats) >= 2, 60)
+    run.kill()
+    run.communicate(timeout=30)
+    assert not list(temporary.glob("llava-caption-ray-*"))
+    wait_until(lambda: not (nodes[0].workers() or nodes[1].workers()), 30)  # Ray ends the job's workers
+
+
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
 def test_ctrl_c_stops_the_run_and_the_clusters_work(number, cluster, make_server, tmp_path, spawn):
     """Ctrl-C (or kill): the answers on their way are written, the workers are ended with whatever
