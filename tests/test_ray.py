@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import distinct_pictures, run_script, wait_until
+from conftest import captioner, distinct_pictures, run_script, wait_until
 from ray_cluster import RAY_ENV, Node, driver_env, free_port, socket_answers
 from stand_in_ollama import QWEN38_MODEL, StandInOllama
 
@@ -454,6 +454,9 @@ def test_what_each_nodes_server_says_at_the_start_is_said_as_in_a_local_run(
         said_here = [
             line.replace(server_here.url, node_server_name(server, node_address)) for line in said_here
         ]
+    # But what to do where nothing listens, which is done on the node (see the test below).
+    advice = (captioner.OllamaApi.start_advice, captioner.NODE_SERVER_ADVICE)
+    said_here = [line.replace(*advice) for line in said_here]
     assert said_lines(done.stderr) == said_here
     assert len(said_here) == (3 if case == "notes and one down" else 1)
     assert len(servers[1].chats) == sent[1]  # the second is left out, or the run stops
@@ -468,8 +471,6 @@ def test_a_nodes_server_where_nothing_listens_is_said_with_the_nodes_advice(monk
     """Nothing listens at a node's own server: the reason names it as the run does and says what
     to do on that node (start it there, or name its address in the node's environment), not to
     point --host at it, which --host local:PORT already does. A worker as its node runs it, here."""
-    from conftest import captioner
-
     monkeypatch.delenv(captioner.NODE_SERVER_ENV, raising=False)
     port = free_port()  # nothing listens there
     config = captioner.Config(folders=[Path(".")], prompt=captioner.Template("Describe it."))
