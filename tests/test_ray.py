@@ -3,10 +3,10 @@
 each node with its own temporary folder and its own stand-in server for --host local:PORT.
 
 Marker `ray`; the tests share one cluster and run one after another in one xdist worker (group
-"ray"). Their budget: 3.5 minutes, most of it Ray starting the cluster and each run's workers
-(measured on two cores under a load of 7-17: 206-268 s; 178 s before the tests of --host local:PORT
-behind --jobs 3 and of what each node's server says at the start); a test's limit is 5 minutes, as
-a cluster started beside a loaded suite took over 90 s."""
+"ray"). Their budget, with the model-based test's Ray variant that joins them: 4.5 minutes, most of
+it Ray starting the cluster and each run's workers (`-m ray --model-based` on two cores: 260 s, the
+variant 32 s of it); a test's limit is 5 minutes, as a cluster started beside a loaded suite took
+over 90 s."""
 
 from __future__ import annotations
 
