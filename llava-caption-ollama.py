@@ -1958,9 +1958,7 @@ class Discovery:
         except StopIteration:
             self.finished = self.summary.listed = True
             for path in sorted((self.config.only or set()) - self.summary.only_found):
-                self.fail(
-                    self.config.folders[0], Path(path), "listed by --only, but not found in the folders given"
-                )
+                self.fail(self.config.folders[0], Path(path), self.why_not_found(Path(path)))
             self.reporter.listed(self.summary)
 
     def until_something_to_send(self, stop: Stop) -> None:
@@ -2189,6 +2187,14 @@ class Discovery:
             if holder:
                 return f"another run is captioning it ({holder}); its images are left out"
         return ""
+
+    def why_not_found(self, path: Path) -> str:
+        """Why an image --only lists was not planned: in a folder left out (which says why), or
+        in none of the folders given."""
+        for folder, _ in self.summary.left_out:
+            if is_below(path, folder):
+                return f"listed by --only, but its folder {self.reporter.folder_name(folder)} is left out"
+        return "listed by --only, but not found in the folders given"
 
     def folder_left_out(self, path: str, why: str) -> None:
         self.summary.left_out.append((Path(path), why))

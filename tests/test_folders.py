@@ -173,6 +173,26 @@ def test_an_unusable_folder_prompt_leaves_that_folder_out_and_the_run_goes_on(tm
     assert [chat.picture().width for chat in server.chats] == [50]
 
 
+def test_an_image_only_lists_in_a_folder_left_out_is_said_to_be_there_not_missing(tmp_path, caption, server):
+    """--only names an image of a folder the run leaves out (its folder prompt cannot be used): the
+    image fails naming that folder, whose own line says why, not as an image that is not there."""
+    broken, plain = datasets(tmp_path, "broken", "plain", count=1)
+    (broken / "prompt.md").write_text("Describe the {colour}.")
+    redo = tmp_path / "redo.txt"
+    redo.write_text(
+        "".join(f"{path}\n" for path in [*broken.glob("*.png"), *plain.glob("*.png"), tmp_path / "gone.png"])
+    )
+
+    run = caption(broken, plain, "--folder-prompt", "prompt.md", "--only", redo)
+
+    assert run.code == 1
+    assert "FAILED broken: prompt file " in run.err
+    assert "FAILED broken/img0.png: listed by --only, but its folder broken is left out\n" in run.err
+    assert "FAILED gone.png: listed by --only, but not found in the folders given\n" in run.err
+    assert "img0.png: listed by --only, but not found" not in run.err
+    assert [chat.picture().width for chat in server.chats] == [50]
+
+
 def test_an_image_whose_caption_would_be_the_folder_prompt_is_not_captioned(tmp_path, caption, server):
     picture(tmp_path / "prompt.png")
     (tmp_path / "prompt.txt").write_text("Describe it.")
