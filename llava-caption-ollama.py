@@ -2965,7 +2965,7 @@ class Api:
     server_kind: ClassVar[str]  # how messages name one of its servers: "Ollama server"
     said_by: ClassVar[str]  # who speaks in an error message: "Ollama answered 401"
     reached_as: ClassVar[str]  # "cannot reach Ollama at URL"
-    start_advice: ClassVar[str]  # what to do when nothing listens at its address
+    start_advice: str  # what to do when nothing listens at its address (a node's own: NODE_SERVER_ADVICE)
     answers_like: ClassVar[str]  # "does not answer like an Ollama server"
     key_advice: ClassVar[str]  # where the key a 401 asks for is taken from
     answer_format: ClassVar[str]  # what its answers are written in: "Ollama's JSON"
@@ -5897,6 +5897,7 @@ class Worker:
         url = server_url(os.environ.get(NODE_SERVER_ENV) or f"http://127.0.0.1:{port}")
         name = node_server_name(url, node)
         server = server_for(url, self.config)
+        server.api.start_advice = NODE_SERVER_ADVICE
         said = Recorded()
         try:
             trouble = server.api.preflight(server, self.config, said, Stop())  # type: ignore[arg-type]
@@ -5904,8 +5905,7 @@ class Worker:
             raise CannotStart(str(refusal).replace(url, name)) from None
         api = None if trouble else server.api
         calls = [(call, tuple(name if arg == url else arg for arg in args)) for call, args in said.calls]
-        trouble = trouble.replace(url, name).replace(server.api.start_advice, NODE_SERVER_ADVICE)
-        return url, trouble, server.model, api, calls, server.turns.watching
+        return url, trouble.replace(url, name), server.model, api, calls, server.turns.watching
 
     def use(self, checked: dict[str, tuple[Api, str]]) -> None:
         self.checked = checked
