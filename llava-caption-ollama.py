@@ -652,13 +652,13 @@ class Template:
             if name is not None and (spec or conversion):
                 raise CannotStart(f"{source}: write {{{name}}} alone, without a conversion or a format")
 
-    def fill(self, image: Path, existing: str, captions: dict[str, str] | None = None) -> str:
+    def fill(self, image: str | Path, existing: str, captions: dict[str, str] | None = None) -> str:
         """The text for one image; captions: its caption in each style the template asks for."""
         if not self.fields:
             return self.text.replace("{{", "{").replace("}}", "}")
-        folder = folder_name(str(image.parent))
+        folder = folder_name(os.path.dirname(image))
         return self.text.format(
-            name=readable_name(image.stem),
+            name=readable_name(os.path.splitext(os.path.basename(image))[0]),
             folder=folder,
             # Kohya's folder convention "15_guideboat": 15 repeats of the class "guideboat".
             **{"class": re.sub(r"^\d+_(?=.)", "", folder)},
@@ -881,7 +881,7 @@ class Summary:
     captioned: int = 0
     skipped: int = 0  # already captioned, or done by this pass before
     left_alone: int = 0  # edited by a person since the tool wrote them
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image or caption file, why)
     settled: int = 0  # images of to_caption captioned or failed; the rest is left for a rerun
     only_found: set[str] = field(default_factory=set)  # the --only entries found so far
     # --only entries with captions planned and not ended (by how many), each with what names
@@ -974,7 +974,7 @@ class Summary:
         """A caption --only names (by these entries) planned (times -1: ended, or planned again)."""
         self.only_open.update(dict.fromkeys(entries, times))
 
-    def only_unfinished(self, only: set[str]) -> list[Path]:
+    def only_unfinished(self, only: set[str]) -> list[str]:
         """The --only entries the run left: not reached, or with captions not ended (an entry
         whose captions ended in some styles only, by the caption files of the others)."""
         left = set() if self.listed else only - self.only_found
@@ -984,7 +984,7 @@ class Summary:
         for entry, captions in by_entry.items():
             open_ones = {kept for kept, times in captions if times > 0}
             left |= {entry} if len(open_ones) == len(captions) else open_ones
-        return [Path(entry) for entry in sorted(left)]
+        return sorted(left, key=path_order)
 
     def style(self, ext: str) -> FolderCount:
         """The counts of one style (by_style holds them only in a run with --also)."""
@@ -1001,7 +1001,7 @@ class Summary:
             self.folder(root).skipped += times
             self.style(ext).skipped += times
 
-    def image_failed(self, root: Path, image: Path, why: str, ext: str = "") -> None:
+    def image_failed(self, root: Path, image: str, why: str, ext: str = "") -> None:
         """image: the image, or in a run with styles the caption file of the style that failed."""
         self.failed.append((image, why))
         self.folder(root).failed += 1
@@ -1648,7 +1648,7 @@ class Journal:
                     yield json.dumps({"ok": name, "a": written.after}) + "\n"
         yield from self.others
 
-    def name(self, image: Path) -> str:
+    def name(self, image: str | Path) -> str:
         return os.path.relpath(image, os.path.dirname(self.path)).replace(os.sep, "/")
 
     def close(self) -> None:
@@ -1816,7 +1816,7 @@ NO_TEXT_DIGEST = digest("")
 class Task:
     """One image on its way: prepared, sent, perhaps sent again."""
 
-    image: Path
+    image: str  # a path, but not a Path: see Listing.path_of()
     root: Path
     existing: str  # the text the answer joins (append, prepend) or {existing} asks for
     template: Template
@@ -1831,7 +1831,7 @@ class Task:
     faults: dict[Fault, int] = field(default_factory=dict)  # how often each fault happened to it
     not_before: float = 0.0  # time.monotonic() before which it must not be sent again
     style: int = 0  # which of Config.styles() it is captioned in: 0 the main caption, else an --also
-    named: Path | None = None  # what its failure is said of: the image, or its style's caption file
+    named: str | None = None  # what its failure is said of: the image, or its style's caption file
     image_styles: ImageStyles | None = None  # the image's captions in every style this run asks for
 
     @classmethod
@@ -1846,10 +1846,10 @@ class Task:
         return task
 
 
-def named_in_reports(image: Path, config: Config, style: int) -> Path:
+def named_in_reports(image: str, config: Config, style: int) -> str:
     """What a failure is said of, and --failed-list names: the image; in a run with styles, the
     caption file of the style that failed, so that --only redoes that style alone."""
-    return image.with_name(caption_name(image.name, config.style(style))) if config.also else image
+    return caption_path(image, config.style(style)) if config.also else image
 
 
 @dataclass
@@ -1876,12 +1876,15 @@ class Listing:
         name, self.names[self.position - 1] = self.names[self.position - 1], ""
         return name
 
-    def path_of(self, name: str) -> Path:
-        """One of its images, as a Path: made only to send it or to name it. pathlib interns
-        each name a Path is made of, and the interpreter's table of interned strings keeps it as
-        long as anything holds that name, growing by doubling: 3.8 MB at a step near 100,000
-        names (Python 3.11, measured), where a folder's names alone take some 6 MB."""
-        return Path(self.path, name)
+    def path_of(self, name: str) -> str:
+        """One of its images' path, made only to send it or to name it; a str, as every per-image
+        path is from planning to writing (the Task's image, its caption, the temporary file).
+        pathlib interns each name a Path is made of (sys.intern, Python 3.10 to 3.13), and each
+        new name in the interpreter's table of interned strings, freed again once its image is
+        done, wears that table until it is built anew at its size: a step of 3.8 MB in the
+        driver's memory every 20,000 to 40,000 images sent (Python 3.11, 100,000 images,
+        measured), twice that under --ray, whose modules make the table twice as large."""
+        return os.path.join(self.path, name)
 
 
 class Planned(NamedTuple):
@@ -1958,7 +1961,7 @@ class Discovery:
         except StopIteration:
             self.finished = self.summary.listed = True
             for path in sorted((self.config.only or set()) - self.summary.only_found):
-                self.fail(self.config.folders[0], Path(path), self.why_not_found(Path(path)))
+                self.fail(self.config.folders[0], path, self.why_not_found(Path(path)))
             self.reporter.listed(self.summary)
 
     def until_something_to_send(self, stop: Stop) -> None:
@@ -2006,7 +2009,7 @@ class Discovery:
         return self.journals[(folder, style)]
 
     def journal_of(self, task: Task) -> Journal:
-        return self.journal(str(task.image.parent), task.style)
+        return self.journal(os.path.dirname(task.image), task.style)
 
     def history(self, listing: Listing, name: str, style: int = 0) -> tuple[list[Written], Journal | None]:
         """An image's journal lines in a style, if its verdict needs them: not for --existing
@@ -2149,7 +2152,7 @@ class Discovery:
                 if entry.is_file():
                     names.append(name)
                 else:
-                    self.fail(root, Path(entry.path), why_not_a_file(entry.path))
+                    self.fail(root, entry.path, why_not_a_file(entry.path))
         if has_own_prompt:
             try:
                 prompt = read_prompt(Path(path, self.config.folder_prompt))
@@ -2200,7 +2203,7 @@ class Discovery:
         self.summary.left_out.append((Path(path), why))
         self.reporter.folder_failed(Path(path), why)
 
-    def fail(self, root: Path, image: Path, why: str, style: int | None = None) -> None:
+    def fail(self, root: Path, image: str, why: str, style: int | None = None) -> None:
         """An image failed before it was sent: in one style, or (None) whole."""
         if self.review:
             self.review.image(image, "failed", reason=why, style=self.ext(style))
@@ -2253,7 +2256,7 @@ class Discovery:
         if refused:
             self.fail(root, listing.path_of(name), refused, style)
             return None
-        caption_file = Path(listing.path, caption)
+        caption_file = os.path.join(listing.path, caption)
         try:
             existing = existing_caption(caption_file, caption in listing.captions)
         except TryFailed as failure:
@@ -2340,7 +2343,7 @@ class Discovery:
                 listing.path_of(name), "not_attempted", readable_text(existing), style=self.ext(pending.style)
             )
 
-    def text_to_join(self, caption_file: Path, existing: bytes, decided: Verdict, prompt: Template) -> str:
+    def text_to_join(self, caption_file: str, existing: bytes, decided: Verdict, prompt: Template) -> str:
         """The text the answer joins (append, prepend), or {existing} asks for; "" where neither
         needs it."""
         if decided.base is not None:
@@ -2353,7 +2356,7 @@ class Discovery:
     def keep_in_the_jsonl(self, listing: Listing, name: str, style: int = 0) -> None:
         caption = caption_name(name, self.styles[style])
         if self.metadata and caption_name(name, self.config) not in listing.shared:
-            caption_file = Path(listing.path, caption)
+            caption_file = os.path.join(listing.path, caption)
             try:
                 existing = existing_caption(caption_file, caption in listing.captions)
             except TryFailed:
@@ -2407,6 +2410,16 @@ def entries_kept(image: str, style: int, config: Config) -> set[tuple[str, str]]
 
 def caption_name(image_name: str, config: Config) -> str:
     return os.path.splitext(image_name)[0] + config.caption_ext
+
+
+def caption_path(image: str, config: Config) -> str:
+    return os.path.join(os.path.dirname(image), caption_name(os.path.basename(image), config))
+
+
+def path_order(path: str) -> list[str]:
+    """The order in which images are listed (summary, review page, --failed-list): a folder's
+    images together, before the next folder's, as pathlib orders paths (a-b.png after a/z.png)."""
+    return os.path.normcase(path).split(os.sep)
 
 
 def folder_identity(path: str) -> tuple[int, int]:
@@ -2463,7 +2476,7 @@ def longest_name(folder: str) -> int:
         return 255
 
 
-def existing_caption(path: Path, listed: bool) -> bytes:
+def existing_caption(path: str | Path, listed: bool) -> bytes:
     """The bytes of the caption file beside an image (b"" if there is none). Raises TryFailed
     if something is in the way: a folder, a special file, a file that cannot be read."""
     if not listed:  # the folder's listing already says it is not there: no open() needed
@@ -2473,24 +2486,24 @@ def existing_caption(path: Path, listed: bool) -> bytes:
     except FileNotFoundError:
         return b""
     except OSError as exc:
-        what = f"the existing {path.name}"
+        what = f"the existing {os.path.basename(path)}"
         raise TryFailed(Fault.CAPTION_UNWRITABLE, f"cannot read {what}: {reason_of(exc)}") from None
 
 
-def refuse_to_send_or_join(path: Path, data: bytes, sent: bool) -> None:
+def refuse_to_send_or_join(path: str, data: bytes, sent: bool) -> None:
     """Raise TryFailed for an existing caption that must be neither sent ({existing}) nor joined
     to (append, prepend): a link, which in a downloaded dataset would send a file from outside it
     to the server (a hosted one too) or copy it into the caption; or, where it is sent, one longer
     than any prompt may sensibly hold (the rule {caption:EXT} keeps, ImageStyles.caption_on_disk())."""
-    if path.is_symlink():
+    if os.path.islink(path):
         raise TryFailed(
             Fault.CAPTION_UNWRITABLE,
-            f"the existing {path.name} is a link; a caption that is sent or joined to is read only from a file",
+            f"the existing {os.path.basename(path)} is a link; a caption that is sent or joined to is read only from a file",
         )
     if sent and len(data) > LONGEST_ASKED_CAPTION:
         raise TryFailed(
             Fault.CAPTION_UNWRITABLE,
-            f"the existing {path.name} is longer than {LONGEST_ASKED_CAPTION:,} bytes",
+            f"the existing {os.path.basename(path)} is longer than {LONGEST_ASKED_CAPTION:,} bytes",
         )
 
 
@@ -2498,22 +2511,24 @@ def readable_text(data: bytes) -> str:
     return data.decode("utf-8-sig", "replace").strip()
 
 
-def caption_text(path: Path, data: bytes) -> str:
+def caption_text(path: str | Path, data: bytes) -> str:
     if is_blank(data):
         return ""
     try:
         return data.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
         # What we cannot read we cannot merge, and never overwrite.
-        raise TryFailed(Fault.CAPTION_UNWRITABLE, f"the existing {path.name} is not UTF-8 text") from None
+        raise TryFailed(
+            Fault.CAPTION_UNWRITABLE, f"the existing {os.path.basename(path)} is not UTF-8 text"
+        ) from None
 
 
-def read_regular_file(path: Path) -> bytes:
+def read_regular_file(path: str | Path) -> bytes:
     with open_regular_file(path) as file:
         return file.read()
 
 
-def open_regular_file(path: Path) -> BinaryIO:
+def open_regular_file(path: str | Path) -> BinaryIO:
     """A regular file, open for reading; OSError for anything else. Opened without blocking, so
     a named pipe or a device in its place is refused, never read."""
     descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -2875,7 +2890,7 @@ def probe_task() -> Task:
     return Task(
         # An absolute path: folder_name() caches each folder's name by its path, and a --system
         # template filled for a relative one would fix "." to the working folder of the moment.
-        DEFAULT_PROMPT_FILE.with_name("a 64x64 probe picture"),
+        str(DEFAULT_PROMPT_FILE.with_name("a 64x64 probe picture")),
         Path(),
         "",
         Template(""),
@@ -4513,7 +4528,7 @@ def read_png_metadata_of_any_size() -> None:
     PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY)
 
 
-def estimated_tokens_of(image: Path, prompt: str, config: Config) -> int | None:
+def estimated_tokens_of(image: str, prompt: str, config: Config) -> int | None:
     """A dry run's estimate of the input tokens of an image's request: the picture at the size it
     would be sent (read from its header alone), as OpenAI counts it, and the prompt and --system;
     None where the file cannot be opened (the run would fail it, unpaid)."""
@@ -4544,7 +4559,7 @@ def captions_asked_from_disk(styles: ImageStyles, config: Config) -> ImageStyles
     first = styles.tasks[0]
     asked = {config.style(task.style).caption_ext for task in styles.tasks}
     for ext in {ext for task in styles.tasks for ext in task.template.captions} - asked:
-        styles.caption_on_disk(ext, first.image.with_name(os.path.splitext(first.image.name)[0] + ext))
+        styles.caption_on_disk(ext, os.path.splitext(first.image)[0] + ext)
     return styles
 
 
@@ -4557,7 +4572,7 @@ def prepare_task(task: Task, config: Config) -> Task:
     return task
 
 
-def prepare_image(path: Path, max_size: int) -> bytes:
+def prepare_image(path: str, max_size: int) -> bytes:
     """The bytes to send: the file itself when already fit, else an upright, shrunk RGB JPEG."""
     import_run_libraries()
     try:
@@ -4944,11 +4959,11 @@ def alike_fix(failure: TryFailed, api: Api) -> str:
 QUOTED = re.compile(r"(?<!\w)(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`|\u00ab[^\u00bb]*\u00bb)")
 
 
-def alike_key(failure: TryFailed, image: Path) -> tuple[Fault, int, str]:
+def alike_key(failure: TryFailed, image: str) -> tuple[Fault, int, str]:
     """What failures that fail alike share, whichever image each came from: the fault, the status,
     and the reason without what changes from image to image: the image's name, what the model
     said, and every word with a digit (token counts, sizes, positions, ids)."""
-    reason = QUOTED.sub("<quoted>", str(failure).replace(image.name, "<image>"))
+    reason = QUOTED.sub("<quoted>", str(failure).replace(os.path.basename(image), "<image>"))
     reason = re.sub(r"\S*\d\S*", "<n>", reason)
     return failure.fault, failure.status, " ".join(reason.lower().split())
 
@@ -5082,12 +5097,12 @@ class FailureWatch:
     def __init__(self) -> None:
         self.answered = False  # one of its answers was fit to train on
         self.kind: tuple = ()  # what the failures in a row share (alike_key())
-        self.images: list[Path] = []  # the images that failed so, in a row
+        self.images: list[str] = []  # the images that failed so, in a row
 
     def answered_well(self) -> None:
         self.answered = True
 
-    def fails_alike(self, failure: TryFailed, image: Path) -> bool:
+    def fails_alike(self, failure: TryFailed, image: str) -> bool:
         """Take in an image that failed for good on the server; whether the server's images so
         far failed alike enough for it to be taken out."""
         if self.answered or not the_servers_doing(failure):
@@ -5315,15 +5330,15 @@ class ImageStyles:
         for task in tasks:
             task.image_styles = self
 
-    def caption_on_disk(self, ext: str, path: Path) -> None:
+    def caption_on_disk(self, ext: str, path: str) -> None:
         # What is read here is sent to the server: a link in a downloaded dataset must not send a
         # file from outside it, and no caption is longer than a prompt may sensibly be.
         try:
-            if path.is_symlink():
+            if os.path.islink(path):
                 raise OSError(
                     errno.ELOOP, "it is a link; a caption a prompt asks for is read only from a file"
                 )
-            if path.stat().st_size > LONGEST_ASKED_CAPTION:
+            if os.stat(path).st_size > LONGEST_ASKED_CAPTION:
                 raise OSError(errno.EFBIG, f"longer than {LONGEST_ASKED_CAPTION:,} bytes, no caption")
             text = readable_text(read_regular_file(path))
         except OSError as exc:
@@ -5966,6 +5981,12 @@ class Recorded:
         return lambda *args: self.calls.append((name, args))
 
 
+@functools.lru_cache(maxsize=64)
+def absolute_folder(folder: Path) -> Path:
+    # Once for each folder given, not for each image sent: see Listing.path_of().
+    return Path(os.path.abspath(folder))
+
+
 class Cluster(Placement):
     """The run's workers on a Ray cluster: a few per node (as many as the node has CPUs: each a
     process of its own, so preparation is not held to one interpreter's lock), and the node of
@@ -6163,7 +6184,7 @@ class Cluster(Placement):
     @staticmethod
     def as_sent(task: Task) -> Task:
         # The workers' working folders are not this one: they read the images by absolute path.
-        image, root = Path(os.path.abspath(task.image)), Path(os.path.abspath(task.root))
+        image, root = os.path.abspath(task.image), absolute_folder(task.root)
         # Its image's other styles stay on the driver, which decides when each is sent.
         return replace(task, image=image, root=root, prepared=None, thumbnail=b"", image_styles=None)
 
@@ -6439,7 +6460,7 @@ def estimated_clip_tokens(caption: str) -> int:
 def write_answer(task: Task, caption: str, config: Config, journal: Journal | None) -> str:
     """Write one answer's caption (on a writer thread); the text written."""
     text, kept = finished_caption(caption, task, config)
-    path = task.image.with_name(caption_name(task.image.name, config))
+    path = caption_path(task.image, config)
     if task.mode != "skip":
         refuse_if_changed(path, task.before)
     if journal:
@@ -6450,7 +6471,7 @@ def write_answer(task: Task, caption: str, config: Config, journal: Journal | No
     return text
 
 
-def refuse_if_changed(path: Path, before: str) -> None:
+def refuse_if_changed(path: str, before: str) -> None:
     """A caption changed since it was planned (someone is editing the dataset) is a person's."""
     try:
         now = read_regular_file(path)
@@ -6460,7 +6481,8 @@ def refuse_if_changed(path: Path, before: str) -> None:
         return  # write_caption() says why it cannot be written
     if text_digest(now) != before:
         raise TryFailed(
-            Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} was changed during the run"
+            Fault.CAPTION_UNWRITABLE,
+            f"left alone: {shown(os.path.basename(path))} was changed during the run",
         )
 
 
@@ -6486,7 +6508,7 @@ class Writer:
     def written_in(self, work: Callable[..., str], task: Task, *args: object) -> str:
         text = work(task, *args)
         with self.lock:
-            self.unsynced.add(str(task.image.parent))
+            self.unsynced.add(os.path.dirname(task.image))
             due = time.monotonic() - self.synced_at >= self.SYNC_EVERY
         if due:
             self.sync_folders()
@@ -6521,26 +6543,31 @@ def sync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def write_caption(path: Path, text: str, replace: bool) -> None:
+def write_caption(path: str, text: str, replace: bool) -> None:
     try:
         # With --existing skip, a caption that appeared during the run (written by hand, or by
         # another tool) is not ours to replace.
         write_atomically(path, text, replace=replace)
     except FileExistsError:
         raise TryFailed(
-            Fault.CAPTION_UNWRITABLE, f"left alone: {shown(path.name)} appeared beside it during the run"
+            Fault.CAPTION_UNWRITABLE,
+            f"left alone: {shown(os.path.basename(path))} appeared beside it during the run",
         ) from None
     except OSError as exc:
-        raise TryFailed(write_fault(exc), f"cannot write {shown(path.name)}: {reason_of(exc)}") from None
+        raise TryFailed(
+            write_fault(exc), f"cannot write {shown(os.path.basename(path))}: {reason_of(exc)}"
+        ) from None
 
 
-def write_atomically(path: Path, text: str | bytes, replace: bool = True) -> None:
+def write_atomically(path: str | Path, text: str | bytes, replace: bool = True) -> None:
     """Readers see the old file or the whole new one, never a part, even after a crash. Without
     replace, FileExistsError if a non-blank file is already there."""
     # A short name of our own, whatever the length of the caption's (255 bytes is the limit,
     # reached by ~80 CJK characters), hidden from discovery and trainers, and found again
     # and removed if a killed run leaves it behind: the pid in it says when (is_stale()).
-    temporary = path.with_name(f"{OWN_FILE_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+    temporary = os.path.join(
+        os.path.dirname(path), f"{OWN_FILE_PREFIX}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+    )
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     try:
         # 0o666 less the umask, the mode of any file a user creates (mkstemp would give 0o600).
@@ -6557,7 +6584,7 @@ def write_atomically(path: Path, text: str | bytes, replace: bool = True) -> Non
             pass  # renamed into place, or never created
 
 
-def put_in_place_if_absent(temporary: Path, path: Path) -> bool:
+def put_in_place_if_absent(temporary: str, path: str | Path) -> bool:
     """Give the temporary file the name path unless a non-blank file has it (FileExistsError);
     False where the name is blank or the file system has no hard links (FAT, exFAT), and the
     caller may replace it."""
@@ -6572,7 +6599,7 @@ def put_in_place_if_absent(temporary: Path, path: Path) -> bool:
             pass
         return False
     except OSError:  # no hard links here: check, then rename (a race of microseconds)
-        if path.exists() and not is_blank(read_regular_file(path)):
+        if os.path.exists(path) and not is_blank(read_regular_file(path)):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
         return False
 
@@ -6654,10 +6681,10 @@ class Metadata:
         self.model = model
         return self
 
-    def file_name(self, image: Path) -> str:
+    def file_name(self, image: str | Path) -> str:
         return os.path.relpath(image, self.path.parent).replace(os.sep, "/")
 
-    def add(self, image: Path, text: str, **extra: object) -> None:
+    def add(self, image: str, text: str, **extra: object) -> None:
         file_name = self.file_name(image)
         styles = self.styles_of(file_name)
         self.entries[file_name] = {
@@ -6669,7 +6696,7 @@ class Metadata:
         }
         self.unsaved = True
 
-    def add_style(self, image: Path, column: str, text: str) -> None:
+    def add_style(self, image: str, column: str, text: str) -> None:
         """A style's caption (--also), in its own column of the image's row."""
         file_name = self.file_name(image)
         self.entries.setdefault(file_name, {"file_name": file_name})[column] = text
@@ -6688,7 +6715,7 @@ class Metadata:
             except OSError as exc:  # the save at the end of the run tries again
                 reporter.cannot_write(self.path, reason_of(exc))
 
-    def recover(self, image: Path, caption: Path, data: bytes, column: str = "text") -> None:
+    def recover(self, image: str, caption: str, data: bytes, column: str = "text") -> None:
         """A line for the caption beside an image as planning found it, where the JSONL lacks it
         or says otherwise (a crash between saves, an earlier run without --jsonl, an edit). A
         caption this run writes replaces it. column: the style's (see style_column())."""
@@ -6755,7 +6782,7 @@ class Review:
         self.page = page
         self.config = config
         self.template = read_review_template()  # at the start: a run must not end without its page
-        self.records: dict[Path, dict] = {}
+        self.records: dict[str, dict] = {}  # by image
         # Each page has thumbnails of its own, in a folder of this run's: the page a rerun replaces
         # keeps showing its own until the new one is in place, even if the rerun is killed.
         self.thumbnail_folders = page.parent / f".{page.name}-thumbnails"
@@ -6765,7 +6792,7 @@ class Review:
         self.broken = ""  # why no more thumbnails can be written
 
     def image(
-        self, image: Path, status: str, caption: str = "", reason: str = "", style: str = "", **more: object
+        self, image: str, status: str, caption: str = "", reason: str = "", style: str = "", **more: object
     ) -> None:
         """What the card of an image shows: its main caption, or (style: an --also extension) a
         line for its caption in that style."""
@@ -6795,7 +6822,7 @@ class Review:
             self.image(task.image, "captioned", outcome.text, seconds=seconds, tokens=tokens, flags=recovered)
         self.keep_thumbnail(task.image, task.thumbnail)
 
-    def keep_thumbnail(self, image: Path, data: bytes) -> None:
+    def keep_thumbnail(self, image: str, data: bytes) -> None:
         """Keep the thumbnail of an image whose prepared picture is at hand (JPEG bytes)."""
         if not data or image not in self.records or self.broken or self.records[image]["thumb"] is not None:
             return  # kept already: an image's styles share its picture
@@ -6833,7 +6860,10 @@ class Review:
         self.keep_captions_of_failures()
         # Redacted as a last line of defence: a page people share must not hold what the run sends.
         data = redacted_data(
-            {"run": self.run_data(summary), "images": [self.entry(image) for image in sorted(self.records)]}
+            {
+                "run": self.run_data(summary),
+                "images": [self.entry(image) for image in sorted(self.records, key=path_order)],
+            }
         )
         text = json.dumps(data, ensure_ascii=False).translate(SCRIPT_SAFE)
         try:
@@ -6856,7 +6886,7 @@ class Review:
             for line, ext in zip(lines, exts):
                 if line["status"] == "failed":
                     try:
-                        caption = image.with_name(os.path.splitext(image.name)[0] + ext)
+                        caption = os.path.splitext(image)[0] + ext
                         line["kept"] = readable_text(existing_caption(caption, listed=True))
                     except TryFailed:
                         line["kept"] = ""
@@ -6894,7 +6924,7 @@ class Review:
             "chunk_size": THUMBNAILS_PER_CHUNK,
         }
 
-    def entry(self, image: Path) -> dict:
+    def entry(self, image: str) -> dict:
         record = self.records[image]
         caption = record["caption"]
         clip_tokens, words = (estimated_clip_tokens(caption), len(caption.split())) if caption else (0, 0)
@@ -6915,11 +6945,11 @@ class Review:
             "flags": flags,
         }
 
-    def relative(self, path: Path) -> str:
+    def relative(self, path: str | Path) -> str:
         try:
             return readable_name(os.path.relpath(path, self.page.parent).replace(os.sep, "/"))
         except ValueError:  # Windows: the page on another drive than the image
-            return readable_name(path.resolve().as_uri())
+            return readable_name(Path(path).resolve().as_uri())
 
 
 # Inside <script>, "</script>" would end the data early and "<!--" change how it is parsed;
@@ -6955,7 +6985,7 @@ def remove_empty_folder(folder: Path) -> None:
         pass  # something not ours is in it (or it is not a folder, or not there): left alone
 
 
-def has_trigger_words(caption: str, image: Path, config: Config) -> bool:
+def has_trigger_words(caption: str, image: str, config: Config) -> bool:
     prefix, suffix = config.prefix.fill(image, ""), config.suffix.fill(image, "")
     return all(
         re.search(rf"(?<!\w){re.escape(words)}(?!\w)", caption, re.IGNORECASE)
@@ -7018,14 +7048,14 @@ def names_between_nuls(data: bytes, path: Path) -> list[str]:
     return [name.decode("utf-8", "surrogateescape") for name in names]
 
 
-def write_image_list(path: Path, images: list[Path], what: str) -> None:
+def write_image_list(path: Path, images: list[str], what: str) -> None:
     """--failed-list: the images, relative to the list's folder, in the form --only reads. Both
     folders real: --only resolves a link in the list's folder before the ".." that climb out of
     it, so a name relative to the link's own place would name another file wherever the link
     and its target are not as deep (and --only's entries kept are real paths already)."""
     lines = [f"# {what}, {time.strftime('%Y-%m-%d %H:%M')}; caption them again with --only {path.name}"]
     folder = os.path.realpath(path.parent)
-    for image in sorted(images):
+    for image in sorted(images, key=path_order):
         image_folder, image_name = os.path.split(image)
         name = os.path.relpath(os.path.join(os.path.realpath(image_folder), image_name), folder)
         broken = "\n" in name or "\r" in name or name.startswith("# ")
@@ -7431,11 +7461,16 @@ class Reporter:
         except ValueError:  # absolute and relative folders, or different Windows drives
             self.base = Path()
 
-    def name(self, image: Path) -> str:
-        try:
-            return str(image.relative_to(self.base))
-        except ValueError:
-            return str(image)
+    def name(self, image: str | Path) -> str:
+        """A path named from the base, as Path.relative_to() would (else whole), but by os.path:
+        pathlib would intern the name of every image said (see Listing.path_of())."""
+        path, base = os.path.normpath(image), os.path.normpath(self.base)
+        if base == ".":
+            return path
+        below = base if base.endswith(os.sep) else base + os.sep
+        if os.path.normcase(path) == os.path.normcase(base):
+            return "."
+        return path[len(below) :] if os.path.normcase(path).startswith(os.path.normcase(below)) else path
 
     def folder_name(self, folder: Path) -> str:
         name = self.name(folder)
@@ -7563,7 +7598,7 @@ class Reporter:
     def position(self) -> str:
         return f"{self.done}/{self.summary.to_caption if self.summary.total_known else '?'}"
 
-    def image_captioned(self, image: Path, caption: str, seconds: float) -> None:
+    def image_captioned(self, image: str, caption: str, seconds: float) -> None:
         self.done += 1
         if self.verbosity >= 0 and not self.live:
             self.say(
@@ -7574,7 +7609,7 @@ class Reporter:
         if self.live:
             self.draw_bar(f"{self.name(image)} {seconds:.1f}s")
 
-    def image_failed(self, image: Path, why: str, counted: bool = True) -> None:
+    def image_failed(self, image: str, why: str, counted: bool = True) -> None:
         self.done += counted
         position = f"[{self.position()}] " if counted else ""
         self.say(f"{position}FAILED {self.name(image)}: {why}")
@@ -7645,7 +7680,7 @@ class Reporter:
             self.say(f"pulling {model}: {status}")
         self.last_pull_status = status
 
-    def list_planned(self, images: list[Path]) -> str:
+    def list_planned(self, images: list[str]) -> str:
         """A dry run's listing, on stdout: one image to caption a line. Returns why it could not
         be written (stdout on a full disk), or ""."""
         listing = redacted("".join(shown(self.name(image)) + "\n" for image in images))
@@ -7722,7 +7757,7 @@ class Reporter:
             self.say(f"error: {error}")
         for folder, why in summary.left_out:
             self.say(f"  left out {self.folder_name(folder)}: {why}")
-        for image, why in sorted(summary.failed):
+        for image, why in sorted(summary.failed, key=lambda failure: (path_order(failure[0]), failure[1])):
             self.say(f"  failed {self.name(image)}: {why}")
 
 
