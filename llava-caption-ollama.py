@@ -2773,7 +2773,9 @@ def ready_servers(
         if cluster and url.startswith(LOCAL_HOST):
             servers += cluster.node_servers_for(config, int(url[len(LOCAL_HOST) :]), reporter, stop)
     if not any(server.in_rotation for server in servers):
-        wait_for_a_restart(servers, config, reporter, stop)
+        wait_for_a_restart(
+            servers, config, reporter, stop, cluster.check_servers if cluster else check_servers
+        )
     if not any(server.in_rotation for server in servers):
         for server in servers:
             server.close()
@@ -2812,10 +2814,13 @@ def check_servers(servers: list[Server], config: Config, reporter: Reporter, sto
 RESTART_WAIT = 15.0 * PAUSE_SCALE
 
 
-def wait_for_a_restart(servers: list[Server], config: Config, reporter: Reporter, stop: Stop) -> None:
+def wait_for_a_restart(
+    servers: list[Server], config: Config, reporter: Reporter, stop: Stop, check: Callable[..., None]
+) -> None:
     """No server answered at the start: ask those that refused connections (or whose proxy said
     they are down) again, more and more slowly, for a short while (RESTART_WAIT, at most
-    --wait-server), in case they are restarting; until one answers."""
+    --wait-server), in case they are restarting; until one answers. check: check_servers(), or
+    the cluster's, which checks a node's own server on its node."""
     restarting = [server for server in servers if server.down_sign]
     seconds = min(RESTART_WAIT, config.wait_server)
     if not restarting or seconds <= 0:
@@ -2830,7 +2835,7 @@ def wait_for_a_restart(servers: list[Server], config: Config, reporter: Reporter
         if stop.asked.wait(min(pause, left)):
             raise CannotStart("interrupted while waiting for the servers")
         pause = min(2 * pause, PROBE_LONGEST)
-        check_servers(restarting, config, reporter, stop)
+        check(restarting, config, reporter, stop)
     for server in restarting:
         if server.in_rotation:
             reporter.answers(server.url)
@@ -5889,6 +5894,25 @@ def node_server_name(url: str, node: str) -> str:
     return f"{url} on {node}"
 
 
+class NodeCheck(NamedTuple):
+    """A node's own server (--host local:PORT) as its preflight on that node found it."""
+
+    url: str  # its address on its node
+    trouble: str  # why it does not answer, or ""
+    model: str
+    api: Api | None  # as checked, where it answers
+    said: list  # what the preflight had to say: the Reporter's calls, to make on the driver
+    watching: bool  # still to be watched for answering one request at a time
+    down_sign: str  # how it showed that it may be restarting (down_sign()), or ""
+
+
+def take_in_node_check(server: Server, checked: NodeCheck) -> None:
+    """The driver's Server of a node's own server, as its check on that node found it."""
+    server.api = checked.api or server.api
+    server.model, server.turns.watching, server.down_sign = checked.model, checked.watching, checked.down_sign
+    server.state, server.why = (State.DEAD, checked.trouble) if checked.trouble else (State.ANSWERING, "")
+
+
 class Worker:
     """One worker process on a node (a Ray actor, threaded): prepares images and asks servers,
     one request a thread, with the servers as the driver checked them."""
@@ -5903,12 +5927,10 @@ class Worker:
     def sees(self, folders: list[Path]) -> list[str]:
         return locks_seen(folders)
 
-    def check(self, port: int, node: str) -> tuple[str, str, str, Api | None, list, bool]:
+    def check(self, port: int, node: str) -> NodeCheck:
         """The preflight of this node's own server (--host local:PORT), as a local run checks a
-        server: (its address, why it does not answer, its model, its API, what it had to say, whether
-        it is still to be watched for answering one request at a time). What it says names the
-        server as the run does, its address on its node's, as every node's may be the same
-        loopback address."""
+        server. What it says names the server as the run does, its address on its node's, as every
+        node's may be the same loopback address."""
         url = server_url(os.environ.get(NODE_SERVER_ENV) or f"http://127.0.0.1:{port}")
         name = node_server_name(url, node)
         server = server_for(url, self.config)
@@ -5920,7 +5942,9 @@ class Worker:
             raise CannotStart(str(refusal).replace(url, name)) from None
         api = None if trouble else server.api
         calls = [(call, tuple(name if arg == url else arg for arg in args)) for call, args in said.calls]
-        return url, trouble.replace(url, name), server.model, api, calls, server.turns.watching
+        return NodeCheck(
+            url, trouble.replace(url, name), server.model, api, calls, server.turns.watching, server.down_sign
+        )
 
     def use(self, checked: dict[str, tuple[Api, str]]) -> None:
         self.checked = checked
@@ -6005,6 +6029,7 @@ class Cluster(Placement):
         self.flying: dict[Any, int] = {}  # worker: its requests in flight
         self.node_of: dict[Any, str] = {}  # worker: its node's id
         self.node_servers: dict[str, str] = {}  # server name: its node's id (--host local:PORT)
+        self.node_checks: dict[str, Callable[[], NodeCheck]] = {}  # server name: its check on its node
         self.lost: set[Any] = set()
         self.judge: Any = None  # the TurnJudge
         passed = {name: os.environ[name] for name in RAY_PASSED_ENV if name in os.environ}
@@ -6110,20 +6135,32 @@ class Cluster(Placement):
         for worker, node in self.node_of.items():
             first.setdefault(node, worker)
         for node, worker in first.items():
-            who = f"the Ray node {nodes[node]}"
-            url, trouble, model, api, said, watching = self.answer(
-                worker.check.remote(port, nodes[node]), stop, who
-            )
-            for name, args in said:
-                getattr(reporter, name)(*args)
+            check = functools.partial(self.check_node_server, worker, port, nodes[node], reporter, stop)
+            checked = check()
             server = Server(
-                node_server_name(url, nodes[node]), config.jobs, api or server_for(url, config).api
+                node_server_name(checked.url, nodes[node]), config.jobs, server_for(checked.url, config).api
             )
-            server.model, server.turns.watching = model, watching
-            server.state, server.why = (State.DEAD, trouble) if trouble else (State.ANSWERING, "")
-            self.node_servers[server.url] = node
+            take_in_node_check(server, checked)
+            self.node_servers[server.url], self.node_checks[server.url] = node, check
             servers.append(server)
         return servers
+
+    def check_node_server(
+        self, worker: Any, port: int, node: str, reporter: Reporter, stop: Stop
+    ) -> NodeCheck:
+        checked = NodeCheck(*self.answer(worker.check.remote(port, node), stop, f"the Ray node {node}"))
+        for name, args in checked.said:
+            getattr(reporter, name)(*args)
+        return checked
+
+    def check_servers(self, servers: list[Server], config: Config, reporter: Reporter, stop: Stop) -> None:
+        """check_servers(), with each node's own server checked again on its node."""
+        check_servers(
+            [server for server in servers if server.url not in self.node_checks], config, reporter, stop
+        )
+        for server in servers:
+            if server.url in self.node_checks:
+                take_in_node_check(server, self.node_checks[server.url]())
 
     def use(self, servers: list[Server]) -> None:
         checked = {server.url: (server.api, server.model) for server in servers if server.in_rotation}

@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -465,6 +466,45 @@ def test_what_each_nodes_server_says_at_the_start_is_said_as_in_a_local_run(
     else:
         assert len(servers[0].chats) == sent[0]
         assert not list(folder.glob("*.txt"))
+
+
+def test_every_nodes_server_down_at_the_start_is_waited_for_as_a_local_run_waits(
+    cluster, node_address, tmp_path, spawn
+):
+    """Every node's own server is down as the run starts (its proxy answers 502, as while Ollama
+    restarts behind it): the run waits for them as a local run waits for a server that may be
+    restarting, checking each again on its node, and goes on with the one that comes back; the
+    other is left out, as a local run leaves it (test_hostile_servers.py has the local run's)."""
+    address, _, (back, gone), _ = cluster
+    expected = distinct_pictures(tmp_path, 4)
+    sent = len(gone.chats)
+    # The tests' 1.5 s wait (their pause scale) would be over before this test could answer it.
+    env = {**driver_env(address), "LLAVA_CAPTION_PAUSE_SCALE": "1"}
+    lines: list[str] = []
+    with back.changed(down=True), gone.changed(down=True):
+        run = spawn(tmp_path, "--host", "local:9", "--jobs", 2, "--ray", "auto", env=env)
+        reader = threading.Thread(target=lambda: lines.extend(iter(run.stderr.readline, "")), daemon=True)
+        reader.start()
+        wait_until(lambda: sum("in case it is restarting" in line for line in lines) == 2 or run.poll(), 120)
+        assert run.poll() is None, "".join(lines)
+        with back.changed(down=False):
+            run.wait(timeout=120)
+            reader.join(timeout=30)
+    said = "".join(lines)
+
+    assert run.returncode == 0, said
+    assert {path: path.read_text() for path in expected} == expected
+    for server in (back, gone):
+        assert (
+            f"{node_server_name(server, node_address)} answers 502 (its proxy's word for a server that is down); "
+            "waiting up to 15s in case it is restarting" in said
+        )
+    assert f"{node_server_name(back, node_address)} answers\n" in said
+    left_out = [
+        line for line in lines if line.startswith("warning: ") and "captioning with the others" in line
+    ]
+    assert len(left_out) == 1 and node_server_name(gone, node_address) in left_out[0], said
+    assert len(gone.chats) == sent
 
 
 def test_a_nodes_server_where_nothing_listens_is_said_with_the_nodes_advice(monkeypatch):
