@@ -7123,10 +7123,11 @@ MAX_EDIT_BYTES = 1024 * 1024
 EDIT_LINE_BREAKS = "\n\r"
 EDIT_CONTROLS_KEPT = "\n\r\t"
 # The command line's settings that have a part in --apply-edits: the folders, how they are named,
-# the caption extensions (--ext, and each --also's EXT), --dry-run, how much is said. Any other given with it (--model, --review...)
-# is refused rather than ignored: a person who gives it expects it to do something.
+# the caption extensions (--ext, and each --also's EXT), --dry-run, how much is said, the JSONL
+# to mend. Any other given with it (--model, --review...) is refused rather than ignored: a
+# person who gives it expects it to do something.
 EDIT_RUN_SETTINGS = frozenset(
-    ["paths", "recursive", "caption_ext", "also", "dry_run", "quiet", "verbose", "apply_edits"]
+    ["paths", "recursive", "caption_ext", "also", "dry_run", "quiet", "verbose", "apply_edits", "jsonl"]
 )
 
 
@@ -7152,10 +7153,11 @@ class EditsSummary:
     unwritten: list[tuple[Path, str]] = field(default_factory=list)  # could not be read or written
     with_line_breaks: int = 0  # of the edits applied
     interrupted: bool = False
+    jsonl_unwritten: str = ""  # why the --jsonl could not be written
 
     @property
     def exit_code(self) -> int:
-        trouble = self.changed or self.refused or self.unwritten or self.interrupted
+        trouble = self.changed or self.refused or self.unwritten or self.interrupted or self.jsonl_unwritten
         return EXIT_SOME_FAILED if trouble else EXIT_OK
 
 
@@ -7164,12 +7166,15 @@ def apply_edits(
 ) -> EditsSummary:
     """Write the edits of a review page's edits file into the captions of config.folders, each
     only where the caption still holds the text the page showed, each recorded in its folder's
-    journal as a person's (no later run of any pass touches it). With config.dry_run nothing is
-    written and no lock is taken. Raises CannotStart if the file cannot be used at all."""
+    journal as a person's (no later run of any pass touches it); with config.jsonl, the JSONL's
+    row of each caption an edit names made to say what its file says. With config.dry_run nothing
+    is written and no lock is taken. Raises CannotStart if the file cannot be used at all."""
     stop = stop or Stop()
     reporter.name_relative_to([folder.resolve() for folder in config.folders])  # captions are named resolved
     summary = EditsSummary(dry_run=config.dry_run)
     entries = read_edits_file(edits_file)
+    # Edits name images resolved: so is the JSONL, for their names relative to its folder.
+    metadata = Metadata(config.jsonl.resolve(), "", config.caption_ext) if config.jsonl else None
     edits = checked_edits(entries, edits_file, config, summary, reporter)
     runs = {style.caption_ext: RunPass.of(style, main=config) for style in config.styles()}
     with ExitStack() as claimed:
@@ -7186,11 +7191,32 @@ def apply_edits(
                     break
                 journal = journal_of_edit(edit, journals, runs)
                 apply_edit(edit, journal, unwritable.get(edit.root, ""), summary, reporter)
+                if metadata:
+                    mend_the_jsonl(metadata, edit, list(runs).index(edit.ext))
         finally:
             for (folder, _), journal in journals.items():
                 journal.close()
                 sync_folder(str(folder))  # the renames made durable, as the Writer does
+            if metadata and not config.dry_run:
+                save_the_jsonl(metadata, summary)
     return summary
+
+
+def mend_the_jsonl(metadata: Metadata, edit: Edit, style: int) -> None:
+    """The JSONL's row of the edit's caption, as its file now is (applied, or left as it was):
+    the row a later run with --jsonl would mend it to (Metadata.recover())."""
+    try:
+        data = existing_caption(edit.caption, listed=True)
+    except TryFailed:
+        return  # what cannot be read was said of the edit
+    metadata.recover(str(edit.image), str(edit.caption), data, style_column(edit.ext, style))
+
+
+def save_the_jsonl(metadata: Metadata, summary: EditsSummary) -> None:
+    try:
+        metadata.save()
+    except OSError as exc:
+        summary.jsonl_unwritten = f"cannot write {metadata.path}: {reason_of(exc)}"
 
 
 def journal_of_edit(
@@ -7461,6 +7487,8 @@ def report_edits(summary: EditsSummary, reporter: Reporter) -> None:
         reporter.say(f"not written: {counted(len(summary.unwritten), 'edit')}")
     if summary.interrupted:
         reporter.say("interrupted: the edits after the last one applied are left for a rerun")
+    if summary.jsonl_unwritten:
+        reporter.error(summary.jsonl_unwritten)
 
 
 # ---------------------------------------------------------------------------
@@ -8320,12 +8348,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     settings.update(model_options=model_options(args), system=system_prompt(args), ray=args.ray or "")
     folders, prompt_file, second_path = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
-    if args.jsonl and not args.jsonl.parent.is_dir():
-        raise CannotStart(f"--jsonl: the folder {args.jsonl.parent} does not exist")
-    for folder in folders:
-        if args.jsonl and not is_below(folder, args.jsonl.parent):
-            # imagefolder reads file_name relative to the JSONL's folder, with no "..".
-            raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
+    refuse_jsonl_away_from(folders, args.jsonl)
     refuse_folder_prompt_name(args.folder_prompt)
     if args.max_cost is not None and args.price is None:
         raise CannotStart("--max-cost needs --price IN/OUT, the prices it counts the cost at")
@@ -8366,6 +8389,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if config.jsonl:
         refuse_clashing_columns(config)
     return config
+
+
+def refuse_jsonl_away_from(folders: list[Path], jsonl: Path | None) -> None:
+    if jsonl and not jsonl.parent.is_dir():
+        raise CannotStart(f"--jsonl: the folder {jsonl.parent} does not exist")
+    for folder in folders:
+        if jsonl and not is_below(folder, jsonl.parent):
+            # imagefolder reads file_name relative to the JSONL's folder, with no "..".
+            raise CannotStart(f"--jsonl must be in {folder} or a folder above it, whose images it lists")
 
 
 def styles_of(values: list[str], caption_ext: str, read_prompts: bool = True) -> list[Style]:
@@ -8882,9 +8914,10 @@ def edits_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
             raise CannotStart(
                 f"--apply-edits writes the edits and nothing else: {flag} has no part in it; leave it out"
             )
-    folders, _, _ = folders_and_prompt(args.paths, args.prompt)
+    folders, prompt_file, _ = folders_and_prompt(args.paths, args.prompt)
     refuse_folders_inside_others(folders, args.recursive)
-    return Config(
+    refuse_jsonl_away_from(folders, args.jsonl)
+    config = Config(
         folders=folders,
         prompt=Template(BUILT_IN_PROMPT),  # a prompt writes no edit: the run's pass is nobody's
         caption_ext=caption_extension(args.caption_ext),
@@ -8892,7 +8925,13 @@ def edits_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         dry_run=args.dry_run,
         # --also names the styles' extensions, checked as a run checks them; their prompts write no edit.
         also=styles_of(args.also or [], caption_extension(args.caption_ext), read_prompts=False),
+        jsonl=args.jsonl,
     )
+    for style in config.styles():
+        refuse_output_paths(args, style.caption_ext, prompt_file)
+    if config.jsonl:
+        refuse_clashing_columns(config)
+    return config
 
 
 if __name__ == "__main__":

@@ -481,3 +481,65 @@ def test_also_with_apply_edits_is_checked_as_a_run_checks_it(tmp_path):
     run = apply(folder, "--also", "t.txt:.tags", "--apply-edits", file)
     assert run.returncode == 1 and "is not a caption extension of this run (.txt .tags)" in run.stderr
     assert not (folder / "img0.npz").exists()
+
+
+# ---- The JSONL (--jsonl), mended in the same run ----
+
+
+def jsonl_rows(path: Path) -> dict[str, dict]:
+    return {row["file_name"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+
+def test_with_jsonl_each_edited_captions_row_says_what_its_file_says(tmp_path, make_server):
+    """--apply-edits --jsonl: the row of each caption an edit names holds what the caption file
+    holds once the edits are written: the edit where it was applied (a style's in its column),
+    the file's own text where it changed since the page was written. Other rows are left as they
+    were, and the next run with --jsonl finds nothing to mend: the JSONL says what it would."""
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": None, "img1.txt": None, "img2.txt": None})
+    (tmp_path / "long.txt").write_text("Describe it.", encoding="utf-8")
+    (tmp_path / "tags.txt").write_text("List tags.", encoding="utf-8")
+    server = make_server(answer=styled)
+    jsonl = folder / "metadata.jsonl"
+    run = ["--prompt", tmp_path / "long.txt", "--also", f"{tmp_path / 'tags.txt'}:.tags", "--jsonl", jsonl]
+    assert here(folder, *run, "--host", server.url).returncode == 0
+    before = jsonl_rows(jsonl)
+    (folder / "img1.txt").write_text("changed by hand", encoding="utf-8")
+    edits = [
+        edit(folder / "img0.png", before["img0.png"]["text"], "a person's caption"),
+        edit(folder / "img0.png", before["img0.png"]["tags"], "a person's tags", ".tags"),
+        edit(folder / "img1.png", before["img1.png"]["text"], "not applied"),
+    ]
+    file = edits_file(tmp_path / "edits.json", edits)
+
+    applied = apply(
+        folder, "--also", f"{tmp_path / 'tags.txt'}:.tags", "--jsonl", jsonl, "--apply-edits", file
+    )
+
+    assert applied.returncode == 1, applied.stderr  # one caption changed since the page
+    after = jsonl_rows(jsonl)
+    assert (after["img0.png"]["text"], after["img0.png"]["tags"]) == ("a person's caption", "a person's tags")
+    assert after["img1.png"]["text"] == "changed by hand"
+    assert after["img1.png"]["tags"] == before["img1.png"]["tags"]
+    assert after["img2.png"] == before["img2.png"]
+    mended = jsonl.read_bytes()
+    assert here(folder, *run, "--host", server.url).returncode == 0
+    assert jsonl.read_bytes() == mended
+
+
+def test_with_jsonl_a_dry_run_leaves_it_and_one_away_from_the_folders_is_refused(tmp_path):
+    folder = tmp_path / "photos"
+    dataset(folder, {"img0.txt": "old"})
+    jsonl = folder / "metadata.jsonl"
+    jsonl.write_text(json.dumps({"file_name": "img0.png", "text": "old"}) + "\n", encoding="utf-8")
+    file = edits_file(tmp_path / "edits.json", [edit(folder / "img0.png", "old", "new")])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    away = apply(folder, "--jsonl", elsewhere / "metadata.jsonl", "--apply-edits", file)
+    dry = apply(folder, "--jsonl", jsonl, "--apply-edits", file, "--dry-run")
+
+    assert away.returncode == 2 and "--jsonl must be in " in away.stderr, away.stderr
+    assert dry.returncode == 0, dry.stderr
+    assert (folder / "img0.txt").read_text(encoding="utf-8") == "old"
+    assert jsonl_rows(jsonl) == {"img0.png": {"file_name": "img0.png", "text": "old"}}
