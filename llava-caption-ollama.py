@@ -2416,10 +2416,26 @@ def caption_path(image: str, config: Config) -> str:
     return os.path.join(os.path.dirname(image), caption_name(os.path.basename(image), config))
 
 
+def path_parts(path: str | Path) -> list[str]:
+    """A path's parts as pathlib has them, by os.path (see Listing.path_of()): the root first,
+    "." and empty ones left out, ".." kept (a link before it is not to be cancelled)."""
+    path = os.fspath(path)
+    if os.altsep:
+        path = path.replace(os.altsep, os.sep)
+    parts = [part for part in path.split(os.sep) if part not in ("", ".")]
+    return [os.sep, *parts] if path.startswith(os.sep) else parts
+
+
+def joined(parts: list[str]) -> str:
+    if parts[:1] == [os.sep]:
+        return os.sep + os.sep.join(parts[1:])
+    return os.sep.join(parts) or "."
+
+
 def path_order(path: str) -> list[str]:
     """The order in which images are listed (summary, review page, --failed-list): a folder's
     images together, before the next folder's, as pathlib orders paths (a-b.png after a/z.png)."""
-    return os.path.normcase(path).split(os.sep)
+    return path_parts(os.path.normcase(path))
 
 
 def folder_identity(path: str) -> tuple[int, int]:
@@ -7173,8 +7189,7 @@ def apply_edits(
     reporter.name_relative_to([folder.resolve() for folder in config.folders])  # captions are named resolved
     summary = EditsSummary(dry_run=config.dry_run)
     entries = read_edits_file(edits_file)
-    # Edits name images resolved: so is the JSONL, for their names relative to its folder.
-    metadata = Metadata(config.jsonl.resolve(), "", config.caption_ext) if config.jsonl else None
+    metadata = Metadata(config.jsonl, "", config.caption_ext) if config.jsonl else None
     edits = checked_edits(entries, edits_file, config, summary, reporter)
     runs = {style.caption_ext: RunPass.of(style, main=config) for style in config.styles()}
     with ExitStack() as claimed:
@@ -7207,9 +7222,14 @@ def mend_the_jsonl(metadata: Metadata, edit: Edit, style: int) -> None:
     the row a later run with --jsonl would mend it to (Metadata.recover())."""
     try:
         data = existing_caption(edit.caption, listed=True)
+        # Named as a run names it, from the folder as given (perhaps a link), not resolved as the
+        # edit's image is: a row by another name would be a second row of the same image.
+        image = os.path.join(edit.root, edit.image.relative_to(edit.root.resolve()))
     except TryFailed:
         return  # what cannot be read was said of the edit
-    metadata.recover(str(edit.image), str(edit.caption), data, style_column(edit.ext, style))
+    except ValueError:
+        return  # reached through a link below the folder: the next run with --jsonl mends it
+    metadata.recover(image, os.path.splitext(image)[0] + edit.ext, data, style_column(edit.ext, style))
 
 
 def save_the_jsonl(metadata: Metadata, summary: EditsSummary) -> None:
@@ -7529,13 +7549,10 @@ class Reporter:
     def name(self, image: str | Path) -> str:
         """A path named from the base, as Path.relative_to() would (else whole), but by os.path:
         pathlib would intern the name of every image said (see Listing.path_of())."""
-        path, base = os.path.normpath(image), os.path.normpath(self.base)
-        if base == ".":
-            return path
-        below = base if base.endswith(os.sep) else base + os.sep
-        if os.path.normcase(path) == os.path.normcase(base):
-            return "."
-        return path[len(below) :] if os.path.normcase(path).startswith(os.path.normcase(below)) else path
+        parts, base = path_parts(image), path_parts(self.base)
+        if list(map(os.path.normcase, parts[: len(base)])) == list(map(os.path.normcase, base)):
+            return joined(parts[len(base) :])
+        return joined(parts)
 
     def folder_name(self, folder: Path) -> str:
         name = self.name(folder)
@@ -8931,6 +8948,14 @@ def edits_config_from_args(args: argparse.Namespace, parser: argparse.ArgumentPa
         refuse_output_paths(args, style.caption_ext, prompt_file)
     if config.jsonl:
         refuse_clashing_columns(config)
+        if same_file(config.jsonl, args.apply_edits):
+            raise CannotStart(f"--jsonl and --apply-edits name the same file, {config.jsonl}")
+        if not config.jsonl.exists():
+            # Its rows of the edited captions alone would be a JSONL that lists only them.
+            raise CannotStart(
+                f"--jsonl: {config.jsonl} does not exist; --apply-edits mends the rows of a JSONL a run "
+                "wrote, and a run with --jsonl writes it whole"
+            )
     return config
 
 

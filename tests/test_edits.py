@@ -527,7 +527,28 @@ def test_with_jsonl_each_edited_captions_row_says_what_its_file_says(tmp_path, m
     assert jsonl.read_bytes() == mended
 
 
-def test_with_jsonl_a_dry_run_leaves_it_and_one_away_from_the_folders_is_refused(tmp_path):
+def test_with_jsonl_through_a_link_the_rows_a_run_keeps_are_mended_and_none_added(tmp_path, make_server):
+    """The folder given is a link (the page's edits name the images by their real folder): each
+    edited caption's row is the one a run through the link keeps, not a second row by the real path."""
+    real = tmp_path / "real"
+    dataset(real, {"img0.txt": None, "img1.txt": None})
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    jsonl = tmp_path / "metadata.jsonl"
+    run = [link, "--jsonl", jsonl]
+    assert here(*run, "--host", make_server().url).returncode == 0
+    shown = (real / "img0.txt").read_text(encoding="utf-8")
+    file = edits_file(tmp_path / "edits.json", [edit(real / "img0.png", shown, "a person's caption")])
+
+    applied = apply(*run, "--apply-edits", file)
+
+    assert applied.returncode == 0, applied.stderr
+    rows = jsonl_rows(jsonl)
+    assert sorted(rows) == ["link/img0.png", "link/img1.png"]
+    assert rows["link/img0.png"]["text"] == "a person's caption"
+
+
+def test_with_jsonl_a_dry_run_leaves_it_and_one_it_cannot_mend_is_refused(tmp_path):
     folder = tmp_path / "photos"
     dataset(folder, {"img0.txt": "old"})
     jsonl = folder / "metadata.jsonl"
@@ -537,9 +558,16 @@ def test_with_jsonl_a_dry_run_leaves_it_and_one_away_from_the_folders_is_refused
     elsewhere.mkdir()
 
     away = apply(folder, "--jsonl", elsewhere / "metadata.jsonl", "--apply-edits", file)
+    new = apply(folder, "--jsonl", folder / "new.jsonl", "--apply-edits", file)
+    itself = apply(tmp_path, "-r", "--jsonl", file, "--apply-edits", file)
     dry = apply(folder, "--jsonl", jsonl, "--apply-edits", file, "--dry-run")
 
     assert away.returncode == 2 and "--jsonl must be in " in away.stderr, away.stderr
+    # A JSONL of the edited captions' rows alone would list only them.
+    assert new.returncode == 2 and "new.jsonl does not exist; --apply-edits mends" in new.stderr, new.stderr
+    assert not (folder / "new.jsonl").exists()
+    assert itself.returncode == 2, itself.stderr
+    assert itself.stderr == f"error: --jsonl and --apply-edits name the same file, {file}\n"
     assert dry.returncode == 0, dry.stderr
     assert (folder / "img0.txt").read_text(encoding="utf-8") == "old"
     assert jsonl_rows(jsonl) == {"img0.png": {"file_name": "img0.png", "text": "old"}}

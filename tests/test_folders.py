@@ -263,6 +263,26 @@ def test_a_folder_given_and_also_reached_through_a_link_is_captioned_as_given(tm
     assert f"  {second}: captioned 1, skipped 0, failed 0\n" in run.err
 
 
+def test_images_are_named_from_the_folder_the_folders_share_as_given_dot_dot_and_all(
+    tmp_path, caption, server, monkeypatch
+):
+    """A folder given through "..": its images are named from the folders' shared path as given,
+    ".." kept (a link before it would make "e/bad.png" another file than the one meant), and the
+    failures listed a folder after the other."""
+    monkeypatch.chdir(tmp_path)
+    here, there = tmp_path / "d" / "a", tmp_path / "e"
+    picture(here / "z.png")
+    for folder in (here, there):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bad.png").write_bytes(b"not a picture")
+
+    run = caption("d/a", "d/a/../../e")
+
+    assert run.code == 1, run.err
+    failed = [line.split(":")[0] for line in run.err.splitlines() if line.startswith("  failed ")]
+    assert failed == ["  failed ../../e/bad.png", "  failed bad.png"]
+
+
 def test_every_folder_has_its_summary_line_in_the_order_given(tmp_path, caption):
     first, empty, last = tmp_path / "z", tmp_path / "empty", tmp_path / "a"
     datasets(tmp_path, "z", "a", count=1)
