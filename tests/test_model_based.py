@@ -420,6 +420,7 @@ class Counters:
     listed: int = 0  # runs that wrote --failed-list (checked)
     listed_some: int = 0  # of those, lists that named something
     loops: int = 0  # runs of the redo loop, --only F --failed-list F
+    kept_unreached: int = 0  # failed lists (checked) that kept captions an --only run did not reach
     rejected: int = 0  # requests the stand-in rejected (400)
 
 
@@ -525,6 +526,7 @@ REDO_DRAWS = {
     "also": st.booleans(),
     "join": st.booleans(),
     "failed_list": st.booleans(),
+    "limit": st.sampled_from((None, None, 1)),
 }
 KILLED_RUN_DRAWS = {
     "how": st.sampled_from(sorted(KILLS)),
@@ -566,7 +568,7 @@ KILLED_RUN_AGAIN_DRAWS = {
 # settings and its --existing or none (as redo_in_pass), each run ended by itself, at --limit or
 # killed at the k-th request.
 LOOP_ENDINGS = st.tuples(
-    st.sampled_from(("ends", "ends", "--limit 1", "--limit 2", *sorted(KILLS))), st.integers(1, 3)
+    st.sampled_from(("ends", "ends", "--limit 1", "--limit 2", *sorted(KILLS))), st.integers(1, 2)
 )
 REDO_LOOP_DRAWS = {
     "existing": st.booleans(),
@@ -644,7 +646,7 @@ class Reruns(RuleBasedStateMachine):
         sizes=st.tuples(st.integers(2, 3), st.integers(2, 3)),
         originals=st.sets(st.integers(0, 5), max_size=2),
         tag_originals=st.sets(st.integers(0, 5), max_size=3),
-        rejected=st.dictionaries(st.integers(0, 5), st.integers(1, 4), max_size=3),
+        rejected=st.dictionaries(st.integers(0, 5), st.integers(1, 4), min_size=1, max_size=4),
     )
     def dataset(
         self, sizes: tuple[int, int], originals: set[int], tag_originals: set[int], rejected: dict[int, int]
@@ -743,12 +745,14 @@ class Reruns(RuleBasedStateMachine):
         also: bool,
         join: bool,
         failed_list: bool,
+        limit: int | None,
     ) -> None:
         """A redo with --only: a list naming some images of the folders given (as the review
-        page's redo list), with or without --existing."""
+        page's redo list), with or without --existing, perhaps with --limit (its failed list then
+        keeps the images the run did not reach)."""
         scope = self.scope(FOLDER_SPECS[folders][1])
         named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
-        spec = RunSpec(folders, prompt, model, mode, prefix, None, named, outputs, failed_list=failed_list)
+        spec = RunSpec(folders, prompt, model, mode, prefix, limit, named, outputs, failed_list=failed_list)
         self.step(self.styled(spec, also, join))
 
     @rule(**KILLED_RUN_DRAWS)
@@ -1583,8 +1587,15 @@ class Reruns(RuleBasedStateMachine):
 
     def check_jsonl(self, spec: RunSpec, disk: dict[str, bytes | None]) -> list[tuple[type, str]]:
         """One row per non-blank caption of the folders given, with the text on disk; none for a
-        blank one."""
+        blank one. A JSONL that would hold no row may be absent: the script writes it when it has
+        something to keep (Metadata.save), and a run whose every image failed, the server rejecting
+        them, has nothing."""
         path = self.work / "root" / "metadata.jsonl"
+        scope = self.scope(FOLDER_SPECS[spec.folders][1])
+        if not path.exists() and all(
+            is_blank(disk[pic.caption_of(style)]) for pic in scope for style in spec.styles
+        ):
+            return []
         try:
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
         except (OSError, ValueError) as exc:
@@ -1726,6 +1737,7 @@ class Reruns(RuleBasedStateMachine):
             settings = self.failed_list.settings
         self.bench.counters.listed += 1
         self.bench.counters.listed_some += bool(named)
+        self.bench.counters.kept_unreached += "not reached" in data.decode("utf-8", "replace").split("\n")[0]
         return FailedList(data, entries, frozenset(named), spec.folders, settings)
 
     def settle(
