@@ -8,8 +8,14 @@ edited by hand, made blank (empty, a byte-order mark, NUL bytes, invisible space
 image added or removed; and (issue 22) runs with a second style, `--also prompts/tags.txt:.tags`,
 each style a pass of its own with its own caption files, and appends or prepends joined by a line
 break (`--join "\n"`: one caption a line, each with the trigger word). A run with --also has no
---limit here (it counts images, not captions: one rule more the model would have to keep). The script runs as a subprocess, as a user runs it, against one stand-in
-server per test.
+--limit here (it counts images, not captions: one rule more the model would have to keep). Runs
+may write a failed list (`--failed-list lists/failed.txt`), and the redo loop by one list is
+played, `--only lists/failed.txt --failed-list lists/failed.txt` with the settings of the run that
+wrote it, ended by itself, at --limit, by TERM or by kill -9 at the k-th request (a rule of its
+own, and a run followed by the loop on its list until it names nothing); the stand-in rejects some
+pictures (a 400, the image failed at once) the first time or few they are sent, so that lists name
+something. The script runs as a subprocess, as a user runs it, against one stand-in server per
+test.
 
 After every step a model of the dataset says what must be on disk, following the integrity
 rules (issue 17): who wrote each caption (the tool, a person, nobody we know), which passes'
@@ -19,8 +25,12 @@ the caption files. Checked after every step: per pass at most one answer in a ca
 one where a run of that pass finished it; a caption edited by hand unchanged unless --only (or
 --overwrite-edits) named it; images, prompt files and lists byte-identical, no file but captions
 and the named outputs changed (the tool's own hidden files aside); the JSONL, when kept, one row
-per non-blank caption with the text on disk; the summary's counts and the exit code what changed.
-The same machine runs against tests/rules_reference.py, the rules kept by the smallest captioner,
+per non-blank caption with the text on disk; the summary's counts and the exit code what changed;
+after a run that wrote the failed list and ended by itself or by TERM, the list names exactly the
+captions of the run's scope that failed and (with --only) those it did not reach, each line one
+--only resolves to that image or caption file, its header saying "not reached" only when it kept
+such a caption; the redo loop drops from the list only captions it wrote (nothing lost); after a
+kill -9 (or a run that could not start) the list is byte-identical to what it was. The same machine runs against tests/rules_reference.py, the rules kept by the smallest captioner,
 where it must find nothing: the control that a failure is the script's, not the harness's.
 
 The Ray variant (issue 24, RerunsOnRay, marker ray) plays the same machine with a Ray cluster of one
