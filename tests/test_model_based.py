@@ -87,7 +87,9 @@ from stand_in_ollama import VISION_MODEL, Chat, Reply, StandInOllama
 
 # The CI budget, measured on this 2-core machine: per API, 8 examples of up to 15 steps (~110
 # steps, ~45 runs of the script) take 33-40 s where the script keeps the rules, the four tests side
-# by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. A run that does work
+# by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. With the failed list and
+# its redo loop played (55-70 runs per API, 6-11 of them the loop), the four side by side took
+# 53.6 s at a load average of 4, and 56.9 s without them just before (other suites running). A run that does work
 # costs ~0.5 s (the interpreter and its libraries), one with nothing to do ~0.1 s. A failure
 # adds its shrinking: up to Hypothesis's 5 minutes.
 CI_SETTINGS = settings(
