@@ -30,8 +30,9 @@ after a run that wrote the failed list and ended by itself or by TERM, the list 
 captions of the run's scope that failed and (with --only) those it did not reach, each line one
 --only resolves to that image or caption file, its header saying "not reached" only when it kept
 such a caption; the redo loop drops from the list only captions it wrote (nothing lost); after a
-kill -9 (or a run that could not start) the list is byte-identical to what it was. The same machine runs against tests/rules_reference.py, the rules kept by the smallest captioner,
-where it must find nothing: the control that a failure is the script's, not the harness's.
+kill -9 (or a run that could not start) the list is byte-identical to what it was. The same
+machine runs against tests/rules_reference.py, the rules kept by the smallest captioner, where it
+must find nothing: the control that a failure is the script's, not the harness's.
 
 The Ray variant (issue 24, RerunsOnRay, marker ray) plays the same machine with a Ray cluster of one
 node started for it: each run, killed ones too, is drawn to add `--ray ADDRESS` or not, so that
@@ -89,9 +90,9 @@ from stand_in_ollama import VISION_MODEL, Chat, Reply, StandInOllama
 # steps, ~45 runs of the script) take 33-40 s where the script keeps the rules, the four tests side
 # by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. With the failed list and
 # its redo loop played (55-70 runs per API, 6-11 of them the loop), the four side by side took
-# 53.6 s at a load average of 4, and 56.9 s without them just before (other suites running). A run that does work
-# costs ~0.5 s (the interpreter and its libraries), one with nothing to do ~0.1 s. A failure
-# adds its shrinking: up to Hypothesis's 5 minutes.
+# 53.6 s at a load average of 4, and 56.9 s without them just before (other suites running). A
+# run that does work costs ~0.5 s (the interpreter and its libraries), one with nothing to do
+# ~0.1 s. A failure adds its shrinking: up to Hypothesis's 5 minutes.
 CI_SETTINGS = settings(
     max_examples=8,
     stateful_step_count=15,
