@@ -40,9 +40,7 @@ def test_each_image_is_prepared_once_and_its_styles_asked_back_to_back(
     decoded = []
     real = captioner.prepare_image
     monkeypatch.setattr(
-        captioner,
-        "prepare_image",
-        lambda path, size: decoded.append(os.path.basename(path)) or real(path, size),
+        captioner, "prepare_image", lambda path, size: decoded.append(os.path.basename(path)) or real(path, size)
     )
     server.answer = styled_answer
 
