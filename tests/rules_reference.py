@@ -2,7 +2,8 @@
 
 Not a captioner to use: it speaks only what the model-based test (test_model_based.py) runs: folders
 or -r, --prompt, --model, --api, --existing, --prefix, --limit, --only, --jsonl, --review,
---overwrite-edits, --jobs and --host, one request at a time, to the stand-in; and --apply-edits
+--failed-list, --overwrite-edits, --jobs and --host, one request at a time, to the stand-in (an
+image it rejects, a 400, fails); and --apply-edits
 (with --dry-run), the review page's edits written back as a person's. It exists so that the
 harness can be checked against something that keeps the rules: the state machine must find nothing
 here, and whatever it finds in the real script is then the script's, not the harness's:
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +213,7 @@ def main() -> int:
     parser.add_argument("--only", type=Path)
     parser.add_argument("--jsonl", type=Path)
     parser.add_argument("--review", type=Path)
+    parser.add_argument("--failed-list", type=Path)
     parser.add_argument("--overwrite-edits", action="store_true")
     parser.add_argument("--jobs", type=int)
     parser.add_argument("--host")
@@ -247,6 +250,15 @@ def main() -> int:
                 row = json.loads(line)
                 rows[row["file_name"]] = row
     captioning = 0
+    failed: list[Path] = []  # the images that failed, for --failed-list
+    left: list[Path] = []  # --only's images the run did not reach (--limit, TERM): kept in --failed-list
+
+    def fail(image: Path, tally: dict[str, int], why: str) -> None:
+        counts["failed"] += 1
+        tally["failed"] += 1
+        failed.append(image)
+        print(f"FAILED {image}: {why}", file=sys.stderr)
+
     for given in args.paths:
         folders = sorted({path.parent for path in given.rglob("*")} | {given}) if args.recursive else [given]
         images = sorted(
@@ -284,16 +296,12 @@ def main() -> int:
                 if not text or mode in ("skip", "overwrite"):
                     base = ""
                 elif pass_id in edited_ours:
-                    counts["failed"] += 1
-                    tally["failed"] += 1
-                    print(f"FAILED {image}: edited since this pass wrote it", file=sys.stderr)
+                    fail(image, tally, "edited since this pass wrote it")
                     continue
                 elif producer and producer.pass_id == pass_id:
                     base = producer.base  # its own part replaced, the rest kept
                 elif pass_id in held:
-                    counts["failed"] += 1
-                    tally["failed"] += 1
-                    print(f"FAILED {image}: another pass added to its caption since", file=sys.stderr)
+                    fail(image, tally, "another pass added to its caption since")
                     continue
                 else:
                     base = text
@@ -311,9 +319,7 @@ def main() -> int:
                     tally["left"] += 1
                     continue
                 elif pass_id in edited_ours:
-                    counts["failed"] += 1
-                    tally["failed"] += 1
-                    print(f"FAILED {image}: edited since this pass wrote it", file=sys.stderr)
+                    fail(image, tally, "edited since this pass wrote it")
                     continue
                 elif mode == "skip":
                     counts["skipped"] += 1
@@ -322,6 +328,7 @@ def main() -> int:
                 else:
                     base = "" if mode == "overwrite" else text
             if args.limit is not None and captioning >= args.limit:
+                left += [image] if only is not None else []
                 continue
             captioning += 1
             plans.append((given, image, journal, pass_id, mode, base, text))
@@ -331,10 +338,15 @@ def main() -> int:
         return 2
     started = time.monotonic()
     writers = []
-    for given, image, journal, pass_id, mode, base, text in plans:
+    for sent, (given, image, journal, pass_id, mode, base, text) in enumerate(plans):
         if stop.asked:
+            left += [plan[1] for plan in plans[sent:]] if only is not None else []
             break
-        answer = ask(args.host, args.api, model, prompt, image.read_bytes())
+        try:
+            answer = ask(args.host, args.api, model, prompt, image.read_bytes())
+        except urllib.error.HTTPError as exc:  # a 400: the server will never take it
+            fail(image, by_folder[str(given)], f"the server answered {exc.code}")
+            continue
         written = merged(base, answer, mode, args.prefix)
         entry = Entry(image.name, pass_id, settings, mode, text, base, written)
         # Written on a thread of its own while the next request goes out, as the script's writers
@@ -352,6 +364,10 @@ def main() -> int:
         write_atomically(args.jsonl, "".join(json.dumps(row) + "\n" for row in rows.values()).encode())
     if args.review and not stop.asked:
         args.review.write_text("<!doctype html><title>review</title>", encoding="utf-8")
+    if args.failed_list:
+        write_image_list(
+            args.failed_list, failed + left, "images that failed" + (" or were not reached" if left else "")
+        )
     print(summary_line(counts, time.monotonic() - started, stop.asked), file=sys.stderr)
     if len(by_folder) > 1:
         for folder, tally in by_folder.items():
@@ -360,6 +376,13 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
     return 1 if counts["failed"] else 0
+
+
+def write_image_list(path: Path, images: list[Path], what: str) -> None:
+    """--failed-list: the images, relative to the list's folder, one a line, as --only reads them."""
+    folder = os.path.realpath(path.parent)
+    names = sorted(os.path.relpath(os.path.realpath(image), folder) for image in images)
+    write_atomically(path, "".join(f"{line}\n" for line in [f"# {what}", *names]).encode())
 
 
 def apply_edits(path: Path, dry_run: bool) -> int:

@@ -153,7 +153,10 @@ def report(failures: list[Failure], counters: Counters, seconds: float, ray: boo
     on_ray = f", {counters.on_ray} sent on Ray ({counters.killed_on_ray} killed there)" if ray else ""
     print(
         f"\nsoaked {seconds / 60:.1f} min: {counters.steps} steps ({counters.runs} runs of the script, "
-        f"{counters.styled} with --also, {counters.joined} with --join{on_ray}), "
+        f"{counters.styled} with --also, {counters.joined} with --join{on_ray}; "
+        f"{counters.listed} failed lists checked, {counters.listed_some} naming some, {counters.loops} "
+        f"redo loops by one list, {counters.kept_unreached} lists kept what a run did not reach; "
+        f"{counters.rejected} requests rejected), "
         f"{counters.examples} examples (shrinking included), {len(failures)} failures found"
     )
     kinds: dict[str, list[Failure]] = {}

@@ -8,8 +8,14 @@ edited by hand, made blank (empty, a byte-order mark, NUL bytes, invisible space
 image added or removed; and (issue 22) runs with a second style, `--also prompts/tags.txt:.tags`,
 each style a pass of its own with its own caption files, and appends or prepends joined by a line
 break (`--join "\n"`: one caption a line, each with the trigger word). A run with --also has no
---limit here (it counts images, not captions: one rule more the model would have to keep). The script runs as a subprocess, as a user runs it, against one stand-in
-server per test.
+--limit here (it counts images, not captions: one rule more the model would have to keep). Runs
+may write a failed list (`--failed-list lists/failed.txt`), and the redo loop by one list is
+played, `--only lists/failed.txt --failed-list lists/failed.txt` with the settings of the run that
+wrote it, ended by itself, at --limit, by TERM or by kill -9 at the k-th request (a rule of its
+own, and a run followed by the loop on its list until it names nothing); the stand-in rejects some
+pictures (a 400, the image failed at once) the first time or few they are sent, so that lists name
+something. The script runs as a subprocess, as a user runs it, against one stand-in server per
+test.
 
 After every step a model of the dataset says what must be on disk, following the integrity
 rules (issue 17): who wrote each caption (the tool, a person, nobody we know), which passes'
@@ -19,9 +25,14 @@ the caption files. Checked after every step: per pass at most one answer in a ca
 one where a run of that pass finished it; a caption edited by hand unchanged unless --only (or
 --overwrite-edits) named it; images, prompt files and lists byte-identical, no file but captions
 and the named outputs changed (the tool's own hidden files aside); the JSONL, when kept, one row
-per non-blank caption with the text on disk; the summary's counts and the exit code what changed.
-The same machine runs against tests/rules_reference.py, the rules kept by the smallest captioner,
-where it must find nothing: the control that a failure is the script's, not the harness's.
+per non-blank caption with the text on disk; the summary's counts and the exit code what changed;
+after a run that wrote the failed list and ended by itself or by TERM, the list names exactly the
+captions of the run's scope that failed and (with --only) those it did not reach, each line one
+--only resolves to that image or caption file, its header saying "not reached" only when it kept
+such a caption; the redo loop drops from the list only captions it wrote (nothing lost); after a
+kill -9 (or a run that could not start) the list is byte-identical to what it was. The same
+machine runs against tests/rules_reference.py, the rules kept by the smallest captioner, where it
+must find nothing: the control that a failure is the script's, not the harness's.
 
 The Ray variant (issue 24, RerunsOnRay, marker ray) plays the same machine with a Ray cluster of one
 node started for it: each run, killed ones too, is drawn to add `--ray ADDRESS` or not, so that
@@ -77,9 +88,11 @@ from stand_in_ollama import VISION_MODEL, Chat, Reply, StandInOllama
 
 # The CI budget, measured on this 2-core machine: per API, 8 examples of up to 15 steps (~110
 # steps, ~45 runs of the script) take 33-40 s where the script keeps the rules, the four tests side
-# by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. A run that does work
-# costs ~0.5 s (the interpreter and its libraries), one with nothing to do ~0.1 s. A failure
-# adds its shrinking: up to Hypothesis's 5 minutes.
+# by side in pytest-xdist's workers about 40 s; the rules' reference, ~9 s. With the failed list and
+# its redo loop played (55-70 runs per API, 6-11 of them the loop), the four side by side took
+# 53.6 s at a load average of 4, and 56.9 s without them just before (other suites running). A
+# run that does work costs ~0.5 s (the interpreter and its libraries), one with nothing to do
+# ~0.1 s. A failure adds its shrinking: up to Hypothesis's 5 minutes.
 CI_SETTINGS = settings(
     max_examples=8,
     stateful_step_count=15,
@@ -143,6 +156,17 @@ RUN_SECONDS = 30.0  # a run of a few tiny PNGs that takes longer is hung: killed
 RAY_RUN_SECONDS = 150.0
 RAY_WORKERS_SECONDS = 30.0  # a run's Ray workers still there this long after it ended: they outlived it
 KILLS = {"kill -9": signal.SIGKILL, "kill -TERM": signal.SIGTERM}
+# The one --failed-list the runs that draw it write, and the redo loop reads back with --only: the
+# documented loop is one list, rewritten by each run with what is still left.
+FAILED_LIST = "lists/failed.txt"
+# The stand-in rejecting a picture: a 400, a request the server will never accept (as for an image
+# it cannot decode), which the script fails at once, without a retry (Fault.REQUEST_REFUSED). The
+# model's other failures (a redo or --overwrite-edits meeting an edit) are rare in random
+# sequences: without these, a failed list would seldom name anything.
+REJECTED = Reply(status=400, error="the stand-in rejects this picture")
+# A plan's why for an image --limit leaves for a later run: with --only, its entry stays in the
+# failed list.
+PAST_LIMIT = "past --limit"
 # The script the machine runs: this tree's, or another copy (a branch's work tree, the rules'
 # reference in tests/rules_reference.py) named by the environment, so that the harness of one tree
 # can check the script of another.
@@ -193,6 +217,11 @@ class JsonlWrong(Violation):
 
 class SummaryWrong(Violation):
     """The summary's counts or the exit code say something else than what happened on disk."""
+
+
+class FailedListWrong(Violation):
+    """--failed-list does not name exactly the captions that failed or (with --only) were left, it
+    dropped one whose caption is not written, or it changed where no run wrote it."""
 
 
 class RunHung(Violation):
@@ -330,6 +359,8 @@ class RunSpec:
     also: bool = False  # --also prompts/tags.txt:.tags
     join: bool = False  # --join "\n" (given only where the script takes it: append, prepend, --only)
     ray: bool = False  # --ray ADDRESS: the Ray cluster's workers prepare the images and send them
+    failed_list: bool = False  # --failed-list FAILED_LIST
+    only_list: str | None = None  # --only this list, as it is (the redo loop's), not one written for the run
 
     @property
     def styles(self) -> tuple[str, ...]:
@@ -352,6 +383,7 @@ class Asked:
     width: int
     model: str
     marker: str
+    rejected: bool = False  # the stand-in answered 400: the script fails the image at once
 
     @property
     def answer(self) -> str:
@@ -376,6 +408,17 @@ class Outcome:
     killed: str | None  # a key of KILLS when the run was killed
 
 
+@dataclass(frozen=True)
+class FailedList:
+    """The --failed-list on disk, as the last run that wrote it left it, checked."""
+
+    data: bytes
+    entries: tuple[str, ...]  # its lines below root ("a/img00.png", "a/img00.tags"), as --only reads them
+    named: frozenset  # the captions they name: (image below root, style)
+    folders: str  # the run that wrote it: the loop runs over the same folders...
+    settings: tuple  # ...with its pass settings (prompt, model, mode, prefix, --also, --join)
+
+
 @dataclass
 class Counters:
     """For the soak's report."""
@@ -387,6 +430,11 @@ class Counters:
     joined: int = 0  # runs with --join "\n"
     on_ray: int = 0  # runs with --ray that sent requests (a run with nothing to send joins no cluster)
     killed_on_ray: int = 0  # of those, killed at a request
+    listed: int = 0  # runs that wrote --failed-list (checked)
+    listed_some: int = 0  # of those, lists that named something
+    loops: int = 0  # runs of the redo loop, --only F --failed-list F
+    kept_unreached: int = 0  # failed lists (checked) that kept captions an --only run did not reach
+    rejected: int = 0  # requests the stand-in rejected (400)
 
 
 @dataclass
@@ -478,6 +526,7 @@ RUN_DRAWS = {
     "overwrite_edits": st.booleans() if HAS_OVERWRITE_EDITS else st.just(False),
     "also": st.booleans(),
     "join": st.booleans(),
+    "failed_list": st.booleans(),
 }
 REDO_DRAWS = {
     "folders": st.sampled_from(sorted(FOLDER_SPECS)),
@@ -489,6 +538,8 @@ REDO_DRAWS = {
     "outputs": st.sampled_from(("", "", "--jsonl", "--review")),
     "also": st.booleans(),
     "join": st.booleans(),
+    "failed_list": st.booleans(),
+    "limit": st.sampled_from((None, None, 1)),
 }
 KILLED_RUN_DRAWS = {
     "how": st.sampled_from(sorted(KILLS)),
@@ -501,12 +552,14 @@ KILLED_RUN_DRAWS = {
     "outputs": st.sampled_from(("", "--jsonl")),
     "also": st.booleans(),
     "join": st.booleans(),
+    "failed_list": st.booleans(),
 }
 RUN_AGAIN_DRAWS = {
     "earlier": st.integers(0, 9),
     "folders": st.sampled_from(sorted(FOLDER_SPECS)),
     "limit": st.sampled_from((None, None, 1, 2)),
     "outputs": st.sampled_from(("", "", "--jsonl", "--review")),
+    "failed_list": st.booleans(),
 }
 REDO_IN_PASS_DRAWS = {
     "earlier": st.integers(0, 9),
@@ -514,6 +567,7 @@ REDO_IN_PASS_DRAWS = {
     "folders": st.sampled_from(sorted(FOLDER_SPECS)),
     "picks": st.lists(st.integers(0, 7), min_size=1, max_size=3),
     "outputs": st.sampled_from(("", "", "--jsonl")),
+    "failed_list": st.booleans(),
 }
 KILLED_RUN_AGAIN_DRAWS = {
     "earlier": st.integers(0, 9),
@@ -521,6 +575,26 @@ KILLED_RUN_AGAIN_DRAWS = {
     "at_request": st.integers(1, 3),
     "folders": st.sampled_from(sorted(FOLDER_SPECS)),
     "outputs": st.sampled_from(("", "--jsonl")),
+    "failed_list": st.booleans(),
+}
+# The redo loop, `--only F --failed-list F` on the list the last listing run wrote, with that run's
+# settings and its --existing or none (as redo_in_pass), each run ended by itself, at --limit or
+# killed at the k-th request.
+LOOP_ENDINGS = st.tuples(
+    st.sampled_from(("ends", "ends", "--limit 1", "--limit 2", *sorted(KILLS))), st.integers(1, 2)
+)
+REDO_LOOP_DRAWS = {
+    "existing": st.booleans(),
+    "ending": LOOP_ENDINGS,
+    "outputs": st.sampled_from(("", "", "--jsonl")),
+}
+# A run that writes a failed list, then the loop on it while it names something, run after run:
+# the documented loop, which a loop rule alone would seldom play in CI's few sequences (it needs
+# a list that names something, and Hypothesis draws each rule that may run alike).
+RUN_AND_LOOP_DRAWS = {
+    **{name: draw for name, draw in RUN_DRAWS.items() if name != "failed_list"},
+    "existing": st.booleans(),
+    "endings": st.lists(LOOP_ENDINGS, min_size=1, max_size=3),
 }
 
 
@@ -550,6 +624,8 @@ class Reruns(RuleBasedStateMachine):
         self.tags = 0
         self.live: LiveRun | None = None
         self.on_ray = False  # the run this step makes goes to the Ray cluster (RerunsOnRay draws it)
+        self.rejections: dict[int, int] = {}  # by picture width: its next requests the stand-in rejects
+        self.failed_list: FailedList | None = None  # FAILED_LIST as the last run that wrote it left it
         self.ready = False
         bench.server.answer = self.answer
         if bench.api == "openai":
@@ -563,14 +639,19 @@ class Reruns(RuleBasedStateMachine):
             return "white"
         with self.lock:
             self.tags += 1
-            asked = Asked(self.tags, chat.picture().width, chat.model, marker[1])
+            width = chat.picture().width
+            rejected = self.rejections.get(width, 0) > 0
+            if rejected:
+                self.rejections[width] -= 1
+                self.bench.counters.rejected += 1
+            asked = Asked(self.tags, width, chat.model, marker[1], rejected)
             live = self.live
             if live is not None:
                 live.asked.append(asked)
         if live is not None and live.kill_at == len(live.asked):
             live.reached.set()
             live.released.wait(RUN_SECONDS)  # answered once the kill is done
-        return asked.answer
+        return REJECTED if rejected else asked.answer
 
     # --- the dataset
 
@@ -578,10 +659,14 @@ class Reruns(RuleBasedStateMachine):
         sizes=st.tuples(st.integers(2, 3), st.integers(2, 3)),
         originals=st.sets(st.integers(0, 5), max_size=2),
         tag_originals=st.sets(st.integers(0, 5), max_size=3),
+        rejected=st.dictionaries(st.integers(0, 5), st.integers(1, 4), min_size=1, max_size=4),
     )
-    def dataset(self, sizes: tuple[int, int], originals: set[int], tag_originals: set[int]) -> None:
+    def dataset(
+        self, sizes: tuple[int, int], originals: set[int], tag_originals: set[int], rejected: dict[int, int]
+    ) -> None:
         """Two folders of small PNGs, some with captions made by hand before the tool came, some
-        with tags from another tagger (.tags files, the --also style's)."""
+        with tags from another tagger (.tags files, the --also style's), some the server rejects
+        the first time or few they are sent (so that failed lists name something from the start)."""
         for folder in ("root/a", "root/b", "prompts", "lists", "out"):
             (self.work / folder).mkdir(parents=True)
         for marker, text in PROMPTS.items():
@@ -595,9 +680,14 @@ class Reruns(RuleBasedStateMachine):
                     tags = self.captions[picture.caption_of(TAGS)]
                     tags.data, tags.kind = f"tagger tags {next(self.edits)}".encode(), "original"
                     self.caption_path(picture, TAGS).write_bytes(tags.data)
+                if index in rejected:
+                    self.rejections[picture.width] = rejected[index]
                 index += 1
         made = ", ".join(sorted(self.pictures))
-        note(f"dataset: {made}; original captions: {self.described_captions()}")
+        refused = {
+            pic.rel: self.rejections[pic.width] for pic in self.present() if pic.width in self.rejections
+        }
+        note(f"dataset: {made}; original captions: {self.described_captions()}; rejected (times): {refused}")
         self.ready = True
 
     def keep_file(self, rel: str, data: bytes) -> None:
@@ -648,11 +738,12 @@ class Reruns(RuleBasedStateMachine):
         overwrite_edits: bool,
         also: bool,
         join: bool,
+        failed_list: bool,
     ) -> None:
         """An ordinary run, perhaps with another prompt, model, mode or trigger word, a second
-        style or captions joined by a line break."""
+        style or captions joined by a line break, perhaps writing a failed list."""
         spec = RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs, overwrite_edits)
-        self.step(self.styled(spec, also, join))
+        self.step(self.styled(replace(spec, failed_list=failed_list), also, join))
 
     @rule(**REDO_DRAWS)
     def redo(
@@ -666,14 +757,16 @@ class Reruns(RuleBasedStateMachine):
         outputs: str,
         also: bool,
         join: bool,
+        failed_list: bool,
+        limit: int | None,
     ) -> None:
         """A redo with --only: a list naming some images of the folders given (as the review
-        page's redo list), with or without --existing."""
+        page's redo list), with or without --existing, perhaps with --limit (its failed list then
+        keeps the images the run did not reach)."""
         scope = self.scope(FOLDER_SPECS[folders][1])
         named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
-        self.step(
-            self.styled(RunSpec(folders, prompt, model, mode, prefix, None, named, outputs), also, join)
-        )
+        spec = RunSpec(folders, prompt, model, mode, prefix, limit, named, outputs, failed_list=failed_list)
+        self.step(self.styled(spec, also, join))
 
     @rule(**KILLED_RUN_DRAWS)
     def killed_run(
@@ -688,10 +781,14 @@ class Reruns(RuleBasedStateMachine):
         outputs: str,
         also: bool,
         join: bool,
+        failed_list: bool,
     ) -> None:
         """A run killed (kill -9, or TERM as `kill` sends) when the stand-in receives its k-th
         request (with --jobs 1: see argv); a run with fewer requests ends on its own."""
-        spec = RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request))
+        kill = (how, at_request)
+        spec = RunSpec(
+            folders, prompt, model, mode, prefix, None, None, outputs, kill=kill, failed_list=failed_list
+        )
         self.step(self.styled(spec, also, join))
 
     # The same pass again: what the rerun guarantees are about. Drawn afresh, a run's settings
@@ -699,33 +796,115 @@ class Reruns(RuleBasedStateMachine):
 
     @precondition(lambda self: self.history)
     @rule(**RUN_AGAIN_DRAWS)
-    def run_again(self, earlier: int, folders: str, limit: int | None, outputs: str) -> None:
+    def run_again(
+        self, earlier: int, folders: str, limit: int | None, outputs: str, failed_list: bool
+    ) -> None:
         """The settings of an earlier run (the earlier-th, counted round), perhaps over the
         folders given another way, with --limit or other outputs: none of them part of a pass."""
         prompt, model, mode, prefix, also, join = self.history[earlier % len(self.history)]
-        spec = RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs)
+        spec = RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs, failed_list=failed_list)
         self.step(self.styled(spec, also, join))
 
     @precondition(lambda self: self.history)
     @rule(**REDO_IN_PASS_DRAWS)
     def redo_in_pass(
-        self, earlier: int, existing: bool, folders: str, picks: list[int], outputs: str
+        self, earlier: int, existing: bool, folders: str, picks: list[int], outputs: str, failed_list: bool
     ) -> None:
         """A redo with the settings of an earlier run, with its --existing or without it (as the
         review page's redo list is run): in the middle of an append pass, say."""
         prompt, model, mode, prefix, also, join = self.history[earlier % len(self.history)]
         scope = self.scope(FOLDER_SPECS[folders][1])
         named = tuple(sorted({scope[pick % len(scope)].rel for pick in picks}))
-        spec = RunSpec(folders, prompt, model, mode if existing else None, prefix, None, named, outputs)
+        mode = mode if existing else None
+        spec = RunSpec(folders, prompt, model, mode, prefix, None, named, outputs, failed_list=failed_list)
         self.step(self.styled(spec, also, join))
 
     @precondition(lambda self: self.history)
     @rule(**KILLED_RUN_AGAIN_DRAWS)
-    def killed_run_again(self, earlier: int, how: str, at_request: int, folders: str, outputs: str) -> None:
+    def killed_run_again(
+        self, earlier: int, how: str, at_request: int, folders: str, outputs: str, failed_list: bool
+    ) -> None:
         """An earlier run's settings again, killed at the stand-in's k-th request."""
         prompt, model, mode, prefix, also, join = self.history[earlier % len(self.history)]
-        spec = RunSpec(folders, prompt, model, mode, prefix, None, None, outputs, kill=(how, at_request))
+        kill = (how, at_request)
+        spec = RunSpec(
+            folders, prompt, model, mode, prefix, None, None, outputs, kill=kill, failed_list=failed_list
+        )
         self.step(self.styled(spec, also, join))
+
+    def loop_can_run(self) -> bool:
+        """The last failed list names something, every image of it still there (an entry of an
+        image deleted since fails as not found: a case of its own, not the loop's)."""
+        listed = self.failed_list
+        return bool(listed and listed.named and all(self.pictures[rel].present for rel, _ in listed.named))
+
+    @precondition(loop_can_run)
+    @rule(**REDO_LOOP_DRAWS)
+    def redo_the_failed_list(self, existing: bool, ending: tuple[str, int], outputs: str) -> None:
+        """The redo loop: `--only F --failed-list F`, with the settings and folders of the run that
+        wrote F, perhaps ended early (--limit, TERM, kill -9 at the k-th request): F then names
+        what failed and what the run did not reach, and loses nothing (after kill -9 it is as it
+        was)."""
+        self.loop(existing, ending, outputs)
+
+    @rule(**RUN_AND_LOOP_DRAWS)
+    def run_then_redo_the_failed_list(
+        self,
+        folders: str,
+        prompt: str,
+        model: str,
+        mode: str | None,
+        prefix: bool,
+        limit: int | None,
+        outputs: str,
+        overwrite_edits: bool,
+        also: bool,
+        join: bool,
+        existing: bool,
+        endings: list[tuple[str, int]],
+    ) -> None:
+        """A run with --failed-list F, then the redo loop on F until it names nothing (or the runs
+        drawn are done), each run of the loop ended as drawn."""
+        spec = RunSpec(folders, prompt, model, mode, prefix, limit, None, outputs, overwrite_edits)
+        self.step(self.styled(replace(spec, failed_list=True), also, join))
+        for ending in endings:
+            if not self.loop_can_run():
+                break
+            self.disk_as_the_model_says()
+            self.loop(existing, ending, outputs)
+
+    def loop(self, existing: bool, ending: tuple[str, int], outputs: str) -> None:
+        how, at_request = ending
+        limit = int(how.removeprefix("--limit ")) if how.startswith("--limit") else None
+        kill = (how, at_request) if how in KILLS else None
+        listed = self.failed_list
+        assert listed
+        prompt, model, mode, prefix, also, join = listed.settings
+        spec = RunSpec(
+            listed.folders,
+            prompt,
+            model,
+            mode if existing else None,
+            prefix,
+            limit,
+            listed.entries,
+            outputs,
+            kill=kill,
+            failed_list=True,
+            only_list=FAILED_LIST,
+        )
+        self.bench.counters.loops += 1
+        self.step(self.styled(spec, also, join))
+
+    @precondition(lambda self: self.ready)
+    @rule(pick=st.integers(0, 7), times=st.integers(1, 2))
+    def server_rejects_a_picture(self, pick: int, times: int) -> None:
+        """The server rejects a picture (a 400) the next time or two it is sent, in any style: the
+        image fails, and a failed list names it."""
+        picture = self.pick(pick)
+        self.rejections[picture.width] = times
+        note(f"# the server rejects root/{picture.rel} the next {times} time(s)")
+        self.bench.counters.steps += 1
 
     @precondition(lambda self: self.ready and self.bench.api == "openai")
     @rule()
@@ -893,6 +1072,7 @@ class Reruns(RuleBasedStateMachine):
             for plan in world.values()
         )
         outcome = self.execute(spec, argv)
+        worlds = [self.after_rejections(styles, outcome) for styles in worlds]
         summary = SUMMARY.search(outcome.err)
         how = f"killed ({outcome.killed}) at request {spec.kill[1]}" if outcome.killed else "ended"
         last = (outcome.err.strip().splitlines() or ["(nothing on stderr)"])[-1]
@@ -917,6 +1097,8 @@ class Reruns(RuleBasedStateMachine):
             if not problems:
                 for style, world in styles.items():
                     self.settle(spec, style, world, outcome, disk)
+                if spec.failed_list and outcome.killed != "kill -9":
+                    self.failed_list = self.read_failed_list(spec)
                 return
             failures.append(problems)
         kind = failures[0][0][0]
@@ -937,10 +1119,14 @@ class Reruns(RuleBasedStateMachine):
             argv += ["--prefix", PREFIX]
         if spec.limit is not None:
             argv += ["--limit", str(spec.limit)]
-        if spec.only is not None:
+        if spec.only_list:
+            argv += ["--only", spec.only_list]
+        elif spec.only is not None:
             name = f"lists/redo-{next(self.lists)}.txt"
             self.keep_file(name, "".join(f"../root/{rel}\n" for rel in spec.only).encode())
             argv += ["--only", name]
+        if spec.failed_list:
+            argv += ["--failed-list", FAILED_LIST]
         if spec.jsonl:
             argv += ["--jsonl", "root/metadata.jsonl"]
         if spec.review:
@@ -1091,7 +1277,7 @@ class Reruns(RuleBasedStateMachine):
                 if plan.action == "caption" and spec.limit is not None:
                     captioning += 1
                     if captioning > spec.limit:
-                        plan = Plan("none", f"past --limit {spec.limit}")
+                        plan = Plan("none", PAST_LIMIT)
                 world[picture.rel] = plan
             worlds.append(world)
         return worlds
@@ -1101,7 +1287,7 @@ class Reruns(RuleBasedStateMachine):
     ) -> list[Plan]:
         caption = self.captions[picture.caption_of(style)]
         if spec.only is not None:
-            if picture.rel not in spec.only:
+            if not named_by(spec.only, picture, style):
                 return [Plan("none", "not named by --only")]
             return [self.redo_plan(spec, caption, style)]
         by = self.pass_of(spec, spec.mode or "skip", style)
@@ -1216,6 +1402,8 @@ class Reruns(RuleBasedStateMachine):
         problems += self.check_summary(spec, styles, outcome, counts, written, by_style)
         if spec.jsonl and not outcome.killed:
             problems += self.check_jsonl(spec, disk)
+        if spec.failed_list and outcome.killed != "kill -9":  # a kill -9 leaves it as it was
+            problems += self.check_failed_list(spec, styles, outcome)
         problems.sort(key=lambda problem: PRIORITY.index(problem[0]))
         return problems
 
@@ -1412,8 +1600,15 @@ class Reruns(RuleBasedStateMachine):
 
     def check_jsonl(self, spec: RunSpec, disk: dict[str, bytes | None]) -> list[tuple[type, str]]:
         """One row per non-blank caption of the folders given, with the text on disk; none for a
-        blank one."""
+        blank one. A JSONL that would hold no row may be absent: the script writes it when it has
+        something to keep (Metadata.save), and a run whose every image failed, the server rejecting
+        them, has nothing."""
         path = self.work / "root" / "metadata.jsonl"
+        scope = self.scope(FOLDER_SPECS[spec.folders][1])
+        if not path.exists() and all(
+            is_blank(disk[pic.caption_of(style)]) for pic in scope for style in spec.styles
+        ):
+            return []
         try:
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
         except (OSError, ValueError) as exc:
@@ -1423,7 +1618,7 @@ class Reruns(RuleBasedStateMachine):
             by_name.setdefault(row.get("file_name"), []).append(row)
         problems = []
         for picture in self.scope(FOLDER_SPECS[spec.folders][1]):
-            if spec.only is not None and picture.rel not in spec.only and not JSONL_MENDED_BY_REDO:
+            if spec.only is not None and not named_by(spec.only, picture, MAIN) and not JSONL_MENDED_BY_REDO:
                 continue
             data = disk[picture.caption]
             found = by_name.get(picture.rel, [])
@@ -1441,6 +1636,122 @@ class Reruns(RuleBasedStateMachine):
                     (JsonlWrong, f"{picture.rel}: {TAGS} caption {short(tags)}, JSONL rows {found}")
                 )
         return problems
+
+    def after_rejections(
+        self, styles: dict[str, dict[str, Plan]], outcome: Outcome
+    ) -> dict[str, dict[str, Plan]]:
+        """The plans with the stand-in's rejections in: a caption whose request the server
+        rejected (400) fails, unchanged, and is not sent again in the run."""
+        by_width = {pic.width: pic for pic in self.pictures.values()}
+        rejected = {(by_width[one.width].rel, style_of(one.marker)) for one in outcome.asked if one.rejected}
+        if not rejected:
+            return styles
+        return {
+            style: {
+                rel: Plan("fail", "the server rejected it (400)", plan.by)
+                if plan.action == "caption" and (rel, style) in rejected
+                else plan
+                for rel, plan in world.items()
+            }
+            for style, world in styles.items()
+        }
+
+    def check_failed_list(
+        self, spec: RunSpec, styles: dict[str, dict[str, Plan]], outcome: Outcome
+    ) -> list[tuple[type, str]]:
+        """The list a run that ended by itself or by TERM wrote: exactly the captions of its scope
+        that failed and, with --only, those it did not reach or finish (by --limit or TERM), each
+        line one --only resolves to an image or a caption file of the run; a header that says "not
+        reached" only when it kept such a caption. In the redo loop, what the list dropped is
+        what the run wrote: nothing is lost."""
+        path = self.work / FAILED_LIST
+        if not path.is_file():
+            return [(FailedListWrong, f"{FAILED_LIST} was not written")]
+        header, _, named, problems = self.failed_list_lines(path.read_bytes(), spec)
+        by_width = {pic.width: pic for pic in self.pictures.values()}
+        answered = {
+            (by_width[one.width].rel, style_of(one.marker)) for one in outcome.asked if not one.rejected
+        }
+        failed, left, written = set(), set(), set()
+        for style, world in styles.items():
+            for rel, plan in world.items():
+                unsent = plan.action == "caption" and (rel, style) not in answered
+                if plan.action == "fail":
+                    failed.add((rel, style))
+                elif spec.only is not None and (plan.why == PAST_LIMIT or unsent):
+                    left.add((rel, style))
+                elif plan.action == "caption" and not unsent:
+                    written.add((rel, style))
+        wrong = {
+            "names captions that neither failed nor were left by the run": named - failed - left,
+            "does not name captions that failed": failed - named,
+            "lost captions of --only the run did not reach": left - named,
+        }
+        problems += [
+            (FailedListWrong, f"{FAILED_LIST} {what}: {sorted(captions)}")
+            for what, captions in wrong.items()
+            if captions
+        ]
+        if not header.startswith("# images that failed"):
+            problems.append((FailedListWrong, f"{FAILED_LIST} starts {header!r}"))
+        elif ("not reached" in header) != bool(left):
+            problems.append(
+                (
+                    FailedListWrong,
+                    f"{FAILED_LIST}'s header {header!r}, yet captions left unreached: {sorted(left)}",
+                )
+            )
+        if spec.only_list and self.failed_list:
+            lost = self.failed_list.named - named - written
+            if lost:
+                problems.append(
+                    (
+                        FailedListWrong,
+                        f"the redo loop dropped {sorted(lost)} from {FAILED_LIST} unwritten: lost",
+                    )
+                )
+        return problems
+
+    def failed_list_lines(
+        self, data: bytes, spec: RunSpec
+    ) -> tuple[str, tuple[str, ...], set[tuple[str, str]], list[tuple[type, str]]]:
+        """A failed list read as --only reads it: its header, its lines below root, the captions
+        of the run's styles they name, and what in it names nothing of the run."""
+        lines = data.decode("utf-8", "replace").split("\n")
+        header, entries = lines[0], [line for line in lines[1:] if line]
+        problems, named, below_root = [], set(), []
+        if len(set(entries)) < len(entries):
+            problems.append((FailedListWrong, f"{FAILED_LIST} names an image twice: {entries}"))
+        scope = self.scope(FOLDER_SPECS[spec.folders][1])
+        for line in entries:
+            target = os.path.normpath(os.path.join(os.path.dirname(FAILED_LIST), line))
+            rel = target.removeprefix("root" + os.sep).replace(os.sep, "/")
+            captions = {
+                (pic.rel, style)
+                for pic in scope
+                for style in spec.styles
+                if rel in (pic.rel, pic.caption_of(style))
+            }
+            if not captions or line.startswith("#"):
+                problems.append(
+                    (FailedListWrong, f"{FAILED_LIST}'s line {line!r} names no image or caption of the run")
+                )
+            named |= captions
+            below_root.append(rel)
+        return header, tuple(below_root), named, problems
+
+    def read_failed_list(self, spec: RunSpec) -> FailedList:
+        """The model takes in the failed list the run wrote, checked. The redo loop keeps the pass
+        of the run that started it (a loop without --existing keeps its mode for the next)."""
+        data = (self.work / FAILED_LIST).read_bytes()
+        _, entries, named, _ = self.failed_list_lines(data, spec)
+        settings = (spec.prompt, spec.model, spec.mode, spec.prefix, spec.also, spec.join)
+        if spec.only_list and self.failed_list:
+            settings = self.failed_list.settings
+        self.bench.counters.listed += 1
+        self.bench.counters.listed_some += bool(named)
+        self.bench.counters.kept_unreached += "not reached" in data.decode("utf-8", "replace").split("\n")[0]
+        return FailedList(data, entries, frozenset(named), spec.folders, settings)
 
     def settle(
         self,
@@ -1496,6 +1807,12 @@ class Reruns(RuleBasedStateMachine):
         for rel, data in expected.items():
             if found.pop(rel, None) != data:
                 others.append(f"{rel} changed or vanished")
+        listed = found.pop(FAILED_LIST, None)
+        if listed != (self.failed_list.data if self.failed_list else None):
+            raise FailedListWrong(
+                f"{FAILED_LIST} is {short(listed)}, yet the last run that wrote it left "
+                f"{short(self.failed_list.data if self.failed_list else None)}"
+            )
         captions = {rel: found.pop(f"root/{rel}", None) for rel in self.captions}
         if self.jsonl_used:
             found.pop("root/metadata.jsonl", None)
@@ -1529,6 +1846,12 @@ class Reruns(RuleBasedStateMachine):
 ACTIONS = ("caption", "skip", "left alone", "fail")
 
 
+def named_by(only: tuple[str, ...], picture: Picture, style: str) -> bool:
+    """Whether an --only list naming these (below root) names the picture's caption in a style: by
+    the image (every style), or by that style's caption file."""
+    return picture.rel in only or picture.caption_of(style) in only
+
+
 def style_of(marker: str) -> str:
     """The style an answer was asked for, by its prompt's marker word."""
     return TAGS if marker == "tags" else MAIN
@@ -1541,6 +1864,7 @@ PRIORITY = [
     CaptionWrong,
     JsonlWrong,
     SummaryWrong,
+    FailedListWrong,
     OtherFileChanged,
     RunHung,
 ]
@@ -1549,9 +1873,11 @@ PRIORITY = [
 # --- The Ray variant (issue 24): some runs on a Ray cluster, the same model of what must be on disk
 
 
-def on_ray_or_not(base: Callable, draws: dict, after_a_run: bool = False) -> Callable:
-    """A rule of Reruns as the Ray variant plays it: the same draws, and whether this run is sent to
-    the cluster (--ray ADDRESS) or runs threaded, as without --ray."""
+def on_ray_or_not(
+    base: Callable, draws: dict, after_a_run: bool = False, when: Callable | None = None
+) -> Callable:
+    """A rule of Reruns as the Ray variant plays it: the same draws (and precondition, when), and
+    whether this run is sent to the cluster (--ray ADDRESS) or runs threaded, as without --ray."""
 
     def run_here_or_there(self: Reruns, ray: bool, **drawn: Any) -> None:
         self.on_ray = ray
@@ -1562,7 +1888,9 @@ def on_ray_or_not(base: Callable, draws: dict, after_a_run: bool = False) -> Cal
 
     run_here_or_there.__name__, run_here_or_there.__doc__ = base.__name__, base.__doc__
     played = rule(**draws, ray=st.booleans())(run_here_or_there)
-    return precondition(lambda self: self.history)(played) if after_a_run else played
+    if after_a_run:
+        return precondition(lambda self: self.history)(played)
+    return precondition(when)(played) if when else played
 
 
 class RerunsOnRay(Reruns):
@@ -1578,6 +1906,10 @@ class RerunsOnRay(Reruns):
     run_again = on_ray_or_not(Reruns.run_again, RUN_AGAIN_DRAWS, after_a_run=True)
     redo_in_pass = on_ray_or_not(Reruns.redo_in_pass, REDO_IN_PASS_DRAWS, after_a_run=True)
     killed_run_again = on_ray_or_not(Reruns.killed_run_again, KILLED_RUN_AGAIN_DRAWS, after_a_run=True)
+    redo_the_failed_list = on_ray_or_not(
+        Reruns.redo_the_failed_list, REDO_LOOP_DRAWS, when=Reruns.loop_can_run
+    )
+    run_then_redo_the_failed_list = on_ray_or_not(Reruns.run_then_redo_the_failed_list, RUN_AND_LOOP_DRAWS)
 
 
 def machine(bench: Bench) -> Callable[[], Reruns]:
