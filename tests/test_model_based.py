@@ -1929,13 +1929,14 @@ def test_reruns_keep_the_integrity_rules(api: str, script: Path, tmp_path: Path,
 
 # The Ray variant's CI budget, measured on this 2-core machine: a run on Ray with something to send
 # takes 4-7 s (a threaded one 0.5-1.5 s), so CI sends a few: 3 examples of up to 8 steps from one
-# seed, chosen among the first 50 for its mix and for catching a script whose runs on Ray write no
-# journal lines (measured: 11 runs, 4 on Ray with requests, one killed there by TERM at its 2nd
-# request and one by kill -9 at its 2nd, threaded runs, a threaded kill and threaded redos with
-# --only after them) in 34 s at a load average of 11, the cluster's start (5-12 s) aside.
-# Derandomized by the seed: the same sequences on every run of a given Hypothesis; should another
-# version's no longer send a run killed on Ray, the test says so (tests/soak.py --ray finds seeds).
-RAY_CI_SEED = 32
+# seed, chosen among the first 12 (with the failed list's rules played) for its mix and for catching
+# a script whose runs on Ray write no journal lines (measured: 12 runs, 5 on Ray with requests, 3 of
+# them killed there, failed lists written and rejected pictures, in 31 s at a load average of 2, the
+# cluster's start aside; seeds 2, 3 and 5 had as good a mix but did not catch that script, 9 did).
+# Derandomized by the seed: the same sequences on every run of a given Hypothesis and of these rules;
+# should another version or new rules no longer send a run killed on Ray, the test says so (seed 32
+# did when the failed list's rules came; tests/soak.py --ray finds seeds).
+RAY_CI_SEED = 8
 RAY_CI_SETTINGS = settings(CI_SETTINGS, max_examples=3, stateful_step_count=8, derandomize=False)
 
 
