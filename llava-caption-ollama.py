@@ -6153,9 +6153,8 @@ class Cluster(Placement):
         for node, worker in first.items():
             check = functools.partial(self.check_node_server, worker, port, nodes[node], reporter, stop)
             checked = check()
-            server = Server(
-                node_server_name(checked.url, nodes[node]), config.jobs, server_for(checked.url, config).api
-            )
+            api = checked.api or server_for(checked.url, config).api  # the clients of one, made once
+            server = Server(node_server_name(checked.url, nodes[node]), config.jobs, api)
             take_in_node_check(server, checked)
             self.node_servers[server.url], self.node_checks[server.url] = node, check
             servers.append(server)
