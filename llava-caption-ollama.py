@@ -2389,8 +2389,7 @@ class Discovery:
 def entries_naming(image: str, style: int, config: Config) -> set[str]:
     """The --only entries that name an image's caption in a style: the image (every style), or
     that style's caption file."""
-    folder, name = os.path.split(image)
-    caption = os.path.join(folder, caption_name(name, config.style(style)))
+    caption = caption_path(image, config.style(style))
     return {os.path.realpath(image), os.path.realpath(caption)} & (config.only or set())
 
 
@@ -7528,7 +7527,7 @@ class Reporter:
         self.verbosity = verbosity  # -1 quiet, 0 normal, 1 captions too
         self.stream = stream or sys.stderr or io.StringIO()  # None when started with 2>&-
         self.live = self.stream.isatty() and verbosity >= 0
-        self.base = Path()  # images are named relative to it
+        self.base: list[str] = []  # images are named relative to it: its path_parts(), normcase()d
         self.summary = Summary()
         self.done = 0
         self.sending_since = 0.0
@@ -7541,16 +7540,16 @@ class Reporter:
         """Images are named from the folder given, or with several from the folder they share:
         datasets/a and datasets/b give a/x.jpg and b/y.jpg."""
         try:
-            self.base = Path(os.path.commonpath(folders))
+            self.base = [os.path.normcase(part) for part in path_parts(os.path.commonpath(folders))]
         except ValueError:  # absolute and relative folders, or different Windows drives
-            self.base = Path()
+            self.base = []
 
     def name(self, image: str | Path) -> str:
         """A path named from the base, as Path.relative_to() would (else whole), but by os.path:
         pathlib would intern the name of every image said (see Listing.path_of())."""
-        parts, base = path_parts(image), path_parts(self.base)
-        if list(map(os.path.normcase, parts[: len(base)])) == list(map(os.path.normcase, base)):
-            return joined(parts[len(base) :])
+        parts = path_parts(image)
+        if [os.path.normcase(part) for part in parts[: len(self.base)]] == self.base:
+            return joined(parts[len(self.base) :])
         return joined(parts)
 
     def folder_name(self, folder: Path) -> str:
